@@ -1,0 +1,175 @@
+//! The emulator's start-up configuration and runtime control protocol, version 1.
+//!
+//! Start-up: a JSON [`EmulatorConfig`] file. Runtime: one request per connection on a unix
+//! stream socket, each a single JSON line, answered by a single JSON line:
+//!
+//! ```text
+//! client                                emulator
+//!   | --- {"op":"set-path",...}\n --->     |  applied before the next frame is admitted
+//!   | <-- {"status":"ok"}\n -----------     |
+//! ```
+//!
+//! Ports and paths are named by opaque strings; the emulator does not know what a site is.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::path::{PathCounters, PathParams};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Start-up configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmulatorConfig {
+    pub version: u32,
+    pub ports: Vec<PortConfig>,
+    /// Directed paths; a pair of ports without a path drops its frames.
+    pub paths: Vec<PathConfig>,
+    pub control_socket: PathBuf,
+    /// How long before a delivery time the emulator stops sleeping and polls.
+    #[serde(default = "default_spin_ns")]
+    pub spin_ns: u64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+pub fn default_spin_ns() -> u64 {
+    40_000
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortConfig {
+    pub name: String,
+    /// The TAP device to attach to, in the emulator's network namespace.
+    pub tap: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathConfig {
+    pub from: String,
+    pub to: String,
+    pub params: PathParams,
+}
+
+/// A control request. All are legal whenever the emulator runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Liveness check.
+    Ping,
+    /// Replaces the parameters of the directed path `from` -> `to`. Frames in flight keep
+    /// their schedule unless `flush` is set.
+    SetPath {
+        from: String,
+        to: String,
+        params: PathParams,
+        /// Drop frames already in flight on this path (a cut also loses what is in the fibre).
+        #[serde(default)]
+        flush: bool,
+    },
+    /// Counters of every port and path, plus the process's CPU time and memory.
+    Stats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum Response {
+    Ok,
+    Stats(Stats),
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub uptime_ns: u64,
+    pub cpu_ns: u64,
+    pub rss_bytes: u64,
+    pub in_flight_bytes: u64,
+    pub mac_entries: usize,
+    /// Deliveries and how late they were written compared to their schedule.
+    pub delivered_frames: u64,
+    pub late_ns_sum: u64,
+    pub late_ns_max: u64,
+    pub ports: Vec<PortStats>,
+    pub paths: Vec<PathStats>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PortStats {
+    pub name: String,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathStats {
+    pub from: String,
+    pub to: String,
+    pub params: PathParams,
+    pub counters: PathCounters,
+}
+
+/// Why a control request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the APN emulator at {}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the APN emulator at {} did not answer", socket.display())]
+    Exchange {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the APN emulator sent an unreadable answer")]
+    Decode(#[source] serde_json::Error),
+    #[error("the APN emulator refused the request: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and waits for its answer.
+pub fn request(socket: &Path, req: &Request) -> Result<Response, ControlError> {
+    let connect = |source| ControlError::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let exchange = |source| ControlError::Exchange {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(connect)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(exchange)?;
+    let mut line = serde_json::to_vec(req).map_err(ControlError::Decode)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(exchange)?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(exchange)?;
+    match serde_json::from_str(&answer).map_err(ControlError::Decode)? {
+        Response::Error { message } => Err(ControlError::Refused(message)),
+        ok => Ok(ok),
+    }
+}
+
+/// Fetches the emulator's statistics.
+pub fn stats(socket: &Path) -> Result<Stats, ControlError> {
+    match request(socket, &Request::Stats)? {
+        Response::Stats(s) => Ok(s),
+        other => Err(ControlError::Refused(format!(
+            "expected stats, got {other:?}"
+        ))),
+    }
+}
