@@ -61,16 +61,9 @@ pub struct PathConfig {
 pub enum Request {
     /// Liveness check.
     Ping,
-    /// Replaces the parameters of the directed path `from` -> `to`. Frames in flight keep
-    /// their schedule unless `flush` is set.
-    SetPath {
-        from: String,
-        to: String,
-        params: PathParams,
-        /// Drop frames already in flight on this path (a cut also loses what is in the fibre).
-        #[serde(default)]
-        flush: bool,
-    },
+    /// Replaces the parameters of the listed directed paths, creating them if needed. A path
+    /// that becomes blackholed also loses the frames already in it, as a cut fibre does.
+    SetPaths { paths: Vec<PathConfig> },
     /// Counters of every port and path, plus the process's CPU time and memory.
     Stats,
 }

@@ -438,33 +438,35 @@ impl Engine {
         match req {
             Request::Ping => Response::Ok,
             Request::Stats => Response::Stats(self.stats()),
-            Request::SetPath {
-                from,
-                to,
-                params,
-                flush,
-            } => {
-                let find = |name: &str| self.ports.iter().position(|p| p.name == name);
-                let (Some(a), Some(b)) = (find(&from), find(&to)) else {
-                    return Response::Error {
-                        message: format!("unknown port in path {from} -> {to}"),
-                    };
-                };
-                if a == b {
-                    return Response::Error {
-                        message: format!("path {from} -> {to} joins a port to itself"),
-                    };
-                }
+            Request::SetPaths { paths } => {
                 let n = self.ports.len();
-                let slot = &mut self.paths[a * n + b];
-                match slot {
-                    Some(p) => p.set_params(params),
-                    None => *slot = Some(Path::new(params, (a * n + b) as u64 + 1)),
+                let find = |name: &str| self.ports.iter().position(|p| p.name == name);
+                let mut updates = Vec::new();
+                for pc in &paths {
+                    match (find(&pc.from), find(&pc.to)) {
+                        (Some(a), Some(b)) if a != b => updates.push((a * n + b, pc.params)),
+                        _ => {
+                            return Response::Error {
+                                message: format!(
+                                    "path {} -> {} does not join two distinct known ports",
+                                    pc.from, pc.to
+                                ),
+                            }
+                        }
+                    }
                 }
-                if flush {
-                    if let Some(p) = slot.as_mut() {
-                        while let Some(buf) = p.pop_due(u64::MAX, mem_of) {
-                            self.pools.give_back(buf);
+                for (idx, params) in updates {
+                    let slot = &mut self.paths[idx];
+                    let was_cut = slot.as_ref().is_none_or(|p| p.params().blackhole);
+                    match slot {
+                        Some(p) => p.set_params(params),
+                        None => *slot = Some(Path::new(params, idx as u64 + 1)),
+                    }
+                    if params.blackhole && !was_cut {
+                        if let Some(p) = slot.as_mut() {
+                            while let Some(buf) = p.pop_due(u64::MAX, mem_of) {
+                                self.pools.give_back(buf);
+                            }
                         }
                     }
                 }

@@ -1,0 +1,88 @@
+//! The `dczone` command line: one module per command family, each translating arguments
+//! into library calls and results into a table (people) or JSON (`--json`, machines).
+
+mod bench;
+mod lab_cmd;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "dczone", version, about = "One logical computing zone over a deterministic optical WAN")]
+pub struct Cli {
+    /// Name of the lab (namespaces are called `<lab>-<host>`).
+    #[arg(long, global = true, env = "DCZONE_LAB", default_value = "dcz")]
+    pub lab: String,
+    /// Where labs keep their state files.
+    #[arg(long, global = true, env = "DCZONE_STATE_DIR", default_value = "/run/dczone")]
+    pub state_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build, inspect and control the embedded lab.
+    Lab {
+        #[command(subcommand)]
+        command: lab_cmd::LabCommand,
+    },
+    /// Validate a zone file, or show the built-in reference zone.
+    Zone {
+        #[command(subcommand)]
+        command: lab_cmd::ZoneCommand,
+    },
+    /// Benchmarks; each prints a table and can write JSON.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+    /// Runs the APN emulator in the current namespace (started by `lab up`).
+    #[command(hide = true)]
+    ApnRun {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Entry point of the binary: runs the command and prints the whole error chain on failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe()?;
+    let lab = dczone_lab::Lab::new(&cli.lab, &cli.state_dir, &exe)?;
+    match cli.command {
+        Command::Lab { command } => lab_cmd::run(&lab, command),
+        Command::Zone { command } => lab_cmd::zone(command),
+        Command::Bench { command } => bench::run(&cli.state_dir, &exe, command),
+        Command::ApnRun { config } => {
+            let text = std::fs::read(&config)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
+            let config: dczone_apn::EmulatorConfig = serde_json::from_slice(&text)?;
+            dczone_apn::Engine::new(&config)?.run()?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("reports serialize")
+    );
+}

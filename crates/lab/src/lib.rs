@@ -1,0 +1,719 @@
+//! The embedded lab: builds a whole zone on one machine.
+//!
+//! ```text
+//!   ns <lab>-<host>           ns <lab>-apn                               ns <lab>-<host>
+//!   eth0 10.77.1.11 ==veth== vh-0 -- br-0 -- apn-0 (TAP) \          / apn-1 -- br-1 -- vh-3 ==veth== eth0 10.77.2.11
+//!                                                         APN emulator
+//! ```
+//!
+//! One namespace per host; one namespace `<lab>-apn` holding one bridge per site (one L2
+//! segment per site) and the emulator, whose TAP ports join the site bridges. All sites
+//! share the stretched segment `10.77.0.0/16`, so a VM keeps its address when it moves.
+//!
+//! The lab knows the zone and the emulator's control protocol; it knows nothing of VMs or
+//! databases. Everything it creates lives inside namespaces named `<lab>-*`, so `down`
+//! can find and remove all of it from the namespace list alone, whatever state file or
+//! process survived.
+
+pub mod probe;
+mod state;
+pub mod sys;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use dczone_apn::control::{self, ControlError, EmulatorConfig, PathConfig, PortConfig};
+use dczone_apn::PathParams;
+use dczone_zone::{format_bandwidth, HostRef, Zone, ZoneError, LAB_PREFIX_LEN};
+
+pub use state::{LabState, LinkState, Phase};
+
+/// Why a lab operation failed. Each variant names the step.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("the lab needs root or {}: {} missing; run as root (e.g. with sudo)", .missing.join(" and "), if .missing.len() > 1 { "they are" } else { "it is" })]
+    NotPrivileged { missing: Vec<&'static str> },
+    #[error("invalid lab name '{0}': use 1-8 characters of a-z and 0-9")]
+    BadLabName(String),
+    #[error(transparent)]
+    Zone(#[from] ZoneError),
+    #[error("{step} failed: `{command}` said: {stderr}")]
+    Command {
+        step: String,
+        command: String,
+        stderr: String,
+    },
+    #[error("cannot run {what}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {} is unreadable ({reason}); run `dczone lab down` to clean up", file.display())]
+    CorruptState { file: PathBuf, reason: String },
+    #[error("lab '{0}' is not up; run `dczone lab up` first")]
+    NotUp(String),
+    #[error("unknown host '{host}'; hosts are {known}")]
+    UnknownHost { host: String, known: String },
+    #[error("unknown site '{site}'; sites are {known}")]
+    UnknownSite { site: String, known: String },
+    #[error("no link joins '{a}' and '{b}'; links are {known}")]
+    NoLink { a: String, b: String, known: String },
+    #[error("invalid value for {field}: {reason}")]
+    BadValue { field: String, reason: String },
+    #[error("the APN emulator did not start (log: {})", log.display())]
+    EmulatorStart {
+        log: PathBuf,
+        #[source]
+        source: ControlError,
+    },
+    #[error("the APN emulator is not answering; run `dczone lab up` to restart it")]
+    Emulator(#[source] ControlError),
+    #[error("probe {step} between {a} and {b} failed: {reason}")]
+    Probe {
+        step: &'static str,
+        a: String,
+        b: String,
+        reason: String,
+    },
+}
+
+/// Where the lab keeps its state, and which executable runs the emulator.
+#[derive(Debug, Clone)]
+pub struct Lab {
+    name: String,
+    dir: PathBuf,
+    exe: PathBuf,
+}
+
+/// What `lab status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub lab: String,
+    pub up: bool,
+    pub zone: String,
+    pub zone_source: String,
+    pub lab_scale: f64,
+    pub emulator: EmulatorStatus,
+    pub sites: Vec<SiteStatus>,
+    pub hosts: Vec<HostStatus>,
+    pub links: Vec<LinkStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EmulatorStatus {
+    pub pid: Option<i32>,
+    pub alive: bool,
+    pub namespace: String,
+    pub rss_bytes: Option<u64>,
+    pub cpu_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SiteStatus {
+    pub id: String,
+    pub kind: String,
+    pub region: String,
+    pub bridge: String,
+    pub isolated: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostStatus {
+    pub id: String,
+    pub site: String,
+    pub namespace: String,
+    pub ip: String,
+    pub mac: String,
+    pub present: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LinkStatus {
+    pub a: String,
+    pub b: String,
+    pub distance_km: Option<f64>,
+    pub deterministic: bool,
+    pub one_way_delay_ms: f64,
+    pub bandwidth: String,
+    pub bandwidth_bps: u64,
+    /// What the emulator enforces: bandwidth / lab_scale.
+    pub lab_bandwidth_bps: u64,
+    pub jitter_ms: f64,
+    pub loss_percent: f64,
+    pub cut: bool,
+}
+
+/// A runtime change to one link (`lab link set`). `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct LinkChange {
+    pub one_way_delay_ms: Option<f64>,
+    pub bandwidth: Option<String>,
+    pub loss_percent: Option<f64>,
+    pub jitter_ms: Option<f64>,
+}
+
+const APN_SUFFIX: &str = "apn";
+
+impl Lab {
+    /// `state_root` is e.g. `/run/dczone`; `exe` is the `dczone` binary (it runs the
+    /// emulator as `dczone apn-run`).
+    pub fn new(name: &str, state_root: &Path, exe: &Path) -> Result<Lab, LabError> {
+        let valid = !name.is_empty()
+            && name.len() <= 8
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !valid {
+            return Err(LabError::BadLabName(name.to_string()));
+        }
+        Ok(Lab {
+            name: name.to_string(),
+            dir: state_root.join(name),
+            exe: exe.to_path_buf(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("apn.sock")
+    }
+
+    pub fn apn_namespace(&self) -> String {
+        format!("{}-{APN_SUFFIX}", self.name)
+    }
+
+    pub fn host_namespace(&self, host: &str) -> String {
+        format!("{}-{host}", self.name)
+    }
+
+    fn prefix(&self) -> String {
+        format!("{}-", self.name)
+    }
+
+    /// Loads the state of a lab that is up (or half-built).
+    pub fn state(&self) -> Result<LabState, LabError> {
+        LabState::load(&self.state_path())?.ok_or_else(|| LabError::NotUp(self.name.clone()))
+    }
+
+    fn lock(&self) -> Result<File, LabError> {
+        let io = |source| LabError::Io {
+            what: format!("lock {}", self.dir.display()),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        let f = File::create(self.dir.join("lock")).map_err(io)?;
+        // SAFETY: flock on an fd we own; the lock is released when `f` is dropped.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        Ok(f)
+    }
+
+    fn require_privileges() -> Result<(), LabError> {
+        let missing = sys::missing_capabilities();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(LabError::NotPrivileged { missing })
+        }
+    }
+
+    /// Is everything of this lab in place and the emulator answering?
+    fn healthy(&self, state: &LabState, zone: &Zone) -> bool {
+        state.phase == Phase::Up
+            && sys::namespace_exists(&self.apn_namespace())
+            && zone
+                .hosts()
+                .iter()
+                .all(|h| sys::namespace_exists(&self.host_namespace(&h.id)))
+            && control::request(&self.control_socket(), &control::Request::Ping).is_ok()
+    }
+
+    /// Builds the lab for `zone`. Idempotent: a healthy lab of the same zone is left alone;
+    /// anything else of this lab's is torn down first. Returns `false` if it was already up.
+    pub fn up(&self, zone: &Zone, source: &str, toml: &str) -> Result<bool, LabError> {
+        Self::require_privileges()?;
+        let _lock = self.lock()?;
+        if let Ok(Some(state)) = LabState::load(&self.state_path()) {
+            if state.zone_toml == toml && self.healthy(&state, zone) {
+                return Ok(false);
+            }
+        }
+        self.teardown()?;
+        let mut state = LabState::new(&self.name, zone, source, toml);
+        std::fs::create_dir_all(&self.dir).map_err(|source| LabError::Io {
+            what: format!("create {}", self.dir.display()),
+            source,
+        })?;
+        state.save(&self.state_path())?;
+        let result = self.build(zone, &mut state);
+        if result.is_err() {
+            // Leave nothing half-built behind; the build error is what the user needs.
+            let _ = self.teardown();
+        }
+        result.map(|()| true)
+    }
+
+    fn build(&self, zone: &Zone, state: &mut LabState) -> Result<(), LabError> {
+        let apn = self.apn_namespace();
+        sys::ip("create the APN namespace", &["netns", "add", &apn])?;
+        sys::ip(
+            "bring up loopback in the APN namespace",
+            &["-n", &apn, "link", "set", "lo", "up"],
+        )?;
+        for (i, site) in zone.sites.iter().enumerate() {
+            let step = format!("create the bridge of site {}", site.id);
+            let br = format!("br-{i}");
+            let tap = format!("apn-{i}");
+            sys::ip(
+                &step,
+                &[
+                    "-n",
+                    &apn,
+                    "link",
+                    "add",
+                    &br,
+                    "type",
+                    "bridge",
+                    "stp_state",
+                    "0",
+                    "forward_delay",
+                    "0",
+                ],
+            )?;
+            sys::ip(&step, &["-n", &apn, "link", "set", &br, "up"])?;
+            let step = format!("create the APN port of site {}", site.id);
+            sys::ip(
+                &step,
+                &[
+                    "-n", &apn, "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr",
+                ],
+            )?;
+            sys::ip(
+                &step,
+                &["-n", &apn, "link", "set", &tap, "master", &br, "up"],
+            )?;
+        }
+        for h in zone.hosts() {
+            self.add_host(&h)?;
+        }
+        self.start_emulator(zone, state)?;
+        state.phase = Phase::Up;
+        state.save(&self.state_path())
+    }
+
+    fn add_host(&self, h: &HostRef) -> Result<(), LabError> {
+        let apn = self.apn_namespace();
+        let ns = self.host_namespace(&h.id);
+        let step = format!("create host {}", h.id);
+        let peer = format!("vh-{}", h.global_index);
+        let addr = format!("{}/{LAB_PREFIX_LEN}", h.ip());
+        sys::ip(&step, &["netns", "add", &ns])?;
+        sys::ip(&step, &["-n", &ns, "link", "set", "lo", "up"])?;
+        sys::ip(
+            &step,
+            &[
+                "-n", &apn, "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ],
+        )?;
+        sys::ip(
+            &step,
+            &[
+                "-n",
+                &apn,
+                "link",
+                "set",
+                &peer,
+                "master",
+                &format!("br-{}", h.site),
+                "up",
+            ],
+        )?;
+        sys::ip(
+            &step,
+            &["-n", &ns, "link", "set", "eth0", "address", &h.mac(), "up"],
+        )?;
+        sys::ip(&step, &["-n", &ns, "addr", "add", &addr, "dev", "eth0"])
+    }
+
+    /// The emulator's paths for the current link state.
+    fn paths(zone: &Zone, state: &LabState) -> Vec<PathConfig> {
+        let params: Vec<_> = state.links.iter().map(|l| l.params()).collect();
+        let cut: Vec<_> = state.links.iter().map(|l| l.cut).collect();
+        let mut out = Vec::new();
+        for (a, sa) in zone.sites.iter().enumerate() {
+            for (b, sb) in zone.sites.iter().enumerate() {
+                if a == b {
+                    continue;
+                }
+                let spec = zone.path(a, b, &params, &cut);
+                let isolated = state.isolated.contains(&sa.id) || state.isolated.contains(&sb.id);
+                out.push(PathConfig {
+                    from: sa.id.clone(),
+                    to: sb.id.clone(),
+                    params: PathParams {
+                        delay_ns: spec.one_way_delay_ns,
+                        rate_bps: zone.lab_rate_bps(spec.bandwidth_bps),
+                        jitter_ns: spec.jitter_ns,
+                        loss: spec.loss,
+                        blackhole: spec.blackholed || isolated,
+                        queue_limit_bytes: None,
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    fn start_emulator(&self, zone: &Zone, state: &mut LabState) -> Result<(), LabError> {
+        let config = EmulatorConfig {
+            version: control::PROTOCOL_VERSION,
+            ports: zone
+                .sites
+                .iter()
+                .enumerate()
+                .map(|(i, s)| PortConfig {
+                    name: s.id.clone(),
+                    tap: format!("apn-{i}"),
+                })
+                .collect(),
+            paths: Self::paths(zone, state),
+            control_socket: self.control_socket(),
+            spin_ns: control::default_spin_ns(),
+            seed: 0x5eed,
+        };
+        let config_path = self.dir.join("apn.json");
+        let log_path = self.dir.join("apn.log");
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| LabError::Io { what, source }
+        };
+        std::fs::write(
+            &config_path,
+            serde_json::to_vec_pretty(&config).expect("config serializes"),
+        )
+        .map_err(io("write the emulator config"))?;
+        let log = File::create(&log_path).map_err(io("create the emulator log"))?;
+        let log2 = log.try_clone().map_err(io("create the emulator log"))?;
+        let _ = std::fs::remove_file(self.control_socket());
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.apn_namespace()])
+            .arg(&self.exe)
+            .arg("apn-run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: setsid is async-signal-safe; it detaches the emulator from our session so
+        // that a Ctrl-C of `lab up` does not kill a running lab.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().map_err(|source| LabError::Spawn {
+            what: format!("the APN emulator ({})", self.exe.display()),
+            source,
+        })?;
+        state.emulator_pid = Some(child.id() as i32);
+        state.save(&self.state_path())?;
+        // `ip netns exec` execs the emulator in place, so the pid is the emulator's. Reap it
+        // from a thread so that it never lingers as a zombie while we run.
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match control::request(&self.control_socket(), &control::Request::Ping) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(LabError::EmulatorStart {
+                        log: log_path,
+                        source: e,
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Removes everything this lab created. Idempotent; works from the namespace list
+    /// alone, so it also cleans up after a crash or a `kill -9` of any lab process.
+    pub fn down(&self) -> Result<usize, LabError> {
+        Self::require_privileges()?;
+        let _lock = self.lock()?;
+        self.teardown()
+    }
+
+    fn teardown(&self) -> Result<usize, LabError> {
+        if let Ok(Some(state)) = LabState::load(&self.state_path()) {
+            if let Some(pid) = state.emulator_pid {
+                sys::kill(pid, libc::SIGKILL);
+            }
+        }
+        let prefix = self.prefix();
+        let mut removed = 0;
+        let ours: Vec<String> = sys::namespaces()
+            .into_iter()
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        for ns in &ours {
+            for pid in sys::pids_in_namespace(ns) {
+                sys::kill(pid, libc::SIGKILL);
+            }
+        }
+        for ns in &ours {
+            // Deleting the namespace removes its bridges, veths and TAPs with it.
+            let pids = sys::pids_in_namespace(ns);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pids.iter().any(|&p| sys::alive(p)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            sys::ip(
+                &format!("remove namespace {ns}"),
+                &["netns", "delete", ns],
+            )?;
+            removed += 1;
+        }
+        for f in ["state.json", "apn.json", "apn.sock"] {
+            let _ = std::fs::remove_file(self.dir.join(f));
+        }
+        Ok(removed)
+    }
+
+    pub fn status(&self) -> Result<Status, LabError> {
+        let state = self.state()?;
+        let zone = state.zone()?;
+        let stats = control::stats(&self.control_socket()).ok();
+        let pid_alive = state.emulator_pid.is_some_and(sys::alive);
+        Ok(Status {
+            lab: self.name.clone(),
+            up: state.phase == Phase::Up && stats.is_some(),
+            zone: zone.name.clone(),
+            zone_source: state.zone_source.clone(),
+            lab_scale: zone.lab_scale,
+            emulator: EmulatorStatus {
+                pid: state.emulator_pid,
+                alive: pid_alive && stats.is_some(),
+                namespace: self.apn_namespace(),
+                rss_bytes: stats.as_ref().map(|s| s.rss_bytes),
+                cpu_ms: stats.as_ref().map(|s| s.cpu_ns / 1_000_000),
+            },
+            sites: zone
+                .sites
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SiteStatus {
+                    id: s.id.clone(),
+                    kind: s.kind.to_string(),
+                    region: s.region.clone(),
+                    bridge: format!("br-{i}"),
+                    isolated: state.isolated.contains(&s.id),
+                })
+                .collect(),
+            hosts: zone
+                .hosts()
+                .iter()
+                .map(|h| HostStatus {
+                    id: h.id.clone(),
+                    site: zone.sites[h.site].id.clone(),
+                    namespace: self.host_namespace(&h.id),
+                    ip: h.ip().to_string(),
+                    mac: h.mac(),
+                    present: sys::namespace_exists(&self.host_namespace(&h.id)),
+                })
+                .collect(),
+            links: zone
+                .links
+                .iter()
+                .zip(&state.links)
+                .map(|(l, s)| LinkStatus {
+                    a: zone.sites[l.a].id.clone(),
+                    b: zone.sites[l.b].id.clone(),
+                    distance_km: l.distance_km,
+                    deterministic: l.deterministic,
+                    one_way_delay_ms: s.one_way_delay_ns as f64 / 1e6,
+                    bandwidth: format_bandwidth(s.bandwidth_bps),
+                    bandwidth_bps: s.bandwidth_bps,
+                    lab_bandwidth_bps: zone.lab_rate_bps(s.bandwidth_bps),
+                    jitter_ms: s.jitter_ns as f64 / 1e6,
+                    loss_percent: s.loss * 100.0,
+                    cut: s.cut,
+                })
+                .collect(),
+        })
+    }
+
+    /// Resolves a host id of the running lab to its namespace.
+    pub fn host(&self, host: &str) -> Result<(HostRef, String), LabError> {
+        let zone = self.state()?.zone()?;
+        let h = zone.host(host).ok_or_else(|| LabError::UnknownHost {
+            host: host.to_string(),
+            known: zone
+                .hosts()
+                .iter()
+                .map(|h| h.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        let ns = self.host_namespace(&h.id);
+        Ok((h, ns))
+    }
+
+    /// Runs `cmd` in `host`'s namespace with inherited stdio; returns its exit code.
+    pub fn exec(&self, host: &str, cmd: &[String]) -> Result<i32, LabError> {
+        let (_, ns) = self.host(host)?;
+        let Some((prog, args)) = cmd.split_first() else {
+            return Err(LabError::BadValue {
+                field: "command".into(),
+                reason: "give a command after --".into(),
+            });
+        };
+        let status = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(prog)
+            .args(args)
+            .status()
+            .map_err(|source| LabError::Spawn {
+                what: format!("ip netns exec {ns} {prog}"),
+                source,
+            })?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
+
+    fn site(zone: &Zone, id: &str) -> Result<usize, LabError> {
+        zone.site_index(id).ok_or_else(|| LabError::UnknownSite {
+            site: id.to_string(),
+            known: zone
+                .sites
+                .iter()
+                .map(|s| s.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// Applies `change` to the state of the link `a`-`b` (or, with `site`, the isolation of
+    /// a site) and pushes the resulting paths to the running emulator.
+    fn modify(
+        &self,
+        change: impl FnOnce(&Zone, &mut LabState) -> Result<(), LabError>,
+    ) -> Result<(), LabError> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let zone = state.zone()?;
+        change(&zone, &mut state)?;
+        let paths = Self::paths(&zone, &state);
+        control::request(&self.control_socket(), &control::Request::SetPaths { paths })
+            .map_err(LabError::Emulator)?;
+        state.save(&self.state_path())
+    }
+
+    fn link_of(zone: &Zone, a: &str, b: &str) -> Result<usize, LabError> {
+        let (ia, ib) = (Self::site(zone, a)?, Self::site(zone, b)?);
+        zone.link_index(ia, ib).ok_or_else(|| LabError::NoLink {
+            a: a.to_string(),
+            b: b.to_string(),
+            known: zone
+                .links
+                .iter()
+                .map(|l| format!("{}-{}", zone.sites[l.a].id, zone.sites[l.b].id))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// Blackholes (`cut = true`) or restores the link between two sites.
+    pub fn link_cut(&self, a: &str, b: &str, cut: bool) -> Result<(), LabError> {
+        self.modify(|zone, state| {
+            let li = Self::link_of(zone, a, b)?;
+            state.links[li].cut = cut;
+            Ok(())
+        })
+    }
+
+    /// Changes a link's delay, bandwidth, loss or jitter on the running emulator.
+    pub fn link_set(&self, a: &str, b: &str, change: &LinkChange) -> Result<(), LabError> {
+        let bad = |field: &str, reason: String| LabError::BadValue {
+            field: field.to_string(),
+            reason,
+        };
+        if let Some(d) = change.one_way_delay_ms {
+            if !(d >= 0.0 && d.is_finite()) {
+                return Err(bad("--delay", format!("must be zero or more ms, got {d}")));
+            }
+        }
+        if let Some(l) = change.loss_percent {
+            if !(0.0..100.0).contains(&l) {
+                return Err(bad("--loss", format!("must be in [0, 100) percent, got {l}")));
+            }
+        }
+        if let Some(j) = change.jitter_ms {
+            if !(j >= 0.0 && j.is_finite()) {
+                return Err(bad("--jitter", format!("must be zero or more ms, got {j}")));
+            }
+        }
+        let bandwidth = change
+            .bandwidth
+            .as_deref()
+            .map(dczone_zone::parse_bandwidth)
+            .transpose()
+            .map_err(|reason| bad("--bandwidth", reason))?;
+        self.modify(|zone, state| {
+            let li = Self::link_of(zone, a, b)?;
+            let l = &mut state.links[li];
+            if let Some(d) = change.one_way_delay_ms {
+                l.one_way_delay_ns = (d * 1e6).round() as u64;
+            }
+            if let Some(bps) = bandwidth {
+                l.bandwidth_bps = bps;
+            }
+            if let Some(p) = change.loss_percent {
+                l.loss = p / 100.0;
+            }
+            if let Some(j) = change.jitter_ms {
+                l.jitter_ns = (j * 1e6).round() as u64;
+            }
+            Ok(())
+        })
+    }
+
+    /// Cuts a site off from every other site (a disaster), or restores it.
+    pub fn site_isolate(&self, site: &str, isolate: bool) -> Result<(), LabError> {
+        self.modify(|zone, state| {
+            let id = zone.sites[Self::site(zone, site)?].id.clone();
+            state.isolated.retain(|s| *s != id);
+            if isolate {
+                state.isolated.push(id);
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,359 @@
+//! `lab probe`: measures RTT and single-flow TCP throughput between sites from inside the
+//! host namespaces, and compares them with what the zone configures.
+//!
+//! RTT uses a UDP echo (one probe outstanding at a time, timestamps from the monotonic
+//! clock, histogram in nanoseconds). Throughput is one TCP flow for a few seconds, measured
+//! at the receiver after a warm-up, so slow start does not count against the link.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::{sys, Lab, LabError};
+
+/// Goodput of a full-size TCP segment over its wire cost: 1448 payload bytes (MTU 1500,
+/// TCP timestamps) over 1500 + 14 (Ethernet) + 24 (preamble, FCS, gap) = 1538 bytes.
+pub const TCP_GOODPUT_RATIO: f64 = 1448.0 / 1538.0;
+
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    pub pings: usize,
+    pub interval: Duration,
+    pub throughput: Duration,
+    pub warmup: Duration,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            pings: 200,
+            interval: Duration::from_millis(2),
+            throughput: Duration::from_secs(2),
+            warmup: Duration::from_millis(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RttStats {
+    pub samples: u64,
+    pub lost: u64,
+    pub min_ms: f64,
+    pub median_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub mbit: f64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PairReport {
+    pub a: String,
+    pub b: String,
+    pub host_a: String,
+    pub host_b: String,
+    pub configured_one_way_delay_ms: f64,
+    pub configured_rtt_ms: f64,
+    pub configured_lab_mbit: f64,
+    /// Highest TCP goodput the configured rate allows (`TCP_GOODPUT_RATIO` of it).
+    pub goodput_ceiling_mbit: f64,
+    /// Bandwidth-delay product of the path at its lab rate.
+    pub bdp_bytes: u64,
+    pub blackholed: bool,
+    pub rtt: Option<RttStats>,
+    pub throughput: Option<Throughput>,
+    /// Achieved throughput / configured lab bandwidth.
+    pub throughput_fraction: Option<f64>,
+    pub rtt_median_ok: bool,
+    pub rtt_p99_ok: bool,
+    pub throughput_ok: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeReport {
+    pub lab: String,
+    pub pairs: Vec<PairReport>,
+    pub all_ok: bool,
+}
+
+/// Fidelity targets (issue 2): median RTT within 2% + 20 us of twice the one-way delay.
+pub fn rtt_median_ok(expected_ms: f64, median_ms: f64) -> bool {
+    (median_ms - expected_ms).abs() <= 0.02 * expected_ms + 0.020
+}
+
+/// p99 RTT within 50 us of twice the one-way delay.
+pub fn rtt_p99_ok(expected_ms: f64, p99_ms: f64) -> bool {
+    (p99_ms - expected_ms).abs() <= 0.050
+}
+
+/// 90-102 % of the rate up to 0.5 ms one way, at least 80 % on longer paths.
+pub fn throughput_ok(one_way_ms: f64, fraction: f64) -> bool {
+    if one_way_ms <= 0.5 + 1e-9 {
+        (0.90..=1.02).contains(&fraction)
+    } else {
+        fraction >= 0.80
+    }
+}
+
+fn join<T>(h: std::thread::JoinHandle<T>) -> Result<T, String> {
+    h.join().map_err(|_| "probe thread panicked".to_string())
+}
+
+/// RTT from namespace `ns_a` to a UDP echo in `ns_b` at `ip_b`.
+pub fn measure_rtt(
+    ns_a: &str,
+    ns_b: &str,
+    ip_b: Ipv4Addr,
+    pings: usize,
+    interval: Duration,
+) -> Result<RttStats, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let stop2 = stop.clone();
+    let server = sys::in_namespace(ns_b, move || -> Result<(), String> {
+        let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .map_err(|e| e.to_string())?;
+        let _ = port_tx.send(sock.local_addr().map_err(|e| e.to_string())?.port());
+        let mut buf = [0u8; 64];
+        while !stop2.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| "echo server did not start".to_string())?;
+    let client = sys::in_namespace(ns_a, move || -> Result<RttStats, String> {
+        let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        sock.connect(SocketAddr::from((ip_b, port)))
+            .map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(|e| e.to_string())?;
+        let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
+        let mut lost = 0;
+        let warmup = 5;
+        let mut buf = [0u8; 64];
+        for seq in 0..(pings + warmup) as u64 {
+            let t0 = Instant::now();
+            sock.send(&seq.to_le_bytes()).map_err(|e| e.to_string())?;
+            let rtt = loop {
+                match sock.recv(&mut buf) {
+                    Ok(8) if buf[..8] == seq.to_le_bytes() => break Some(t0.elapsed()),
+                    Ok(_) => continue,
+                    Err(_) => break None,
+                }
+            };
+            match rtt {
+                Some(d) if seq >= warmup as u64 => {
+                    hist.record(d.as_nanos() as u64).expect("in range");
+                }
+                Some(_) => {}
+                None => lost += 1,
+            }
+            std::thread::sleep(interval);
+        }
+        if hist.is_empty() {
+            return Err(format!("no echo answered ({lost} probes lost)"));
+        }
+        let ms = |ns: u64| ns as f64 / 1e6;
+        Ok(RttStats {
+            samples: hist.len(),
+            lost,
+            min_ms: ms(hist.min()),
+            median_ms: ms(hist.value_at_quantile(0.5)),
+            p99_ms: ms(hist.value_at_quantile(0.99)),
+            max_ms: ms(hist.max()),
+        })
+    })
+    .map_err(|e| e.to_string())?;
+    let result = join(client)?;
+    stop.store(true, Ordering::Relaxed);
+    join(server)??;
+    result
+}
+
+/// One TCP flow from `ns_a` to `ns_b` for `duration`; throughput measured at the receiver
+/// after `warmup`.
+pub fn measure_tcp(
+    ns_a: &str,
+    ns_b: &str,
+    ip_b: Ipv4Addr,
+    duration: Duration,
+    warmup: Duration,
+) -> Result<Throughput, String> {
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let server = sys::in_namespace(ns_b, move || -> Result<Throughput, String> {
+        let listener = TcpListener::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        let _ = port_tx.send(listener.local_addr().map_err(|e| e.to_string())?.port());
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => return Err(format!("no connection arrived: {e}")),
+            }
+        };
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut first: Option<Instant> = None;
+        let mut counted = 0u64;
+        let mut window_start: Option<Instant> = None;
+        let mut last = Instant::now();
+        loop {
+            let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            let now = Instant::now();
+            let f = *first.get_or_insert(now);
+            if now.duration_since(f) >= warmup {
+                if window_start.is_none() {
+                    window_start = Some(now);
+                } else {
+                    counted += n as u64;
+                    last = now;
+                }
+            }
+        }
+        let start = window_start.ok_or("the flow ended before its warm-up did")?;
+        let seconds = last.duration_since(start).as_secs_f64();
+        if seconds <= 0.0 {
+            return Err("too short a flow to measure".into());
+        }
+        Ok(Throughput {
+            mbit: counted as f64 * 8.0 / seconds / 1e6,
+            bytes: counted,
+            seconds,
+        })
+    })
+    .map_err(|e| e.to_string())?;
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| "receiver did not start".to_string())?;
+    let client = sys::in_namespace(ns_a, move || -> Result<(), String> {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((ip_b, port)),
+            Duration::from_secs(3),
+        )
+        .map_err(|e| format!("connect: {e}"))?;
+        s.set_write_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        let chunk = vec![0x5au8; 128 * 1024];
+        let end = Instant::now() + duration + warmup;
+        while Instant::now() < end {
+            s.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
+        }
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    let sent = join(client)?;
+    let received = join(server)?;
+    sent?;
+    received
+}
+
+impl Lab {
+    /// Probes every pair of sites, between the first host of each site.
+    pub fn probe(
+        &self,
+        opts: &ProbeOptions,
+        progress: &dyn Fn(usize, usize, &str),
+    ) -> Result<ProbeReport, LabError> {
+        let state = self.state()?;
+        let zone = state.zone()?;
+        let params: Vec<_> = state.links.iter().map(|l| l.params()).collect();
+        let cut: Vec<_> = state.links.iter().map(|l| l.cut).collect();
+        let first_host = |site: usize| {
+            zone.hosts()
+                .into_iter()
+                .find(|h| h.site == site)
+                .ok_or_else(|| LabError::BadValue {
+                    field: format!("sites[{site}].hosts"),
+                    reason: format!("site '{}' has no host to probe from", zone.sites[site].id),
+                })
+        };
+        let n = zone.sites.len();
+        let total = n * (n - 1) / 2;
+        let mut pairs = Vec::new();
+        for a in 0..n {
+            for b in a + 1..n {
+                let (sa, sb) = (&zone.sites[a].id, &zone.sites[b].id);
+                progress(pairs.len(), total, &format!("{sa} <-> {sb}"));
+                let (ha, hb) = (first_host(a)?, first_host(b)?);
+                let spec = zone.path(a, b, &params, &cut);
+                let isolated = state.isolated.contains(sa) || state.isolated.contains(sb);
+                let one_way_ms = spec.one_way_delay_ns as f64 / 1e6;
+                let lab_bps = zone.lab_rate_bps(spec.bandwidth_bps);
+                let lab_mbit = lab_bps as f64 / 1e6;
+                let ns_a = self.host_namespace(&ha.id);
+                let ns_b = self.host_namespace(&hb.id);
+                let mut error = None;
+                let rtt = measure_rtt(&ns_a, &ns_b, hb.ip(), opts.pings, opts.interval)
+                    .map_err(|e| error = Some(format!("rtt: {e}")))
+                    .ok();
+                let throughput = if rtt.is_some() {
+                    measure_tcp(&ns_a, &ns_b, hb.ip(), opts.throughput, opts.warmup)
+                        .map_err(|e| error = Some(format!("throughput: {e}")))
+                        .ok()
+                } else {
+                    None
+                };
+                let fraction = throughput.as_ref().map(|t| t.mbit / lab_mbit);
+                let rtt_ms = 2.0 * one_way_ms;
+                pairs.push(PairReport {
+                    a: sa.clone(),
+                    b: sb.clone(),
+                    host_a: ha.id.clone(),
+                    host_b: hb.id.clone(),
+                    configured_one_way_delay_ms: one_way_ms,
+                    configured_rtt_ms: rtt_ms,
+                    configured_lab_mbit: lab_mbit,
+                    goodput_ceiling_mbit: lab_mbit * TCP_GOODPUT_RATIO,
+                    bdp_bytes: (lab_bps as f64 * rtt_ms / 1e3 / 8.0) as u64,
+                    blackholed: spec.blackholed || isolated,
+                    rtt_median_ok: rtt
+                        .as_ref()
+                        .is_some_and(|r| rtt_median_ok(rtt_ms, r.median_ms)),
+                    rtt_p99_ok: rtt.as_ref().is_some_and(|r| rtt_p99_ok(rtt_ms, r.p99_ms)),
+                    throughput_ok: fraction.is_some_and(|f| throughput_ok(one_way_ms, f)),
+                    rtt,
+                    throughput,
+                    throughput_fraction: fraction,
+                    error,
+                });
+            }
+        }
+        progress(total, total, "done");
+        let all_ok = pairs
+            .iter()
+            .all(|p| p.rtt_median_ok && p.rtt_p99_ok && p.throughput_ok);
+        Ok(ProbeReport {
+            lab: self.name().to_string(),
+            pairs,
+            all_ok,
+        })
+    }
+}
