@@ -42,8 +42,8 @@ pub const QUEUE_FLOOR_BYTES: u64 = 1 << 20;
 impl PathParams {
     /// `QUEUE_BDP_MULTIPLE` round-trip BDPs, at least `QUEUE_FLOOR_BYTES`.
     pub fn default_queue_limit(&self) -> u64 {
-        let rtt_bdp = (u128::from(self.rate_bps) * u128::from(2 * self.delay_ns)
-            / 8_000_000_000) as u64;
+        let rtt_bdp =
+            (u128::from(self.rate_bps) * u128::from(2 * self.delay_ns) / 8_000_000_000) as u64;
         (rtt_bdp * QUEUE_BDP_MULTIPLE).max(QUEUE_FLOOR_BYTES)
     }
 
@@ -241,7 +241,10 @@ mod tests {
         // Queued behind the first frame.
         assert_eq!(admit(&mut p, 0, 1000, 2), Ok(2000 * US + 500 * US));
         // Arrives after the serializer went idle: starts at once.
-        assert_eq!(admit(&mut p, 5 * MS, 500, 3), Ok(5 * MS + 500 * US + 500 * US));
+        assert_eq!(
+            admit(&mut p, 5 * MS, 500, 3),
+            Ok(5 * MS + 500 * US + 500 * US)
+        );
         assert_eq!(p.next_delivery(), Some(1500 * US));
         assert_eq!(p.pop_due(1499 * US, |_| 1), None);
         assert_eq!(p.pop_due(1500 * US, |_| 1), Some(1));
@@ -270,8 +273,14 @@ mod tests {
     #[test]
     fn default_queue_is_two_rtt_bdps_with_a_floor() {
         // 1 Gbit/s x 5 ms RTT = 625 kB; two of them.
-        assert_eq!(params(2500 * US, 1_000_000_000).default_queue_limit(), 1_250_000);
-        assert_eq!(params(10 * US, 1_000_000).default_queue_limit(), QUEUE_FLOOR_BYTES);
+        assert_eq!(
+            params(2500 * US, 1_000_000_000).default_queue_limit(),
+            1_250_000
+        );
+        assert_eq!(
+            params(10 * US, 1_000_000).default_queue_limit(),
+            QUEUE_FLOOR_BYTES
+        );
     }
 
     #[test]
@@ -295,7 +304,10 @@ mod tests {
             let now = u64::from(i) * 10 * US;
             let t = admit(&mut p, now, 100, i).unwrap();
             assert!(t >= last, "delivery went backwards");
-            assert!(t >= now + 800 * US && t <= now + 1200 * US + 10 * US, "{t} at {now}");
+            assert!(
+                t >= now + 800 * US && t <= now + 1200 * US + 10 * US,
+                "{t} at {now}"
+            );
             last = t;
         }
     }

@@ -12,8 +12,8 @@ use dczone_lab::probe::ProbeOptions;
 use dczone_lab::{Lab, LinkChange};
 use dczone_zone::{format_bandwidth, Zone, DEFAULT_ZONE_TOML};
 
-use crate::table::{render, yes_no};
 use crate::print_json;
+use crate::table::{render, yes_no};
 
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
@@ -50,6 +50,11 @@ pub enum LabCommand {
     Site {
         #[command(subcommand)]
         command: SiteCommand,
+    },
+    /// Measure the host stack's latency per site pair and compensate it in the emulator.
+    Calibrate {
+        #[arg(long)]
+        json: bool,
     },
     /// Measure RTT and single-flow TCP throughput between every pair of sites.
     Probe {
@@ -163,7 +168,10 @@ pub fn run(lab: &Lab, cmd: LabCommand) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&json!({"lab": lab.name(), "namespaces_removed": removed}));
             } else {
-                println!("lab '{}' is down ({removed} namespaces removed)", lab.name());
+                println!(
+                    "lab '{}' is down ({removed} namespaces removed)",
+                    lab.name()
+                );
             }
         }
         LabCommand::Status { json } => {
@@ -184,9 +192,10 @@ pub fn run(lab: &Lab, cmd: LabCommand) -> anyhow::Result<ExitCode> {
                     s.emulator.pid.map_or("-".into(), |p| p.to_string()),
                     if s.emulator.alive { "alive" } else { "DEAD" },
                     s.emulator.namespace,
-                    s.emulator
-                        .rss_bytes
-                        .map_or(String::new(), |r| format!(", RSS {:.1} MiB", r as f64 / 1048576.0))
+                    s.emulator.rss_bytes.map_or(String::new(), |r| format!(
+                        ", RSS {:.1} MiB",
+                        r as f64 / 1048576.0
+                    ))
                 );
                 let rows: Vec<_> = s
                     .hosts
@@ -204,7 +213,10 @@ pub fn run(lab: &Lab, cmd: LabCommand) -> anyhow::Result<ExitCode> {
                     .collect();
                 print!(
                     "{}",
-                    render(&["HOST", "SITE", "NAMESPACE", "IP", "MAC", "PRESENT"], &rows)
+                    render(
+                        &["HOST", "SITE", "NAMESPACE", "IP", "MAC", "PRESENT"],
+                        &rows
+                    )
                 );
                 println!();
                 let rows: Vec<_> = s
@@ -228,13 +240,25 @@ pub fn run(lab: &Lab, cmd: LabCommand) -> anyhow::Result<ExitCode> {
                     "{}",
                     render(
                         &[
-                            "LINK", "KM", "DELAY_MS", "BANDWIDTH", "LAB_BW", "JITTER_MS",
-                            "LOSS_%", "KIND", "STATE"
+                            "LINK",
+                            "KM",
+                            "DELAY_MS",
+                            "BANDWIDTH",
+                            "LAB_BW",
+                            "JITTER_MS",
+                            "LOSS_%",
+                            "KIND",
+                            "STATE"
                         ],
                         &rows
                     )
                 );
-                let isolated: Vec<_> = s.sites.iter().filter(|x| x.isolated).map(|x| x.id.as_str()).collect();
+                let isolated: Vec<_> = s
+                    .sites
+                    .iter()
+                    .filter(|x| x.isolated)
+                    .map(|x| x.id.as_str())
+                    .collect();
                 if !isolated.is_empty() {
                     println!("isolated sites: {}", isolated.join(", "));
                 }
@@ -290,6 +314,31 @@ pub fn run(lab: &Lab, cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 println!("site {site} restored");
             }
         },
+        LabCommand::Calibrate { json } => {
+            let pairs = lab.calibrate(&|_, _, _| {})?;
+            if json {
+                print_json(&pairs);
+            } else {
+                let rows: Vec<_> = pairs
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            format!("{}<->{}", p.a, p.b),
+                            format!("{:.3}", p.configured_rtt_ms),
+                            format!("{:.3}", p.raw_median_rtt_ms),
+                            format!("{:.1}", p.compensation_us),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    render(
+                        &["PAIR", "RTT_CFG_MS", "RAW_RTT_P50_MS", "COMP_US_EACH_WAY"],
+                        &rows
+                    )
+                );
+            }
+        }
         LabCommand::Probe {
             json,
             pings,
@@ -365,8 +414,16 @@ pub fn print_probe(report: &dczone_lab::probe::ProbeReport) {
         "{}",
         render(
             &[
-                "PAIR", "RTT_CFG_MS", "RTT_P50_MS", "RTT_P99_MS", "RTT", "LAB_MBIT", "TCP_MBIT",
-                "TCP_%", "TCP", "NOTE"
+                "PAIR",
+                "RTT_CFG_MS",
+                "RTT_P50_MS",
+                "RTT_P99_MS",
+                "RTT",
+                "LAB_MBIT",
+                "TCP_MBIT",
+                "TCP_%",
+                "TCP",
+                "NOTE"
             ],
             &rows
         )

@@ -11,13 +11,22 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "dczone", version, about = "One logical computing zone over a deterministic optical WAN")]
+#[command(
+    name = "dczone",
+    version,
+    about = "One logical computing zone over a deterministic optical WAN"
+)]
 pub struct Cli {
     /// Name of the lab (namespaces are called `<lab>-<host>`).
     #[arg(long, global = true, env = "DCZONE_LAB", default_value = "dcz")]
     pub lab: String,
     /// Where labs keep their state files.
-    #[arg(long, global = true, env = "DCZONE_STATE_DIR", default_value = "/run/dczone")]
+    #[arg(
+        long,
+        global = true,
+        env = "DCZONE_STATE_DIR",
+        default_value = "/run/dczone"
+    )]
     pub state_dir: PathBuf,
     #[command(subcommand)]
     pub command: Command,

@@ -15,6 +15,7 @@
 //! can find and remove all of it from the namespace list alone, whatever state file or
 //! process survived.
 
+mod icmp;
 pub mod probe;
 mod state;
 pub mod sys;
@@ -215,7 +216,7 @@ impl Lab {
         LabState::load(&self.state_path())?.ok_or_else(|| LabError::NotUp(self.name.clone()))
     }
 
-    fn lock(&self) -> Result<File, LabError> {
+    pub(crate) fn lock(&self) -> Result<File, LabError> {
         let io = |source| LabError::Io {
             what: format!("lock {}", self.dir.display()),
             source,
@@ -252,6 +253,14 @@ impl Lab {
     /// Builds the lab for `zone`. Idempotent: a healthy lab of the same zone is left alone;
     /// anything else of this lab's is torn down first. Returns `false` if it was already up.
     pub fn up(&self, zone: &Zone, source: &str, toml: &str) -> Result<bool, LabError> {
+        let built = self.build_if_needed(zone, source, toml)?;
+        if built {
+            self.calibrate(&|_, _, _| {})?;
+        }
+        Ok(built)
+    }
+
+    fn build_if_needed(&self, zone: &Zone, source: &str, toml: &str) -> Result<bool, LabError> {
         Self::require_privileges()?;
         let _lock = self.lock()?;
         if let Ok(Some(state)) = LabState::load(&self.state_path()) {
@@ -277,6 +286,17 @@ impl Lab {
     fn build(&self, zone: &Zone, state: &mut LabState) -> Result<(), LabError> {
         let apn = self.apn_namespace();
         sys::ip("create the APN namespace", &["netns", "add", &apn])?;
+        // Bridged frames must not traverse the host's iptables: the lab's L2 is a wire.
+        sys::in_namespace(&apn, || {
+            for t in ["iptables", "ip6tables", "arptables"] {
+                let _ = std::fs::write(format!("/proc/sys/net/bridge/bridge-nf-call-{t}"), "0");
+            }
+        })?
+        .join()
+        .map_err(|_| LabError::BadValue {
+            field: "bridge sysctls".into(),
+            reason: "namespace thread panicked".into(),
+        })?;
         sys::ip(
             "bring up loopback in the APN namespace",
             &["-n", &apn, "link", "set", "lo", "up"],
@@ -369,11 +389,16 @@ impl Lab {
                 }
                 let spec = zone.path(a, b, &params, &cut);
                 let isolated = state.isolated.contains(&sa.id) || state.isolated.contains(&sb.id);
+                let compensation = state
+                    .stack_compensation_ns
+                    .get(&state::pair_key(a, b))
+                    .copied()
+                    .unwrap_or(0);
                 out.push(PathConfig {
                     from: sa.id.clone(),
                     to: sb.id.clone(),
                     params: PathParams {
-                        delay_ns: spec.one_way_delay_ns,
+                        delay_ns: spec.one_way_delay_ns.saturating_sub(compensation),
                         rate_bps: zone.lab_rate_bps(spec.bandwidth_bps),
                         jitter_ns: spec.jitter_ns,
                         loss: spec.loss,
@@ -400,7 +425,14 @@ impl Lab {
                 .collect(),
             paths: Self::paths(zone, state),
             control_socket: self.control_socket(),
-            spin_ns: control::default_spin_ns(),
+            spin_ns: std::env::var("DCZONE_APN_SPIN_NS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(control::default_spin_ns),
+            idle_poll_ns: std::env::var("DCZONE_APN_IDLE_POLL_NS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(control::default_idle_poll_ns),
             seed: 0x5eed,
         };
         let config_path = self.dir.join("apn.json");
@@ -493,10 +525,7 @@ impl Lab {
             while pids.iter().any(|&p| sys::alive(p)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            sys::ip(
-                &format!("remove namespace {ns}"),
-                &["netns", "delete", ns],
-            )?;
+            sys::ip(&format!("remove namespace {ns}"), &["netns", "delete", ns])?;
             removed += 1;
         }
         for f in ["state.json", "apn.json", "apn.sock"] {
@@ -630,9 +659,17 @@ impl Lab {
         let mut state = self.state()?;
         let zone = state.zone()?;
         change(&zone, &mut state)?;
-        let paths = Self::paths(&zone, &state);
-        control::request(&self.control_socket(), &control::Request::SetPaths { paths })
-            .map_err(LabError::Emulator)?;
+        self.push_paths(&zone, &state)
+    }
+
+    /// Sends the paths of `state` to the emulator and saves `state`.
+    pub(crate) fn push_paths(&self, zone: &Zone, state: &LabState) -> Result<(), LabError> {
+        let paths = Self::paths(zone, state);
+        control::request(
+            &self.control_socket(),
+            &control::Request::SetPaths { paths },
+        )
+        .map_err(LabError::Emulator)?;
         state.save(&self.state_path())
     }
 
@@ -672,7 +709,10 @@ impl Lab {
         }
         if let Some(l) = change.loss_percent {
             if !(0.0..100.0).contains(&l) {
-                return Err(bad("--loss", format!("must be in [0, 100) percent, got {l}")));
+                return Err(bad(
+                    "--loss",
+                    format!("must be in [0, 100) percent, got {l}"),
+                ));
             }
         }
         if let Some(j) = change.jitter_ms {
@@ -688,6 +728,10 @@ impl Lab {
             .map_err(|reason| bad("--bandwidth", reason))?;
         self.modify(|zone, state| {
             let li = Self::link_of(zone, a, b)?;
+            // Host-stack latency depends on the delay; it is measured again below.
+            if change.one_way_delay_ms.is_some() {
+                state.stack_compensation_ns.clear();
+            }
             let l = &mut state.links[li];
             if let Some(d) = change.one_way_delay_ms {
                 l.one_way_delay_ns = (d * 1e6).round() as u64;
@@ -702,7 +746,11 @@ impl Lab {
                 l.jitter_ns = (j * 1e6).round() as u64;
             }
             Ok(())
-        })
+        })?;
+        if change.one_way_delay_ms.is_some() {
+            self.calibrate(&|_, _, _| {})?;
+        }
+        Ok(())
     }
 
     /// Cuts a site off from every other site (a disaster), or restores it.

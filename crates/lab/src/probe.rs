@@ -1,14 +1,12 @@
 //! `lab probe`: measures RTT and single-flow TCP throughput between sites from inside the
 //! host namespaces, and compares them with what the zone configures.
 //!
-//! RTT uses a UDP echo (one probe outstanding at a time, timestamps from the monotonic
-//! clock, histogram in nanoseconds). Throughput is one TCP flow for a few seconds, measured
+//! RTT uses ICMP echo with kernel timestamps (one probe outstanding at a time, histogram
+//! in nanoseconds). Throughput is one TCP flow for a few seconds, measured
 //! at the receiver after a warm-up, so slow start does not count against the link.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -32,7 +30,7 @@ impl Default for ProbeOptions {
     fn default() -> Self {
         ProbeOptions {
             pings: 200,
-            interval: Duration::from_millis(2),
+            interval: Duration::ZERO,
             throughput: Duration::from_secs(2),
             warmup: Duration::from_millis(300),
         }
@@ -110,62 +108,35 @@ fn join<T>(h: std::thread::JoinHandle<T>) -> Result<T, String> {
     h.join().map_err(|_| "probe thread panicked".to_string())
 }
 
-/// RTT from namespace `ns_a` to a UDP echo in `ns_b` at `ip_b`.
+/// RTT from namespace `ns_a` to host `ip_b`, by ICMP echo with kernel timestamps
+/// (see [`crate::icmp`]). Probes go back to back, one outstanding at a time, after a
+/// warm-up that resolves ARP and teaches the APN switch both MACs.
 pub fn measure_rtt(
     ns_a: &str,
-    ns_b: &str,
     ip_b: Ipv4Addr,
     pings: usize,
     interval: Duration,
 ) -> Result<RttStats, String> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (port_tx, port_rx) = std::sync::mpsc::channel();
-    let stop2 = stop.clone();
-    let server = sys::in_namespace(ns_b, move || -> Result<(), String> {
-        let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .map_err(|e| e.to_string())?;
-        let _ = port_tx.send(sock.local_addr().map_err(|e| e.to_string())?.port());
-        let mut buf = [0u8; 64];
-        while !stop2.load(Ordering::Relaxed) {
-            if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let _ = sock.send_to(&buf[..n], from);
-            }
-        }
-        Ok(())
-    })
-    .map_err(|e| e.to_string())?;
-    let port = port_rx
-        .recv_timeout(Duration::from_secs(5))
-        .map_err(|_| "echo server did not start".to_string())?;
     let client = sys::in_namespace(ns_a, move || -> Result<RttStats, String> {
-        let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-        sock.connect(SocketAddr::from((ip_b, port)))
-            .map_err(|e| e.to_string())?;
-        sock.set_read_timeout(Some(Duration::from_millis(500)))
-            .map_err(|e| e.to_string())?;
+        let pinger = crate::icmp::Pinger::new(std::process::id() as u16)
+            .map_err(|e| format!("raw ICMP socket: {e}"))?;
         let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
         let mut lost = 0;
         let warmup = 5;
-        let mut buf = [0u8; 64];
-        for seq in 0..(pings + warmup) as u64 {
-            let t0 = Instant::now();
-            sock.send(&seq.to_le_bytes()).map_err(|e| e.to_string())?;
-            let rtt = loop {
-                match sock.recv(&mut buf) {
-                    Ok(8) if buf[..8] == seq.to_le_bytes() => break Some(t0.elapsed()),
-                    Ok(_) => continue,
-                    Err(_) => break None,
-                }
-            };
-            match rtt {
-                Some(d) if seq >= warmup as u64 => {
+        for seq in 0..(pings + warmup) as u16 {
+            match pinger
+                .ping(ip_b, seq, Duration::from_millis(500))
+                .map_err(|e| e.to_string())?
+            {
+                Some(d) if usize::from(seq) >= warmup => {
                     hist.record(d.as_nanos() as u64).expect("in range");
                 }
                 Some(_) => {}
                 None => lost += 1,
             }
-            std::thread::sleep(interval);
+            if !interval.is_zero() {
+                std::thread::sleep(interval);
+            }
         }
         if hist.is_empty() {
             return Err(format!("no echo answered ({lost} probes lost)"));
@@ -181,10 +152,7 @@ pub fn measure_rtt(
         })
     })
     .map_err(|e| e.to_string())?;
-    let result = join(client)?;
-    stop.store(true, Ordering::Relaxed);
-    join(server)??;
-    result
+    join(client)?
 }
 
 /// One TCP flow from `ns_a` to `ns_b` for `duration`; throughput measured at the receiver
@@ -205,9 +173,7 @@ pub fn measure_tcp(
         let mut stream = loop {
             match listener.accept() {
                 Ok((s, _)) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
                 Err(e) => return Err(format!("no connection arrived: {e}")),
             }
         };
@@ -252,11 +218,9 @@ pub fn measure_tcp(
         .recv_timeout(Duration::from_secs(5))
         .map_err(|_| "receiver did not start".to_string())?;
     let client = sys::in_namespace(ns_a, move || -> Result<(), String> {
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddr::from((ip_b, port)),
-            Duration::from_secs(3),
-        )
-        .map_err(|e| format!("connect: {e}"))?;
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((ip_b, port)), Duration::from_secs(3))
+                .map_err(|e| format!("connect: {e}"))?;
         s.set_write_timeout(Some(Duration::from_secs(3)))
             .map_err(|e| e.to_string())?;
         let chunk = vec![0x5au8; 128 * 1024];
@@ -311,7 +275,7 @@ impl Lab {
                 let ns_a = self.host_namespace(&ha.id);
                 let ns_b = self.host_namespace(&hb.id);
                 let mut error = None;
-                let rtt = measure_rtt(&ns_a, &ns_b, hb.ip(), opts.pings, opts.interval)
+                let rtt = measure_rtt(&ns_a, hb.ip(), opts.pings, opts.interval)
                     .map_err(|e| error = Some(format!("rtt: {e}")))
                     .ok();
                 let throughput = if rtt.is_some() {
@@ -355,5 +319,93 @@ impl Lab {
             pairs,
             all_ok,
         })
+    }
+}
+
+/// Largest host-stack compensation `calibrate` will apply in one direction.
+pub const MAX_COMPENSATION_NS: u64 = 250_000;
+
+/// One pair's calibration.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationPair {
+    pub a: String,
+    pub b: String,
+    pub configured_rtt_ms: f64,
+    /// Median RTT with no compensation.
+    pub raw_median_rtt_ms: f64,
+    /// Subtracted from each direction's delay from now on.
+    pub compensation_us: f64,
+}
+
+impl Lab {
+    /// Measures the latency the host stack adds on each site pair (veth, bridge, TAP and
+    /// the emulator's own read and write: tens of microseconds on a nested VM) and
+    /// subtracts half of it from each direction's emulated delay, so that what endpoints
+    /// observe is the configured propagation delay. Blackholed pairs keep their previous
+    /// value. `lab up` and `lab link set --delay` run it; `lab probe` then verifies.
+    pub fn calibrate(
+        &self,
+        progress: &dyn Fn(usize, usize, &str),
+    ) -> Result<Vec<CalibrationPair>, LabError> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let zone = state.zone()?;
+        let params: Vec<_> = state.links.iter().map(|l| l.params()).collect();
+        let cut: Vec<_> = state.links.iter().map(|l| l.cut).collect();
+        let n = zone.sites.len();
+        let hosts = zone.hosts();
+        let mut out = Vec::new();
+        let mut measured = Vec::new();
+        for a in 0..n {
+            for b in a + 1..n {
+                let spec = zone.path(a, b, &params, &cut);
+                let isolated = state.isolated.contains(&zone.sites[a].id)
+                    || state.isolated.contains(&zone.sites[b].id);
+                let (Some(ha), Some(hb)) = (
+                    hosts.iter().find(|h| h.site == a),
+                    hosts.iter().find(|h| h.site == b),
+                ) else {
+                    continue;
+                };
+                if spec.blackholed || isolated {
+                    continue;
+                }
+                measured.push((a, b, spec.one_way_delay_ns, ha.clone(), hb.clone()));
+            }
+        }
+        // Measure with no compensation on the pairs being measured.
+        for (a, b, ..) in &measured {
+            state
+                .stack_compensation_ns
+                .remove(&crate::state::pair_key(*a, *b));
+        }
+        self.push_paths(&zone, &state)?;
+        let total = measured.len();
+        for (i, (a, b, one_way_ns, ha, hb)) in measured.into_iter().enumerate() {
+            let (sa, sb) = (&zone.sites[a].id, &zone.sites[b].id);
+            progress(i, total, &format!("{sa} <-> {sb}"));
+            let rtt = measure_rtt(&self.host_namespace(&ha.id), hb.ip(), 100, Duration::ZERO)
+                .map_err(|reason| LabError::Probe {
+                    step: "calibration",
+                    a: sa.clone(),
+                    b: sb.clone(),
+                    reason,
+                })?;
+            let raw_ns = (rtt.median_ms * 1e6) as u64;
+            let comp = (raw_ns.saturating_sub(2 * one_way_ns) / 2).min(MAX_COMPENSATION_NS);
+            state
+                .stack_compensation_ns
+                .insert(crate::state::pair_key(a, b), comp);
+            out.push(CalibrationPair {
+                a: sa.clone(),
+                b: sb.clone(),
+                configured_rtt_ms: 2.0 * one_way_ns as f64 / 1e6,
+                raw_median_rtt_ms: rtt.median_ms,
+                compensation_us: comp as f64 / 1e3,
+            });
+        }
+        progress(total, total, "done");
+        self.push_paths(&zone, &state)?;
+        Ok(out)
     }
 }

@@ -3,6 +3,7 @@
 //! Written before anything is created, so that `lab down` can clean up after a crash at
 //! any point of `lab up`; rewritten after every runtime change of a link.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,15 @@ pub struct LabState {
     pub links: Vec<LinkState>,
     /// Sites cut off from every other site (`lab site isolate`).
     pub isolated: Vec<String>,
+    /// Host-stack latency measured by `lab calibrate`, per site pair ("a|b", zone order),
+    /// subtracted from each direction's delay (see `Lab::calibrate`).
+    #[serde(default)]
+    pub stack_compensation_ns: BTreeMap<String, u64>,
+}
+
+/// Key of an unordered site pair in [`LabState::stack_compensation_ns`].
+pub fn pair_key(a: usize, b: usize) -> String {
+    format!("{}|{}", a.min(b), a.max(b))
 }
 
 impl LabState {
@@ -77,21 +87,25 @@ impl LabState {
                 })
                 .collect(),
             isolated: Vec::new(),
+            stack_compensation_ns: BTreeMap::new(),
         }
     }
 
     pub fn zone(&self) -> Result<Zone, LabError> {
-        dczone_zone::file::parse(&self.zone_toml, Path::new(&self.zone_source)).map_err(LabError::Zone)
+        dczone_zone::file::parse(&self.zone_toml, Path::new(&self.zone_source))
+            .map_err(LabError::Zone)
     }
 
     pub fn load(path: &Path) -> Result<Option<LabState>, LabError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| LabError::CorruptState {
-                    file: path.to_path_buf(),
-                    reason: e.to_string(),
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| LabError::CorruptState {
+                        file: path.to_path_buf(),
+                        reason: e.to_string(),
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(LabError::Io {
                 what: format!("read {}", path.display()),

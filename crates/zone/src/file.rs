@@ -412,7 +412,10 @@ mod tests {
     #[test]
     fn unit_typo() {
         let p = problems(&TWO_SITES.replace("\"10Gbit\"", "\"10 gbps\""));
-        assert!(has(&p, "links[0].bandwidth", "did you mean \"10Gbit\""), "{p:?}");
+        assert!(
+            has(&p, "links[0].bandwidth", "did you mean \"10Gbit\""),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -108,12 +108,21 @@ pub const LAB_PREFIX_LEN: u8 = 16;
 impl HostRef {
     /// Hosts take `10.77.(site+1).(11+index_in_site)`.
     pub fn ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 77, (self.site + 1) as u8, (11 + self.index_in_site) as u8)
+        Ipv4Addr::new(
+            10,
+            77,
+            (self.site + 1) as u8,
+            (11 + self.index_in_site) as u8,
+        )
     }
 
     /// A locally administered MAC derived from the address plan.
     pub fn mac(&self) -> String {
-        format!("02:dc:00:{:02x}:{:02x}:01", self.site + 1, self.index_in_site + 1)
+        format!(
+            "02:dc:00:{:02x}:{:02x}:01",
+            self.site + 1,
+            self.index_in_site + 1
+        )
     }
 }
 
@@ -251,7 +260,10 @@ mod tests {
         assert_eq!(z.path(d11, cloud, &params, &cut).one_way_delay_ns, 250_000);
         assert_eq!(z.path(d12, d21, &params, &cut).one_way_delay_ns, 2_500_000);
         // No direct link: cloud reaches DC2.1 through a DC1.x (250 us + 2.5 ms).
-        assert_eq!(z.path(cloud, d21, &params, &cut).one_way_delay_ns, 2_750_000);
+        assert_eq!(
+            z.path(cloud, d21, &params, &cut).one_way_delay_ns,
+            2_750_000
+        );
         assert_eq!(z.route(cloud, d21).unwrap().len(), 2);
     }
 
@@ -274,7 +286,10 @@ mod tests {
         ips.sort();
         ips.dedup();
         assert_eq!(ips.len(), hosts.len());
-        assert_eq!(z.host("dc1.2-h1").unwrap().ip(), Ipv4Addr::new(10, 77, 2, 11));
+        assert_eq!(
+            z.host("dc1.2-h1").unwrap().ip(),
+            Ipv4Addr::new(10, 77, 2, 11)
+        );
     }
 
     #[test]
