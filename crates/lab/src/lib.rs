@@ -17,6 +17,7 @@
 
 mod icmp;
 pub mod probe;
+pub mod wan_bench;
 mod state;
 pub mod sys;
 

@@ -1,0 +1,333 @@
+//! End-to-end tests of the lab with real namespaces, bridges, TAPs and the APN emulator.
+//! They need root and are gated by `DCZONE_E2E=1`, which the test command sets.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use dczone_lab::sys;
+
+/// One lab per test, with its own name and state directory; torn down on drop.
+struct TestLab {
+    name: String,
+    state_dir: PathBuf,
+}
+
+fn e2e_enabled() -> bool {
+    if std::env::var_os("DCZONE_E2E").is_some() {
+        true
+    } else {
+        eprintln!("skipped: set DCZONE_E2E=1 (needs root) to run lab tests");
+        false
+    }
+}
+
+impl TestLab {
+    fn new(name: &str) -> TestLab {
+        let state_dir = std::env::temp_dir().join(format!("dczone-test-{name}"));
+        let lab = TestLab {
+            name: name.to_string(),
+            state_dir,
+        };
+        lab.ok(&["lab", "down"]);
+        lab
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_dczone"))
+            .args(["--lab", &self.name, "--state-dir"])
+            .arg(&self.state_dir)
+            .args(args)
+            .output()
+            .expect("dczone runs")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "dczone {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn up(&self) {
+        self.ok(&["lab", "up"]);
+    }
+
+    fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.name)
+    }
+
+    /// `lab status --json`, which exits non-zero (but still reports) when unhealthy.
+    fn status(&self) -> serde_json::Value {
+        let out = self.run(&["lab", "status", "--json"]);
+        serde_json::from_slice(&out.stdout).expect("status is JSON")
+    }
+
+    /// Is `to` reachable from `from` by ICMP within a second?
+    fn reachable(&self, from: &str, to: Ipv4Addr) -> bool {
+        dczone_lab::probe::measure_rtt(&self.ns(from), to, 1, Duration::ZERO).is_ok()
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self.run(&["lab", "down"]);
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+const DC11_H1: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 11);
+const DC12_H1: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 11);
+const DC21_H1: Ipv4Addr = Ipv4Addr::new(10, 77, 3, 11);
+const CLOUD_H1: Ipv4Addr = Ipv4Addr::new(10, 77, 4, 11);
+
+/// Median time for a 64-byte TCP echo between two hosts.
+fn tcp_echo_median(lab: &TestLab, client: &str, server: &str, server_ip: Ipv4Addr) -> Duration {
+    let listener = sys::in_namespace(&lab.ns(server), || TcpListener::bind("0.0.0.0:7007"))
+        .unwrap()
+        .join()
+        .unwrap()
+        .expect("bind echo server");
+    let server_thread = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let samples = sys::in_namespace(&lab.ns(client), move || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((server_ip, 7007)),
+            Duration::from_secs(3),
+        )
+        .expect("connect across the APN");
+        s.set_nodelay(true).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..40 {
+            let t0 = Instant::now();
+            s.write_all(&[7u8; 64]).unwrap();
+            s.read_exact(&mut buf).unwrap();
+            out.push(t0.elapsed());
+        }
+        out
+    })
+    .unwrap()
+    .join()
+    .unwrap();
+    server_thread.join().unwrap();
+    let mut samples = samples[5..].to_vec();
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[test]
+fn tcp_echo_dc1_1_to_dc2_1_takes_one_500_km_round_trip() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2eecho");
+    lab.up();
+    let median = tcp_echo_median(&lab, "dc1.1-h1", "dc2.1-h1", DC21_H1);
+    assert!(
+        median >= Duration::from_millis(5) && median < Duration::from_millis(6),
+        "TCP echo RTT over 500 km was {median:?}, expected 5-6 ms"
+    );
+    // Same site: no emulated delay at all.
+    let local = tcp_echo_median(&lab, "dc1.1-h1", "dc1.1-h2", Ipv4Addr::new(10, 77, 1, 12));
+    assert!(local < Duration::from_millis(1), "same-site echo took {local:?}");
+}
+
+#[test]
+fn link_cut_stops_traffic_and_restore_brings_it_back() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2ecut");
+    lab.up();
+    assert!(lab.reachable("dc1.1-h1", DC12_H1));
+    lab.ok(&["lab", "link", "cut", "dc1.1", "dc1.2"]);
+    assert!(!lab.reachable("dc1.1-h1", DC12_H1), "traffic crossed a cut link");
+    // The cut link is not rerouted: other links still work.
+    assert!(lab.reachable("dc1.1-h1", DC21_H1));
+    let status = lab.status();
+    let link = status["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["a"] == "dc1.1" && l["b"] == "dc1.2")
+        .unwrap();
+    assert_eq!(link["cut"], true);
+    lab.ok(&["lab", "link", "restore", "dc1.1", "dc1.2"]);
+    assert!(lab.reachable("dc1.1-h1", DC12_H1), "restore did not bring traffic back");
+}
+
+#[test]
+fn isolating_a_site_cuts_it_from_all_others() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2eiso");
+    lab.up();
+    lab.ok(&["lab", "site", "isolate", "dc2.1"]);
+    for other in [DC11_H1, DC12_H1, CLOUD_H1] {
+        assert!(!lab.reachable("dc2.1-h1", other), "isolated dc2.1 reached {other}");
+    }
+    assert!(lab.reachable("dc1.1-h1", DC12_H1));
+    assert!(lab.reachable("dc1.1-h1", CLOUD_H1));
+    // Inside the isolated site, hosts still talk.
+    assert!(lab.reachable("dc2.1-h1", Ipv4Addr::new(10, 77, 3, 12)));
+    lab.ok(&["lab", "site", "restore", "dc2.1"]);
+    assert!(lab.reachable("dc2.1-h1", DC11_H1));
+}
+
+#[test]
+fn link_set_changes_delay_on_the_running_emulator() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2eset");
+    lab.up();
+    let pid_before = lab.status()["emulator"]["pid"].clone();
+    lab.ok(&["lab", "link", "set", "dc1.1", "dc1.2", "--delay", "3"]);
+    let rtt = dczone_lab::probe::measure_rtt(&lab.ns("dc1.1-h1"), DC12_H1, 30, Duration::ZERO)
+        .expect("rtt");
+    assert!(
+        (5.8..6.5).contains(&rtt.median_ms),
+        "RTT after --delay 3 was {} ms",
+        rtt.median_ms
+    );
+    assert_eq!(lab.status()["emulator"]["pid"], pid_before, "emulator restarted");
+    let out = lab.run(&["lab", "link", "set", "dc1.1", "dc1.2", "--bandwidth", "10 gbps"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--bandwidth") && err.contains("10Gbit"), "{err}");
+}
+
+#[test]
+fn status_lists_hosts_links_and_emulator() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2estat");
+    lab.up();
+    // `up` again is a no-op on a healthy lab.
+    assert!(lab.ok(&["lab", "up"]).contains("already up"));
+    let s = lab.status();
+    let hosts = s["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 8);
+    let h = hosts.iter().find(|h| h["id"] == "dc2.1-h1").unwrap();
+    assert_eq!(h["site"], "dc2.1");
+    assert_eq!(h["namespace"], "e2estat-dc2.1-h1");
+    assert_eq!(h["ip"], "10.77.3.11");
+    assert_eq!(s["emulator"]["alive"], true);
+    assert_eq!(s["links"].as_array().unwrap().len(), 5);
+    let out = lab.run(&["lab", "exec", "dc1.1-h1", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let out = lab.run(&["lab", "exec", "dc9-h1", "--", "true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown host 'dc9-h1'"));
+}
+
+fn lab_leftovers(name: &str) -> Vec<String> {
+    let mut left: Vec<String> = sys::namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{name}-")))
+        .collect();
+    let cmdline_mentions = |pid: &str| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains(&format!("dczone-test-{name}/")))
+            .unwrap_or(false)
+    };
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if pid.chars().all(|c| c.is_ascii_digit()) && cmdline_mentions(&pid) {
+            left.push(format!("process {pid}"));
+        }
+    }
+    left
+}
+
+#[test]
+fn down_cleans_up_after_kill_9_of_the_emulator_and_of_up() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2edown");
+    lab.up();
+    let pid = lab.status()["emulator"]["pid"].as_i64().unwrap() as i32;
+    sys::kill(pid, 9);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(lab.status()["emulator"]["alive"], false);
+    lab.ok(&["lab", "down"]);
+    assert_eq!(lab_leftovers("e2edown"), Vec::<String>::new());
+    // Down twice is fine.
+    lab.ok(&["lab", "down"]);
+
+    // kill -9 of `lab up` while it builds.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dczone"))
+        .args(["--lab", "e2edown", "--state-dir"])
+        .arg(&lab.state_dir)
+        .args(["lab", "up"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(60));
+    let _ = child.kill();
+    let _ = child.wait();
+    lab.ok(&["lab", "down"]);
+    assert_eq!(lab_leftovers("e2edown"), Vec::<String>::new());
+    // And a lab comes up cleanly afterwards.
+    lab.up();
+    assert!(lab.reachable("dc1.1-h1", DC12_H1));
+}
+
+#[test]
+fn bad_zone_file_names_the_file_and_field() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2ezone");
+    let file = lab.state_dir.with_extension("toml");
+    std::fs::write(
+        &file,
+        dczone_zone_text().replace("bandwidth = \"25Gbit\"", "bandwidth = \"10 gbps\""),
+    )
+    .unwrap();
+    let out = lab.run(&["lab", "up", "--zone", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(file.to_str().unwrap()), "{err}");
+    assert!(err.contains("links[0].bandwidth"), "{err}");
+    assert!(sys::namespaces().iter().all(|n| !n.starts_with("e2ezone-")));
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn without_privileges_the_error_names_the_capability() {
+    if !e2e_enabled() {
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(env!("CARGO_BIN_EXE_dczone"))
+        .args(["--lab", "e2epriv", "--state-dir", "/tmp/dczone-e2epriv", "lab", "up"])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+}
+
+fn dczone_zone_text() -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dczone"))
+        .args(["zone", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
