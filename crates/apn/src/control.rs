@@ -97,6 +97,9 @@ pub struct Stats {
     pub delivered_frames: u64,
     pub late_ns_sum: u64,
     pub late_ns_max: u64,
+    /// Deliveries by lateness: < 5, 20, 50, 100, 1000 us, and the rest.
+    #[serde(default)]
+    pub late_buckets: Vec<u64>,
     pub ports: Vec<PortStats>,
     pub paths: Vec<PathStats>,
 }

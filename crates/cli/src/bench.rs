@@ -42,14 +42,18 @@ pub fn run(state_dir: &Path, exe: &Path, cmd: BenchCommand) -> anyhow::Result<Ex
                         format!("{:.3}", m.median),
                         format!("{:.3}", m.max),
                         m.target.clone(),
-                        m.pass.map_or("-".into(), |p| if p { "pass" } else { "MISS" }.into()),
+                        m.pass
+                            .map_or("-".into(), |p| if p { "pass" } else { "MISS" }.into()),
                     ]
                 })
                 .collect();
             println!("bench wan @ {} ({} runs each)", report.git_rev, report.runs);
             print!(
                 "{}",
-                render(&["MEASUREMENT", "MIN", "MEDIAN", "MAX", "TARGET", "VERDICT"], &rows)
+                render(
+                    &["MEASUREMENT", "MIN", "MEDIAN", "MAX", "TARGET", "VERDICT"],
+                    &rows
+                )
             );
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;

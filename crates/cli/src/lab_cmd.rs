@@ -344,7 +344,7 @@ pub fn run(lab: &Lab, cmd: LabCommand) -> anyhow::Result<ExitCode> {
             pings,
             seconds,
         } => {
-            if !(seconds > 0.0 && seconds < 600.0) || pings == 0 {
+            if !(seconds.is_finite() && seconds > 0.0 && seconds < 600.0) || pings == 0 {
                 anyhow::bail!("--seconds must be in (0, 600) and --pings at least 1");
             }
             let opts = ProbeOptions {

@@ -142,7 +142,10 @@ fn tcp_echo_dc1_1_to_dc2_1_takes_one_500_km_round_trip() {
     );
     // Same site: no emulated delay at all.
     let local = tcp_echo_median(&lab, "dc1.1-h1", "dc1.1-h2", Ipv4Addr::new(10, 77, 1, 12));
-    assert!(local < Duration::from_millis(1), "same-site echo took {local:?}");
+    assert!(
+        local < Duration::from_millis(1),
+        "same-site echo took {local:?}"
+    );
 }
 
 #[test]
@@ -154,7 +157,10 @@ fn link_cut_stops_traffic_and_restore_brings_it_back() {
     lab.up();
     assert!(lab.reachable("dc1.1-h1", DC12_H1));
     lab.ok(&["lab", "link", "cut", "dc1.1", "dc1.2"]);
-    assert!(!lab.reachable("dc1.1-h1", DC12_H1), "traffic crossed a cut link");
+    assert!(
+        !lab.reachable("dc1.1-h1", DC12_H1),
+        "traffic crossed a cut link"
+    );
     // The cut link is not rerouted: other links still work.
     assert!(lab.reachable("dc1.1-h1", DC21_H1));
     let status = lab.status();
@@ -166,7 +172,10 @@ fn link_cut_stops_traffic_and_restore_brings_it_back() {
         .unwrap();
     assert_eq!(link["cut"], true);
     lab.ok(&["lab", "link", "restore", "dc1.1", "dc1.2"]);
-    assert!(lab.reachable("dc1.1-h1", DC12_H1), "restore did not bring traffic back");
+    assert!(
+        lab.reachable("dc1.1-h1", DC12_H1),
+        "restore did not bring traffic back"
+    );
 }
 
 #[test]
@@ -178,7 +187,10 @@ fn isolating_a_site_cuts_it_from_all_others() {
     lab.up();
     lab.ok(&["lab", "site", "isolate", "dc2.1"]);
     for other in [DC11_H1, DC12_H1, CLOUD_H1] {
-        assert!(!lab.reachable("dc2.1-h1", other), "isolated dc2.1 reached {other}");
+        assert!(
+            !lab.reachable("dc2.1-h1", other),
+            "isolated dc2.1 reached {other}"
+        );
     }
     assert!(lab.reachable("dc1.1-h1", DC12_H1));
     assert!(lab.reachable("dc1.1-h1", CLOUD_H1));
@@ -204,11 +216,26 @@ fn link_set_changes_delay_on_the_running_emulator() {
         "RTT after --delay 3 was {} ms",
         rtt.median_ms
     );
-    assert_eq!(lab.status()["emulator"]["pid"], pid_before, "emulator restarted");
-    let out = lab.run(&["lab", "link", "set", "dc1.1", "dc1.2", "--bandwidth", "10 gbps"]);
+    assert_eq!(
+        lab.status()["emulator"]["pid"],
+        pid_before,
+        "emulator restarted"
+    );
+    let out = lab.run(&[
+        "lab",
+        "link",
+        "set",
+        "dc1.1",
+        "dc1.2",
+        "--bandwidth",
+        "10 gbps",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--bandwidth") && err.contains("10Gbit"), "{err}");
+    assert!(
+        err.contains("--bandwidth") && err.contains("10Gbit"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -314,9 +341,21 @@ fn without_privileges_the_error_names_the_capability() {
         return;
     }
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(env!("CARGO_BIN_EXE_dczone"))
-        .args(["--lab", "e2epriv", "--state-dir", "/tmp/dczone-e2epriv", "lab", "up"])
+        .args([
+            "--lab",
+            "e2epriv",
+            "--state-dir",
+            "/tmp/dczone-e2epriv",
+            "lab",
+            "up",
+        ])
         .output()
         .expect("setpriv (util-linux) runs");
     assert!(!out.status.success());

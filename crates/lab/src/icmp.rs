@@ -104,27 +104,17 @@ impl Pinger {
             return Err(io::Error::last_os_error());
         }
         let deadline = sent_at + timeout.as_nanos() as i128;
-        loop {
-            let left = deadline - realtime_ns();
-            if left <= 0 {
-                return Ok(None);
-            }
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, (left / 1_000_000).max(1) as libc::c_int) };
-            if n <= 0 {
-                continue;
-            }
+        // Busy-poll for the reply: a sleeping prober leaves its vCPU idle, and waking an idle
+        // vCPU of a nested VM delays the softirq that timestamps the reply.
+        while realtime_ns() < deadline {
             if let Some((rx_at, reply_seq)) = self.recv()? {
                 if reply_seq == seq {
                     return Ok(Some(Duration::from_nanos((rx_at - sent_at).max(0) as u64)));
                 }
             }
+            std::hint::spin_loop();
         }
+        Ok(None)
     }
 
     /// Reads one datagram; returns its kernel timestamp and sequence if it is our reply.

@@ -17,9 +17,9 @@
 
 mod icmp;
 pub mod probe;
-pub mod wan_bench;
 mod state;
 pub mod sys;
+pub mod wan_bench;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -704,7 +704,7 @@ impl Lab {
             reason,
         };
         if let Some(d) = change.one_way_delay_ms {
-            if !(d >= 0.0 && d.is_finite()) {
+            if !dczone_zone::is_non_negative(d) {
                 return Err(bad("--delay", format!("must be zero or more ms, got {d}")));
             }
         }
@@ -717,7 +717,7 @@ impl Lab {
             }
         }
         if let Some(j) = change.jitter_ms {
-            if !(j >= 0.0 && j.is_finite()) {
+            if !dczone_zone::is_non_negative(j) {
                 return Err(bad("--jitter", format!("must be zero or more ms, got {j}")));
             }
         }

@@ -384,13 +384,16 @@ impl Lab {
         for (i, (a, b, one_way_ns, ha, hb)) in measured.into_iter().enumerate() {
             let (sa, sb) = (&zone.sites[a].id, &zone.sites[b].id);
             progress(i, total, &format!("{sa} <-> {sb}"));
-            let rtt = measure_rtt(&self.host_namespace(&ha.id), hb.ip(), 100, Duration::ZERO)
-                .map_err(|reason| LabError::Probe {
+            let ns = self.host_namespace(&ha.id);
+            let _warm_up = measure_rtt(&ns, hb.ip(), 30, Duration::ZERO);
+            let rtt = measure_rtt(&ns, hb.ip(), 300, Duration::ZERO).map_err(|reason| {
+                LabError::Probe {
                     step: "calibration",
                     a: sa.clone(),
                     b: sb.clone(),
                     reason,
-                })?;
+                }
+            })?;
             let raw_ns = (rtt.median_ms * 1e6) as u64;
             let comp = (raw_ns.saturating_sub(2 * one_way_ns) / 2).min(MAX_COMPENSATION_NS);
             state

@@ -66,11 +66,7 @@ fn vm_hwm_bytes(pid: i32) -> u64 {
 
 impl Lab {
     /// Runs the WAN benchmark on this (bench-only) lab and tears it down afterwards.
-    pub fn wan_bench(
-        &self,
-        runs: usize,
-        progress: &dyn Fn(&str),
-    ) -> Result<WanBench, LabError> {
+    pub fn wan_bench(&self, runs: usize, progress: &dyn Fn(&str)) -> Result<WanBench, LabError> {
         let toml = DEFAULT_ZONE_TOML.replace("lab_scale = 64", "lab_scale = 1");
         let zone = dczone_zone::file::parse(&toml, std::path::Path::new("<bench zone>"))?;
         let result = self.wan_bench_on(&zone, &toml, runs, progress);
@@ -154,8 +150,14 @@ impl Lab {
         ] {
             progress(&format!("rate fidelity at {bw}, {delay} ms"));
             set(delay, bw)?;
-            let _ = measure_tcp(&a, &self.host_namespace("dc1.2-h1"), b_ip, Duration::from_millis(500), Duration::from_millis(200))
-                .map_err(err("tcp warm-up"))?;
+            let _ = measure_tcp(
+                &a,
+                &self.host_namespace("dc1.2-h1"),
+                b_ip,
+                Duration::from_millis(500),
+                Duration::from_millis(200),
+            )
+            .map_err(err("tcp warm-up"))?;
             let mut fractions = Vec::new();
             for _ in 0..runs {
                 let t = measure_tcp(
@@ -168,7 +170,12 @@ impl Lab {
                 .map_err(err("tcp"))?;
                 fractions.push(t.mbit / mbit * 100.0);
             }
-            let m = summarize(&format!("tcp_pct_of_{bw}_at_{delay}ms_one_way"), fractions, "", None);
+            let m = summarize(
+                &format!("tcp_pct_of_{bw}_at_{delay}ms_one_way"),
+                fractions,
+                "",
+                None,
+            );
             let pass = probe::throughput_ok(delay, m.median / 100.0);
             let bdp_kib = mbit * 1e6 * 2.0 * delay / 1e3 / 8.0 / 1024.0;
             out.push(Measurement {
@@ -212,8 +219,18 @@ impl Lab {
         out.push(summarize("capacity_gbit_s", gbit, ">= 2 (goal 5)", None));
         let last = out.len() - 1;
         out[last].pass = Some(out[last].median >= 2.0);
-        out.push(summarize("capacity_kframes_per_s", kpps, "GSO super-frames", None));
-        out.push(summarize("capacity_kpackets_per_s_on_wire", ksegps, "wire segments", None));
+        out.push(summarize(
+            "capacity_kframes_per_s",
+            kpps,
+            "GSO super-frames",
+            None,
+        ));
+        out.push(summarize(
+            "capacity_kpackets_per_s_on_wire",
+            ksegps,
+            "wire segments",
+            None,
+        ));
         out.push(summarize("emulator_cpu_s_per_gb", cpu_s_per_gb, "", None));
 
         progress("same-site baseline (bridge only)");
@@ -229,7 +246,12 @@ impl Lab {
             .map_err(err("baseline"))?;
             base.push(t.mbit / 1000.0);
         }
-        out.push(summarize("bridge_only_gbit_s", base, "same run, for the ratio", None));
+        out.push(summarize(
+            "bridge_only_gbit_s",
+            base,
+            "same run, for the ratio",
+            None,
+        ));
 
         let s = stats()?;
         out.push(summarize(

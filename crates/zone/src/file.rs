@@ -124,7 +124,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Zone, ZoneError> {
     let mut problem = |field: String, message: String| problems.push(Problem { field, message });
 
     let lab_scale = raw.lab_scale.unwrap_or(DEFAULT_LAB_SCALE);
-    if !(lab_scale > 0.0 && lab_scale.is_finite()) {
+    if !crate::is_non_negative(lab_scale) || lab_scale == 0.0 {
         problem(
             "lab_scale".into(),
             format!("must be a positive number, got {lab_scale}"),
@@ -238,14 +238,14 @@ pub fn parse(text: &str, file: &Path) -> Result<Zone, ZoneError> {
                 );
                 0
             }
-            (Some(km), None) if !(km >= 0.0 && km.is_finite()) => {
+            (Some(km), None) if !crate::is_non_negative(km) => {
                 problem(
                     f("distance_km"),
                     format!("must be zero or positive, got {km}"),
                 );
                 0
             }
-            (None, Some(ms)) if !(ms >= 0.0 && ms.is_finite()) => {
+            (None, Some(ms)) if !crate::is_non_negative(ms) => {
                 problem(
                     f("one_way_delay_ms"),
                     format!("must be zero or positive, got {ms}"),
@@ -268,7 +268,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Zone, ZoneError> {
             }
         };
         let jitter_ms = l.jitter_ms.unwrap_or(0.0);
-        if !(jitter_ms >= 0.0 && jitter_ms.is_finite()) {
+        if !crate::is_non_negative(jitter_ms) {
             problem(
                 f("jitter_ms"),
                 format!("must be zero or positive, got {jitter_ms}"),

@@ -126,6 +126,11 @@ impl HostRef {
     }
 }
 
+/// A finite number that is zero or more (NaN is not).
+pub fn is_non_negative(x: f64) -> bool {
+    x.is_finite() && x >= 0.0
+}
+
 impl Zone {
     /// The built-in reference topology.
     pub fn reference() -> Zone {

@@ -39,7 +39,7 @@ pub fn parse_bandwidth(text: &str) -> Result<u64, String> {
         }
     };
     let bps = value * scale;
-    if !(bps >= 1.0) || !bps.is_finite() {
+    if bps.is_nan() || bps < 1.0 || bps.is_infinite() {
         return Err(format!("'{text}' must be a positive bandwidth"));
     }
     Ok(bps.round() as u64)
