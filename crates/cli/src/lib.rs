@@ -2,6 +2,7 @@
 //! into library calls and results into a table (people) or JSON (`--json`, machines).
 
 mod bench;
+mod image_cmd;
 mod lab_cmd;
 mod table;
 
@@ -44,6 +45,11 @@ pub enum Command {
         #[command(subcommand)]
         command: lab_cmd::ZoneCommand,
     },
+    /// The guest image (kernel + initramfs with the ledger service).
+    Image {
+        #[command(subcommand)]
+        command: image_cmd::ImageCommand,
+    },
     /// Benchmarks; each prints a table and can write JSON.
     Bench {
         #[command(subcommand)]
@@ -78,6 +84,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Lab { command } => lab_cmd::run(&lab, command),
         Command::Zone { command } => lab_cmd::zone(command),
+        Command::Image { command } => image_cmd::run(&exe, command),
         Command::Bench { command } => bench::run(&cli.state_dir, &exe, command),
         Command::ApnRun { config } => {
             let text = std::fs::read(&config)

@@ -169,6 +169,23 @@ pub struct LinkChange {
 
 const APN_SUFFIX: &str = "apn";
 
+/// The bridge inside every host namespace; VM TAPs join it.
+pub const HOST_BRIDGE: &str = "br0";
+
+/// Bridged frames must not traverse iptables: the lab's L2 is a wire.
+fn disable_bridge_netfilter(ns: &str) -> Result<(), LabError> {
+    sys::in_namespace(ns, || {
+        for t in ["iptables", "ip6tables", "arptables"] {
+            let _ = std::fs::write(format!("/proc/sys/net/bridge/bridge-nf-call-{t}"), "0");
+        }
+    })?
+    .join()
+    .map_err(|_| LabError::BadValue {
+        field: "bridge sysctls".into(),
+        reason: "namespace thread panicked".into(),
+    })
+}
+
 impl Lab {
     /// `state_root` is e.g. `/run/dczone`; `exe` is the `dczone` binary (it runs the
     /// emulator as `dczone apn-run`).
@@ -287,21 +304,7 @@ impl Lab {
     fn build(&self, zone: &Zone, state: &mut LabState) -> Result<(), LabError> {
         let apn = self.apn_namespace();
         sys::ip("create the APN namespace", &["netns", "add", &apn])?;
-        // Bridged frames must not traverse the host's iptables: the lab's L2 is a wire.
-        sys::in_namespace(&apn, || {
-            for t in ["iptables", "ip6tables", "arptables"] {
-                let _ = std::fs::write(format!("/proc/sys/net/bridge/bridge-nf-call-{t}"), "0");
-            }
-        })?
-        .join()
-        .map_err(|_| LabError::BadValue {
-            field: "bridge sysctls".into(),
-            reason: "namespace thread panicked".into(),
-        })?;
-        sys::ip(
-            "bring up loopback in the APN namespace",
-            &["-n", &apn, "link", "set", "lo", "up"],
-        )?;
+        disable_bridge_netfilter(&apn)?;
         for (i, site) in zone.sites.iter().enumerate() {
             let step = format!("create the bridge of site {}", site.id);
             let br = format!("br-{i}");
@@ -371,11 +374,55 @@ impl Lab {
                 "up",
             ],
         )?;
+        // The host's uplink joins a host bridge, as on a hypervisor host: the host address
+        // lives on br0 and VM TAPs join br0 too.
         sys::ip(
             &step,
-            &["-n", &ns, "link", "set", "eth0", "address", &h.mac(), "up"],
+            &[
+                "-n",
+                &ns,
+                "link",
+                "add",
+                HOST_BRIDGE,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ],
         )?;
-        sys::ip(&step, &["-n", &ns, "addr", "add", &addr, "dev", "eth0"])
+        sys::ip(
+            &step,
+            &[
+                "-n",
+                &ns,
+                "link",
+                "set",
+                "eth0",
+                "master",
+                HOST_BRIDGE,
+                "up",
+            ],
+        )?;
+        sys::ip(
+            &step,
+            &[
+                "-n",
+                &ns,
+                "link",
+                "set",
+                HOST_BRIDGE,
+                "address",
+                &h.mac(),
+                "up",
+            ],
+        )?;
+        sys::ip(
+            &step,
+            &["-n", &ns, "addr", "add", &addr, "dev", HOST_BRIDGE],
+        )?;
+        disable_bridge_netfilter(&ns)
     }
 
     /// The emulator's paths for the current link state.

@@ -1,0 +1,328 @@
+//! The QEMU driver: launches guests inside a host's network namespace with their NIC on the
+//! host bridge, talks QMP to them, and picks the accelerator by probing.
+//!
+//! It knows QEMU and Linux; it knows nothing about sites, the APN or databases.
+
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use qmp::{Event, Qmp, QmpError};
+
+/// What a VM is, independent of where it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub mac: String,
+    /// Guest address with prefix, e.g. `10.77.1.101/16`.
+    pub ip_cidr: String,
+    /// Memory the guest workload dirties per second, MB/s.
+    pub dirty_mbps: u32,
+    /// Size of the area it rewrites, MiB.
+    pub dirty_mib: u32,
+}
+
+impl VmSpec {
+    /// Checks the name (it becomes part of a TAP name) and the sizes.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok = !self.name.is_empty()
+            && self.name.len() <= 12
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok {
+            return Err(format!(
+                "VM name '{}' must be 1-12 characters of a-z, 0-9, '-'",
+                self.name
+            ));
+        }
+        if !(64..=65536).contains(&self.memory_mib) {
+            return Err(format!(
+                "memory {} MiB is outside 64-65536",
+                self.memory_mib
+            ));
+        }
+        if self.dirty_mib >= self.memory_mib / 2 {
+            return Err(format!(
+                "dirty area {} MiB must be under half of the memory ({} MiB)",
+                self.dirty_mib, self.memory_mib
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn tap(&self) -> String {
+        format!("t-{}", self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("{step} failed: `{command}`: {stderr}")]
+    Command {
+        step: String,
+        command: String,
+        stderr: String,
+    },
+    #[error("{what} failed")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU of VM {vm} did not write its pid file {}", pidfile.display())]
+    NoPid { vm: String, pidfile: PathBuf },
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+}
+
+/// Where a guest's files live and what it boots.
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    pub namespace: &'a str,
+    /// Per-VM runtime directory (QMP socket, serial log, pid file).
+    pub dir: &'a Path,
+    pub spec: &'a VmSpec,
+    pub kernel: &'a Path,
+    pub initramfs: &'a Path,
+    pub accel: Accel,
+    /// Start paused, waiting for `migrate-incoming`.
+    pub incoming: bool,
+    /// The host bridge the TAP joins.
+    pub bridge: &'a str,
+}
+
+/// A running QEMU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Running {
+    pub pid: i32,
+    pub qmp: PathBuf,
+    pub serial: PathBuf,
+    pub tap: String,
+    pub namespace: String,
+}
+
+fn run(step: &str, cmd: &mut Command) -> Result<(), HvError> {
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| HvError::Command {
+        step: step.to_string(),
+        command: command.clone(),
+        stderr: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(HvError::Command {
+            step: step.to_string(),
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Starts QEMU daemonized in `l.namespace` and puts its TAP on the host bridge.
+pub fn launch(l: &Launch) -> Result<Running, HvError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| HvError::Io { what, source }
+    };
+    std::fs::create_dir_all(l.dir).map_err(io("create the VM directory"))?;
+    let qmp = l.dir.join("qmp.sock");
+    let serial = l.dir.join("serial.log");
+    let pidfile = l.dir.join("qemu.pid");
+    let _ = std::fs::remove_file(&qmp);
+    let _ = std::fs::remove_file(&pidfile);
+    let s = l.spec;
+    let append = format!(
+        "console=ttyS0 quiet panic=-1 dczone.ip={} dczone.dirty_mbps={} dczone.dirty_mib={}",
+        s.ip_cidr, s.dirty_mbps, s.dirty_mib
+    );
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", l.namespace, "qemu-system-x86_64"])
+        .args([
+            "-name",
+            &s.name,
+            "-machine",
+            "pc",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-accel", l.accel.as_str()])
+        .args([
+            "-m",
+            &s.memory_mib.to_string(),
+            "-smp",
+            &s.vcpus.to_string(),
+        ])
+        .arg("-kernel")
+        .arg(l.kernel)
+        .arg("-initrd")
+        .arg(l.initramfs)
+        .args(["-append", &append])
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={},script=no,downscript=no", s.tap()),
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={},romfile=", s.mac),
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .args(["-display", "none", "-daemonize", "-pidfile"])
+        .arg(&pidfile);
+    if l.incoming {
+        cmd.args(["-incoming", "defer"]);
+    }
+    run(&format!("start QEMU for VM {}", s.name), &mut cmd)?;
+    let pid = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| HvError::NoPid {
+            vm: s.name.clone(),
+            pidfile: pidfile.clone(),
+        })?;
+    let running = Running {
+        pid,
+        qmp,
+        serial,
+        tap: s.tap(),
+        namespace: l.namespace.to_string(),
+    };
+    let attach = run(
+        &format!("attach {} to {}", s.tap(), l.bridge),
+        Command::new("ip").args([
+            "-n",
+            l.namespace,
+            "link",
+            "set",
+            &s.tap(),
+            "master",
+            l.bridge,
+            "up",
+        ]),
+    );
+    if let Err(e) = attach {
+        kill(&running);
+        return Err(e);
+    }
+    Ok(running)
+}
+
+/// Kills a QEMU (its TAP disappears with it).
+pub fn kill(r: &Running) {
+    if alive(r.pid) {
+        // SAFETY: kill(2) on a pid we started; no memory effects.
+        unsafe { libc::kill(r.pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while alive(r.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Is this pid a live (non-zombie) process?
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits until the guest's serial log contains `needle`.
+pub fn wait_serial(serial: &Path, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(serial).is_ok_and(|s| s.contains(needle)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// The line `dczone-guest` prints once it serves.
+pub const GUEST_READY: &str = "dczone-guest: ledger listening";
+
+/// Chooses the accelerator: `$DCZONE_ACCEL` if set; TCG without /dev/kvm; otherwise boots
+/// a probe guest under KVM and keeps KVM only if the guest actually reaches its service
+/// (a nested-PVM /dev/kvm exists but hangs a stock kernel). The verdict is cached in
+/// `cache_file`.
+pub fn probe_accel(kernel: &Path, initramfs: &Path, work: &Path, cache_file: &Path) -> Accel {
+    match std::env::var("DCZONE_ACCEL").as_deref() {
+        Ok("kvm") => return Accel::Kvm,
+        Ok("tcg") => return Accel::Tcg,
+        _ => {}
+    }
+    if let Ok(s) = std::fs::read_to_string(cache_file) {
+        match s.trim() {
+            "kvm" => return Accel::Kvm,
+            "tcg" => return Accel::Tcg,
+            _ => {}
+        }
+    }
+    let verdict = if Path::new("/dev/kvm").exists() && kvm_boots(kernel, initramfs, work) {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    if let Some(dir) = cache_file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(cache_file, verdict.as_str());
+    verdict
+}
+
+fn kvm_boots(kernel: &Path, initramfs: &Path, work: &Path) -> bool {
+    let _ = std::fs::create_dir_all(work);
+    let serial = work.join("kvm-probe.log");
+    let _ = std::fs::remove_file(&serial);
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "kvm",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", "console=ttyS0 quiet", "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    let ok = wait_serial(&serial, GUEST_READY, Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    ok
+}

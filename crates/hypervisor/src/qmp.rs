@@ -1,0 +1,184 @@
+//! A small synchronous QMP client (QEMU Machine Protocol, JSON over a unix socket).
+//!
+//! ```text
+//! client                                  qemu
+//!   | <------- {"QMP": {...}} greeting ----- |
+//!   | --- {"execute":"qmp_capabilities"} --> |
+//!   | <---------- {"return": {}} ----------- |
+//!   | --- {"execute": C, "arguments": A} --> |
+//!   | <-- {"event": E, "timestamp": ...} --- |   events may arrive at any time;
+//!   | <---------- {"return": R} ------------ |   they are queued for `wait_event`
+//! ```
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// An asynchronous QMP event with QEMU's own timestamp (host wall clock).
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub name: String,
+    pub data: Value,
+    /// Microseconds since the Unix epoch.
+    pub timestamp_us: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot connect to QMP socket {}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP connection lost")]
+    Io(#[source] std::io::Error),
+    #[error("QMP sent malformed JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("timed out after {0:?} waiting for QMP {1}")]
+    Timeout(Duration, String),
+}
+
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: VecDeque<Event>,
+}
+
+impl Qmp {
+    /// Connects (retrying until `timeout`, QEMU may still be starting) and negotiates.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(QmpError::Connect {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(QmpError::Io)?;
+        let writer = stream.try_clone().map_err(QmpError::Io)?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            events: VecDeque::new(),
+        };
+        let _greeting = qmp.read_message()?;
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read_message(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).map_err(QmpError::Io)?;
+        if n == 0 {
+            return Err(QmpError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "QEMU closed the QMP socket",
+            )));
+        }
+        serde_json::from_str(&line).map_err(QmpError::Json)
+    }
+
+    fn queue_if_event(&mut self, msg: &Value) -> bool {
+        let Some(name) = msg.get("event").and_then(Value::as_str) else {
+            return false;
+        };
+        let ts = &msg["timestamp"];
+        let timestamp_us = ts["seconds"].as_u64().unwrap_or(0) * 1_000_000
+            + ts["microseconds"].as_u64().unwrap_or(0);
+        self.events.push_back(Event {
+            name: name.to_string(),
+            data: msg.get("data").cloned().unwrap_or(Value::Null),
+            timestamp_us,
+        });
+        true
+    }
+
+    /// Runs a command and returns its `return` value.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let mut req = json!({ "execute": command });
+        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
+            req["arguments"] = arguments;
+        }
+        let mut line = serde_json::to_vec(&req).map_err(QmpError::Json)?;
+        line.push(b'\n');
+        self.writer.write_all(&line).map_err(QmpError::Io)?;
+        loop {
+            let msg = self.read_message()?;
+            if self.queue_if_event(&msg) {
+                continue;
+            }
+            if let Some(ret) = msg.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = msg.get("error") {
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: err["class"].as_str().unwrap_or("?").to_string(),
+                    desc: err["desc"].as_str().unwrap_or("?").to_string(),
+                });
+            }
+        }
+    }
+
+    /// Waits for the next event named `name` (earlier events of other names stay queued).
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Event, QmpError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(pos) = self.events.iter().position(|e| e.name == name) {
+                return Ok(self.events.remove(pos).expect("position is valid"));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QmpError::Timeout(timeout, format!("event {name}")));
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(QmpError::Io)?;
+            let msg = self.read_message();
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(QmpError::Io)?;
+            match msg {
+                Ok(m) => {
+                    self.queue_if_event(&m);
+                }
+                Err(QmpError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(QmpError::Timeout(timeout, format!("event {name}")))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Takes every queued event.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+}

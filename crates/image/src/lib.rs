@@ -1,0 +1,295 @@
+//! The guest image: Debian's cloud kernel (fetched with `apt-get download`), and an
+//! uncompressed initramfs holding busybox, the virtio-net modules in dependency order, and
+//! `dczone-guest` run as init's service.
+//!
+//! Images are cached under `<cache>/images/<key>/`, where the key hashes every input
+//! (kernel package, busybox, the guest binary, the init script, this builder's version), so
+//! a rebuild happens only when an input changes.
+//!
+//! Kernel command line parameters read by `/init`: `dczone.ip=A.B.C.D/NN` (eth0 address);
+//! `dczone.dirty_mbps` and `dczone.dirty_mib` are read by `dczone-guest`.
+
+mod cpio;
+pub mod modules;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Bump when the image layout changes.
+const BUILDER_VERSION: u32 = 1;
+const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
+/// What the guest needs for virtio-net-pci.
+const WANTED_MODULES: [&str; 2] = ["virtio_pci", "virtio_net"];
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko || echo "init: insmod $m failed"; done
+ip link set lo up
+ip link set eth0 up
+IP=$(sed -n 's/.*dczone\.ip=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -n "$IP" ] && ip addr add "$IP" dev eth0
+echo "init: eth0 $IP up"
+while true; do /bin/dczone-guest; echo "init: dczone-guest exited, restarting"; sleep 1; done
+"#;
+
+/// Why the image could not be built; each names the step.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("guest binary {} not found; build it with `scripts/build` (a static `dczone-guest`)", .0.display())]
+    NoGuestBinary(PathBuf),
+    #[error("busybox {} not found; install the Debian package busybox-static", .0.display())]
+    NoBusybox(PathBuf),
+    #[error("{step} failed: `{command}`: {stderr}")]
+    Command {
+        step: &'static str,
+        command: String,
+        stderr: String,
+    },
+    #[error("{what} failed")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel package {package} is unusable: {reason}")]
+    Kernel { package: String, reason: String },
+}
+
+/// Where the inputs are.
+#[derive(Debug, Clone)]
+pub struct ImageInputs {
+    pub guest_binary: PathBuf,
+    pub busybox: PathBuf,
+    pub cache_root: PathBuf,
+}
+
+/// A built image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub key: String,
+    pub kernel_package: String,
+    /// False if it came from the cache.
+    pub built: bool,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
+    let what = what.into();
+    move |source| ImageError::Io { what, source }
+}
+
+fn run(step: &'static str, cmd: &mut Command) -> Result<String, ImageError> {
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| ImageError::Command {
+        step,
+        command: command.clone(),
+        stderr: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(ImageError::Command {
+            step,
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// FNV-1a, stable across builds (the cache key must not change with the compiler).
+fn fnv(h: &mut u64, bytes: &[u8]) {
+    for &b in bytes {
+        *h ^= u64::from(b);
+        *h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+}
+
+/// The concrete kernel package the meta-package points at.
+fn kernel_package() -> Result<String, ImageError> {
+    let out = run(
+        "find the cloud kernel package",
+        Command::new("apt-cache").args(["depends", KERNEL_META_PACKAGE]),
+    )?;
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(|s| s.trim().to_string())
+        .ok_or_else(|| ImageError::Kernel {
+            package: KERNEL_META_PACKAGE.into(),
+            reason: "apt-cache names no linux-image dependency (run apt-get update)".into(),
+        })
+}
+
+/// Downloads and unpacks the kernel package once; returns its unpacked root.
+fn fetch_kernel(cache_root: &Path, package: &str) -> Result<PathBuf, ImageError> {
+    let dir = cache_root.join("kernel").join(package);
+    let root = dir.join("root");
+    if root.join("boot").exists() {
+        return Ok(root);
+    }
+    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let download = || {
+        run(
+            "download the kernel",
+            Command::new("apt-get")
+                .args(["download", "-q", package])
+                .current_dir(&dir),
+        )
+    };
+    if download().is_err() {
+        run(
+            "apt-get update",
+            Command::new("apt-get").args(["update", "-q"]),
+        )?;
+        download()?;
+    }
+    let deb = std::fs::read_dir(&dir)
+        .map_err(io("list the kernel download"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .ok_or_else(|| ImageError::Kernel {
+            package: package.into(),
+            reason: "apt-get download produced no .deb".into(),
+        })?;
+    let tmp = dir.join("root.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    run(
+        "unpack the kernel",
+        Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp),
+    )?;
+    std::fs::rename(&tmp, &root).map_err(io("move the unpacked kernel"))?;
+    Ok(root)
+}
+
+fn find_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                find_files(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+}
+
+/// Returns the cached image for these inputs, building it if needed.
+pub fn ensure(inputs: &ImageInputs) -> Result<Image, ImageError> {
+    let guest = std::fs::read(&inputs.guest_binary)
+        .map_err(|_| ImageError::NoGuestBinary(inputs.guest_binary.clone()))?;
+    let busybox = std::fs::read(&inputs.busybox)
+        .map_err(|_| ImageError::NoBusybox(inputs.busybox.clone()))?;
+    let package = kernel_package().or_else(|e| {
+        // Offline: fall back to a kernel already in the cache.
+        std::fs::read_dir(inputs.cache_root.join("kernel"))
+            .ok()
+            .and_then(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .max()
+            })
+            .ok_or(e)
+    })?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [
+        &guest[..],
+        &busybox[..],
+        INIT.as_bytes(),
+        package.as_bytes(),
+        &BUILDER_VERSION.to_le_bytes(),
+    ] {
+        fnv(&mut h, &(part.len() as u64).to_le_bytes());
+        fnv(&mut h, part);
+    }
+    let key = format!("{h:016x}");
+    let dir = inputs.cache_root.join("images").join(&key);
+    let kernel = dir.join("vmlinuz");
+    let initramfs = dir.join("initramfs.cpio");
+    if kernel.exists() && initramfs.exists() {
+        return Ok(Image {
+            kernel,
+            initramfs,
+            key,
+            kernel_package: package,
+            built: false,
+        });
+    }
+    let root = fetch_kernel(&inputs.cache_root, &package)?;
+    let mut files = Vec::new();
+    find_files(&root, &mut files);
+    let vmlinuz = files
+        .iter()
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .ok_or_else(|| ImageError::Kernel {
+            package: package.clone(),
+            reason: "no boot/vmlinuz-*".into(),
+        })?;
+    let mut kos: HashMap<String, PathBuf> = HashMap::new();
+    for p in &files {
+        if let Some(name) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+        {
+            kos.insert(name.replace('-', "_"), p.clone());
+        }
+    }
+    let mut deps = HashMap::new();
+    for (name, path) in &kos {
+        let bytes = std::fs::read(path).map_err(io(format!("read {}", path.display())))?;
+        deps.insert(name.clone(), modules::depends(&bytes));
+    }
+    let order =
+        modules::load_order(&WANTED_MODULES, &deps).map_err(|reason| ImageError::Kernel {
+            package: package.clone(),
+            reason,
+        })?;
+
+    let mut c = cpio::Cpio::default();
+    for d in [
+        "bin",
+        "sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "etc",
+        "lib",
+        "lib/modules",
+    ] {
+        c.dir(d);
+    }
+    c.char_dev("dev/console", 5, 1);
+    c.char_dev("dev/null", 1, 3);
+    c.file("init", 0o755, INIT.as_bytes());
+    c.file("bin/busybox", 0o755, &busybox);
+    c.file("bin/dczone-guest", 0o755, &guest);
+    for m in &order {
+        let bytes = std::fs::read(&kos[m]).map_err(io(format!("read module {m}")))?;
+        c.file(&format!("lib/modules/{m}.ko"), 0o644, &bytes);
+    }
+    c.file("lib/modules/order", 0o644, order.join("\n").as_bytes());
+
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+    std::fs::copy(vmlinuz, tmp.join("vmlinuz")).map_err(io("copy the kernel"))?;
+    std::fs::write(tmp.join("initramfs.cpio"), c.finish()).map_err(io("write the initramfs"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(io(format!("publish {}", dir.display())))?;
+    Ok(Image {
+        kernel,
+        initramfs,
+        key,
+        kernel_package: package,
+        built: true,
+    })
+}
