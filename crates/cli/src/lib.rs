@@ -5,6 +5,7 @@ mod bench;
 mod image_cmd;
 mod lab_cmd;
 mod table;
+mod vm_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,13 @@ pub enum Command {
         #[command(subcommand)]
         command: lab_cmd::ZoneCommand,
     },
+    /// VMs of the lab: create, start, stop, destroy, list, show.
+    Vm {
+        #[command(subcommand)]
+        command: vm_cmd::VmCommand,
+    },
+    /// Live-migrate a VM to a host, or a group of VMs to a site.
+    Migrate(vm_cmd::MigrateArgs),
     /// The guest image (kernel + initramfs with the ledger service).
     Image {
         #[command(subcommand)]
@@ -85,6 +93,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lab { command } => lab_cmd::run(&lab, command),
         Command::Zone { command } => lab_cmd::zone(command),
         Command::Image { command } => image_cmd::run(&exe, command),
+        Command::Vm { command } => vm_cmd::run(&lab, &exe, command),
+        Command::Migrate(args) => vm_cmd::migrate(&lab, &exe, args),
         Command::Bench { command } => bench::run(&cli.state_dir, &exe, command),
         Command::ApnRun { config } => {
             let text = std::fs::read(&config)

@@ -209,6 +209,11 @@ impl Lab {
         &self.name
     }
 
+    /// The lab's state directory; other layers keep their files under it.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn state_path(&self) -> PathBuf {
         self.dir.join("state.json")
     }
@@ -579,6 +584,8 @@ impl Lab {
         for f in ["state.json", "apn.json", "apn.sock"] {
             let _ = std::fs::remove_file(self.dir.join(f));
         }
+        // VMs of the lab ran in its namespaces and are gone with them.
+        let _ = std::fs::remove_dir_all(self.dir.join("vms"));
         Ok(removed)
     }
 

@@ -1,0 +1,337 @@
+//! `dczone vm ...` and `dczone migrate ...`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use dczone_hypervisor::probe_accel;
+use dczone_lab::Lab;
+use dczone_virt::migrate::{GroupMigration, Params, Progress, Strategy};
+use dczone_virt::{CreateVm, GuestImage, Platform};
+
+use crate::print_json;
+use crate::table::render;
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create and boot a VM on a lab host (builds the guest image first if needed).
+    Create {
+        name: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        /// MB of guest memory the workload dirties per second.
+        #[arg(long, default_value_t = 1)]
+        dirty_mbps: u32,
+        /// Size of the area it rewrites, MiB.
+        #[arg(long, default_value_t = 32)]
+        dirty_mib: u32,
+        /// Cluster (service) the VM belongs to.
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+    },
+    Destroy {
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `dczone migrate VM --to HOST` or `dczone migrate --group G --to SITE --strategy S`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM to move (or use --group).
+    pub vm: Option<String>,
+    /// Move every VM of this group.
+    #[arg(long, conflicts_with = "vm")]
+    pub group: Option<String>,
+    /// Destination host (one VM) or site (a group).
+    #[arg(long)]
+    pub to: String,
+    #[arg(long, value_enum, default_value = "coordinated")]
+    pub strategy: StrategyArg,
+    /// Target downtime-limit, ms.
+    #[arg(long, default_value_t = 100)]
+    pub downtime_ms: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum StrategyArg {
+    Sequential,
+    Parallel,
+    Coordinated,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(s: StrategyArg) -> Strategy {
+        match s {
+            StrategyArg::Sequential => Strategy::Sequential,
+            StrategyArg::Parallel => Strategy::Parallel,
+            StrategyArg::Coordinated => Strategy::Coordinated,
+        }
+    }
+}
+
+/// The lab's platform with the guest image and the probed accelerator.
+pub fn platform(lab: &Lab, exe: &Path) -> anyhow::Result<Platform> {
+    lab.state()?;
+    let img = crate::image_cmd::ensure(exe)?;
+    let cache = crate::image_cmd::inputs(exe).cache_root;
+    let accel = probe_accel(
+        &img.kernel,
+        &img.initramfs,
+        &lab.dir().join("probe"),
+        &cache.join("accel"),
+    );
+    Ok(Platform::new(
+        lab.clone(),
+        GuestImage {
+            kernel: img.kernel,
+            initramfs: img.initramfs,
+        },
+        accel,
+    ))
+}
+
+pub fn run(lab: &Lab, exe: &Path, cmd: VmCommand) -> anyhow::Result<ExitCode> {
+    let p = platform(lab, exe)?;
+    match cmd {
+        VmCommand::Create {
+            name,
+            host,
+            memory,
+            dirty_mbps,
+            dirty_mib,
+            group,
+            json,
+        } => {
+            let vm = p.create(&CreateVm {
+                name,
+                host,
+                memory_mib: memory,
+                dirty_mbps,
+                dirty_mib,
+                group,
+            })?;
+            if json {
+                print_json(&vm);
+            } else {
+                println!(
+                    "VM {} runs on {} ({}, {} MiB, {}) under {}",
+                    vm.spec.name,
+                    vm.host,
+                    vm.spec.ip_cidr,
+                    vm.spec.memory_mib,
+                    vm.spec.mac,
+                    vm.accel.as_str()
+                );
+            }
+        }
+        VmCommand::Start { name } => {
+            let vm = p.start(&name)?;
+            println!("VM {} runs on {}", vm.spec.name, vm.host);
+        }
+        VmCommand::Stop { name } => {
+            p.stop(&name)?;
+            println!("VM {name} stopped");
+        }
+        VmCommand::Destroy { name } => {
+            p.destroy(&name)?;
+            println!("VM {name} destroyed");
+        }
+        VmCommand::List { json } => {
+            let vms = p.list()?;
+            if json {
+                print_json(&vms);
+            } else {
+                let rows: Vec<_> = vms
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.spec.name.clone(),
+                            v.host.clone(),
+                            v.group.clone().unwrap_or_default(),
+                            v.spec.ip_cidr.clone(),
+                            v.spec.memory_mib.to_string(),
+                            v.spec.dirty_mbps.to_string(),
+                            v.accel.as_str().into(),
+                            if v.running.is_some() {
+                                "running"
+                            } else {
+                                "stopped"
+                            }
+                            .into(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    render(
+                        &[
+                            "VM",
+                            "HOST",
+                            "GROUP",
+                            "IP",
+                            "MEM_MIB",
+                            "DIRTY_MBPS",
+                            "ACCEL",
+                            "STATE"
+                        ],
+                        &rows
+                    )
+                );
+            }
+        }
+        VmCommand::Show { name, json } => {
+            let vm = p.get(&name)?;
+            if json {
+                print_json(&vm);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&vm)?);
+                if let Some(r) = &vm.running {
+                    let log = std::fs::read_to_string(&r.serial).unwrap_or_default();
+                    println!("--- serial log (last lines) ---");
+                    for l in log
+                        .lines()
+                        .rev()
+                        .take(10)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                    {
+                        println!("{l}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress display: one bar per VM with bytes, rounds and expected downtime.
+pub fn progress_display(hidden: bool) -> (MultiProgress, impl Fn(&[Progress])) {
+    let multi = MultiProgress::new();
+    if hidden {
+        multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let bars: std::sync::Mutex<Vec<ProgressBar>> = std::sync::Mutex::new(Vec::new());
+    let m = multi.clone();
+    let update = move |ps: &[Progress]| {
+        let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
+        while bars.len() < ps.len() {
+            let b = m.add(ProgressBar::new_spinner());
+            b.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+            bars.push(b);
+        }
+        for (b, p) in bars.iter().zip(ps) {
+            b.set_message(format!(
+                "{:<8} {:<14} sent {:>7.1} MiB  left {:>6.1} MiB  rounds {:>3}  expected downtime {:>4} ms{}",
+                p.vm,
+                p.status,
+                p.transferred as f64 / 1048576.0,
+                p.remaining as f64 / 1048576.0,
+                p.rounds,
+                p.expected_downtime_ms,
+                if p.held { "  (held)" } else { "" }
+            ));
+            b.tick();
+        }
+    };
+    (multi, update)
+}
+
+pub fn print_group(g: &GroupMigration) {
+    let rows: Vec<_> = g
+        .vms
+        .iter()
+        .map(|m| {
+            vec![
+                m.vm.clone(),
+                format!("{}->{}", m.from, m.to),
+                format!("{:.1}", m.t1_ms),
+                format!("{:.1}", m.t2_ms),
+                m.qemu_downtime_ms.to_string(),
+                m.qemu_total_ms.to_string(),
+                format!("{:.1}", m.bytes_sent as f64 / 1048576.0),
+                m.iterations.to_string(),
+                format!("{:.0}", m.held_ms),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                "VM",
+                "MOVE",
+                "T1_MS",
+                "T2_MS",
+                "QEMU_DOWNTIME_MS",
+                "QEMU_TOTAL_MS",
+                "SENT_MIB",
+                "ROUNDS",
+                "HELD_MS"
+            ],
+            &rows
+        )
+    );
+    println!(
+        "strategy {}: SVC-T2 {:.1} ms (union of T2s {:.1} ms), SVC-T1 {:.1} ms",
+        g.strategy.name(),
+        g.svc_t2_ms,
+        g.svc_t2_union_ms,
+        g.svc_t1_ms
+    );
+}
+
+pub fn migrate(lab: &Lab, exe: &Path, args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let p = platform(lab, exe)?;
+    let params = Params {
+        downtime_limit_ms: args.downtime_ms,
+        ..Params::default()
+    };
+    let (multi, update) = progress_display(args.json);
+    let result = match (&args.vm, &args.group) {
+        (Some(vm), None) => p
+            .migrate(vm, &args.to, &params, &update)
+            .map(|m| GroupMigration {
+                strategy: Strategy::Parallel,
+                svc_t2_ms: m.t2_ms,
+                svc_t2_union_ms: m.t2_ms,
+                svc_t1_ms: m.t1_ms,
+                vms: vec![m],
+            }),
+        (None, Some(group)) => {
+            p.migrate_group(group, &args.to, args.strategy.into(), &params, &update)
+        }
+        _ => anyhow::bail!("give a VM name or --group NAME"),
+    };
+    let _ = multi.clear();
+    let g = result?;
+    if args.json {
+        print_json(&g);
+    } else {
+        print_group(&g);
+    }
+    Ok(ExitCode::SUCCESS)
+}

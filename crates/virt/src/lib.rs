@@ -1,0 +1,393 @@
+//! The virtualization platform of the lab: which VMs exist, on which host each runs, and
+//! their lifecycle (create, start, stop, destroy), plus live migration (`migrate`).
+//!
+//! Intra-region is one cluster stretched across DC1.1 and DC1.2: guests are
+//! initramfs-only, so nothing but memory and device state moves.
+//!
+//! The registry is `<lab dir>/vms/registry.json`; each VM's runtime files (QMP socket,
+//! serial log, pid file) live in `<lab dir>/vms/<name>/<host>/`.
+
+pub mod migrate;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use dczone_hypervisor::{self as hv, Accel, Running, VmSpec};
+use dczone_lab::{Lab, LabError, HOST_BRIDGE};
+
+/// A VM of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub host: String,
+    pub group: Option<String>,
+    pub accel: Accel,
+    pub running: Option<Running>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Registry {
+    vms: Vec<VmRecord>,
+}
+
+/// What `create` needs besides the name.
+#[derive(Debug, Clone)]
+pub struct CreateVm {
+    pub name: String,
+    pub host: String,
+    pub memory_mib: u32,
+    pub dirty_mbps: u32,
+    pub dirty_mib: u32,
+    pub group: Option<String>,
+}
+
+/// The guest image to boot.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtError {
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    #[error("unknown VM '{vm}'; VMs are: {known}")]
+    UnknownVm { vm: String, known: String },
+    #[error("VM '{0}' already exists")]
+    Exists(String),
+    #[error("invalid VM: {0}")]
+    BadSpec(String),
+    #[error("site {site} has no free VM address (10.77.x.101-199 are taken)")]
+    NoAddress { site: String },
+    #[error("VM '{0}' is not running")]
+    NotRunning(String),
+    #[error("VM '{0}' is already running")]
+    AlreadyRunning(String),
+    #[error("VM '{vm}' is already on host {host}; pick another destination")]
+    SameHost { vm: String, host: String },
+    #[error(
+        "host {host} lacks memory for VM '{vm}': needs {need_mib} MiB, {free_mib} MiB available"
+    )]
+    NoMemory {
+        vm: String,
+        host: String,
+        need_mib: u64,
+        free_mib: u64,
+    },
+    #[error("VM '{0}' is already being migrated by another command")]
+    Busy(String),
+    #[error("VM '{vm}' did not boot within {secs} s (serial log: {})", log.display())]
+    Boot { vm: String, secs: u64, log: PathBuf },
+    #[error("hypervisor step for VM '{vm}' failed")]
+    Hypervisor {
+        vm: String,
+        #[source]
+        source: hv::HvError,
+    },
+    #[error("QMP with VM '{vm}' failed")]
+    Qmp {
+        vm: String,
+        #[source]
+        source: hv::QmpError,
+    },
+    #[error(
+        "migration of VM '{vm}' failed ({reason}); the source VM on {source_host} keeps running"
+    )]
+    MigrationFailed {
+        vm: String,
+        source_host: String,
+        reason: String,
+    },
+    #[error("{what} failed")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("group '{0}' has no VMs")]
+    EmptyGroup(String),
+}
+
+/// Guest memory overhead of a TCG QEMU process beyond guest RAM, MiB.
+const QEMU_OVERHEAD_MIB: u64 = 64;
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The lab's virtualization platform.
+#[derive(Debug, Clone)]
+pub struct Platform {
+    lab: Lab,
+    image: GuestImage,
+    accel: Accel,
+}
+
+fn mem_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+impl Platform {
+    pub fn new(lab: Lab, image: GuestImage, accel: Accel) -> Platform {
+        Platform { lab, image, accel }
+    }
+
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn vms_dir(&self) -> PathBuf {
+        self.lab.dir().join("vms")
+    }
+
+    fn registry_path(&self) -> PathBuf {
+        self.vms_dir().join("registry.json")
+    }
+
+    fn io(what: &str) -> impl FnOnce(std::io::Error) -> VirtError {
+        let what = what.to_string();
+        move |source| VirtError::Io { what, source }
+    }
+
+    /// Exclusive lock over the registry for the duration of a change.
+    fn lock(&self) -> Result<File, VirtError> {
+        std::fs::create_dir_all(self.vms_dir()).map_err(Self::io("create the VM directory"))?;
+        let f = File::create(self.vms_dir().join("registry.lock"))
+            .map_err(Self::io("lock the registry"))?;
+        // SAFETY: flock on an fd we own; released when `f` drops.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        Ok(f)
+    }
+
+    fn load(&self) -> Result<Registry, VirtError> {
+        match std::fs::read(self.registry_path()) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| VirtError::Io {
+                what: "read the VM registry".into(),
+                source: std::io::Error::other(e),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
+            Err(e) => Err(Self::io("read the VM registry")(e)),
+        }
+    }
+
+    fn save(&self, reg: &Registry) -> Result<(), VirtError> {
+        let tmp = self.registry_path().with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(reg).expect("registry serializes"),
+        )
+        .map_err(Self::io("write the VM registry"))?;
+        std::fs::rename(&tmp, self.registry_path()).map_err(Self::io("write the VM registry"))
+    }
+
+    pub fn list(&self) -> Result<Vec<VmRecord>, VirtError> {
+        let mut vms = self.load()?.vms;
+        for vm in &mut vms {
+            if vm.running.as_ref().is_some_and(|r| !hv::alive(r.pid)) {
+                vm.running = None;
+            }
+        }
+        Ok(vms)
+    }
+
+    pub fn get(&self, name: &str) -> Result<VmRecord, VirtError> {
+        let vms = self.list()?;
+        vms.iter()
+            .find(|v| v.spec.name == name)
+            .cloned()
+            .ok_or_else(|| VirtError::UnknownVm {
+                vm: name.to_string(),
+                known: if vms.is_empty() {
+                    "none".into()
+                } else {
+                    vms.iter()
+                        .map(|v| v.spec.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            })
+    }
+
+    fn update(&self, record: &VmRecord) -> Result<(), VirtError> {
+        let _l = self.lock()?;
+        let mut reg = self.load()?;
+        match reg.vms.iter_mut().find(|v| v.spec.name == record.spec.name) {
+            Some(v) => *v = record.clone(),
+            None => reg.vms.push(record.clone()),
+        }
+        self.save(&reg)
+    }
+
+    pub(crate) fn vm_dir(&self, name: &str, host: &str) -> PathBuf {
+        self.vms_dir().join(name).join(host)
+    }
+
+    /// Checks that `host` can take `memory_mib` more of guest memory.
+    pub(crate) fn check_memory(
+        &self,
+        vm: &str,
+        host: &str,
+        memory_mib: u32,
+    ) -> Result<(), VirtError> {
+        let need = u64::from(memory_mib) + QEMU_OVERHEAD_MIB;
+        let free = mem_available_mib();
+        if need > free {
+            return Err(VirtError::NoMemory {
+                vm: vm.into(),
+                host: host.into(),
+                need_mib: need,
+                free_mib: free,
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates and boots a VM on `host`, waiting until its service answers.
+    pub fn create(&self, req: &CreateVm) -> Result<VmRecord, VirtError> {
+        let (h, _) = self.lab.host(&req.host)?;
+        let zone = self.lab.state()?.zone()?;
+        let site = zone.sites[h.site].id.clone();
+        let record = {
+            let _l = self.lock()?;
+            let mut reg = self.load()?;
+            if reg.vms.iter().any(|v| v.spec.name == req.name) {
+                return Err(VirtError::Exists(req.name.clone()));
+            }
+            let used: Vec<String> = reg.vms.iter().map(|v| v.spec.ip_cidr.clone()).collect();
+            let n = (101..=199u8)
+                .find(|n| !used.contains(&format!("10.77.{}.{n}/16", h.site + 1)))
+                .ok_or(VirtError::NoAddress { site })?;
+            let spec = VmSpec {
+                name: req.name.clone(),
+                memory_mib: req.memory_mib,
+                vcpus: 1,
+                mac: format!("02:dc:01:{:02x}:{n:02x}:01", h.site + 1),
+                ip_cidr: format!("10.77.{}.{n}/16", h.site + 1),
+                dirty_mbps: req.dirty_mbps,
+                dirty_mib: req.dirty_mib,
+            };
+            spec.validate().map_err(VirtError::BadSpec)?;
+            self.check_memory(&req.name, &req.host, req.memory_mib)?;
+            let record = VmRecord {
+                spec,
+                host: req.host.clone(),
+                group: req.group.clone(),
+                accel: self.accel,
+                running: None,
+            };
+            reg.vms.push(record.clone());
+            self.save(&reg)?;
+            record
+        };
+        self.start(&record.spec.name).inspect_err(|_| {
+            let _ = self.destroy(&record.spec.name);
+        })
+    }
+
+    /// Boots a stopped VM on its host.
+    pub fn start(&self, name: &str) -> Result<VmRecord, VirtError> {
+        let mut vm = self.get(name)?;
+        if vm.running.is_some() {
+            return Err(VirtError::AlreadyRunning(name.into()));
+        }
+        let ns = self.lab.host_namespace(&vm.host);
+        let dir = self.vm_dir(name, &vm.host);
+        let running = hv::launch(&hv::Launch {
+            namespace: &ns,
+            dir: &dir,
+            spec: &vm.spec,
+            kernel: &self.image.kernel,
+            initramfs: &self.image.initramfs,
+            accel: vm.accel,
+            incoming: false,
+            bridge: HOST_BRIDGE,
+        })
+        .map_err(|source| VirtError::Hypervisor {
+            vm: name.into(),
+            source,
+        })?;
+        vm.running = Some(running.clone());
+        self.update(&vm)?;
+        if !hv::wait_serial(&running.serial, hv::GUEST_READY, BOOT_TIMEOUT) {
+            return Err(VirtError::Boot {
+                vm: name.into(),
+                secs: BOOT_TIMEOUT.as_secs(),
+                log: running.serial,
+            });
+        }
+        Ok(vm)
+    }
+
+    /// Powers a VM off (its state is lost; it can be started again).
+    pub fn stop(&self, name: &str) -> Result<VmRecord, VirtError> {
+        let mut vm = self.get(name)?;
+        let Some(r) = vm.running.take() else {
+            return Err(VirtError::NotRunning(name.into()));
+        };
+        hv::kill(&r);
+        self.update(&vm)?;
+        Ok(vm)
+    }
+
+    /// Stops a VM if it runs and forgets it.
+    pub fn destroy(&self, name: &str) -> Result<(), VirtError> {
+        let vm = self.get(name)?;
+        if let Some(r) = &vm.running {
+            hv::kill(r);
+        }
+        let _l = self.lock()?;
+        let mut reg = self.load()?;
+        reg.vms.retain(|v| v.spec.name != name);
+        self.save(&reg)?;
+        let _ = std::fs::remove_dir_all(self.vms_dir().join(name));
+        Ok(())
+    }
+
+    /// The guest's address without prefix.
+    pub fn guest_ip(vm: &VmRecord) -> std::net::Ipv4Addr {
+        vm.spec
+            .ip_cidr
+            .split('/')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)
+    }
+
+    pub(crate) fn image(&self) -> &GuestImage {
+        &self.image
+    }
+
+    pub(crate) fn save_record(&self, vm: &VmRecord) -> Result<(), VirtError> {
+        self.update(vm)
+    }
+
+    /// A non-blocking exclusive lock that marks a VM as migrating.
+    pub(crate) fn migration_lock(&self, name: &str) -> Result<File, VirtError> {
+        let dir = self.vms_dir().join(name);
+        std::fs::create_dir_all(&dir).map_err(Self::io("create the VM directory"))?;
+        let f = File::create(dir.join("migrate.lock")).map_err(Self::io("lock the VM"))?;
+        // SAFETY: flock on an fd we own; released when `f` drops.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(VirtError::Busy(name.into()));
+        }
+        Ok(f)
+    }
+}
+
+/// Where VM runtime files of a host live, for `lab down`-style cleanup by callers.
+pub fn runtime_dir(lab_dir: &Path) -> PathBuf {
+    lab_dir.join("vms")
+}

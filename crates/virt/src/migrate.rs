@@ -1,0 +1,635 @@
+//! Live migration of one VM or a cluster, with QEMU pre-copy.
+//!
+//! One [`Session`] per VM drives two QEMUs over QMP:
+//!
+//! ```text
+//!  orchestrator            source QEMU (host A)            destination QEMU (host B)
+//!     | launch -incoming defer ----------------------------------> |
+//!     | migrate-incoming tcp:B:port -------------------------------> |
+//!     | migrate-set-parameters --> |                                 |
+//!     | migrate tcp:B:port ------> | ==== RAM pre-copy rounds =====> |   T1
+//!     |                            | STOP event (T2 starts)          |
+//!     |                            | ==== last dirty pages + state => |   T2
+//!     |                            |                   RESUME event (T2 ends)
+//!     | quit -------------------> |                                  |
+//! ```
+//!
+//! T1 = migrate command to the source's STOP; T2 = source STOP to destination RESUME, both
+//! from QMP event timestamps (one host clock in the lab), reconciled with QEMU's own
+//! `downtime` from `query-migrate`.
+//!
+//! Strategies for a cluster:
+//! - `sequential`: one VM after another (OpenStack Nova's default);
+//! - `parallel`: all at once, independently (what libvirt gives you);
+//! - `coordinated`: all at once, but each source is *held* in pre-copy by a 1 ms
+//!   downtime-limit (it keeps iterating while the guest dirties memory faster than a few
+//!   pages per iteration) until every VM is ready, i.e. has finished its first full pass and its
+//!   remaining dirty memory fits in half the target downtime at its measured bandwidth.
+//!   Then the target downtime-limit is set on all VMs at once and they converge at their
+//!   next iteration boundary, which is tens of milliseconds apart at most. With the
+//!   `pause-before-switchover` capability each source then stops in `pre-switchover`; as
+//!   soon as the last one is there, all are continued together. Waiting in that paused
+//!   state counts as downtime, which is why VMs are held *before* it, while still running,
+//!   and only the short spread of the convergence points is spent paused. A VM that
+//!   converges during the hold anyway (too little dirtying) waits paused: its `paused_ms`
+//!   is reported.
+//!
+//! Parameters (documented choices): `downtime-limit` = 100 ms (the institutions' target;
+//! QEMU's default is 300 ms); `max-bandwidth` = 1 GiB/s so that the APN path, not QEMU,
+//! is the limit; multifd off: a single TCP stream already fills a lab link and multifd
+//! needs the capability on both sides before `migrate-incoming`.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use dczone_hypervisor::{self as hv, Qmp, Running};
+use dczone_lab::HOST_BRIDGE;
+use dczone_measure::{span_us, union_us, Interval};
+
+use crate::{Platform, VirtError, VmRecord};
+
+/// How a cluster moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Sequential,
+    Parallel,
+    Coordinated,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 3] = [
+        Strategy::Sequential,
+        Strategy::Parallel,
+        Strategy::Coordinated,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Sequential => "sequential",
+            Strategy::Parallel => "parallel",
+            Strategy::Coordinated => "coordinated",
+        }
+    }
+}
+
+/// Tunables of a migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    pub downtime_limit_ms: u64,
+    pub max_bandwidth_bytes: u64,
+    /// Give up (and keep the source running) after this long.
+    pub timeout: Duration,
+    /// Coordinated: release the held VMs after this long even if some are not ready.
+    pub max_hold: Duration,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            downtime_limit_ms: 100,
+            max_bandwidth_bytes: 1 << 30,
+            timeout: Duration::from_secs(180),
+            max_hold: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The downtime-limit that holds a VM in pre-copy.
+/// The downtime-limit that holds a VM in pre-copy: its convergence threshold is one
+/// millisecond of bandwidth (tens of KB). Not zero: QEMU 7.2 only re-syncs the dirty bitmap
+/// when the remaining bytes are below the threshold, so with zero it would stop after the
+/// first pass with everything dirtied since still to send.
+const HOLD_DOWNTIME_MS: u64 = 1;
+const POLL: Duration = Duration::from_millis(10);
+const MIGRATION_PORT_BASE: u16 = 4600;
+
+/// What one VM's migration measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmMigration {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    pub t1: Interval,
+    pub t2: Interval,
+    pub t1_ms: f64,
+    pub t2_ms: f64,
+    /// QEMU's own figures from `query-migrate`.
+    pub qemu_total_ms: u64,
+    pub qemu_downtime_ms: u64,
+    pub qemu_setup_ms: u64,
+    pub bytes_sent: u64,
+    pub dirty_pages_rate: u64,
+    pub iterations: u64,
+    /// Coordinated only: how long the VM was held in pre-copy waiting for the others.
+    pub held_ms: f64,
+}
+
+/// A cluster's migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupMigration {
+    pub strategy: Strategy,
+    pub vms: Vec<VmMigration>,
+    /// Earliest T2 start to latest T2 end (the reference's SVC-T2).
+    pub svc_t2_ms: f64,
+    /// Time during which at least one VM was stopped.
+    pub svc_t2_union_ms: f64,
+    /// Earliest T1 start to latest T1 end.
+    pub svc_t1_ms: f64,
+}
+
+/// Progress of one VM, for display.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub vm: String,
+    pub status: String,
+    pub transferred: u64,
+    pub remaining: u64,
+    pub rounds: u64,
+    pub expected_downtime_ms: u64,
+    pub held: bool,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// One VM's migration in flight.
+struct Session {
+    vm: VmRecord,
+    to: String,
+    src: Qmp,
+    dst: Qmp,
+    dst_running: Running,
+    started_us: u64,
+    stop_us: Option<u64>,
+    resume_us: Option<u64>,
+    held_since: Option<Instant>,
+    held_ms: f64,
+    last: Value,
+    done: bool,
+}
+
+impl Session {
+    fn qmp_err(vm: &str) -> impl Fn(hv::QmpError) -> VirtError + '_ {
+        move |source| VirtError::Qmp {
+            vm: vm.to_string(),
+            source,
+        }
+    }
+
+    /// Launches the destination, waiting for the incoming stream.
+    fn prepare(p: &Platform, vm: &VmRecord, to: &str, port: u16) -> Result<Session, VirtError> {
+        let name = vm.spec.name.as_str();
+        let src_running = vm
+            .running
+            .clone()
+            .ok_or_else(|| VirtError::NotRunning(name.into()))?;
+        if vm.host == to {
+            return Err(VirtError::SameHost {
+                vm: name.into(),
+                host: to.into(),
+            });
+        }
+        let (dest_host, _) = p.lab().host(to)?;
+        p.check_memory(name, to, vm.spec.memory_mib)?;
+        let dir = p.vm_dir(name, to);
+        let ns = p.lab().host_namespace(to);
+        let dst_running = hv::launch(&hv::Launch {
+            namespace: &ns,
+            dir: &dir,
+            spec: &vm.spec,
+            kernel: &p.image().kernel,
+            initramfs: &p.image().initramfs,
+            accel: vm.accel,
+            incoming: true,
+            bridge: HOST_BRIDGE,
+        })
+        .map_err(|source| VirtError::Hypervisor {
+            vm: name.into(),
+            source,
+        })?;
+        let setup = || -> Result<(Qmp, Qmp), VirtError> {
+            let err = Self::qmp_err(name);
+            let mut dst = Qmp::connect(&dst_running.qmp, Duration::from_secs(10)).map_err(&err)?;
+            dst.execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "events", "state": true}]}),
+            )
+            .map_err(&err)?;
+            let uri = format!("tcp:{}:{port}", dest_host.ip());
+            dst.execute("migrate-incoming", json!({ "uri": uri }))
+                .map_err(&err)?;
+            let mut src = Qmp::connect(&src_running.qmp, Duration::from_secs(10)).map_err(&err)?;
+            src.execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "events", "state": true}]}),
+            )
+            .map_err(&err)?;
+            Ok((src, dst))
+        };
+        match setup() {
+            Ok((src, dst)) => Ok(Session {
+                vm: vm.clone(),
+                to: to.to_string(),
+                src,
+                dst,
+                dst_running,
+                started_us: 0,
+                stop_us: None,
+                resume_us: None,
+                held_since: None,
+                held_ms: 0.0,
+                last: Value::Null,
+                done: false,
+            }),
+            Err(e) => {
+                hv::kill(&dst_running);
+                Err(e)
+            }
+        }
+    }
+
+    fn start(
+        &mut self,
+        hold: bool,
+        params: &Params,
+        dest_ip: Ipv4Addr,
+        port: u16,
+    ) -> Result<(), VirtError> {
+        let err = Self::qmp_err(&self.vm.spec.name);
+        let downtime_ms = if hold {
+            HOLD_DOWNTIME_MS
+        } else {
+            params.downtime_limit_ms
+        };
+        self.src
+            .execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "pause-before-switchover", "state": hold}]}),
+            )
+            .map_err(&err)?;
+        self.src
+            .execute(
+                "migrate-set-parameters",
+                json!({"downtime-limit": downtime_ms, "max-bandwidth": params.max_bandwidth_bytes}),
+            )
+            .map_err(&err)?;
+        if hold {
+            self.held_since = Some(Instant::now());
+        }
+        self.started_us = now_us();
+        self.src
+            .execute("migrate", json!({"uri": format!("tcp:{dest_ip}:{port}")}))
+            .map_err(&err)?;
+        Ok(())
+    }
+
+    /// Polls the source; returns the migration status.
+    fn poll(&mut self) -> Result<String, VirtError> {
+        let err = Self::qmp_err(&self.vm.spec.name);
+        let info = self.src.execute("query-migrate", json!({})).map_err(&err)?;
+        for ev in self.src.take_events() {
+            if ev.name == "STOP" && self.stop_us.is_none() {
+                self.stop_us = Some(ev.timestamp_us);
+            }
+        }
+        let status = info["status"].as_str().unwrap_or("none").to_string();
+        self.last = info;
+        Ok(status)
+    }
+
+    /// Coordinated: could this VM switch over within `target_ms` now?
+    fn ready(&self, target_ms: u64) -> bool {
+        let ram = &self.last["ram"];
+        let rounds = ram["dirty-sync-count"].as_u64().unwrap_or(0);
+        let remaining = ram["remaining"].as_u64().unwrap_or(u64::MAX);
+        let mbps = ram["mbps"].as_f64().unwrap_or(0.0);
+        if rounds < 2 || mbps <= 0.0 {
+            return false;
+        }
+        let copy_ms = remaining as f64 * 8.0 / (mbps * 1e6) * 1e3;
+        copy_ms <= target_ms as f64 / 2.0
+    }
+
+    fn paused(&self) -> bool {
+        !self.done && self.last["status"] == "pre-switchover"
+    }
+
+    fn resume_switchover(&mut self) -> Result<(), VirtError> {
+        self.src
+            .execute("migrate-continue", json!({"state": "pre-switchover"}))
+            .map_err(Self::qmp_err(&self.vm.spec.name))?;
+        self.last["status"] = json!("device");
+        Ok(())
+    }
+
+    fn release(&mut self, target_ms: u64) -> Result<(), VirtError> {
+        if let Some(since) = self.held_since.take() {
+            self.held_ms = since.elapsed().as_secs_f64() * 1e3;
+        }
+        if std::env::var_os("DCZONE_DEBUG_MIGRATION").is_some() {
+            eprintln!("release {}: {}", self.vm.spec.name, self.last);
+        }
+        self.src
+            .execute(
+                "migrate-set-parameters",
+                json!({"downtime-limit": target_ms}),
+            )
+            .map_err(Self::qmp_err(&self.vm.spec.name))?;
+        Ok(())
+    }
+
+    fn progress(&self) -> Progress {
+        let ram = &self.last["ram"];
+        Progress {
+            vm: self.vm.spec.name.clone(),
+            status: self.last["status"].as_str().unwrap_or("setup").to_string(),
+            transferred: ram["transferred"].as_u64().unwrap_or(0),
+            remaining: ram["remaining"].as_u64().unwrap_or(0),
+            rounds: ram["dirty-sync-count"].as_u64().unwrap_or(0),
+            expected_downtime_ms: self.last["expected-downtime"].as_u64().unwrap_or(0),
+            held: self.held_since.is_some(),
+        }
+    }
+
+    /// After `completed`: waits for the destination to run, stops the source, records.
+    fn finish(mut self, p: &Platform) -> Result<VmMigration, VirtError> {
+        let name = self.vm.spec.name.clone();
+        let err = Self::qmp_err(&name);
+        let resume = self
+            .dst
+            .wait_event("RESUME", Duration::from_secs(30))
+            .map_err(&err)?;
+        self.resume_us = Some(resume.timestamp_us);
+        let info = self.src.execute("query-migrate", json!({})).map_err(&err)?;
+        for ev in self.src.take_events() {
+            if ev.name == "STOP" && self.stop_us.is_none() {
+                self.stop_us = Some(ev.timestamp_us);
+            }
+        }
+        let _ = self.src.execute("quit", json!({}));
+        if let Some(old) = &self.vm.running {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while hv::alive(old.pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            hv::kill(old);
+        }
+        let stop = self.stop_us.unwrap_or(resume.timestamp_us);
+        let t1 = Interval::new(self.started_us, stop);
+        let t2 = Interval::new(stop, resume.timestamp_us);
+        let ram = &info["ram"];
+        let record = VmMigration {
+            vm: name.clone(),
+            from: self.vm.host.clone(),
+            to: self.to.clone(),
+            t1,
+            t2,
+            t1_ms: t1.len_us() as f64 / 1e3,
+            t2_ms: t2.len_us() as f64 / 1e3,
+            qemu_total_ms: info["total-time"].as_u64().unwrap_or(0),
+            qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+            qemu_setup_ms: info["setup-time"].as_u64().unwrap_or(0),
+            bytes_sent: ram["transferred"].as_u64().unwrap_or(0),
+            dirty_pages_rate: ram["dirty-pages-rate"].as_u64().unwrap_or(0),
+            iterations: ram["dirty-sync-count"].as_u64().unwrap_or(0),
+            held_ms: self.held_ms,
+        };
+        let mut vm = self.vm.clone();
+        vm.host = self.to.clone();
+        vm.running = Some(self.dst_running.clone());
+        p.save_record(&vm)?;
+        Ok(record)
+    }
+
+    /// Cancels; the source keeps (or resumes) running and the destination is killed.
+    fn abort(mut self, reason: String) -> VirtError {
+        let _ = self.src.execute("migrate_cancel", json!({}));
+        if let Ok(st) = self.src.execute("query-status", json!({})) {
+            if st["running"] == false {
+                let _ = self.src.execute("cont", json!({}));
+            }
+        }
+        hv::kill(&self.dst_running);
+        VirtError::MigrationFailed {
+            vm: self.vm.spec.name.clone(),
+            source_host: self.vm.host.clone(),
+            reason,
+        }
+    }
+}
+
+impl Platform {
+    /// Migrates one VM.
+    pub fn migrate(
+        &self,
+        vm: &str,
+        to: &str,
+        params: &Params,
+        progress: &dyn Fn(&[Progress]),
+    ) -> Result<VmMigration, VirtError> {
+        let record = self.get(vm)?;
+        let g = self.migrate_records(
+            vec![(record, to.to_string())],
+            Strategy::Parallel,
+            params,
+            progress,
+        )?;
+        Ok(g.vms.into_iter().next().expect("one VM migrated"))
+    }
+
+    /// Migrates every VM of `group` to `to_site` (VM i goes to the site's host i mod n).
+    pub fn migrate_group(
+        &self,
+        group: &str,
+        to_site: &str,
+        strategy: Strategy,
+        params: &Params,
+        progress: &dyn Fn(&[Progress]),
+    ) -> Result<GroupMigration, VirtError> {
+        let zone = self.lab().state()?.zone()?;
+        let site = zone.site_index(to_site).ok_or_else(|| {
+            VirtError::Lab(dczone_lab::LabError::UnknownSite {
+                site: to_site.into(),
+                known: zone
+                    .sites
+                    .iter()
+                    .map(|s| s.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        })?;
+        let hosts: Vec<String> = zone.sites[site]
+            .hosts
+            .iter()
+            .filter(|h| !h.contains("client"))
+            .cloned()
+            .collect();
+        let vms: Vec<VmRecord> = self
+            .list()?
+            .into_iter()
+            .filter(|v| v.group.as_deref() == Some(group))
+            .collect();
+        if vms.is_empty() || hosts.is_empty() {
+            return Err(VirtError::EmptyGroup(group.into()));
+        }
+        let plan = vms
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (v, hosts[i % hosts.len()].clone()))
+            .collect();
+        self.migrate_records(plan, strategy, params, progress)
+    }
+
+    fn migrate_records(
+        &self,
+        plan: Vec<(VmRecord, String)>,
+        strategy: Strategy,
+        params: &Params,
+        progress: &dyn Fn(&[Progress]),
+    ) -> Result<GroupMigration, VirtError> {
+        let _locks = plan
+            .iter()
+            .map(|(v, _)| self.migration_lock(&v.spec.name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut done = Vec::new();
+        match strategy {
+            Strategy::Sequential => {
+                for (i, (vm, to)) in plan.into_iter().enumerate() {
+                    done.extend(self.run_batch(
+                        vec![(vm, to)],
+                        i as u16,
+                        false,
+                        params,
+                        progress,
+                    )?);
+                }
+            }
+            Strategy::Parallel => done = self.run_batch(plan, 0, false, params, progress)?,
+            Strategy::Coordinated => done = self.run_batch(plan, 0, true, params, progress)?,
+        }
+        let t2: Vec<Interval> = done.iter().map(|m| m.t2).collect();
+        let t1: Vec<Interval> = done.iter().map(|m| m.t1).collect();
+        Ok(GroupMigration {
+            strategy,
+            svc_t2_ms: span_us(&t2) as f64 / 1e3,
+            svc_t2_union_ms: union_us(&t2) as f64 / 1e3,
+            svc_t1_ms: span_us(&t1) as f64 / 1e3,
+            vms: done,
+        })
+    }
+
+    /// Migrates a batch concurrently; `hold` makes it coordinated.
+    fn run_batch(
+        &self,
+        plan: Vec<(VmRecord, String)>,
+        port_offset: u16,
+        hold: bool,
+        params: &Params,
+        progress: &dyn Fn(&[Progress]),
+    ) -> Result<Vec<VmMigration>, VirtError> {
+        let mut sessions: Vec<Session> = Vec::new();
+        for (i, (vm, to)) in plan.iter().enumerate() {
+            let port = MIGRATION_PORT_BASE + port_offset + i as u16;
+            match Session::prepare(self, vm, to, port) {
+                Ok(s) => sessions.push(s),
+                Err(e) => {
+                    for s in sessions {
+                        let _ = s.abort("another VM of the batch failed to prepare".into());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        for (i, s) in sessions.iter_mut().enumerate() {
+            let port = MIGRATION_PORT_BASE + port_offset + i as u16;
+            let (dest, _) = self.lab().host(&s.to)?;
+            if let Err(e) = s.start(hold, params, dest.ip(), port) {
+                let reason = e.to_string();
+                for s in sessions {
+                    let _ = s.abort(reason.clone());
+                }
+                return Err(e);
+            }
+        }
+        let started = Instant::now();
+        let mut released = false;
+        let mut released_at: Option<Instant> = None;
+        let mut continued = false;
+        loop {
+            let mut failure = None;
+            for s in sessions.iter_mut().filter(|s| !s.done) {
+                match s.poll() {
+                    Ok(st) if st == "completed" => s.done = true,
+                    Ok(st) if st == "failed" || st == "cancelled" => {
+                        failure = Some(format!("{} reported {st}", s.vm.spec.name));
+                    }
+                    Ok(_) => {}
+                    Err(e) => failure = Some(e.to_string()),
+                }
+                if !hv::alive(s.dst_running.pid) && !s.done {
+                    failure = Some(format!("destination QEMU of {} died", s.vm.spec.name));
+                }
+            }
+            if failure.is_none() && started.elapsed() > params.timeout {
+                failure = Some(format!("no completion within {:?}", params.timeout));
+            }
+            if let Some(reason) = failure {
+                // Completed VMs stay migrated; the others keep running at their source.
+                let mut first_err = None;
+                let mut ok = Vec::new();
+                for s in sessions {
+                    if s.done {
+                        if let Ok(m) = s.finish(self) {
+                            ok.push(m);
+                        }
+                    } else {
+                        let e = s.abort(reason.clone());
+                        first_err.get_or_insert(e);
+                    }
+                }
+                return Err(first_err.unwrap_or(VirtError::MigrationFailed {
+                    vm: "?".into(),
+                    source_host: "?".into(),
+                    reason,
+                }));
+            }
+            progress(&sessions.iter().map(Session::progress).collect::<Vec<_>>());
+            if hold && !released {
+                let all_ready = sessions
+                    .iter()
+                    .all(|s| s.done || s.paused() || s.ready(params.downtime_limit_ms));
+                if all_ready || started.elapsed() > params.max_hold {
+                    for s in sessions.iter_mut().filter(|s| !s.done && !s.paused()) {
+                        s.release(params.downtime_limit_ms)?;
+                    }
+                    released = true;
+                    released_at = Some(Instant::now());
+                }
+            }
+            if hold && released && !continued {
+                // Every source stops in pre-switchover; the switchovers are let go together,
+                // so the cluster's finalization windows overlap.
+                let all_paused = sessions.iter().all(|s| s.done || s.paused());
+                let overdue = released_at.is_some_and(|t| t.elapsed() > params.max_hold);
+                if all_paused || overdue {
+                    for s in sessions.iter_mut().filter(|s| s.paused()) {
+                        s.resume_switchover()?;
+                    }
+                    continued = all_paused;
+                }
+            }
+            if sessions.iter().all(|s| s.done) {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        sessions.into_iter().map(|s| s.finish(self)).collect()
+    }
+}
