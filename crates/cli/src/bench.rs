@@ -6,10 +6,23 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use indicatif::ProgressBar;
 
+use dczone_virt::migrate::{Params, Strategy};
+use dczone_virt::Platform;
+
 use crate::table::render;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// UC1 scenario #1: a 3-VM cluster under client load migrates DC1.1 -> DC1.2.
+    IntraRegion {
+        #[arg(long, value_enum, default_value = "coordinated", conflicts_with = "compare")]
+        strategy: crate::vm_cmd::StrategyArg,
+        /// Run sequential, parallel and coordinated in one run and print the ratios.
+        #[arg(long)]
+        compare: bool,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// APN emulator fidelity (delay, rate), capacity and memory.
     Wan {
         /// Write the results as JSON to this file.
@@ -23,6 +36,10 @@ pub enum BenchCommand {
 
 pub fn run(state_dir: &Path, exe: &Path, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        BenchCommand::IntraRegion { strategy, compare, json } => {
+            let strategies = if compare { Strategy::ALL.to_vec() } else { vec![strategy.into()] };
+            intra_region(state_dir, exe, strategies, json)
+        }
         BenchCommand::Wan { json, runs } => {
             if runs == 0 {
                 anyhow::bail!("--runs must be at least 1");
@@ -62,4 +79,176 @@ pub fn run(state_dir: &Path, exe: &Path, cmd: BenchCommand) -> anyhow::Result<Ex
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The PoC cluster of UC1 scenario #1: heterogeneous on purpose (SPEC.md section 3).
+const POC_GROUP: &str = "poc";
+const POC_VMS: [(&str, &str, u32, u32, u32); 3] = [
+    // name, host, memory MiB, dirty MB/s, dirty area MiB
+    ("poc-web", "dc1.1-h1", 256, 1, 16),
+    ("poc-ap", "dc1.1-h2", 384, 4, 32),
+    ("poc-db", "dc1.1-h1", 512, 8, 64),
+];
+const LOAD_RATE_PER_VM: u32 = 100;
+const TOTAL_BALANCE: i64 = 1_000_000;
+
+#[derive(Debug, serde::Serialize)]
+struct Continuity {
+    vm: String,
+    same_boot: bool,
+    processed_before: u64,
+    processed_after: u64,
+    balance_sum_before: i64,
+    balance_sum_after: i64,
+    ok: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct StrategyRun {
+    strategy: String,
+    to_site: String,
+    svc_t2_ms: f64,
+    svc_t2_union_ms: f64,
+    svc_t1_ms: f64,
+    client_gap_ms: f64,
+    kr1_1_pass: bool,
+    stretch_100ms_pass: bool,
+    vms: Vec<dczone_virt::migrate::VmMigration>,
+    load: dczone_workload::LoadReport,
+    continuity: Vec<Continuity>,
+    continuity_ok: bool,
+}
+
+fn guest_stats(ns: &str, ip: std::net::Ipv4Addr) -> (String, u64, i64) {
+    let s = dczone_workload::query(ns, ip, "S").unwrap_or_default();
+    let z = dczone_workload::query(ns, ip, "Z").ok().and_then(|z| z.parse().ok()).unwrap_or(i64::MIN);
+    let field = |k: &str| {
+        s.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .unwrap_or("")
+            .to_string()
+    };
+    (field("boot"), field("processed").parse().unwrap_or(0), z)
+}
+
+pub fn intra_region(state_dir: &Path, exe: &Path, strategies: Vec<Strategy>, json: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let lab = dczone_lab::Lab::new("dcz", state_dir, exe)?;
+    let zone = dczone_zone::Zone::reference();
+    lab.up(&zone, "<built-in reference zone>", dczone_zone::DEFAULT_ZONE_TOML)?;
+    let p = crate::vm_cmd::platform(&lab, exe)?;
+    for (name, host, mem, dirty, area) in POC_VMS {
+        if p.get(name).is_ok() {
+            p.destroy(name)?;
+        }
+        println!("booting {name} on {host} ({mem} MiB, dirtying {dirty} MB/s)");
+        p.create(&dczone_virt::CreateVm {
+            name: name.into(),
+            host: host.into(),
+            memory_mib: mem,
+            dirty_mbps: dirty,
+            dirty_mib: area,
+            group: Some(POC_GROUP.into()),
+        })?;
+    }
+    let client = lab.host_namespace("dc1.1-client");
+    let mut runs = Vec::new();
+    for strategy in strategies {
+        let vms = p.list()?.into_iter().filter(|v| v.group.as_deref() == Some(POC_GROUP)).collect::<Vec<_>>();
+        let to_site = if vms.iter().all(|v| v.host.starts_with("dc1.1")) { "dc1.2" } else { "dc1.1" };
+        let targets: Vec<_> = vms.iter().map(|v| (v.spec.name.clone(), Platform::guest_ip(v))).collect();
+        let before: Vec<_> = targets.iter().map(|(_, ip)| guest_stats(&client, *ip)).collect();
+        let started = dczone_workload::now_us();
+        let load = dczone_workload::start(&client, &targets, LOAD_RATE_PER_VM).map_err(anyhow::Error::msg)?;
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let (multi, update) = crate::vm_cmd::progress_display(false);
+        let t0 = dczone_workload::now_us();
+        let g = p.migrate_group(POC_GROUP, to_site, strategy, &Params::default(), &update);
+        let t1 = dczone_workload::now_us();
+        let _ = multi.clear();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let report = load.finish(started, dczone_measure::Interval::new(t0, t1));
+        let g = g?;
+        let continuity: Vec<Continuity> = targets
+            .iter()
+            .zip(&before)
+            .map(|((vm, ip), (boot0, proc0, sum0))| {
+                let (boot1, proc1, sum1) = guest_stats(&client, *ip);
+                Continuity {
+                    vm: vm.clone(),
+                    same_boot: !boot0.is_empty() && *boot0 == boot1,
+                    processed_before: *proc0,
+                    processed_after: proc1,
+                    balance_sum_before: *sum0,
+                    balance_sum_after: sum1,
+                    ok: !boot0.is_empty() && *boot0 == boot1 && proc1 >= *proc0 && sum1 == TOTAL_BALANCE,
+                }
+            })
+            .collect();
+        crate::vm_cmd::print_group(&g);
+        println!(
+            "client: {} ok / {} sent, {} errors; longest service gap {:.1} ms; TPS before/during/after {:.0}/{:.0}/{:.0}; p99 {:.1}/{:.1}/{:.1} ms",
+            report.ok, report.sent, report.errors, report.client_gap_ms,
+            report.before.tps, report.during.tps, report.after.tps,
+            report.before.p99_ms, report.during.p99_ms, report.after.p99_ms
+        );
+        for c in &continuity {
+            println!(
+                "continuity {}: same boot {}, processed {} -> {}, balance sum {} -> {} {}",
+                c.vm, c.same_boot, c.processed_before, c.processed_after, c.balance_sum_before, c.balance_sum_after,
+                if c.ok { "ok" } else { "FAILED" }
+            );
+        }
+        let continuity_ok = continuity.iter().all(|c| c.ok);
+        println!(
+            "KR1.1 (SVC-T2 < 1 s): {}; stretch (< 100 ms): {}\n",
+            if g.svc_t2_ms < 1000.0 { "pass" } else { "FAIL" },
+            if g.svc_t2_ms < 100.0 { "pass" } else { "miss" }
+        );
+        runs.push(StrategyRun {
+            strategy: strategy.name().into(),
+            to_site: to_site.into(),
+            svc_t2_ms: g.svc_t2_ms,
+            svc_t2_union_ms: g.svc_t2_union_ms,
+            svc_t1_ms: g.svc_t1_ms,
+            client_gap_ms: report.client_gap_ms,
+            kr1_1_pass: g.svc_t2_ms < 1000.0,
+            stretch_100ms_pass: g.svc_t2_ms < 100.0,
+            vms: g.vms,
+            load: report,
+            continuity,
+            continuity_ok,
+        });
+    }
+    let value = if runs.len() == 1 {
+        serde_json::to_value(&runs[0])?
+    } else {
+        let get = |n: &str| runs.iter().find(|r| r.strategy == n).map(|r| r.svc_t2_ms);
+        let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+        let (seq, par, coo) = (get("sequential"), get("parallel"), get("coordinated"));
+        println!(
+            "ratios: coordinated/sequential SVC-T2 {:.2}, coordinated/parallel {:.2}",
+            ratio(coo, seq).unwrap_or(f64::NAN),
+            ratio(coo, par).unwrap_or(f64::NAN)
+        );
+        serde_json::json!({
+            "git_rev": git_rev(),
+            "strategies": runs.iter().map(|r| (r.strategy.clone(), serde_json::to_value(r).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
+            "ratios": {"coordinated_vs_sequential": ratio(coo, seq), "coordinated_vs_parallel": ratio(coo, par)},
+        })
+    };
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&value)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn git_rev() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -6,6 +6,7 @@
 //! ```text
 //! T <id> <from> <to> <amount>   transfer; idempotent by <id>  -> "OK <id>" | "DUP <id>" | "ERR <why>"
 //! B <account>                   balance                       -> "<balance>"
+//! Z                             sum of all balances (conserved) -> "<sum>"
 //! S                             continuity and consistency    -> "processed=<n> uptime_ms=<ms> checksum=<hex> boot=<id> dirty_mbps=<r>"
 //! ```
 //!
@@ -104,6 +105,7 @@ fn serve(stream: TcpStream, ledger: Arc<Mutex<Ledger>>, started: Instant, boot: 
                     Ok(a) if a < ACCOUNTS => l.balances[a].to_string(),
                     _ => "ERR bad account".to_string(),
                 },
+                ["Z"] => l.balances.iter().sum::<i64>().to_string(),
                 ["S"] => format!(
                     "processed={} uptime_ms={} checksum={:016x} boot={boot:016x} dirty_mbps={dirty}",
                     l.processed,

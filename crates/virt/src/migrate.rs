@@ -21,18 +21,15 @@
 //! Strategies for a cluster:
 //! - `sequential`: one VM after another (OpenStack Nova's default);
 //! - `parallel`: all at once, independently (what libvirt gives you);
-//! - `coordinated`: all at once, but each source is *held* in pre-copy by a 1 ms
-//!   downtime-limit (it keeps iterating while the guest dirties memory faster than a few
-//!   pages per iteration) until every VM is ready, i.e. has finished its first full pass and its
-//!   remaining dirty memory fits in half the target downtime at its measured bandwidth.
-//!   Then the target downtime-limit is set on all VMs at once and they converge at their
-//!   next iteration boundary, which is tens of milliseconds apart at most. With the
-//!   `pause-before-switchover` capability each source then stops in `pre-switchover`; as
-//!   soon as the last one is there, all are continued together. Waiting in that paused
-//!   state counts as downtime, which is why VMs are held *before* it, while still running,
-//!   and only the short spread of the convergence points is spent paused. A VM that
-//!   converges during the hold anyway (too little dirtying) waits paused: its `paused_ms`
-//!   is reported.
+//! - `coordinated`: all at once, paced so that the cluster moves as one. During the first
+//!   full pass over RAM, a VM that is more than 3 % further along than the slowest one is
+//!   throttled (`max-bandwidth` 16 MB/s, above any lab dirty rate, so a throttled VM does not build a backlog) until the others catch up, so every first pass ends
+//!   at about the same moment; meanwhile a 1 ms downtime-limit keeps each VM iterating
+//!   rather than switching over early. Once every VM has finished its first pass, the
+//!   target downtime-limit and full bandwidth are set on all VMs at once, and they converge
+//!   within a few short iterations of each other. Holding VMs paused in QEMU's
+//!   `pre-switchover` state was tried and rejected: waiting there is downtime, and it does
+//!   not shorten SVC-T2, which runs from the first stop to the last resume anyway.
 //!
 //! Parameters (documented choices): `downtime-limit` = 100 ms (the institutions' target;
 //! QEMU's default is 300 ms); `max-bandwidth` = 1 GiB/s so that the APN path, not QEMU,
@@ -104,6 +101,10 @@ impl Default for Params {
 /// when the remaining bytes are below the threshold, so with zero it would stop after the
 /// first pass with everything dirtied since still to send.
 const HOLD_DOWNTIME_MS: u64 = 1;
+/// `max-bandwidth` of a VM that is ahead of the cluster during its first pass.
+const PACE_SLOW_BYTES: u64 = 16_000_000;
+/// How far ahead (fraction of its RAM) a VM may get before it is throttled.
+const PACE_LEAD: f64 = 0.03;
 const POLL: Duration = Duration::from_millis(10);
 const MIGRATION_PORT_BASE: u16 = 4600;
 
@@ -171,6 +172,7 @@ struct Session {
     resume_us: Option<u64>,
     held_since: Option<Instant>,
     held_ms: f64,
+    throttled: bool,
     last: Value,
     done: bool,
 }
@@ -245,6 +247,7 @@ impl Session {
                 resume_us: None,
                 held_since: None,
                 held_ms: 0.0,
+                throttled: false,
                 last: Value::Null,
                 done: false,
             }),
@@ -268,12 +271,6 @@ impl Session {
         } else {
             params.downtime_limit_ms
         };
-        self.src
-            .execute(
-                "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "pause-before-switchover", "state": hold}]}),
-            )
-            .map_err(&err)?;
         self.src
             .execute(
                 "migrate-set-parameters",
@@ -304,44 +301,43 @@ impl Session {
         Ok(status)
     }
 
-    /// Coordinated: could this VM switch over within `target_ms` now?
-    fn ready(&self, target_ms: u64) -> bool {
+    /// In the first pass over RAM (no dirty-bitmap re-sync yet)?
+    fn first_pass(&self) -> bool {
+        !self.done && self.last["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) < 2
+    }
+
+    /// Fraction of RAM the first pass has covered.
+    fn first_pass_progress(&self) -> f64 {
         let ram = &self.last["ram"];
-        let rounds = ram["dirty-sync-count"].as_u64().unwrap_or(0);
-        let remaining = ram["remaining"].as_u64().unwrap_or(u64::MAX);
-        let mbps = ram["mbps"].as_f64().unwrap_or(0.0);
-        if rounds < 2 || mbps <= 0.0 {
-            return false;
+        let total = ram["total"].as_f64().unwrap_or(0.0);
+        let remaining = ram["remaining"].as_f64().unwrap_or(total);
+        if total > 0.0 { 1.0 - remaining / total } else { 0.0 }
+    }
+
+    /// Throttles (or un-throttles) the VM's migration stream.
+    fn pace(&mut self, slow: bool, params: &Params) -> Result<(), VirtError> {
+        if slow == self.throttled {
+            return Ok(());
         }
-        let copy_ms = remaining as f64 * 8.0 / (mbps * 1e6) * 1e3;
-        copy_ms <= target_ms as f64 / 2.0
-    }
-
-    fn paused(&self) -> bool {
-        !self.done && self.last["status"] == "pre-switchover"
-    }
-
-    fn resume_switchover(&mut self) -> Result<(), VirtError> {
+        let bw = if slow { PACE_SLOW_BYTES } else { params.max_bandwidth_bytes };
         self.src
-            .execute("migrate-continue", json!({"state": "pre-switchover"}))
+            .execute("migrate-set-parameters", json!({"max-bandwidth": bw}))
             .map_err(Self::qmp_err(&self.vm.spec.name))?;
-        self.last["status"] = json!("device");
+        self.throttled = slow;
         Ok(())
     }
 
-    fn release(&mut self, target_ms: u64) -> Result<(), VirtError> {
+    fn release(&mut self, target_ms: u64, params: &Params) -> Result<(), VirtError> {
         if let Some(since) = self.held_since.take() {
             self.held_ms = since.elapsed().as_secs_f64() * 1e3;
-        }
-        if std::env::var_os("DCZONE_DEBUG_MIGRATION").is_some() {
-            eprintln!("release {}: {}", self.vm.spec.name, self.last);
         }
         self.src
             .execute(
                 "migrate-set-parameters",
-                json!({"downtime-limit": target_ms}),
+                json!({"downtime-limit": target_ms, "max-bandwidth": params.max_bandwidth_bytes}),
             )
             .map_err(Self::qmp_err(&self.vm.spec.name))?;
+        self.throttled = false;
         Ok(())
     }
 
@@ -560,8 +556,6 @@ impl Platform {
         }
         let started = Instant::now();
         let mut released = false;
-        let mut released_at: Option<Instant> = None;
-        let mut continued = false;
         loop {
             let mut failure = None;
             for s in sessions.iter_mut().filter(|s| !s.done) {
@@ -602,27 +596,21 @@ impl Platform {
             }
             progress(&sessions.iter().map(Session::progress).collect::<Vec<_>>());
             if hold && !released {
-                let all_ready = sessions
+                let slowest = sessions
                     .iter()
-                    .all(|s| s.done || s.paused() || s.ready(params.downtime_limit_ms));
-                if all_ready || started.elapsed() > params.max_hold {
-                    for s in sessions.iter_mut().filter(|s| !s.done && !s.paused()) {
-                        s.release(params.downtime_limit_ms)?;
+                    .filter(|s| s.first_pass())
+                    .map(Session::first_pass_progress)
+                    .fold(f64::INFINITY, f64::min);
+                if slowest.is_finite() && started.elapsed() < params.max_hold {
+                    for s in sessions.iter_mut().filter(|s| !s.done) {
+                        let ahead = !s.first_pass() || s.first_pass_progress() > slowest + PACE_LEAD;
+                        s.pace(ahead, params)?;
+                    }
+                } else {
+                    for s in sessions.iter_mut().filter(|s| !s.done) {
+                        s.release(params.downtime_limit_ms, params)?;
                     }
                     released = true;
-                    released_at = Some(Instant::now());
-                }
-            }
-            if hold && released && !continued {
-                // Every source stops in pre-switchover; the switchovers are let go together,
-                // so the cluster's finalization windows overlap.
-                let all_paused = sessions.iter().all(|s| s.done || s.paused());
-                let overdue = released_at.is_some_and(|t| t.elapsed() > params.max_hold);
-                if all_paused || overdue {
-                    for s in sessions.iter_mut().filter(|s| s.paused()) {
-                        s.resume_switchover()?;
-                    }
-                    continued = all_paused;
                 }
             }
             if sessions.iter().all(|s| s.done) {
