@@ -15,7 +15,12 @@ use crate::table::render;
 pub enum BenchCommand {
     /// UC1 scenario #1: a 3-VM cluster under client load migrates DC1.1 -> DC1.2.
     IntraRegion {
-        #[arg(long, value_enum, default_value = "coordinated", conflicts_with = "compare")]
+        #[arg(
+            long,
+            value_enum,
+            default_value = "coordinated",
+            conflicts_with = "compare"
+        )]
         strategy: crate::vm_cmd::StrategyArg,
         /// Run sequential, parallel and coordinated in one run and print the ratios.
         #[arg(long)]
@@ -34,11 +39,24 @@ pub enum BenchCommand {
     },
 }
 
-pub fn run(state_dir: &Path, exe: &Path, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+pub fn run(
+    lab: &dczone_lab::Lab,
+    state_dir: &Path,
+    exe: &Path,
+    cmd: BenchCommand,
+) -> anyhow::Result<ExitCode> {
     match cmd {
-        BenchCommand::IntraRegion { strategy, compare, json } => {
-            let strategies = if compare { Strategy::ALL.to_vec() } else { vec![strategy.into()] };
-            intra_region(state_dir, exe, strategies, json)
+        BenchCommand::IntraRegion {
+            strategy,
+            compare,
+            json,
+        } => {
+            let strategies = if compare {
+                Strategy::ALL.to_vec()
+            } else {
+                vec![strategy.into()]
+            };
+            intra_region(lab, exe, strategies, json)
         }
         BenchCommand::Wan { json, runs } => {
             if runs == 0 {
@@ -119,9 +137,21 @@ struct StrategyRun {
     continuity_ok: bool,
 }
 
+/// A query with a few retries: right after boot, the first ARP exchange across the APN
+/// can outlast one connect timeout.
+fn query_retry(ns: &str, ip: std::net::Ipv4Addr, req: &str) -> Option<String> {
+    (0..5).find_map(|_| {
+        dczone_workload::query(ns, ip, req)
+            .inspect_err(|_| std::thread::sleep(std::time::Duration::from_millis(200)))
+            .ok()
+    })
+}
+
 fn guest_stats(ns: &str, ip: std::net::Ipv4Addr) -> (String, u64, i64) {
-    let s = dczone_workload::query(ns, ip, "S").unwrap_or_default();
-    let z = dczone_workload::query(ns, ip, "Z").ok().and_then(|z| z.parse().ok()).unwrap_or(i64::MIN);
+    let s = query_retry(ns, ip, "S").unwrap_or_default();
+    let z = query_retry(ns, ip, "Z")
+        .and_then(|z| z.parse().ok())
+        .unwrap_or(i64::MIN);
     let field = |k: &str| {
         s.split_whitespace()
             .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
@@ -131,34 +161,70 @@ fn guest_stats(ns: &str, ip: std::net::Ipv4Addr) -> (String, u64, i64) {
     (field("boot"), field("processed").parse().unwrap_or(0), z)
 }
 
-pub fn intra_region(state_dir: &Path, exe: &Path, strategies: Vec<Strategy>, json: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let lab = dczone_lab::Lab::new("dcz", state_dir, exe)?;
+pub fn intra_region(
+    lab: &dczone_lab::Lab,
+    exe: &Path,
+    strategies: Vec<Strategy>,
+    json: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let zone = dczone_zone::Zone::reference();
-    lab.up(&zone, "<built-in reference zone>", dczone_zone::DEFAULT_ZONE_TOML)?;
-    let p = crate::vm_cmd::platform(&lab, exe)?;
-    for (name, host, mem, dirty, area) in POC_VMS {
+    lab.up(
+        &zone,
+        "<built-in reference zone>",
+        dczone_zone::DEFAULT_ZONE_TOML,
+    )?;
+    let p = crate::vm_cmd::platform(lab, exe)?;
+    for (name, ..) in POC_VMS {
         if p.get(name).is_ok() {
             p.destroy(name)?;
         }
-        println!("booting {name} on {host} ({mem} MiB, dirtying {dirty} MB/s)");
-        p.create(&dczone_virt::CreateVm {
-            name: name.into(),
-            host: host.into(),
-            memory_mib: mem,
-            dirty_mbps: dirty,
-            dirty_mib: area,
-            group: Some(POC_GROUP.into()),
-        })?;
+    }
+    // Boot the cluster in parallel: under TCG each guest takes seconds to boot.
+    let boots: Vec<_> = POC_VMS
+        .iter()
+        .map(|&(name, host, mem, dirty, area)| {
+            println!("booting {name} on {host} ({mem} MiB, dirtying {dirty} MB/s)");
+            let p = p.clone();
+            std::thread::spawn(move || {
+                p.create(&dczone_virt::CreateVm {
+                    name: name.into(),
+                    host: host.into(),
+                    memory_mib: mem,
+                    dirty_mbps: dirty,
+                    dirty_mib: area,
+                    group: Some(POC_GROUP.into()),
+                })
+            })
+        })
+        .collect();
+    for b in boots {
+        b.join()
+            .map_err(|_| anyhow::anyhow!("VM creation thread panicked"))??;
     }
     let client = lab.host_namespace("dc1.1-client");
     let mut runs = Vec::new();
     for strategy in strategies {
-        let vms = p.list()?.into_iter().filter(|v| v.group.as_deref() == Some(POC_GROUP)).collect::<Vec<_>>();
-        let to_site = if vms.iter().all(|v| v.host.starts_with("dc1.1")) { "dc1.2" } else { "dc1.1" };
-        let targets: Vec<_> = vms.iter().map(|v| (v.spec.name.clone(), Platform::guest_ip(v))).collect();
-        let before: Vec<_> = targets.iter().map(|(_, ip)| guest_stats(&client, *ip)).collect();
+        let vms = p
+            .list()?
+            .into_iter()
+            .filter(|v| v.group.as_deref() == Some(POC_GROUP))
+            .collect::<Vec<_>>();
+        let to_site = if vms.iter().all(|v| v.host.starts_with("dc1.1")) {
+            "dc1.2"
+        } else {
+            "dc1.1"
+        };
+        let targets: Vec<_> = vms
+            .iter()
+            .map(|v| (v.spec.name.clone(), Platform::guest_ip(v)))
+            .collect();
+        let before: Vec<_> = targets
+            .iter()
+            .map(|(_, ip)| guest_stats(&client, *ip))
+            .collect();
         let started = dczone_workload::now_us();
-        let load = dczone_workload::start(&client, &targets, LOAD_RATE_PER_VM).map_err(anyhow::Error::msg)?;
+        let load = dczone_workload::start(&client, &targets, LOAD_RATE_PER_VM)
+            .map_err(anyhow::Error::msg)?;
         std::thread::sleep(std::time::Duration::from_secs(2));
         let (multi, update) = crate::vm_cmd::progress_display(false);
         let t0 = dczone_workload::now_us();
@@ -180,7 +246,10 @@ pub fn intra_region(state_dir: &Path, exe: &Path, strategies: Vec<Strategy>, jso
                     processed_after: proc1,
                     balance_sum_before: *sum0,
                     balance_sum_after: sum1,
-                    ok: !boot0.is_empty() && *boot0 == boot1 && proc1 >= *proc0 && sum1 == TOTAL_BALANCE,
+                    ok: !boot0.is_empty()
+                        && *boot0 == boot1
+                        && proc1 >= *proc0
+                        && sum1 == TOTAL_BALANCE,
                 }
             })
             .collect();
@@ -194,7 +263,12 @@ pub fn intra_region(state_dir: &Path, exe: &Path, strategies: Vec<Strategy>, jso
         for c in &continuity {
             println!(
                 "continuity {}: same boot {}, processed {} -> {}, balance sum {} -> {} {}",
-                c.vm, c.same_boot, c.processed_before, c.processed_after, c.balance_sum_before, c.balance_sum_after,
+                c.vm,
+                c.same_boot,
+                c.processed_before,
+                c.processed_after,
+                c.balance_sum_before,
+                c.balance_sum_after,
                 if c.ok { "ok" } else { "FAILED" }
             );
         }

@@ -36,6 +36,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The demo: lab up, a 3-VM cluster under load migrates DC1.1 -> DC1.2 (coordinated)
+    /// with its report, lab down.
+    Demo {
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Build, inspect and control the embedded lab.
     Lab {
         #[command(subcommand)]
@@ -91,11 +97,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let lab = dczone_lab::Lab::new(&cli.lab, &cli.state_dir, &exe)?;
     match cli.command {
         Command::Lab { command } => lab_cmd::run(&lab, command),
+        Command::Demo { json } => {
+            let result = bench::intra_region(
+                &lab,
+                &exe,
+                vec![dczone_virt::migrate::Strategy::Coordinated],
+                json,
+            );
+            lab.down()?;
+            println!("lab '{}' is down", lab.name());
+            result
+        }
         Command::Zone { command } => lab_cmd::zone(command),
         Command::Image { command } => image_cmd::run(&exe, command),
         Command::Vm { command } => vm_cmd::run(&lab, &exe, command),
         Command::Migrate(args) => vm_cmd::migrate(&lab, &exe, args),
-        Command::Bench { command } => bench::run(&cli.state_dir, &exe, command),
+        Command::Bench { command } => bench::run(&lab, &cli.state_dir, &exe, command),
         Command::ApnRun { config } => {
             let text = std::fs::read(&config)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;

@@ -178,3 +178,102 @@ fn vm_boots_serves_and_migrates_with_its_state() {
         0
     );
 }
+
+#[test]
+fn group_migration_reports_svc_t2_and_a_cut_link_leaves_the_source_running() {
+    if std::env::var_os("DCZONE_E2E").is_none() {
+        eprintln!("skipped: set DCZONE_E2E=1 (needs root) to run VM tests");
+        return;
+    }
+    let lab = TestLab::new("e2egrp");
+    lab.ok(&["lab", "up"]);
+    let create = |name: &'static str, host: &'static str, dirty: &'static str| {
+        let name_dir = lab.state_dir.clone();
+        let lab_name = lab.name.clone();
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_dczone"))
+                .args(["--lab", &lab_name, "--state-dir"])
+                .arg(&name_dir)
+                .args([
+                    "vm",
+                    "create",
+                    name,
+                    "--host",
+                    host,
+                    "--dirty-mbps",
+                    dirty,
+                    "--group",
+                    "g",
+                ])
+                .output()
+                .expect("dczone runs")
+        })
+    };
+    let a = create("ga", "dc1.1-h1", "1");
+    let b = create("gb", "dc1.1-h2", "4");
+    for h in [a, b] {
+        let out = h.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let g = lab.json(&[
+        "migrate",
+        "--group",
+        "g",
+        "--to",
+        "dc1.2",
+        "--strategy",
+        "parallel",
+        "--json",
+    ]);
+    let vms = g["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2);
+    let t2s: Vec<f64> = vms.iter().map(|v| v["t2_ms"].as_f64().unwrap()).collect();
+    let (span, union) = (
+        g["svc_t2_ms"].as_f64().unwrap(),
+        g["svc_t2_union_ms"].as_f64().unwrap(),
+    );
+    assert!(span + 0.01 >= union, "SVC-T2 {span} < union {union}");
+    assert!(union + 0.01 >= t2s.iter().cloned().fold(0.0, f64::max));
+    assert!(union <= t2s.iter().sum::<f64>() + 0.01);
+    for v in vms {
+        assert!(v["to"].as_str().unwrap().starts_with("dc1.2"));
+    }
+
+    // Cut the link in the middle of a migration back: the migration fails, the VM keeps
+    // serving at its source, and no destination QEMU is left behind.
+    let gb_ip: Ipv4Addr = lab.json(&["vm", "show", "gb", "--json"])["spec"]["ip_cidr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_dczone"))
+        .args(["--lab", &lab.name, "--state-dir"])
+        .arg(&lab.state_dir)
+        .args(["migrate", "gb", "--to", "dc1.1-h2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    lab.ok(&["lab", "link", "cut", "dc1.1", "dc1.2"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "migration over a cut link succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keeps running"), "{err}");
+    let vm = lab.json(&["vm", "show", "gb", "--json"]);
+    assert!(vm["host"].as_str().unwrap().starts_with("dc1.2"), "{vm}");
+    assert!(!vm["running"].is_null());
+    let qemus = sys::pids_in_namespace(&format!("{}-dc1.1-h2", lab.name));
+    assert!(qemus.is_empty(), "destination QEMU left behind: {qemus:?}");
+    lab.ok(&["lab", "link", "restore", "dc1.1", "dc1.2"]);
+    // The source still serves (from the client at dc1.1, through the restored link).
+    let answer = ledger(&lab, gb_ip, &["S"]).remove(0);
+    assert!(answer.starts_with("processed="), "{answer}");
+}

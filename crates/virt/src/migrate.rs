@@ -106,6 +106,9 @@ const PACE_SLOW_BYTES: u64 = 16_000_000;
 /// How far ahead (fraction of its RAM) a VM may get before it is throttled.
 const PACE_LEAD: f64 = 0.03;
 const POLL: Duration = Duration::from_millis(10);
+/// A migration whose stream moves no byte for this long has lost its path (a cut link, a
+/// dead peer host) and is cancelled.
+const STALL: Duration = Duration::from_secs(10);
 const MIGRATION_PORT_BASE: u16 = 4600;
 
 /// What one VM's migration measured.
@@ -174,6 +177,8 @@ struct Session {
     held_ms: f64,
     throttled: bool,
     last: Value,
+    progressed_at: Instant,
+    last_transferred: u64,
     done: bool,
 }
 
@@ -249,6 +254,8 @@ impl Session {
                 held_ms: 0.0,
                 throttled: false,
                 last: Value::Null,
+                progressed_at: Instant::now(),
+                last_transferred: 0,
                 done: false,
             }),
             Err(e) => {
@@ -297,6 +304,11 @@ impl Session {
             }
         }
         let status = info["status"].as_str().unwrap_or("none").to_string();
+        let transferred = info["ram"]["transferred"].as_u64().unwrap_or(0);
+        if transferred != self.last_transferred {
+            self.last_transferred = transferred;
+            self.progressed_at = Instant::now();
+        }
         self.last = info;
         Ok(status)
     }
@@ -311,7 +323,11 @@ impl Session {
         let ram = &self.last["ram"];
         let total = ram["total"].as_f64().unwrap_or(0.0);
         let remaining = ram["remaining"].as_f64().unwrap_or(total);
-        if total > 0.0 { 1.0 - remaining / total } else { 0.0 }
+        if total > 0.0 {
+            1.0 - remaining / total
+        } else {
+            0.0
+        }
     }
 
     /// Throttles (or un-throttles) the VM's migration stream.
@@ -319,7 +335,11 @@ impl Session {
         if slow == self.throttled {
             return Ok(());
         }
-        let bw = if slow { PACE_SLOW_BYTES } else { params.max_bandwidth_bytes };
+        let bw = if slow {
+            PACE_SLOW_BYTES
+        } else {
+            params.max_bandwidth_bytes
+        };
         self.src
             .execute("migrate-set-parameters", json!({"max-bandwidth": bw}))
             .map_err(Self::qmp_err(&self.vm.spec.name))?;
@@ -570,6 +590,13 @@ impl Platform {
                 if !hv::alive(s.dst_running.pid) && !s.done {
                     failure = Some(format!("destination QEMU of {} died", s.vm.spec.name));
                 }
+                if !s.done && s.progressed_at.elapsed() > STALL {
+                    failure = Some(format!(
+                        "the stream of {} moved no data for {} s (link cut or peer host down?)",
+                        s.vm.spec.name,
+                        STALL.as_secs()
+                    ));
+                }
             }
             if failure.is_none() && started.elapsed() > params.timeout {
                 failure = Some(format!("no completion within {:?}", params.timeout));
@@ -603,7 +630,8 @@ impl Platform {
                     .fold(f64::INFINITY, f64::min);
                 if slowest.is_finite() && started.elapsed() < params.max_hold {
                     for s in sessions.iter_mut().filter(|s| !s.done) {
-                        let ahead = !s.first_pass() || s.first_pass_progress() > slowest + PACE_LEAD;
+                        let ahead =
+                            !s.first_pass() || s.first_pass_progress() > slowest + PACE_LEAD;
                         s.pace(ahead, params)?;
                     }
                 } else {

@@ -15,7 +15,9 @@ use serde::Serialize;
 use dczone_measure::{gaps, union, Interval};
 
 pub fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// One VM's stream.
@@ -36,7 +38,11 @@ pub struct Load {
 }
 
 /// Starts `rate_per_vm` transfers per second to each target, from namespace `client_ns`.
-pub fn start(client_ns: &str, targets: &[(String, Ipv4Addr)], rate_per_vm: u32) -> Result<Load, String> {
+pub fn start(
+    client_ns: &str,
+    targets: &[(String, Ipv4Addr)],
+    rate_per_vm: u32,
+) -> Result<Load, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for (i, (vm, ip)) in targets.iter().enumerate() {
@@ -48,19 +54,35 @@ pub fn start(client_ns: &str, targets: &[(String, Ipv4Addr)], rate_per_vm: u32) 
         .map_err(|e| e.to_string())?;
         threads.push(h);
     }
-    Ok(Load { stop, threads, rate_per_vm })
+    Ok(Load {
+        stop,
+        threads,
+        rate_per_vm,
+    })
 }
 
 fn connect(ip: Ipv4Addr) -> Option<(TcpStream, BufReader<TcpStream>)> {
-    let s = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_millis(300)).ok()?;
+    let s = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_millis(300))
+        .ok()?;
     s.set_nodelay(true).ok()?;
     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
     let r = BufReader::new(s.try_clone().ok()?);
     Some((s, r))
 }
 
-fn run_stream(vm: String, ip: Ipv4Addr, period: Duration, stop: Arc<AtomicBool>, id_base: u64) -> Stream {
-    let mut out = Stream { vm, ok: Vec::new(), errors: 0, sent: 0 };
+fn run_stream(
+    vm: String,
+    ip: Ipv4Addr,
+    period: Duration,
+    stop: Arc<AtomicBool>,
+    id_base: u64,
+) -> Stream {
+    let mut out = Stream {
+        vm,
+        ok: Vec::new(),
+        errors: 0,
+        sent: 0,
+    };
     let mut conn = None;
     let mut next = Instant::now();
     let mut id = id_base;
@@ -80,7 +102,9 @@ fn run_stream(vm: String, ip: Ipv4Addr, period: Duration, stop: Arc<AtomicBool>,
         let t0 = Instant::now();
         out.sent += 1;
         line.clear();
-        let ok = writeln!(w, "T {id} {from} {to} 1").is_ok() && r.read_line(&mut line).is_ok() && line.starts_with("OK");
+        let ok = writeln!(w, "T {id} {from} {to} 1").is_ok()
+            && r.read_line(&mut line).is_ok()
+            && line.starts_with("OK");
         if ok {
             out.ok.push((now_us(), t0.elapsed().as_micros() as u64));
         } else {
@@ -135,15 +159,29 @@ fn phase(streams: &[Stream], from_us: u64, to_us: u64) -> Phase {
         }
     }
     let secs = (to_us.saturating_sub(from_us)) as f64 / 1e6;
-    let q = |x: f64| if h.is_empty() { 0.0 } else { h.value_at_quantile(x) as f64 / 1e3 };
-    Phase { tps: if secs > 0.0 { n as f64 / secs } else { 0.0 }, p50_ms: q(0.5), p99_ms: q(0.99) }
+    let q = |x: f64| {
+        if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(x) as f64 / 1e3
+        }
+    };
+    Phase {
+        tps: if secs > 0.0 { n as f64 / secs } else { 0.0 },
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+    }
 }
 
 impl Load {
     /// Stops the streams and summarizes them around `[window_start_us, window_end_us)`.
     pub fn finish(self, started_us: u64, window: Interval) -> LoadReport {
         self.stop.store(true, Ordering::Relaxed);
-        let streams: Vec<Stream> = self.threads.into_iter().filter_map(|h| h.join().ok()).collect();
+        let streams: Vec<Stream> = self
+            .threads
+            .into_iter()
+            .filter_map(|h| h.join().ok())
+            .collect();
         let ended = now_us();
         let period_us = 1_000_000 / u64::from(self.rate_per_vm.max(1));
         // A gap is more than three request periods, and at least 20 ms, without success.
@@ -157,9 +195,13 @@ impl Load {
                 (s.vm.clone(), gaps(&times, threshold))
             })
             .collect();
-        let all: Vec<Interval> = vm_gaps.iter().flat_map(|(_, g)| g.iter().copied()).collect();
+        let all: Vec<Interval> = vm_gaps
+            .iter()
+            .flat_map(|(_, g)| g.iter().copied())
+            .collect();
         let service_gaps = union(&all);
-        let client_gap_ms = service_gaps.iter().map(Interval::len_us).max().unwrap_or(0) as f64 / 1e3;
+        let client_gap_ms =
+            service_gaps.iter().map(Interval::len_us).max().unwrap_or(0) as f64 / 1e3;
         LoadReport {
             rate_per_vm: self.rate_per_vm,
             sent: streams.iter().map(|s| s.sent).sum(),
