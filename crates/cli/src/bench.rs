@@ -13,6 +13,14 @@ use crate::table::render;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// One VM's migration time and downtime against guest memory size and dirty rate.
+    MigrationSweep {
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Where to write the SVG plot.
+        #[arg(long, default_value = "report/migration-sweep.svg")]
+        svg: PathBuf,
+    },
     /// UC1 scenario #1: a 3-VM cluster under client load migrates DC1.1 -> DC1.2.
     IntraRegion {
         #[arg(
@@ -46,6 +54,7 @@ pub fn run(
     cmd: BenchCommand,
 ) -> anyhow::Result<ExitCode> {
     match cmd {
+        BenchCommand::MigrationSweep { json, svg } => sweep(lab, exe, json, svg),
         BenchCommand::IntraRegion {
             strategy,
             compare,
@@ -325,4 +334,132 @@ fn git_rev() -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+const SWEEP_MEMORY_MIB: [u32; 3] = [256, 512, 1024];
+const SWEEP_DIRTY_MBPS: [u32; 3] = [0, 4, 16];
+
+#[derive(Debug, serde::Serialize)]
+struct SweepPoint {
+    memory_mib: u32,
+    dirty_mbps: u32,
+    total_ms: f64,
+    t2_ms: f64,
+    qemu_downtime_ms: u64,
+    bytes_sent: u64,
+    iterations: u64,
+}
+
+/// Single-VM migrations DC1.1 -> DC1.2 over a grid of memory sizes and dirty rates.
+pub fn sweep(
+    lab: &dczone_lab::Lab,
+    exe: &Path,
+    json: Option<PathBuf>,
+    svg: PathBuf,
+) -> anyhow::Result<ExitCode> {
+    let zone = dczone_zone::Zone::reference();
+    lab.up(
+        &zone,
+        "<built-in reference zone>",
+        dczone_zone::DEFAULT_ZONE_TOML,
+    )?;
+    let p = crate::vm_cmd::platform(lab, exe)?;
+    let mut points = Vec::new();
+    for mem in SWEEP_MEMORY_MIB {
+        let names: Vec<String> = SWEEP_DIRTY_MBPS
+            .iter()
+            .map(|d| format!("sw-{mem}-{d}"))
+            .collect();
+        let boots: Vec<_> = names
+            .iter()
+            .zip(SWEEP_DIRTY_MBPS)
+            .map(|(name, dirty)| {
+                let (p, name) = (p.clone(), name.clone());
+                if p.get(&name).is_ok() {
+                    let _ = p.destroy(&name);
+                }
+                std::thread::spawn(move || {
+                    p.create(&dczone_virt::CreateVm {
+                        name,
+                        host: "dc1.1-h1".into(),
+                        memory_mib: mem,
+                        dirty_mbps: dirty,
+                        dirty_mib: (mem / 4).min(128),
+                        group: None,
+                    })
+                })
+            })
+            .collect();
+        for b in boots {
+            b.join()
+                .map_err(|_| anyhow::anyhow!("VM creation thread panicked"))??;
+        }
+        for (name, dirty) in names.iter().zip(SWEEP_DIRTY_MBPS) {
+            let m = p.migrate(name, "dc1.2-h1", &Params::default(), &|_| {})?;
+            println!(
+                "{mem:>5} MiB, dirty {dirty:>2} MB/s: total {:>7.1} ms, T2 {:>6.1} ms (QEMU downtime {} ms), {:.1} MiB sent, {} rounds",
+                m.t1_ms + m.t2_ms,
+                m.t2_ms,
+                m.qemu_downtime_ms,
+                m.bytes_sent as f64 / 1048576.0,
+                m.iterations
+            );
+            points.push(SweepPoint {
+                memory_mib: mem,
+                dirty_mbps: dirty,
+                total_ms: m.t1_ms + m.t2_ms,
+                t2_ms: m.t2_ms,
+                qemu_downtime_ms: m.qemu_downtime_ms,
+                bytes_sent: m.bytes_sent,
+                iterations: m.iterations,
+            });
+            p.destroy(name)?;
+        }
+    }
+    let series = |f: fn(&SweepPoint) -> f64| -> Vec<crate::plot::Series> {
+        SWEEP_DIRTY_MBPS
+            .iter()
+            .map(|&d| {
+                (
+                    format!("dirty {d} MB/s"),
+                    points
+                        .iter()
+                        .filter(|p| p.dirty_mbps == d)
+                        .map(|p| (f64::from(p.memory_mib), f(p)))
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let total = series(|p| p.total_ms);
+    let down = series(|p| p.t2_ms);
+    let chart = crate::plot::two_panels(
+        (
+            "Migration time (T1 + T2)",
+            "guest memory, MiB",
+            "ms",
+            &total,
+        ),
+        (
+            "Downtime T2 (STOP -> RESUME)",
+            "guest memory, MiB",
+            "ms",
+            &down,
+        ),
+    );
+    if let Some(dir) = svg.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&svg, chart)?;
+    println!("wrote {}", svg.display());
+    if let Some(path) = json {
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(
+                &serde_json::json!({"git_rev": git_rev(), "points": points}),
+            )?,
+        )?;
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

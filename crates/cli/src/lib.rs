@@ -4,6 +4,7 @@
 mod bench;
 mod image_cmd;
 mod lab_cmd;
+mod plot;
 mod table;
 mod vm_cmd;
 
