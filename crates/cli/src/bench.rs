@@ -434,18 +434,18 @@ pub fn sweep(
     let total = series(|p| p.total_ms);
     let down = series(|p| p.t2_ms);
     let chart = crate::plot::two_panels(
-        (
-            "Migration time (T1 + T2)",
-            "guest memory, MiB",
-            "ms",
-            &total,
-        ),
-        (
-            "Downtime T2 (STOP -> RESUME)",
-            "guest memory, MiB",
-            "ms",
-            &down,
-        ),
+        &crate::plot::Panel {
+            title: "Migration time (T1 + T2)",
+            x_label: "guest memory, MiB",
+            y_label: "ms",
+            series: &total,
+        },
+        &crate::plot::Panel {
+            title: "Downtime T2 (STOP -> RESUME)",
+            x_label: "guest memory, MiB",
+            y_label: "ms",
+            series: &down,
+        },
     );
     if let Some(dir) = svg.parent() {
         std::fs::create_dir_all(dir)?;

@@ -4,18 +4,23 @@
 /// One line: a label and (x, y) points.
 pub type Series = (String, Vec<(f64, f64)>);
 
-/// Renders one panel at `(ox, oy)` of `w` x `h` pixels.
-fn panel(
-    out: &mut String,
-    ox: f64,
-    oy: f64,
-    w: f64,
-    h: f64,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-) {
+/// One chart: title, axis labels and its lines.
+pub struct Panel<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub series: &'a [Series],
+}
+
+/// Renders one panel with its top-left corner at `origin`, `size` pixels large.
+fn panel(out: &mut String, origin: (f64, f64), size: (f64, f64), chart: &Panel) {
+    let ((ox, oy), (w, h)) = (origin, size);
+    let Panel {
+        title,
+        x_label,
+        y_label,
+        series,
+    } = *chart;
     let (l, r, t, b) = (60.0, 20.0, 30.0, 45.0);
     let xs: Vec<f64> = series
         .iter()
@@ -98,14 +103,14 @@ fn panel(
 }
 
 /// Two panels side by side.
-pub fn two_panels(
-    left: (&str, &str, &str, &[Series]),
-    right: (&str, &str, &str, &[Series]),
-) -> String {
+pub fn two_panels(left: &Panel, right: &Panel) -> String {
     let (w, h) = (420.0, 300.0);
-    let mut out = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{h}' font-family='sans-serif'>\n<rect width='100%' height='100%' fill='white'/>\n", 2.0 * w);
-    panel(&mut out, 0.0, 0.0, w, h, left.0, left.1, left.2, left.3);
-    panel(&mut out, w, 0.0, w, h, right.0, right.1, right.2, right.3);
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{h}' font-family='sans-serif'>\n<rect width='100%' height='100%' fill='white'/>\n",
+        2.0 * w
+    );
+    panel(&mut out, (0.0, 0.0), (w, h), left);
+    panel(&mut out, (w, 0.0), (w, h), right);
     out.push_str("</svg>\n");
     out
 }
