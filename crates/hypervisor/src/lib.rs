@@ -167,15 +167,20 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
     let _ = std::fs::remove_file(&qmp);
     let _ = std::fs::remove_file(&pidfile);
     let s = l.spec;
-    // Under TCG, QEMU 7.2 clears migration dirty bits without resetting the vCPU's TLB, so
-    // a write through a TLB entry cached before a bitmap sync is never marked dirty and the
-    // destination gets a stale page (seen here: 3 of 3 migrated guests dirtying 8 MB/s
-    // crashed on corrupted kernel lists). `pti=on` makes the guest kernel reload CR3 on
-    // every kernel entry and exit, which flushes TCG's TLB, so the window closes (0 of 3).
-    // KVM tracks dirty pages in the hypervisor and needs none of this.
-    let tcg_fix = if l.accel == Accel::Tcg { " pti=on" } else { "" };
+    // Under TCG, QEMU before 9.0 has a fast path in cpu_physical_memory_sync_dirty_bitmap()
+    // for RAM blocks whose length is a multiple of 64 pages; it clears dirty bits without
+    // bringing the TCG TLB up to date, so later stores through cached TLB entries are never
+    // marked dirty and the destination gets stale pages (QEMU commit "physmem: Fix
+    // migration dirty bitmap coherency with TCG memory access", 9.0). Seen here: 3 of 3
+    // migrated guests dirtying 8 MB/s crashed on corrupted kernel lists. Giving TCG guests
+    // 4 KiB more than a multiple of 256 KiB keeps QEMU on the slow path, which resets the
+    // TLB. KVM tracks dirty pages in the kernel and needs none of this.
+    let memory = match l.accel {
+        Accel::Tcg => format!("{}K", u64::from(s.memory_mib) * 1024 + 4),
+        Accel::Kvm => format!("{}M", s.memory_mib),
+    };
     let append = format!(
-        "console=ttyS0 quiet panic=-1 dczone.ip={} dczone.dirty_mbps={} dczone.dirty_mib={}{tcg_fix} {}",
+        "console=ttyS0 quiet panic=-1 dczone.ip={} dczone.dirty_mbps={} dczone.dirty_mib={} {}",
         s.ip_cidr,
         s.dirty_mbps,
         s.dirty_mib,
@@ -192,12 +197,7 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
             "-no-user-config",
         ])
         .args(["-accel", l.accel.qemu_arg()])
-        .args([
-            "-m",
-            &s.memory_mib.to_string(),
-            "-smp",
-            &s.vcpus.to_string(),
-        ])
+        .args(["-m", &memory, "-smp", &s.vcpus.to_string()])
         .arg("-kernel")
         .arg(l.kernel)
         .arg("-initrd")
