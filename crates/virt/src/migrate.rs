@@ -23,9 +23,11 @@
 //! - `parallel`: all at once, independently (what libvirt gives you);
 //! - `coordinated`: all at once, paced so that the cluster moves as one. During the first
 //!   full pass over RAM, a VM that is more than 3 % further along than the slowest one is
-//!   throttled (`max-bandwidth` 16 MB/s, above any lab dirty rate, so a throttled VM does not build a backlog) until the others catch up, so every first pass ends
-//!   at about the same moment; meanwhile a 1 ms downtime-limit keeps each VM iterating
-//!   rather than switching over early. Once every VM has finished its first pass, the
+//!   throttled (`max-bandwidth` 2 MB/s) until the others catch up, so every first pass ends
+//!   at about the same moment (a first pass only needs to *end* together: what a throttled
+//!   VM dirties meanwhile is re-sent in later rounds anyway). A VM past its first pass is
+//!   never throttled, so it keeps its remaining dirty set small, and a 1 ms downtime-limit
+//!   keeps it iterating rather than switching over early. Once every VM has finished its first pass, the
 //!   target downtime-limit and full bandwidth are set on all VMs at once, and they converge
 //!   within a few short iterations of each other. Holding VMs paused in QEMU's
 //!   `pre-switchover` state was tried and rejected: waiting there is downtime, and it does
@@ -102,7 +104,7 @@ impl Default for Params {
 /// first pass with everything dirtied since still to send.
 const HOLD_DOWNTIME_MS: u64 = 1;
 /// `max-bandwidth` of a VM that is ahead of the cluster during its first pass.
-const PACE_SLOW_BYTES: u64 = 16_000_000;
+const PACE_SLOW_BYTES: u64 = 2_000_000;
 /// How far ahead (fraction of its RAM) a VM may get before it is throttled.
 const PACE_LEAD: f64 = 0.03;
 const POLL: Duration = Duration::from_millis(10);
