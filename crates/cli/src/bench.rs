@@ -176,13 +176,7 @@ pub fn intra_region(
     strategies: Vec<Strategy>,
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let zone = dczone_zone::Zone::reference();
-    lab.up(
-        &zone,
-        "<built-in reference zone>",
-        dczone_zone::DEFAULT_ZONE_TOML,
-    )?;
-    let p = crate::vm_cmd::platform(lab, exe)?;
+    let p = reference_platform(lab, exe)?;
     for (name, ..) in POC_VMS {
         if p.get(name).is_ok() {
             p.destroy(name)?;
@@ -314,7 +308,7 @@ pub fn intra_region(
             ratio(coo, par).unwrap_or(f64::NAN)
         );
         serde_json::json!({
-            "git_rev": git_rev(),
+            "git_rev": dczone_lab::wan_bench::git_rev(),
             "strategies": runs.iter().map(|r| (r.strategy.clone(), serde_json::to_value(r).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
             "ratios": {"coordinated_vs_sequential": ratio(coo, seq), "coordinated_vs_parallel": ratio(coo, par)},
         })
@@ -326,14 +320,12 @@ pub fn intra_region(
     Ok(ExitCode::SUCCESS)
 }
 
-fn git_rev() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+/// Brings the lab up on the reference zone (a no-op if it already is) and returns its
+/// virtualization platform.
+fn reference_platform(lab: &dczone_lab::Lab, exe: &Path) -> anyhow::Result<Platform> {
+    let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
+    lab.up(&zone, &source, &text)?;
+    crate::vm_cmd::platform(lab, exe)
 }
 
 const SWEEP_MEMORY_MIB: [u32; 3] = [256, 512, 1024];
@@ -357,13 +349,7 @@ pub fn sweep(
     json: Option<PathBuf>,
     svg: PathBuf,
 ) -> anyhow::Result<ExitCode> {
-    let zone = dczone_zone::Zone::reference();
-    lab.up(
-        &zone,
-        "<built-in reference zone>",
-        dczone_zone::DEFAULT_ZONE_TOML,
-    )?;
-    let p = crate::vm_cmd::platform(lab, exe)?;
+    let p = reference_platform(lab, exe)?;
     let mut points = Vec::new();
     for mem in SWEEP_MEMORY_MIB {
         let names: Vec<String> = SWEEP_DIRTY_MBPS
@@ -456,7 +442,7 @@ pub fn sweep(
         std::fs::write(
             &path,
             serde_json::to_vec_pretty(
-                &serde_json::json!({"git_rev": git_rev(), "points": points}),
+                &serde_json::json!({"git_rev": dczone_lab::wan_bench::git_rev(), "points": points}),
             )?,
         )?;
         println!("wrote {}", path.display());

@@ -3,83 +3,14 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dczone_lab::sys;
 
-/// One lab per test, with its own name and state directory; torn down on drop.
-struct TestLab {
-    name: String,
-    state_dir: PathBuf,
-}
+mod common;
 
-fn e2e_enabled() -> bool {
-    if std::env::var_os("DCZONE_E2E").is_some() {
-        true
-    } else {
-        eprintln!("skipped: set DCZONE_E2E=1 (needs root) to run lab tests");
-        false
-    }
-}
-
-impl TestLab {
-    fn new(name: &str) -> TestLab {
-        let state_dir = std::env::temp_dir().join(format!("dczone-test-{name}"));
-        let lab = TestLab {
-            name: name.to_string(),
-            state_dir,
-        };
-        lab.ok(&["lab", "down"]);
-        lab
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_dczone"))
-            .args(["--lab", &self.name, "--state-dir"])
-            .arg(&self.state_dir)
-            .args(args)
-            .output()
-            .expect("dczone runs")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "dczone {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn up(&self) {
-        self.ok(&["lab", "up"]);
-    }
-
-    fn ns(&self, host: &str) -> String {
-        format!("{}-{host}", self.name)
-    }
-
-    /// `lab status --json`, which exits non-zero (but still reports) when unhealthy.
-    fn status(&self) -> serde_json::Value {
-        let out = self.run(&["lab", "status", "--json"]);
-        serde_json::from_slice(&out.stdout).expect("status is JSON")
-    }
-
-    /// Is `to` reachable from `from` by ICMP within a second?
-    fn reachable(&self, from: &str, to: Ipv4Addr) -> bool {
-        dczone_lab::probe::measure_rtt(&self.ns(from), to, 1, Duration::ZERO).is_ok()
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.run(&["lab", "down"]);
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
+use common::{e2e_enabled, TestLab};
 
 const DC11_H1: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 11);
 const DC12_H1: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 11);
@@ -298,12 +229,7 @@ fn down_cleans_up_after_kill_9_of_the_emulator_and_of_up() {
     lab.ok(&["lab", "down"]);
 
     // kill -9 of `lab up` while it builds.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dczone"))
-        .args(["--lab", "e2edown", "--state-dir"])
-        .arg(&lab.state_dir)
-        .args(["lab", "up"])
-        .spawn()
-        .unwrap();
+    let mut child = lab.command().args(["lab", "up"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(60));
     let _ = child.kill();
     let _ = child.wait();

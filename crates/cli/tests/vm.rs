@@ -3,57 +3,13 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use dczone_lab::sys;
 
-struct TestLab {
-    name: String,
-    state_dir: PathBuf,
-}
+mod common;
 
-impl TestLab {
-    fn new(name: &str) -> TestLab {
-        let lab = TestLab {
-            name: name.into(),
-            state_dir: std::env::temp_dir().join(format!("dczone-test-{name}")),
-        };
-        let _ = lab.run(&["lab", "down"]);
-        lab
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_dczone"))
-            .args(["--lab", &self.name, "--state-dir"])
-            .arg(&self.state_dir)
-            .args(args)
-            .output()
-            .expect("dczone runs")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "dczone {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).expect("JSON output")
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.run(&["lab", "down"]);
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
+use common::{e2e_enabled, TestLab};
 
 /// Sends ledger requests from the client host and returns the answers.
 fn ledger(lab: &TestLab, ip: Ipv4Addr, requests: &'static [&'static str]) -> Vec<String> {
@@ -87,8 +43,7 @@ fn field<'a>(stats: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn vm_boots_serves_and_migrates_with_its_state() {
-    if std::env::var_os("DCZONE_E2E").is_none() {
-        eprintln!("skipped: set DCZONE_E2E=1 (needs root) to run VM tests");
+    if !e2e_enabled() {
         return;
     }
     let lab = TestLab::new("e2evm");
@@ -181,33 +136,25 @@ fn vm_boots_serves_and_migrates_with_its_state() {
 
 #[test]
 fn group_migration_reports_svc_t2_and_a_cut_link_leaves_the_source_running() {
-    if std::env::var_os("DCZONE_E2E").is_none() {
-        eprintln!("skipped: set DCZONE_E2E=1 (needs root) to run VM tests");
+    if !e2e_enabled() {
         return;
     }
     let lab = TestLab::new("e2egrp");
     lab.ok(&["lab", "up"]);
     let create = |name: &'static str, host: &'static str, dirty: &'static str| {
-        let name_dir = lab.state_dir.clone();
-        let lab_name = lab.name.clone();
-        std::thread::spawn(move || {
-            Command::new(env!("CARGO_BIN_EXE_dczone"))
-                .args(["--lab", &lab_name, "--state-dir"])
-                .arg(&name_dir)
-                .args([
-                    "vm",
-                    "create",
-                    name,
-                    "--host",
-                    host,
-                    "--dirty-mbps",
-                    dirty,
-                    "--group",
-                    "g",
-                ])
-                .output()
-                .expect("dczone runs")
-        })
+        let mut cmd = lab.command();
+        cmd.args([
+            "vm",
+            "create",
+            name,
+            "--host",
+            host,
+            "--dirty-mbps",
+            dirty,
+            "--group",
+            "g",
+        ]);
+        std::thread::spawn(move || cmd.output().expect("dczone runs"))
     };
     let a = create("ga", "dc1.1-h1", "1");
     let b = create("gb", "dc1.1-h2", "4");
@@ -253,9 +200,8 @@ fn group_migration_reports_svc_t2_and_a_cut_link_leaves_the_source_running() {
         .unwrap()
         .parse()
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_dczone"))
-        .args(["--lab", &lab.name, "--state-dir"])
-        .arg(&lab.state_dir)
+    let child = lab
+        .command()
         .args(["migrate", "gb", "--to", "dc1.1-h2"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

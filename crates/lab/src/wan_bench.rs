@@ -43,7 +43,8 @@ fn summarize(name: &str, mut values: Vec<f64>, target: &str, pass: Option<bool>)
     }
 }
 
-fn git_rev() -> String {
+/// The short git revision of the working directory, for benchmark reports.
+pub fn git_rev() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()

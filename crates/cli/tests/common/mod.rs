@@ -1,0 +1,90 @@
+//! The one helper every end-to-end test goes through: a lab of its own, driven through the
+//! real `dczone` binary, torn down on drop.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// End-to-end tests need root and run only with `DCZONE_E2E=1` (the test command sets it).
+pub fn e2e_enabled() -> bool {
+    if std::env::var_os("DCZONE_E2E").is_some() {
+        true
+    } else {
+        eprintln!("skipped: set DCZONE_E2E=1 (needs root) to run end-to-end tests");
+        false
+    }
+}
+
+/// One lab per test, with its own name and state directory.
+pub struct TestLab {
+    pub name: String,
+    pub state_dir: PathBuf,
+}
+
+impl TestLab {
+    pub fn new(name: &str) -> TestLab {
+        let lab = TestLab {
+            name: name.to_string(),
+            state_dir: std::env::temp_dir().join(format!("dczone-test-{name}")),
+        };
+        lab.ok(&["lab", "down"]);
+        lab
+    }
+
+    /// `dczone --lab NAME --state-dir DIR ARGS...`
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dczone"));
+        c.args(["--lab", &self.name, "--state-dir"])
+            .arg(&self.state_dir);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("dczone runs")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "dczone {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).expect("JSON output")
+    }
+
+    pub fn up(&self) {
+        self.ok(&["lab", "up"]);
+    }
+
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.name)
+    }
+
+    /// `lab status --json`, which exits non-zero (but still reports) when unhealthy.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.run(&["lab", "status", "--json"]);
+        serde_json::from_slice(&out.stdout).expect("status is JSON")
+    }
+
+    /// Is `to` reachable from `from` by ICMP within a second?
+    pub fn reachable(&self, from: &str, to: Ipv4Addr) -> bool {
+        dczone_lab::probe::measure_rtt(&self.ns(from), to, 1, Duration::ZERO).is_ok()
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self.run(&["lab", "down"]);
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
