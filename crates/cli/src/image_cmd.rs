@@ -1,6 +1,6 @@
 //! `dczone image build`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Subcommand;
@@ -17,37 +17,8 @@ pub enum ImageCommand {
     },
 }
 
-/// The static guest binary: `$DCZONE_GUEST_BIN`, else built by `scripts/build` under
-/// `target/x86_64-unknown-linux-gnu/{release,debug}/` next to this executable's target dir.
-pub fn guest_binary(exe: &Path) -> PathBuf {
-    if let Some(p) = std::env::var_os("DCZONE_GUEST_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("."));
-    let candidates = ["release", "debug"].map(|p| {
-        target
-            .join("x86_64-unknown-linux-gnu")
-            .join(p)
-            .join("dczone-guest")
-    });
-    candidates
-        .iter()
-        .find(|p| p.exists())
-        .cloned()
-        .unwrap_or_else(|| candidates[0].clone())
-}
-
 pub fn inputs(exe: &Path) -> ImageInputs {
-    ImageInputs {
-        guest_binary: guest_binary(exe),
-        busybox: PathBuf::from("/bin/busybox"),
-        cache_root: std::env::var_os("DCZONE_CACHE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/cache/dczone")),
-    }
+    ImageInputs::for_executable(exe)
 }
 
 pub fn ensure(exe: &Path) -> anyhow::Result<Image> {

@@ -6,10 +6,9 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use dczone_hypervisor::probe_accel;
 use dczone_lab::Lab;
 use dczone_virt::migrate::{GroupMigration, Params, Progress, Strategy};
-use dczone_virt::{CreateVm, GuestImage, Platform};
+use dczone_virt::{CreateVm, Platform};
 
 use crate::print_json;
 use crate::table::render;
@@ -94,23 +93,7 @@ impl From<StrategyArg> for Strategy {
 
 /// The lab's platform with the guest image and the probed accelerator.
 pub fn platform(lab: &Lab, exe: &Path) -> anyhow::Result<Platform> {
-    lab.state()?;
-    let img = crate::image_cmd::ensure(exe)?;
-    let cache = crate::image_cmd::inputs(exe).cache_root;
-    let accel = probe_accel(
-        &img.kernel,
-        &img.initramfs,
-        &lab.dir().join("probe"),
-        &cache.join("accel"),
-    );
-    Ok(Platform::new(
-        lab.clone(),
-        GuestImage {
-            kernel: img.kernel,
-            initramfs: img.initramfs,
-        },
-        accel,
-    ))
+    Ok(Platform::open(lab.clone(), &crate::image_cmd::inputs(exe))?)
 }
 
 pub fn run(lab: &Lab, exe: &Path, cmd: VmCommand) -> anyhow::Result<ExitCode> {

@@ -67,6 +67,42 @@ pub struct ImageInputs {
     pub cache_root: PathBuf,
 }
 
+impl ImageInputs {
+    /// The defaults for a `dczone`/`dczoned` executable at `exe`: the static guest binary
+    /// from `$DCZONE_GUEST_BIN`, else as built by `scripts/build` under
+    /// `target/x86_64-unknown-linux-gnu/{release,debug}/`; busybox from busybox-static; the
+    /// cache in `$DCZONE_CACHE_DIR` or `/var/cache/dczone`.
+    pub fn for_executable(exe: &Path) -> ImageInputs {
+        let guest_binary = match std::env::var_os("DCZONE_GUEST_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let target = exe
+                    .parent()
+                    .and_then(Path::parent)
+                    .unwrap_or(Path::new("."));
+                let candidates = ["release", "debug"].map(|p| {
+                    target
+                        .join("x86_64-unknown-linux-gnu")
+                        .join(p)
+                        .join("dczone-guest")
+                });
+                candidates
+                    .iter()
+                    .find(|p| p.exists())
+                    .cloned()
+                    .unwrap_or_else(|| candidates[0].clone())
+            }
+        };
+        ImageInputs {
+            guest_binary,
+            busybox: PathBuf::from("/bin/busybox"),
+            cache_root: std::env::var_os("DCZONE_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/cache/dczone")),
+        }
+    }
+}
+
 /// A built image.
 #[derive(Debug, Clone)]
 pub struct Image {

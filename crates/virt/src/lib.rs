@@ -109,6 +109,8 @@ pub enum VirtError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the guest image is unavailable")]
+    Image(#[from] dczone_image::ImageError),
     #[error("group '{0}' has no VMs")]
     EmptyGroup(String),
 }
@@ -139,6 +141,27 @@ fn mem_available_mib() -> u64 {
 impl Platform {
     pub fn new(lab: Lab, image: GuestImage, accel: Accel) -> Platform {
         Platform { lab, image, accel }
+    }
+
+    /// The platform of a running lab: builds (or finds) the guest image and picks the
+    /// accelerator by probing (cached).
+    pub fn open(lab: Lab, inputs: &dczone_image::ImageInputs) -> Result<Platform, VirtError> {
+        lab.state()?;
+        let img = dczone_image::ensure(inputs)?;
+        let accel = hv::probe_accel(
+            &img.kernel,
+            &img.initramfs,
+            &lab.dir().join("probe"),
+            &inputs.cache_root.join("accel"),
+        );
+        Ok(Platform::new(
+            lab,
+            GuestImage {
+                kernel: img.kernel,
+                initramfs: img.initramfs,
+            },
+            accel,
+        ))
     }
 
     pub fn lab(&self) -> &Lab {
