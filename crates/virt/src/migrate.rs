@@ -109,6 +109,10 @@ const PACE_SLOW_BYTES: u64 = 2_000_000;
 /// How far ahead (fraction of its RAM) a VM may get before it is throttled.
 const PACE_LEAD: f64 = 0.03;
 const POLL: Duration = Duration::from_millis(10);
+/// First self-announce after the switchover, and the spacing of the following ones, ms
+/// (QEMU defaults: 50 and 100).
+const ANNOUNCE_INITIAL_MS: u64 = 1;
+const ANNOUNCE_STEP_MS: u64 = 20;
 /// A migration whose stream moves no byte for this long has lost its path (a cut link, a
 /// dead peer host) and is cancelled.
 const STALL: Duration = Duration::from_secs(10);
@@ -230,6 +234,14 @@ impl Session {
             dst.execute(
                 "migrate-set-capabilities",
                 json!({"capabilities": [{"capability": "events", "state": true}]}),
+            )
+            .map_err(&err)?;
+            // The destination announces the VM's MAC (RARP, and a virtio-net announce)
+            // as soon as it runs, not after QEMU's default 50 ms, so that the switches learn
+            // the new location and clients reach it without waiting.
+            dst.execute(
+                "migrate-set-parameters",
+                json!({"announce-initial": ANNOUNCE_INITIAL_MS, "announce-step": ANNOUNCE_STEP_MS}),
             )
             .map_err(&err)?;
             let uri = format!("tcp:{}:{port}", dest_host.ip());

@@ -17,7 +17,9 @@ use dczone_measure::{gaps, union, Interval};
 /// A request not answered within this is retried, with the same id, on a new connection:
 /// a client of a financial service does not wait out TCP's retransmission backoff, and
 /// the ledger's idempotency makes the retry safe (a duplicate answers `DUP`).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(150);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
+/// A lost SYN (the VM is stopped mid-switchover) is retried after this, not after TCP's 1 s.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
 
 pub fn now_us() -> u64 {
     SystemTime::now()
