@@ -169,6 +169,9 @@ pub struct LinkChange {
 
 const APN_SUFFIX: &str = "apn";
 
+/// Every lab bridge: a plain learning switch, no spanning tree, forwarding at once.
+const BRIDGE_OPTS: &str = "type bridge stp_state 0 forward_delay 0";
+
 /// The bridge inside every host namespace; VM TAPs join it.
 pub const HOST_BRIDGE: &str = "br0";
 
@@ -311,36 +314,15 @@ impl Lab {
         sys::ip("create the APN namespace", &["netns", "add", &apn])?;
         disable_bridge_netfilter(&apn)?;
         for (i, site) in zone.sites.iter().enumerate() {
-            let step = format!("create the bridge of site {}", site.id);
-            let br = format!("br-{i}");
-            let tap = format!("apn-{i}");
-            sys::ip(
-                &step,
+            sys::ip_script(
+                &format!("create the bridge and APN port of site {}", site.id),
+                &apn,
                 &[
-                    "-n",
-                    &apn,
-                    "link",
-                    "add",
-                    &br,
-                    "type",
-                    "bridge",
-                    "stp_state",
-                    "0",
-                    "forward_delay",
-                    "0",
+                    format!("link add br-{i} {BRIDGE_OPTS}"),
+                    format!("link set br-{i} up"),
+                    format!("tuntap add dev apn-{i} mode tap vnet_hdr"),
+                    format!("link set apn-{i} master br-{i} up"),
                 ],
-            )?;
-            sys::ip(&step, &["-n", &apn, "link", "set", &br, "up"])?;
-            let step = format!("create the APN port of site {}", site.id);
-            sys::ip(
-                &step,
-                &[
-                    "-n", &apn, "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr",
-                ],
-            )?;
-            sys::ip(
-                &step,
-                &["-n", &apn, "link", "set", &tap, "master", &br, "up"],
             )?;
         }
         for h in zone.hosts() {
@@ -358,74 +340,26 @@ impl Lab {
         let peer = format!("vh-{}", h.global_index);
         let addr = format!("{}/{LAB_PREFIX_LEN}", h.ip());
         sys::ip(&step, &["netns", "add", &ns])?;
-        sys::ip(&step, &["-n", &ns, "link", "set", "lo", "up"])?;
-        sys::ip(
+        sys::ip_script(
             &step,
+            &apn,
             &[
-                "-n", &apn, "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ],
-        )?;
-        sys::ip(
-            &step,
-            &[
-                "-n",
-                &apn,
-                "link",
-                "set",
-                &peer,
-                "master",
-                &format!("br-{}", h.site),
-                "up",
+                format!("link add {peer} type veth peer name eth0 netns {ns}"),
+                format!("link set {peer} master br-{} up", h.site),
             ],
         )?;
         // The host's uplink joins a host bridge, as on a hypervisor host: the host address
         // lives on br0 and VM TAPs join br0 too.
-        sys::ip(
+        sys::ip_script(
             &step,
+            &ns,
             &[
-                "-n",
-                &ns,
-                "link",
-                "add",
-                HOST_BRIDGE,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
+                "link set lo up".to_string(),
+                format!("link add {HOST_BRIDGE} {BRIDGE_OPTS}"),
+                format!("link set eth0 master {HOST_BRIDGE} up"),
+                format!("link set {HOST_BRIDGE} address {} up", h.mac()),
+                format!("addr add {addr} dev {HOST_BRIDGE}"),
             ],
-        )?;
-        sys::ip(
-            &step,
-            &[
-                "-n",
-                &ns,
-                "link",
-                "set",
-                "eth0",
-                "master",
-                HOST_BRIDGE,
-                "up",
-            ],
-        )?;
-        sys::ip(
-            &step,
-            &[
-                "-n",
-                &ns,
-                "link",
-                "set",
-                HOST_BRIDGE,
-                "address",
-                &h.mac(),
-                "up",
-            ],
-        )?;
-        sys::ip(
-            &step,
-            &["-n", &ns, "addr", "add", &addr, "dev", HOST_BRIDGE],
         )?;
         disable_bridge_netfilter(&ns)
     }
@@ -692,7 +626,8 @@ impl Lab {
             .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
     }
 
-    fn site(zone: &Zone, id: &str) -> Result<usize, LabError> {
+    /// Index of site `id`, or an error listing the sites.
+    pub fn site(zone: &Zone, id: &str) -> Result<usize, LabError> {
         zone.site_index(id).ok_or_else(|| LabError::UnknownSite {
             site: id.to_string(),
             known: zone

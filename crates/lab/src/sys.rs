@@ -28,6 +28,17 @@ pub fn ip(step: &str, args: &[&str]) -> Result<(), LabError> {
     }
 }
 
+/// Runs `ip -n NS LINE` for each line (arguments split on whitespace: names, addresses and
+/// MACs of the lab never contain spaces), stopping at the first failure.
+pub fn ip_script(step: &str, ns: &str, lines: &[String]) -> Result<(), LabError> {
+    for line in lines {
+        let mut args = vec!["-n", ns];
+        args.extend(line.split_whitespace());
+        ip(step, &args)?;
+    }
+    Ok(())
+}
+
 /// Names of all network namespaces on this machine.
 pub fn namespaces() -> Vec<String> {
     std::fs::read_dir("/run/netns")

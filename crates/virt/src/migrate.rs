@@ -485,17 +485,7 @@ impl Platform {
         progress: &dyn Fn(&[Progress]),
     ) -> Result<GroupMigration, VirtError> {
         let zone = self.lab().state()?.zone()?;
-        let site = zone.site_index(to_site).ok_or_else(|| {
-            VirtError::Lab(dczone_lab::LabError::UnknownSite {
-                site: to_site.into(),
-                known: zone
-                    .sites
-                    .iter()
-                    .map(|s| s.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-        })?;
+        let site = dczone_lab::Lab::site(&zone, to_site)?;
         let hosts: Vec<String> = zone.sites[site]
             .hosts
             .iter()
