@@ -2,6 +2,7 @@
 //! into library calls and results into a table (people) or JSON (`--json`, machines).
 
 mod bench;
+mod db_cmd;
 mod image_cmd;
 mod lab_cmd;
 mod plot;
@@ -65,6 +66,17 @@ pub enum Command {
         #[command(subcommand)]
         command: image_cmd::ImageCommand,
     },
+    /// The database platform: PostgreSQL per DC site, HA agents, the ledger and its audit.
+    Db {
+        #[command(subcommand)]
+        command: db_cmd::DbCommand,
+    },
+    /// Runs one HA agent in the current namespace (started by `db up`).
+    #[command(hide = true)]
+    HaAgent {
+        #[arg(long)]
+        site: String,
+    },
     /// Benchmarks; each prints a table and can write JSON.
     Bench {
         #[command(subcommand)]
@@ -113,6 +125,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image { command } => image_cmd::run(&exe, command),
         Command::Vm { command } => vm_cmd::run(&lab, &exe, command),
         Command::Migrate(args) => vm_cmd::migrate(&lab, &exe, args),
+        Command::Db { command } => db_cmd::run(&lab, &exe, &cli.state_dir, command),
+        Command::HaAgent { site } => db_cmd::agent(&lab, &site),
         Command::Bench { command } => bench::run(&lab, &cli.state_dir, &exe, command),
         Command::ApnRun { config } => {
             let text = std::fs::read(&config)

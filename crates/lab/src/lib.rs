@@ -18,6 +18,7 @@
 mod icmp;
 pub mod probe;
 mod state;
+pub mod etcd;
 pub mod sys;
 pub mod wan_bench;
 
@@ -283,6 +284,11 @@ impl Lab {
         if built {
             self.calibrate(&|_, _, _| {})?;
         }
+        // The consensus store of the database platform, if the zone has one and etcd is
+        // installed (`db up` insists on it).
+        if zone.database.is_some() && etcd::installed() {
+            self.etcd_up(zone)?;
+        }
         Ok(built)
     }
 
@@ -433,38 +439,17 @@ impl Lab {
             serde_json::to_vec_pretty(&config).expect("config serializes"),
         )
         .map_err(io("write the emulator config"))?;
-        let log = File::create(&log_path).map_err(io("create the emulator log"))?;
-        let log2 = log.try_clone().map_err(io("create the emulator log"))?;
         let _ = std::fs::remove_file(self.control_socket());
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.apn_namespace()])
-            .arg(&self.exe)
-            .arg("apn-run")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        // SAFETY: setsid is async-signal-safe; it detaches the emulator from our session so
-        // that a Ctrl-C of `lab up` does not kill a running lab.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            })
-        };
-        let child = cmd.spawn().map_err(|source| LabError::Spawn {
-            what: format!("the APN emulator ({})", self.exe.display()),
-            source,
-        })?;
-        state.emulator_pid = Some(child.id() as i32);
+        let config_arg = config_path.display().to_string();
+        let pid = self.spawn_daemon(
+            &self.apn_namespace(),
+            &self.exe,
+            &["apn-run", "--config", &config_arg],
+            &log_path,
+            "the APN emulator",
+        )?;
+        state.emulator_pid = Some(pid);
         state.save(&self.state_path())?;
-        // `ip netns exec` execs the emulator in place, so the pid is the emulator's. Reap it
-        // from a thread so that it never lingers as a zombie while we run.
-        std::thread::spawn(move || {
-            let mut child = child;
-            let _ = child.wait();
-        });
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match control::request(&self.control_socket(), &control::Request::Ping) {
@@ -478,6 +463,50 @@ impl Lab {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+
+    /// Starts `program args` detached (its own session) inside namespace `ns`, output to
+    /// `log`; returns its pid. `ip netns exec` execs in place, so the pid is the program's;
+    /// a thread reaps it so that it never lingers as a zombie while we run. `lab down` kills
+    /// it with everything else in the lab's namespaces.
+    pub fn spawn_daemon(
+        &self,
+        ns: &str,
+        program: &Path,
+        args: &[&str],
+        log: &Path,
+        what: &str,
+    ) -> Result<i32, LabError> {
+        let io = |what: String| move |source| LabError::Io { what, source };
+        let out = File::create(log).map_err(io(format!("create {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(io(format!("create {}", log.display())))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session so
+        // that a Ctrl-C of the command that started it does not kill it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().map_err(|source| LabError::Spawn {
+            what: format!("{what} ({})", program.display()),
+            source,
+        })?;
+        let pid = child.id() as i32;
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        Ok(pid)
     }
 
     /// Removes everything this lab created. Idempotent; works from the namespace list
@@ -520,6 +549,9 @@ impl Lab {
         }
         // VMs of the lab ran in its namespaces and are gone with them.
         let _ = std::fs::remove_dir_all(self.dir.join("vms"));
+        // So did the database platform and its consensus store.
+        let _ = std::fs::remove_dir_all(self.dir.join("etcd"));
+        let _ = std::fs::remove_dir_all(self.dir.join("db"));
         Ok(removed)
     }
 

@@ -20,6 +20,9 @@
 //! jitter_ms = 0.0             # conventional WAN only
 //! loss_percent = 0.0          # conventional WAN only
 //! ```
+//!
+//! An optional `[database]` section with `[policies.*]` and `[ha]` describes the database
+//! platform; see [`crate::database`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -80,6 +83,10 @@ struct RawZone {
     sites: Vec<RawSite>,
     #[serde(default)]
     links: Vec<RawLink>,
+    database: Option<crate::database::RawDatabase>,
+    #[serde(default)]
+    policies: std::collections::BTreeMap<String, crate::database::RawPolicy>,
+    ha: Option<crate::database::RawHa>,
 }
 
 #[derive(Deserialize)]
@@ -306,11 +313,19 @@ pub fn parse(text: &str, file: &Path) -> Result<Zone, ZoneError> {
         }
     }
 
+    let database = crate::database::validate(
+        raw.database,
+        raw.policies,
+        raw.ha,
+        &sites,
+        &mut |field, message| problems.push(Problem { field, message }),
+    );
     let zone = Zone {
         name: raw.name.unwrap_or_else(|| "zone".into()),
         lab_scale,
         sites,
         links,
+        database,
     };
     if problems.is_empty() {
         for a in 0..zone.sites.len() {
@@ -463,5 +478,45 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("distanc_km"), "{err}");
+    }
+
+    const DB: &str = r#"
+        [database]
+        primary = "a"
+        standbys = ["b"]
+        [policies.tier1]
+        replication = "sync"
+        sync_standbys = ["b"]
+        quorum = "ANY 1"
+        standby_failure = "availability-first"
+    "#;
+
+    #[test]
+    fn database_policy_parses() {
+        let z = parse(&format!("{TWO_SITES}{DB}"), Path::new("zone.toml")).unwrap();
+        let db = z.database.unwrap();
+        assert_eq!(db.members(), vec!["a", "b"]);
+        assert_eq!(
+            db.policy().standby_failure,
+            crate::database::StandbyFailure::AvailabilityFirst
+        );
+        assert!(Zone::reference().database.is_some());
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        let bad = DB
+            .replace("standby_failure = \"availability-first\"", "standby_failure = \"yolo\"")
+            .replace("quorum = \"ANY 1\"", "quorum = \"ANY 2\"")
+            .replace("sync_standbys = [\"b\"]", "sync_standbys = [\"b\", \"a\"]");
+        let p = problems(&format!("{TWO_SITES}{bad}"));
+        assert!(has(&p, "policies.tier1.standby_failure", "unknown policy 'yolo'"), "{p:?}");
+        assert!(has(&p, "policies.tier1.sync_standbys[1]", "not a standby"), "{p:?}");
+        let p = problems(&format!("{TWO_SITES}{}", DB.replace("\"b\"]", "\"zz\"]")));
+        assert!(has(&p, "database.standbys[0]", "unknown site 'zz'"), "{p:?}");
+        let p = problems(&format!("{TWO_SITES}{}", DB.replace("tier1", "gold")).replace("[database]", "[database]\ntier = \"tier1\""));
+        assert!(has(&p, "database.tier", "no [policies.tier1]"), "{p:?}");
+        let p = problems(&format!("{TWO_SITES}{}", DB.replace("\"sync\"", "\"semi\"")));
+        assert!(has(&p, "policies.tier1.replication", "unknown replication"), "{p:?}");
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! This crate knows nothing about namespaces, packets, VMs or databases.
 
+pub mod database;
 pub mod file;
 mod units;
 
@@ -31,6 +32,8 @@ pub struct Zone {
     pub lab_scale: f64,
     pub sites: Vec<Site>,
     pub links: Vec<Link>,
+    /// The database platform, if the zone declares one.
+    pub database: Option<database::DatabasePlan>,
 }
 
 /// What kind of place a site is.

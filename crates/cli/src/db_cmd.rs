@@ -1,0 +1,613 @@
+//! `dczone db ...`: the database platform (PostgreSQL per DC site, one HA agent per site,
+//! etcd), the ledger workload, and the RPO audit.
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Subcommand;
+use serde::Serialize;
+
+use dczone_db::Member;
+use dczone_ha::agent::AgentConfig;
+use dczone_ha::keys::{Snapshot, Store};
+use dczone_lab::{sys, Lab};
+use dczone_ledger::{Audit, LoadOptions, LoadResult};
+use dczone_zone::database::DatabasePlan;
+use dczone_zone::Zone;
+
+use crate::print_json;
+use crate::table::{render, yes_no};
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Initialise PostgreSQL in every database site, start the HA agents, create the ledger
+    /// (idempotent).
+    Up {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the HA agents and PostgreSQL, and remove the database files.
+    Down {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leader, members, replication mode, standbys and the audit log.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch the replication policy at run time (a tier of the zone file, e.g. tier2).
+    Policy {
+        tier: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the ledger workload; acknowledged and indeterminate ids go to the audit logs.
+    Load {
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// The host the clients run on.
+        #[arg(long, default_value = "dc1.1-client")]
+        client: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the current primary: every acknowledged transfer present exactly once, balances
+    /// conserved, indeterminate transfers listed. Exits 1 unless RPO = 0.
+    Audit {
+        #[arg(long, default_value = "dc1.1-client")]
+        client: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The database platform of a lab that is up.
+pub struct Platform {
+    pub lab: Lab,
+    pub zone: Zone,
+    pub plan: DatabasePlan,
+    pub members: Vec<Member>,
+    pub etcd: Vec<String>,
+}
+
+impl Platform {
+    pub fn open(lab: &Lab) -> anyhow::Result<Platform> {
+        let zone = lab.state()?.zone()?;
+        let plan = zone.database.clone().ok_or_else(|| {
+            anyhow!(
+                "the lab's zone has no [database] section; add one (see `dczone zone show`) and \
+                 run `dczone lab up --zone FILE`"
+            )
+        })?;
+        let mut members = Vec::new();
+        for site in plan.members() {
+            let idx = zone.site_index(&site).expect("validated");
+            let host = zone.sites[idx].hosts[plan.host_index].clone();
+            let h = zone.host(&host).expect("validated");
+            members.push(Member {
+                app: dczone_db::app_name(&site),
+                dir: lab.dir().join("db").join(&site),
+                namespace: lab.host_namespace(&host),
+                ip: h.ip(),
+                host,
+                site,
+            });
+        }
+        let etcd = lab
+            .etcd_members(&zone)
+            .iter()
+            .map(|m| m.client_url())
+            .collect();
+        Ok(Platform {
+            lab: lab.clone(),
+            zone,
+            plan,
+            members,
+            etcd,
+        })
+    }
+
+    pub fn member(&self, site: &str) -> anyhow::Result<&Member> {
+        self.members.iter().find(|m| m.site == site).ok_or_else(|| {
+            anyhow!(
+                "'{site}' is not a database site; they are {}",
+                self.plan.members().join(", ")
+            )
+        })
+    }
+
+    pub fn hosts(&self) -> Vec<Ipv4Addr> {
+        self.members.iter().map(|m| m.ip).collect()
+    }
+
+    /// An agent talks to its own site's etcd member only: if its site is cut off, its member
+    /// is in the minority and every write it tries fails, as it must.
+    pub fn agent_config(&self, site: &str) -> anyhow::Result<AgentConfig> {
+        self.member(site)?;
+        let own: Vec<String> = self
+            .lab
+            .etcd_members(&self.zone)
+            .iter()
+            .filter(|m| m.site == site)
+            .map(|m| m.client_url())
+            .collect();
+        Ok(AgentConfig {
+            lab: self.lab.name().to_string(),
+            site: site.to_string(),
+            plan: self.plan.clone(),
+            members: self.members.clone(),
+            etcd_endpoints: own,
+        })
+    }
+
+    fn agent_pid_file(&self, m: &Member) -> PathBuf {
+        m.dir.join("agent.pid")
+    }
+
+    pub fn agent_pid(&self, m: &Member) -> Option<i32> {
+        std::fs::read_to_string(self.agent_pid_file(m))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .filter(|&p| sys::alive(p))
+    }
+
+    /// Starts the HA agent of `site` unless it runs.
+    pub fn start_agent(&self, exe: &Path, state_dir: &Path, site: &str) -> anyhow::Result<()> {
+        let m = self.member(site)?;
+        if self.agent_pid(m).is_some() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&m.dir).with_context(|| format!("create {}", m.dir.display()))?;
+        let state_dir = state_dir.display().to_string();
+        let pid = self.lab.spawn_daemon(
+            &m.namespace,
+            exe,
+            &["--lab", self.lab.name(), "--state-dir", &state_dir, "ha-agent", "--site", site],
+            &m.dir.join("agent.log"),
+            "the HA agent",
+        )?;
+        std::fs::write(self.agent_pid_file(m), pid.to_string())?;
+        Ok(())
+    }
+
+    /// Kills the HA agent of `site` (its PostgreSQL dies with it).
+    pub fn kill_agent(&self, site: &str) -> anyhow::Result<bool> {
+        let m = self.member(site)?;
+        match self.agent_pid(m) {
+            Some(pid) => {
+                sys::kill(pid, libc::SIGKILL);
+                let t = Instant::now();
+                while sys::alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = std::fs::remove_file(self.agent_pid_file(m));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The last lines of a member's agent log, for error messages.
+    pub fn agent_log_tail(&self, site: &str) -> String {
+        let Ok(m) = self.member(site) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(m.dir.join("agent.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(3)..].join(" | ")
+    }
+
+    /// Runs `f` on a thread inside `host`'s namespace, on its own single-threaded runtime.
+    pub fn in_host<T, F, Fut>(&self, host: &str, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        let (_, ns) = self.lab.host(host)?;
+        let h = sys::in_namespace(&ns, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(f())
+        })?;
+        h.join().map_err(|_| anyhow!("the thread in {host} panicked"))
+    }
+
+    /// A snapshot of the platform's etcd keys, read from `host`.
+    pub fn snapshot(&self, host: &str) -> anyhow::Result<Snapshot> {
+        let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
+        self.in_host(host, move || async move {
+            let store = Store::connect(&lab, &etcd).await?;
+            store.snapshot().await
+        })?
+        .map_err(|e| anyhow!("etcd: {e}"))
+    }
+
+    pub fn put_key<T: Serialize + Send + 'static>(&self, host: &str, key: fn(&dczone_ha::keys::Keys) -> String, value: T) -> anyhow::Result<()> {
+        let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
+        self.in_host(host, move || async move {
+            let store = Store::connect(&lab, &etcd).await?;
+            store.put_json(&key(&store.keys), &value, None).await
+        })?
+        .map_err(|e| anyhow!("etcd: {e}"))
+    }
+
+    /// Waits until a primary accepts writes and every listed standby streams from it.
+    pub fn wait_ready(&self, host: &str, standbys: &[String], timeout: Duration) -> anyhow::Result<String> {
+        let hosts = self.hosts();
+        let apps: Vec<String> = standbys.iter().map(|s| dczone_db::app_name(s)).collect();
+        let ip_to_site: Vec<(Ipv4Addr, String)> =
+            self.members.iter().map(|m| (m.ip, m.site.clone())).collect();
+        let r = self.in_host(host, move || async move {
+            let deadline = Instant::now() + timeout;
+            let mut last = String::from("no member accepts writes");
+            while Instant::now() < deadline {
+                if let Ok((c, ip)) =
+                    dczone_ledger::connect_primary_db(&hosts, "dczone-wait", "postgres").await
+                {
+                    let rows = c
+                        .query(
+                            "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
+                            &[],
+                        )
+                        .await
+                        .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+                        .unwrap_or_default();
+                    let missing: Vec<&String> = apps.iter().filter(|a| !rows.contains(a)).collect();
+                    let site = ip_to_site
+                        .iter()
+                        .find(|(i, _)| *i == ip)
+                        .map(|(_, s)| s.clone())
+                        .unwrap_or_default();
+                    if missing.is_empty() {
+                        return Ok(site);
+                    }
+                    last = format!(
+                        "standby {} is not streaming from {site}",
+                        missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(last)
+        })?;
+        r.map_err(|why| {
+            let tails: Vec<String> = standbys
+                .iter()
+                .map(|s| format!("{s}: {}", self.agent_log_tail(s)))
+                .collect();
+            anyhow!(
+                "the database platform is not ready after {} s: {why}; agent logs say: {}",
+                timeout.as_secs(),
+                tails.join("; ")
+            )
+        })
+    }
+
+    pub fn load(&self, host: &str, opts: LoadOptions) -> anyhow::Result<LoadResult> {
+        self.in_host(host, move || dczone_ledger::run(opts))
+    }
+
+    pub fn audit(&self, host: &str, acked: Vec<String>, indeterminate: Vec<String>) -> anyhow::Result<Audit> {
+        let hosts = self.hosts();
+        self.in_host(host, move || async move {
+            dczone_ledger::audit(&hosts, &acked, &indeterminate).await
+        })?
+        .map_err(|e| anyhow!("audit: {e}"))
+    }
+
+    fn log_path(&self, which: &str) -> PathBuf {
+        self.lab.dir().join("db").join(format!("{which}.log"))
+    }
+
+    /// Appends ids to the audit logs that `db audit` reads.
+    pub fn record(&self, result: &LoadResult) -> anyhow::Result<()> {
+        use std::io::Write;
+        for (which, ids) in [("acknowledged", &result.acknowledged), ("indeterminate", &result.indeterminate)] {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path(which))?;
+            for id in ids {
+                writeln!(f, "{id}")?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn recorded(&self) -> (Vec<String>, Vec<String>) {
+        let read = |w: &str| -> Vec<String> {
+            std::fs::read_to_string(self.log_path(w))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect()
+        };
+        let acked = read("acknowledged");
+        let acked_set: std::collections::HashSet<&String> = acked.iter().collect();
+        // An id retried to success is acknowledged, not indeterminate.
+        let ind = read("indeterminate")
+            .into_iter()
+            .filter(|i| !acked_set.contains(i))
+            .collect();
+        (acked, ind)
+    }
+
+    /// Brings the platform up (idempotent); returns the primary's site.
+    pub fn up(&self, exe: &Path, state_dir: &Path, client: &str) -> anyhow::Result<String> {
+        dczone_db::as_postgres("postgres")?;
+        self.lab.etcd_up(&self.zone)?;
+        std::fs::create_dir_all(self.lab.dir().join("db"))?;
+        for m in &self.members {
+            self.start_agent(exe, state_dir, &m.site)?;
+        }
+        // The primary first (the standbys copy it once it leads), then the ledger.
+        self.wait_ready(client, &[], Duration::from_secs(60))?;
+        let hosts = self.hosts();
+        self.in_host(client, move || async move {
+            let (_, ip) =
+                dczone_ledger::connect_primary_db(&hosts, "dczone-setup", "postgres").await?;
+            dczone_ledger::create_schema(ip).await
+        })?
+        .map_err(|e| anyhow!("create the ledger: {e}"))?;
+        let standbys: Vec<String> = self.plan.standbys.clone();
+        let primary = self.wait_ready(client, &standbys, Duration::from_secs(90))?;
+        self.wait_mode(client, self.plan.policy().replication, Duration::from_secs(30))?;
+        Ok(primary)
+    }
+
+    /// Waits until the leader records `mode` (e.g. back to sync once the standbys caught up).
+    pub fn wait_mode(
+        &self,
+        client: &str,
+        mode: dczone_zone::database::Replication,
+        timeout: Duration,
+    ) -> anyhow::Result<Snapshot> {
+        let t = Instant::now();
+        loop {
+            let snap = self.snapshot(client)?;
+            if snap.sync.as_ref().is_some_and(|s| s.mode == mode) {
+                return Ok(snap);
+            }
+            if t.elapsed() > timeout {
+                bail!(
+                    "replication did not reach {mode:?} within {} s (now: {:?})",
+                    timeout.as_secs(),
+                    snap.sync.map(|s| (s.mode, s.reason))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn down(&self) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for m in &self.members {
+            if self.kill_agent(&m.site)? {
+                n += 1;
+            }
+        }
+        // PostgreSQL dies with its agent; give the postmasters a moment to go.
+        let t = Instant::now();
+        while self.members.iter().any(|m| m.data().join("postmaster.pid").exists() && postmaster_alive(m))
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
+        let host = self.members[0].host.clone();
+        let _ = self.in_host(&host, move || async move {
+            if let Ok(store) = Store::connect(&lab, &etcd).await {
+                let _ = store.delete_prefix().await;
+            }
+        });
+        let _ = std::fs::remove_dir_all(self.lab.dir().join("db"));
+        Ok(n)
+    }
+}
+
+fn postmaster_alive(m: &Member) -> bool {
+    std::fs::read_to_string(m.data().join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+        .is_some_and(sys::alive)
+}
+
+#[derive(Debug, Serialize)]
+struct StatusView {
+    leader: Option<String>,
+    policy: String,
+    replication: Option<String>,
+    sync_set: Vec<String>,
+    members: Vec<dczone_ha::decide::MemberReport>,
+    audit: Vec<dczone_ha::keys::AuditEntry>,
+}
+
+fn status_view(p: &Platform, snap: &Snapshot) -> StatusView {
+    StatusView {
+        leader: snap.leader.as_ref().map(|l| l.site.clone()),
+        policy: snap.tier.clone().unwrap_or_else(|| p.plan.tier.clone()),
+        replication: snap.sync.as_ref().map(|s| format!("{:?}", s.mode).to_lowercase()),
+        sync_set: snap.sync.as_ref().map(|s| s.set.clone()).unwrap_or_default(),
+        members: snap.members.clone(),
+        audit: snap.audit.clone(),
+    }
+}
+
+fn print_status(v: &StatusView) {
+    println!(
+        "leader: {}   policy: {}   replication: {} {}",
+        v.leader.as_deref().unwrap_or("none"),
+        v.policy,
+        v.replication.as_deref().unwrap_or("-"),
+        if v.sync_set.is_empty() { String::new() } else { format!("(sync set: {})", v.sync_set.join(", ")) }
+    );
+    let rows: Vec<Vec<String>> = v
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.site.clone(),
+                if !m.pg_up {
+                    "down".into()
+                } else if m.in_recovery {
+                    "standby".into()
+                } else {
+                    "primary".into()
+                },
+                format!("{:X}/{:X}", m.lsn >> 32, m.lsn & 0xffff_ffff),
+                if m.fenced { "yes".into() } else { "no".into() },
+            ]
+        })
+        .collect();
+    print!("{}", render(&["site", "role", "lsn", "fenced"], &rows));
+    if !v.audit.is_empty() {
+        println!("audit log:");
+        let rows: Vec<Vec<String>> = v
+            .audit
+            .iter()
+            .map(|e| {
+                vec![
+                    e.kind.clone(),
+                    e.primary.clone(),
+                    e.start_ms.to_string(),
+                    e.end_ms.map_or("open".into(), |end| format!("{} ms", end - e.start_ms)),
+                    e.reason.clone(),
+                ]
+            })
+            .collect();
+        print!("{}", render(&["kind", "primary", "start (unix ms)", "duration", "reason"], &rows));
+    }
+}
+
+pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::Result<ExitCode> {
+    let p = Platform::open(lab)?;
+    match cmd {
+        DbCommand::Up { json } => {
+            let primary = p.up(exe, state_dir, "dc1.1-client")?;
+            let v = status_view(&p, &p.snapshot("dc1.1-client")?);
+            if json {
+                print_json(&v);
+            } else {
+                println!("database platform up: primary {primary}");
+                print_status(&v);
+            }
+        }
+        DbCommand::Down { json } => {
+            let n = p.down()?;
+            if json {
+                print_json(&serde_json::json!({"agents_stopped": n}));
+            } else {
+                println!("database platform down ({n} agents stopped)");
+            }
+        }
+        DbCommand::Status { json } => {
+            let v = status_view(&p, &p.snapshot("dc1.1-client")?);
+            if json {
+                print_json(&v);
+            } else {
+                print_status(&v);
+            }
+        }
+        DbCommand::Policy { tier, json } => {
+            if !p.plan.policies.contains_key(&tier) {
+                bail!(
+                    "unknown policy '{tier}'; the zone defines {}",
+                    p.plan.policies.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            p.put_key("dc1.1-client", |k| k.tier(), tier.clone())?;
+            if json {
+                print_json(&serde_json::json!({"policy": tier}));
+            } else {
+                println!("policy {tier} requested; the primary applies it within one HA loop");
+            }
+        }
+        DbCommand::Load { clients, seconds, client, json } => {
+            if clients == 0 || !(seconds > 0.0) {
+                bail!("--clients must be at least 1 and --seconds positive");
+            }
+            let opts = LoadOptions {
+                hosts: p.hosts(),
+                clients,
+                duration: Duration::from_secs_f64(seconds),
+                request_timeout: Duration::from_secs(1),
+                run_id: format!("r{}", dczone_ledger::unix_us()),
+            };
+            let r = p.load(&client, opts)?;
+            p.record(&r)?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "{} acknowledged, {} indeterminate, {} errors; Ptrx {:.0}/s, TATrxn p50 {:.2} ms p99 {:.2} ms",
+                    r.acknowledged.len(),
+                    r.indeterminate.len(),
+                    r.errors,
+                    r.ptrx,
+                    r.tatrxn_p50_ms,
+                    r.tatrxn_p99_ms
+                );
+            }
+        }
+        DbCommand::Audit { client, json } => {
+            let (acked, ind) = p.recorded();
+            let a = p.audit(&client, acked, ind)?;
+            if json {
+                print_json(&a);
+            } else {
+                print_audit(&a);
+            }
+            if !a.rpo_zero || !a.balances_conserved || !a.balances_match_transfers {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn print_audit(a: &Audit) {
+    let rows = vec![
+        vec!["acknowledged transfers".into(), a.acknowledged.to_string(), String::new()],
+        vec!["present on the primary".into(), a.present.to_string(), yes_no(a.rpo_zero)],
+        vec!["lost".into(), a.lost.len().to_string(), yes_no(a.lost.is_empty())],
+        vec![
+            "indeterminate (applied)".into(),
+            format!("{} ({})", a.indeterminate, a.indeterminate_applied),
+            String::new(),
+        ],
+        vec!["balance sum".into(), a.balance_sum.to_string(), yes_no(a.balances_conserved)],
+        vec![
+            "balances match transfers".into(),
+            String::new(),
+            yes_no(a.balances_match_transfers),
+        ],
+    ];
+    print!("{}", render(&["audit of primary ".to_string() + &a.primary, String::new(), String::new()].iter().map(String::as_str).collect::<Vec<_>>(), &rows));
+    if a.rpo_zero {
+        println!("verdict: RPO = 0");
+    } else {
+        println!("verdict: {} acknowledged transfers LOST: {}", a.lost.len(), a.lost.iter().take(10).cloned().collect::<Vec<_>>().join(", "));
+    }
+}
+
+/// `dczone ha-agent --site S`: runs one HA agent (started by `db up` in the site's namespace).
+pub fn agent(lab: &Lab, site: &str) -> anyhow::Result<ExitCode> {
+    let p = Platform::open(lab)?;
+    let cfg = p.agent_config(site)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(dczone_ha::agent::run(cfg)).map_err(|e| anyhow!(e))?;
+    Ok(ExitCode::SUCCESS)
+}

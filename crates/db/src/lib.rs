@@ -1,0 +1,491 @@
+//! One PostgreSQL 15 member of the database platform: its files, its configuration, and the
+//! operations the HA agent and `dczone db` perform on it (initdb, base backup, start,
+//! promote, repoint, rewind, inspect).
+//!
+//! PostgreSQL refuses to run as root, so every server-side binary runs as the `postgres`
+//! user. The agent talks to its own member over the member's unix socket; members and
+//! clients talk to each other over the lab network (the APN emulator).
+
+use std::ffi::CString;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub use dczone_zone::database::app_name;
+use serde::Serialize;
+
+/// Where Debian keeps the PostgreSQL 15 server binaries.
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub const PORT: u16 = 5432;
+/// The ledger's database.
+pub const DATABASE: &str = "ledger";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("PostgreSQL 15 is not installed ({PG_BIN}/postgres missing); run `apt-get install postgresql-15`")]
+    NotInstalled,
+    #[error("the `postgres` user does not exist; install PostgreSQL (it creates the user)")]
+    NoPostgresUser,
+    #[error("{what} failed: {detail}")]
+    Step { what: String, detail: String },
+    #[error("{what} failed")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("SQL on {member}: {detail}")]
+    Sql { member: String, detail: String },
+    #[error("{member} did not answer within {ms} ms")]
+    Timeout { member: String, ms: u64 },
+}
+
+/// One member: a site's PostgreSQL server.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub site: String,
+    /// Its `application_name` on the primary (site id without dots).
+    pub app: String,
+    pub host: String,
+    pub namespace: String,
+    pub ip: Ipv4Addr,
+    /// `<lab dir>/db/<site>`: data, socket directory and log.
+    pub dir: PathBuf,
+}
+
+fn postgres_ids() -> Result<(u32, u32), DbError> {
+    let name = CString::new("postgres").expect("no NUL");
+    // SAFETY: getpwnam with a valid C string; we copy the ids out before any other call.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return Err(DbError::NoPostgresUser);
+    }
+    // SAFETY: pw is non-null and points to libc's static passwd record.
+    Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+/// A command that runs as the `postgres` user.
+pub fn as_postgres(program: &str) -> Result<Command, DbError> {
+    let path = Path::new(PG_BIN).join(program);
+    if !path.exists() {
+        return Err(DbError::NotInstalled);
+    }
+    let (uid, gid) = postgres_ids()?;
+    let mut cmd = Command::new(path);
+    cmd.uid(uid).gid(gid).env("HOME", "/tmp").current_dir("/");
+    Ok(cmd)
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<(), DbError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| DbError::Io {
+            what: what.to_string(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let mut detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if detail.is_empty() {
+            detail = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        Err(DbError::Step {
+            what: what.to_string(),
+            detail,
+        })
+    }
+}
+
+fn chown_postgres(path: &Path) -> Result<(), DbError> {
+    let (uid, gid) = postgres_ids()?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| DbError::Io {
+        what: format!("chown {}", path.display()),
+        source,
+    })
+}
+
+impl Member {
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.join("sock")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    pub fn initialized(&self) -> bool {
+        self.data().join("PG_VERSION").exists()
+    }
+
+    /// How other members and clients reach this one.
+    pub fn remote_conninfo(&self, app: &str) -> String {
+        format!(
+            "host={} port={PORT} user=postgres application_name={app} connect_timeout=2",
+            self.ip
+        )
+    }
+
+    /// How the member's own agent reaches it (unix socket).
+    pub fn local_config(&self, dbname: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(self.socket_dir())
+            .port(PORT)
+            .user("postgres")
+            .dbname(dbname)
+            .application_name("dczone-ha")
+            .connect_timeout(Duration::from_secs(2));
+        c
+    }
+
+    fn prepare_dirs(&self) -> Result<(), DbError> {
+        for d in [self.dir.clone(), self.socket_dir()] {
+            std::fs::create_dir_all(&d).map_err(|source| DbError::Io {
+                what: format!("create {}", d.display()),
+                source,
+            })?;
+            chown_postgres(&d)?;
+        }
+        Ok(())
+    }
+
+    /// `initdb` plus our configuration (the primary of a new platform).
+    pub fn initdb(&self) -> Result<(), DbError> {
+        self.prepare_dirs()?;
+        run(
+            &format!("initdb for {}", self.site),
+            as_postgres("initdb")?
+                .arg("-D")
+                .arg(self.data())
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]),
+        )?;
+        self.configure()
+    }
+
+    /// Appends dczone's settings and lab access rules. Settings the HA agent changes at run
+    /// time (synchronous_standby_names, primary_conninfo) live in postgresql.auto.conf.
+    fn configure(&self) -> Result<(), DbError> {
+        let conf = format!(
+            "\n# dczone\n\
+             listen_addresses = '{ip}'\n\
+             port = {PORT}\n\
+             unix_socket_directories = '{sock}'\n\
+             max_connections = 200\n\
+             shared_buffers = 128MB\n\
+             wal_level = replica\n\
+             max_wal_senders = 10\n\
+             wal_keep_size = 512MB\n\
+             # pg_rewind of a fenced old primary needs hint bits in WAL\n\
+             wal_log_hints = on\n\
+             hot_standby = on\n\
+             # a silent standby is dropped by the HA agent, not by these timeouts\n\
+             wal_sender_timeout = 5s\n\
+             wal_receiver_timeout = 5s\n\
+             wal_receiver_status_interval = 1s\n\
+             wal_retrieve_retry_interval = 200ms\n\
+             recovery_target_timeline = 'latest'\n\
+             synchronous_commit = on\n\
+             logging_collector = off\n\
+             log_line_prefix = '%m [%p] '\n",
+            ip = self.ip,
+            sock = self.socket_dir().display()
+        );
+        let hba = "\n# dczone lab: members and clients on the lab network (10.77.0.0/16)\n\
+                   host all all 10.77.0.0/16 trust\n\
+                   host replication all 10.77.0.0/16 trust\n";
+        for (file, text) in [("postgresql.conf", conf.as_str()), ("pg_hba.conf", hba)] {
+            let path = self.data().join(file);
+            let mut old = std::fs::read_to_string(&path).map_err(|source| DbError::Io {
+                what: format!("read {}", path.display()),
+                source,
+            })?;
+            if !old.contains("# dczone") {
+                old.push_str(text);
+                std::fs::write(&path, old).map_err(|source| DbError::Io {
+                    what: format!("write {}", path.display()),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `upstream` with pg_basebackup and makes this member its standby.
+    pub fn basebackup(&self, upstream: &Member) -> Result<(), DbError> {
+        self.prepare_dirs()?;
+        let _ = std::fs::remove_dir_all(self.data());
+        run(
+            &format!("pg_basebackup of {} from {}", self.site, upstream.site),
+            as_postgres("pg_basebackup")?
+                .arg("-d")
+                // Not the standby's own name: the copy's WAL stream must never count as
+                // the synchronous standby.
+                .arg(upstream.remote_conninfo(&format!("{}_copy", self.app)))
+                .arg("-D")
+                .arg(self.data())
+                .args(["-X", "stream", "-c", "fast"]),
+        )?;
+        // The copy carries the upstream's settings; the socket and address are ours.
+        let conf = self.data().join("postgresql.conf");
+        let text = std::fs::read_to_string(&conf).map_err(|source| DbError::Io {
+            what: format!("read {}", conf.display()),
+            source,
+        })?;
+        let text = text
+            .replace(&upstream.ip.to_string(), &self.ip.to_string())
+            .replace(
+                &upstream.socket_dir().display().to_string(),
+                &self.socket_dir().display().to_string(),
+            );
+        std::fs::write(&conf, text).map_err(|source| DbError::Io {
+            what: format!("write {}", conf.display()),
+            source,
+        })?;
+        self.follow(upstream)
+    }
+
+    /// Offline: makes this member a standby of `upstream` on its next start.
+    pub fn follow(&self, upstream: &Member) -> Result<(), DbError> {
+        let signal = self.data().join("standby.signal");
+        std::fs::write(&signal, "").map_err(|source| DbError::Io {
+            what: format!("write {}", signal.display()),
+            source,
+        })?;
+        chown_postgres(&signal)?;
+        let auto = self.data().join("postgresql.auto.conf");
+        let text = std::fs::read_to_string(&auto).unwrap_or_default();
+        let mut kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("primary_conninfo") && !l.starts_with("synchronous_standby_names"))
+            .collect();
+        let line = format!("primary_conninfo = '{}'", upstream.remote_conninfo(&self.app));
+        kept.push(&line);
+        std::fs::write(&auto, kept.join("\n") + "\n").map_err(|source| DbError::Io {
+            what: format!("write {}", auto.display()),
+            source,
+        })?;
+        chown_postgres(&auto)
+    }
+
+    /// The postmaster command; the agent spawns it (and ties its life to the agent's).
+    pub fn postgres_command(&self) -> Result<Command, DbError> {
+        let mut cmd = as_postgres("postgres")?;
+        cmd.arg("-D").arg(self.data());
+        Ok(cmd)
+    }
+
+    /// Rewinds a stopped former primary onto `source`'s timeline, then makes it follow.
+    pub fn rewind(&self, source: &Member) -> Result<(), DbError> {
+        let _ = std::fs::remove_file(self.data().join("postmaster.pid"));
+        run(
+            &format!("pg_rewind of {} onto {}", self.site, source.site),
+            as_postgres("pg_rewind")?
+                .arg("-D")
+                .arg(self.data())
+                .arg("--source-server")
+                .arg(source.remote_conninfo(&self.app)),
+        )?;
+        self.follow(source)
+    }
+}
+
+/// Connects with a timeout and drives the connection on the current runtime.
+pub async fn connect(
+    member: &str,
+    config: &tokio_postgres::Config,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, DbError> {
+    let fut = config.connect(tokio_postgres::NoTls);
+    let (client, conn) = tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| DbError::Timeout {
+            member: member.to_string(),
+            ms: timeout.as_millis() as u64,
+        })?
+        .map_err(sql_err(member))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// What a member reports about itself.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct MemberState {
+    pub in_recovery: bool,
+    /// Primary: current WAL position. Standby: received-and-flushed position.
+    pub lsn: u64,
+    pub replay_lsn: u64,
+    /// The upstream a standby is streaming from (its walreceiver's sender host).
+    pub upstream_ip: Option<String>,
+    pub streaming: bool,
+}
+
+/// One row of pg_stat_replication, as the primary sees a standby.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ReplicaState {
+    pub app: String,
+    pub state: String,
+    pub sync_state: String,
+    pub flush_lsn: u64,
+    pub flush_lag_ms: Option<f64>,
+    pub replay_lag_ms: Option<f64>,
+    /// How long ago the standby last replied (it replies at least every
+    /// wal_receiver_status_interval, 1 s): a silent standby keeps its TCP connection.
+    pub reply_age_ms: Option<f64>,
+}
+
+/// Parses PostgreSQL's `X/Y` LSN text.
+pub fn parse_lsn(text: &str) -> u64 {
+    let mut it = text.split('/');
+    let hi = it.next().and_then(|h| u64::from_str_radix(h, 16).ok());
+    let lo = it.next().and_then(|l| u64::from_str_radix(l, 16).ok());
+    match (hi, lo) {
+        (Some(h), Some(l)) => (h << 32) | l,
+        _ => 0,
+    }
+}
+
+/// The server's own message when there is one (tokio-postgres displays only "db error").
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+fn sql_err(member: &str) -> impl FnOnce(tokio_postgres::Error) -> DbError + '_ {
+    move |e| DbError::Sql {
+        member: member.to_string(),
+        detail: pg_message(&e),
+    }
+}
+
+pub async fn member_state(
+    member: &str,
+    c: &tokio_postgres::Client,
+) -> Result<MemberState, DbError> {
+    let row = c
+        .query_one(
+            "SELECT pg_is_in_recovery(), \
+               CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text \
+                    ELSE pg_current_wal_lsn()::text END, \
+               coalesce(pg_last_wal_replay_lsn()::text, '0/0'), \
+               (SELECT sender_host FROM pg_stat_wal_receiver LIMIT 1), \
+               coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver LIMIT 1), false)",
+            &[],
+        )
+        .await
+        .map_err(sql_err(member))?;
+    Ok(MemberState {
+        in_recovery: row.get(0),
+        lsn: parse_lsn(row.get::<_, Option<&str>>(1).unwrap_or("0/0")),
+        replay_lsn: parse_lsn(row.get(2)),
+        upstream_ip: row.get(3),
+        streaming: row.get(4),
+    })
+}
+
+/// The primary's view of its standbys.
+pub async fn replicas(
+    member: &str,
+    c: &tokio_postgres::Client,
+) -> Result<Vec<ReplicaState>, DbError> {
+    let rows = c
+        .query(
+            "SELECT application_name, state, sync_state, coalesce(flush_lsn::text, '0/0'), \
+               extract(epoch from flush_lag)::float8 * 1000, \
+               extract(epoch from replay_lag)::float8 * 1000, \
+               extract(epoch from clock_timestamp() - reply_time)::float8 * 1000 \
+             FROM pg_stat_replication",
+            &[],
+        )
+        .await
+        .map_err(sql_err(member))?;
+    Ok(rows
+        .iter()
+        .map(|r| ReplicaState {
+            app: r.get(0),
+            state: r.get::<_, Option<String>>(1).unwrap_or_default(),
+            sync_state: r.get::<_, Option<String>>(2).unwrap_or_default(),
+            flush_lsn: parse_lsn(r.get(3)),
+            flush_lag_ms: r.get(4),
+            replay_lag_ms: r.get(5),
+            reply_age_ms: r.get(6),
+        })
+        .collect())
+}
+
+/// How long the oldest commit has been waiting for synchronous standbys (0 if none waits).
+pub async fn oldest_sync_wait_ms(member: &str, c: &tokio_postgres::Client) -> Result<f64, DbError> {
+    let row = c
+        .query_one(
+            "SELECT coalesce(max(extract(epoch from clock_timestamp() - state_change)), 0)::float8 * 1000 \
+             FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+            &[],
+        )
+        .await
+        .map_err(sql_err(member))?;
+    Ok(row.get(0))
+}
+
+/// Sets a run-time setting through ALTER SYSTEM and reloads.
+pub async fn set_and_reload(
+    member: &str,
+    c: &tokio_postgres::Client,
+    name: &str,
+    value: &str,
+) -> Result<(), DbError> {
+    let quoted = value.replace('\'', "''");
+    // ALTER SYSTEM cannot run inside a transaction block: two round trips.
+    c.batch_execute(&format!("ALTER SYSTEM SET {name} = '{quoted}'"))
+        .await
+        .map_err(sql_err(member))?;
+    c.batch_execute("SELECT pg_reload_conf()")
+        .await
+        .map_err(sql_err(member))
+}
+
+/// The setting's value as the server currently applies it.
+pub async fn show(member: &str, c: &tokio_postgres::Client, name: &str) -> Result<String, DbError> {
+    let row = c
+        .query_one(&format!("SHOW {name}"), &[])
+        .await
+        .map_err(sql_err(member))?;
+    Ok(row.get(0))
+}
+
+/// Promotes a standby and waits until it accepts writes.
+pub async fn promote(member: &str, c: &tokio_postgres::Client) -> Result<(), DbError> {
+    let row = c
+        .query_one("SELECT pg_promote(true, 30)", &[])
+        .await
+        .map_err(sql_err(member))?;
+    if row.get::<_, bool>(0) {
+        Ok(())
+    } else {
+        Err(DbError::Step {
+            what: format!("promotion of {member}"),
+            detail: "pg_promote returned false (not promoted within 30 s)".into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text() {
+        assert_eq!(parse_lsn("0/3000148"), 0x3000148);
+        assert_eq!(parse_lsn("1/0"), 1 << 32);
+        assert_eq!(parse_lsn("garbage"), 0);
+    }
+}

@@ -1,0 +1,753 @@
+//! One HA agent: it supervises its site's PostgreSQL, publishes the member's state to etcd
+//! on its own lease, and acts on the platform's state every `loop_ms`:
+//!
+//! - **leader** (holds the leader key): renews the lease, applies the standby-failure
+//!   policy (recording every switch in etcd *before* PostgreSQL acts on it), keeps the
+//!   synchronous set in force, publishes its WAL position for the grey-data estimate;
+//! - **follower**: streams from the leader; repoints when the leader changes; a former
+//!   primary is rewound first;
+//! - **no leader**: the standby that provably holds every acknowledged commit campaigns
+//!   (an etcd transaction), then is promoted.
+//!
+//! Fencing: a watchdog thread stops PostgreSQL (SIGQUIT: immediate shutdown, then SIGKILL)
+//! when the leader's lease could expire, measured from when the last successful renewal was
+//! *sent*, minus a margin. It runs on its own thread so that a stuck etcd call cannot delay
+//! it. PostgreSQL is the agent's child with PR_SET_PDEATHSIG, so killing the agent stops its
+//! PostgreSQL as well (Patroni relies on a hardware watchdog for the same guarantee).
+
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dczone_db::{Member, MemberState};
+use dczone_zone::database::{DatabasePlan, Replication};
+use tokio_postgres::Client as PgClient;
+
+use crate::decide::{self, FailureTracker, MemberReport, ModeAction, StandbySeen, SyncState};
+use crate::keys::{AuditEntry, Leader, Snapshot, Store};
+
+/// A standby within this many bytes of the primary counts as caught up.
+pub const CATCHUP_BYTES: u64 = 1 << 20;
+/// Fence this long before the lease could expire.
+pub const FENCE_MARGIN_MS: u64 = 500;
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What one agent needs to know.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub lab: String,
+    pub site: String,
+    pub plan: DatabasePlan,
+    /// Every member, in the zone's order (primary first).
+    pub members: Vec<Member>,
+    pub etcd_endpoints: Vec<String>,
+}
+
+impl AgentConfig {
+    fn me(&self) -> &Member {
+        self.members
+            .iter()
+            .find(|m| m.site == self.site)
+            .expect("the agent's site is a member")
+    }
+    fn member(&self, site: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.site == site)
+    }
+    fn site_of_app(&self, app: &str) -> Option<String> {
+        self.members.iter().find(|m| m.app == app).map(|m| m.site.clone())
+    }
+    fn order(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.site.clone()).collect()
+    }
+}
+
+/// PostgreSQL as a child of a thread that lives as long as the agent (PR_SET_PDEATHSIG
+/// fires when the *thread* that forked the child exits).
+struct Supervisor {
+    tx: mpsc::Sender<std::process::Command>,
+    pid: Arc<AtomicI32>,
+}
+
+impl Supervisor {
+    fn new() -> Supervisor {
+        let (tx, rx) = mpsc::channel::<std::process::Command>();
+        let pid = Arc::new(AtomicI32::new(0));
+        let shared = pid.clone();
+        std::thread::Builder::new()
+            .name("pg-supervisor".into())
+            .spawn(move || {
+                let mut child: Option<Child> = None;
+                loop {
+                    match rx.recv_timeout(Duration::from_millis(20)) {
+                        Ok(mut cmd) => {
+                            // SAFETY: prctl and getppid are async-signal-safe. This runs after
+                            // the uid change, which would otherwise clear the death signal.
+                            unsafe {
+                                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                                    Ok(())
+                                });
+                            }
+                            match cmd.spawn() {
+                                Ok(c) => {
+                                    shared.store(c.id() as i32, Ordering::SeqCst);
+                                    child = Some(c);
+                                }
+                                Err(e) => eprintln!("cannot start postgres: {e}"),
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    if let Some(c) = child.as_mut() {
+                        if let Ok(Some(status)) = c.try_wait() {
+                            eprintln!("postgres exited: {status}");
+                            shared.store(0, Ordering::SeqCst);
+                            child = None;
+                        }
+                    }
+                }
+            })
+            .expect("spawn the supervisor thread");
+        Supervisor { tx, pid }
+    }
+
+    fn running(&self) -> bool {
+        self.pid.load(Ordering::SeqCst) != 0
+    }
+
+    fn start(&self, cmd: std::process::Command) {
+        let _ = self.tx.send(cmd);
+    }
+
+    /// Immediate shutdown, then SIGKILL; waits until the postmaster is gone.
+    fn stop(&self) {
+        stop_postmaster(&self.pid);
+        while self.running() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn stop_postmaster(pid: &AtomicI32) {
+    let p = pid.load(Ordering::SeqCst);
+    if p == 0 {
+        return;
+    }
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(p, libc::SIGQUIT) };
+    let t = Instant::now();
+    while pid.load(Ordering::SeqCst) == p && t.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if pid.load(Ordering::SeqCst) == p {
+        // SAFETY: as above.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+}
+
+/// Shared between the loop, the lease keeper and the watchdog.
+struct Shared {
+    started: Instant,
+    /// Monotonic ms (since `started`) of the send time of the last successful renewal.
+    renewed_at: AtomicU64,
+    /// Set while we hold the leader key: the watchdog then enforces the deadline.
+    leading: AtomicBool,
+    fenced: AtomicBool,
+    lease_lost: AtomicBool,
+    ttl_ms: u64,
+}
+
+impl Shared {
+    fn mono_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+fn log(site: &str, msg: &str) {
+    eprintln!("{} [{site}] {msg}", unix_ms());
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    store: Store,
+    lease: i64,
+    shared: Arc<Shared>,
+    pg: Supervisor,
+    client: Option<PgClient>,
+    tracker: FailureTracker,
+    leader: Option<Leader>,
+    /// The open audit entry of the current unprotected window, if any.
+    window_start: Option<u64>,
+    /// When the leader last checked where etcd's raft leader is.
+    etcd_leader_checked: Option<Instant>,
+}
+
+/// Runs the agent until killed.
+pub async fn run(cfg: AgentConfig) -> Result<(), String> {
+    let site = cfg.site.clone();
+    let store = loop {
+        match Store::connect(&cfg.lab, &cfg.etcd_endpoints).await {
+            Ok(s) => break s,
+            Err(e) => {
+                log(&site, &format!("waiting for etcd: {e}"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let ttl_ms = cfg.plan.ha.lease_ttl_ms;
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        renewed_at: AtomicU64::new(0),
+        leading: AtomicBool::new(false),
+        fenced: AtomicBool::new(false),
+        lease_lost: AtomicBool::new(false),
+        ttl_ms,
+    });
+    let pg = Supervisor::new();
+    spawn_watchdog(shared.clone(), pg.pid.clone(), site.clone());
+    let mut agent = Agent {
+        cfg,
+        store,
+        lease: 0,
+        shared,
+        pg,
+        client: None,
+        tracker: FailureTracker::default(),
+        leader: None,
+        window_start: None,
+        etcd_leader_checked: None,
+    };
+    agent.new_lease().await;
+    let keeper = tokio::spawn(keep_lease(agent.store.clone(), agent.shared.clone(), agent.lease_cell()));
+    let tick = Duration::from_millis(agent.cfg.plan.ha.loop_ms);
+    loop {
+        let t = Instant::now();
+        if agent.shared.lease_lost.swap(false, Ordering::SeqCst) {
+            if agent.shared.leading.swap(false, Ordering::SeqCst) {
+                agent.fence("the leader lease expired");
+            }
+            agent.new_lease().await;
+        }
+        if let Err(e) = agent.step().await {
+            log(&site, &e);
+        }
+        let spent = t.elapsed();
+        if spent < tick {
+            tokio::time::sleep(tick - spent).await;
+        }
+        if keeper.is_finished() {
+            return Err("the lease keeper stopped".into());
+        }
+    }
+}
+
+static LEASE: AtomicU64 = AtomicU64::new(0);
+
+/// Renews the current lease every ttl/6; records the send time of each success.
+async fn keep_lease(store: Store, shared: Arc<Shared>, lease: &'static AtomicU64) {
+    let every = Duration::from_millis((shared.ttl_ms / 6).max(100));
+    let mut current = 0i64;
+    let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let id = lease.load(Ordering::SeqCst) as i64;
+        if id == 0 {
+            continue;
+        }
+        if id != current {
+            keeper = None;
+            current = id;
+        }
+        let sent = shared.mono_ms();
+        if keeper.is_none() {
+            let mut c = store.client.clone();
+            keeper = tokio::time::timeout(Duration::from_millis(400), c.lease_keep_alive(id))
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let Some((k, stream)) = keeper.as_mut() else {
+            continue;
+        };
+        let renewed = async {
+            k.keep_alive().await?;
+            stream.message().await
+        };
+        match tokio::time::timeout(Duration::from_millis(400), renewed).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                shared.renewed_at.store(sent, Ordering::SeqCst);
+            }
+            Ok(Ok(Some(_))) => {
+                // ttl 0: etcd no longer knows the lease.
+                shared.lease_lost.store(true, Ordering::SeqCst);
+                keeper = None;
+            }
+            _ => keeper = None,
+        }
+    }
+}
+
+/// Stops PostgreSQL when a leader's lease could have expired, whatever the loop is doing.
+fn spawn_watchdog(shared: Arc<Shared>, pid: Arc<AtomicI32>, site: String) {
+    std::thread::Builder::new()
+        .name("fence-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(10));
+            if !shared.leading.load(Ordering::SeqCst) {
+                continue;
+            }
+            let deadline = decide::fence_deadline_ms(
+                shared.renewed_at.load(Ordering::SeqCst),
+                shared.ttl_ms,
+                FENCE_MARGIN_MS,
+            );
+            if decide::must_fence(shared.mono_ms(), deadline) {
+                shared.leading.store(false, Ordering::SeqCst);
+                shared.fenced.store(true, Ordering::SeqCst);
+                log(&site, "fencing: the leader lease could not be renewed in time");
+                stop_postmaster(&pid);
+            }
+        })
+        .expect("spawn the watchdog thread");
+}
+
+impl Agent {
+    fn lease_cell(&self) -> &'static AtomicU64 {
+        &LEASE
+    }
+
+    async fn new_lease(&mut self) {
+        let ttl_s = self.cfg.plan.ha.lease_ttl_ms.div_ceil(1000) as i64;
+        loop {
+            let mut c = self.store.client.clone();
+            let sent = self.shared.mono_ms();
+            match tokio::time::timeout(Duration::from_millis(400), c.lease_grant(ttl_s, None)).await
+            {
+                Ok(Ok(resp)) => {
+                    self.lease = resp.id();
+                    self.shared.renewed_at.store(sent, Ordering::SeqCst);
+                    LEASE.store(resp.id() as u64, Ordering::SeqCst);
+                    return;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    fn fence(&mut self, why: &str) {
+        log(&self.cfg.site, &format!("fencing: {why}"));
+        self.shared.leading.store(false, Ordering::SeqCst);
+        self.shared.fenced.store(true, Ordering::SeqCst);
+        self.leader = None;
+        self.client = None;
+        self.pg.stop();
+    }
+
+    async fn local(&mut self) -> Option<MemberState> {
+        if !self.pg.running() {
+            self.client = None;
+            return None;
+        }
+        if self.client.is_none() {
+            let cfg = self.cfg.me().local_config("postgres");
+            self.client = dczone_db::connect(&self.cfg.site, &cfg, Duration::from_millis(500))
+                .await
+                .ok();
+        }
+        let c = self.client.as_ref()?;
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            dczone_db::member_state(&self.cfg.site, c),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Some(s),
+            _ => {
+                self.client = None;
+                None
+            }
+        }
+    }
+
+    fn is_standby_dir(&self) -> bool {
+        self.cfg.me().data().join("standby.signal").exists()
+    }
+
+    fn start_pg(&self) -> Result<(), String> {
+        if self.pg.running() || !self.cfg.me().initialized() {
+            return Ok(());
+        }
+        let cmd = self.cfg.me().postgres_command().map_err(|e| e.to_string())?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.cfg.me().log())
+            .map_err(|e| format!("open the postgres log: {e}"))?;
+        let mut cmd = cmd;
+        cmd.stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log_file)
+            .stdin(std::process::Stdio::null());
+        log(&self.cfg.site, "starting postgres");
+        self.pg.start(cmd);
+        Ok(())
+    }
+
+    async fn step(&mut self) -> Result<(), String> {
+        let local = self.local().await;
+        let report = MemberReport {
+            site: self.cfg.site.clone(),
+            pg_up: local.is_some(),
+            in_recovery: local.as_ref().is_some_and(|l| l.in_recovery),
+            lsn: local.as_ref().map_or(0, |l| l.lsn),
+            fenced: self.shared.fenced.load(Ordering::SeqCst),
+            at_ms: unix_ms(),
+        };
+        let key = self.store.keys.member(&self.cfg.site);
+        self.store
+            .put_json(&key, &report, Some(self.lease))
+            .await
+            .map_err(|e| format!("publish: {e}"))?;
+        let snap = self.store.snapshot().await.map_err(|e| format!("read: {e}"))?;
+        match snap.leader.clone() {
+            Some(l) if l.site == self.cfg.site && l.lease == self.lease => {
+                self.leader = Some(l.clone());
+                self.shared.leading.store(true, Ordering::SeqCst);
+                self.lead(&l, local, &snap).await
+            }
+            Some(l) if l.site == self.cfg.site => {
+                // Our own key from a previous lease (the agent restarted): wait until it
+                // expires; our PostgreSQL died with the previous agent.
+                self.shared.leading.store(false, Ordering::SeqCst);
+                Ok(())
+            }
+            Some(l) => {
+                if self.shared.leading.swap(false, Ordering::SeqCst) {
+                    self.fence("another member holds the leader key");
+                }
+                self.follow(&l, local).await
+            }
+            None => {
+                if self.shared.leading.swap(false, Ordering::SeqCst) {
+                    self.fence("the leader key is gone");
+                }
+                self.elect(local, &snap).await
+            }
+        }
+    }
+
+    /// No leader: bootstrap, or fail over to the standby that provably has every commit.
+    async fn elect(&mut self, local: Option<MemberState>, snap: &Snapshot) -> Result<(), String> {
+        let me = self.cfg.site.clone();
+        let bootstrap = snap.sync.is_none();
+        if bootstrap {
+            if me != self.cfg.plan.primary {
+                return Ok(());
+            }
+            if !self.cfg.me().initialized() {
+                self.cfg.me().initdb().map_err(|e| e.to_string())?;
+            }
+        } else {
+            if self.shared.fenced.load(Ordering::SeqCst) || !self.is_standby_dir() {
+                // A fenced or former primary waits for a new leader and rewinds onto it.
+                return Ok(());
+            }
+            if local.is_none() {
+                return self.start_pg();
+            }
+            let freshness = 3 * self.cfg.plan.ha.loop_ms + 300;
+            match decide::choose_candidate(
+                snap.sync.as_ref(),
+                &snap.members,
+                &self.cfg.order(),
+                unix_ms(),
+                freshness,
+            ) {
+                Ok(c) if c == me => {}
+                Ok(_) => return Ok(()),
+                Err(why) => return Err(format!("no failover yet: {why:?}")),
+            }
+        }
+        let leader = Leader {
+            site: me.clone(),
+            lease: self.lease,
+            since_ms: unix_ms(),
+        };
+        if !self.store.campaign(&leader).await.map_err(|e| e.to_string())? {
+            return Ok(());
+        }
+        log(&me, "won the leader key");
+        self.shared.leading.store(true, Ordering::SeqCst);
+        self.shared.fenced.store(false, Ordering::SeqCst);
+        self.leader = Some(leader.clone());
+        if !bootstrap {
+            let grey = snap
+                .primary_lsn
+                .zip(local.as_ref().map(|l| l.lsn))
+                .map(|(p, mine)| p.saturating_sub(mine));
+            let old = snap.sync.as_ref().map(|s| s.primary.clone()).unwrap_or_default();
+            let entry = AuditEntry {
+                kind: "failover".into(),
+                primary: me.clone(),
+                start_ms: leader.since_ms,
+                end_ms: Some(leader.since_ms),
+                reason: format!(
+                    "{old} lost its lease; {me} holds every acknowledged commit ({})",
+                    match snap.sync.as_ref().map(|s| s.mode) {
+                        Some(Replication::Sync) => "synchronous",
+                        _ => "asynchronous: most advanced standby",
+                    }
+                ),
+                grey_bytes: grey,
+            };
+            let _ = self
+                .store
+                .put_as_leader(&leader, &self.store.keys.audit(leader.since_ms), &entry)
+                .await;
+        }
+        self.start_pg()
+    }
+
+    /// The primary's duties.
+    async fn lead(
+        &mut self,
+        me: &Leader,
+        local: Option<MemberState>,
+        snap: &Snapshot,
+    ) -> Result<(), String> {
+        let Some(local) = local else {
+            return self.start_pg();
+        };
+        let site = self.cfg.site.clone();
+        let policy = match snap.tier.as_ref().and_then(|t| self.cfg.plan.policies.get(t)) {
+            Some(p) => p.clone(),
+            None => self.cfg.plan.policy().clone(),
+        };
+        let order = self.cfg.order();
+        let set = policy.sync_set(&site, &order);
+        let k = decide::quorum_of(&policy, &set);
+        let names = policy.standby_names(&set);
+        if local.in_recovery {
+            // Protect the first commits: the synchronous set is in force before promotion.
+            let c = self.client.as_ref().ok_or("no connection")?;
+            dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &names)
+                .await
+                .map_err(|e| e.to_string())?;
+            log(&site, "promoting");
+            dczone_db::promote(&site, c).await.map_err(|e| e.to_string())?;
+            log(&site, "promoted");
+        }
+        let recorded = snap
+            .sync
+            .clone()
+            .filter(|s| s.primary == site && s.tier == policy.name);
+        let state = match recorded {
+            Some(s) => s,
+            None => {
+                // A new primary or a new policy. Under sync, PostgreSQL enforces the set
+                // before etcd says so; under async, etcd says so before PostgreSQL relaxes.
+                let s = SyncState {
+                    primary: site.clone(),
+                    tier: policy.name.clone(),
+                    mode: policy.replication,
+                    set: if policy.replication == Replication::Sync { set.clone() } else { vec![] },
+                    quorum: k,
+                    since_ms: unix_ms(),
+                    reason: format!("{} under policy {}", if local.in_recovery { "promoted" } else { "leading" }, policy.name),
+                };
+                if policy.replication == Replication::Sync {
+                    let c = self.client.as_ref().ok_or("no connection")?;
+                    dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &names)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                self.write_as_leader(me, &self.store.keys.sync(), &s).await?;
+                self.tracker = FailureTracker::default();
+                s
+            }
+        };
+        let c = self.client.as_ref().ok_or("no connection")?;
+        let replicas = dczone_db::replicas(&site, c).await.map_err(|e| e.to_string())?;
+        let seen: Vec<StandbySeen> = replicas
+            .iter()
+            .filter_map(|r| {
+                Some(StandbySeen {
+                    site: self.cfg.site_of_app(&r.app)?,
+                    streaming: r.state == "streaming",
+                    flush_lsn: r.flush_lsn,
+                    reply_age_ms: r.reply_age_ms.unwrap_or(f64::MAX),
+                })
+            })
+            .collect();
+        let wait = dczone_db::oldest_sync_wait_ms(&site, c)
+            .await
+            .map_err(|e| e.to_string())?;
+        let action = decide::replication_mode(
+            &policy,
+            state.mode,
+            &set,
+            k,
+            &seen,
+            local.lsn,
+            wait,
+            CATCHUP_BYTES,
+            unix_ms(),
+            &mut self.tracker,
+        );
+        let want_names = match action {
+            ModeAction::ToAsync { reason } => {
+                let now = unix_ms();
+                let s = SyncState {
+                    mode: Replication::Async,
+                    set: vec![],
+                    since_ms: now,
+                    reason: reason.clone(),
+                    ..state.clone()
+                };
+                // etcd first: a failover must know these commits are unprotected.
+                self.write_as_leader(me, &self.store.keys.sync(), &s).await?;
+                let entry = AuditEntry {
+                    kind: "unprotected".into(),
+                    primary: site.clone(),
+                    start_ms: now,
+                    end_ms: None,
+                    reason,
+                    grey_bytes: None,
+                };
+                self.write_as_leader(me, &self.store.keys.audit(now), &entry).await?;
+                self.window_start = Some(now);
+                log(&site, &format!("switched to async: {}", s.reason));
+                String::new()
+            }
+            ModeAction::ToSync => {
+                let c = self.client.as_ref().ok_or("no connection")?;
+                // PostgreSQL first: etcd may say async while commits are protected, never
+                // the reverse.
+                dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &names)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let now = unix_ms();
+                let s = SyncState {
+                    mode: Replication::Sync,
+                    set: set.clone(),
+                    quorum: k,
+                    since_ms: now,
+                    reason: "standbys caught up".into(),
+                    ..state.clone()
+                };
+                self.write_as_leader(me, &self.store.keys.sync(), &s).await?;
+                let start = self.window_start.take().unwrap_or(state.since_ms);
+                if let Some(mut e) = snap
+                    .audit
+                    .iter()
+                    .find(|e| e.start_ms == start && e.end_ms.is_none())
+                    .cloned()
+                {
+                    e.end_ms = Some(now);
+                    self.write_as_leader(me, &self.store.keys.audit(start), &e).await?;
+                }
+                log(&site, "back to sync");
+                names.clone()
+            }
+            ModeAction::Stalled { reason } => {
+                log(&site, &format!("commits wait (data-first): {reason}"));
+                names.clone()
+            }
+            ModeAction::Keep => match state.mode {
+                Replication::Sync => names.clone(),
+                Replication::Async => String::new(),
+            },
+        };
+        let c = self.client.as_ref().ok_or("no connection")?;
+        let current = dczone_db::show(&site, c, "synchronous_standby_names")
+            .await
+            .map_err(|e| e.to_string())?;
+        if current != want_names {
+            dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &want_names)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let commit = dczone_db::show(&site, c, "synchronous_commit")
+            .await
+            .map_err(|e| e.to_string())?;
+        if commit != policy.synchronous_commit {
+            dczone_db::set_and_reload(&site, c, "synchronous_commit", &policy.synchronous_commit)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if self
+            .etcd_leader_checked
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(2))
+        {
+            self.etcd_leader_checked = Some(Instant::now());
+            if let Ok(true) = self.store.pull_etcd_leadership().await {
+                log(&site, "moved etcd's raft leadership to this site");
+            }
+        }
+        self.store
+            .put_json(&self.store.keys.primary_lsn(), &local.lsn, None)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn write_as_leader<T: serde::Serialize>(
+        &self,
+        me: &Leader,
+        key: &str,
+        value: &T,
+    ) -> Result<(), String> {
+        match self.store.put_as_leader(me, key, value).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("no longer the leader; write refused".into()),
+            Err(e) => Err(format!("write {key}: {e}")),
+        }
+    }
+
+    /// A follower streams from the leader.
+    async fn follow(&mut self, leader: &Leader, local: Option<MemberState>) -> Result<(), String> {
+        let Some(upstream) = self.cfg.member(&leader.site).cloned() else {
+            return Err(format!("leader {} is not a member", leader.site));
+        };
+        let me = self.cfg.me().clone();
+        if !me.initialized() {
+            log(&me.site, &format!("base backup from {}", upstream.site));
+            return me.basebackup(&upstream).map_err(|e| e.to_string());
+        }
+        let former_primary =
+            !self.is_standby_dir() || local.as_ref().is_some_and(|l| !l.in_recovery);
+        if former_primary {
+            log(&me.site, &format!("former primary: rewinding onto {}", upstream.site));
+            self.pg.stop();
+            self.client = None;
+            me.rewind(&upstream).map_err(|e| e.to_string())?;
+            self.shared.fenced.store(false, Ordering::SeqCst);
+            return self.start_pg();
+        }
+        let Some(local) = local else {
+            return self.start_pg();
+        };
+        let want = upstream.ip.to_string();
+        if local.upstream_ip.as_deref() != Some(want.as_str()) {
+            let c = self.client.as_ref().ok_or("no connection")?;
+            let conninfo = upstream.remote_conninfo(&me.app);
+            let current = dczone_db::show(&me.site, c, "primary_conninfo")
+                .await
+                .map_err(|e| e.to_string())?;
+            if current != conninfo {
+                log(&me.site, &format!("repointing to {}", upstream.site));
+                dczone_db::set_and_reload(&me.site, c, "primary_conninfo", &conninfo)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        self.shared.fenced.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}

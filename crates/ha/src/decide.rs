@@ -1,0 +1,411 @@
+//! The HA manager's decisions, as pure functions of a member view and a clock, so that they
+//! can be tested without etcd or PostgreSQL.
+//!
+//! Compared with Patroni (loop_wait 10 s, ttl 30 s): our agents look every `loop_ms` (100 ms),
+//! a silent synchronous standby is dropped after `failure_detect_ms` (300 ms) of waiting
+//! commits rather than after a loop, and the leader lease is 3 s rather than 30 s.
+
+use dczone_zone::database::{Policy, QuorumMethod, Replication, StandbyFailure};
+use serde::{Deserialize, Serialize};
+
+/// What each agent publishes about its member (etcd `members/<site>`, on the agent's lease).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberReport {
+    pub site: String,
+    /// PostgreSQL answers its agent.
+    pub pg_up: bool,
+    pub in_recovery: bool,
+    /// Primary: current WAL end. Standby: WAL received and flushed.
+    pub lsn: u64,
+    /// The agent fenced its member (it lost the leader lease while primary).
+    pub fenced: bool,
+    /// When the agent wrote this (unix ms).
+    pub at_ms: u64,
+}
+
+/// The replication state the leader records in etcd (`sync`) before it acts on it, so
+/// that a failover knows which standbys hold every acknowledged commit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncState {
+    pub primary: String,
+    /// The policy (tier) this state applies.
+    pub tier: String,
+    pub mode: Replication,
+    /// The synchronous set in force (empty when async).
+    pub set: Vec<String>,
+    pub quorum: usize,
+    pub since_ms: u64,
+    pub reason: String,
+}
+
+/// Why no standby may be promoted yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoCandidate {
+    /// Under sync, fewer than |set| - k + 1 members of the synchronous set are visible, so
+    /// none of those we see can be proven to hold every acknowledged commit.
+    CannotProveRpo { visible: usize, needed: usize },
+    /// No standby is visible at all.
+    NoStandby,
+}
+
+/// Reports newer than `now - freshness_ms`, of standbys that answer their agents.
+pub fn fresh_standbys(reports: &[MemberReport], now_ms: u64, freshness_ms: u64) -> Vec<&MemberReport> {
+    reports
+        .iter()
+        .filter(|r| r.pg_up && r.in_recovery && !r.fenced)
+        .filter(|r| r.at_ms + freshness_ms >= now_ms)
+        .collect()
+}
+
+/// Which standby to promote once the leader is gone.
+///
+/// Under sync with quorum k over set S, every acknowledged commit is on at least k members of
+/// S. Seeing |S| - k + 1 of them guarantees that one we see has it, and WAL is a prefix, so
+/// the most advanced standby we see holds every acknowledged commit. Under async the most
+/// advanced standby is the best there is; what it lacks is the grey data.
+/// Ties go to the earlier site in `order` (the zone's member order).
+pub fn choose_candidate(
+    sync: Option<&SyncState>,
+    reports: &[MemberReport],
+    order: &[String],
+    now_ms: u64,
+    freshness_ms: u64,
+) -> Result<String, NoCandidate> {
+    let fresh = fresh_standbys(reports, now_ms, freshness_ms);
+    if let Some(s) = sync.filter(|s| s.mode == Replication::Sync) {
+        let visible = s
+            .set
+            .iter()
+            .filter(|site| fresh.iter().any(|r| &r.site == *site))
+            .count();
+        let needed = s.set.len().saturating_sub(s.quorum) + 1;
+        if visible < needed {
+            return Err(NoCandidate::CannotProveRpo { visible, needed });
+        }
+    }
+    let rank = |site: &str| order.iter().position(|o| o == site).unwrap_or(usize::MAX);
+    fresh
+        .iter()
+        .max_by(|a, b| a.lsn.cmp(&b.lsn).then(rank(&b.site).cmp(&rank(&a.site))))
+        .map(|r| r.site.clone())
+        .ok_or(NoCandidate::NoStandby)
+}
+
+/// How the primary sees one synchronous standby (from pg_stat_replication).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StandbySeen {
+    pub site: String,
+    pub streaming: bool,
+    pub flush_lsn: u64,
+    /// Since the standby's last reply.
+    pub reply_age_ms: f64,
+}
+
+/// A standby that has not replied for this long is silent (it replies every second).
+pub const SILENT_AFTER_MS: f64 = 1200.0;
+/// A returning standby must stay caught up this long before commits wait for it again.
+pub const RETURN_AFTER_MS: u64 = 2000;
+
+impl StandbySeen {
+    fn alive(&self) -> bool {
+        self.streaming && self.reply_age_ms < SILENT_AFTER_MS
+    }
+}
+
+/// The primary's standby-failure state machine (availability-first).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FailureTracker {
+    /// Since when the synchronous set has been short of its quorum, or commits waiting.
+    pub unhealthy_since_ms: Option<u64>,
+    /// Since when enough standbys have been alive and caught up (while async).
+    pub caught_up_since_ms: Option<u64>,
+}
+
+/// What the primary should do about its replication mode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModeAction {
+    Keep,
+    /// Drop to async: commits have waited or the quorum has been missing for the detection
+    /// time. The reason goes to the audit log.
+    ToAsync { reason: String },
+    /// The standbys are back and caught up: restore the synchronous set.
+    ToSync,
+    /// Data-first: commits wait; nothing to do but report it.
+    Stalled { reason: String },
+}
+
+/// Healthy members of `set` as the primary sees them.
+fn healthy_in_set(set: &[String], seen: &[StandbySeen]) -> usize {
+    set.iter()
+        .filter(|s| seen.iter().any(|x| &x.site == *s && x.alive()))
+        .count()
+}
+
+/// The primary's decision about sync/async, called every loop.
+///
+/// `set` and `k` are the synchronous set and quorum the policy wants for this primary;
+/// `current` is the mode recorded in etcd; `oldest_wait_ms` is how long the oldest commit has
+/// waited for standbys; `catchup_bytes` is how close a standby must be to count as caught up.
+#[allow(clippy::too_many_arguments)]
+pub fn replication_mode(
+    policy: &Policy,
+    current: Replication,
+    set: &[String],
+    k: usize,
+    seen: &[StandbySeen],
+    primary_lsn: u64,
+    oldest_wait_ms: f64,
+    catchup_bytes: u64,
+    now_ms: u64,
+    tracker: &mut FailureTracker,
+) -> ModeAction {
+    if policy.replication == Replication::Async {
+        return ModeAction::Keep;
+    }
+    match current {
+        Replication::Sync => {
+            let healthy = healthy_in_set(set, seen);
+            let waiting = oldest_wait_ms >= policy.failure_detect_ms as f64;
+            let short = healthy < k;
+            if !(short || waiting) {
+                tracker.unhealthy_since_ms = None;
+                return ModeAction::Keep;
+            }
+            let since = *tracker.unhealthy_since_ms.get_or_insert(now_ms);
+            let reason = if short {
+                format!(
+                    "{healthy} of {} synchronous standbys streaming, quorum {k}",
+                    set.len()
+                )
+            } else {
+                format!("commits waited {oldest_wait_ms:.0} ms for the synchronous standbys")
+            };
+            let overdue = waiting || now_ms.saturating_sub(since) >= policy.failure_detect_ms;
+            match policy.standby_failure {
+                _ if !overdue => ModeAction::Keep,
+                StandbyFailure::DataFirst => ModeAction::Stalled { reason },
+                StandbyFailure::AvailabilityFirst => ModeAction::ToAsync { reason },
+            }
+        }
+        Replication::Async => {
+            tracker.unhealthy_since_ms = None;
+            let caught_up = set
+                .iter()
+                .filter(|s| {
+                    seen.iter().any(|x| {
+                        &x.site == *s && x.alive() && x.flush_lsn + catchup_bytes >= primary_lsn
+                    })
+                })
+                .count();
+            if caught_up < k {
+                tracker.caught_up_since_ms = None;
+                return ModeAction::Keep;
+            }
+            // Hysteresis: a standby that just went silent still looks caught up for a
+            // second; it must stay caught up for RETURN_AFTER_MS.
+            let since = *tracker.caught_up_since_ms.get_or_insert(now_ms);
+            if now_ms.saturating_sub(since) >= RETURN_AFTER_MS {
+                tracker.caught_up_since_ms = None;
+                ModeAction::ToSync
+            } else {
+                ModeAction::Keep
+            }
+        }
+    }
+}
+
+/// When the primary must fence itself: the lease it last renewed at `renewed_at_ms` (the
+/// moment it *sent* the renewal, which is before etcd extended the lease) expires at
+/// `renewed_at_ms + ttl`; fence `margin_ms` before that, so that the primary is down before
+/// any other member can win the leader key.
+pub fn fence_deadline_ms(renewed_at_ms: u64, ttl_ms: u64, margin_ms: u64) -> u64 {
+    renewed_at_ms + ttl_ms.saturating_sub(margin_ms)
+}
+
+pub fn must_fence(now_ms: u64, deadline_ms: u64) -> bool {
+    now_ms >= deadline_ms
+}
+
+/// The quorum count PostgreSQL applies for `set`: FIRST k and ANY k both need k answers.
+pub fn quorum_of(policy: &Policy, set: &[String]) -> usize {
+    match policy.quorum.method {
+        QuorumMethod::First | QuorumMethod::Any => policy.quorum_count(set.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dczone_zone::database::Quorum;
+
+    fn report(site: &str, lsn: u64, at: u64) -> MemberReport {
+        MemberReport {
+            site: site.into(),
+            pg_up: true,
+            in_recovery: true,
+            lsn,
+            fenced: false,
+            at_ms: at,
+        }
+    }
+
+    fn sync(set: &[&str], k: usize) -> SyncState {
+        SyncState {
+            primary: "dc1.1".into(),
+            tier: "tier1".into(),
+            mode: Replication::Sync,
+            set: set.iter().map(|s| s.to_string()).collect(),
+            quorum: k,
+            since_ms: 0,
+            reason: String::new(),
+        }
+    }
+
+    fn order() -> Vec<String> {
+        vec!["dc1.1".into(), "dc1.2".into(), "dc2.1".into()]
+    }
+
+    fn policy(failure: StandbyFailure) -> Policy {
+        Policy {
+            name: "tier1".into(),
+            replication: Replication::Sync,
+            sync_standbys: vec!["dc2.1".into()],
+            quorum: Quorum {
+                method: QuorumMethod::Any,
+                count: 1,
+            },
+            synchronous_commit: "on".into(),
+            standby_failure: failure,
+            failure_detect_ms: 300,
+        }
+    }
+
+    #[test]
+    fn promotes_the_most_advanced_when_the_sync_standby_is_visible() {
+        // dc1.2 (async) received more than dc2.1 (sync): it holds every acknowledged commit too.
+        let r = [report("dc1.2", 900, 1000), report("dc2.1", 800, 1000)];
+        let s = sync(&["dc2.1"], 1);
+        assert_eq!(choose_candidate(Some(&s), &r, &order(), 1000, 500).unwrap(), "dc1.2");
+    }
+
+    #[test]
+    fn refuses_when_no_sync_standby_can_prove_rpo() {
+        let r = [report("dc1.2", 900, 1000)];
+        let s = sync(&["dc2.1"], 1);
+        assert_eq!(
+            choose_candidate(Some(&s), &r, &order(), 1000, 500),
+            Err(NoCandidate::CannotProveRpo {
+                visible: 0,
+                needed: 1
+            })
+        );
+        // A stale report does not count either.
+        let r = [report("dc1.2", 900, 1000), report("dc2.1", 950, 100)];
+        assert!(choose_candidate(Some(&s), &r, &order(), 1000, 500).is_err());
+    }
+
+    #[test]
+    fn quorum_any_2_of_3_needs_two_visible() {
+        let s = sync(&["a", "b", "c"], 2);
+        let r = [report("a", 5, 10), report("b", 7, 10)];
+        assert_eq!(choose_candidate(Some(&s), &r, &[], 10, 5).unwrap(), "b");
+        let r = [report("a", 5, 10)];
+        assert!(choose_candidate(Some(&s), &r, &[], 10, 5).is_err());
+    }
+
+    #[test]
+    fn async_promotes_the_most_advanced_and_ties_follow_the_zone_order() {
+        let mut s = sync(&[], 1);
+        s.mode = Replication::Async;
+        let r = [report("dc2.1", 500, 10), report("dc1.2", 500, 10)];
+        assert_eq!(choose_candidate(Some(&s), &r, &order(), 10, 5).unwrap(), "dc1.2");
+        assert_eq!(
+            choose_candidate(Some(&s), &[], &order(), 10, 5),
+            Err(NoCandidate::NoStandby)
+        );
+    }
+
+    #[test]
+    fn fenced_or_down_members_are_never_candidates() {
+        let mut down = report("dc1.2", 999, 10);
+        down.pg_up = false;
+        let mut fenced = report("dc1.1", 999, 10);
+        fenced.fenced = true;
+        let r = [down, fenced, report("dc2.1", 1, 10)];
+        assert_eq!(choose_candidate(None, &r, &order(), 10, 5).unwrap(), "dc2.1");
+    }
+
+    fn seen(site: &str, streaming: bool, lsn: u64) -> StandbySeen {
+        StandbySeen {
+            site: site.into(),
+            streaming,
+            flush_lsn: lsn,
+            reply_age_ms: 100.0,
+        }
+    }
+
+    #[test]
+    fn availability_first_drops_sync_after_the_detection_time() {
+        let p = policy(StandbyFailure::AvailabilityFirst);
+        let set = vec!["dc2.1".to_string()];
+        let mut t = FailureTracker::default();
+        let gone = [seen("dc1.2", true, 10)];
+        let step = |now, wait, t: &mut FailureTracker| {
+            replication_mode(&p, Replication::Sync, &set, 1, &gone, 10, wait, 0, now, t)
+        };
+        assert_eq!(step(1000, 0.0, &mut t), ModeAction::Keep);
+        assert_eq!(step(1299, 0.0, &mut t), ModeAction::Keep);
+        assert!(matches!(step(1300, 0.0, &mut t), ModeAction::ToAsync { .. }));
+        // Commits that have waited long enough trip it at once, even if the standby still
+        // looks connected (a silent standby keeps its TCP connection).
+        let mut t = FailureTracker::default();
+        let present = [seen("dc2.1", true, 10)];
+        let a = replication_mode(&p, Replication::Sync, &set, 1, &present, 10, 350.0, 0, 5, &mut t);
+        assert!(matches!(a, ModeAction::ToAsync { ref reason } if reason.contains("waited")));
+    }
+
+    #[test]
+    fn data_first_never_drops_sync() {
+        let p = policy(StandbyFailure::DataFirst);
+        let set = vec!["dc2.1".to_string()];
+        let mut t = FailureTracker::default();
+        let a = replication_mode(&p, Replication::Sync, &set, 1, &[], 0, 5000.0, 0, 10_000, &mut t);
+        assert!(matches!(a, ModeAction::Stalled { .. }));
+    }
+
+    #[test]
+    fn returns_to_sync_only_once_caught_up() {
+        let p = policy(StandbyFailure::AvailabilityFirst);
+        let set = vec!["dc2.1".to_string()];
+        let mut t = FailureTracker::default();
+        let behind = [seen("dc2.1", true, 1_000)];
+        let a = replication_mode(&p, Replication::Async, &set, 1, &behind, 5_000_000, 0.0, 1 << 20, 0, &mut t);
+        assert_eq!(a, ModeAction::Keep);
+        let close = [seen("dc2.1", true, 4_500_000)];
+        let a = replication_mode(&p, Replication::Async, &set, 1, &close, 5_000_000, 0.0, 1 << 20, 0, &mut t);
+        assert_eq!(a, ModeAction::Keep, "caught up, but not yet for long enough");
+        let a = replication_mode(&p, Replication::Async, &set, 1, &close, 5_000_000, 0.0, 1 << 20, RETURN_AFTER_MS, &mut t);
+        assert_eq!(a, ModeAction::ToSync);
+        // A standby that went silent a moment ago still looks caught up: no return.
+        let mut t = FailureTracker::default();
+        let mut silent = seen("dc2.1", true, 5_000_000);
+        silent.reply_age_ms = SILENT_AFTER_MS + 1.0;
+        for now in [0, RETURN_AFTER_MS, 2 * RETURN_AFTER_MS] {
+            let a = replication_mode(&p, Replication::Async, &set, 1, &[silent.clone()], 5_000_000, 0.0, 1 << 20, now, &mut t);
+            assert_eq!(a, ModeAction::Keep);
+        }
+        let not_streaming = [seen("dc2.1", false, 5_000_000)];
+        let a = replication_mode(&p, Replication::Async, &set, 1, &not_streaming, 5_000_000, 0.0, 1 << 20, 0, &mut t);
+        assert_eq!(a, ModeAction::Keep);
+    }
+
+    #[test]
+    fn fencing_happens_before_the_lease_can_expire() {
+        let d = fence_deadline_ms(10_000, 3_000, 500);
+        assert_eq!(d, 12_500);
+        assert!(!must_fence(12_499, d));
+        assert!(must_fence(12_500, d));
+        // etcd expires the lease no earlier than renewal-received + ttl >= sent + ttl.
+        assert!(d < 10_000 + 3_000);
+    }
+}

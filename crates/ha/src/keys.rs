@@ -1,0 +1,239 @@
+//! The HA manager's keys in etcd, and a thin client with a deadline on every call (an agent
+//! in a partitioned site must never block on its minority etcd member).
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::decide::{MemberReport, SyncState};
+
+/// One call's deadline.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {} ms", CALL_TIMEOUT.as_millis())]
+    Timeout,
+    #[error("bad JSON under {key}: {source}")]
+    Json {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The leader key's value. The key lives on the leader agent's lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Leader {
+    pub site: String,
+    pub lease: i64,
+    pub since_ms: u64,
+}
+
+/// One entry of the audit log: an unprotected window (async fallback) or a failover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub kind: String,
+    pub primary: String,
+    pub start_ms: u64,
+    pub end_ms: Option<u64>,
+    pub reason: String,
+    /// Failover: bytes of WAL the old primary had that the new one lacks (grey data at risk).
+    #[serde(default)]
+    pub grey_bytes: Option<u64>,
+}
+
+/// Everything under the platform's prefix, read at once.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub leader: Option<Leader>,
+    pub sync: Option<SyncState>,
+    pub members: Vec<MemberReport>,
+    pub primary_lsn: Option<u64>,
+    pub audit: Vec<AuditEntry>,
+    /// The policy set at run time (`dczone db policy`), overriding the zone file's tier.
+    pub tier: Option<String>,
+}
+
+/// Key layout: `/dczone/<lab>/db/{leader,sync,primary_lsn,members/<site>,audit/<ms>}`.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(lab: &str) -> Keys {
+        Keys {
+            prefix: format!("/dczone/{lab}/db/"),
+        }
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+    pub fn sync(&self) -> String {
+        format!("{}sync", self.prefix)
+    }
+    pub fn tier(&self) -> String {
+        format!("{}tier", self.prefix)
+    }
+    pub fn primary_lsn(&self) -> String {
+        format!("{}primary_lsn", self.prefix)
+    }
+    pub fn member(&self, site: &str) -> String {
+        format!("{}members/{site}", self.prefix)
+    }
+    pub fn audit(&self, start_ms: u64) -> String {
+        format!("{}audit/{start_ms:015}", self.prefix)
+    }
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(CALL_TIMEOUT, f)
+        .await
+        .map_err(|_| StoreError::Timeout)?
+        .map_err(StoreError::Etcd)
+}
+
+fn json<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Json {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// An etcd client bound to one lab's keys.
+#[derive(Clone)]
+pub struct Store {
+    pub client: Client,
+    pub keys: Keys,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("keys", &self.keys).finish()
+    }
+}
+
+impl Store {
+    pub async fn connect(lab: &str, endpoints: &[String]) -> Result<Store, StoreError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_millis(500), Duration::from_millis(500));
+        let client = tokio::time::timeout(
+            Duration::from_secs(3),
+            Client::connect(endpoints, Some(opts)),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout)??;
+        Ok(Store {
+            client,
+            keys: Keys::new(lab),
+        })
+    }
+
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let mut c = self.client.clone();
+        let resp = timed(c.get(self.keys.prefix(), Some(GetOptions::new().with_prefix()))).await?;
+        let mut snap = Snapshot::default();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).to_string();
+            let rest = &key[self.keys.prefix().len()..];
+            match rest {
+                "leader" => snap.leader = Some(json(&key, kv.value())?),
+                "sync" => snap.sync = Some(json(&key, kv.value())?),
+                "primary_lsn" => snap.primary_lsn = Some(json(&key, kv.value())?),
+                "tier" => snap.tier = Some(json(&key, kv.value())?),
+                r if r.starts_with("members/") => snap.members.push(json(&key, kv.value())?),
+                r if r.starts_with("audit/") => snap.audit.push(json(&key, kv.value())?),
+                _ => {}
+            }
+        }
+        Ok(snap)
+    }
+
+    pub async fn put_json<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        lease: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        let body = serde_json::to_vec(value).expect("serializable");
+        timed(c.put(key, body, opts)).await.map(|_| ())
+    }
+
+    /// Creates the leader key if nobody holds it. Returns whether we won.
+    pub async fn campaign(&self, leader: &Leader) -> Result<bool, StoreError> {
+        let mut c = self.client.clone();
+        let key = self.keys.leader();
+        let body = serde_json::to_vec(leader).expect("serializable");
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(
+                key,
+                body,
+                Some(PutOptions::new().with_lease(leader.lease)),
+            )]);
+        Ok(timed(c.txn(txn)).await?.succeeded())
+    }
+
+    /// Writes `key` only while `leader` still holds the leader key: a deposed primary's
+    /// writes are refused by etcd itself.
+    pub async fn put_as_leader<T: Serialize>(
+        &self,
+        leader: &Leader,
+        key: &str,
+        value: &T,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.client.clone();
+        let me = serde_json::to_vec(leader).expect("serializable");
+        let body = serde_json::to_vec(value).expect("serializable");
+        let txn = Txn::new()
+            .when(vec![Compare::value(self.keys.leader(), CompareOp::Equal, me)])
+            .and_then(vec![TxnOp::put(key, body, None)]);
+        Ok(timed(c.txn(txn)).await?.succeeded())
+    }
+
+    /// Moves etcd's raft leadership to the member this client talks to (the primary's site),
+    /// so that the leader's writes commit with the nearest quorum, and losing a remote site
+    /// never costs an etcd election. Returns whether it moved.
+    pub async fn pull_etcd_leadership(&self) -> Result<bool, StoreError> {
+        let mut c = self.client.clone();
+        let st = timed(c.status()).await?;
+        let me = st.header().map(|h| h.member_id()).unwrap_or(0);
+        let leader = st.leader();
+        if me == 0 || leader == 0 || leader == me {
+            return Ok(false);
+        }
+        let list = timed(c.member_list()).await?;
+        let Some(l) = list.members().iter().find(|m| m.id() == leader) else {
+            return Ok(false);
+        };
+        let urls = l.client_urls().to_vec();
+        let mut lc = tokio::time::timeout(CALL_TIMEOUT, Client::connect(urls, None))
+            .await
+            .map_err(|_| StoreError::Timeout)??;
+        timed(lc.move_leader(me)).await?;
+        Ok(true)
+    }
+
+    pub async fn delete_prefix(&self) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        timed(c.delete(
+            self.keys.prefix(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        ))
+        .await
+        .map(|_| ())
+    }
+}

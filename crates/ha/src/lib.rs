@@ -1,0 +1,6 @@
+//! The HA manager: one agent per database site (see [`agent`]), coordinating through etcd;
+//! its decisions are pure functions in [`decide`].
+
+pub mod agent;
+pub mod decide;
+pub mod keys;
