@@ -52,17 +52,18 @@ pub enum DbCommand {
         clients: usize,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
-        /// The host the clients run on.
-        #[arg(long, default_value = "dc1.1-client")]
-        client: String,
+        /// The host the clients run on (default: dc1.1-client, or a host of a site that is
+        /// not cut off).
+        #[arg(long)]
+        client: Option<String>,
         #[arg(long)]
         json: bool,
     },
     /// Check the current primary: every acknowledged transfer present exactly once, balances
     /// conserved, indeterminate transfers listed. Exits 1 unless RPO = 0.
     Audit {
-        #[arg(long, default_value = "dc1.1-client")]
-        client: String,
+        #[arg(long)]
+        client: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -112,6 +113,33 @@ impl Platform {
             members,
             etcd,
         })
+    }
+
+    /// Where client-side commands run: the requested host, else `dc1.1-client` (the
+    /// application's site), else a host of the first database site that is not cut off.
+    pub fn client_host(&self, requested: Option<String>) -> anyhow::Result<String> {
+        if let Some(h) = requested {
+            self.lab.host(&h)?;
+            return Ok(h);
+        }
+        let isolated = self.lab.state()?.isolated;
+        let usable = |host: &str| {
+            self.zone
+                .host(host)
+                .is_some_and(|h| !isolated.contains(&self.zone.sites[h.site].id))
+        };
+        if usable("dc1.1-client") {
+            return Ok("dc1.1-client".into());
+        }
+        for site in self.plan.members() {
+            let idx = self.zone.site_index(&site).expect("validated");
+            let hosts = &self.zone.sites[idx].hosts;
+            // Prefer a host that is not the database host itself.
+            if let Some(h) = hosts.iter().rev().find(|h| usable(h)) {
+                return Ok(h.clone());
+            }
+        }
+        bail!("every database site is cut off; restore one with `dczone lab site restore`")
     }
 
     pub fn member(&self, site: &str) -> anyhow::Result<&Member> {
@@ -493,8 +521,9 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
     let p = Platform::open(lab)?;
     match cmd {
         DbCommand::Up { json } => {
-            let primary = p.up(exe, state_dir, "dc1.1-client")?;
-            let v = status_view(&p, &p.snapshot("dc1.1-client")?);
+            let client = p.client_host(None)?;
+            let primary = p.up(exe, state_dir, &client)?;
+            let v = status_view(&p, &p.snapshot(&client)?);
             if json {
                 print_json(&v);
             } else {
@@ -511,7 +540,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             }
         }
         DbCommand::Status { json } => {
-            let v = status_view(&p, &p.snapshot("dc1.1-client")?);
+            let v = status_view(&p, &p.snapshot(&p.client_host(None)?)?);
             if json {
                 print_json(&v);
             } else {
@@ -525,7 +554,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
                     p.plan.policies.keys().cloned().collect::<Vec<_>>().join(", ")
                 );
             }
-            p.put_key("dc1.1-client", |k| k.tier(), tier.clone())?;
+            p.put_key(&p.client_host(None)?, |k| k.tier(), tier.clone())?;
             if json {
                 print_json(&serde_json::json!({"policy": tier}));
             } else {
@@ -543,7 +572,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
                 request_timeout: Duration::from_secs(1),
                 run_id: format!("r{}", dczone_ledger::unix_us()),
             };
-            let r = p.load(&client, opts)?;
+            let r = p.load(&p.client_host(client)?, opts)?;
             p.record(&r)?;
             if json {
                 print_json(&r);
@@ -561,7 +590,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
         }
         DbCommand::Audit { client, json } => {
             let (acked, ind) = p.recorded();
-            let a = p.audit(&client, acked, ind)?;
+            let a = p.audit(&p.client_host(client)?, acked, ind)?;
             if json {
                 print_json(&a);
             } else {

@@ -290,9 +290,17 @@ async fn keep_lease(store: Store, shared: Arc<Shared>, lease: &'static AtomicU64
                 shared.lease_lost.store(true, Ordering::SeqCst);
                 keeper = None;
             }
+            Ok(Err(e)) if lease_gone(&e.to_string()) => {
+                shared.lease_lost.store(true, Ordering::SeqCst);
+                keeper = None;
+            }
             _ => keeper = None,
         }
     }
+}
+
+fn lease_gone(error: &str) -> bool {
+    error.contains("lease not found")
 }
 
 /// Stops PostgreSQL when a leader's lease could have expired, whatever the loop is doing.
@@ -411,10 +419,13 @@ impl Agent {
             at_ms: unix_ms(),
         };
         let key = self.store.keys.member(&self.cfg.site);
-        self.store
-            .put_json(&key, &report, Some(self.lease))
-            .await
-            .map_err(|e| format!("publish: {e}"))?;
+        if let Err(e) = self.store.put_json(&key, &report, Some(self.lease)).await {
+            let e = e.to_string();
+            if lease_gone(&e) {
+                self.shared.lease_lost.store(true, Ordering::SeqCst);
+            }
+            return Err(format!("publish: {e}"));
+        }
         let snap = self.store.snapshot().await.map_err(|e| format!("read: {e}"))?;
         match snap.leader.clone() {
             Some(l) if l.site == self.cfg.site && l.lease == self.lease => {

@@ -146,6 +146,8 @@ impl Lab {
                 "new",
                 "--initial-cluster-token",
                 self.name(),
+                // A member that was cut off must not disrupt the cluster when it returns.
+                "--pre-vote",
                 // Faster than the defaults (100/1000 ms): the longest lab RTT is 25 ms.
                 "--heartbeat-interval",
                 "50",
