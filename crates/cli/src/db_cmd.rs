@@ -269,7 +269,8 @@ impl Platform {
         .map_err(|e| anyhow!("etcd: {e}"))
     }
 
-    /// Waits until a primary accepts writes and every listed standby streams from it.
+    /// Waits until a primary accepts writes and every listed member but the primary streams
+    /// from it.
     pub fn wait_ready(&self, host: &str, standbys: &[String], timeout: Duration) -> anyhow::Result<String> {
         let hosts = self.hosts();
         let apps: Vec<String> = standbys.iter().map(|s| dczone_db::app_name(s)).collect();
@@ -290,12 +291,16 @@ impl Platform {
                         .await
                         .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
                         .unwrap_or_default();
-                    let missing: Vec<&String> = apps.iter().filter(|a| !rows.contains(a)).collect();
                     let site = ip_to_site
                         .iter()
                         .find(|(i, _)| *i == ip)
                         .map(|(_, s)| s.clone())
                         .unwrap_or_default();
+                    let own = dczone_db::app_name(&site);
+                    let missing: Vec<&String> = apps
+                        .iter()
+                        .filter(|a| !rows.contains(a) && **a != own)
+                        .collect();
                     if missing.is_empty() {
                         return Ok(site);
                     }
@@ -387,8 +392,7 @@ impl Platform {
             dczone_ledger::create_schema(ip).await
         })?
         .map_err(|e| anyhow!("create the ledger: {e}"))?;
-        let standbys: Vec<String> = self.plan.standbys.clone();
-        let primary = self.wait_ready(client, &standbys, Duration::from_secs(90))?;
+        let primary = self.wait_ready(client, &self.plan.members(), Duration::from_secs(90))?;
         self.wait_mode(client, self.plan.policy().replication, Duration::from_secs(30))?;
         Ok(primary)
     }

@@ -92,6 +92,11 @@ pub enum Command {
 
 /// Entry point of the binary: runs the command and prints the whole error chain on failure.
 pub fn main() -> ExitCode {
+    // Behave like a Unix tool when piped into `head`: exit quietly on a closed pipe.
+    // SAFETY: setting a signal disposition to its default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

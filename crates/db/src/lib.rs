@@ -78,7 +78,7 @@ pub fn as_postgres(program: &str) -> Result<Command, DbError> {
     Ok(cmd)
 }
 
-fn run(what: &str, cmd: &mut Command) -> Result<(), DbError> {
+fn run(what: &str, cmd: &mut Command) -> Result<String, DbError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -87,7 +87,11 @@ fn run(what: &str, cmd: &mut Command) -> Result<(), DbError> {
             source,
         })?;
     if out.status.success() {
-        Ok(())
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     } else {
         let mut detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
         if detail.is_empty() {
@@ -169,14 +173,14 @@ impl Member {
         self.configure()
     }
 
-    /// Appends dczone's settings and lab access rules. Settings the HA agent changes at run
+    /// Appends dczone's settings and lab access rules. Settings that differ per member
+    /// (addresses, socket) are on the postmaster's command line instead, because pg_rewind
+    /// and pg_basebackup copy these files from another member. Settings the HA agent changes at run
     /// time (synchronous_standby_names, primary_conninfo) live in postgresql.auto.conf.
     fn configure(&self) -> Result<(), DbError> {
         let conf = format!(
             "\n# dczone\n\
-             listen_addresses = '{ip}'\n\
              port = {PORT}\n\
-             unix_socket_directories = '{sock}'\n\
              max_connections = 200\n\
              shared_buffers = 128MB\n\
              wal_level = replica\n\
@@ -194,8 +198,6 @@ impl Member {
              synchronous_commit = on\n\
              logging_collector = off\n\
              log_line_prefix = '%m [%p] '\n",
-            ip = self.ip,
-            sock = self.socket_dir().display()
         );
         let hba = "\n# dczone lab: members and clients on the lab network (10.77.0.0/16)\n\
                    host all all 10.77.0.0/16 trust\n\
@@ -232,22 +234,6 @@ impl Member {
                 .arg(self.data())
                 .args(["-X", "stream", "-c", "fast"]),
         )?;
-        // The copy carries the upstream's settings; the socket and address are ours.
-        let conf = self.data().join("postgresql.conf");
-        let text = std::fs::read_to_string(&conf).map_err(|source| DbError::Io {
-            what: format!("read {}", conf.display()),
-            source,
-        })?;
-        let text = text
-            .replace(&upstream.ip.to_string(), &self.ip.to_string())
-            .replace(
-                &upstream.socket_dir().display().to_string(),
-                &self.socket_dir().display().to_string(),
-            );
-        std::fs::write(&conf, text).map_err(|source| DbError::Io {
-            what: format!("write {}", conf.display()),
-            source,
-        })?;
         self.follow(upstream)
     }
 
@@ -277,14 +263,24 @@ impl Member {
     /// The postmaster command; the agent spawns it (and ties its life to the agent's).
     pub fn postgres_command(&self) -> Result<Command, DbError> {
         let mut cmd = as_postgres("postgres")?;
-        cmd.arg("-D").arg(self.data());
+        cmd.arg("-D")
+            .arg(self.data())
+            .arg("-c")
+            .arg(format!("listen_addresses={}", self.ip))
+            .arg("-c")
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.socket_dir().display()
+            ));
         Ok(cmd)
     }
 
-    /// Rewinds a stopped former primary onto `source`'s timeline, then makes it follow.
-    pub fn rewind(&self, source: &Member) -> Result<(), DbError> {
-        let _ = std::fs::remove_file(self.data().join("postmaster.pid"));
-        run(
+    /// Rewinds a stopped member onto `source`'s timeline, then makes it follow; returns
+    /// pg_rewind's report. pg_rewind first finishes crash recovery in single-user mode,
+    /// which refuses standby mode, so the standby signal goes until the rewind is done.
+    pub fn rewind(&self, source: &Member) -> Result<String, DbError> {
+        let _ = std::fs::remove_file(self.data().join("standby.signal"));
+        let out = run(
             &format!("pg_rewind of {} onto {}", self.site, source.site),
             as_postgres("pg_rewind")?
                 .arg("-D")
@@ -292,7 +288,8 @@ impl Member {
                 .arg("--source-server")
                 .arg(source.remote_conninfo(&self.app)),
         )?;
-        self.follow(source)
+        self.follow(source)?;
+        Ok(out.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | "))
     }
 }
 

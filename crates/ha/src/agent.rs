@@ -127,6 +127,21 @@ impl Supervisor {
         let _ = self.tx.send(cmd);
     }
 
+    /// Fast (clean) shutdown, falling back to [`Supervisor::stop`] after 10 s.
+    fn stop_clean(&self) {
+        let p = self.pid.load(Ordering::SeqCst);
+        if p == 0 {
+            return;
+        }
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(p, libc::SIGINT) };
+        let t = Instant::now();
+        while self.running() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.stop();
+    }
+
     /// Immediate shutdown, then SIGKILL; waits until the postmaster is gone.
     fn stop(&self) {
         stop_postmaster(&self.pid);
@@ -188,7 +203,19 @@ struct Agent {
     window_start: Option<u64>,
     /// When the leader last checked where etcd's raft leader is.
     etcd_leader_checked: Option<Instant>,
+    /// This standby's WAL position, and since when it has not moved while the leader's is
+    /// ahead of it.
+    stuck: Option<(u64, Instant)>,
+    /// Consecutive starts of PostgreSQL that did not come up (as a follower).
+    failed_starts: u32,
 }
+
+/// A follower whose PostgreSQL fails to start this many times in a row is cloned afresh.
+const MAX_FAILED_STARTS: u32 = 20;
+
+/// A standby whose WAL position stays behind the leader's without moving for this long has
+/// diverged from it (its WAL went past the new leader's timeline fork) and is rewound.
+const DIVERGED_AFTER: Duration = Duration::from_secs(8);
 
 /// Runs the agent until killed.
 pub async fn run(cfg: AgentConfig) -> Result<(), String> {
@@ -224,6 +251,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
         leader: None,
         window_start: None,
         etcd_leader_checked: None,
+        stuck: None,
+        failed_starts: 0,
     };
     agent.new_lease().await;
     let keeper = tokio::spawn(keep_lease(agent.store.clone(), agent.shared.clone(), agent.lease_cell()));
@@ -443,7 +472,7 @@ impl Agent {
                 if self.shared.leading.swap(false, Ordering::SeqCst) {
                     self.fence("another member holds the leader key");
                 }
-                self.follow(&l, local).await
+                self.follow(&l, local, snap.primary_lsn).await
             }
             None => {
                 if self.shared.leading.swap(false, Ordering::SeqCst) {
@@ -553,6 +582,11 @@ impl Agent {
                 .map_err(|e| e.to_string())?;
             log(&site, "promoting");
             dczone_db::promote(&site, c).await.map_err(|e| e.to_string())?;
+            // pg_rewind reads the new timeline from the control file, which only a
+            // checkpoint updates (PostgreSQL's pg_rewind docs say the same).
+            c.batch_execute("CHECKPOINT")
+                .await
+                .map_err(|e| dczone_db::pg_message(&e))?;
             log(&site, "promoted");
         }
         let recorded = snap
@@ -722,28 +756,80 @@ impl Agent {
     }
 
     /// A follower streams from the leader.
-    async fn follow(&mut self, leader: &Leader, local: Option<MemberState>) -> Result<(), String> {
+    async fn follow(
+        &mut self,
+        leader: &Leader,
+        local: Option<MemberState>,
+        primary_lsn: Option<u64>,
+    ) -> Result<(), String> {
         let Some(upstream) = self.cfg.member(&leader.site).cloned() else {
             return Err(format!("leader {} is not a member", leader.site));
         };
         let me = self.cfg.me().clone();
         if !me.initialized() {
             log(&me.site, &format!("base backup from {}", upstream.site));
-            return me.basebackup(&upstream).map_err(|e| e.to_string());
+            let (m, u) = (me.clone(), upstream.clone());
+            return tokio::task::spawn_blocking(move || m.basebackup(&u))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string());
         }
         let former_primary =
             !self.is_standby_dir() || local.as_ref().is_some_and(|l| !l.in_recovery);
-        if former_primary {
-            log(&me.site, &format!("former primary: rewinding onto {}", upstream.site));
-            self.pg.stop();
+        let diverged = self.stuck.is_some_and(|(_, t)| t.elapsed() > DIVERGED_AFTER);
+        if local.is_none() && !self.pg.running() && self.failed_starts >= MAX_FAILED_STARTS {
+            log(&me.site, &format!("postgres does not start; cloning {} afresh", upstream.site));
+            self.failed_starts = 0;
+            let (m, u) = (me.clone(), upstream.clone());
+            tokio::task::spawn_blocking(move || m.basebackup(&u))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            return self.start_pg();
+        }
+        if former_primary || diverged {
+            let why = if former_primary { "former primary" } else { "cannot stream" };
+            log(&me.site, &format!("{why}: rewinding onto {}", upstream.site));
+            if former_primary {
+                self.pg.stop();
+            } else {
+                self.pg.stop_clean();
+            }
             self.client = None;
-            me.rewind(&upstream).map_err(|e| e.to_string())?;
+            self.stuck = None;
+            let site = me.site.clone();
+            let (m, u) = (me.clone(), upstream.clone());
+            let rewound = tokio::task::spawn_blocking(move || m.rewind(&u))
+                .await
+                .map_err(|e| e.to_string())?;
+            match rewound {
+                Ok(report) => log(&site, &format!("pg_rewind: {report}")),
+                Err(e) => {
+                    // Patroni's fallback too: a member that cannot be rewound is re-cloned.
+                    log(&site, &format!("{e}; cloning {} afresh", upstream.site));
+                    let (m, u) = (me.clone(), upstream.clone());
+                    tokio::task::spawn_blocking(move || m.basebackup(&u))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             self.shared.fenced.store(false, Ordering::SeqCst);
             return self.start_pg();
         }
         let Some(local) = local else {
+            if !self.pg.running() {
+                self.failed_starts += 1;
+            }
             return self.start_pg();
         };
+        self.failed_starts = 0;
+        let behind = primary_lsn.is_some_and(|p| p > local.lsn);
+        match self.stuck {
+            Some((lsn, _)) if behind && lsn == local.lsn => {}
+            _ if behind => self.stuck = Some((local.lsn, Instant::now())),
+            _ => self.stuck = None,
+        }
         let want = upstream.ip.to_string();
         if local.upstream_ip.as_deref() != Some(want.as_str()) {
             let c = self.client.as_ref().ok_or("no connection")?;
