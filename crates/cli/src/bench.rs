@@ -36,6 +36,24 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// UC2: sync and async replication per distance, DC2.1 failure (fallback to async and
+    /// back), disasters of the primary's site (RTO, RPO audit).
+    InterRegion {
+        /// Distances of DC2.1 in km (its links to the other database sites).
+        #[arg(long, value_delimiter = ',', default_value = "100,500,1000,2500")]
+        distances: Vec<f64>,
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Seconds of load per measurement.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Disasters of the primary's site; the first at 3 s into the load, the rest at
+        /// random moments.
+        #[arg(long, default_value_t = 10)]
+        injections: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// APN emulator fidelity (delay, rate), capacity and memory.
     Wan {
         /// Write the results as JSON to this file.
@@ -55,6 +73,24 @@ pub fn run(
 ) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::MigrationSweep { json, svg } => sweep(lab, exe, json, svg),
+        BenchCommand::InterRegion {
+            distances,
+            clients,
+            seconds,
+            injections,
+            json,
+        } => crate::db_bench::inter_region(
+            lab,
+            exe,
+            state_dir,
+            crate::db_bench::InterRegionOptions {
+                distances_km: distances,
+                clients,
+                seconds,
+                injections,
+                json,
+            },
+        ),
         BenchCommand::IntraRegion {
             strategy,
             compare,
@@ -71,7 +107,7 @@ pub fn run(
             if runs == 0 {
                 anyhow::bail!("--runs must be at least 1");
             }
-            let lab = dczone_lab::Lab::new("dczbench", state_dir, exe)?;
+            let lab = dczone_lab::Lab::new("dczbench", state_dir, exe)?.precise();
             let bar = ProgressBar::new_spinner();
             bar.enable_steady_tick(std::time::Duration::from_millis(100));
             let report = lab.wan_bench(runs, &|msg| bar.set_message(msg.to_string()))?;

@@ -70,6 +70,7 @@ pub enum DbCommand {
 }
 
 /// The database platform of a lab that is up.
+#[derive(Clone)]
 pub struct Platform {
     pub lab: Lab,
     pub zone: Zone,

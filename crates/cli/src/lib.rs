@@ -2,6 +2,7 @@
 //! into library calls and results into a table (people) or JSON (`--json`, machines).
 
 mod bench;
+mod db_bench;
 mod db_cmd;
 mod image_cmd;
 mod lab_cmd;

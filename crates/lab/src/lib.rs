@@ -99,6 +99,8 @@ pub struct Lab {
     name: String,
     dir: PathBuf,
     exe: PathBuf,
+    /// The emulator polls instead of sleeping (see `dczone_apn::control::PRECISE_SPIN_NS`).
+    precise: bool,
 }
 
 /// What `lab status` shows.
@@ -206,7 +208,14 @@ impl Lab {
             name: name.to_string(),
             dir: state_root.join(name),
             exe: exe.to_path_buf(),
+            precise: false,
         })
+    }
+
+    /// A lab whose emulator busy-polls for microsecond timing (costs a core).
+    pub fn precise(mut self) -> Lab {
+        self.precise = true;
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -421,11 +430,19 @@ impl Lab {
             spin_ns: std::env::var("DCZONE_APN_SPIN_NS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or_else(control::default_spin_ns),
+                .unwrap_or(if self.precise {
+                    control::PRECISE_SPIN_NS
+                } else {
+                    control::default_spin_ns()
+                }),
             idle_poll_ns: std::env::var("DCZONE_APN_IDLE_POLL_NS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or_else(control::default_idle_poll_ns),
+                .unwrap_or(if self.precise {
+                    control::PRECISE_IDLE_POLL_NS
+                } else {
+                    control::default_idle_poll_ns()
+                }),
             seed: 0x5eed,
         };
         let config_path = self.dir.join("apn.json");

@@ -1,0 +1,652 @@
+//! `dczone bench inter-region`: UC2 on the default zone. Sync and async replication at each
+//! distance (TATrxn, Ptrx, TATrsync, TATrasync, grey data), then a DC2.1 failure under sync
+//! with availability-first (write stall, unprotected window, return to sync), then disasters
+//! of the primary's site (RTO, audit), the first one deterministic and the rest at random
+//! moments.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use dczone_lab::{Lab, LinkChange};
+use dczone_ledger::{unix_us, LoadOptions, LoadResult};
+use dczone_zone::database::Replication;
+
+use crate::db_cmd::Platform;
+use crate::print_json;
+use crate::table::{render, yes_no};
+
+/// How far behind a distance's standby (DC2.1) lies from the others, for `--distances`.
+const REMOTE_SITE: &str = "dc2.1";
+
+#[derive(Debug, Clone)]
+pub struct InterRegionOptions {
+    pub distances_km: Vec<f64>,
+    pub clients: usize,
+    pub seconds: f64,
+    pub injections: usize,
+    pub json: Option<PathBuf>,
+}
+
+/// One replication mode at one distance.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeResult {
+    pub distance_km: f64,
+    pub clients: usize,
+    pub seconds: f64,
+    pub acknowledged: usize,
+    pub errors: u64,
+    pub ptrx: f64,
+    pub tatrxn_p50_ms: f64,
+    pub tatrxn_p99_ms: f64,
+    /// Sync: time for a commit to be confirmed by the synchronous standby (PostgreSQL's
+    /// flush_lag of DC2.1, mean of the samples).
+    pub tatrsync_ms: Option<f64>,
+    /// Async: replication lag of DC2.1 (flush_lag), mean and p99 of the samples.
+    pub tatrasync_ms: Option<f64>,
+    pub tatrasync_p99_ms: Option<f64>,
+    /// Async: Ptrx x TATrasync, transactions acknowledged but not yet at DC2.1.
+    pub grey_data_transactions: Option<f64>,
+    /// (seconds into the run, DC2.1 flush lag in ms), every 100 ms.
+    pub lag_over_time_ms: Vec<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DistanceResult {
+    pub distance_km: f64,
+    pub sync: ModeResult,
+    #[serde(rename = "async")]
+    pub asynch: ModeResult,
+    pub sync_over_async_ptrx: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fallback {
+    /// Longest interval without an acknowledged commit after DC2.1 was cut off.
+    pub stall_ms: f64,
+    /// From the switch to async until the switch back (audit log).
+    pub unprotected_window_ms: Option<f64>,
+    /// From DC2.1's return until commits wait for it again.
+    pub return_to_sync_ms: f64,
+    pub acknowledged: usize,
+    pub lost: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Disaster {
+    pub old_primary: String,
+    pub new_primary: String,
+    pub injected_after_ms: f64,
+    /// From the disaster until the first commit acknowledged by the new primary.
+    pub rto_ms: Option<f64>,
+    pub acknowledged: usize,
+    pub lost: usize,
+    pub indeterminate: usize,
+    pub indeterminate_applied: usize,
+    pub balances_conserved: bool,
+    pub rpo_zero: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InterRegionReport {
+    pub git_rev: String,
+    pub clients: usize,
+    /// At the default distance (500 km).
+    pub sync: ModeResult,
+    #[serde(rename = "async")]
+    pub asynch: ModeResult,
+    pub distances: Vec<DistanceResult>,
+    pub fallback: Fallback,
+    pub fallback_stall_ms: f64,
+    pub disasters: Vec<Disaster>,
+    /// The first (deterministic) disaster's RTO; `rto_max_ms` is the worst of all.
+    pub failover_rto_ms: Option<f64>,
+    pub rto_max_ms: Option<f64>,
+    pub rpo_lost_transactions: usize,
+    pub indeterminate_transactions: usize,
+    pub kr2_1_pass: bool,
+    pub kr2_2_tier1_pass: bool,
+    pub sync_ptrx_ratio_pass: bool,
+    pub stall_pass: bool,
+    pub rto_pass: bool,
+}
+
+fn set_distance(lab: &Lab, p: &Platform, km: f64) -> anyhow::Result<()> {
+    for site in p.plan.members() {
+        if site == REMOTE_SITE {
+            continue;
+        }
+        if p.zone.site_index(&site).and_then(|a| {
+            p.zone
+                .site_index(REMOTE_SITE)
+                .and_then(|b| p.zone.link_index(a, b))
+        })
+        .is_some()
+        {
+            lab.link_set(
+                &site,
+                REMOTE_SITE,
+                &LinkChange {
+                    one_way_delay_ms: Some(km * dczone_zone::FIBER_NS_PER_KM / 1e6),
+                    ..Default::default()
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Samples DC2.1's flush lag on the primary every 100 ms until `stop`.
+fn spawn_lag_sampler(
+    p: &Platform,
+    host: &str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(u64, f64)>> {
+    let p = p.clone();
+    let host = host.to_string();
+    std::thread::spawn(move || {
+        let hosts = p.hosts();
+        let app = dczone_db::app_name(REMOTE_SITE);
+        p.in_host(&host, move || async move {
+            let mut out = Vec::new();
+            let mut client = None;
+            while !stop.load(Ordering::SeqCst) {
+                if client.is_none() {
+                    client = dczone_ledger::connect_primary_db(&hosts, "dczone-lag", "postgres")
+                        .await
+                        .ok()
+                        .map(|(c, _)| c);
+                }
+                if let Some(c) = &client {
+                    let r = tokio::time::timeout(
+                        Duration::from_millis(500),
+                        c.query_opt(
+                            "SELECT extract(epoch from flush_lag)::float8 * 1000 \
+                             FROM pg_stat_replication WHERE application_name = $1",
+                            &[&app],
+                        ),
+                    )
+                    .await;
+                    match r {
+                        Ok(Ok(Some(row))) => {
+                            if let Some(ms) = row.get::<_, Option<f64>>(0) {
+                                out.push((unix_us(), ms));
+                            }
+                        }
+                        Ok(Ok(None)) => {}
+                        _ => client = None,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            out
+        })
+        .unwrap_or_default()
+    })
+}
+
+fn load_opts(p: &Platform, clients: usize, seconds: f64) -> LoadOptions {
+    LoadOptions {
+        hosts: p.hosts(),
+        clients,
+        duration: Duration::from_secs_f64(seconds),
+        request_timeout: Duration::from_secs(1),
+        run_id: format!("b{}", unix_us()),
+    }
+}
+
+/// Runs the load from `host` and calls `inject` after `after`; returns the load result and
+/// the injection time (unix us).
+fn load_with<F: FnOnce() -> anyhow::Result<()>>(
+    p: &Platform,
+    host: &str,
+    opts: LoadOptions,
+    after: Option<Duration>,
+    inject: F,
+) -> anyhow::Result<(LoadResult, Option<u64>)> {
+    let pc = p.clone();
+    let h = host.to_string();
+    let load = std::thread::spawn(move || pc.load(&h, opts));
+    let mut at = None;
+    if let Some(after) = after {
+        std::thread::sleep(after);
+        at = Some(unix_us());
+        inject()?;
+    }
+    let r = load.join().map_err(|_| anyhow!("the load thread panicked"))??;
+    p.record(&r)?;
+    Ok((r, at))
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn p99(v: &[f64]) -> Option<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(((s.len() as f64 * 0.99) as usize).min(s.len().saturating_sub(1)))
+        .copied()
+}
+
+fn measure_mode(
+    lab: &Lab,
+    p: &Platform,
+    tier: &str,
+    mode: Replication,
+    km: f64,
+    o: &InterRegionOptions,
+) -> anyhow::Result<ModeResult> {
+    let probe = p.client_host(None)?;
+    p.put_key(&probe, |k| k.tier(), tier.to_string())?;
+    let snap = p.wait_mode(&probe, mode, Duration::from_secs(30))?;
+    let _ = lab;
+    // The application runs next to its primary (wherever the last failover put it).
+    let primary = snap.leader.map(|l| l.site).unwrap_or_else(|| p.plan.primary.clone());
+    let client = client_near(p, &primary);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = spawn_lag_sampler(p, &client, stop.clone());
+    let (r, _) = load_with(p, &client, load_opts(p, o.clients, o.seconds), None, || Ok(()))?;
+    stop.store(true, Ordering::SeqCst);
+    let lags = sampler.join().unwrap_or_default();
+    let lag_ms: Vec<f64> = lags.iter().map(|(_, ms)| *ms).collect();
+    let series = lags
+        .iter()
+        .map(|(t, ms)| (t.saturating_sub(r.started_us) as f64 / 1e6, *ms))
+        .collect();
+    let (tatrsync, tatrasync) = match mode {
+        Replication::Sync => (mean(&lag_ms), None),
+        Replication::Async => (None, mean(&lag_ms)),
+    };
+    Ok(ModeResult {
+        distance_km: km,
+        clients: o.clients,
+        seconds: r.seconds,
+        acknowledged: r.acknowledged.len(),
+        errors: r.errors,
+        ptrx: r.ptrx,
+        tatrxn_p50_ms: r.tatrxn_p50_ms,
+        tatrxn_p99_ms: r.tatrxn_p99_ms,
+        tatrsync_ms: tatrsync,
+        tatrasync_ms: tatrasync,
+        tatrasync_p99_ms: if mode == Replication::Async { p99(&lag_ms) } else { None },
+        grey_data_transactions: tatrasync.map(|ms| r.ptrx * ms / 1000.0),
+        lag_over_time_ms: series,
+    })
+}
+
+/// The longest gap between acknowledgements that ends after `t0` (the stall it caused).
+fn stall_after(r: &LoadResult, t0: u64) -> f64 {
+    let mut t = r.ack_times_us.clone();
+    t.sort_unstable();
+    let before = t.iter().rev().find(|&&x| x <= t0).copied().unwrap_or(t0);
+    let mut worst = 0u64;
+    let mut prev = before;
+    for &x in t.iter().filter(|&&x| x > t0) {
+        worst = worst.max(x - prev);
+        prev = x;
+    }
+    worst as f64 / 1000.0
+}
+
+/// The first acknowledgement after `t0` plus `margin_us` (packets already in flight when
+/// the site was cut off may still arrive within one one-way delay).
+fn first_ack_after(r: &LoadResult, t0: u64, margin_us: u64) -> Option<f64> {
+    r.ack_times_us
+        .iter()
+        .filter(|&&x| x > t0 + margin_us)
+        .min()
+        .map(|&x| (x - t0) as f64 / 1000.0)
+}
+
+fn fallback(p: &Platform, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::Result<Fallback> {
+    let probe = p.client_host(None)?;
+    p.put_key(&probe, |k| k.tier(), p.plan.tier.clone())?;
+    let snap = p.wait_mode(&probe, Replication::Sync, Duration::from_secs(30))?;
+    let primary = snap.leader.map(|l| l.site).unwrap_or_else(|| p.plan.primary.clone());
+    let client = client_near(p, &primary);
+    bar.set_message(format!("{REMOTE_SITE} failure under sync, availability-first"));
+    let lab = p.lab.clone();
+    let seconds = o.seconds.max(6.0);
+    let (r, t0) = load_with(
+        p,
+        &client,
+        load_opts(p, o.clients, seconds),
+        Some(Duration::from_secs_f64(seconds / 3.0)),
+        || Ok(lab.site_isolate(REMOTE_SITE, true)?),
+    )?;
+    let t0 = t0.expect("injected");
+    let stall_ms = stall_after(&r, t0);
+    bar.set_message(format!("{REMOTE_SITE} back: waiting for the return to sync"));
+    let restored = Instant::now();
+    p.lab.site_isolate(REMOTE_SITE, false)?;
+    let snap = p.wait_mode(&client, Replication::Sync, Duration::from_secs(60))?;
+    let return_to_sync_ms = restored.elapsed().as_secs_f64() * 1000.0;
+    let window = snap
+        .audit
+        .iter()
+        .filter(|e| e.kind == "unprotected" && e.start_ms * 1000 >= t0)
+        .filter_map(|e| e.end_ms.map(|end| (end - e.start_ms) as f64))
+        .next();
+    let (acked, ind) = (r.acknowledged.clone(), r.indeterminate.clone());
+    let audit = p.audit(&client, acked, ind)?;
+    Ok(Fallback {
+        stall_ms,
+        unprotected_window_ms: window,
+        return_to_sync_ms,
+        acknowledged: r.acknowledged.len(),
+        lost: audit.lost.len(),
+    })
+}
+
+/// A client host in `site` that is not its database host (the application's servers).
+fn client_near(p: &Platform, site: &str) -> String {
+    let Some(idx) = p.zone.site_index(site) else {
+        return "dc1.1-client".into();
+    };
+    let hosts = &p.zone.sites[idx].hosts;
+    hosts
+        .iter()
+        .rev()
+        .find(|h| Some(*h) != hosts.get(p.plan.host_index))
+        .or(hosts.first())
+        .cloned()
+        .unwrap_or_else(|| "dc1.1-client".into())
+}
+
+/// A client host outside `site` (the clients of a lost site are lost with it).
+fn client_outside(p: &Platform, site: &str) -> anyhow::Result<String> {
+    for h in ["dc1.2-h2", "dc1.1-client", "dc2.1-h2"] {
+        if let Some(host) = p.zone.host(h) {
+            if p.zone.sites[host.site].id != site {
+                return Ok(h.to_string());
+            }
+        }
+    }
+    p.client_host(None)
+}
+
+fn disaster(
+    p: &Platform,
+    exe: &Path,
+    state_dir: &Path,
+    o: &InterRegionOptions,
+    after: Duration,
+) -> anyhow::Result<Disaster> {
+    let probe = p.client_host(None)?;
+    let snap = p.wait_mode(&probe, p.plan.policy().replication, Duration::from_secs(60))?;
+    let old = snap
+        .leader
+        .map(|l| l.site)
+        .ok_or_else(|| anyhow!("no primary before the disaster"))?;
+    let client = client_outside(p, &old)?;
+    let seconds = (after.as_secs_f64() + 12.0).max(o.seconds);
+    let lab = p.lab.clone();
+    let pc = p.clone();
+    let victim = old.clone();
+    let (r, t0) = load_with(
+        p,
+        &client,
+        load_opts(p, o.clients, seconds),
+        Some(after),
+        move || {
+            lab.site_isolate(&victim, true)?;
+            pc.kill_agent(&victim)?;
+            Ok(())
+        },
+    )?;
+    let t0 = t0.expect("injected");
+    let audit = p.audit(&client, r.acknowledged.clone(), r.indeterminate.clone())?;
+    let new = p
+        .snapshot(&client)?
+        .leader
+        .map(|l| l.site)
+        .unwrap_or_else(|| "none".into());
+    // Bring the lost site back: its member rejoins as a standby (rewound).
+    p.lab.site_isolate(&old, false)?;
+    p.up(exe, state_dir, &probe)
+        .with_context(|| format!("{old} did not rejoin after the disaster"))?;
+    Ok(Disaster {
+        old_primary: old,
+        new_primary: new,
+        injected_after_ms: after.as_secs_f64() * 1000.0,
+        rto_ms: first_ack_after(&r, t0, 50_000),
+        acknowledged: r.acknowledged.len(),
+        lost: audit.lost.len(),
+        indeterminate: audit.indeterminate,
+        indeterminate_applied: audit.indeterminate_applied,
+        balances_conserved: audit.balances_conserved && audit.balances_match_transfers,
+        rpo_zero: audit.rpo_zero,
+    })
+}
+
+pub fn inter_region(
+    lab: &Lab,
+    exe: &Path,
+    state_dir: &Path,
+    o: InterRegionOptions,
+) -> anyhow::Result<ExitCode> {
+    if o.clients == 0 || !(o.seconds > 0.0) || o.distances_km.iter().any(|d| !(*d >= 0.0)) {
+        anyhow::bail!("--clients must be >= 1, --seconds positive and --distances >= 0 km");
+    }
+    let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
+    lab.up(&zone, &source, &text)?;
+    let p = Platform::open(lab)?;
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    // A fresh platform: the primary in its declared site, an empty ledger.
+    bar.set_message("database platform: fresh start");
+    p.down()?;
+    p.up(exe, state_dir, &p.client_host(None)?)?;
+    let default_km = 500.0;
+    let mut distances = Vec::new();
+    let mut result = (|| -> anyhow::Result<InterRegionReport> {
+        for &km in &o.distances_km {
+            set_distance(lab, &p, km)?;
+            bar.set_message(format!("{km} km: sync"));
+            let sync = measure_mode(lab, &p, "tier1", Replication::Sync, km, &o)?;
+            bar.set_message(format!("{km} km: async"));
+            let asynch = measure_mode(lab, &p, "tier2", Replication::Async, km, &o)?;
+            distances.push(DistanceResult {
+                distance_km: km,
+                sync_over_async_ptrx: sync.ptrx / asynch.ptrx.max(1e-9),
+                sync,
+                asynch,
+            });
+        }
+        set_distance(lab, &p, default_km)?;
+        let at_default = match distances.iter().find(|d| d.distance_km == default_km) {
+            Some(d) => d.clone(),
+            None => {
+                bar.set_message(format!("{default_km} km: sync and async"));
+                let sync = measure_mode(lab, &p, "tier1", Replication::Sync, default_km, &o)?;
+                let asynch = measure_mode(lab, &p, "tier2", Replication::Async, default_km, &o)?;
+                DistanceResult {
+                    distance_km: default_km,
+                    sync_over_async_ptrx: sync.ptrx / asynch.ptrx.max(1e-9),
+                    sync,
+                    asynch,
+                }
+            }
+        };
+        let fb = fallback(&p, &o, &bar)?;
+        let mut disasters = Vec::new();
+        let mut seed = unix_us() | 1;
+        for i in 0..o.injections.max(1) {
+            let after = if i == 0 {
+                Duration::from_secs(3)
+            } else {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                Duration::from_millis(1000 + seed % 4000)
+            };
+            bar.set_message(format!(
+                "disaster {}/{} at {:.1} s into the load",
+                i + 1,
+                o.injections.max(1),
+                after.as_secs_f64()
+            ));
+            disasters.push(disaster(&p, exe, state_dir, &o, after)?);
+        }
+        let lost: usize = disasters.iter().map(|d| d.lost).sum::<usize>() + fb.lost;
+        let indeterminate = disasters.iter().map(|d| d.indeterminate).sum();
+        let rtos: Vec<f64> = disasters.iter().filter_map(|d| d.rto_ms).collect();
+        let rto_max = rtos.iter().copied().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+        let all_recovered = rtos.len() == disasters.len();
+        Ok(InterRegionReport {
+            git_rev: dczone_lab::wan_bench::git_rev(),
+            clients: o.clients,
+            sync: at_default.sync.clone(),
+            asynch: at_default.asynch.clone(),
+            sync_ptrx_ratio_pass: at_default.sync_over_async_ptrx >= 0.7,
+            distances: distances.clone(),
+            fallback_stall_ms: fb.stall_ms,
+            stall_pass: fb.stall_ms <= 1000.0,
+            fallback: fb,
+            failover_rto_ms: disasters.first().and_then(|d| d.rto_ms),
+            rto_max_ms: rto_max,
+            rto_pass: all_recovered && rto_max.is_some_and(|r| r <= 15_000.0),
+            kr2_2_tier1_pass: all_recovered && rto_max.is_some_and(|r| r < 30.0 * 60_000.0),
+            rpo_lost_transactions: lost,
+            indeterminate_transactions: indeterminate,
+            kr2_1_pass: lost == 0 && disasters.iter().all(|d| d.balances_conserved),
+            disasters,
+        })
+    })();
+    bar.finish_and_clear();
+    // Leave the zone as it was declared.
+    let _ = set_distance(lab, &p, default_km);
+    if let Ok(client) = p.client_host(None) {
+        let _ = p.put_key(&client, |k| k.tier(), p.plan.tier.clone());
+    }
+    let report = result.as_mut().map_err(|e| anyhow!("{e:#}"))?.clone();
+    print_report(&report);
+    if let Some(path) = &o.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        println!("wrote {}", path.display());
+    }
+    if std::env::var_os("DCZONE_PRINT_JSON").is_some() {
+        print_json(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.1}"))
+}
+
+fn print_report(r: &InterRegionReport) {
+    println!("UC2 inter-region replication, {} clients (ledger transfers)", r.clients);
+    let mut rows = Vec::new();
+    for d in &r.distances {
+        for (name, m) in [("sync", &d.sync), ("async", &d.asynch)] {
+            rows.push(vec![
+                format!("{:.0}", d.distance_km),
+                name.to_string(),
+                format!("{:.0}", m.ptrx),
+                format!("{:.2}", m.tatrxn_p50_ms),
+                format!("{:.2}", m.tatrxn_p99_ms),
+                opt(m.tatrsync_ms),
+                opt(m.tatrasync_ms),
+                m.grey_data_transactions.map_or("-".into(), |g| format!("{g:.1}")),
+            ]);
+        }
+    }
+    print!(
+        "{}",
+        render(
+            &["km", "mode", "Ptrx/s", "TATrxn p50 ms", "p99 ms", "TATrsync ms", "TATrasync ms", "grey data (txn)"],
+            &rows
+        )
+    );
+    let f = &r.fallback;
+    let rows = vec![
+        vec![
+            "sync Ptrx / async Ptrx at 500 km".into(),
+            format!("{:.2}", r.sync.ptrx / r.asynch.ptrx.max(1e-9)),
+            ">= 0.7".into(),
+            yes_no(r.sync_ptrx_ratio_pass),
+        ],
+        vec![
+            "write stall when DC2.1 is lost (ms)".into(),
+            format!("{:.0}", f.stall_ms),
+            "<= 1000".into(),
+            yes_no(r.stall_pass),
+        ],
+        vec![
+            "unprotected window (ms)".into(),
+            opt(f.unprotected_window_ms),
+            "audited".into(),
+            String::new(),
+        ],
+        vec![
+            "return to sync after DC2.1 is back (ms)".into(),
+            format!("{:.0}", f.return_to_sync_ms),
+            String::new(),
+            String::new(),
+        ],
+        vec![
+            "failover RTO, first disaster (ms)".into(),
+            opt(r.failover_rto_ms),
+            "<= 15000".into(),
+            yes_no(r.rto_pass),
+        ],
+        vec![
+            format!("worst RTO of {} disasters (ms)", r.disasters.len()),
+            opt(r.rto_max_ms),
+            String::new(),
+            String::new(),
+        ],
+        vec![
+            "acknowledged transactions lost".into(),
+            r.rpo_lost_transactions.to_string(),
+            "0".into(),
+            yes_no(r.rpo_lost_transactions == 0),
+        ],
+        vec![
+            "indeterminate transactions (listed)".into(),
+            r.indeterminate_transactions.to_string(),
+            String::new(),
+            String::new(),
+        ],
+        vec![
+            "KR2.1 RPO = 0 (Tier 1)".into(),
+            String::new(),
+            String::new(),
+            yes_no(r.kr2_1_pass),
+        ],
+        vec![
+            "KR2.2 RTO < 30 min (Tier 1)".into(),
+            String::new(),
+            String::new(),
+            yes_no(r.kr2_2_tier1_pass),
+        ],
+    ];
+    print!("{}", render(&["metric", "value", "target", "verdict"], &rows));
+    let rows: Vec<Vec<String>> = r
+        .disasters
+        .iter()
+        .map(|d| {
+            vec![
+                format!("{:.1}", d.injected_after_ms / 1000.0),
+                format!("{} -> {}", d.old_primary, d.new_primary),
+                opt(d.rto_ms),
+                d.acknowledged.to_string(),
+                d.lost.to_string(),
+                format!("{} ({} applied)", d.indeterminate, d.indeterminate_applied),
+                yes_no(d.rpo_zero && d.balances_conserved),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(&["at s", "failover", "RTO ms", "acked", "lost", "indeterminate", "audit"], &rows)
+    );
+}
