@@ -27,6 +27,9 @@ pub enum DbCommand {
     /// Initialise PostgreSQL in every database site, start the HA agents, create the ledger
     /// (idempotent).
     Up {
+        /// Seconds to wait for the primary and for each standby to stream.
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -378,6 +381,16 @@ impl Platform {
 
     /// Brings the platform up (idempotent); returns the primary's site.
     pub fn up(&self, exe: &Path, state_dir: &Path, client: &str) -> anyhow::Result<String> {
+        self.up_within(exe, state_dir, client, Duration::from_secs(90))
+    }
+
+    pub fn up_within(
+        &self,
+        exe: &Path,
+        state_dir: &Path,
+        client: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         dczone_db::as_postgres("postgres")?;
         self.lab.etcd_up(&self.zone)?;
         std::fs::create_dir_all(self.lab.dir().join("db"))?;
@@ -385,7 +398,7 @@ impl Platform {
             self.start_agent(exe, state_dir, &m.site)?;
         }
         // The primary first (the standbys copy it once it leads), then the ledger.
-        self.wait_ready(client, &[], Duration::from_secs(60))?;
+        self.wait_ready(client, &[], timeout)?;
         let hosts = self.hosts();
         self.in_host(client, move || async move {
             let (_, ip) =
@@ -393,8 +406,8 @@ impl Platform {
             dczone_ledger::create_schema(ip).await
         })?
         .map_err(|e| anyhow!("create the ledger: {e}"))?;
-        let primary = self.wait_ready(client, &self.plan.members(), Duration::from_secs(90))?;
-        self.wait_mode(client, self.plan.policy().replication, Duration::from_secs(30))?;
+        let primary = self.wait_ready(client, &self.plan.members(), timeout)?;
+        self.wait_mode(client, self.plan.policy().replication, timeout)?;
         Ok(primary)
     }
 
@@ -525,9 +538,9 @@ fn print_status(v: &StatusView) {
 pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::Result<ExitCode> {
     let p = Platform::open(lab)?;
     match cmd {
-        DbCommand::Up { json } => {
+        DbCommand::Up { timeout, json } => {
             let client = p.client_host(None)?;
-            let primary = p.up(exe, state_dir, &client)?;
+            let primary = p.up_within(exe, state_dir, &client, Duration::from_secs(timeout))?;
             let v = status_view(&p, &p.snapshot(&client)?);
             if json {
                 print_json(&v);
