@@ -39,6 +39,14 @@ pub struct EmulatorConfig {
     pub idle_poll_ns: u64,
     #[serde(default)]
     pub seed: u64,
+    /// TCP/UDP ports whose frames take the strict-priority class (HA control traffic):
+    /// etcd's client and peer ports by default.
+    #[serde(default = "default_priority_ports")]
+    pub priority_ports: Vec<u16>,
+}
+
+pub fn default_priority_ports() -> Vec<u16> {
+    vec![2379, 2380]
 }
 
 /// Precise mode: keep polling 2 ms after the last frame.

@@ -146,6 +146,7 @@ pub struct Engine {
     armed_for: Option<u64>,
     spin_ns: u64,
     idle_poll_ns: u64,
+    priority_ports: Vec<u16>,
     last_activity: u64,
     started: u64,
     delivered: u64,
@@ -236,6 +237,7 @@ impl Engine {
             armed_for: None,
             spin_ns: config.spin_ns,
             idle_poll_ns: config.idle_poll_ns,
+            priority_ports: config.priority_ports.clone(),
             last_activity: 0,
             started: monotonic_ns(),
             delivered: 0,
@@ -414,6 +416,7 @@ impl Engine {
                 continue;
             };
             let cost = frame::wire_cost(&buf);
+            let priority = frame::is_priority(&buf, &self.priority_ports);
             let targets: Vec<usize> = match self.macs.forward(ingress, dst, src) {
                 Forward::Port(p) => vec![p],
                 Forward::Flood => (0..n).filter(|&p| p != ingress).collect(),
@@ -434,7 +437,11 @@ impl Engine {
                 };
                 let mem = mem_of(&copy);
                 // A dropped frame is counted by the path and its buffer freed.
-                let _ = path.admit(now, cost.bytes, cost.segments, copy, mem);
+                let _ = if priority {
+                    path.admit_priority(now, cost.bytes, cost.segments, copy, mem)
+                } else {
+                    path.admit(now, cost.bytes, cost.segments, copy, mem)
+                };
             }
             if let Some(b) = original {
                 self.pools.give_back(b);

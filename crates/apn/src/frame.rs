@@ -48,6 +48,35 @@ fn header_len(l2: &[u8]) -> Option<usize> {
     }
 }
 
+/// The TCP or UDP ports of an IPv4/IPv6 frame (after the vnet header): (source, destination).
+pub fn l4_ports(frame: &[u8]) -> Option<(u16, u16)> {
+    let l2 = frame.get(VNET_HDR_LEN..)?;
+    let mut off = 12;
+    let mut ethertype = u16::from_be_bytes([*l2.get(off)?, *l2.get(off + 1)?]);
+    if ethertype == 0x8100 {
+        off += 4;
+        ethertype = u16::from_be_bytes([*l2.get(off)?, *l2.get(off + 1)?]);
+    }
+    let l3 = off + 2;
+    let (proto, l4) = match ethertype {
+        0x0800 => (*l2.get(l3 + 9)?, l3 + usize::from(l2.get(l3)? & 0x0f) * 4),
+        0x86dd => (*l2.get(l3 + 6)?, l3 + 40),
+        _ => return None,
+    };
+    if proto != 6 && proto != 17 {
+        return None;
+    }
+    let port = |at: usize| Some(u16::from_be_bytes([*l2.get(at)?, *l2.get(at + 1)?]));
+    Some((port(l4)?, port(l4 + 2)?))
+}
+
+/// Is this frame HA control traffic (to or from one of `ports`)? SPEC.md section 1: the HA
+/// platform's traffic is small but goes before everything else.
+pub fn is_priority(frame: &[u8], ports: &[u16]) -> bool {
+    !ports.is_empty()
+        && l4_ports(frame).is_some_and(|(s, d)| ports.contains(&s) || ports.contains(&d))
+}
+
 /// What a frame costs on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WireCost {
@@ -103,6 +132,19 @@ pub(crate) mod tests {
         l2[14 + 9] = 6;
         l2[34 + 12] = 8 << 4; // 32-byte TCP header (timestamps)
         f
+    }
+
+    #[test]
+    fn etcd_frames_are_priority() {
+        let mut f = tcp_frame(100, 0);
+        let tcp = VNET_HDR_LEN + 34;
+        f[tcp..tcp + 2].copy_from_slice(&40000u16.to_be_bytes());
+        f[tcp + 2..tcp + 4].copy_from_slice(&2380u16.to_be_bytes());
+        assert_eq!(l4_ports(&f), Some((40000, 2380)));
+        assert!(is_priority(&f, &[2379, 2380]));
+        f[tcp + 2..tcp + 4].copy_from_slice(&5432u16.to_be_bytes());
+        assert!(!is_priority(&f, &[2379, 2380]));
+        assert!(!is_priority(&f, &[]));
     }
 
     #[test]

@@ -10,6 +10,12 @@
 //!
 //! The queue is the backlog not yet serialized, `(busy_until - now) * rate`; it is capped
 //! at `queue_limit_bytes`, beyond which frames are tail-dropped.
+//!
+//! Strict priority: a priority frame (HA heartbeats, consensus) does not wait behind the
+//! bulk backlog. It is serialized at once and bulk frames admitted after it start later by
+//! its serialization time, as behind a strict-priority scheduler on a real port (bulk
+//! frames already admitted keep their times: a small approximation, the priority class is
+//! tiny). It is only dropped when the path is cut. Priority frames keep their own FIFO.
 
 use std::collections::VecDeque;
 
@@ -77,6 +83,9 @@ pub struct PathCounters {
     pub dropped_loss: u64,
     /// Largest backlog seen, in bytes.
     pub max_backlog_bytes: u64,
+    /// Frames of the strict-priority class (included in `frames`).
+    #[serde(default)]
+    pub priority_frames: u64,
 }
 
 /// A small deterministic PRNG (xorshift64*) for loss and jitter.
@@ -110,6 +119,10 @@ pub struct Path<F> {
     busy_until: u64,
     last_delivery: u64,
     in_flight: VecDeque<(u64, F)>,
+    /// Priority frames in flight (their own FIFO: they overtake bulk frames).
+    priority: VecDeque<(u64, F)>,
+    /// When the last priority frame leaves the serializer.
+    priority_busy_until: u64,
     in_flight_bytes: u64,
     rng: Rng,
     pub counters: PathCounters,
@@ -122,6 +135,8 @@ impl<F> Path<F> {
             busy_until: 0,
             last_delivery: 0,
             in_flight: VecDeque::new(),
+            priority: VecDeque::new(),
+            priority_busy_until: 0,
             in_flight_bytes: 0,
             rng: Rng::new(seed),
             counters: PathCounters::default(),
@@ -188,21 +203,58 @@ impl<F> Path<F> {
         Ok(delivery)
     }
 
-    /// Delivery time of the next frame, if any.
-    pub fn next_delivery(&self) -> Option<u64> {
-        self.in_flight.front().map(|(t, _)| *t)
+    /// Admits a priority frame: serialized ahead of the bulk backlog (see the module doc).
+    pub fn admit_priority(
+        &mut self,
+        now: u64,
+        wire_bytes: u64,
+        segments: u64,
+        frame: F,
+        mem_bytes: u64,
+    ) -> Result<u64, Drop> {
+        let p = self.params;
+        if p.blackhole {
+            self.counters.dropped_blackhole += 1;
+            return Err(Drop::Blackhole);
+        }
+        let ser = p.serialization_ns(wire_bytes);
+        let start = now.max(self.priority_busy_until);
+        self.priority_busy_until = start + ser;
+        // The bulk frames behind it wait for it.
+        self.busy_until = self.busy_until.max(now) + ser;
+        let delivery = (start + ser + p.delay_ns).max(self.priority.back().map_or(0, |b| b.0));
+        self.counters.frames += 1;
+        self.counters.priority_frames += 1;
+        self.counters.segments += segments;
+        self.counters.wire_bytes += wire_bytes;
+        self.in_flight_bytes += mem_bytes;
+        self.priority.push_back((delivery, frame));
+        Ok(delivery)
     }
 
-    /// Takes the next frame if it is due at `now`; `mem_bytes` must give back what
-    /// `admit` was told.
-    pub fn pop_due(&mut self, now: u64, mem_bytes: impl Fn(&F) -> u64) -> Option<F> {
-        if self.in_flight.front()?.0 <= now {
-            let (_, f) = self.in_flight.pop_front()?;
-            self.in_flight_bytes -= mem_bytes(&f);
-            Some(f)
-        } else {
-            None
+    /// Delivery time of the next frame, if any.
+    pub fn next_delivery(&self) -> Option<u64> {
+        let bulk = self.in_flight.front().map(|(t, _)| *t);
+        let prio = self.priority.front().map(|(t, _)| *t);
+        match (bulk, prio) {
+            (Some(b), Some(p)) => Some(b.min(p)),
+            (b, p) => b.or(p),
         }
+    }
+
+    /// Takes the next frame if it is due at `now` (priority first); `mem_bytes` must give
+    /// back what `admit` was told.
+    pub fn pop_due(&mut self, now: u64, mem_bytes: impl Fn(&F) -> u64) -> Option<F> {
+        let queue = if self.priority.front().is_some_and(|(t, _)| *t <= now) {
+            &mut self.priority
+        } else if self.in_flight.front().is_some_and(|(t, _)| *t <= now) {
+            &mut self.in_flight
+        } else {
+            return None;
+        };
+        let (_, f) = queue.pop_front()?;
+        self.in_flight_bytes -= mem_bytes(&f);
+        Some(f)
     }
 
     /// Memory held by frames in flight.
@@ -252,6 +304,33 @@ mod tests {
         assert_eq!(p.pop_due(10 * MS, |_| 1), Some(3));
         assert_eq!(p.pop_due(10 * MS, |_| 1), None);
         assert_eq!(p.in_flight_bytes(), 0);
+    }
+
+    #[test]
+    fn priority_frames_overtake_the_bulk_backlog() {
+        // 8 Mbit/s = 1 byte per microsecond; 0.5 ms one way; 10 ms of bulk queued.
+        let mut p = Path::new(params(500 * US, 8_000_000), 1);
+        for i in 0..10 {
+            admit(&mut p, 0, 1000, i).unwrap();
+        }
+        // A 100-byte heartbeat at t = 1 ms leaves the serializer 100 us later and arrives
+        // one delay after that, not after the 10 ms backlog.
+        let hb = p.admit_priority(MS, 100, 1, 99, 1).unwrap();
+        assert_eq!(hb, MS + 100 * US + 500 * US);
+        // The bulk frames behind it are pushed back by its serialization time.
+        assert_eq!(admit(&mut p, MS, 1000, 10), Ok(11 * MS + 100 * US + 500 * US));
+        // The bulk frame already on the wire arrives first, then the heartbeat, then the
+        // rest of the backlog.
+        assert_eq!(p.pop_due(1500 * US, |_| 1), Some(0));
+        assert_eq!(p.next_delivery(), Some(hb));
+        assert_eq!(p.pop_due(hb, |_| 1), Some(99));
+        assert_eq!(p.next_delivery(), Some(2500 * US));
+        assert_eq!(p.counters.priority_frames, 1);
+        // A cut path drops priority frames too.
+        let mut cut = params(0, 8_000_000);
+        cut.blackhole = true;
+        let mut c = Path::new(cut, 1);
+        assert_eq!(c.admit_priority(0, 100, 1, 1u32, 1), Err(Drop::Blackhole));
     }
 
     #[test]

@@ -444,6 +444,7 @@ impl Lab {
                     control::default_idle_poll_ns()
                 }),
             seed: 0x5eed,
+            priority_ports: control::default_priority_ports(),
         };
         let config_path = self.dir.join("apn.json");
         let log_path = self.dir.join("apn.log");
