@@ -14,14 +14,28 @@
 //! | POST /v1/vms/{name}/stop | [`AgentRequest::StopVm`] |
 //! | DELETE /v1/vms/{name} | [`AgentRequest::DestroyVm`] |
 //! | GET /v1/vms/{name}/serial | [`AgentRequest::SerialLog`] |
+//! | POST /v1/vms/{name}/migrate | [`AgentRequest::Migrate`], body [`MigrateBody`] |
+//! | POST /v1/incoming | [`AgentRequest::Incoming`], body [`IncomingBody`] |
+//! | GET /v1/incoming/{name} | [`AgentRequest::IncomingAlive`] |
+//! | POST /v1/incoming/{name}/finish | [`AgentRequest::IncomingFinish`] |
+//! | DELETE /v1/incoming/{name} | [`AgentRequest::IncomingAbort`] |
+//!
+//! Live migration is driven between two agents, in libvirt's phases: the source agent
+//! (`migrate`) asks the destination agent to *prepare* (`incoming`: QEMU waiting for the
+//! stream, started with `-S` so it stays stopped afterwards), *performs* the pre-copy
+//! through its own QMP, asks the destination to *finish* (`cont`, RESUME), and *confirms*
+//! (source QEMU quits). If the destination or its agent disappears, or finish fails, the
+//! source cancels or resumes its VM and the destination is killed (by its agent, or by
+//! the agent's next start if the agent itself was killed).
 //!
 //! The HTTP layer only translates into [`AgentRequest`]; [`Agent::handle`] does the work on
 //! a blocking thread (QEMU and namespaces are driven synchronously by `dczone-virt`).
-//! Not yet here: migration driven between two agents (the CLI drives it directly).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -29,10 +43,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use dczone_virt::{CreateVm, Platform, VirtError};
+use dczone_virt::migrate::{Destination, LocalDestination, Params};
+use dczone_virt::{CreateVm, Platform, VirtError, VmRecord};
+
+/// The port every agent listens on (on its host's lab address).
+pub const AGENT_PORT: u16 = 7070;
 
 /// Every request the agent accepts. Each is legal whenever the agent runs; the VM-state
 /// rules are the platform's (e.g. `StartVm` needs a stopped VM).
@@ -52,6 +70,35 @@ pub enum AgentRequest {
     DestroyVm { name: String },
     /// The serial console log of a running VM of this host.
     SerialLog { name: String },
+    /// Live-migrate a VM of this host to another host, through that host's agent.
+    Migrate { name: String, body: MigrateBody },
+    /// Destination side: start a QEMU for `vm` waiting for its stream.
+    Incoming(IncomingBody),
+    /// Destination side: is the waiting QEMU still there?
+    IncomingAlive { name: String },
+    /// Destination side: the stream is complete; run the VM and take it over.
+    IncomingFinish { name: String },
+    /// Destination side: give up; kill the waiting QEMU.
+    IncomingAbort { name: String },
+}
+
+/// Body of `POST /v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateBody {
+    /// The destination host.
+    pub to: String,
+    /// The destination agent's URL; default `http://<to's address>:7070`.
+    pub agent: Option<String>,
+    pub downtime_limit_ms: Option<u64>,
+}
+
+/// Body of `POST /v1/incoming`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingBody {
+    pub vm: VmRecord,
+    pub port: u16,
 }
 
 /// Body of `POST /v1/vms`.
@@ -82,6 +129,8 @@ pub enum AgentError {
     Unauthorized,
     #[error("VM '{vm}' is not on this host ({host})")]
     NotHere { vm: String, host: String },
+    #[error("no incoming migration of VM '{0}' on this host")]
+    NoIncoming(String),
     #[error(transparent)]
     Virt(#[from] VirtError),
 }
@@ -90,15 +139,18 @@ impl AgentError {
     fn status(&self) -> StatusCode {
         match self {
             AgentError::Unauthorized => StatusCode::UNAUTHORIZED,
-            AgentError::NotHere { .. } | AgentError::Virt(VirtError::UnknownVm { .. }) => {
-                StatusCode::NOT_FOUND
-            }
+            AgentError::NotHere { .. }
+            | AgentError::NoIncoming(_)
+            | AgentError::Virt(VirtError::UnknownVm { .. }) => StatusCode::NOT_FOUND,
             AgentError::Virt(VirtError::Exists(_)) => StatusCode::CONFLICT,
             AgentError::Virt(VirtError::BadSpec(_) | VirtError::NoMemory { .. }) => {
                 StatusCode::BAD_REQUEST
             }
             AgentError::Virt(
-                VirtError::AlreadyRunning(_) | VirtError::NotRunning(_) | VirtError::Busy(_),
+                VirtError::AlreadyRunning(_)
+                | VirtError::NotRunning(_)
+                | VirtError::Busy(_)
+                | VirtError::SameHost { .. },
             ) => StatusCode::CONFLICT,
             AgentError::Virt(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -123,14 +175,39 @@ pub struct Agent {
     platform: Platform,
     host: String,
     token: String,
+    /// Destination QEMUs waiting for (or receiving) a stream, by VM name.
+    incoming: Mutex<HashMap<String, LocalDestination>>,
 }
 
 impl Agent {
     pub fn new(platform: Platform, host: String, token: String) -> Agent {
-        Agent {
+        let agent = Agent {
             platform,
             host,
             token,
+            incoming: Mutex::new(HashMap::new()),
+        };
+        agent.reap_strays();
+        agent
+    }
+
+    /// A previous agent of this host may have died with a destination QEMU waiting: kill
+    /// every QEMU of this host's namespace that no VM record claims.
+    fn reap_strays(&self) {
+        let Ok(vms) = self.platform.list() else {
+            return;
+        };
+        let ns = self.platform.lab().host_namespace(&self.host);
+        let known: Vec<i32> = vms
+            .iter()
+            .filter_map(|v| v.running.as_ref().map(|r| r.pid))
+            .collect();
+        for pid in dczone_lab::sys::pids_in_namespace(&ns) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim().starts_with("qemu-system") && !known.contains(&pid) {
+                eprintln!("dczoned: killing stray QEMU {pid} (a destination nobody finished)");
+                dczone_lab::sys::kill(pid, libc::SIGKILL);
+            }
         }
     }
 
@@ -186,6 +263,87 @@ impl Agent {
                     .map(|r| std::fs::read_to_string(r.serial).unwrap_or_default())
                     .ok_or(VirtError::NotRunning(name))?;
                 json!({ "serial": log })
+            }
+            AgentRequest::Migrate { name, body } => {
+                self.here(&name)?;
+                let url = match body.agent {
+                    Some(u) => u,
+                    None => {
+                        let (h, _) = self
+                            .platform
+                            .lab()
+                            .host(&body.to)
+                            .map_err(VirtError::from)?;
+                        format!("http://{}:{AGENT_PORT}", h.ip())
+                    }
+                };
+                let mut params = Params::default();
+                if let Some(ms) = body.downtime_limit_ms {
+                    params.downtime_limit_ms = ms;
+                }
+                let token = self.token.clone();
+                let m = self.platform.migrate_via(
+                    &name,
+                    &body.to,
+                    &params,
+                    &|_| {},
+                    &|vm, _to, port| {
+                        Ok(Box::new(RemoteDestination::prepare(
+                            &url, &token, vm, port,
+                        )?))
+                    },
+                )?;
+                serde_json::to_value(&m).unwrap_or(Value::Null)
+            }
+            AgentRequest::Incoming(b) => {
+                if b.vm.host == self.host {
+                    return Err(VirtError::SameHost {
+                        vm: b.vm.spec.name.clone(),
+                        host: self.host.clone(),
+                    }
+                    .into());
+                }
+                let name = b.vm.spec.name.clone();
+                let mut incoming = self.incoming.lock().expect("not poisoned");
+                if incoming.contains_key(&name) {
+                    return Err(VirtError::Busy(name).into());
+                }
+                let d = self
+                    .platform
+                    .launch_incoming(&b.vm, &self.host, b.port, true)?;
+                let uri = d.uri();
+                incoming.insert(name, d);
+                json!({ "uri": uri })
+            }
+            AgentRequest::IncomingAlive { name } => {
+                let mut incoming = self.incoming.lock().expect("not poisoned");
+                let d = incoming
+                    .get_mut(&name)
+                    .ok_or(AgentError::NoIncoming(name.clone()))?;
+                json!({ "alive": d.alive() })
+            }
+            AgentRequest::IncomingFinish { name } => {
+                let mut d = self
+                    .incoming
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(&name)
+                    .ok_or(AgentError::NoIncoming(name.clone()))?;
+                match d.finish() {
+                    Ok((resume_us, running)) => {
+                        json!({ "resume_us": resume_us, "running": running })
+                    }
+                    Err(e) => {
+                        d.abort();
+                        return Err(e.into());
+                    }
+                }
+            }
+            AgentRequest::IncomingAbort { name } => {
+                if let Some(mut d) = self.incoming.lock().expect("not poisoned").remove(&name) {
+                    d.abort();
+                }
+                json!({ "aborted": name })
             }
         })
     }
@@ -270,6 +428,46 @@ pub fn router(agent: Shared) -> Router {
             ),
         )
         .route(
+            "/v1/vms/{name}/migrate",
+            post(
+                |State(a): State<Shared>,
+                 h: HeaderMap,
+                 UrlPath(name): UrlPath<String>,
+                 Json(body): Json<MigrateBody>| {
+                    dispatch(a, h, AgentRequest::Migrate { name, body })
+                },
+            ),
+        )
+        .route(
+            "/v1/incoming",
+            post(
+                |State(a): State<Shared>, h: HeaderMap, Json(body): Json<IncomingBody>| {
+                    dispatch(a, h, AgentRequest::Incoming(body))
+                },
+            ),
+        )
+        .route(
+            "/v1/incoming/{name}",
+            get(
+                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::IncomingAlive { name })
+                },
+            )
+            .delete(
+                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::IncomingAbort { name })
+                },
+            ),
+        )
+        .route(
+            "/v1/incoming/{name}/finish",
+            post(
+                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::IncomingFinish { name })
+                },
+            ),
+        )
+        .route(
             "/v1/vms/{name}/serial",
             get(
                 |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
@@ -278,6 +476,118 @@ pub fn router(agent: Shared) -> Router {
             ),
         )
         .with_state(agent)
+}
+
+/// The destination of a migration, reached through its host's agent.
+struct RemoteDestination {
+    url: String,
+    token: String,
+    vm: String,
+    uri: String,
+    http: ureq::Agent,
+    /// The agent's last answer to "alive?", and when it was asked.
+    checked: Option<(Instant, bool)>,
+}
+
+impl RemoteDestination {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, String> {
+        let req = self
+            .http
+            .request(method, &format!("{}{path}", self.url))
+            .timeout(timeout)
+            .set("Authorization", &format!("Bearer {}", self.token));
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match resp {
+            Ok(r) => r.into_json::<Value>().map_err(|e| e.to_string()),
+            Err(ureq::Error::Status(code, r)) => {
+                let v: Value = r.into_json().unwrap_or(Value::Null);
+                Err(format!(
+                    "HTTP {code}: {}",
+                    v["error"].as_str().unwrap_or("")
+                ))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn prepare(
+        url: &str,
+        token: &str,
+        vm: &VmRecord,
+        port: u16,
+    ) -> Result<RemoteDestination, VirtError> {
+        let mut d = RemoteDestination {
+            url: url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            vm: vm.spec.name.clone(),
+            uri: String::new(),
+            http: ureq::AgentBuilder::new().build(),
+            checked: None,
+        };
+        let body = serde_json::to_value(IncomingBody {
+            vm: vm.clone(),
+            port,
+        })
+        .unwrap_or(Value::Null);
+        let v = d
+            .call("POST", "/v1/incoming", Some(body), Duration::from_secs(30))
+            .map_err(|reason| VirtError::MigrationFailed {
+                vm: vm.spec.name.clone(),
+                source_host: vm.host.clone(),
+                reason: format!("the destination agent {url} refused to prepare: {reason}"),
+            })?;
+        d.uri = v["uri"].as_str().unwrap_or_default().to_string();
+        Ok(d)
+    }
+}
+
+impl Destination for RemoteDestination {
+    fn uri(&self) -> String {
+        self.uri.clone()
+    }
+
+    fn alive(&mut self) -> bool {
+        if let Some((at, ok)) = self.checked {
+            if at.elapsed() < Duration::from_millis(200) {
+                return ok;
+            }
+        }
+        let path = format!("/v1/incoming/{}", self.vm);
+        let ok = self
+            .call("GET", &path, None, Duration::from_millis(500))
+            .is_ok_and(|v| v["alive"] == true);
+        self.checked = Some((Instant::now(), ok));
+        ok
+    }
+
+    fn finish(&mut self) -> Result<(u64, dczone_hypervisor::Running), VirtError> {
+        let path = format!("/v1/incoming/{}/finish", self.vm);
+        let v = self
+            .call("POST", &path, None, Duration::from_secs(30))
+            .map_err(|reason| VirtError::Io {
+                what: format!("finish on the destination agent {}", self.url),
+                source: std::io::Error::other(reason),
+            })?;
+        let running = serde_json::from_value(v["running"].clone()).map_err(|e| VirtError::Io {
+            what: "read the destination agent's answer".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok((v["resume_us"].as_u64().unwrap_or(0), running))
+    }
+
+    fn abort(&mut self) {
+        let path = format!("/v1/incoming/{}", self.vm);
+        let _ = self.call("DELETE", &path, None, Duration::from_secs(5));
+    }
 }
 
 /// `dczoned` arguments.
@@ -338,7 +648,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let platform = Platform::open(lab, &dczone_image::ImageInputs::for_executable(&exe))?;
     let listen = args
         .listen
-        .unwrap_or_else(|| SocketAddr::from((host.ip(), 7070)));
+        .unwrap_or_else(|| SocketAddr::from((host.ip(), AGENT_PORT)));
     let agent = Arc::new(Agent::new(platform, args.host.clone(), token));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -318,7 +318,10 @@ mod tests {
         let hb = p.admit_priority(MS, 100, 1, 99, 1).unwrap();
         assert_eq!(hb, MS + 100 * US + 500 * US);
         // The bulk frames behind it are pushed back by its serialization time.
-        assert_eq!(admit(&mut p, MS, 1000, 10), Ok(11 * MS + 100 * US + 500 * US));
+        assert_eq!(
+            admit(&mut p, MS, 1000, 10),
+            Ok(11 * MS + 100 * US + 500 * US)
+        );
         // The bulk frame already on the wire arrives first, then the heartbeat, then the
         // rest of the backlog.
         assert_eq!(p.pop_due(1500 * US, |_| 1), Some(0));

@@ -122,12 +122,14 @@ fn set_distance(lab: &Lab, p: &Platform, km: f64) -> anyhow::Result<()> {
         if site == REMOTE_SITE {
             continue;
         }
-        if p.zone.site_index(&site).and_then(|a| {
-            p.zone
-                .site_index(REMOTE_SITE)
-                .and_then(|b| p.zone.link_index(a, b))
-        })
-        .is_some()
+        if p.zone
+            .site_index(&site)
+            .and_then(|a| {
+                p.zone
+                    .site_index(REMOTE_SITE)
+                    .and_then(|b| p.zone.link_index(a, b))
+            })
+            .is_some()
         {
             lab.link_set(
                 &site,
@@ -219,7 +221,9 @@ fn load_with<F: FnOnce() -> anyhow::Result<()>>(
         at = Some(unix_us());
         inject()?;
     }
-    let r = load.join().map_err(|_| anyhow!("the load thread panicked"))??;
+    let r = load
+        .join()
+        .map_err(|_| anyhow!("the load thread panicked"))??;
     p.record(&r)?;
     Ok((r, at))
 }
@@ -248,11 +252,16 @@ fn measure_mode(
     let snap = p.wait_mode(&probe, mode, Duration::from_secs(30))?;
     let _ = lab;
     // The application runs next to its primary (wherever the last failover put it).
-    let primary = snap.leader.map(|l| l.site).unwrap_or_else(|| p.plan.primary.clone());
+    let primary = snap
+        .leader
+        .map(|l| l.site)
+        .unwrap_or_else(|| p.plan.primary.clone());
     let client = client_near(p, &primary);
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = spawn_lag_sampler(p, &client, stop.clone());
-    let (r, _) = load_with(p, &client, load_opts(p, o.clients, o.seconds), None, || Ok(()))?;
+    let (r, _) = load_with(p, &client, load_opts(p, o.clients, o.seconds), None, || {
+        Ok(())
+    })?;
     stop.store(true, Ordering::SeqCst);
     let lags = sampler.join().unwrap_or_default();
     let lag_ms: Vec<f64> = lags.iter().map(|(_, ms)| *ms).collect();
@@ -275,7 +284,11 @@ fn measure_mode(
         tatrxn_p99_ms: r.tatrxn_p99_ms,
         tatrsync_ms: tatrsync,
         tatrasync_ms: tatrasync,
-        tatrasync_p99_ms: if mode == Replication::Async { p99(&lag_ms) } else { None },
+        tatrasync_p99_ms: if mode == Replication::Async {
+            p99(&lag_ms)
+        } else {
+            None
+        },
         grey_data_transactions: tatrasync.map(|ms| r.ptrx * ms / 1000.0),
         lag_over_time_ms: series,
     })
@@ -309,9 +322,14 @@ fn fallback(p: &Platform, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::
     let probe = p.client_host(None)?;
     p.put_key(&probe, |k| k.tier(), p.plan.tier.clone())?;
     let snap = p.wait_mode(&probe, Replication::Sync, Duration::from_secs(30))?;
-    let primary = snap.leader.map(|l| l.site).unwrap_or_else(|| p.plan.primary.clone());
+    let primary = snap
+        .leader
+        .map(|l| l.site)
+        .unwrap_or_else(|| p.plan.primary.clone());
     let client = client_near(p, &primary);
-    bar.set_message(format!("{REMOTE_SITE} failure under sync, availability-first"));
+    bar.set_message(format!(
+        "{REMOTE_SITE} failure under sync, availability-first"
+    ));
     let lab = p.lab.clone();
     let seconds = o.seconds.max(6.0);
     let (r, t0) = load_with(
@@ -323,7 +341,9 @@ fn fallback(p: &Platform, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::
     )?;
     let t0 = t0.expect("injected");
     let stall_ms = stall_after(&r, t0);
-    bar.set_message(format!("{REMOTE_SITE} back: waiting for the return to sync"));
+    bar.set_message(format!(
+        "{REMOTE_SITE} back: waiting for the return to sync"
+    ));
     let restored = Instant::now();
     p.lab.site_isolate(REMOTE_SITE, false)?;
     let snap = p.wait_mode(&client, Replication::Sync, Duration::from_secs(60))?;
@@ -432,7 +452,14 @@ pub fn inter_region(
     state_dir: &Path,
     o: InterRegionOptions,
 ) -> anyhow::Result<ExitCode> {
-    if o.clients == 0 || !(o.seconds > 0.0) || o.distances_km.iter().any(|d| !(*d >= 0.0)) {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if o.clients == 0
+        || !positive(o.seconds)
+        || !o
+            .distances_km
+            .iter()
+            .all(|d| dczone_zone::is_non_negative(*d))
+    {
         anyhow::bail!("--clients must be >= 1, --seconds positive and --distances >= 0 km");
     }
     let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
@@ -498,7 +525,10 @@ pub fn inter_region(
         let lost: usize = disasters.iter().map(|d| d.lost).sum::<usize>() + fb.lost;
         let indeterminate = disasters.iter().map(|d| d.indeterminate).sum();
         let rtos: Vec<f64> = disasters.iter().filter_map(|d| d.rto_ms).collect();
-        let rto_max = rtos.iter().copied().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+        let rto_max = rtos
+            .iter()
+            .copied()
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
         let all_recovered = rtos.len() == disasters.len();
         Ok(InterRegionReport {
             git_rev: dczone_lab::wan_bench::git_rev(),
@@ -543,7 +573,10 @@ fn opt(v: Option<f64>) -> String {
 }
 
 fn print_report(r: &InterRegionReport) {
-    println!("UC2 inter-region replication, {} clients (ledger transfers)", r.clients);
+    println!(
+        "UC2 inter-region replication, {} clients (ledger transfers)",
+        r.clients
+    );
     let mut rows = Vec::new();
     for d in &r.distances {
         for (name, m) in [("sync", &d.sync), ("async", &d.asynch)] {
@@ -555,14 +588,24 @@ fn print_report(r: &InterRegionReport) {
                 format!("{:.2}", m.tatrxn_p99_ms),
                 opt(m.tatrsync_ms),
                 opt(m.tatrasync_ms),
-                m.grey_data_transactions.map_or("-".into(), |g| format!("{g:.1}")),
+                m.grey_data_transactions
+                    .map_or("-".into(), |g| format!("{g:.1}")),
             ]);
         }
     }
     print!(
         "{}",
         render(
-            &["km", "mode", "Ptrx/s", "TATrxn p50 ms", "p99 ms", "TATrsync ms", "TATrasync ms", "grey data (txn)"],
+            &[
+                "km",
+                "mode",
+                "Ptrx/s",
+                "TATrxn p50 ms",
+                "p99 ms",
+                "TATrsync ms",
+                "TATrasync ms",
+                "grey data (txn)"
+            ],
             &rows
         )
     );
@@ -629,7 +672,10 @@ fn print_report(r: &InterRegionReport) {
             yes_no(r.kr2_2_tier1_pass),
         ],
     ];
-    print!("{}", render(&["metric", "value", "target", "verdict"], &rows));
+    print!(
+        "{}",
+        render(&["metric", "value", "target", "verdict"], &rows)
+    );
     let rows: Vec<Vec<String>> = r
         .disasters
         .iter()
@@ -647,6 +693,17 @@ fn print_report(r: &InterRegionReport) {
         .collect();
     print!(
         "{}",
-        render(&["at s", "failover", "RTO ms", "acked", "lost", "indeterminate", "audit"], &rows)
+        render(
+            &[
+                "at s",
+                "failover",
+                "RTO ms",
+                "acked",
+                "lost",
+                "indeterminate",
+                "audit"
+            ],
+            &rows
+        )
     );
 }

@@ -201,7 +201,15 @@ impl Platform {
         let pid = self.lab.spawn_daemon(
             &m.namespace,
             exe,
-            &["--lab", self.lab.name(), "--state-dir", &state_dir, "ha-agent", "--site", site],
+            &[
+                "--lab",
+                self.lab.name(),
+                "--state-dir",
+                &state_dir,
+                "ha-agent",
+                "--site",
+                site,
+            ],
             &m.dir.join("agent.log"),
             "the HA agent",
         )?;
@@ -251,7 +259,8 @@ impl Platform {
                 .expect("a tokio runtime")
                 .block_on(f())
         })?;
-        h.join().map_err(|_| anyhow!("the thread in {host} panicked"))
+        h.join()
+            .map_err(|_| anyhow!("the thread in {host} panicked"))
     }
 
     /// A snapshot of the platform's etcd keys, read from `host`.
@@ -264,7 +273,12 @@ impl Platform {
         .map_err(|e| anyhow!("etcd: {e}"))
     }
 
-    pub fn put_key<T: Serialize + Send + 'static>(&self, host: &str, key: fn(&dczone_ha::keys::Keys) -> String, value: T) -> anyhow::Result<()> {
+    pub fn put_key<T: Serialize + Send + 'static>(
+        &self,
+        host: &str,
+        key: fn(&dczone_ha::keys::Keys) -> String,
+        value: T,
+    ) -> anyhow::Result<()> {
         let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
         self.in_host(host, move || async move {
             let store = Store::connect(&lab, &etcd).await?;
@@ -275,11 +289,19 @@ impl Platform {
 
     /// Waits until a primary accepts writes and every listed member but the primary streams
     /// from it.
-    pub fn wait_ready(&self, host: &str, standbys: &[String], timeout: Duration) -> anyhow::Result<String> {
+    pub fn wait_ready(
+        &self,
+        host: &str,
+        standbys: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         let hosts = self.hosts();
         let apps: Vec<String> = standbys.iter().map(|s| dczone_db::app_name(s)).collect();
-        let ip_to_site: Vec<(Ipv4Addr, String)> =
-            self.members.iter().map(|m| (m.ip, m.site.clone())).collect();
+        let ip_to_site: Vec<(Ipv4Addr, String)> = self
+            .members
+            .iter()
+            .map(|m| (m.ip, m.site.clone()))
+            .collect();
         let r = self.in_host(host, move || async move {
             let deadline = Instant::now() + timeout;
             let mut last = String::from("no member accepts writes");
@@ -334,7 +356,12 @@ impl Platform {
         self.in_host(host, move || dczone_ledger::run(opts))
     }
 
-    pub fn audit(&self, host: &str, acked: Vec<String>, indeterminate: Vec<String>) -> anyhow::Result<Audit> {
+    pub fn audit(
+        &self,
+        host: &str,
+        acked: Vec<String>,
+        indeterminate: Vec<String>,
+    ) -> anyhow::Result<Audit> {
         let hosts = self.hosts();
         self.in_host(host, move || async move {
             dczone_ledger::audit(&hosts, &acked, &indeterminate).await
@@ -349,7 +376,10 @@ impl Platform {
     /// Appends ids to the audit logs that `db audit` reads.
     pub fn record(&self, result: &LoadResult) -> anyhow::Result<()> {
         use std::io::Write;
-        for (which, ids) in [("acknowledged", &result.acknowledged), ("indeterminate", &result.indeterminate)] {
+        for (which, ids) in [
+            ("acknowledged", &result.acknowledged),
+            ("indeterminate", &result.indeterminate),
+        ] {
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -444,7 +474,10 @@ impl Platform {
         }
         // PostgreSQL dies with its agent; give the postmasters a moment to go.
         let t = Instant::now();
-        while self.members.iter().any(|m| m.data().join("postmaster.pid").exists() && postmaster_alive(m))
+        while self
+            .members
+            .iter()
+            .any(|m| m.data().join("postmaster.pid").exists() && postmaster_alive(m))
             && t.elapsed() < Duration::from_secs(5)
         {
             std::thread::sleep(Duration::from_millis(20));
@@ -482,8 +515,15 @@ fn status_view(p: &Platform, snap: &Snapshot) -> StatusView {
     StatusView {
         leader: snap.leader.as_ref().map(|l| l.site.clone()),
         policy: snap.tier.clone().unwrap_or_else(|| p.plan.tier.clone()),
-        replication: snap.sync.as_ref().map(|s| format!("{:?}", s.mode).to_lowercase()),
-        sync_set: snap.sync.as_ref().map(|s| s.set.clone()).unwrap_or_default(),
+        replication: snap
+            .sync
+            .as_ref()
+            .map(|s| format!("{:?}", s.mode).to_lowercase()),
+        sync_set: snap
+            .sync
+            .as_ref()
+            .map(|s| s.set.clone())
+            .unwrap_or_default(),
         members: snap.members.clone(),
         audit: snap.audit.clone(),
     }
@@ -495,7 +535,11 @@ fn print_status(v: &StatusView) {
         v.leader.as_deref().unwrap_or("none"),
         v.policy,
         v.replication.as_deref().unwrap_or("-"),
-        if v.sync_set.is_empty() { String::new() } else { format!("(sync set: {})", v.sync_set.join(", ")) }
+        if v.sync_set.is_empty() {
+            String::new()
+        } else {
+            format!("(sync set: {})", v.sync_set.join(", "))
+        }
     );
     let rows: Vec<Vec<String>> = v
         .members
@@ -526,12 +570,19 @@ fn print_status(v: &StatusView) {
                     e.kind.clone(),
                     e.primary.clone(),
                     e.start_ms.to_string(),
-                    e.end_ms.map_or("open".into(), |end| format!("{} ms", end - e.start_ms)),
+                    e.end_ms
+                        .map_or("open".into(), |end| format!("{} ms", end - e.start_ms)),
                     e.reason.clone(),
                 ]
             })
             .collect();
-        print!("{}", render(&["kind", "primary", "start (unix ms)", "duration", "reason"], &rows));
+        print!(
+            "{}",
+            render(
+                &["kind", "primary", "start (unix ms)", "duration", "reason"],
+                &rows
+            )
+        );
     }
 }
 
@@ -569,7 +620,12 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             if !p.plan.policies.contains_key(&tier) {
                 bail!(
                     "unknown policy '{tier}'; the zone defines {}",
-                    p.plan.policies.keys().cloned().collect::<Vec<_>>().join(", ")
+                    p.plan
+                        .policies
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             p.put_key(&p.client_host(None)?, |k| k.tier(), tier.clone())?;
@@ -579,8 +635,13 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
                 println!("policy {tier} requested; the primary applies it within one HA loop");
             }
         }
-        DbCommand::Load { clients, seconds, client, json } => {
-            if clients == 0 || !(seconds > 0.0) {
+        DbCommand::Load {
+            clients,
+            seconds,
+            client,
+            json,
+        } => {
+            if clients == 0 || !(seconds.is_finite() && seconds > 0.0) {
                 bail!("--clients must be at least 1 and --seconds positive");
             }
             let opts = LoadOptions {
@@ -624,26 +685,64 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
 
 pub fn print_audit(a: &Audit) {
     let rows = vec![
-        vec!["acknowledged transfers".into(), a.acknowledged.to_string(), String::new()],
-        vec!["present on the primary".into(), a.present.to_string(), yes_no(a.rpo_zero)],
-        vec!["lost".into(), a.lost.len().to_string(), yes_no(a.lost.is_empty())],
+        vec![
+            "acknowledged transfers".into(),
+            a.acknowledged.to_string(),
+            String::new(),
+        ],
+        vec![
+            "present on the primary".into(),
+            a.present.to_string(),
+            yes_no(a.rpo_zero),
+        ],
+        vec![
+            "lost".into(),
+            a.lost.len().to_string(),
+            yes_no(a.lost.is_empty()),
+        ],
         vec![
             "indeterminate (applied)".into(),
             format!("{} ({})", a.indeterminate, a.indeterminate_applied),
             String::new(),
         ],
-        vec!["balance sum".into(), a.balance_sum.to_string(), yes_no(a.balances_conserved)],
+        vec![
+            "balance sum".into(),
+            a.balance_sum.to_string(),
+            yes_no(a.balances_conserved),
+        ],
         vec![
             "balances match transfers".into(),
             String::new(),
             yes_no(a.balances_match_transfers),
         ],
     ];
-    print!("{}", render(&["audit of primary ".to_string() + &a.primary, String::new(), String::new()].iter().map(String::as_str).collect::<Vec<_>>(), &rows));
+    print!(
+        "{}",
+        render(
+            &[
+                "audit of primary ".to_string() + &a.primary,
+                String::new(),
+                String::new()
+            ]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+            &rows
+        )
+    );
     if a.rpo_zero {
         println!("verdict: RPO = 0");
     } else {
-        println!("verdict: {} acknowledged transfers LOST: {}", a.lost.len(), a.lost.iter().take(10).cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "verdict: {} acknowledged transfers LOST: {}",
+            a.lost.len(),
+            a.lost
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
 }
 
@@ -655,6 +754,7 @@ pub fn agent(lab: &Lab, site: &str) -> anyhow::Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(dczone_ha::agent::run(cfg)).map_err(|e| anyhow!(e))?;
+    rt.block_on(dczone_ha::agent::run(cfg))
+        .map_err(|e| anyhow!(e))?;
     Ok(ExitCode::SUCCESS)
 }

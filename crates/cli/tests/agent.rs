@@ -13,8 +13,22 @@ use dczone_lab::sys;
 
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 11);
 
-/// One HTTP/1.1 request from the client host; returns (status, body).
+const DEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 11);
+
+/// One HTTP/1.1 request from the client host to the agent of dc1.1-h1.
 fn http(lab: &TestLab, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    http_to(lab, HOST_IP, method, path, token, body)
+}
+
+/// One HTTP/1.1 request from the client host to the agent at `ip`; returns (status, body).
+fn http_to(
+    lab: &TestLab,
+    ip: Ipv4Addr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -29,7 +43,7 @@ fn http(lab: &TestLab, method: &str, path: &str, token: Option<&str>, body: &str
     req.push_str(body);
     let answer = sys::in_namespace(&lab.ns("dc1.1-client"), move || {
         let mut s =
-            TcpStream::connect_timeout(&SocketAddr::from((HOST_IP, 7070)), Duration::from_secs(2))
+            TcpStream::connect_timeout(&SocketAddr::from((ip, 7070)), Duration::from_secs(2))
                 .ok()?;
         s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
         s.write_all(req.as_bytes()).ok()?;
@@ -54,6 +68,40 @@ fn http(lab: &TestLab, method: &str, path: &str, token: Option<&str>, body: &str
 }
 
 struct Agent(Child);
+
+/// Starts `dczoned` for `host` and waits until it answers at `ip`.
+fn start_agent(lab: &TestLab, host: &str, ip: Ipv4Addr, token_file: &std::path::Path) -> Agent {
+    let agent = Agent(
+        lab.command()
+            .args(["lab", "exec", host, "--", env!("CARGO_BIN_EXE_dczoned")])
+            .args(["--lab", &lab.name, "--state-dir"])
+            .arg(&lab.state_dir)
+            .args(["--host", host, "--token-file"])
+            .arg(token_file)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_to(lab, ip, "GET", "/v1/health", None, "").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "dczoned on {host} did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    agent
+}
+
+/// The guest's `S` answer as key=value pairs (processed, uptime_ms, checksum, boot, ...).
+fn guest_status(lab: &TestLab, ip: Ipv4Addr) -> std::collections::HashMap<String, String> {
+    dczone_workload::query(&lab.ns("dc1.1-client"), ip, "S")
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
 
 impl Drop for Agent {
     fn drop(&mut self) {
@@ -125,4 +173,153 @@ fn agent_requires_the_token_and_manages_its_hosts_vms() {
     assert_eq!(http(&lab, "POST", "/v1/vms/api1/stop", t, "").0, 409);
     assert_eq!(http(&lab, "DELETE", "/v1/vms/api1", t, "").0, 200);
     assert_eq!(http(&lab, "GET", "/v1/vms", t, "").1, "[]");
+}
+
+#[test]
+fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2eamig");
+    lab.up();
+    let token_file = lab.state_dir.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let _src = start_agent(&lab, "dc1.1-h1", HOST_IP, &token_file);
+    let dst = start_agent(&lab, "dc1.2-h1", DEST_IP, &token_file);
+    let t = Some("s3cret-token");
+    let (status, body) = http(
+        &lab,
+        "POST",
+        "/v1/vms",
+        t,
+        r#"{"name":"amig1","dirty_mbps":4}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let vm: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ip: Ipv4Addr = vm["spec"]["ip_cidr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let before = guest_status(&lab, ip);
+
+    // Bad input first: same host, unknown host, bad token.
+    let same = http(
+        &lab,
+        "POST",
+        "/v1/vms/amig1/migrate",
+        t,
+        r#"{"to":"dc1.1-h1"}"#,
+    );
+    assert_eq!(same.0, 409, "{}", same.1);
+    let unknown = http(
+        &lab,
+        "POST",
+        "/v1/vms/amig1/migrate",
+        t,
+        r#"{"to":"dc9-h1"}"#,
+    );
+    assert!(
+        unknown.0 >= 400 && unknown.1.contains("dc9-h1"),
+        "{unknown:?}"
+    );
+    let bad = http(
+        &lab,
+        "POST",
+        "/v1/vms/amig1/migrate",
+        Some("nope"),
+        r#"{"to":"dc1.2-h1"}"#,
+    );
+    assert_eq!(bad.0, 401);
+
+    // The source agent drives it; the destination agent prepares and finishes.
+    let (status, body) = http(
+        &lab,
+        "POST",
+        "/v1/vms/amig1/migrate",
+        t,
+        r#"{"to":"dc1.2-h1"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(m["t2_ms"].as_f64().unwrap() > 0.0, "{m}");
+    assert_eq!(http_to(&lab, DEST_IP, "GET", "/v1/vms/amig1", t, "").0, 200);
+    assert_eq!(http(&lab, "GET", "/v1/vms/amig1", t, "").0, 404);
+    let after = guest_status(&lab, ip);
+    assert_eq!(
+        before["boot"], after["boot"],
+        "same boot: {before:?} -> {after:?}"
+    );
+    let uptime =
+        |s: &std::collections::HashMap<String, String>| s["uptime_ms"].parse::<u64>().unwrap();
+    assert!(uptime(&after) > uptime(&before), "{before:?} -> {after:?}");
+
+    // Back to dc1.1-h1 (the old destination's agent drives it now), with a large, busy VM,
+    // and the destination agent killed mid-migration: the VM stays on dc1.2-h1, running.
+    let (status, body) = http_to(
+        &lab,
+        DEST_IP,
+        "POST",
+        "/v1/vms",
+        t,
+        r#"{"name":"amig2","memory_mib":1024,"dirty_mbps":16}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let vm2: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ip2: Ipv4Addr = vm2["spec"]["ip_cidr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let killer = {
+        let ns = lab.ns("dc1.1-h1");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            // The destination (dc1.1-h1) agent dies; its QEMU is left waiting.
+            for pid in sys::pids_in_namespace(&ns) {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "dczoned" {
+                    sys::kill(pid, libc::SIGKILL);
+                }
+            }
+        })
+    };
+    let (status, body) = http_to(
+        &lab,
+        DEST_IP,
+        "POST",
+        "/v1/vms/amig2/migrate",
+        t,
+        r#"{"to":"dc1.1-h1"}"#,
+    );
+    killer.join().unwrap();
+    assert!(
+        status >= 500 && body.contains("keeps running"),
+        "{status} {body}"
+    );
+    let (status, body) = http_to(&lab, DEST_IP, "GET", "/v1/vms/amig2", t, "");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        guest_status(&lab, ip2).len() >= 5,
+        "the source VM still serves"
+    );
+    // No QEMU of amig2 is left on dc1.1-h1 (it exits when its stream is cancelled; a
+    // restarted agent would reap it otherwise).
+    std::thread::sleep(Duration::from_secs(2));
+    let qemus: Vec<i32> = sys::pids_in_namespace(&lab.ns("dc1.1-h1"))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .contains("amig2")
+        })
+        .collect();
+    assert!(qemus.is_empty(), "orphan destination QEMU {qemus:?}");
+    drop(dst);
 }

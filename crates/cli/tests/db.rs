@@ -25,7 +25,10 @@ fn wait_status(lab: &TestLab, what: &str, timeout: Duration, ok: impl Fn(&Value)
             if ok(&v) {
                 return v;
             }
-            assert!(t.elapsed() < timeout, "{what}: not within {timeout:?}; status {v}");
+            assert!(
+                t.elapsed() < timeout,
+                "{what}: not within {timeout:?}; status {v}"
+            );
         } else {
             assert!(t.elapsed() < timeout, "{what}: not within {timeout:?}");
         }
@@ -36,8 +39,23 @@ fn wait_status(lab: &TestLab, what: &str, timeout: Duration, ok: impl Fn(&Value)
 /// Runs SQL with psql from `host` against `ip`; returns (success, stdout+stderr).
 fn psql(lab: &TestLab, host: &str, ip: &str, sql: &str) -> (bool, String) {
     let out = lab.run(&[
-        "lab", "exec", host, "--", "timeout", "5", "runuser", "-u", "postgres", "--",
-        "/usr/lib/postgresql/15/bin/psql", "-h", ip, "-d", "ledger", "-tAc", sql,
+        "lab",
+        "exec",
+        host,
+        "--",
+        "timeout",
+        "5",
+        "runuser",
+        "-u",
+        "postgres",
+        "--",
+        "/usr/lib/postgresql/15/bin/psql",
+        "-h",
+        ip,
+        "-d",
+        "ledger",
+        "-tAc",
+        sql,
     ]);
     let text = format!(
         "{}{}",
@@ -48,7 +66,17 @@ fn psql(lab: &TestLab, host: &str, ip: &str, sql: &str) -> (bool, String) {
 }
 
 fn load(lab: &TestLab, client: &str, seconds: &str) -> Value {
-    lab.json(&["db", "load", "--clients", "4", "--seconds", seconds, "--client", client, "--json"])
+    lab.json(&[
+        "db",
+        "load",
+        "--clients",
+        "4",
+        "--seconds",
+        seconds,
+        "--client",
+        client,
+        "--json",
+    ])
 }
 
 fn acked(v: &Value) -> usize {
@@ -83,7 +111,10 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
     assert!(ok && (state == "quorum" || state == "sync"), "{state}");
     let r = load(&lab, "dc1.1-client", "2");
     let p50 = r["tatrxn_p50_ms"].as_f64().unwrap();
-    assert!(acked(&r) > 0 && p50 >= 5.0, "sync commit p50 {p50} ms, expected >= 5");
+    assert!(
+        acked(&r) > 0 && p50 >= 5.0,
+        "sync commit p50 {p50} ms, expected >= 5"
+    );
     // The commits are on DC2.1: its received position reaches the primary's.
     let (_, primary_lsn) = psql(&lab, "dc1.1-client", DC11, "SELECT pg_current_wal_lsn()");
     let (_, caught) = psql(
@@ -146,7 +177,16 @@ fn failover_passes_the_audit_and_the_partitioned_primary_is_fenced() {
     // A partition, not a crash: DC1.1's PostgreSQL and agent keep running, cut off.
     let bg = {
         let mut c = lab.command();
-        c.args(["db", "load", "--clients", "4", "--seconds", "12", "--client", "dc1.2-h2"]);
+        c.args([
+            "db",
+            "load",
+            "--clients",
+            "4",
+            "--seconds",
+            "12",
+            "--client",
+            "dc1.2-h2",
+        ]);
         c.spawn().expect("load runs")
     };
     sleep(Duration::from_secs(2));
@@ -156,7 +196,11 @@ fn failover_passes_the_audit_and_the_partitioned_primary_is_fenced() {
         v["leader"].is_string() && v["leader"] != "dc1.1"
     });
     assert!(
-        s["audit"].as_array().unwrap().iter().any(|e| e["kind"] == "failover"),
+        s["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "failover"),
         "the failover is in the audit log: {s}"
     );
     // The old primary lost its lease and fenced itself: its own site cannot write to it.
@@ -205,12 +249,19 @@ fn agent_kill_etcd_quorum_loss_and_an_unreachable_standby_are_safe() {
 
     // Killing the primary's HA agent takes its PostgreSQL with it; a standby takes over.
     let pid_file = lab.state_dir.join(&lab.name).join("db/dc1.1/agent.pid");
-    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // SAFETY: killing a process of our own lab by pid.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    wait_status(&lab, "failover after the agent died", Duration::from_secs(20), |v| {
-        v["leader"].is_string() && v["leader"] != "dc1.1"
-    });
+    wait_status(
+        &lab,
+        "failover after the agent died",
+        Duration::from_secs(20),
+        |v| v["leader"].is_string() && v["leader"] != "dc1.1",
+    );
     let (ok, _) = psql(&lab, "dc1.1-client", DC11, "SELECT 1");
     assert!(!ok, "DC1.1's PostgreSQL must be down with its agent");
     lab.ok(&["db", "up", "--timeout", "60"]);
@@ -225,19 +276,32 @@ fn agent_kill_etcd_quorum_loss_and_an_unreachable_standby_are_safe() {
         .collect();
     for m in &others {
         let pid_file = lab.state_dir.join(&lab.name).join(format!("etcd/{m}.pid"));
-        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     sleep(Duration::from_secs(4));
-    let primary_ip = if leader == "dc1.2" { DC12 } else if leader == "dc1.1" { DC11 } else { "10.77.3.11" };
+    let primary_ip = if leader == "dc1.2" {
+        DC12
+    } else if leader == "dc1.1" {
+        DC11
+    } else {
+        "10.77.3.11"
+    };
     let (ok, text) = psql(
         &lab,
         "dc1.1-client",
         primary_ip,
         "INSERT INTO transfers VALUES ('quorum-probe', 1, 2, 1)",
     );
-    assert!(!ok, "a primary without etcd quorum acknowledged a commit: {text}");
+    assert!(
+        !ok,
+        "a primary without etcd quorum acknowledged a commit: {text}"
+    );
     // Quorum back (db up restarts the members): the platform recovers, nothing lost.
     lab.ok(&["db", "up", "--timeout", "60"]);
     let audit = lab.json(&["db", "audit", "--json"]);

@@ -165,10 +165,14 @@ impl Member {
         self.prepare_dirs()?;
         run(
             &format!("initdb for {}", self.site),
-            as_postgres("initdb")?
-                .arg("-D")
-                .arg(self.data())
-                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]),
+            as_postgres("initdb")?.arg("-D").arg(self.data()).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ]),
         )?;
         self.configure()
     }
@@ -249,9 +253,14 @@ impl Member {
         let text = std::fs::read_to_string(&auto).unwrap_or_default();
         let mut kept: Vec<&str> = text
             .lines()
-            .filter(|l| !l.starts_with("primary_conninfo") && !l.starts_with("synchronous_standby_names"))
+            .filter(|l| {
+                !l.starts_with("primary_conninfo") && !l.starts_with("synchronous_standby_names")
+            })
             .collect();
-        let line = format!("primary_conninfo = '{}'", upstream.remote_conninfo(&self.app));
+        let line = format!(
+            "primary_conninfo = '{}'",
+            upstream.remote_conninfo(&self.app)
+        );
         kept.push(&line);
         std::fs::write(&auto, kept.join("\n") + "\n").map_err(|source| DbError::Io {
             what: format!("write {}", auto.display()),
@@ -289,7 +298,11 @@ impl Member {
                 .arg(source.remote_conninfo(&self.app)),
         )?;
         self.follow(source)?;
-        Ok(out.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | "))
+        Ok(out
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(" | "))
     }
 }
 

@@ -61,7 +61,10 @@ impl AgentConfig {
         self.members.iter().find(|m| m.site == site)
     }
     fn site_of_app(&self, app: &str) -> Option<String> {
-        self.members.iter().find(|m| m.app == app).map(|m| m.site.clone())
+        self.members
+            .iter()
+            .find(|m| m.app == app)
+            .map(|m| m.site.clone())
     }
     fn order(&self) -> Vec<String> {
         self.members.iter().map(|m| m.site.clone()).collect()
@@ -255,7 +258,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
         failed_starts: 0,
     };
     agent.new_lease().await;
-    let keeper = tokio::spawn(keep_lease(agent.store.clone(), agent.shared.clone(), agent.lease_cell()));
+    let keeper = tokio::spawn(keep_lease(
+        agent.store.clone(),
+        agent.shared.clone(),
+        agent.lease_cell(),
+    ));
     let tick = Duration::from_millis(agent.cfg.plan.ha.loop_ms);
     loop {
         let t = Instant::now();
@@ -349,7 +356,10 @@ fn spawn_watchdog(shared: Arc<Shared>, pid: Arc<AtomicI32>, site: String) {
             if decide::must_fence(shared.mono_ms(), deadline) {
                 shared.leading.store(false, Ordering::SeqCst);
                 shared.fenced.store(true, Ordering::SeqCst);
-                log(&site, "fencing: the leader lease could not be renewed in time");
+                log(
+                    &site,
+                    "fencing: the leader lease could not be renewed in time",
+                );
                 stop_postmaster(&pid);
             }
         })
@@ -422,7 +432,11 @@ impl Agent {
         if self.pg.running() || !self.cfg.me().initialized() {
             return Ok(());
         }
-        let cmd = self.cfg.me().postgres_command().map_err(|e| e.to_string())?;
+        let cmd = self
+            .cfg
+            .me()
+            .postgres_command()
+            .map_err(|e| e.to_string())?;
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -455,7 +469,11 @@ impl Agent {
             }
             return Err(format!("publish: {e}"));
         }
-        let snap = self.store.snapshot().await.map_err(|e| format!("read: {e}"))?;
+        let snap = self
+            .store
+            .snapshot()
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         match snap.leader.clone() {
             Some(l) if l.site == self.cfg.site && l.lease == self.lease => {
                 self.leader = Some(l.clone());
@@ -520,7 +538,12 @@ impl Agent {
             lease: self.lease,
             since_ms: unix_ms(),
         };
-        if !self.store.campaign(&leader).await.map_err(|e| e.to_string())? {
+        if !self
+            .store
+            .campaign(&leader)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             return Ok(());
         }
         log(&me, "won the leader key");
@@ -532,7 +555,11 @@ impl Agent {
                 .primary_lsn
                 .zip(local.as_ref().map(|l| l.lsn))
                 .map(|(p, mine)| p.saturating_sub(mine));
-            let old = snap.sync.as_ref().map(|s| s.primary.clone()).unwrap_or_default();
+            let old = snap
+                .sync
+                .as_ref()
+                .map(|s| s.primary.clone())
+                .unwrap_or_default();
             let entry = AuditEntry {
                 kind: "failover".into(),
                 primary: me.clone(),
@@ -566,7 +593,11 @@ impl Agent {
             return self.start_pg();
         };
         let site = self.cfg.site.clone();
-        let policy = match snap.tier.as_ref().and_then(|t| self.cfg.plan.policies.get(t)) {
+        let policy = match snap
+            .tier
+            .as_ref()
+            .and_then(|t| self.cfg.plan.policies.get(t))
+        {
             Some(p) => p.clone(),
             None => self.cfg.plan.policy().clone(),
         };
@@ -581,7 +612,9 @@ impl Agent {
                 .await
                 .map_err(|e| e.to_string())?;
             log(&site, "promoting");
-            dczone_db::promote(&site, c).await.map_err(|e| e.to_string())?;
+            dczone_db::promote(&site, c)
+                .await
+                .map_err(|e| e.to_string())?;
             // pg_rewind reads the new timeline from the control file, which only a
             // checkpoint updates (PostgreSQL's pg_rewind docs say the same).
             c.batch_execute("CHECKPOINT")
@@ -602,10 +635,22 @@ impl Agent {
                     primary: site.clone(),
                     tier: policy.name.clone(),
                     mode: policy.replication,
-                    set: if policy.replication == Replication::Sync { set.clone() } else { vec![] },
+                    set: if policy.replication == Replication::Sync {
+                        set.clone()
+                    } else {
+                        vec![]
+                    },
                     quorum: k,
                     since_ms: unix_ms(),
-                    reason: format!("{} under policy {}", if local.in_recovery { "promoted" } else { "leading" }, policy.name),
+                    reason: format!(
+                        "{} under policy {}",
+                        if local.in_recovery {
+                            "promoted"
+                        } else {
+                            "leading"
+                        },
+                        policy.name
+                    ),
                 };
                 if policy.replication == Replication::Sync {
                     let c = self.client.as_ref().ok_or("no connection")?;
@@ -613,13 +658,16 @@ impl Agent {
                         .await
                         .map_err(|e| e.to_string())?;
                 }
-                self.write_as_leader(me, &self.store.keys.sync(), &s).await?;
+                self.write_as_leader(me, &self.store.keys.sync(), &s)
+                    .await?;
                 self.tracker = FailureTracker::default();
                 s
             }
         };
         let c = self.client.as_ref().ok_or("no connection")?;
-        let replicas = dczone_db::replicas(&site, c).await.map_err(|e| e.to_string())?;
+        let replicas = dczone_db::replicas(&site, c)
+            .await
+            .map_err(|e| e.to_string())?;
         let seen: Vec<StandbySeen> = replicas
             .iter()
             .filter_map(|r| {
@@ -657,7 +705,8 @@ impl Agent {
                     ..state.clone()
                 };
                 // etcd first: a failover must know these commits are unprotected.
-                self.write_as_leader(me, &self.store.keys.sync(), &s).await?;
+                self.write_as_leader(me, &self.store.keys.sync(), &s)
+                    .await?;
                 let entry = AuditEntry {
                     kind: "unprotected".into(),
                     primary: site.clone(),
@@ -666,7 +715,8 @@ impl Agent {
                     reason,
                     grey_bytes: None,
                 };
-                self.write_as_leader(me, &self.store.keys.audit(now), &entry).await?;
+                self.write_as_leader(me, &self.store.keys.audit(now), &entry)
+                    .await?;
                 self.window_start = Some(now);
                 log(&site, &format!("switched to async: {}", s.reason));
                 String::new()
@@ -687,7 +737,8 @@ impl Agent {
                     reason: "standbys caught up".into(),
                     ..state.clone()
                 };
-                self.write_as_leader(me, &self.store.keys.sync(), &s).await?;
+                self.write_as_leader(me, &self.store.keys.sync(), &s)
+                    .await?;
                 let start = self.window_start.take().unwrap_or(state.since_ms);
                 if let Some(mut e) = snap
                     .audit
@@ -696,7 +747,8 @@ impl Agent {
                     .cloned()
                 {
                     e.end_ms = Some(now);
-                    self.write_as_leader(me, &self.store.keys.audit(start), &e).await?;
+                    self.write_as_leader(me, &self.store.keys.audit(start), &e)
+                        .await?;
                 }
                 log(&site, "back to sync");
                 names.clone()
@@ -776,9 +828,14 @@ impl Agent {
         }
         let former_primary =
             !self.is_standby_dir() || local.as_ref().is_some_and(|l| !l.in_recovery);
-        let diverged = self.stuck.is_some_and(|(_, t)| t.elapsed() > DIVERGED_AFTER);
+        let diverged = self
+            .stuck
+            .is_some_and(|(_, t)| t.elapsed() > DIVERGED_AFTER);
         if local.is_none() && !self.pg.running() && self.failed_starts >= MAX_FAILED_STARTS {
-            log(&me.site, &format!("postgres does not start; cloning {} afresh", upstream.site));
+            log(
+                &me.site,
+                &format!("postgres does not start; cloning {} afresh", upstream.site),
+            );
             self.failed_starts = 0;
             let (m, u) = (me.clone(), upstream.clone());
             tokio::task::spawn_blocking(move || m.basebackup(&u))
@@ -788,8 +845,15 @@ impl Agent {
             return self.start_pg();
         }
         if former_primary || diverged {
-            let why = if former_primary { "former primary" } else { "cannot stream" };
-            log(&me.site, &format!("{why}: rewinding onto {}", upstream.site));
+            let why = if former_primary {
+                "former primary"
+            } else {
+                "cannot stream"
+            };
+            log(
+                &me.site,
+                &format!("{why}: rewinding onto {}", upstream.site),
+            );
             if former_primary {
                 self.pg.stop();
             } else {

@@ -49,7 +49,11 @@ pub enum NoCandidate {
 }
 
 /// Reports newer than `now - freshness_ms`, of standbys that answer their agents.
-pub fn fresh_standbys(reports: &[MemberReport], now_ms: u64, freshness_ms: u64) -> Vec<&MemberReport> {
+pub fn fresh_standbys(
+    reports: &[MemberReport],
+    now_ms: u64,
+    freshness_ms: u64,
+) -> Vec<&MemberReport> {
     reports
         .iter()
         .filter(|r| r.pg_up && r.in_recovery && !r.fenced)
@@ -127,11 +131,15 @@ pub enum ModeAction {
     Keep,
     /// Drop to async: commits have waited or the quorum has been missing for the detection
     /// time. The reason goes to the audit log.
-    ToAsync { reason: String },
+    ToAsync {
+        reason: String,
+    },
     /// The standbys are back and caught up: restore the synchronous set.
     ToSync,
     /// Data-first: commits wait; nothing to do but report it.
-    Stalled { reason: String },
+    Stalled {
+        reason: String,
+    },
 }
 
 /// Healthy members of `set` as the primary sees them.
@@ -285,7 +293,10 @@ mod tests {
         // dc1.2 (async) received more than dc2.1 (sync): it holds every acknowledged commit too.
         let r = [report("dc1.2", 900, 1000), report("dc2.1", 800, 1000)];
         let s = sync(&["dc2.1"], 1);
-        assert_eq!(choose_candidate(Some(&s), &r, &order(), 1000, 500).unwrap(), "dc1.2");
+        assert_eq!(
+            choose_candidate(Some(&s), &r, &order(), 1000, 500).unwrap(),
+            "dc1.2"
+        );
     }
 
     #[test]
@@ -318,7 +329,10 @@ mod tests {
         let mut s = sync(&[], 1);
         s.mode = Replication::Async;
         let r = [report("dc2.1", 500, 10), report("dc1.2", 500, 10)];
-        assert_eq!(choose_candidate(Some(&s), &r, &order(), 10, 5).unwrap(), "dc1.2");
+        assert_eq!(
+            choose_candidate(Some(&s), &r, &order(), 10, 5).unwrap(),
+            "dc1.2"
+        );
         assert_eq!(
             choose_candidate(Some(&s), &[], &order(), 10, 5),
             Err(NoCandidate::NoStandby)
@@ -332,7 +346,10 @@ mod tests {
         let mut fenced = report("dc1.1", 999, 10);
         fenced.fenced = true;
         let r = [down, fenced, report("dc2.1", 1, 10)];
-        assert_eq!(choose_candidate(None, &r, &order(), 10, 5).unwrap(), "dc2.1");
+        assert_eq!(
+            choose_candidate(None, &r, &order(), 10, 5).unwrap(),
+            "dc2.1"
+        );
     }
 
     fn seen(site: &str, streaming: bool, lsn: u64) -> StandbySeen {
@@ -355,12 +372,26 @@ mod tests {
         };
         assert_eq!(step(1000, 0.0, &mut t), ModeAction::Keep);
         assert_eq!(step(1299, 0.0, &mut t), ModeAction::Keep);
-        assert!(matches!(step(1300, 0.0, &mut t), ModeAction::ToAsync { .. }));
+        assert!(matches!(
+            step(1300, 0.0, &mut t),
+            ModeAction::ToAsync { .. }
+        ));
         // Commits that have waited long enough trip it at once, even if the standby still
         // looks connected (a silent standby keeps its TCP connection).
         let mut t = FailureTracker::default();
         let present = [seen("dc2.1", true, 10)];
-        let a = replication_mode(&p, Replication::Sync, &set, 1, &present, 10, 350.0, 0, 5, &mut t);
+        let a = replication_mode(
+            &p,
+            Replication::Sync,
+            &set,
+            1,
+            &present,
+            10,
+            350.0,
+            0,
+            5,
+            &mut t,
+        );
         assert!(matches!(a, ModeAction::ToAsync { ref reason } if reason.contains("waited")));
     }
 
@@ -369,7 +400,18 @@ mod tests {
         let p = policy(StandbyFailure::DataFirst);
         let set = vec!["dc2.1".to_string()];
         let mut t = FailureTracker::default();
-        let a = replication_mode(&p, Replication::Sync, &set, 1, &[], 0, 5000.0, 0, 10_000, &mut t);
+        let a = replication_mode(
+            &p,
+            Replication::Sync,
+            &set,
+            1,
+            &[],
+            0,
+            5000.0,
+            0,
+            10_000,
+            &mut t,
+        );
         assert!(matches!(a, ModeAction::Stalled { .. }));
     }
 
@@ -379,23 +421,82 @@ mod tests {
         let set = vec!["dc2.1".to_string()];
         let mut t = FailureTracker::default();
         let behind = [seen("dc2.1", true, 1_000)];
-        let a = replication_mode(&p, Replication::Async, &set, 1, &behind, 5_000_000, 0.0, 1 << 20, 0, &mut t);
+        let a = replication_mode(
+            &p,
+            Replication::Async,
+            &set,
+            1,
+            &behind,
+            5_000_000,
+            0.0,
+            1 << 20,
+            0,
+            &mut t,
+        );
         assert_eq!(a, ModeAction::Keep);
         let close = [seen("dc2.1", true, 4_500_000)];
-        let a = replication_mode(&p, Replication::Async, &set, 1, &close, 5_000_000, 0.0, 1 << 20, 0, &mut t);
-        assert_eq!(a, ModeAction::Keep, "caught up, but not yet for long enough");
-        let a = replication_mode(&p, Replication::Async, &set, 1, &close, 5_000_000, 0.0, 1 << 20, RETURN_AFTER_MS, &mut t);
+        let a = replication_mode(
+            &p,
+            Replication::Async,
+            &set,
+            1,
+            &close,
+            5_000_000,
+            0.0,
+            1 << 20,
+            0,
+            &mut t,
+        );
+        assert_eq!(
+            a,
+            ModeAction::Keep,
+            "caught up, but not yet for long enough"
+        );
+        let a = replication_mode(
+            &p,
+            Replication::Async,
+            &set,
+            1,
+            &close,
+            5_000_000,
+            0.0,
+            1 << 20,
+            RETURN_AFTER_MS,
+            &mut t,
+        );
         assert_eq!(a, ModeAction::ToSync);
         // A standby that went silent a moment ago still looks caught up: no return.
         let mut t = FailureTracker::default();
         let mut silent = seen("dc2.1", true, 5_000_000);
         silent.reply_age_ms = SILENT_AFTER_MS + 1.0;
         for now in [0, RETURN_AFTER_MS, 2 * RETURN_AFTER_MS] {
-            let a = replication_mode(&p, Replication::Async, &set, 1, &[silent.clone()], 5_000_000, 0.0, 1 << 20, now, &mut t);
+            let a = replication_mode(
+                &p,
+                Replication::Async,
+                &set,
+                1,
+                &[silent.clone()],
+                5_000_000,
+                0.0,
+                1 << 20,
+                now,
+                &mut t,
+            );
             assert_eq!(a, ModeAction::Keep);
         }
         let not_streaming = [seen("dc2.1", false, 5_000_000)];
-        let a = replication_mode(&p, Replication::Async, &set, 1, &not_streaming, 5_000_000, 0.0, 1 << 20, 0, &mut t);
+        let a = replication_mode(
+            &p,
+            Replication::Async,
+            &set,
+            1,
+            &not_streaming,
+            5_000_000,
+            0.0,
+            1 << 20,
+            0,
+            &mut t,
+        );
         assert_eq!(a, ModeAction::Keep);
     }
 

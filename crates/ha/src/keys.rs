@@ -14,7 +14,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(400);
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(Box<etcd_client::Error>),
     #[error("etcd did not answer within {} ms", CALL_TIMEOUT.as_millis())]
     Timeout,
     #[error("bad JSON under {key}: {source}")]
@@ -23,6 +23,12 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl From<etcd_client::Error> for StoreError {
+    fn from(e: etcd_client::Error) -> StoreError {
+        StoreError::Etcd(Box::new(e))
+    }
 }
 
 /// The leader key's value. The key lives on the leader agent's lease.
@@ -99,7 +105,7 @@ async fn timed<T>(
     tokio::time::timeout(CALL_TIMEOUT, f)
         .await
         .map_err(|_| StoreError::Timeout)?
-        .map_err(StoreError::Etcd)
+        .map_err(StoreError::from)
 }
 
 fn json<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -178,7 +184,11 @@ impl Store {
         let key = self.keys.leader();
         let body = serde_json::to_vec(leader).expect("serializable");
         let txn = Txn::new()
-            .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .when(vec![Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
             .and_then(vec![TxnOp::put(
                 key,
                 body,
@@ -199,7 +209,11 @@ impl Store {
         let me = serde_json::to_vec(leader).expect("serializable");
         let body = serde_json::to_vec(value).expect("serializable");
         let txn = Txn::new()
-            .when(vec![Compare::value(self.keys.leader(), CompareOp::Equal, me)])
+            .when(vec![Compare::value(
+                self.keys.leader(),
+                CompareOp::Equal,
+                me,
+            )])
             .and_then(vec![TxnOp::put(key, body, None)]);
         Ok(timed(c.txn(txn)).await?.succeeded())
     }

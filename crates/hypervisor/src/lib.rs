@@ -122,6 +122,9 @@ pub struct Launch<'a> {
     pub accel: Accel,
     /// Start paused, waiting for `migrate-incoming`.
     pub incoming: bool,
+    /// Stay stopped after the incoming stream until `cont` (QEMU's `-S`), so that the
+    /// one driving the migration decides when the destination runs.
+    pub paused: bool,
     /// The host bridge the TAP joins.
     pub bridge: &'a str,
 }
@@ -217,6 +220,9 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
         .arg(&pidfile);
     if l.incoming {
         cmd.args(["-incoming", "defer"]);
+    }
+    if l.paused {
+        cmd.arg("-S");
     }
     run(&format!("start QEMU for VM {}", s.name), &mut cmd)?;
     let pid = std::fs::read_to_string(&pidfile)

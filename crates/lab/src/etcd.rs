@@ -157,8 +157,7 @@ impl Lab {
                 "warn",
             ];
             let log = self.dir().join("etcd").join(format!("{}.log", m.name));
-            let pid =
-                self.spawn_daemon(&m.namespace, &binary, &args, &log, "etcd")?;
+            let pid = self.spawn_daemon(&m.namespace, &binary, &args, &log, "etcd")?;
             std::fs::write(&pid_file, pid.to_string())
                 .map_err(io(format!("write {}", pid_file.display())))?;
         }

@@ -15,10 +15,10 @@
 //! can find and remove all of it from the namespace list alone, whatever state file or
 //! process survived.
 
+pub mod etcd;
 mod icmp;
 pub mod probe;
 mod state;
-pub mod etcd;
 pub mod sys;
 pub mod wan_bench;
 

@@ -59,7 +59,10 @@ async fn connect(ip: Ipv4Addr, app: &str, dbname: &str, timeout: Duration) -> Op
 
 /// Connects to the member that accepts writes. Each attempt has its own deadline: a silently
 /// dead member must not hold the client (NOTES.md: libpq does not move on by itself).
-pub async fn connect_primary(hosts: &[Ipv4Addr], app: &str) -> Result<(Client, Ipv4Addr), LedgerError> {
+pub async fn connect_primary(
+    hosts: &[Ipv4Addr],
+    app: &str,
+) -> Result<(Client, Ipv4Addr), LedgerError> {
     connect_primary_db(hosts, app, dczone_db::DATABASE).await
 }
 
@@ -85,7 +88,11 @@ pub async fn connect_primary_db(
         }
     }
     Err(LedgerError::NoPrimary {
-        tried: hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", "),
+        tried: hosts
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
     })
 }
 
@@ -103,7 +110,10 @@ pub async fn create_schema(primary: Ipv4Addr) -> Result<(), LedgerError> {
         let _ = conn.await;
     });
     let exists = c
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&dczone_db::DATABASE])
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&dczone_db::DATABASE],
+        )
         .await?
         .is_some();
     if !exists {
@@ -319,9 +329,15 @@ pub async fn audit(
         .filter(|id| !present.contains(*id))
         .cloned()
         .collect();
-    let indeterminate_applied = indeterminate.iter().filter(|id| present.contains(*id)).count();
+    let indeterminate_applied = indeterminate
+        .iter()
+        .filter(|id| present.contains(*id))
+        .count();
     let sum: i64 = c
-        .query_one("SELECT coalesce(sum(balance), 0)::bigint FROM accounts", &[])
+        .query_one(
+            "SELECT coalesce(sum(balance), 0)::bigint FROM accounts",
+            &[],
+        )
         .await?
         .get(0);
     let mismatched: i64 = c

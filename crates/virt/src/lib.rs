@@ -336,6 +336,7 @@ impl Platform {
             initramfs: &self.image.initramfs,
             accel: vm.accel,
             incoming: false,
+            paused: false,
             bridge: HOST_BRIDGE,
         })
         .map_err(|source| VirtError::Hypervisor {

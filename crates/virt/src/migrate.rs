@@ -39,7 +39,6 @@
 //! is the limit; multifd off: a single TCP stream already fills a lab link and multifd
 //! needs the capability on both sides before `migrate-incoming`.
 
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -170,13 +169,160 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// The receiving side of one VM's migration: a QEMU on the destination host waiting for
+/// the stream. [`LocalDestination`] drives its QMP from this process; the host agent
+/// (`dczoned`) implements it over HTTP, so that a migration is driven between two agents
+/// (libvirt's Prepare / Perform / Finish / Confirm phases).
+pub trait Destination: Send {
+    /// Where the source sends the stream (`tcp:IP:PORT`).
+    fn uri(&self) -> String;
+    /// Is the destination still there (QEMU alive, its agent answering)?
+    fn alive(&mut self) -> bool;
+    /// After the source reports `completed`: the destination runs. Returns the time of its
+    /// RESUME event (unix us) and the running QEMU.
+    fn finish(&mut self) -> Result<(u64, Running), VirtError>;
+    /// Kills the destination QEMU (the source keeps the VM).
+    fn abort(&mut self);
+}
+
+/// Prepares the destination of `vm` on host `to`, listening on `port`.
+pub type Prepare<'a> =
+    &'a (dyn Fn(&VmRecord, &str, u16) -> Result<Box<dyn Destination>, VirtError> + Sync);
+
+/// A destination QEMU on a host of this lab, driven through its QMP socket.
+#[derive(Debug)]
+pub struct LocalDestination {
+    vm: String,
+    qmp: Qmp,
+    running: Running,
+    uri: String,
+    /// Started with `-S`: [`Destination::finish`] resumes it (`cont`).
+    paused: bool,
+}
+
+impl LocalDestination {
+    pub fn running(&self) -> &Running {
+        &self.running
+    }
+}
+
+impl Destination for LocalDestination {
+    fn uri(&self) -> String {
+        self.uri.clone()
+    }
+
+    fn alive(&mut self) -> bool {
+        hv::alive(self.running.pid)
+    }
+
+    fn finish(&mut self) -> Result<(u64, Running), VirtError> {
+        let err = Session::qmp_err(&self.vm);
+        if self.paused {
+            // Wait until the incoming stream is fully loaded, then run.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let st = self.qmp.execute("query-status", json!({})).map_err(&err)?;
+                let status = st["status"].as_str().unwrap_or("");
+                if status != "inmigrate" {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(VirtError::MigrationFailed {
+                        vm: self.vm.clone(),
+                        source_host: "?".into(),
+                        reason: "the destination never finished loading".into(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.qmp.execute("cont", json!({})).map_err(&err)?;
+        }
+        let resume = self
+            .qmp
+            .wait_event("RESUME", Duration::from_secs(30))
+            .map_err(&err)?;
+        Ok((resume.timestamp_us, self.running.clone()))
+    }
+
+    fn abort(&mut self) {
+        hv::kill(&self.running);
+    }
+}
+
+impl Platform {
+    /// Launches `vm`'s destination QEMU on `to` (a host of this lab), waiting for the stream
+    /// on `port`. With `paused`, the guest stays stopped after the stream until
+    /// [`Destination::finish`] (the agent protocol); without it, it runs at once.
+    pub fn launch_incoming(
+        &self,
+        vm: &VmRecord,
+        to: &str,
+        port: u16,
+        paused: bool,
+    ) -> Result<LocalDestination, VirtError> {
+        let name = vm.spec.name.as_str();
+        let (dest_host, _) = self.lab().host(to)?;
+        self.check_memory(name, to, vm.spec.memory_mib)?;
+        let dir = self.vm_dir(name, to);
+        let ns = self.lab().host_namespace(to);
+        let running = hv::launch(&hv::Launch {
+            namespace: &ns,
+            dir: &dir,
+            spec: &vm.spec,
+            kernel: &self.image().kernel,
+            initramfs: &self.image().initramfs,
+            accel: vm.accel,
+            incoming: true,
+            paused,
+            bridge: HOST_BRIDGE,
+        })
+        .map_err(|source| VirtError::Hypervisor {
+            vm: name.into(),
+            source,
+        })?;
+        let uri = format!("tcp:{}:{port}", dest_host.ip());
+        let setup = || -> Result<Qmp, VirtError> {
+            let err = Session::qmp_err(name);
+            let mut dst = Qmp::connect(&running.qmp, Duration::from_secs(10)).map_err(&err)?;
+            dst.execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "events", "state": true}]}),
+            )
+            .map_err(&err)?;
+            // The destination announces the VM's MAC (RARP, and a virtio-net announce)
+            // as soon as it runs, not after QEMU's default 50 ms, so that the switches learn
+            // the new location and clients reach it without waiting.
+            dst.execute(
+                "migrate-set-parameters",
+                json!({"announce-initial": ANNOUNCE_INITIAL_MS, "announce-step": ANNOUNCE_STEP_MS}),
+            )
+            .map_err(&err)?;
+            dst.execute("migrate-incoming", json!({ "uri": uri }))
+                .map_err(&err)?;
+            Ok(dst)
+        };
+        match setup() {
+            Ok(qmp) => Ok(LocalDestination {
+                vm: name.to_string(),
+                qmp,
+                running,
+                uri,
+                paused,
+            }),
+            Err(e) => {
+                hv::kill(&running);
+                Err(e)
+            }
+        }
+    }
+}
+
 /// One VM's migration in flight.
 struct Session {
     vm: VmRecord,
     to: String,
     src: Qmp,
-    dst: Qmp,
-    dst_running: Running,
+    dst: Box<dyn Destination>,
     started_us: u64,
     stop_us: Option<u64>,
     resume_us: Option<u64>,
@@ -197,8 +343,13 @@ impl Session {
         }
     }
 
-    /// Launches the destination, waiting for the incoming stream.
-    fn prepare(p: &Platform, vm: &VmRecord, to: &str, port: u16) -> Result<Session, VirtError> {
+    /// Prepares the destination, waiting for the incoming stream.
+    fn prepare(
+        vm: &VmRecord,
+        to: &str,
+        port: u16,
+        prepare: Prepare<'_>,
+    ) -> Result<Session, VirtError> {
         let name = vm.spec.name.as_str();
         let src_running = vm
             .running
@@ -210,58 +361,23 @@ impl Session {
                 host: to.into(),
             });
         }
-        let (dest_host, _) = p.lab().host(to)?;
-        p.check_memory(name, to, vm.spec.memory_mib)?;
-        let dir = p.vm_dir(name, to);
-        let ns = p.lab().host_namespace(to);
-        let dst_running = hv::launch(&hv::Launch {
-            namespace: &ns,
-            dir: &dir,
-            spec: &vm.spec,
-            kernel: &p.image().kernel,
-            initramfs: &p.image().initramfs,
-            accel: vm.accel,
-            incoming: true,
-            bridge: HOST_BRIDGE,
-        })
-        .map_err(|source| VirtError::Hypervisor {
-            vm: name.into(),
-            source,
-        })?;
-        let setup = || -> Result<(Qmp, Qmp), VirtError> {
+        let mut dst = prepare(vm, to, port)?;
+        let connect = || -> Result<Qmp, VirtError> {
             let err = Self::qmp_err(name);
-            let mut dst = Qmp::connect(&dst_running.qmp, Duration::from_secs(10)).map_err(&err)?;
-            dst.execute(
-                "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "events", "state": true}]}),
-            )
-            .map_err(&err)?;
-            // The destination announces the VM's MAC (RARP, and a virtio-net announce)
-            // as soon as it runs, not after QEMU's default 50 ms, so that the switches learn
-            // the new location and clients reach it without waiting.
-            dst.execute(
-                "migrate-set-parameters",
-                json!({"announce-initial": ANNOUNCE_INITIAL_MS, "announce-step": ANNOUNCE_STEP_MS}),
-            )
-            .map_err(&err)?;
-            let uri = format!("tcp:{}:{port}", dest_host.ip());
-            dst.execute("migrate-incoming", json!({ "uri": uri }))
-                .map_err(&err)?;
             let mut src = Qmp::connect(&src_running.qmp, Duration::from_secs(10)).map_err(&err)?;
             src.execute(
                 "migrate-set-capabilities",
                 json!({"capabilities": [{"capability": "events", "state": true}]}),
             )
             .map_err(&err)?;
-            Ok((src, dst))
+            Ok(src)
         };
-        match setup() {
-            Ok((src, dst)) => Ok(Session {
+        match connect() {
+            Ok(src) => Ok(Session {
                 vm: vm.clone(),
                 to: to.to_string(),
                 src,
                 dst,
-                dst_running,
                 started_us: 0,
                 stop_us: None,
                 resume_us: None,
@@ -274,19 +390,13 @@ impl Session {
                 done: false,
             }),
             Err(e) => {
-                hv::kill(&dst_running);
+                dst.abort();
                 Err(e)
             }
         }
     }
 
-    fn start(
-        &mut self,
-        hold: bool,
-        params: &Params,
-        dest_ip: Ipv4Addr,
-        port: u16,
-    ) -> Result<(), VirtError> {
+    fn start(&mut self, hold: bool, params: &Params) -> Result<(), VirtError> {
         let err = Self::qmp_err(&self.vm.spec.name);
         let downtime_ms = if hold {
             HOLD_DOWNTIME_MS
@@ -304,7 +414,7 @@ impl Session {
         }
         self.started_us = now_us();
         self.src
-            .execute("migrate", json!({"uri": format!("tcp:{dest_ip}:{port}")}))
+            .execute("migrate", json!({ "uri": self.dst.uri() }))
             .map_err(&err)?;
         Ok(())
     }
@@ -389,15 +499,16 @@ impl Session {
         }
     }
 
-    /// After `completed`: waits for the destination to run, stops the source, records.
+    /// After `completed`: the destination runs (or, if it cannot be confirmed, the source
+    /// resumes and the destination is killed), the source quits, the record moves.
     fn finish(mut self, p: &Platform) -> Result<VmMigration, VirtError> {
         let name = self.vm.spec.name.clone();
         let err = Self::qmp_err(&name);
-        let resume = self
-            .dst
-            .wait_event("RESUME", Duration::from_secs(30))
-            .map_err(&err)?;
-        self.resume_us = Some(resume.timestamp_us);
+        let (resume_us, dst_running) = match self.dst.finish() {
+            Ok(r) => r,
+            Err(e) => return Err(self.abort(format!("the destination did not take over: {e}"))),
+        };
+        self.resume_us = Some(resume_us);
         let info = self.src.execute("query-migrate", json!({})).map_err(&err)?;
         for ev in self.src.take_events() {
             if ev.name == "STOP" && self.stop_us.is_none() {
@@ -412,9 +523,9 @@ impl Session {
             }
             hv::kill(old);
         }
-        let stop = self.stop_us.unwrap_or(resume.timestamp_us);
+        let stop = self.stop_us.unwrap_or(resume_us);
         let t1 = Interval::new(self.started_us, stop);
-        let t2 = Interval::new(stop, resume.timestamp_us);
+        let t2 = Interval::new(stop, resume_us);
         let ram = &info["ram"];
         let record = VmMigration {
             vm: name.clone(),
@@ -434,7 +545,7 @@ impl Session {
         };
         let mut vm = self.vm.clone();
         vm.host = self.to.clone();
-        vm.running = Some(self.dst_running.clone());
+        vm.running = Some(dst_running);
         p.save_record(&vm)?;
         Ok(record)
     }
@@ -447,7 +558,7 @@ impl Session {
                 let _ = self.src.execute("cont", json!({}));
             }
         }
-        hv::kill(&self.dst_running);
+        self.dst.abort();
         VirtError::MigrationFailed {
             vm: self.vm.spec.name.clone(),
             source_host: self.vm.host.clone(),
@@ -465,12 +576,28 @@ impl Platform {
         params: &Params,
         progress: &dyn Fn(&[Progress]),
     ) -> Result<VmMigration, VirtError> {
+        self.migrate_via(vm, to, params, progress, &|vm, to, port| {
+            Ok(Box::new(self.launch_incoming(vm, to, port, false)?))
+        })
+    }
+
+    /// Migrates one VM with a destination prepared by `prepare` (e.g. through the
+    /// destination host's agent).
+    pub fn migrate_via(
+        &self,
+        vm: &str,
+        to: &str,
+        params: &Params,
+        progress: &dyn Fn(&[Progress]),
+        prepare: Prepare<'_>,
+    ) -> Result<VmMigration, VirtError> {
         let record = self.get(vm)?;
         let g = self.migrate_records(
             vec![(record, to.to_string())],
             Strategy::Parallel,
             params,
             progress,
+            prepare,
         )?;
         Ok(g.vms.into_iter().next().expect("one VM migrated"))
     }
@@ -505,7 +632,9 @@ impl Platform {
             .enumerate()
             .map(|(i, v)| (v, hosts[i % hosts.len()].clone()))
             .collect();
-        self.migrate_records(plan, strategy, params, progress)
+        self.migrate_records(plan, strategy, params, progress, &|vm, to, port| {
+            Ok(Box::new(self.launch_incoming(vm, to, port, false)?))
+        })
     }
 
     fn migrate_records(
@@ -514,6 +643,7 @@ impl Platform {
         strategy: Strategy,
         params: &Params,
         progress: &dyn Fn(&[Progress]),
+        prepare: Prepare<'_>,
     ) -> Result<GroupMigration, VirtError> {
         let _locks = plan
             .iter()
@@ -529,11 +659,16 @@ impl Platform {
                         false,
                         params,
                         progress,
+                        prepare,
                     )?);
                 }
             }
-            Strategy::Parallel => done = self.run_batch(plan, 0, false, params, progress)?,
-            Strategy::Coordinated => done = self.run_batch(plan, 0, true, params, progress)?,
+            Strategy::Parallel => {
+                done = self.run_batch(plan, 0, false, params, progress, prepare)?
+            }
+            Strategy::Coordinated => {
+                done = self.run_batch(plan, 0, true, params, progress, prepare)?
+            }
         }
         let t2: Vec<Interval> = done.iter().map(|m| m.t2).collect();
         let t1: Vec<Interval> = done.iter().map(|m| m.t1).collect();
@@ -554,11 +689,12 @@ impl Platform {
         hold: bool,
         params: &Params,
         progress: &dyn Fn(&[Progress]),
+        prepare: Prepare<'_>,
     ) -> Result<Vec<VmMigration>, VirtError> {
         let mut sessions: Vec<Session> = Vec::new();
         for (i, (vm, to)) in plan.iter().enumerate() {
             let port = MIGRATION_PORT_BASE + port_offset + i as u16;
-            match Session::prepare(self, vm, to, port) {
+            match Session::prepare(vm, to, port, prepare) {
                 Ok(s) => sessions.push(s),
                 Err(e) => {
                     for s in sessions {
@@ -568,10 +704,8 @@ impl Platform {
                 }
             }
         }
-        for (i, s) in sessions.iter_mut().enumerate() {
-            let port = MIGRATION_PORT_BASE + port_offset + i as u16;
-            let (dest, _) = self.lab().host(&s.to)?;
-            if let Err(e) = s.start(hold, params, dest.ip(), port) {
+        for s in sessions.iter_mut() {
+            if let Err(e) = s.start(hold, params) {
                 let reason = e.to_string();
                 for s in sessions {
                     let _ = s.abort(reason.clone());
@@ -592,8 +726,11 @@ impl Platform {
                     Ok(_) => {}
                     Err(e) => failure = Some(e.to_string()),
                 }
-                if !hv::alive(s.dst_running.pid) && !s.done {
-                    failure = Some(format!("destination QEMU of {} died", s.vm.spec.name));
+                if !s.done && !s.dst.alive() {
+                    failure = Some(format!(
+                        "the destination of {} is gone (its QEMU or its host agent died)",
+                        s.vm.spec.name
+                    ));
                 }
                 if !s.done && s.progressed_at.elapsed() > STALL {
                     failure = Some(format!(

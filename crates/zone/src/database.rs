@@ -190,7 +190,11 @@ fn parse_quorum(text: &str) -> Result<Quorum, String> {
     let method = match words.next().map(str::to_ascii_uppercase).as_deref() {
         Some("ANY") => QuorumMethod::Any,
         Some("FIRST") => QuorumMethod::First,
-        _ => return Err(format!("'{text}' is not a quorum: write \"ANY n\" or \"FIRST n\"")),
+        _ => {
+            return Err(format!(
+                "'{text}' is not a quorum: write \"ANY n\" or \"FIRST n\""
+            ))
+        }
     };
     let count = words
         .next()
@@ -232,10 +236,10 @@ pub(crate) fn validate(
     site_ok("database.primary".into(), &raw.primary, problem);
     for (i, s) in raw.standbys.iter().enumerate() {
         let field = format!("database.standbys[{i}]");
-        if site_ok(field.clone(), s, problem) {
-            if *s == raw.primary || raw.standbys[..i].contains(s) {
-                problem(field, format!("'{s}' is listed twice as a database member"));
-            }
+        if site_ok(field.clone(), s, problem)
+            && (*s == raw.primary || raw.standbys[..i].contains(s))
+        {
+            problem(field, format!("'{s}' is listed twice as a database member"));
         }
     }
     let host_index = raw.host_index.unwrap_or(0);

@@ -506,17 +506,42 @@ mod tests {
     #[test]
     fn invalid_policies_name_the_field() {
         let bad = DB
-            .replace("standby_failure = \"availability-first\"", "standby_failure = \"yolo\"")
+            .replace(
+                "standby_failure = \"availability-first\"",
+                "standby_failure = \"yolo\"",
+            )
             .replace("quorum = \"ANY 1\"", "quorum = \"ANY 2\"")
             .replace("sync_standbys = [\"b\"]", "sync_standbys = [\"b\", \"a\"]");
         let p = problems(&format!("{TWO_SITES}{bad}"));
-        assert!(has(&p, "policies.tier1.standby_failure", "unknown policy 'yolo'"), "{p:?}");
-        assert!(has(&p, "policies.tier1.sync_standbys[1]", "not a standby"), "{p:?}");
+        assert!(
+            has(
+                &p,
+                "policies.tier1.standby_failure",
+                "unknown policy 'yolo'"
+            ),
+            "{p:?}"
+        );
+        assert!(
+            has(&p, "policies.tier1.sync_standbys[1]", "not a standby"),
+            "{p:?}"
+        );
         let p = problems(&format!("{TWO_SITES}{}", DB.replace("\"b\"]", "\"zz\"]")));
-        assert!(has(&p, "database.standbys[0]", "unknown site 'zz'"), "{p:?}");
-        let p = problems(&format!("{TWO_SITES}{}", DB.replace("tier1", "gold")).replace("[database]", "[database]\ntier = \"tier1\""));
+        assert!(
+            has(&p, "database.standbys[0]", "unknown site 'zz'"),
+            "{p:?}"
+        );
+        let p = problems(
+            &format!("{TWO_SITES}{}", DB.replace("tier1", "gold"))
+                .replace("[database]", "[database]\ntier = \"tier1\""),
+        );
         assert!(has(&p, "database.tier", "no [policies.tier1]"), "{p:?}");
-        let p = problems(&format!("{TWO_SITES}{}", DB.replace("\"sync\"", "\"semi\"")));
-        assert!(has(&p, "policies.tier1.replication", "unknown replication"), "{p:?}");
+        let p = problems(&format!(
+            "{TWO_SITES}{}",
+            DB.replace("\"sync\"", "\"semi\"")
+        ));
+        assert!(
+            has(&p, "policies.tier1.replication", "unknown replication"),
+            "{p:?}"
+        );
     }
 }
