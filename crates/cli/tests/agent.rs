@@ -29,6 +29,18 @@ fn http_to(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
+    http_from(&lab.ns("dc1.1-client"), ip, method, path, token, body)
+}
+
+/// One HTTP/1.1 request from namespace `ns` to the agent at `ip` (usable on any thread).
+fn http_from(
+    ns: &str,
+    ip: Ipv4Addr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -41,7 +53,7 @@ fn http_to(
     }
     req.push_str("\r\n");
     req.push_str(body);
-    let answer = sys::in_namespace(&lab.ns("dc1.1-client"), move || {
+    let answer = sys::in_namespace(ns, move || {
         let mut s =
             TcpStream::connect_timeout(&SocketAddr::from((ip, 7070)), Duration::from_secs(2))
                 .ok()?;
@@ -290,14 +302,32 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
             }
         })
     };
+    let migration = {
+        let ns = lab.ns("dc1.1-client");
+        std::thread::spawn(move || {
+            http_from(
+                &ns,
+                DEST_IP,
+                "POST",
+                "/v1/vms/amig2/migrate",
+                Some("s3cret-token"),
+                r#"{"to":"dc1.1-h1"}"#,
+            )
+        })
+    };
+    // A second migration of the same VM while the first runs: refused.
+    std::thread::sleep(Duration::from_millis(700));
     let (status, body) = http_to(
         &lab,
         DEST_IP,
         "POST",
         "/v1/vms/amig2/migrate",
         t,
-        r#"{"to":"dc1.1-h1"}"#,
+        r#"{"to":"dc1.1-h2"}"#,
     );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("already being migrated"), "{body}");
+    let (status, body) = migration.join().unwrap();
     killer.join().unwrap();
     assert!(
         status >= 500 && body.contains("keeps running"),

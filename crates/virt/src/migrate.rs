@@ -25,14 +25,19 @@
 //!   full pass over RAM, a VM that is more than 3 % further along than the slowest one is
 //!   throttled (`max-bandwidth` 2 MB/s) until the others catch up, so every first pass ends
 //!   at about the same moment (a first pass only needs to *end* together: what a throttled
-//!   VM dirties meanwhile is re-sent in later rounds anyway). A VM past its first pass stays
-//!   throttled too, with a 1 ms downtime-limit, so that it keeps iterating slowly instead of
-//!   racing to its switchover. (Leaving it unthrottled was measured too: a light dirtier
-//!   then converges before the release.) Once every VM has finished its first pass, the
-//!   target downtime-limit and full bandwidth are set on all VMs at once, and they converge
-//!   within a few short iterations of each other. Holding VMs paused in QEMU's
-//!   `pre-switchover` state was tried and rejected: waiting there is downtime, and it does
-//!   not shorten SVC-T2, which runs from the first stop to the last resume anyway.
+//!   VM dirties meanwhile is re-sent in later rounds anyway). A VM past its first pass is
+//!   *held*: downtime-limit 1 ms and `max-bandwidth` at half its dirty rate, so its
+//!   remaining never falls under QEMU's switchover threshold (QEMU has no "hold" of its
+//!   own: with any bandwidth above the dirty rate a VM converges by itself). Once every VM
+//!   has finished its first pass, the VMs are *released* (target downtime-limit, full
+//!   bandwidth) one by one, slowest converger first: a VM's convergence time is estimated
+//!   as remaining / (its share of the path - its dirty rate), and a held VM is released
+//!   when its estimate covers what the released ones still need, so that the switchovers
+//!   fall together. Releasing all at once was measured first: SVC-T2 2.3-2.6 s, because
+//!   each VM then needed a different time to converge; staggered: 0.72-0.75 s. Holding VMs
+//!   paused in QEMU's `pre-switchover` state was tried and rejected: waiting there is
+//!   downtime, and it does not shorten SVC-T2, which runs from the first stop to the last
+//!   resume anyway.
 //!
 //! Parameters (documented choices): `downtime-limit` = 100 ms (the institutions' target;
 //! QEMU's default is 300 ms); `max-bandwidth` = 1 GiB/s so that the APN path, not QEMU,
@@ -105,6 +110,14 @@ impl Default for Params {
 const HOLD_DOWNTIME_MS: u64 = 1;
 /// `max-bandwidth` of a VM that is ahead of the cluster during its first pass.
 const PACE_SLOW_BYTES: u64 = 2_000_000;
+/// A held VM (first pass done, waiting for the others) is sent at this share of its dirty
+/// rate, so its remaining never falls under the switchover threshold. At 0.9, QEMU's
+/// measured dirty rate was sometimes low enough that a 4 MB/s dirtier converged while held.
+const HOLD_SHARE: f64 = 0.5;
+const HOLD_MIN_BYTES: u64 = 256 * 1024;
+/// Release a held VM this much before the released ones are expected to converge (its
+/// own first rounds and the QMP round trips take time too).
+const RELEASE_MARGIN_S: f64 = 0.15;
 /// How far ahead (fraction of its RAM) a VM may get before it is throttled.
 const PACE_LEAD: f64 = 0.03;
 const POLL: Duration = Duration::from_millis(10);
@@ -329,6 +342,8 @@ struct Session {
     held_since: Option<Instant>,
     held_ms: f64,
     throttled: bool,
+    /// The `max-bandwidth` last set on the source (0: never set by pacing).
+    bandwidth: u64,
     last: Value,
     progressed_at: Instant,
     last_transferred: u64,
@@ -384,6 +399,7 @@ impl Session {
                 held_since: None,
                 held_ms: 0.0,
                 throttled: false,
+                bandwidth: 0,
                 last: Value::Null,
                 progressed_at: Instant::now(),
                 last_transferred: 0,
@@ -457,18 +473,59 @@ impl Session {
 
     /// Throttles (or un-throttles) the VM's migration stream.
     fn pace(&mut self, slow: bool, params: &Params) -> Result<(), VirtError> {
-        if slow == self.throttled {
-            return Ok(());
-        }
         let bw = if slow {
             PACE_SLOW_BYTES
         } else {
             params.max_bandwidth_bytes
         };
+        self.set_bandwidth(bw)?;
+        self.throttled = slow;
+        Ok(())
+    }
+
+    /// The stream's current throughput, bytes/s.
+    fn throughput(&self) -> u64 {
+        (self.last["ram"]["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64
+    }
+
+    /// Seconds this VM needs, once released with `share` bytes/s, to send what it has left
+    /// and converge: remaining / (share - dirty rate), the sum of its shrinking rounds.
+    fn converge_s(&self, share: u64) -> f64 {
+        let remaining = self.last["ram"]["remaining"].as_u64().unwrap_or(0) as f64;
+        let net = (share as f64 - self.dirty_rate() as f64).max(share as f64 * 0.1);
+        if net <= 0.0 {
+            return 0.0;
+        }
+        remaining / net
+    }
+
+    /// The guest's dirty rate as QEMU last measured it, bytes/s (0 before the first sync).
+    fn dirty_rate(&self) -> u64 {
+        let ram = &self.last["ram"];
+        ram["dirty-pages-rate"].as_u64().unwrap_or(0) * ram["page-size"].as_u64().unwrap_or(4096)
+    }
+
+    /// Holds a VM that finished its first pass: it is sent a little slower than it dirties
+    /// (HOLD_SHARE of its dirty rate), so its remaining never drops under the threshold
+    /// (no premature switchover) and the backlog it builds meanwhile stays small.
+    fn hold(&mut self) -> Result<(), VirtError> {
+        let rate = self.dirty_rate();
+        let bw = ((rate as f64 * HOLD_SHARE) as u64).max(HOLD_MIN_BYTES);
+        self.set_bandwidth(if rate == 0 { PACE_SLOW_BYTES } else { bw })?;
+        self.throttled = true;
+        Ok(())
+    }
+
+    fn set_bandwidth(&mut self, bw: u64) -> Result<(), VirtError> {
+        // Only a change of more than 10 % is worth a QMP round trip.
+        let close = self.bandwidth != 0 && bw.abs_diff(self.bandwidth) * 10 < self.bandwidth;
+        if close {
+            return Ok(());
+        }
         self.src
             .execute("migrate-set-parameters", json!({"max-bandwidth": bw}))
             .map_err(Self::qmp_err(&self.vm.spec.name))?;
-        self.throttled = slow;
+        self.bandwidth = bw;
         Ok(())
     }
 
@@ -483,6 +540,7 @@ impl Session {
             )
             .map_err(Self::qmp_err(&self.vm.spec.name))?;
         self.throttled = false;
+        self.bandwidth = params.max_bandwidth_bytes;
         Ok(())
     }
 
@@ -715,6 +773,7 @@ impl Platform {
         }
         let started = Instant::now();
         let mut released = false;
+        let mut link_bytes: u64 = 0;
         loop {
             let mut failure = None;
             for s in sessions.iter_mut().filter(|s| !s.done) {
@@ -764,6 +823,13 @@ impl Platform {
                 }));
             }
             progress(&sessions.iter().map(Session::progress).collect::<Vec<_>>());
+            // What the path carries, all streams together (the most seen).
+            let total: u64 = sessions
+                .iter()
+                .filter(|s| !s.done)
+                .map(Session::throughput)
+                .sum();
+            link_bytes = link_bytes.max(total);
             if hold && !released {
                 let slowest = sessions
                     .iter()
@@ -772,15 +838,49 @@ impl Platform {
                     .fold(f64::INFINITY, f64::min);
                 if slowest.is_finite() && started.elapsed() < params.max_hold {
                     for s in sessions.iter_mut().filter(|s| !s.done) {
-                        let ahead =
-                            !s.first_pass() || s.first_pass_progress() > slowest + PACE_LEAD;
-                        s.pace(ahead, params)?;
+                        if s.first_pass() {
+                            let ahead = s.first_pass_progress() > slowest + PACE_LEAD;
+                            s.pace(ahead, params)?;
+                        } else {
+                            s.hold()?;
+                        }
                     }
                 } else {
-                    for s in sessions.iter_mut().filter(|s| !s.done) {
-                        s.release(params.downtime_limit_ms, params)?;
+                    // Staggered release, slowest converger first: a VM is released when the
+                    // time it needs to converge covers what the released ones still need,
+                    // so that the switchovers fall together.
+                    let late = started.elapsed() >= params.max_hold;
+                    let active = sessions
+                        .iter()
+                        .filter(|s| !s.done && s.held_since.is_none())
+                        .count();
+                    let share = link_bytes / (active as u64 + 1).max(1);
+                    let left = sessions
+                        .iter()
+                        .filter(|s| !s.done && s.held_since.is_none())
+                        .map(|s| s.converge_s(share))
+                        .fold(0.0, f64::max);
+                    let mut held: Vec<usize> = (0..sessions.len())
+                        .filter(|&i| !sessions[i].done && sessions[i].held_since.is_some())
+                        .collect();
+                    held.sort_by(|&a, &b| {
+                        sessions[b]
+                            .converge_s(share)
+                            .total_cmp(&sessions[a].converge_s(share))
+                    });
+                    let anyone_released = sessions.iter().any(|s| s.held_since.is_none());
+                    for (k, &i) in held.iter().enumerate() {
+                        // The slowest goes first, alone; the others follow as the time it
+                        // still needs shrinks to theirs.
+                        let first = !anyone_released && k == 0;
+                        let due = anyone_released
+                            && sessions[i].converge_s(share) + RELEASE_MARGIN_S >= left;
+                        let all_released_done = anyone_released && active == 0;
+                        if late || first || due || all_released_done {
+                            sessions[i].release(params.downtime_limit_ms, params)?;
+                        }
                     }
-                    released = true;
+                    released = sessions.iter().all(|s| s.done || s.held_since.is_none());
                 }
             }
             if sessions.iter().all(|s| s.done) {
