@@ -351,5 +351,53 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
         })
         .collect();
     assert!(qemus.is_empty(), "orphan destination QEMU {qemus:?}");
+
+    // The destination agent restarts. A destination without the memory refuses to prepare.
+    let _src2 = start_agent(&lab, "dc1.1-h1", HOST_IP, &token_file);
+    let (_, rec) = http_to(&lab, DEST_IP, "GET", "/v1/vms/amig2", t, "");
+    let mut rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
+    rec["spec"]["memory_mib"] = serde_json::json!(4_000_000);
+    let body = serde_json::json!({ "vm": rec, "port": 4999 }).to_string();
+    let (status, answer) = http(&lab, "POST", "/v1/incoming", t, &body);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("lacks memory"), "{answer}");
+
+    // The destination QEMU is killed mid-migration: the source keeps the VM, running.
+    let migration = {
+        let ns = lab.ns("dc1.1-client");
+        std::thread::spawn(move || {
+            http_from(
+                &ns,
+                DEST_IP,
+                "POST",
+                "/v1/vms/amig2/migrate",
+                Some("s3cret-token"),
+                r#"{"to":"dc1.1-h1"}"#,
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let victims: Vec<i32> = sys::pids_in_namespace(&lab.ns("dc1.1-h1"))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .contains("amig2")
+        })
+        .collect();
+    assert!(!victims.is_empty(), "the destination QEMU was not started");
+    for p in &victims {
+        sys::kill(*p, libc::SIGKILL);
+    }
+    let (status, body) = migration.join().unwrap();
+    assert!(
+        status >= 500 && body.contains("keeps running"),
+        "{status} {body}"
+    );
+    assert_eq!(http_to(&lab, DEST_IP, "GET", "/v1/vms/amig2", t, "").0, 200);
+    assert!(
+        guest_status(&lab, ip2).contains_key("boot"),
+        "the source VM still serves"
+    );
     drop(dst);
 }
