@@ -24,8 +24,9 @@ pub fn macs(frame: &[u8]) -> Option<([u8; 6], [u8; 6])> {
     Some((dst, src))
 }
 
-/// Bytes of Ethernet + IP + L4 headers of a frame, if it is TCP or UDP over IPv4/IPv6.
-fn header_len(l2: &[u8]) -> Option<usize> {
+/// The IP protocol number and the offset of the L4 header of an Ethernet frame (IPv4 or
+/// IPv6, optionally VLAN-tagged).
+fn l4(l2: &[u8]) -> Option<(u8, usize)> {
     let mut off = 12;
     let mut ethertype = u16::from_be_bytes([*l2.get(off)?, *l2.get(off + 1)?]);
     if ethertype == 0x8100 {
@@ -33,14 +34,16 @@ fn header_len(l2: &[u8]) -> Option<usize> {
         ethertype = u16::from_be_bytes([*l2.get(off)?, *l2.get(off + 1)?]);
     }
     let l3 = off + 2;
-    let (proto, l4) = match ethertype {
-        0x0800 => {
-            let ihl = usize::from(l2.get(l3)? & 0x0f) * 4;
-            (*l2.get(l3 + 9)?, l3 + ihl)
-        }
-        0x86dd => (*l2.get(l3 + 6)?, l3 + 40),
-        _ => return None,
-    };
+    match ethertype {
+        0x0800 => Some((*l2.get(l3 + 9)?, l3 + usize::from(l2.get(l3)? & 0x0f) * 4)),
+        0x86dd => Some((*l2.get(l3 + 6)?, l3 + 40)),
+        _ => None,
+    }
+}
+
+/// Bytes of Ethernet + IP + L4 headers of a frame, if it is TCP or UDP over IPv4/IPv6.
+fn header_len(l2: &[u8]) -> Option<usize> {
+    let (proto, l4) = l4(l2)?;
     match proto {
         6 => Some(l4 + usize::from(l2.get(l4 + 12)? >> 4) * 4),
         17 => Some(l4 + 8),
@@ -51,23 +54,12 @@ fn header_len(l2: &[u8]) -> Option<usize> {
 /// The TCP or UDP ports of an IPv4/IPv6 frame (after the vnet header): (source, destination).
 pub fn l4_ports(frame: &[u8]) -> Option<(u16, u16)> {
     let l2 = frame.get(VNET_HDR_LEN..)?;
-    let mut off = 12;
-    let mut ethertype = u16::from_be_bytes([*l2.get(off)?, *l2.get(off + 1)?]);
-    if ethertype == 0x8100 {
-        off += 4;
-        ethertype = u16::from_be_bytes([*l2.get(off)?, *l2.get(off + 1)?]);
-    }
-    let l3 = off + 2;
-    let (proto, l4) = match ethertype {
-        0x0800 => (*l2.get(l3 + 9)?, l3 + usize::from(l2.get(l3)? & 0x0f) * 4),
-        0x86dd => (*l2.get(l3 + 6)?, l3 + 40),
-        _ => return None,
-    };
+    let (proto, at) = l4(l2)?;
     if proto != 6 && proto != 17 {
         return None;
     }
     let port = |at: usize| Some(u16::from_be_bytes([*l2.get(at)?, *l2.get(at + 1)?]));
-    Some((port(l4)?, port(l4 + 2)?))
+    Some((port(at)?, port(at + 2)?))
 }
 
 /// Is this frame HA control traffic (to or from one of `ports`)? SPEC.md section 1: the HA

@@ -195,12 +195,16 @@ impl<F> Path<F> {
         }
         delivery = delivery.max(self.last_delivery).max(now);
         self.last_delivery = delivery;
+        self.count(segments, wire_bytes, mem_bytes);
+        self.in_flight.push_back((delivery, frame));
+        Ok(delivery)
+    }
+
+    fn count(&mut self, segments: u64, wire_bytes: u64, mem_bytes: u64) {
         self.counters.frames += 1;
         self.counters.segments += segments;
         self.counters.wire_bytes += wire_bytes;
         self.in_flight_bytes += mem_bytes;
-        self.in_flight.push_back((delivery, frame));
-        Ok(delivery)
     }
 
     /// Admits a priority frame: serialized ahead of the bulk backlog (see the module doc).
@@ -223,11 +227,8 @@ impl<F> Path<F> {
         // The bulk frames behind it wait for it.
         self.busy_until = self.busy_until.max(now) + ser;
         let delivery = (start + ser + p.delay_ns).max(self.priority.back().map_or(0, |b| b.0));
-        self.counters.frames += 1;
         self.counters.priority_frames += 1;
-        self.counters.segments += segments;
-        self.counters.wire_bytes += wire_bytes;
-        self.in_flight_bytes += mem_bytes;
+        self.count(segments, wire_bytes, mem_bytes);
         self.priority.push_back((delivery, frame));
         Ok(delivery)
     }

@@ -19,11 +19,24 @@ const CLOUD_H1: Ipv4Addr = Ipv4Addr::new(10, 77, 4, 11);
 
 /// Median time for a 64-byte TCP echo between two hosts.
 fn tcp_echo_median(lab: &TestLab, client: &str, server: &str, server_ip: Ipv4Addr) -> Duration {
-    let listener = sys::in_namespace(&lab.ns(server), || TcpListener::bind("0.0.0.0:7007"))
-        .unwrap()
-        .join()
-        .unwrap()
-        .expect("bind echo server");
+    tcp_echo_median_on(lab, client, server, server_ip, 7007)
+}
+
+/// Median time for a 64-byte TCP echo to `port` of `server`.
+fn tcp_echo_median_on(
+    lab: &TestLab,
+    client: &str,
+    server: &str,
+    server_ip: Ipv4Addr,
+    port: u16,
+) -> Duration {
+    let listener = sys::in_namespace(&lab.ns(server), move || {
+        TcpListener::bind(("0.0.0.0", port))
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+    .expect("bind echo server");
     let server_thread = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().expect("accept");
         let mut buf = [0u8; 64];
@@ -35,7 +48,7 @@ fn tcp_echo_median(lab: &TestLab, client: &str, server: &str, server_ip: Ipv4Add
     });
     let samples = sys::in_namespace(&lab.ns(client), move || {
         let mut s = TcpStream::connect_timeout(
-            &SocketAddr::from((server_ip, 7007)),
+            &SocketAddr::from((server_ip, port)),
             Duration::from_secs(3),
         )
         .expect("connect across the APN");
@@ -295,4 +308,33 @@ fn dczone_zone_text() -> String {
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn ha_control_traffic_overtakes_a_saturating_bulk_flow() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2eprio");
+    lab.up();
+    // A bulk TCP flow fills the DC1.1 -> DC2.1 path (5 ms RTT) and its queue.
+    let (a, b) = (lab.ns("dc1.1-h1"), lab.ns("dc2.1-h1"));
+    let bulk = std::thread::spawn(move || {
+        dczone_lab::probe::measure_tcp(&a, &b, DC21_H1, Duration::from_secs(8), Duration::ZERO)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let dc21_h2 = Ipv4Addr::new(10, 77, 3, 12);
+    // etcd's client port takes the strict-priority class; any other port queues.
+    let control = tcp_echo_median_on(&lab, "dc1.1-h2", "dc2.1-h2", dc21_h2, 2379);
+    let other = tcp_echo_median_on(&lab, "dc1.1-h2", "dc2.1-h2", dc21_h2, 7007);
+    let tput = bulk.join().unwrap().expect("bulk flow");
+    eprintln!("echo behind a bulk flow: control {control:?}, other {other:?}; bulk {tput:?}");
+    assert!(
+        control < Duration::from_micros(6_500),
+        "HA control echo took {control:?} behind bulk traffic ({tput:?})"
+    );
+    assert!(
+        other > control + Duration::from_millis(3),
+        "bulk-class echo {other:?} vs control {control:?}: the bulk flow did not queue"
+    );
 }
