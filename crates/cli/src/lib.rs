@@ -40,7 +40,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The demo: lab up, a 3-VM cluster under load migrates DC1.1 -> DC1.2 (coordinated)
-    /// with its report, lab down.
+    /// with its report, then the database platform (sync vs async at 500 km, DC2.1 lost
+    /// and back, a DC1.1 disaster with its RPO audit), lab down.
     Demo {
         #[arg(long)]
         json: Option<PathBuf>,
@@ -117,12 +118,33 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Lab { command } => lab_cmd::run(&lab, command),
         Command::Demo { json } => {
+            let db_json = json.as_ref().map(|p| {
+                let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("demo");
+                p.with_file_name(format!("{stem}-inter-region.json"))
+            });
             let result = bench::intra_region(
                 &lab,
                 &exe,
                 vec![dczone_virt::migrate::Strategy::Coordinated],
                 json,
-            );
+            )
+            .and_then(|_| {
+                println!();
+                // The second headline, short: sync vs async at 500 km, DC2.1 lost and back,
+                // one disaster of DC1.1 with its RPO audit.
+                db_bench::inter_region(
+                    &lab,
+                    &exe,
+                    &cli.state_dir,
+                    db_bench::InterRegionOptions {
+                        distances_km: vec![500.0],
+                        clients: 32,
+                        seconds: 5.0,
+                        injections: 1,
+                        json: db_json,
+                    },
+                )
+            });
             lab.down()?;
             println!("lab '{}' is down", lab.name());
             result
