@@ -54,6 +54,15 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Planned switchovers under load around the database sites, each audited.
+    Switchover {
+        #[arg(long, default_value_t = 6)]
+        rounds: usize,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// APN emulator fidelity (delay, rate), capacity and memory.
     Wan {
         /// Write the results as JSON to this file.
@@ -91,6 +100,13 @@ pub fn run(
                 json,
             },
         ),
+        BenchCommand::Switchover {
+            rounds,
+            clients,
+            json,
+        } => {
+            crate::db_bench::switchover_bench(lab, exe, state_dir, rounds, clients, json.as_deref())
+        }
         BenchCommand::IntraRegion {
             strategy,
             compare,

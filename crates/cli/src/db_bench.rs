@@ -707,3 +707,161 @@ fn print_report(r: &InterRegionReport) {
         )
     );
 }
+
+/// One planned switchover under load.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchoverRound {
+    pub from: String,
+    pub to: String,
+    /// Request -> target holds the leader key.
+    pub leader_ms: f64,
+    /// Request -> the new primary acknowledged the probe's commit.
+    pub first_commit_ms: f64,
+    /// Request -> the old primary streams again.
+    pub rejoined_ms: f64,
+    /// Longest interval without an acknowledged transfer, seen by the clients.
+    pub client_stall_ms: f64,
+    pub acknowledged: usize,
+    pub lost: usize,
+    pub indeterminate: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchoverBenchReport {
+    pub git_rev: String,
+    pub clients: usize,
+    pub rounds: Vec<SwitchoverRound>,
+    pub client_stall_ms_median: f64,
+    pub client_stall_ms_max: f64,
+    pub rpo_lost_transactions: usize,
+}
+
+/// Planned switchovers under load around the database sites (DC1.1 -> DC1.2 -> DC2.1 ->
+/// DC1.1 ...), each audited.
+pub fn switchover_bench(
+    lab: &Lab,
+    exe: &Path,
+    state_dir: &Path,
+    rounds: usize,
+    clients: usize,
+    json: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    if rounds == 0 || clients == 0 {
+        anyhow::bail!("--rounds and --clients must be at least 1");
+    }
+    let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
+    lab.up(&zone, &source, &text)?;
+    let p = Platform::open(lab)?;
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.set_message("database platform: fresh start");
+    p.down()?;
+    let probe = p.client_host(None)?;
+    p.up(exe, state_dir, &probe)?;
+    let sites: Vec<String> = p.members.iter().map(|m| m.site.clone()).collect();
+    let client = client_near(&p, &p.plan.primary);
+    let result = (|| -> anyhow::Result<Vec<SwitchoverRound>> {
+        let mut out = Vec::new();
+        for i in 0..rounds {
+            let snap = p.wait_mode(&probe, p.plan.policy().replication, Duration::from_secs(60))?;
+            let from = snap
+                .leader
+                .map(|l| l.site)
+                .ok_or_else(|| anyhow!("no primary before switchover {}", i + 1))?;
+            let pos = sites.iter().position(|s| *s == from).unwrap_or(0);
+            let to = sites[(pos + 1) % sites.len()].clone();
+            bar.set_message(format!("switchover {}/{rounds}: {from} -> {to}", i + 1));
+            let pc = p.clone();
+            let target = to.clone();
+            let report = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let slot = report.clone();
+            let (r, t0) = load_with(
+                &p,
+                &client,
+                load_opts(&p, clients, 8.0),
+                Some(Duration::from_secs(2)),
+                move || {
+                    let r = pc.switchover(&target, Duration::from_secs(30))?;
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    Ok(())
+                },
+            )?;
+            let t0 = t0.expect("injected");
+            let sw = report
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .ok_or_else(|| anyhow!("switchover {} left no report", i + 1))?;
+            let audit = p.audit(&client, r.acknowledged.clone(), r.indeterminate.clone())?;
+            out.push(SwitchoverRound {
+                from,
+                to,
+                leader_ms: sw.leader_ms,
+                first_commit_ms: sw.first_commit_ms,
+                rejoined_ms: sw.rejoined_ms,
+                client_stall_ms: stall_after(&r, t0),
+                acknowledged: r.acknowledged.len(),
+                lost: audit.lost.len(),
+                indeterminate: audit.indeterminate,
+            });
+        }
+        Ok(out)
+    })();
+    bar.finish_and_clear();
+    let rounds = result.map_err(|e| anyhow!("{e:#}"))?;
+    let mut stalls: Vec<f64> = rounds.iter().map(|r| r.client_stall_ms).collect();
+    stalls.sort_by(f64::total_cmp);
+    let report = SwitchoverBenchReport {
+        git_rev: dczone_lab::wan_bench::git_rev(),
+        clients,
+        client_stall_ms_median: stalls[stalls.len() / 2],
+        client_stall_ms_max: stalls[stalls.len() - 1],
+        rpo_lost_transactions: rounds.iter().map(|r| r.lost).sum(),
+        rounds,
+    };
+    let rows: Vec<Vec<String>> = report
+        .rounds
+        .iter()
+        .map(|r| {
+            vec![
+                format!("{} -> {}", r.from, r.to),
+                format!("{:.0}", r.leader_ms),
+                format!("{:.0}", r.first_commit_ms),
+                format!("{:.0}", r.rejoined_ms),
+                format!("{:.0}", r.client_stall_ms),
+                r.acknowledged.to_string(),
+                r.lost.to_string(),
+                r.indeterminate.to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                "SWITCHOVER",
+                "LEADER_MS",
+                "FIRST_COMMIT_MS",
+                "REJOINED_MS",
+                "CLIENT_STALL_MS",
+                "ACKED",
+                "LOST",
+                "INDETERMINATE"
+            ],
+            &rows
+        )
+    );
+    println!(
+        "client stall median {:.0} ms, worst {:.0} ms; acknowledged transactions lost: {}",
+        report.client_stall_ms_median, report.client_stall_ms_max, report.rpo_lost_transactions
+    );
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(if report.rpo_lost_transactions == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use dczone_db::Member;
 use dczone_ha::agent::AgentConfig;
+use dczone_ha::decide::Switchover;
 use dczone_ha::keys::{Snapshot, Store};
 use dczone_lab::{sys, Lab};
 use dczone_ledger::{Audit, LoadOptions, LoadResult};
@@ -46,6 +47,18 @@ pub enum DbCommand {
     /// Switch the replication policy at run time (a tier of the zone file, e.g. tier2).
     Policy {
         tier: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned switchover: the primary shuts down cleanly and hands over to a standby that
+    /// holds all of its WAL; the old primary rejoins as a standby.
+    Switchover {
+        /// The standby's site that becomes the primary.
+        #[arg(long)]
+        to: String,
+        /// Seconds to wait for the handover and for the old primary to rejoin.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -287,6 +300,136 @@ impl Platform {
         .map_err(|e| anyhow!("etcd: {e}"))
     }
 
+    /// Planned switchover to the standby of `to`; returns once the old primary streams from
+    /// the new one.
+    pub fn switchover(&self, to: &str, timeout: Duration) -> anyhow::Result<SwitchoverReport> {
+        let host = self.client_host(None)?;
+        let snap = self.snapshot(&host)?;
+        let Some(leader) = snap.leader.as_ref().map(|l| l.site.clone()) else {
+            bail!("no primary holds the leader key; see `dczone db status`");
+        };
+        if self.member(to).is_err() {
+            bail!(
+                "unknown database site '{to}'; the members are {}",
+                self.members
+                    .iter()
+                    .map(|m| m.site.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if to == leader {
+            bail!("{to} is already the primary");
+        }
+        let now = dczone_ha::agent::unix_ms();
+        let fresh = dczone_ha::decide::fresh_standbys(&snap.members, now, 2_000);
+        if !fresh.iter().any(|r| r.site == to) {
+            bail!("{to} is not a running standby now; see `dczone db status` (it must stream from {leader})");
+        }
+        if snap
+            .switchover
+            .as_ref()
+            .is_some_and(|r| r.handing_over(now))
+        {
+            bail!("a switchover is already in progress");
+        }
+        let t0 = Instant::now();
+        let req = Switchover {
+            from: leader.clone(),
+            to: to.to_string(),
+            requested_ms: now,
+            final_lsn: None,
+            handed_over_ms: None,
+            refused: None,
+        };
+        self.put_key(&host, |k| k.switchover(), req)?;
+        let deadline = t0 + timeout;
+        let leader_ms = loop {
+            if Instant::now() > deadline {
+                bail!("{to} did not take over within {timeout:?}; see `dczone db status`");
+            }
+            // etcd answers "leader changed" while the new primary pulls its raft leadership
+            // over; only the deadline ends the wait.
+            let Ok(s) = self.snapshot(&host) else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            if let Some(why) = s.switchover.as_ref().and_then(|r| r.refused.clone()) {
+                self.delete_key(&host, |k| k.switchover())?;
+                bail!("{leader} refused the switchover: {why}");
+            }
+            match s.leader.as_ref().map(|l| l.site.as_str()) {
+                Some(l) if l == to => break t0.elapsed().as_secs_f64() * 1e3,
+                Some(l) if l != leader => {
+                    bail!(
+                        "the handover did not complete; the ordinary election made {l} the primary"
+                    )
+                }
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let ip = self.member(to)?.ip;
+        let hosts = self.hosts();
+        let first_commit_ms = self
+            .in_host(&host, move || async move {
+                loop {
+                    if Instant::now() > deadline {
+                        return None;
+                    }
+                    if let Ok((c, at)) = dczone_ledger::connect_primary(&hosts, "switchover").await
+                    {
+                        let wrote = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            c.batch_execute("SELECT txid_current()"),
+                        )
+                        .await;
+                        if at == ip && matches!(wrote, Ok(Ok(()))) {
+                            return Some(t0.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })?
+            .ok_or_else(|| {
+                anyhow!("{to} holds the leader key but accepted no commit within {timeout:?}")
+            })?;
+        let rejoined_ms = loop {
+            if Instant::now() > deadline {
+                bail!("{to} is the primary, but {leader} did not rejoin as its standby within {timeout:?}; `dczone db up` brings it back");
+            }
+            let back = self.snapshot(&host).is_ok_and(|s| {
+                s.members
+                    .iter()
+                    .any(|m| m.site == leader && m.pg_up && m.in_recovery && !m.fenced)
+            });
+            if back {
+                break t0.elapsed().as_secs_f64() * 1e3;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Ok(SwitchoverReport {
+            from: leader,
+            to: to.to_string(),
+            leader_ms,
+            first_commit_ms,
+            rejoined_ms,
+        })
+    }
+
+    pub fn delete_key(
+        &self,
+        host: &str,
+        key: fn(&dczone_ha::keys::Keys) -> String,
+    ) -> anyhow::Result<()> {
+        let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
+        self.in_host(host, move || async move {
+            let store = Store::connect(&lab, &etcd).await?;
+            store.delete(&key(&store.keys)).await
+        })?
+        .map_err(|e| anyhow!("etcd: {e}"))
+    }
+
     /// Waits until a primary accepts writes and every listed member but the primary streams
     /// from it.
     pub fn wait_ready(
@@ -501,6 +644,19 @@ fn postmaster_alive(m: &Member) -> bool {
         .is_some_and(sys::alive)
 }
 
+/// What `db switchover` measured, each from the request.
+#[derive(Debug, Serialize)]
+pub struct SwitchoverReport {
+    pub from: String,
+    pub to: String,
+    /// Until the target held the leader key.
+    pub leader_ms: f64,
+    /// Until the new primary acknowledged a commit (under its synchronous policy).
+    pub first_commit_ms: f64,
+    /// Until the old primary was a running standby again.
+    pub rejoined_ms: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct StatusView {
     leader: Option<String>,
@@ -509,6 +665,8 @@ struct StatusView {
     sync_set: Vec<String>,
     members: Vec<dczone_ha::decide::MemberReport>,
     audit: Vec<dczone_ha::keys::AuditEntry>,
+    /// A planned switchover not yet cleared by the new primary.
+    switchover: Option<Switchover>,
 }
 
 fn status_view(p: &Platform, snap: &Snapshot) -> StatusView {
@@ -526,6 +684,7 @@ fn status_view(p: &Platform, snap: &Snapshot) -> StatusView {
             .unwrap_or_default(),
         members: snap.members.clone(),
         audit: snap.audit.clone(),
+        switchover: snap.switchover.clone(),
     }
 }
 
@@ -560,6 +719,18 @@ fn print_status(v: &StatusView) {
         })
         .collect();
     print!("{}", render(&["site", "role", "lsn", "fenced"], &rows));
+    if let Some(r) = &v.switchover {
+        println!(
+            "switchover {} -> {}: {}",
+            r.from,
+            r.to,
+            match (&r.refused, r.handed_over_ms) {
+                (Some(why), _) => format!("refused ({why})"),
+                (None, Some(_)) => "handed over, waiting for the target".into(),
+                (None, None) => "requested".into(),
+            }
+        );
+    }
     if !v.audit.is_empty() {
         println!("audit log:");
         let rows: Vec<Vec<String>> = v
@@ -633,6 +804,17 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
                 print_json(&serde_json::json!({"policy": tier}));
             } else {
                 println!("policy {tier} requested; the primary applies it within one HA loop");
+            }
+        }
+        DbCommand::Switchover { to, timeout, json } => {
+            let r = p.switchover(&to, Duration::from_secs(timeout))?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "switchover {} -> {}: leader key moved after {:.0} ms, first commit on {} after {:.0} ms, {} streaming again after {:.0} ms",
+                    r.from, r.to, r.leader_ms, r.to, r.first_commit_ms, r.from, r.rejoined_ms
+                );
             }
         }
         DbCommand::Load {

@@ -165,6 +165,55 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
     let audit = lab.json(&["db", "audit", "--json"]);
     assert_eq!(audit["rpo_zero"], true, "{audit}");
     assert_eq!(audit["balances_conserved"], true, "{audit}");
+
+    // Planned switchover: bad targets are refused and change nothing.
+    for (to, says) in [
+        ("dc9.9", "unknown database site"),
+        ("dc1.1", "already the primary"),
+    ] {
+        let out = lab.run(&["db", "switchover", "--to", to]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{to}: {err}");
+    }
+    assert_eq!(status(&lab)["leader"], "dc1.1");
+    // Under load, DC1.2 takes over, DC1.1 rejoins as its standby, and nothing is lost.
+    let bg = {
+        let mut c = lab.command();
+        c.args(["db", "load", "--clients", "4", "--seconds", "6", "--json"]);
+        c.spawn().expect("load runs")
+    };
+    sleep(Duration::from_secs(2));
+    let sw = lab.json(&["db", "switchover", "--to", "dc1.2", "--json"]);
+    assert!(sw["first_commit_ms"].as_f64().unwrap() > 0.0, "{sw}");
+    let out = bg.wait_with_output().expect("load finishes");
+    assert!(out.status.success());
+    let s = status(&lab);
+    assert_eq!(s["leader"], "dc1.2", "{s}");
+    let role = |site: &str| {
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["site"] == site)
+            .map(|m| {
+                (
+                    m["pg_up"].as_bool().unwrap(),
+                    m["in_recovery"].as_bool().unwrap(),
+                )
+            })
+    };
+    assert_eq!(role("dc1.1"), Some((true, true)), "DC1.1 is a standby: {s}");
+    assert!(
+        s["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "switchover" && e["primary"] == "dc1.2"),
+        "the switchover is in the audit log: {s}"
+    );
+    let audit = lab.json(&["db", "audit", "--json"]);
+    assert_eq!(audit["rpo_zero"], true, "{audit}");
+    assert_eq!(audit["balances_conserved"], true, "{audit}");
 }
 
 #[test]

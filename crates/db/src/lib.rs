@@ -287,6 +287,16 @@ impl Member {
     /// Rewinds a stopped member onto `source`'s timeline, then makes it follow; returns
     /// pg_rewind's report. pg_rewind first finishes crash recovery in single-user mode,
     /// which refuses standby mode, so the standby signal goes until the rewind is done.
+    /// After a clean shutdown: where the shutdown checkpoint record starts (every commit
+    /// lies before it). `None` if the cluster was not shut down cleanly.
+    pub fn shutdown_checkpoint(&self) -> Result<Option<u64>, DbError> {
+        let out = run(
+            &format!("pg_controldata of {}", self.site),
+            as_postgres("pg_controldata")?.arg("-D").arg(self.data()),
+        )?;
+        Ok(parse_shutdown_checkpoint(&out))
+    }
+
     pub fn rewind(&self, source: &Member) -> Result<String, DbError> {
         let _ = std::fs::remove_file(self.data().join("standby.signal"));
         let out = run(
@@ -364,6 +374,21 @@ pub fn parse_lsn(text: &str) -> u64 {
 }
 
 /// The server's own message when there is one (tokio-postgres displays only "db error").
+/// From `pg_controldata` output: the latest checkpoint's location, if the cluster state is
+/// "shut down" (a primary's clean shutdown; a standby's is "shut down in recovery").
+pub fn parse_shutdown_checkpoint(controldata: &str) -> Option<u64> {
+    let field = |name: &str| {
+        controldata
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim_start_matches(':').trim().to_string())
+    };
+    if field("Database cluster state")?.as_str() != "shut down" {
+        return None;
+    }
+    Some(parse_lsn(&field("Latest checkpoint location")?))
+}
+
 pub fn pg_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
@@ -491,6 +516,19 @@ pub async fn promote(member: &str, c: &tokio_postgres::Client) -> Result<(), DbE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shutdown_checkpoint_only_after_a_clean_shutdown() {
+        let clean = "pg_control version number:            1300\n\
+                     Database cluster state:               shut down\n\
+                     Latest checkpoint location:           0/5000028\n\
+                     Latest checkpoint's REDO location:    0/5000028\n";
+        assert_eq!(parse_shutdown_checkpoint(clean), Some(0x5000028));
+        let crashed = clean.replace("shut down", "in production");
+        assert_eq!(parse_shutdown_checkpoint(&crashed), None);
+        let standby = clean.replace("shut down", "shut down in recovery");
+        assert_eq!(parse_shutdown_checkpoint(&standby), None);
+    }
 
     #[test]
     fn lsn_text() {

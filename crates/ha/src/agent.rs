@@ -24,7 +24,10 @@ use dczone_db::{Member, MemberState};
 use dczone_zone::database::{DatabasePlan, Replication};
 use tokio_postgres::Client as PgClient;
 
-use crate::decide::{self, FailureTracker, MemberReport, ModeAction, StandbySeen, SyncState};
+use crate::decide::{
+    self, FailureTracker, MemberReport, ModeAction, StandbySeen, Switchover, SwitchoverRole,
+    SyncState,
+};
 use crate::keys::{AuditEntry, Leader, Snapshot, Store};
 
 /// A standby within this many bytes of the primary counts as caught up.
@@ -130,14 +133,21 @@ impl Supervisor {
         let _ = self.tx.send(cmd);
     }
 
+    /// Asks the postmaster for a fast shutdown (SIGINT) without waiting.
+    fn interrupt(&self) {
+        let p = self.pid.load(Ordering::SeqCst);
+        if p != 0 {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(p, libc::SIGINT) };
+        }
+    }
+
     /// Fast (clean) shutdown, falling back to [`Supervisor::stop`] after 10 s.
     fn stop_clean(&self) {
-        let p = self.pid.load(Ordering::SeqCst);
-        if p == 0 {
+        if !self.running() {
             return;
         }
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(p, libc::SIGINT) };
+        self.interrupt();
         let t = Instant::now();
         while self.running() && t.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(10));
@@ -490,7 +500,11 @@ impl Agent {
                 if self.shared.leading.swap(false, Ordering::SeqCst) {
                     self.fence("another member holds the leader key");
                 }
-                self.follow(&l, local, snap.primary_lsn).await
+                // The leader records its replication state only after its promotion and
+                // checkpoint; until then its control file still names the old timeline, and
+                // pg_rewind against it would go back to a checkpoint before the fork.
+                let promoted = snap.sync.as_ref().is_some_and(|s| s.primary == l.site);
+                self.follow(&l, local, snap.primary_lsn, promoted).await
             }
             None => {
                 if self.shared.leading.swap(false, Ordering::SeqCst) {
@@ -505,6 +519,7 @@ impl Agent {
     async fn elect(&mut self, local: Option<MemberState>, snap: &Snapshot) -> Result<(), String> {
         let me = self.cfg.site.clone();
         let bootstrap = snap.sync.is_none();
+        let mut planned = SwitchoverRole::None;
         if bootstrap {
             if me != self.cfg.plan.primary {
                 return Ok(());
@@ -521,16 +536,22 @@ impl Agent {
                 return self.start_pg();
             }
             let freshness = 3 * self.cfg.plan.ha.loop_ms + 300;
-            match decide::choose_candidate(
-                snap.sync.as_ref(),
-                &snap.members,
-                &self.cfg.order(),
-                unix_ms(),
-                freshness,
-            ) {
-                Ok(c) if c == me => {}
-                Ok(_) => return Ok(()),
-                Err(why) => return Err(format!("no failover yet: {why:?}")),
+            let my_lsn = local.as_ref().map_or(0, |l| l.lsn);
+            planned = decide::switchover_role(snap.switchover.as_ref(), &me, my_lsn, unix_ms());
+            match planned {
+                SwitchoverRole::Wait => return Ok(()),
+                SwitchoverRole::Campaign => {}
+                SwitchoverRole::None => match decide::choose_candidate(
+                    snap.sync.as_ref(),
+                    &snap.members,
+                    &self.cfg.order(),
+                    unix_ms(),
+                    freshness,
+                ) {
+                    Ok(c) if c == me => {}
+                    Ok(_) => return Ok(()),
+                    Err(why) => return Err(format!("no failover yet: {why:?}")),
+                },
             }
         }
         let leader = Leader {
@@ -560,19 +581,32 @@ impl Agent {
                 .as_ref()
                 .map(|s| s.primary.clone())
                 .unwrap_or_default();
-            let entry = AuditEntry {
-                kind: "failover".into(),
-                primary: me.clone(),
-                start_ms: leader.since_ms,
-                end_ms: Some(leader.since_ms),
-                reason: format!(
-                    "{old} lost its lease; {me} holds every acknowledged commit ({})",
-                    match snap.sync.as_ref().map(|s| s.mode) {
-                        Some(Replication::Sync) => "synchronous",
-                        _ => "asynchronous: most advanced standby",
-                    }
-                ),
-                grey_bytes: grey,
+            let entry = match snap.switchover.as_ref() {
+                Some(r) if planned == SwitchoverRole::Campaign => AuditEntry {
+                    kind: "switchover".into(),
+                    primary: me.clone(),
+                    start_ms: r.requested_ms,
+                    end_ms: Some(leader.since_ms),
+                    reason: format!(
+                        "planned: {} shut down cleanly; {me} holds all of its WAL",
+                        r.from
+                    ),
+                    grey_bytes: Some(0),
+                },
+                _ => AuditEntry {
+                    kind: "failover".into(),
+                    primary: me.clone(),
+                    start_ms: leader.since_ms,
+                    end_ms: Some(leader.since_ms),
+                    reason: format!(
+                        "{old} lost its lease; {me} holds every acknowledged commit ({})",
+                        match snap.sync.as_ref().map(|s| s.mode) {
+                            Some(Replication::Sync) => "synchronous",
+                            _ => "asynchronous: most advanced standby",
+                        }
+                    ),
+                    grey_bytes: grey,
+                },
             };
             let _ = self
                 .store
@@ -589,10 +623,17 @@ impl Agent {
         local: Option<MemberState>,
         snap: &Snapshot,
     ) -> Result<(), String> {
+        let site = self.cfg.site.clone();
+        if let Some(r) = snap.switchover.as_ref() {
+            if r.from == site && r.handing_over(unix_ms()) {
+                // We handed over but the key is still ours (the resignation did not reach
+                // etcd): resign again rather than restart as primary.
+                return self.resign(me).await;
+            }
+        }
         let Some(local) = local else {
             return self.start_pg();
         };
-        let site = self.cfg.site.clone();
         let policy = match snap
             .tier
             .as_ref()
@@ -679,6 +720,39 @@ impl Agent {
                 })
             })
             .collect();
+        if let Some(r) = snap.switchover.as_ref() {
+            if r.handed_over_ms.is_some() {
+                // A handover finished (to us, or the ordinary election decided): done.
+                if !local.in_recovery {
+                    let _ = self
+                        .store
+                        .delete_as_leader(me, &self.store.keys.switchover())
+                        .await;
+                }
+            } else if r.refused.is_none() {
+                let freshness = 3 * self.cfg.plan.ha.loop_ms + 300;
+                match decide::switchover_refusal(
+                    r,
+                    &site,
+                    &snap.members,
+                    &seen,
+                    unix_ms(),
+                    freshness,
+                ) {
+                    Some(why) => {
+                        log(&site, &format!("switchover to {} refused: {why}", r.to));
+                        let refused = Switchover {
+                            refused: Some(why),
+                            ..r.clone()
+                        };
+                        self.write_as_leader(me, &self.store.keys.switchover(), &refused)
+                            .await?;
+                    }
+                    None => return self.hand_over(me, r.clone()).await,
+                }
+            }
+        }
+        let c = self.client.as_ref().ok_or("no connection")?;
         let wait = dczone_db::oldest_sync_wait_ms(&site, c)
             .await
             .map_err(|e| e.to_string())?;
@@ -794,6 +868,56 @@ impl Agent {
             .map_err(|e| e.to_string())
     }
 
+    /// Planned switchover, the old primary's half: shut down cleanly (PostgreSQL's fast
+    /// shutdown sends every WAL record, the shutdown checkpoint included, to the connected
+    /// standbys before it exits), record where the WAL ends, and give up the leader key.
+    /// The target takes the key once it has received that much WAL; this member then
+    /// rejoins as its standby through the ordinary follower path.
+    async fn hand_over(&mut self, me: &Leader, req: Switchover) -> Result<(), String> {
+        let site = self.cfg.site.clone();
+        log(&site, &format!("switchover to {}: clean shutdown", req.to));
+        self.client = None;
+        self.pg.interrupt();
+        let t = Instant::now();
+        while self.pg.running() && t.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.pg.stop();
+        let me_member = self.cfg.me().clone();
+        let final_lsn = tokio::task::spawn_blocking(move || me_member.shutdown_checkpoint())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let done = Switchover {
+            final_lsn,
+            handed_over_ms: Some(unix_ms()),
+            ..req
+        };
+        self.write_as_leader(me, &self.store.keys.switchover(), &done)
+            .await?;
+        log(
+            &site,
+            &match final_lsn {
+                Some(l) => format!("WAL ends at {l:X}; resigning the leader key"),
+                None => "no clean shutdown; resigning, the ordinary election decides".into(),
+            },
+        );
+        self.resign(me).await
+    }
+
+    async fn resign(&mut self, me: &Leader) -> Result<(), String> {
+        self.shared.leading.store(false, Ordering::SeqCst);
+        self.leader = None;
+        self.client = None;
+        if self.pg.running() {
+            self.pg.stop();
+        }
+        match self.store.resign(me).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("resign: {e}")),
+        }
+    }
+
     async fn write_as_leader<T: serde::Serialize>(
         &self,
         me: &Leader,
@@ -813,6 +937,7 @@ impl Agent {
         leader: &Leader,
         local: Option<MemberState>,
         primary_lsn: Option<u64>,
+        leader_promoted: bool,
     ) -> Result<(), String> {
         let Some(upstream) = self.cfg.member(&leader.site).cloned() else {
             return Err(format!("leader {} is not a member", leader.site));
@@ -843,6 +968,9 @@ impl Agent {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             return self.start_pg();
+        }
+        if (former_primary || diverged) && !leader_promoted {
+            return Ok(());
         }
         if former_primary || diverged {
             let why = if former_primary {

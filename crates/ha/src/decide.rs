@@ -241,6 +241,103 @@ pub fn quorum_of(policy: &Policy, set: &[String]) -> usize {
     }
 }
 
+/// A planned switchover (etcd `switchover`): the operator asks the primary `from` to hand
+/// over to the standby `to`. Patroni's `switchover` is the model; the difference is that
+/// the handover is proven by WAL position, not by a sync flag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Switchover {
+    pub from: String,
+    pub to: String,
+    pub requested_ms: u64,
+    /// Set by the old primary after its clean shutdown: where its shutdown checkpoint record
+    /// starts. Every commit it acknowledged lies before it.
+    #[serde(default)]
+    pub final_lsn: Option<u64>,
+    /// When the old primary released the leader key.
+    #[serde(default)]
+    pub handed_over_ms: Option<u64>,
+    /// Why the primary refused the request (it then keeps leading).
+    #[serde(default)]
+    pub refused: Option<String>,
+}
+
+impl Switchover {
+    /// The old primary has handed over, was not refused, and the target still has time to
+    /// take over.
+    pub fn handing_over(&self, now_ms: u64) -> bool {
+        self.refused.is_none()
+            && self.final_lsn.is_some()
+            && self
+                .handed_over_ms
+                .is_some_and(|at| now_ms.saturating_sub(at) <= SWITCHOVER_TIMEOUT_MS)
+    }
+}
+
+/// A request the primary has not acted on within this time is stale; a handover whose
+/// target has not taken over within it falls back to the ordinary election.
+pub const SWITCHOVER_TIMEOUT_MS: u64 = 10_000;
+
+/// The primary's check before it hands over: `None` if it may, else why not.
+pub fn switchover_refusal(
+    req: &Switchover,
+    me: &str,
+    reports: &[MemberReport],
+    seen: &[StandbySeen],
+    now_ms: u64,
+    freshness_ms: u64,
+) -> Option<String> {
+    if req.from != me {
+        return Some(format!(
+            "requested of {}, but {me} is the primary",
+            req.from
+        ));
+    }
+    if req.to == me {
+        return Some(format!("{me} is already the primary"));
+    }
+    if now_ms.saturating_sub(req.requested_ms) > SWITCHOVER_TIMEOUT_MS {
+        return Some("the request is older than 10 s".into());
+    }
+    if !fresh_standbys(reports, now_ms, freshness_ms)
+        .iter()
+        .any(|r| r.site == req.to)
+    {
+        return Some(format!("{} is not a running, unfenced standby", req.to));
+    }
+    if !seen.iter().any(|s| s.site == req.to && s.alive()) {
+        return Some(format!("{} does not stream from {me}", req.to));
+    }
+    None
+}
+
+/// What a standby does about a switchover while nobody holds the leader key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchoverRole {
+    /// No handover in progress (none, refused, not yet handed over, or timed out): the
+    /// ordinary election decides.
+    None,
+    /// This member is the target and holds all of the old primary's WAL: take the key.
+    Campaign,
+    /// Another member is the target, or this one still lacks WAL: stay out.
+    Wait,
+}
+
+pub fn switchover_role(
+    req: Option<&Switchover>,
+    me: &str,
+    my_lsn: u64,
+    now_ms: u64,
+) -> SwitchoverRole {
+    let Some(r) = req.filter(|r| r.handing_over(now_ms)) else {
+        return SwitchoverRole::None;
+    };
+    if r.to == me && r.final_lsn.is_some_and(|f| my_lsn >= f) {
+        SwitchoverRole::Campaign
+    } else {
+        SwitchoverRole::Wait
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,5 +605,84 @@ mod tests {
         assert!(must_fence(12_500, d));
         // etcd expires the lease no earlier than renewal-received + ttl >= sent + ttl.
         assert!(d < 10_000 + 3_000);
+    }
+
+    fn request(to: &str) -> Switchover {
+        Switchover {
+            from: "dc1.1".into(),
+            to: to.into(),
+            requested_ms: 1_000,
+            final_lsn: None,
+            handed_over_ms: None,
+            refused: None,
+        }
+    }
+
+    #[test]
+    fn switchover_needs_a_streaming_fresh_standby_as_target() {
+        let reports = vec![report("dc1.2", 90, 1_000), report("dc2.1", 100, 1_000)];
+        let seen_ok = vec![seen("dc1.2", true, 90), seen("dc2.1", true, 100)];
+        let refuse = |r: &Switchover, seen: &[StandbySeen]| {
+            switchover_refusal(r, "dc1.1", &reports, seen, 1_100, 600)
+        };
+        assert_eq!(refuse(&request("dc2.1"), &seen_ok), None);
+        assert!(refuse(&request("dc1.1"), &seen_ok)
+            .unwrap()
+            .contains("already"));
+        assert!(refuse(&request("cloud"), &seen_ok)
+            .unwrap()
+            .contains("not a running"));
+        let not_streaming = vec![seen("dc1.2", true, 90), seen("dc2.1", false, 100)];
+        assert!(refuse(&request("dc2.1"), &not_streaming)
+            .unwrap()
+            .contains("does not stream"));
+        let mut other = request("dc2.1");
+        other.from = "dc1.2".into();
+        assert!(refuse(&other, &seen_ok)
+            .unwrap()
+            .contains("requested of dc1.2"));
+        let stale = switchover_refusal(&request("dc2.1"), "dc1.1", &reports, &seen_ok, 20_000, 600);
+        assert!(
+            stale.is_some(),
+            "a request older than the timeout is refused"
+        );
+    }
+
+    #[test]
+    fn only_the_target_campaigns_and_only_with_all_the_old_primarys_wal() {
+        let mut r = request("dc1.2");
+        // Not handed over yet (the old primary may have died mid-way): ordinary election.
+        assert_eq!(
+            switchover_role(Some(&r), "dc1.2", 500, 2_000),
+            SwitchoverRole::None
+        );
+        r.final_lsn = Some(400);
+        r.handed_over_ms = Some(2_000);
+        assert_eq!(
+            switchover_role(Some(&r), "dc1.2", 399, 2_100),
+            SwitchoverRole::Wait
+        );
+        assert_eq!(
+            switchover_role(Some(&r), "dc1.2", 400, 2_100),
+            SwitchoverRole::Campaign
+        );
+        assert_eq!(
+            switchover_role(Some(&r), "dc2.1", 900, 2_100),
+            SwitchoverRole::Wait
+        );
+        // The target never got there: after the timeout the ordinary election decides.
+        assert_eq!(
+            switchover_role(Some(&r), "dc2.1", 900, 2_000 + SWITCHOVER_TIMEOUT_MS + 1),
+            SwitchoverRole::None
+        );
+        r.refused = Some("no".into());
+        assert_eq!(
+            switchover_role(Some(&r), "dc1.2", 400, 2_100),
+            SwitchoverRole::None
+        );
+        assert_eq!(
+            switchover_role(None, "dc1.2", 400, 2_100),
+            SwitchoverRole::None
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::decide::{MemberReport, SyncState};
+use crate::decide::{MemberReport, Switchover, SyncState};
 
 /// One call's deadline.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(400);
@@ -62,9 +62,11 @@ pub struct Snapshot {
     pub audit: Vec<AuditEntry>,
     /// The policy set at run time (`dczone db policy`), overriding the zone file's tier.
     pub tier: Option<String>,
+    /// A planned switchover in progress (`dczone db switchover`).
+    pub switchover: Option<Switchover>,
 }
 
-/// Key layout: `/dczone/<lab>/db/{leader,sync,primary_lsn,members/<site>,audit/<ms>}`.
+/// Key layout: `/dczone/<lab>/db/{leader,sync,tier,switchover,primary_lsn,members/<site>,audit/<ms>}`.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
@@ -87,6 +89,9 @@ impl Keys {
     }
     pub fn tier(&self) -> String {
         format!("{}tier", self.prefix)
+    }
+    pub fn switchover(&self) -> String {
+        format!("{}switchover", self.prefix)
     }
     pub fn primary_lsn(&self) -> String {
         format!("{}primary_lsn", self.prefix)
@@ -158,6 +163,7 @@ impl Store {
                 "sync" => snap.sync = Some(json(&key, kv.value())?),
                 "primary_lsn" => snap.primary_lsn = Some(json(&key, kv.value())?),
                 "tier" => snap.tier = Some(json(&key, kv.value())?),
+                "switchover" => snap.switchover = Some(json(&key, kv.value())?),
                 r if r.starts_with("members/") => snap.members.push(json(&key, kv.value())?),
                 r if r.starts_with("audit/") => snap.audit.push(json(&key, kv.value())?),
                 _ => {}
@@ -176,6 +182,11 @@ impl Store {
         let opts = lease.map(|l| PutOptions::new().with_lease(l));
         let body = serde_json::to_vec(value).expect("serializable");
         timed(c.put(key, body, opts)).await.map(|_| ())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        timed(c.delete(key, None)).await.map(|_| ())
     }
 
     /// Creates the leader key if nobody holds it. Returns whether we won.
@@ -216,6 +227,25 @@ impl Store {
             )])
             .and_then(vec![TxnOp::put(key, body, None)]);
         Ok(timed(c.txn(txn)).await?.succeeded())
+    }
+
+    /// Deletes `key` only while `leader` still holds the leader key.
+    pub async fn delete_as_leader(&self, leader: &Leader, key: &str) -> Result<bool, StoreError> {
+        let mut c = self.client.clone();
+        let me = serde_json::to_vec(leader).expect("serializable");
+        let txn = Txn::new()
+            .when(vec![Compare::value(
+                self.keys.leader(),
+                CompareOp::Equal,
+                me,
+            )])
+            .and_then(vec![TxnOp::delete(key, None)]);
+        Ok(timed(c.txn(txn)).await?.succeeded())
+    }
+
+    /// Gives up the leader key (planned switchover): deletes it only if it is still ours.
+    pub async fn resign(&self, leader: &Leader) -> Result<bool, StoreError> {
+        self.delete_as_leader(leader, &self.keys.leader()).await
     }
 
     /// Moves etcd's raft leadership to the member this client talks to (the primary's site),
