@@ -499,18 +499,33 @@ pub async fn show(member: &str, c: &tokio_postgres::Client, name: &str) -> Resul
 
 /// Promotes a standby and waits until it accepts writes.
 pub async fn promote(member: &str, c: &tokio_postgres::Client) -> Result<(), DbError> {
+    // pg_promote(wait => true) checks for the end of recovery every 100 ms; we look every
+    // 5 ms, so the first commit is not held back by the poll.
     let row = c
-        .query_one("SELECT pg_promote(true, 30)", &[])
+        .query_one("SELECT pg_promote(false)", &[])
         .await
         .map_err(sql_err(member))?;
-    if row.get::<_, bool>(0) {
-        Ok(())
-    } else {
-        Err(DbError::Step {
+    if !row.get::<_, bool>(0) {
+        return Err(DbError::Step {
             what: format!("promotion of {member}"),
-            detail: "pg_promote returned false (not promoted within 30 s)".into(),
-        })
+            detail: "pg_promote refused to signal the postmaster".into(),
+        });
     }
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        let row = c
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(sql_err(member))?;
+        if !row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Err(DbError::Step {
+        what: format!("promotion of {member}"),
+        detail: "still in recovery 30 s after pg_promote".into(),
+    })
 }
 
 #[cfg(test)]
