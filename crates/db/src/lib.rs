@@ -172,6 +172,12 @@ impl Member {
                 "-E",
                 "UTF8",
                 "--locale=C.UTF-8",
+                // A standby that follows a new timeline restarts streaming at the start of
+                // the WAL segment holding the fork, so after every failover or switchover it
+                // fetches up to one segment again across the WAN before it can confirm a
+                // commit. 1 MiB segments instead of 16 keep that short (measured in
+                // BENCHMARKS.md, `bench switchover`).
+                "--wal-segsize=1",
             ]),
         )?;
         self.configure()

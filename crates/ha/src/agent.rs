@@ -893,6 +893,7 @@ impl Agent {
             handed_over_ms: Some(unix_ms()),
             ..req
         };
+        let target = self.cfg.member(&done.to).cloned();
         self.write_as_leader(me, &self.store.keys.switchover(), &done)
             .await?;
         log(
@@ -902,7 +903,23 @@ impl Agent {
                 None => "no clean shutdown; resigning, the ordinary election decides".into(),
             },
         );
-        self.resign(me).await
+        self.resign(me).await?;
+        // After a clean shutdown the target's new timeline forks exactly where our WAL
+        // ends, so no rewind is needed: start at once as its standby (cascading until it is
+        // promoted), ready to be the new primary's synchronous standby.
+        if let (Some(_), Some(target)) = (final_lsn, target) {
+            let m = self.cfg.me().clone();
+            tokio::task::spawn_blocking(move || m.follow(&target))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            log(
+                &site,
+                &format!("standby of {} from the end of its WAL", done.to),
+            );
+            self.start_pg()?;
+        }
+        Ok(())
     }
 
     async fn resign(&mut self, me: &Leader) -> Result<(), String> {
