@@ -15,6 +15,7 @@
 //! | DELETE /v1/vms/{name} | [`AgentRequest::DestroyVm`] |
 //! | GET /v1/vms/{name}/serial | [`AgentRequest::SerialLog`] |
 //! | POST /v1/vms/{name}/migrate | [`AgentRequest::Migrate`], body [`MigrateBody`] |
+//! | GET /v1/vms/{name}/migration | [`AgentRequest::MigrationProgress`] |
 //! | POST /v1/incoming | [`AgentRequest::Incoming`], body [`IncomingBody`] |
 //! | GET /v1/incoming/{name} | [`AgentRequest::IncomingAlive`] |
 //! | POST /v1/incoming/{name}/finish | [`AgentRequest::IncomingFinish`] |
@@ -46,11 +47,15 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use dczone_virt::migrate::{Destination, LocalDestination, Params};
+use dczone_virt::migrate::{Destination, LocalDestination, Params, Progress};
 use dczone_virt::{CreateVm, Platform, VirtError, VmRecord};
 
 /// The port every agent listens on (on its host's lab address).
 pub const AGENT_PORT: u16 = 7070;
+
+/// A destination whose source agent has not asked after it for this long is abandoned.
+/// The source asks every 200 ms while it migrates.
+pub const INCOMING_KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// Every request the agent accepts. Each is legal whenever the agent runs; the VM-state
 /// rules are the platform's (e.g. `StartVm` needs a stopped VM).
@@ -72,6 +77,8 @@ pub enum AgentRequest {
     SerialLog { name: String },
     /// Live-migrate a VM of this host to another host, through that host's agent.
     Migrate { name: String, body: MigrateBody },
+    /// The latest progress of an outgoing migration (bytes, rounds, expected downtime).
+    MigrationProgress { name: String },
     /// Destination side: start a QEMU for `vm` waiting for its stream.
     Incoming(IncomingBody),
     /// Destination side: is the waiting QEMU still there?
@@ -131,6 +138,8 @@ pub enum AgentError {
     NotHere { vm: String, host: String },
     #[error("no incoming migration of VM '{0}' on this host")]
     NoIncoming(String),
+    #[error("no migration of VM '{0}' in progress on this host")]
+    NoMigration(String),
     #[error(transparent)]
     Virt(#[from] VirtError),
 }
@@ -141,6 +150,7 @@ impl AgentError {
             AgentError::Unauthorized => StatusCode::UNAUTHORIZED,
             AgentError::NotHere { .. }
             | AgentError::NoIncoming(_)
+            | AgentError::NoMigration(_)
             | AgentError::Virt(VirtError::UnknownVm { .. }) => StatusCode::NOT_FOUND,
             AgentError::Virt(VirtError::Exists(_)) => StatusCode::CONFLICT,
             AgentError::Virt(VirtError::BadSpec(_) | VirtError::NoMemory { .. }) => {
@@ -176,7 +186,10 @@ pub struct Agent {
     host: String,
     token: String,
     /// Destination QEMUs waiting for (or receiving) a stream, by VM name.
-    incoming: Mutex<HashMap<String, LocalDestination>>,
+    /// Each with when its source agent last asked after it (the migration's keepalive).
+    incoming: Mutex<HashMap<String, (LocalDestination, Instant)>>,
+    /// Outgoing migrations in flight: their latest progress, by VM name.
+    outgoing: Mutex<HashMap<String, Progress>>,
 }
 
 impl Agent {
@@ -186,6 +199,7 @@ impl Agent {
             host,
             token,
             incoming: Mutex::new(HashMap::new()),
+            outgoing: Mutex::new(HashMap::new()),
         };
         agent.reap_strays();
         agent
@@ -207,6 +221,26 @@ impl Agent {
             if comm.trim().starts_with("qemu-system") && !known.contains(&pid) {
                 eprintln!("dczoned: killing stray QEMU {pid} (a destination nobody finished)");
                 dczone_lab::sys::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Kills every waiting destination whose source agent has not asked after it for
+    /// [`INCOMING_KEEPALIVE`] (libvirt's keepalive does the same between its daemons): the
+    /// source or the path to it is gone, and nobody else would clean it up.
+    pub fn reap_abandoned(&self) {
+        let mut incoming = self.incoming.lock().expect("not poisoned");
+        let stale: Vec<String> = incoming
+            .iter()
+            .filter(|(_, (_, seen))| seen.elapsed() > INCOMING_KEEPALIVE)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some((mut d, _)) = incoming.remove(&name) {
+                eprintln!(
+                    "dczoned: the source of {name}'s migration went silent; killing the destination"
+                );
+                d.abort();
             }
         }
     }
@@ -282,18 +316,36 @@ impl Agent {
                     params.downtime_limit_ms = ms;
                 }
                 let token = self.token.clone();
+                let report = |ps: &[Progress]| {
+                    if let Some(p) = ps.first() {
+                        self.outgoing
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(name.clone(), p.clone());
+                    }
+                };
                 let m = self.platform.migrate_via(
                     &name,
                     &body.to,
                     &params,
-                    &|_| {},
+                    &report,
                     &|vm, _to, port| {
                         Ok(Box::new(RemoteDestination::prepare(
                             &url, &token, vm, port,
                         )?))
                     },
-                )?;
-                serde_json::to_value(&m).unwrap_or(Value::Null)
+                );
+                self.outgoing.lock().expect("not poisoned").remove(&name);
+                serde_json::to_value(&m?).unwrap_or(Value::Null)
+            }
+            AgentRequest::MigrationProgress { name } => {
+                let p = self
+                    .outgoing
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&name)
+                    .cloned();
+                serde_json::to_value(p.ok_or(AgentError::NoMigration(name))?).unwrap_or(Value::Null)
             }
             AgentRequest::Incoming(b) => {
                 if b.vm.host == self.host {
@@ -312,18 +364,19 @@ impl Agent {
                     .platform
                     .launch_incoming(&b.vm, &self.host, b.port, true)?;
                 let uri = d.uri();
-                incoming.insert(name, d);
+                incoming.insert(name, (d, Instant::now()));
                 json!({ "uri": uri })
             }
             AgentRequest::IncomingAlive { name } => {
                 let mut incoming = self.incoming.lock().expect("not poisoned");
-                let d = incoming
+                let (d, seen) = incoming
                     .get_mut(&name)
                     .ok_or(AgentError::NoIncoming(name.clone()))?;
+                *seen = Instant::now();
                 json!({ "alive": d.alive() })
             }
             AgentRequest::IncomingFinish { name } => {
-                let mut d = self
+                let (mut d, _) = self
                     .incoming
                     .lock()
                     .expect("not poisoned")
@@ -340,7 +393,8 @@ impl Agent {
                 }
             }
             AgentRequest::IncomingAbort { name } => {
-                if let Some(mut d) = self.incoming.lock().expect("not poisoned").remove(&name) {
+                if let Some((mut d, _)) = self.incoming.lock().expect("not poisoned").remove(&name)
+                {
                     d.abort();
                 }
                 json!({ "aborted": name })
@@ -439,6 +493,14 @@ pub fn router(agent: Shared) -> Router {
             ),
         )
         .route(
+            "/v1/vms/{name}/migration",
+            get(
+                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::MigrationProgress { name })
+                },
+            ),
+        )
+        .route(
             "/v1/incoming",
             post(
                 |State(a): State<Shared>, h: HeaderMap, Json(body): Json<IncomingBody>| {
@@ -478,25 +540,49 @@ pub fn router(agent: Shared) -> Router {
         .with_state(agent)
 }
 
-/// The destination of a migration, reached through its host's agent.
-struct RemoteDestination {
+/// A client of one agent's API (blocking; callers in a lab run it on a thread inside a
+/// namespace that reaches the agent).
+#[derive(Debug, Clone)]
+pub struct AgentClient {
     url: String,
     token: String,
-    vm: String,
-    uri: String,
     http: ureq::Agent,
-    /// The agent's last answer to "alive?", and when it was asked.
-    checked: Option<(Instant, bool)>,
 }
 
-impl RemoteDestination {
-    fn call(
+/// Why a call to an agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The agent answered with an error; `message` is its explanation.
+    #[error("{message} (HTTP {code})")]
+    Refused { code: u16, message: String },
+    /// Nothing listens at the agent's address: the agent is not running.
+    #[error("agent {url} is not running: {reason}")]
+    Down { url: String, reason: String },
+    /// No answer in time (a slow host, a lost packet or a cut path).
+    #[error("agent {url} unreachable: {reason}")]
+    Unreachable { url: String, reason: String },
+}
+
+impl AgentClient {
+    pub fn new(url: &str, token: &str) -> AgentClient {
+        AgentClient {
+            url: url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: ureq::AgentBuilder::new().build(),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<Value>,
         timeout: Duration,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, CallError> {
         let req = self
             .http
             .request(method, &format!("{}{path}", self.url))
@@ -507,16 +593,56 @@ impl RemoteDestination {
             None => req.call(),
         };
         match resp {
-            Ok(r) => r.into_json::<Value>().map_err(|e| e.to_string()),
+            Ok(r) => r.into_json::<Value>().map_err(|e| CallError::Unreachable {
+                url: self.url.clone(),
+                reason: format!("unreadable answer: {e}"),
+            }),
             Err(ureq::Error::Status(code, r)) => {
                 let v: Value = r.into_json().unwrap_or(Value::Null);
-                Err(format!(
-                    "HTTP {code}: {}",
-                    v["error"].as_str().unwrap_or("")
-                ))
+                Err(CallError::Refused {
+                    code,
+                    message: v["error"].as_str().unwrap_or("").to_string(),
+                })
             }
-            Err(e) => Err(e.to_string()),
+            Err(ureq::Error::Transport(t)) if t.kind() == ureq::ErrorKind::ConnectionFailed => {
+                Err(CallError::Down {
+                    url: self.url.clone(),
+                    reason: t.to_string(),
+                })
+            }
+            Err(e) => Err(CallError::Unreachable {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            }),
         }
+    }
+}
+
+/// The destination of a migration, reached through its host's agent.
+struct RemoteDestination {
+    client: AgentClient,
+    vm: String,
+    uri: String,
+    /// The agent's last answer to "alive?", and when it was asked.
+    checked: Option<(Instant, bool)>,
+    /// When the agent last said its destination was alive.
+    answered: Instant,
+}
+
+/// A destination agent that does not answer for this long counts as gone.
+const UNANSWERED: Duration = Duration::from_secs(2);
+
+impl RemoteDestination {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, String> {
+        self.client
+            .call(method, path, body, timeout)
+            .map_err(|e| e.to_string())
     }
 
     fn prepare(
@@ -526,12 +652,11 @@ impl RemoteDestination {
         port: u16,
     ) -> Result<RemoteDestination, VirtError> {
         let mut d = RemoteDestination {
-            url: url.trim_end_matches('/').to_string(),
-            token: token.to_string(),
+            client: AgentClient::new(url, token),
             vm: vm.spec.name.clone(),
             uri: String::new(),
-            http: ureq::AgentBuilder::new().build(),
             checked: None,
+            answered: Instant::now(),
         };
         let body = serde_json::to_value(IncomingBody {
             vm: vm.clone(),
@@ -562,9 +687,23 @@ impl Destination for RemoteDestination {
             }
         }
         let path = format!("/v1/incoming/{}", self.vm);
-        let ok = self
+        let ok = match self
+            .client
             .call("GET", &path, None, Duration::from_millis(500))
-            .is_ok_and(|v| v["alive"] == true);
+        {
+            Ok(v) => {
+                let alive = v["alive"] == true;
+                if alive {
+                    self.answered = Instant::now();
+                }
+                alive
+            }
+            // The agent says no (it has no such destination: killed, or reaped), or the
+            // agent itself is gone.
+            Err(CallError::Refused { .. } | CallError::Down { .. }) => false,
+            // No answer: one slow or lost answer is not a dead destination.
+            Err(CallError::Unreachable { .. }) => self.answered.elapsed() < UNANSWERED,
+        };
         self.checked = Some((Instant::now(), ok));
         ok
     }
@@ -574,7 +713,7 @@ impl Destination for RemoteDestination {
         let v = self
             .call("POST", &path, None, Duration::from_secs(30))
             .map_err(|reason| VirtError::Io {
-                what: format!("finish on the destination agent {}", self.url),
+                what: format!("finish on the destination agent {}", self.client.url()),
                 source: std::io::Error::other(reason),
             })?;
         let running = serde_json::from_value(v["running"].clone()).map_err(|e| VirtError::Io {
@@ -650,6 +789,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         .listen
         .unwrap_or_else(|| SocketAddr::from((host.ip(), AGENT_PORT)));
     let agent = Arc::new(Agent::new(platform, args.host.clone(), token));
+    let reaper = agent.clone();
+    std::thread::Builder::new()
+        .name("incoming-reaper".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            reaper.reap_abandoned();
+        })?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;

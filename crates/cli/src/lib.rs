@@ -1,6 +1,7 @@
 //! The `dczone` command line: one module per command family, each translating arguments
 //! into library calls and results into a table (people) or JSON (`--json`, machines).
 
+mod agents;
 mod bench;
 mod db_bench;
 mod db_cmd;
@@ -41,7 +42,7 @@ pub struct Cli {
 pub enum Command {
     /// The demo: lab up, a 3-VM cluster under load migrates DC1.1 -> DC1.2 (coordinated)
     /// with its report, then the database platform (sync vs async at 500 km, DC2.1 lost
-    /// and back, a DC1.1 disaster with its RPO audit), lab down.
+    /// and back, a DC1.1 disaster with its RPO audit, two planned switchovers), lab down.
     Demo {
         #[arg(long)]
         json: Option<PathBuf>,
@@ -118,10 +119,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Lab { command } => lab_cmd::run(&lab, command),
         Command::Demo { json } => {
-            let db_json = json.as_ref().map(|p| {
-                let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("demo");
-                p.with_file_name(format!("{stem}-inter-region.json"))
-            });
+            let beside = |suffix: &str| {
+                json.as_ref().map(|p| {
+                    let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("demo");
+                    p.with_file_name(format!("{stem}-{suffix}.json"))
+                })
+            };
+            let (db_json, switchover_json) = (beside("inter-region"), beside("switchover"));
             let result = bench::intra_region(
                 &lab,
                 &exe,
@@ -144,6 +148,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         json: db_json,
                     },
                 )
+            })
+            .and_then(|_| {
+                println!();
+                // Planned switchovers under load: DC1.1 -> DC1.2, then across regions to
+                // DC2.1, each audited.
+                db_bench::switchover_bench(
+                    &lab,
+                    &exe,
+                    &cli.state_dir,
+                    2,
+                    16,
+                    switchover_json.as_deref(),
+                )
             });
             lab.down()?;
             println!("lab '{}' is down", lab.name());
@@ -151,8 +168,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Zone { command } => lab_cmd::zone(command),
         Command::Image { command } => image_cmd::run(&exe, command),
-        Command::Vm { command } => vm_cmd::run(&lab, &exe, command),
-        Command::Migrate(args) => vm_cmd::migrate(&lab, &exe, args),
+        Command::Vm { command } => vm_cmd::run(&lab, &exe, &cli.state_dir, command),
+        Command::Migrate(args) => vm_cmd::migrate(&lab, &exe, &cli.state_dir, args),
         Command::Db { command } => db_cmd::run(&lab, &exe, &cli.state_dir, command),
         Command::HaAgent { site } => db_cmd::agent(&lab, &site),
         Command::Bench { command } => bench::run(&lab, &cli.state_dir, &exe, command),

@@ -2,13 +2,18 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use dczone_lab::Lab;
-use dczone_virt::migrate::{GroupMigration, Params, Progress, Strategy};
-use dczone_virt::{CreateVm, Platform};
+use dczone_virt::migrate::{GroupMigration, Params, Progress, Strategy, VmMigration};
+use dczone_virt::{Platform, VmRecord};
+
+use crate::agents::HostAgents;
 
 use crate::print_json;
 use crate::table::render;
@@ -96,8 +101,15 @@ pub fn platform(lab: &Lab, exe: &Path) -> anyhow::Result<Platform> {
     Ok(Platform::open(lab.clone(), &crate::image_cmd::inputs(exe))?)
 }
 
-pub fn run(lab: &Lab, exe: &Path, cmd: VmCommand) -> anyhow::Result<ExitCode> {
+/// A VM command through the host agent of the VM's host (started on demand). The lab's
+/// registry says which host that is; `create` names it.
+pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::Result<ExitCode> {
+    // Builds the guest image (and probes the accelerator) before an agent needs it.
     let p = platform(lab, exe)?;
+    let agents = HostAgents::new(lab, exe, state_dir)?;
+    let record =
+        |v: serde_json::Value| -> anyhow::Result<VmRecord> { Ok(serde_json::from_value(v)?) };
+    let short = Duration::from_secs(30);
     match cmd {
         VmCommand::Create {
             name,
@@ -108,14 +120,21 @@ pub fn run(lab: &Lab, exe: &Path, cmd: VmCommand) -> anyhow::Result<ExitCode> {
             group,
             json,
         } => {
-            let vm = p.create(&CreateVm {
-                name,
-                host,
-                memory_mib: memory,
-                dirty_mbps,
-                dirty_mib,
-                group,
-            })?;
+            lab.host(&host)?;
+            let body = serde_json::json!({
+                "name": name,
+                "memory_mib": memory,
+                "dirty_mbps": dirty_mbps,
+                "dirty_mib": dirty_mib,
+                "group": group,
+            });
+            let vm = record(agents.call(
+                &host,
+                "POST",
+                "/v1/vms",
+                Some(body),
+                Duration::from_secs(180),
+            )?)?;
             if json {
                 print_json(&vm);
             } else {
@@ -131,15 +150,19 @@ pub fn run(lab: &Lab, exe: &Path, cmd: VmCommand) -> anyhow::Result<ExitCode> {
             }
         }
         VmCommand::Start { name } => {
-            let vm = p.start(&name)?;
+            let host = p.get(&name)?.host;
+            let path = format!("/v1/vms/{name}/start");
+            let vm = record(agents.call(&host, "POST", &path, None, Duration::from_secs(180))?)?;
             println!("VM {} runs on {}", vm.spec.name, vm.host);
         }
         VmCommand::Stop { name } => {
-            p.stop(&name)?;
+            let host = p.get(&name)?.host;
+            agents.call(&host, "POST", &format!("/v1/vms/{name}/stop"), None, short)?;
             println!("VM {name} stopped");
         }
         VmCommand::Destroy { name } => {
-            p.destroy(&name)?;
+            let host = p.get(&name)?.host;
+            agents.call(&host, "DELETE", &format!("/v1/vms/{name}"), None, short)?;
             println!("VM {name} destroyed");
         }
         VmCommand::List { json } => {
@@ -186,13 +209,16 @@ pub fn run(lab: &Lab, exe: &Path, cmd: VmCommand) -> anyhow::Result<ExitCode> {
             }
         }
         VmCommand::Show { name, json } => {
-            let vm = p.get(&name)?;
+            let host = p.get(&name)?.host;
+            let vm = record(agents.call(&host, "GET", &format!("/v1/vms/{name}"), None, short)?)?;
             if json {
                 print_json(&vm);
             } else {
                 println!("{}", serde_json::to_string_pretty(&vm)?);
-                if let Some(r) = &vm.running {
-                    let log = std::fs::read_to_string(&r.serial).unwrap_or_default();
+                if vm.running.is_some() {
+                    let path = format!("/v1/vms/{name}/serial");
+                    let log = agents.call(&host, "GET", &path, None, short)?;
+                    let log = log["serial"].as_str().unwrap_or_default();
                     println!("--- serial log (last lines) ---");
                     for l in log
                         .lines()
@@ -287,30 +313,70 @@ pub fn print_group(g: &GroupMigration) {
     );
 }
 
-pub fn migrate(lab: &Lab, exe: &Path, args: MigrateArgs) -> anyhow::Result<ExitCode> {
+/// One VM: the source host's agent drives the migration with the destination's agent.
+/// A group: the CLI orchestrates every VM's pre-copy through QMP itself, because the
+/// coordinated strategy holds and releases VMs against each other.
+pub fn migrate(
+    lab: &Lab,
+    exe: &Path,
+    state_dir: &Path,
+    args: MigrateArgs,
+) -> anyhow::Result<ExitCode> {
     let p = platform(lab, exe)?;
     let params = Params {
         downtime_limit_ms: args.downtime_ms,
         ..Params::default()
     };
-    let (multi, update) = progress_display(args.json);
-    let result = match (&args.vm, &args.group) {
-        (Some(vm), None) => p
-            .migrate(vm, &args.to, &params, &update)
-            .map(|m| GroupMigration {
+    let g = match (&args.vm, &args.group) {
+        (Some(vm), None) => {
+            let from = p.get(vm)?.host;
+            lab.host(&args.to)?;
+            let agents = HostAgents::new(lab, exe, state_dir)?;
+            // Start the destination's agent before the source's asks it to prepare.
+            agents.call(&args.to, "GET", "/v1/vms", None, Duration::from_secs(30))?;
+            let (multi, update) = progress_display(args.json);
+            let stop = Arc::new(AtomicBool::new(false));
+            let poller = agents.watch(
+                &from,
+                &format!("/v1/vms/{vm}/migration"),
+                stop.clone(),
+                move |v| {
+                    if let Ok(p) = serde_json::from_value::<Progress>(v) {
+                        update(&[p]);
+                    }
+                },
+            )?;
+            let body = serde_json::json!({
+                "to": args.to,
+                "downtime_limit_ms": args.downtime_ms,
+            });
+            let m = agents.call(
+                &from,
+                "POST",
+                &format!("/v1/vms/{vm}/migrate"),
+                Some(body),
+                Duration::from_secs(600),
+            );
+            stop.store(true, Ordering::SeqCst);
+            let _ = poller.join();
+            let _ = multi.clear();
+            let m: VmMigration = serde_json::from_value(m?)?;
+            GroupMigration {
                 strategy: Strategy::Parallel,
                 svc_t2_ms: m.t2_ms,
                 svc_t2_union_ms: m.t2_ms,
                 svc_t1_ms: m.t1_ms,
                 vms: vec![m],
-            }),
+            }
+        }
         (None, Some(group)) => {
-            p.migrate_group(group, &args.to, args.strategy.into(), &params, &update)
+            let (multi, update) = progress_display(args.json);
+            let result = p.migrate_group(group, &args.to, args.strategy.into(), &params, &update);
+            let _ = multi.clear();
+            result?
         }
         _ => anyhow::bail!("give a VM name or --group NAME"),
     };
-    let _ = multi.clear();
-    let g = result?;
     if args.json {
         print_json(&g);
     } else {

@@ -216,8 +216,26 @@ fn group_migration_reports_svc_t2_and_a_cut_link_leaves_the_source_running() {
     let vm = lab.json(&["vm", "show", "gb", "--json"]);
     assert!(vm["host"].as_str().unwrap().starts_with("dc1.2"), "{vm}");
     assert!(!vm["running"].is_null());
-    let qemus = sys::pids_in_namespace(&format!("{}-dc1.1-h2", lab.name));
-    assert!(qemus.is_empty(), "destination QEMU left behind: {qemus:?}");
+    // The destination's agent, cut off from the source's, kills the waiting QEMU once the
+    // migration's keepalive lapses (5 s).
+    let qemus = || -> Vec<i32> {
+        sys::pids_in_namespace(&format!("{}-dc1.1-h2", lab.name))
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.starts_with("qemu-system"))
+            })
+            .collect()
+    };
+    let t = std::time::Instant::now();
+    while !qemus().is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        qemus().is_empty(),
+        "destination QEMU left behind: {:?}",
+        qemus()
+    );
     lab.ok(&["lab", "link", "restore", "dc1.1", "dc1.2"]);
     // The source still serves (from the client at dc1.1, through the restored link).
     let answer = ledger(&lab, gb_ip, &["S"]).remove(0);

@@ -274,6 +274,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
         agent.lease_cell(),
     ));
     let tick = Duration::from_millis(agent.cfg.plan.ha.loop_ms);
+    let wake = Arc::new(tokio::sync::Notify::new());
+    for key in [agent.store.keys.leader(), agent.store.keys.switchover()] {
+        tokio::spawn(wake_on_change(agent.store.clone(), key, wake.clone()));
+    }
     loop {
         let t = Instant::now();
         if agent.shared.lease_lost.swap(false, Ordering::SeqCst) {
@@ -287,11 +291,36 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
         }
         let spent = t.elapsed();
         if spent < tick {
-            tokio::time::sleep(tick - spent).await;
+            tokio::select! {
+                _ = tokio::time::sleep(tick - spent) => {}
+                _ = wake.notified() => {}
+            }
         }
         if keeper.is_finished() {
             return Err("the lease keeper stopped".into());
         }
+    }
+}
+
+/// Wakes the loop as soon as `key` changes (the leader key deleted by a lease expiry or a
+/// resignation, a switchover requested), instead of at the next tick. Polling stays the
+/// mechanism; a watch that breaks is re-established after a pause.
+async fn wake_on_change(store: Store, key: String, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let mut c = store.client.clone();
+        if let Ok(Ok((_watcher, mut stream))) =
+            tokio::time::timeout(Duration::from_millis(400), c.watch(key.clone(), None)).await
+        {
+            while let Ok(Some(resp)) = stream.message().await {
+                if !resp.events().is_empty() {
+                    wake.notify_one();
+                }
+                if resp.canceled() {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -3,10 +3,10 @@
 //! Times are microseconds on one clock (the QMP event clock for T1/T2, the load
 //! generator's clock for client gaps). Nothing here reads a clock.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A closed-open interval `[start_us, end_us)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interval {
     pub start_us: u64,
     pub end_us: u64,

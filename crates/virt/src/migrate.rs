@@ -46,7 +46,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use dczone_hypervisor::{self as hv, Qmp, Running};
@@ -131,7 +131,7 @@ const STALL: Duration = Duration::from_secs(10);
 const MIGRATION_PORT_BASE: u16 = 4600;
 
 /// What one VM's migration measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmMigration {
     pub vm: String,
     pub from: String,
@@ -165,7 +165,7 @@ pub struct GroupMigration {
 }
 
 /// Progress of one VM, for display.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Progress {
     pub vm: String,
     pub status: String,
@@ -787,7 +787,7 @@ impl Platform {
                 }
                 if !s.done && !s.dst.alive() {
                     failure = Some(format!(
-                        "the destination of {} is gone (its QEMU or its host agent died)",
+                        "the destination of {} is gone or unreachable (its QEMU, its host agent or the path to it)",
                         s.vm.spec.name
                     ));
                 }
