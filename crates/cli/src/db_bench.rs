@@ -814,7 +814,7 @@ pub fn switchover_bench(
     let report = SwitchoverBenchReport {
         git_rev: dczone_lab::wan_bench::git_rev(),
         clients,
-        client_stall_ms_median: stalls[stalls.len() / 2],
+        client_stall_ms_median: stalls[(stalls.len() - 1) / 2],
         client_stall_ms_max: stalls[stalls.len() - 1],
         rpo_lost_transactions: rounds.iter().map(|r| r.lost).sum(),
         rounds,
