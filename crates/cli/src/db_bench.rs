@@ -446,6 +446,24 @@ fn disaster(
     })
 }
 
+/// The reference zone's lab up and a fresh database platform (the primary in its declared
+/// site, an empty ledger), with a spinner for what follows.
+fn fresh_platform(
+    lab: &Lab,
+    exe: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<(Platform, ProgressBar)> {
+    let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
+    lab.up(&zone, &source, &text)?;
+    let p = Platform::open(lab)?;
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.set_message("database platform: fresh start");
+    p.down()?;
+    p.up(exe, state_dir, &p.client_host(None)?)?;
+    Ok((p, bar))
+}
+
 pub fn inter_region(
     lab: &Lab,
     exe: &Path,
@@ -462,15 +480,7 @@ pub fn inter_region(
     {
         anyhow::bail!("--clients must be >= 1, --seconds positive and --distances >= 0 km");
     }
-    let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
-    lab.up(&zone, &source, &text)?;
-    let p = Platform::open(lab)?;
-    let bar = ProgressBar::new_spinner();
-    bar.enable_steady_tick(Duration::from_millis(200));
-    // A fresh platform: the primary in its declared site, an empty ledger.
-    bar.set_message("database platform: fresh start");
-    p.down()?;
-    p.up(exe, state_dir, &p.client_host(None)?)?;
+    let (p, bar) = fresh_platform(lab, exe, state_dir)?;
     let default_km = 500.0;
     let mut distances = Vec::new();
     let mut result = (|| -> anyhow::Result<InterRegionReport> {
@@ -749,15 +759,8 @@ pub fn switchover_bench(
     if rounds == 0 || clients == 0 {
         anyhow::bail!("--rounds and --clients must be at least 1");
     }
-    let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
-    lab.up(&zone, &source, &text)?;
-    let p = Platform::open(lab)?;
-    let bar = ProgressBar::new_spinner();
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar.set_message("database platform: fresh start");
-    p.down()?;
+    let (p, bar) = fresh_platform(lab, exe, state_dir)?;
     let probe = p.client_host(None)?;
-    p.up(exe, state_dir, &probe)?;
     let sites: Vec<String> = p.members.iter().map(|m| m.site.clone()).collect();
     let client = client_near(&p, &p.plan.primary);
     let result = (|| -> anyhow::Result<Vec<SwitchoverRound>> {

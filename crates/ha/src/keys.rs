@@ -216,21 +216,17 @@ impl Store {
         key: &str,
         value: &T,
     ) -> Result<bool, StoreError> {
-        let mut c = self.client.clone();
-        let me = serde_json::to_vec(leader).expect("serializable");
         let body = serde_json::to_vec(value).expect("serializable");
-        let txn = Txn::new()
-            .when(vec![Compare::value(
-                self.keys.leader(),
-                CompareOp::Equal,
-                me,
-            )])
-            .and_then(vec![TxnOp::put(key, body, None)]);
-        Ok(timed(c.txn(txn)).await?.succeeded())
+        self.as_leader(leader, TxnOp::put(key, body, None)).await
     }
 
     /// Deletes `key` only while `leader` still holds the leader key.
     pub async fn delete_as_leader(&self, leader: &Leader, key: &str) -> Result<bool, StoreError> {
+        self.as_leader(leader, TxnOp::delete(key, None)).await
+    }
+
+    /// Runs `op` in a transaction conditional on `leader` holding the leader key.
+    async fn as_leader(&self, leader: &Leader, op: TxnOp) -> Result<bool, StoreError> {
         let mut c = self.client.clone();
         let me = serde_json::to_vec(leader).expect("serializable");
         let txn = Txn::new()
@@ -239,7 +235,7 @@ impl Store {
                 CompareOp::Equal,
                 me,
             )])
-            .and_then(vec![TxnOp::delete(key, None)]);
+            .and_then(vec![op]);
         Ok(timed(c.txn(txn)).await?.succeeded())
     }
 
