@@ -167,11 +167,12 @@ impl HostAgents {
         let (h, ns) = self.lab.host(host)?;
         let client = AgentClient::new(&format!("http://{}:{AGENT_PORT}", h.ip()), &self.token()?);
         let _slot = self.lock(host)?;
-        if self.pid(host).is_none() {
+        let mut pid = self.pid(host);
+        if pid.is_none() {
             let token_file = self.token_file().display().to_string();
             let state_dir = self.state_dir.display().to_string();
             let log = self.dir().join(format!("{host}.log"));
-            let pid = self.lab.spawn_daemon(
+            let spawned = self.lab.spawn_daemon(
                 &ns,
                 &self.daemon,
                 &[
@@ -187,7 +188,8 @@ impl HostAgents {
                 &log,
                 "the host agent",
             )?;
-            std::fs::write(self.dir().join(format!("{host}.pid")), pid.to_string())?;
+            std::fs::write(self.dir().join(format!("{host}.pid")), spawned.to_string())?;
+            pid = Some(spawned);
         }
         let t = Instant::now();
         loop {
@@ -199,7 +201,10 @@ impl HostAgents {
             if up {
                 return Ok(client);
             }
-            if self.pid(host).is_none() || t.elapsed() > Duration::from_secs(60) {
+            // Liveness by pid alone: during `ip netns exec`'s execve the process's cmdline
+            // reads empty for a moment, so the cmdline test of `pid()` would misfire here.
+            let alive = pid.is_some_and(sys::alive);
+            if !alive || t.elapsed() > Duration::from_secs(60) {
                 let log = std::fs::read_to_string(self.dir().join(format!("{host}.log")))
                     .unwrap_or_default();
                 bail!(
