@@ -201,8 +201,17 @@ impl Agent {
             incoming: Mutex::new(HashMap::new()),
             outgoing: Mutex::new(HashMap::new()),
         };
+        agent.recover_interrupted();
         agent.reap_strays();
         agent
+    }
+
+    /// Settles the migrations from this host whose driver died (see
+    /// [`Platform::recover_interrupted`]): a source VM never stays paused for want of one.
+    pub fn recover_interrupted(&self) {
+        for line in self.platform.recover_interrupted(&self.host) {
+            eprintln!("dczoned: {line}");
+        }
     }
 
     /// A previous agent of this host may have died with a destination QEMU waiting: kill
@@ -212,10 +221,11 @@ impl Agent {
             return;
         };
         let ns = self.platform.lab().host_namespace(&self.host);
-        let known: Vec<i32> = vms
+        let mut known: Vec<i32> = vms
             .iter()
             .filter_map(|v| v.running.as_ref().map(|r| r.pid))
             .collect();
+        known.extend(self.platform.in_flight_destinations());
         for pid in dczone_lab::sys::pids_in_namespace(&ns) {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if comm.trim().starts_with("qemu-system") && !known.contains(&pid) {
@@ -795,6 +805,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || loop {
             std::thread::sleep(Duration::from_millis(500));
             reaper.reap_abandoned();
+            reaper.recover_interrupted();
         })?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

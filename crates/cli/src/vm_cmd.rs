@@ -110,6 +110,23 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::R
     let record =
         |v: serde_json::Value| -> anyhow::Result<VmRecord> { Ok(serde_json::from_value(v)?) };
     let short = Duration::from_secs(30);
+    // Calls the agent of `name`'s host. Once more if the record moved meanwhile: an agent
+    // that starts settles a migration its host's VM was left in, which may move it.
+    let on_vm = |name: &str, method: &str, path: &str, timeout: Duration| {
+        let host = p.get(name)?.host;
+        match agents.call(&host, method, path, None, timeout) {
+            Ok(v) => Ok((host, v)),
+            Err(e) => {
+                let now = p.get(name)?.host;
+                if now == host {
+                    return Err(e);
+                }
+                agents
+                    .call(&now, method, path, None, timeout)
+                    .map(|v| (now, v))
+            }
+        }
+    };
     match cmd {
         VmCommand::Create {
             name,
@@ -150,19 +167,16 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::R
             }
         }
         VmCommand::Start { name } => {
-            let host = p.get(&name)?.host;
             let path = format!("/v1/vms/{name}/start");
-            let vm = record(agents.call(&host, "POST", &path, None, Duration::from_secs(180))?)?;
+            let vm = record(on_vm(&name, "POST", &path, Duration::from_secs(180))?.1)?;
             println!("VM {} runs on {}", vm.spec.name, vm.host);
         }
         VmCommand::Stop { name } => {
-            let host = p.get(&name)?.host;
-            agents.call(&host, "POST", &format!("/v1/vms/{name}/stop"), None, short)?;
+            on_vm(&name, "POST", &format!("/v1/vms/{name}/stop"), short)?;
             println!("VM {name} stopped");
         }
         VmCommand::Destroy { name } => {
-            let host = p.get(&name)?.host;
-            agents.call(&host, "DELETE", &format!("/v1/vms/{name}"), None, short)?;
+            on_vm(&name, "DELETE", &format!("/v1/vms/{name}"), short)?;
             println!("VM {name} destroyed");
         }
         VmCommand::List { json } => {
@@ -209,8 +223,8 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::R
             }
         }
         VmCommand::Show { name, json } => {
-            let host = p.get(&name)?.host;
-            let vm = record(agents.call(&host, "GET", &format!("/v1/vms/{name}"), None, short)?)?;
+            let (host, vm) = on_vm(&name, "GET", &format!("/v1/vms/{name}"), short)?;
+            let vm = record(vm)?;
             if json {
                 print_json(&vm);
             } else {
@@ -315,7 +329,8 @@ pub fn print_group(g: &GroupMigration) {
 
 /// One VM: the source host's agent drives the migration with the destination's agent.
 /// A group: the CLI orchestrates every VM's pre-copy through QMP itself, because the
-/// coordinated strategy holds and releases VMs against each other.
+/// coordinated strategy holds and releases VMs against each other; the source hosts'
+/// agents stand by to settle it should this process die.
 pub fn migrate(
     lab: &Lab,
     exe: &Path,
@@ -329,9 +344,13 @@ pub fn migrate(
     };
     let g = match (&args.vm, &args.group) {
         (Some(vm), None) => {
-            let from = p.get(vm)?.host;
             lab.host(&args.to)?;
             let agents = HostAgents::new(lab, exe, state_dir)?;
+            // The source's agent first: starting, it settles an interrupted migration of
+            // the VM, which may move it.
+            let before = p.get(vm)?.host;
+            agents.call(&before, "GET", "/v1/health", None, Duration::from_secs(30))?;
+            let from = p.get(vm)?.host;
             // Start the destination's agent before the source's asks it to prepare.
             agents.call(&args.to, "GET", "/v1/vms", None, Duration::from_secs(30))?;
             let (multi, update) = progress_display(args.json);
@@ -370,6 +389,20 @@ pub fn migrate(
             }
         }
         (None, Some(group)) => {
+            // The source hosts' agents settle the migration (cancel, the sources run on) if
+            // this command dies half-way, e.g. with VMs held at pause-before-switchover.
+            let agents = HostAgents::new(lab, exe, state_dir)?;
+            let mut sources: Vec<String> = p
+                .list()?
+                .into_iter()
+                .filter(|v| v.group.as_deref() == Some(group.as_str()))
+                .map(|v| v.host)
+                .collect();
+            sources.sort();
+            sources.dedup();
+            for host in &sources {
+                agents.call(host, "GET", "/v1/health", None, Duration::from_secs(30))?;
+            }
             let (multi, update) = progress_display(args.json);
             let result = p.migrate_group(group, &args.to, args.strategy.into(), &params, &update);
             let _ = multi.clear();

@@ -218,15 +218,7 @@ fn group_migration_reports_svc_t2_and_a_cut_link_leaves_the_source_running() {
     assert!(!vm["running"].is_null());
     // The destination's agent, cut off from the source's, kills the waiting QEMU once the
     // migration's keepalive lapses (5 s).
-    let qemus = || -> Vec<i32> {
-        sys::pids_in_namespace(&format!("{}-dc1.1-h2", lab.name))
-            .into_iter()
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm"))
-                    .is_ok_and(|c| c.starts_with("qemu-system"))
-            })
-            .collect()
-    };
+    let qemus = || qemus(&lab, "dc1.1-h2");
     let t = std::time::Instant::now();
     while !qemus().is_empty() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(200));
@@ -240,4 +232,124 @@ fn group_migration_reports_svc_t2_and_a_cut_link_leaves_the_source_running() {
     // The source still serves (from the client at dc1.1, through the restored link).
     let answer = ledger(&lab, gb_ip, &["S"]).remove(0);
     assert!(answer.starts_with("processed="), "{answer}");
+}
+
+/// QEMU processes in a host's namespace.
+fn qemus(lab: &TestLab, host: &str) -> Vec<i32> {
+    sys::pids_in_namespace(&lab.ns(host))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_group_migration_is_settled_and_the_sources_serve() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2ekill");
+    lab.ok(&["lab", "up"]);
+    let vms = [("ka", "dc1.1-h1", "1"), ("kb", "dc1.1-h2", "4")];
+    let creating: Vec<_> = vms
+        .iter()
+        .map(|&(name, host, dirty)| {
+            let mut cmd = lab.command();
+            cmd.args(["vm", "create", name, "--host", host, "--dirty-mbps", dirty])
+                .args(["--group", "k"]);
+            std::thread::spawn(move || cmd.output().expect("dczone runs"))
+        })
+        .collect();
+    for h in creating {
+        let out = h.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ip = |name: &str| -> Ipv4Addr {
+        lab.json(&["vm", "show", name, "--json"])["spec"]["ip_cidr"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let ips: Vec<Ipv4Addr> = vms.iter().map(|v| ip(v.0)).collect();
+
+    // Kill the command (as Ctrl-C or a crash would) while both VMs are being sent: the
+    // coordinated strategy holds them for seconds, so neither can have finished.
+    let mut child = lab
+        .command()
+        .args([
+            "migrate",
+            "--group",
+            "k",
+            "--to",
+            "dc1.2",
+            "--strategy",
+            "coordinated",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while (qemus(&lab, "dc1.2-h1").is_empty() || qemus(&lab, "dc1.2-h2").is_empty())
+        && t.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "the destinations never started"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // The source hosts' agents cancel the orphaned migrations: each VM runs at its source,
+    // serving, and no destination QEMU is left.
+    let t = std::time::Instant::now();
+    let settled = || {
+        qemus(&lab, "dc1.2-h1").is_empty()
+            && qemus(&lab, "dc1.2-h2").is_empty()
+            && qemus(&lab, "dc1.1-h1").len() == 1
+            && qemus(&lab, "dc1.1-h2").len() == 1
+    };
+    while !settled() && t.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(settled(), "QEMUs left after the kill");
+    for ((name, host, _), ip) in vms.iter().zip(&ips) {
+        let vm = lab.json(&["vm", "show", name, "--json"]);
+        assert_eq!(vm["host"], *host, "{vm}");
+        let t = std::time::Instant::now();
+        // Still being cancelled (the guest stays stopped until then): ask again.
+        let answer = loop {
+            let a = ledger(&lab, *ip, &["S"]).remove(0);
+            if a.starts_with("processed=") || t.elapsed() > Duration::from_secs(10) {
+                break a;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(answer.starts_with("processed="), "{name}: {answer}");
+    }
+    // And nothing is left locked or half-done: the group migrates.
+    let g = lab.json(&[
+        "migrate",
+        "--group",
+        "k",
+        "--to",
+        "dc1.2",
+        "--strategy",
+        "parallel",
+        "--json",
+    ]);
+    assert_eq!(g["vms"].as_array().unwrap().len(), 2, "{g}");
 }

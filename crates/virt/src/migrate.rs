@@ -196,6 +196,10 @@ pub trait Destination: Send {
     fn finish(&mut self) -> Result<(u64, Running), VirtError>;
     /// Kills the destination QEMU (the source keeps the VM).
     fn abort(&mut self);
+    /// The destination QEMU, when this process launched it (for [`InFlight`]).
+    fn running(&self) -> Option<Running> {
+        None
+    }
 }
 
 /// Prepares the destination of `vm` on host `to`, listening on `port`.
@@ -259,6 +263,166 @@ impl Destination for LocalDestination {
 
     fn abort(&mut self) {
         hv::kill(&self.running);
+    }
+
+    fn running(&self) -> Option<Running> {
+        Some(self.running.clone())
+    }
+}
+
+/// What a migration in flight leaves on disk (`<vm>/migrating.json`) while its driver holds
+/// the VM's migration lock. A driver that dies (a killed `dczone migrate`, a killed agent)
+/// leaves a migration nobody finishes: a held VM (throttled, 1 ms downtime-limit) never
+/// converges and keeps paying for dirty logging; one that completes by itself leaves the
+/// VM running at a destination its record does not name, or stopped at both ends when the
+/// destination waits paused for a `finish`. The source host's agent finds the marker with
+/// the lock free and settles the migration ([`Platform::recover_interrupted`]), as
+/// libvirt's Confirm phase would.
+#[derive(Debug, Serialize, Deserialize)]
+struct InFlight {
+    from: String,
+    to: String,
+    /// The destination QEMU, when the driver launched it itself (it runs as soon as the
+    /// stream is in); `None` when the destination's agent holds it paused until `finish`.
+    destination: Option<Running>,
+}
+
+/// Removes the in-flight markers of a batch when it ends, however it ends (not when the
+/// process is killed: then the marker is the point).
+struct Markers<'a> {
+    platform: &'a Platform,
+    vms: Vec<String>,
+}
+
+impl Drop for Markers<'_> {
+    fn drop(&mut self) {
+        for vm in &self.vms {
+            let _ = std::fs::remove_file(self.platform.in_flight_path(vm));
+        }
+    }
+}
+
+/// QEMU statuses in which a migration is still under way.
+const UNDER_WAY: [&str; 6] = [
+    "setup",
+    "active",
+    "pre-switchover",
+    "device",
+    "wait-unplug",
+    "cancelling",
+];
+
+impl Platform {
+    fn in_flight_path(&self, vm: &str) -> std::path::PathBuf {
+        self.vms_dir().join(vm).join("migrating.json")
+    }
+
+    /// Destination QEMUs of migrations in flight (so that an agent starting meanwhile does
+    /// not take them for strays).
+    pub fn in_flight_destinations(&self) -> Vec<i32> {
+        let Ok(vms) = self.list() else {
+            return Vec::new();
+        };
+        vms.iter()
+            .filter_map(|v| std::fs::read_to_string(self.in_flight_path(&v.spec.name)).ok())
+            .filter_map(|t| serde_json::from_str::<InFlight>(&t).ok())
+            .filter_map(|f| f.destination.map(|d| d.pid))
+            .collect()
+    }
+
+    /// Settles every migration from `host` whose driver is gone (its marker is there, its
+    /// lock is free). Under way or completed with the destination gone or never resumed:
+    /// cancel, kill the destination, the source runs on. Completed with a destination that
+    /// has run (it holds the newer state): roll forward, the record follows the VM there and
+    /// the source quits. Returns one line per VM settled.
+    pub fn recover_interrupted(&self, host: &str) -> Vec<String> {
+        let Ok(vms) = self.list() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for vm in vms.iter().filter(|v| v.host == host) {
+            let name = vm.spec.name.as_str();
+            let path = self.in_flight_path(name);
+            if !path.exists() {
+                continue;
+            }
+            // Busy: the driver lives and owns the migration.
+            let Ok(_lock) = self.migration_lock(name) else {
+                continue;
+            };
+            let (Ok(text), Ok(vm)) = (std::fs::read_to_string(&path), self.get(name)) else {
+                continue;
+            };
+            if let Ok(flight) = serde_json::from_str::<InFlight>(&text) {
+                if vm.host == flight.from {
+                    out.push(match self.settle(&vm, &flight) {
+                        Ok(line) => line,
+                        Err(e) => format!("{name}: settling its interrupted migration failed: {e}"),
+                    });
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        out
+    }
+
+    fn settle(&self, vm: &VmRecord, flight: &InFlight) -> Result<String, VirtError> {
+        let name = vm.spec.name.as_str();
+        let err = Session::qmp_err(name);
+        let destination = flight.destination.clone().filter(|d| {
+            hv::alive(d.pid)
+                && std::fs::read_to_string(format!("/proc/{}/comm", d.pid))
+                    .is_ok_and(|c| c.starts_with("qemu-system"))
+        });
+        let Some(src) = vm.running.clone() else {
+            if let Some(d) = &destination {
+                hv::kill(d);
+            }
+            return Ok(format!(
+                "{name}: its migration to {} was interrupted and its source is gone",
+                flight.to
+            ));
+        };
+        let mut qmp = Qmp::connect(&src.qmp, Duration::from_secs(5)).map_err(&err)?;
+        let info = qmp.execute("query-migrate", json!({})).map_err(&err)?;
+        let status = info["status"].as_str().unwrap_or("none").to_string();
+        if status == "completed" {
+            if let Some(d) = destination {
+                let _ = qmp.execute("quit", json!({}));
+                hv::kill(&src);
+                let mut moved = vm.clone();
+                moved.host = flight.to.clone();
+                moved.running = Some(d);
+                self.save_record(&moved)?;
+                return Ok(format!(
+                    "{name}: its migration to {} had completed when its driver died; the VM runs there",
+                    flight.to
+                ));
+            }
+        } else if UNDER_WAY.contains(&status.as_str()) {
+            // (QEMU also kicks a migration paused at pre-switchover out of its pause.)
+            let _ = qmp.execute("migrate_cancel", json!({}));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                let st = qmp.execute("query-migrate", json!({})).map_err(&err)?;
+                if !UNDER_WAY.contains(&st["status"].as_str().unwrap_or("none")) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // The destination goes first: the two must never run at once.
+        if let Some(d) = &destination {
+            hv::kill(d);
+        }
+        let st = qmp.execute("query-status", json!({})).map_err(&err)?;
+        if st["running"] == false {
+            qmp.execute("cont", json!({})).map_err(&err)?;
+        }
+        Ok(format!(
+            "{name}: its migration to {} was interrupted ({status}); cancelled, the VM runs on {}",
+            flight.to, vm.host
+        ))
     }
 }
 
@@ -750,9 +914,29 @@ impl Platform {
         prepare: Prepare<'_>,
     ) -> Result<Vec<VmMigration>, VirtError> {
         let mut sessions: Vec<Session> = Vec::new();
+        let mut markers = Markers {
+            platform: self,
+            vms: Vec::new(),
+        };
         for (i, (vm, to)) in plan.iter().enumerate() {
             let port = MIGRATION_PORT_BASE + port_offset + i as u16;
-            match Session::prepare(vm, to, port, prepare) {
+            let prepared = Session::prepare(vm, to, port, prepare).and_then(|s| {
+                let flight = InFlight {
+                    from: vm.host.clone(),
+                    to: to.clone(),
+                    destination: s.dst.running(),
+                };
+                let path = self.in_flight_path(&vm.spec.name);
+                markers.vms.push(vm.spec.name.clone());
+                match std::fs::write(&path, serde_json::to_vec(&flight).unwrap_or_default()) {
+                    Ok(()) => Ok(s),
+                    Err(e) => {
+                        let _ = s.abort(String::new());
+                        Err(Self::io("record the migration in flight")(e))
+                    }
+                }
+            });
+            match prepared {
                 Ok(s) => sessions.push(s),
                 Err(e) => {
                     for s in sessions {
