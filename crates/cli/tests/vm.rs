@@ -3,7 +3,9 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dczone_lab::sys;
 
@@ -55,7 +57,7 @@ fn vm_boots_serves_and_migrates_with_its_state() {
         "--host",
         "dc1.1-h1",
         "--dirty-mbps",
-        "0",
+        "4",
         "--json",
     ]);
     assert_eq!(vm["host"], "dc1.1-h1");
@@ -81,14 +83,70 @@ fn vm_boots_serves_and_migrates_with_its_state() {
     let bad_host = lab.run(&["migrate", "ledger", "--to", "dc9-h1"]);
     assert!(String::from_utf8_lossy(&bad_host.stderr).contains("unknown host 'dc9-h1'"));
 
+    // Migrate under load: a client sends transfers back to back on one connection, which
+    // must survive the move with every transfer answered once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        sys::in_namespace(&lab.ns("dc1.1-client"), move || {
+            let s =
+                TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(5))
+                    .expect("connect to the guest ledger");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut acked = Vec::new();
+            for id in 100u64.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (from, to, amount) = ((id % 10) as usize, ((id * 7 + 3) % 10) as usize, id % 5);
+                writeln!(w, "T {id} {from} {to} {amount}").unwrap();
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                assert_eq!(line.trim(), format!("OK {id}"), "transfer {id}");
+                acked.push((Instant::now(), from, to, amount as i64));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            acked
+        })
+        .unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let migrating = Instant::now();
     let m = lab.json(&["migrate", "ledger", "--to", "dc1.2-h1", "--json"]);
+    let migrated = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let acked = load.join().unwrap();
+    let during = acked
+        .iter()
+        .filter(|(at, ..)| *at > migrating && *at < migrated)
+        .count();
+    assert!(during >= 10, "only {during} transfers during the migration");
+    // The client's model of the ledger: the first transfer plus every acknowledged one.
+    let mut balances = vec![1000i64; 1000];
+    balances[0] -= 25;
+    balances[1] += 25;
+    for &(_, from, to, amount) in &acked {
+        balances[from] -= amount;
+        balances[to] += amount;
+    }
+    let model_checksum = {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in balances.iter().flat_map(|b| b.to_le_bytes()) {
+            h ^= u64::from(byte);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    };
     let rec = &m["vms"][0];
     let (t1, t2) = (
         rec["t1_ms"].as_f64().unwrap(),
         rec["t2_ms"].as_f64().unwrap(),
     );
     assert!(t1 > 0.0 && t2 > 0.0, "T1 {t1} ms, T2 {t2} ms");
-    assert!(t2 < 1000.0, "downtime of an idle 256 MiB guest was {t2} ms");
+    assert!(t2 < 1000.0, "downtime of a 256 MiB guest was {t2} ms");
     assert!(
         rec["qemu_downtime_ms"].as_f64().unwrap() <= t2 + 1.0,
         "QEMU's downtime must lie within T2"
@@ -104,18 +162,18 @@ fn vm_boots_serves_and_migrates_with_its_state() {
     );
     assert_eq!(
         field(&after[0], "checksum"),
-        field(&before[3], "checksum"),
-        "state changed in flight"
+        model_checksum,
+        "the guest's state is not the client's model of every acknowledged transfer"
     );
-    assert_eq!(after[1], "1025");
+    assert_eq!(after[1], balances[1].to_string());
     assert_eq!(after[2], "OK 2");
     let processed = |s: &str| field(s, "processed").parse::<u64>().unwrap();
     assert_eq!(
         processed(&after[0]),
-        processed(&before[3]),
+        processed(&before[3]) + acked.len() as u64,
         "requests lost or replayed"
     );
-    assert_eq!(processed(&after[3]), processed(&before[3]) + 1);
+    assert_eq!(processed(&after[3]), processed(&after[0]) + 1);
     let uptime = |s: &str| field(s, "uptime_ms").parse::<u64>().unwrap();
     assert!(
         uptime(&after[0]) > uptime(&before[3]),
