@@ -826,9 +826,6 @@ impl Agent {
                     reason: reason.clone(),
                     ..state.clone()
                 };
-                // etcd first: a failover must know these commits are unprotected.
-                self.write_as_leader(me, &self.store.keys.sync(), &s)
-                    .await?;
                 let entry = AuditEntry {
                     kind: "unprotected".into(),
                     primary: site.clone(),
@@ -837,8 +834,17 @@ impl Agent {
                     reason,
                     grey_bytes: None,
                 };
-                self.write_as_leader(me, &self.store.keys.audit(now), &entry)
-                    .await?;
+                // etcd first: a failover must know these commits are unprotected. The mode
+                // and its audit entry in one transaction: no reader sees one without the
+                // other.
+                self.write_all_as_leader(
+                    me,
+                    vec![
+                        (self.store.keys.sync(), json_bytes(&s)),
+                        (self.store.keys.audit(now), json_bytes(&entry)),
+                    ],
+                )
+                .await?;
                 self.window_start = Some(now);
                 log(&site, &format!("switched to async: {}", s.reason));
                 String::new()
@@ -859,9 +865,9 @@ impl Agent {
                     reason: "standbys caught up".into(),
                     ..state.clone()
                 };
-                self.write_as_leader(me, &self.store.keys.sync(), &s)
-                    .await?;
                 let start = self.window_start.take().unwrap_or(state.since_ms);
+                let mut writes = vec![(self.store.keys.sync(), json_bytes(&s))];
+                // The window closes in the same transaction as the mode returns.
                 if let Some(mut e) = snap
                     .audit
                     .iter()
@@ -869,9 +875,9 @@ impl Agent {
                     .cloned()
                 {
                     e.end_ms = Some(now);
-                    self.write_as_leader(me, &self.store.keys.audit(start), &e)
-                        .await?;
+                    writes.push((self.store.keys.audit(start), json_bytes(&e)));
                 }
+                self.write_all_as_leader(me, writes).await?;
                 log(&site, "back to sync");
                 names.clone()
             }
@@ -980,6 +986,20 @@ impl Agent {
         match self.store.resign(me).await {
             Ok(_) => Ok(()),
             Err(e) => Err(format!("resign: {e}")),
+        }
+    }
+
+    async fn write_all_as_leader(
+        &self,
+        me: &Leader,
+        writes: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), String> {
+        match self.store.put_all_as_leader(me, writes).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("no longer the leader; write refused".into()),
+            Err(e) => Err(format!(
+                "write the replication mode and its audit entry: {e}"
+            )),
         }
     }
 
@@ -1115,4 +1135,8 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+fn json_bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("serializable")
 }

@@ -217,16 +217,31 @@ impl Store {
         value: &T,
     ) -> Result<bool, StoreError> {
         let body = serde_json::to_vec(value).expect("serializable");
-        self.as_leader(leader, TxnOp::put(key, body, None)).await
+        self.as_leader(leader, vec![TxnOp::put(key, body, None)])
+            .await
+    }
+
+    /// Writes every `(key, JSON)` at once (one transaction), only while `leader` still
+    /// holds the leader key: a reader sees all of them or none.
+    pub async fn put_all_as_leader(
+        &self,
+        leader: &Leader,
+        writes: Vec<(String, Vec<u8>)>,
+    ) -> Result<bool, StoreError> {
+        let ops = writes
+            .into_iter()
+            .map(|(k, v)| TxnOp::put(k, v, None))
+            .collect();
+        self.as_leader(leader, ops).await
     }
 
     /// Deletes `key` only while `leader` still holds the leader key.
     pub async fn delete_as_leader(&self, leader: &Leader, key: &str) -> Result<bool, StoreError> {
-        self.as_leader(leader, TxnOp::delete(key, None)).await
+        self.as_leader(leader, vec![TxnOp::delete(key, None)]).await
     }
 
-    /// Runs `op` in a transaction conditional on `leader` holding the leader key.
-    async fn as_leader(&self, leader: &Leader, op: TxnOp) -> Result<bool, StoreError> {
+    /// Runs `ops` in a transaction conditional on `leader` holding the leader key.
+    async fn as_leader(&self, leader: &Leader, ops: Vec<TxnOp>) -> Result<bool, StoreError> {
         let mut c = self.client.clone();
         let me = serde_json::to_vec(leader).expect("serializable");
         let txn = Txn::new()
@@ -235,7 +250,7 @@ impl Store {
                 CompareOp::Equal,
                 me,
             )])
-            .and_then(vec![op]);
+            .and_then(ops);
         Ok(timed(c.txn(txn)).await?.succeeded())
     }
 
