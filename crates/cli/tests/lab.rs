@@ -80,9 +80,12 @@ fn tcp_echo_dc1_1_to_dc2_1_takes_one_500_km_round_trip() {
     let lab = TestLab::new("e2eecho");
     lab.up();
     let median = tcp_echo_median(&lab, "dc1.1-h1", "dc2.1-h1", DC21_H1);
+    // 5 ms, less the emulator's accuracy bound (2 % + 20 us: `lab calibrate` subtracts the
+    // host stack's delay as measured at `lab up`, which a loaded machine can overstate),
+    // plus at most 1 ms of host stack and echo server.
     assert!(
-        median >= Duration::from_millis(5) && median < Duration::from_millis(6),
-        "TCP echo RTT over 500 km was {median:?}, expected 5-6 ms"
+        median >= Duration::from_micros(5000 - 120) && median < Duration::from_millis(6),
+        "TCP echo RTT over 500 km was {median:?}, expected 4.88-6 ms"
     );
     // Same site: no emulated delay at all.
     let local = tcp_echo_median(&lab, "dc1.1-h1", "dc1.1-h2", Ipv4Addr::new(10, 77, 1, 12));
