@@ -317,22 +317,33 @@ fn agent_kill_etcd_quorum_loss_and_an_unreachable_standby_are_safe() {
     let audit = lab.json(&["db", "audit", "--json"]);
     assert_eq!(audit["rpo_zero"], true, "{audit}");
 
-    // etcd loses quorum: the primary cannot renew its lease and stops acknowledging.
+    // etcd loses quorum: the primary cannot renew its lease and stops acknowledging. Every
+    // member outside the leader's site dies (5 members: dc1.x one each, dc2.1 two, witness).
     let leader = status(&lab)["leader"].as_str().unwrap().to_string();
-    let others: Vec<&str> = ["dc1_1", "dc1_2", "dc2_1"]
-        .into_iter()
-        .filter(|m| *m != leader.replace('.', "_"))
-        .collect();
-    for m in &others {
-        let pid_file = lab.state_dir.join(&lab.name).join(format!("etcd/{m}.pid"));
-        let pid: i32 = std::fs::read_to_string(&pid_file)
+    let etcd_dir = lab.state_dir.join(&lab.name).join("etcd");
+    let mut killed = 0;
+    for entry in std::fs::read_dir(&etcd_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let Some(member) = name.strip_suffix(".pid") else {
+            continue;
+        };
+        if member.starts_with(&format!("{}_", leader.replace('.', "_"))) {
+            continue;
+        }
+        let pid: i32 = std::fs::read_to_string(&path)
             .unwrap()
             .trim()
             .parse()
             .unwrap();
-        // SAFETY: as above.
+        // SAFETY: killing a process of our own lab by pid.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+        killed += 1;
     }
+    assert!(
+        killed >= 3,
+        "a majority of the 5 members killed, got {killed}"
+    );
     sleep(Duration::from_secs(4));
     let primary_ip = if leader == "dc1.2" {
         DC12

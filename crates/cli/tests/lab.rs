@@ -196,13 +196,13 @@ fn status_lists_hosts_links_and_emulator() {
     assert!(lab.ok(&["lab", "up"]).contains("already up"));
     let s = lab.status();
     let hosts = s["hosts"].as_array().unwrap();
-    assert_eq!(hosts.len(), 8);
+    assert_eq!(hosts.len(), 9);
     let h = hosts.iter().find(|h| h["id"] == "dc2.1-h1").unwrap();
     assert_eq!(h["site"], "dc2.1");
     assert_eq!(h["namespace"], "e2estat-dc2.1-h1");
     assert_eq!(h["ip"], "10.77.3.11");
     assert_eq!(s["emulator"]["alive"], true);
-    assert_eq!(s["links"].as_array().unwrap().len(), 5);
+    assert_eq!(s["links"].as_array().unwrap().len(), 8);
     let out = lab.run(&["lab", "exec", "dc1.1-h1", "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7));
     let out = lab.run(&["lab", "exec", "dc9-h1", "--", "true"]);

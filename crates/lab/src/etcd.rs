@@ -1,5 +1,7 @@
-//! The zone's consensus store: one etcd member per database site, in that site's database
-//! host namespace, talking across the APN emulator like everything else.
+//! The zone's consensus store: one etcd member per host of the zone's `[consensus]` placement
+//! (by default the database sites' hosts; the reference zone adds a second in DC2.1 and one
+//! at the witness), in that host's namespace, talking across the APN emulator like
+//! everything else.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -72,23 +74,22 @@ fn healthy(member: &EtcdMember) -> bool {
 }
 
 impl Lab {
-    /// The etcd members of `zone`: one per database site (none if it has no database).
+    /// The etcd members of `zone`: one per host of its consensus placement (none if it has
+    /// no database). A member is named after its host.
     pub fn etcd_members(&self, zone: &Zone) -> Vec<EtcdMember> {
-        let Some(db) = &zone.database else {
+        let Some(plan) = &zone.consensus else {
             return Vec::new();
         };
-        db.members()
+        plan.hosts
             .iter()
-            .filter_map(|site| {
-                let idx = zone.site_index(site)?;
-                let host = zone.sites[idx].hosts.get(db.host_index)?.clone();
-                let h = zone.host(&host)?;
+            .filter_map(|host| {
+                let h = zone.host(host)?;
                 Some(EtcdMember {
-                    name: dczone_zone::database::app_name(site),
-                    site: site.clone(),
-                    namespace: self.host_namespace(&host),
+                    name: dczone_zone::database::app_name(host),
+                    site: zone.sites[h.site].id.clone(),
+                    namespace: self.host_namespace(host),
                     ip: h.ip(),
-                    host,
+                    host: host.clone(),
                 })
             })
             .collect()
@@ -183,25 +184,25 @@ impl Lab {
         Ok(members)
     }
 
-    /// Kills one site's etcd member (a fault to inject); `etcd_up` restarts it.
+    /// Kills every etcd member of one site (a fault to inject); `etcd_up` restarts them.
     pub fn etcd_kill(&self, zone: &Zone, site: &str) -> Result<(), LabError> {
         let members = self.etcd_members(zone);
-        let m = members
-            .iter()
-            .find(|m| m.site == site)
-            .ok_or_else(|| LabError::UnknownSite {
+        let mine: Vec<&EtcdMember> = members.iter().filter(|m| m.site == site).collect();
+        if mine.is_empty() {
+            let mut known: Vec<String> = members.iter().map(|m| m.site.clone()).collect();
+            known.dedup();
+            return Err(LabError::UnknownSite {
                 site: site.into(),
-                known: members
-                    .iter()
-                    .map(|m| m.site.clone())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
-        if let Some(pid) = std::fs::read_to_string(self.etcd_pid_file(m))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
-            sys::kill(pid, libc::SIGKILL);
+                known: known.join(", "),
+            });
+        }
+        for m in mine {
+            if let Some(pid) = std::fs::read_to_string(self.etcd_pid_file(m))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                sys::kill(pid, libc::SIGKILL);
+            }
         }
         Ok(())
     }

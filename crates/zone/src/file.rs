@@ -6,7 +6,7 @@
 //!
 //! [[sites]]
 //! id = "dc1.1"                # [a-z0-9.-], unique
-//! kind = "datacenter"         # or "public-cloud"
+//! kind = "datacenter"         # or "public-cloud", or "witness" (a consensus member, no data)
 //! region = "region-1"
 //! hosts = ["dc1.1-h1"]        # unique across the zone
 //!
@@ -22,7 +22,8 @@
 //! ```
 //!
 //! An optional `[database]` section with `[policies.*]` and `[ha]` describes the database
-//! platform; see [`crate::database`].
+//! platform; see [`crate::database`]. An optional `[consensus]` section places the
+//! consensus store; see [`crate::consensus`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,7 @@ struct RawZone {
     #[serde(default)]
     policies: std::collections::BTreeMap<String, crate::database::RawPolicy>,
     ha: Option<crate::database::RawHa>,
+    consensus: Option<crate::consensus::RawConsensus>,
 }
 
 #[derive(Deserialize)]
@@ -165,10 +167,13 @@ pub fn parse(text: &str, file: &Path) -> Result<Zone, ZoneError> {
         let kind = match s.kind.as_str() {
             "datacenter" => SiteKind::Datacenter,
             "public-cloud" => SiteKind::PublicCloud,
+            "witness" => SiteKind::Witness,
             other => {
                 problem(
                     format!("sites[{i}].kind"),
-                    format!("unknown kind '{other}': use \"datacenter\" or \"public-cloud\""),
+                    format!(
+                        "unknown kind '{other}': use \"datacenter\", \"public-cloud\" or \"witness\""
+                    ),
                 );
                 SiteKind::Datacenter
             }
@@ -320,12 +325,41 @@ pub fn parse(text: &str, file: &Path) -> Result<Zone, ZoneError> {
         &sites,
         &mut |field, message| problems.push(Problem { field, message }),
     );
+    let db_hosts: Vec<String> = database
+        .as_ref()
+        .map(|db| {
+            db.members()
+                .iter()
+                .filter_map(|m| sites.iter().find(|s| &s.id == m))
+                .filter_map(|s| s.hosts.get(db.host_index).cloned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let spans_regions = database.as_ref().is_some_and(|db| {
+        let mut regions: Vec<&str> = db
+            .members()
+            .iter()
+            .filter_map(|m| sites.iter().find(|s| &s.id == m))
+            .map(|s| s.region.as_str())
+            .collect::<Vec<_>>();
+        regions.sort_unstable();
+        regions.dedup();
+        regions.len() > 1
+    });
+    let consensus = crate::consensus::validate(
+        raw.consensus,
+        &sites,
+        &db_hosts,
+        spans_regions,
+        &mut |field, message| problems.push(Problem { field, message }),
+    );
     let zone = Zone {
         name: raw.name.unwrap_or_else(|| "zone".into()),
         lab_scale,
         sites,
         links,
         database,
+        consensus,
     };
     if problems.is_empty() {
         for a in 0..zone.sites.len() {
@@ -501,6 +535,34 @@ mod tests {
             crate::database::StandbyFailure::AvailabilityFirst
         );
         assert!(Zone::reference().database.is_some());
+    }
+
+    #[test]
+    fn a_database_whose_consensus_dies_with_one_region_is_refused() {
+        // Two regions, consensus on the database hosts by default: region r1 holds 2 of 3.
+        let text = format!(
+            "{}\n[[sites]]\nid = \"c\"\nkind = \"datacenter\"\nregion = \"r2\"\n\
+             hosts = [\"c-h1\"]\n[[links]]\na = \"b\"\nb = \"c\"\ndistance_km = 500\n\
+             bandwidth = \"10Gbit\"\n{}",
+            TWO_SITES
+                .replace(
+                    "kind = \"datacenter\"",
+                    "kind = \"datacenter\"\nregion = \"r1\""
+                )
+                .replace(
+                    "kind = \"public-cloud\"",
+                    "kind = \"datacenter\"\nregion = \"r1\""
+                ),
+            DB.replace("standbys = [\"b\"]", "standbys = [\"b\", \"c\"]")
+        );
+        let p = problems(&text);
+        assert!(
+            has(&p, "consensus.hosts", "region 'r1' holds 2 of the 3"),
+            "{p:?}"
+        );
+        let accepted = format!("{text}\n[consensus]\nallow_regional_majority = true\n");
+        let z = parse(&accepted, Path::new("zone.toml")).unwrap();
+        assert_eq!(z.consensus.unwrap().hosts, ["a-h1", "b-h1", "c-h1"]);
     }
 
     #[test]

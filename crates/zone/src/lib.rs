@@ -7,6 +7,7 @@
 //!
 //! This crate knows nothing about namespaces, packets, VMs or databases.
 
+pub mod consensus;
 pub mod database;
 pub mod file;
 mod units;
@@ -34,6 +35,8 @@ pub struct Zone {
     pub links: Vec<Link>,
     /// The database platform, if the zone declares one.
     pub database: Option<database::DatabasePlan>,
+    /// Where the consensus store runs (defaults to the database sites' hosts).
+    pub consensus: Option<consensus::ConsensusPlan>,
 }
 
 /// What kind of place a site is.
@@ -41,6 +44,8 @@ pub struct Zone {
 pub enum SiteKind {
     Datacenter,
     PublicCloud,
+    /// A small third location: a consensus member and no data.
+    Witness,
 }
 
 impl fmt::Display for SiteKind {
@@ -48,6 +53,7 @@ impl fmt::Display for SiteKind {
         f.write_str(match self {
             SiteKind::Datacenter => "datacenter",
             SiteKind::PublicCloud => "public-cloud",
+            SiteKind::Witness => "witness",
         })
     }
 }
@@ -260,8 +266,8 @@ mod tests {
     fn reference_zone_matches_the_spec() {
         let z = Zone::reference();
         let ids: Vec<_> = z.sites.iter().map(|s| s.id.as_str()).collect();
-        assert_eq!(ids, ["dc1.1", "dc1.2", "dc2.1", "cloud"]);
-        let (d11, d12, d21, cloud) = (0, 1, 2, 3);
+        assert_eq!(ids, ["dc1.1", "dc1.2", "dc2.1", "cloud", "witness"]);
+        let (d11, d12, d21, cloud, witness) = (0, 1, 2, 3, 4);
         let params: Vec<_> = z.links.iter().map(|l| l.params).collect();
         let cut = vec![false; z.links.len()];
         assert_eq!(z.path(d11, d12, &params, &cut).one_way_delay_ns, 500_000);
@@ -273,6 +279,14 @@ mod tests {
             2_750_000
         );
         assert_eq!(z.route(cloud, d21).unwrap().len(), 2);
+        // The witness is at least 250 km from every DC (SPEC.md section 8, issue 9), and
+        // its five-member placement survives any one site or region.
+        for dc in [d11, d12, d21] {
+            assert!(z.path(witness, dc, &params, &cut).one_way_delay_ns >= 1_250_000);
+        }
+        let c = z.consensus.as_ref().unwrap();
+        assert_eq!(c.hosts.len(), 5);
+        assert!(consensus::fatal_domains(c, &z.sites).is_empty());
     }
 
     #[test]
