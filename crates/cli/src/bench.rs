@@ -54,6 +54,17 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Regional disasters: both DC1 sites cut off at random moments under Tier 1 load from a
+    /// client in DC2.1; each audited, region 1 restored and rejoined, the primary switched
+    /// back home.
+    RegionDisaster {
+        #[arg(long, default_value_t = 10)]
+        injections: usize,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Planned switchovers under load around the database sites, each audited.
     Switchover {
         #[arg(long, default_value_t = 6)]
@@ -97,6 +108,20 @@ pub fn run(
                 clients,
                 seconds,
                 injections,
+                json,
+            },
+        ),
+        BenchCommand::RegionDisaster {
+            injections,
+            clients,
+            json,
+        } => crate::region_bench::region_disaster(
+            lab,
+            exe,
+            state_dir,
+            crate::region_bench::RegionDisasterOptions {
+                injections,
+                clients,
                 json,
             },
         ),

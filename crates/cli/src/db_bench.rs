@@ -193,7 +193,7 @@ fn spawn_lag_sampler(
     })
 }
 
-fn load_opts(p: &Platform, clients: usize, seconds: f64) -> LoadOptions {
+pub(crate) fn load_opts(p: &Platform, clients: usize, seconds: f64) -> LoadOptions {
     LoadOptions {
         hosts: p.hosts(),
         clients,
@@ -310,7 +310,7 @@ fn stall_after(r: &LoadResult, t0: u64) -> f64 {
 
 /// The first acknowledgement after `t0` plus `margin_us` (packets already in flight when
 /// the site was cut off may still arrive within one one-way delay).
-fn first_ack_after(r: &LoadResult, t0: u64, margin_us: u64) -> Option<f64> {
+pub(crate) fn first_ack_after(r: &LoadResult, t0: u64, margin_us: u64) -> Option<f64> {
     r.ack_times_us
         .iter()
         .filter(|&&x| x > t0 + margin_us)
@@ -448,7 +448,7 @@ fn disaster(
 
 /// The reference zone's lab up and a fresh database platform (the primary in its declared
 /// site, an empty ledger), with a spinner for what follows.
-fn fresh_platform(
+pub(crate) fn fresh_platform(
     lab: &Lab,
     exe: &Path,
     state_dir: &Path,

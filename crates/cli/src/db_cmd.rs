@@ -276,14 +276,25 @@ impl Platform {
             .map_err(|_| anyhow!("the thread in {host} panicked"))
     }
 
-    /// A snapshot of the platform's etcd keys, read from `host`.
+    /// A snapshot of the platform's etcd keys, read from `host`. etcd answers "leader
+    /// changed" for a moment while its raft leadership moves (a site lost, a switchover):
+    /// the read is retried for up to a second.
     pub fn snapshot(&self, host: &str) -> anyhow::Result<Snapshot> {
         let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
         self.in_host(host, move || async move {
             let store = Store::connect(&lab, &etcd).await?;
-            store.snapshot().await
+            let mut attempt = 0;
+            loop {
+                match store.snapshot().await {
+                    Err(e) if attempt < 4 && e.is_transient() => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    r => return r,
+                }
+            }
         })?
-        .map_err(|e| anyhow!("etcd: {e}"))
+        .context("read the platform's state from etcd")
     }
 
     pub fn put_key<T: Serialize + Send + 'static>(

@@ -8,6 +8,7 @@ mod db_cmd;
 mod image_cmd;
 mod lab_cmd;
 mod plot;
+mod region_bench;
 mod table;
 mod vm_cmd;
 

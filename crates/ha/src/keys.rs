@@ -25,6 +25,28 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Worth retrying at once: a deadline, or gRPC's UNAVAILABLE (etcd's "leader changed"
+    /// while raft leadership moves), CANCELLED or DEADLINE_EXCEEDED.
+    pub fn is_transient(&self) -> bool {
+        // gRPC status codes (tonic::Code, which etcd-client does not re-export).
+        const CANCELLED: i32 = 1;
+        const DEADLINE_EXCEEDED: i32 = 4;
+        const UNAVAILABLE: i32 = 14;
+        match self {
+            StoreError::Timeout => true,
+            StoreError::Etcd(e) => match e.as_ref() {
+                etcd_client::Error::GRpcStatus(s) => {
+                    let code: i32 = s.code().into();
+                    [CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE].contains(&code)
+                }
+                _ => false,
+            },
+            StoreError::Json { .. } => false,
+        }
+    }
+}
+
 impl From<etcd_client::Error> for StoreError {
     fn from(e: etcd_client::Error) -> StoreError {
         StoreError::Etcd(Box::new(e))

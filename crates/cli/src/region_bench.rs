@@ -1,0 +1,371 @@
+//! `dczone bench region-disaster`: the disaster the reference is written for. Region 1 (both
+//! DC1 sites) is cut off at a random moment under Tier 1 load from a client outside it
+//! (DC2.1), while a second client inside region 1 keeps trying to write to whatever it can
+//! still reach there. Each injection then:
+//!
+//! 1. audits every transaction acknowledged to either client (present exactly once on the
+//!    new primary, balances conserved);
+//! 2. checks for split brain: a write acknowledged inside region 1 after the new primary's
+//!    first acknowledged write (both clients stamp acknowledgements on the same clock);
+//! 3. restores region 1 and waits until both DC1 members stream again (rejoin);
+//! 4. switches the primary back home (`db switchover`), also audited by the next round.
+//!
+//! RTO is measured twice: `rto_ms` from the cut to the first commit the outside client sees
+//! acknowledged (what a bank sees), and `leader_ms` to the failover entry in the HA audit log
+//! (what the platform controls).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde::Serialize;
+
+use dczone_lab::Lab;
+use dczone_ledger::unix_us;
+use dczone_zone::database::Replication;
+
+use crate::db_bench::{first_ack_after, fresh_platform, load_opts};
+use crate::db_cmd::Platform;
+use crate::table::{render, yes_no};
+
+/// The reference's regional disaster: every database site of this region is cut off.
+const LOST_REGION: &str = "region-1";
+/// The outside client's host (DC2.1, not its database host) and the inside client's.
+const OUTSIDE_CLIENT: &str = "dc2.1-h2";
+const INSIDE_CLIENT: &str = "dc1.1-client";
+/// Acknowledgements this close after the cut were already in flight.
+const IN_FLIGHT_US: u64 = 50_000;
+
+#[derive(Debug, Clone)]
+pub struct RegionDisasterOptions {
+    pub injections: usize,
+    pub clients: usize,
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionInjection {
+    pub old_primary: String,
+    pub new_primary: String,
+    pub injected_after_ms: f64,
+    /// Cut to the first commit acknowledged to the outside client.
+    pub rto_ms: Option<f64>,
+    /// Cut to the new primary taking the leader key (the HA audit log's failover entry).
+    pub leader_ms: Option<f64>,
+    pub acknowledged: usize,
+    /// Acknowledged to the client inside region 1 (before the cut, or split brain).
+    pub inside_acknowledged: usize,
+    /// Last acknowledgement inside region 1, from the cut (negative: before it).
+    pub inside_last_ack_ms: Option<f64>,
+    pub lost: usize,
+    pub indeterminate: usize,
+    pub indeterminate_applied: usize,
+    pub balances_conserved: bool,
+    pub split_brain: bool,
+    /// Restore to both region-1 members streaming again.
+    pub rejoin_ms: f64,
+    /// The planned switchover back home, to the first commit there.
+    pub switch_back_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RegionDisasterReport {
+    pub git_rev: String,
+    pub clients: usize,
+    pub injections: Vec<RegionInjection>,
+    /// Worst client-observed RTO.
+    pub region_rto_ms: Option<f64>,
+    pub region_rto_median_ms: Option<f64>,
+    pub region_rto_p95_ms: Option<f64>,
+    pub leader_ms_median: Option<f64>,
+    pub rpo_lost_transactions: usize,
+    pub indeterminate_transactions: usize,
+    /// Worst rejoin.
+    pub rejoin_ms: f64,
+    pub split_brain: bool,
+    pub rto_pass: bool,
+    pub kr2_1_pass: bool,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    Some(sorted[i])
+}
+
+/// The sites of the lost region that hold database members.
+fn region_sites(p: &Platform) -> Vec<String> {
+    p.zone
+        .sites
+        .iter()
+        .filter(|s| s.region == LOST_REGION && p.plan.members().contains(&s.id))
+        .map(|s| s.id.clone())
+        .collect()
+}
+
+fn one(
+    p: &Platform,
+    exe: &Path,
+    state_dir: &Path,
+    o: &RegionDisasterOptions,
+    after: Duration,
+) -> anyhow::Result<RegionInjection> {
+    let home = p.plan.primary.clone();
+    let sites = region_sites(p);
+    let snap = p.wait_mode(
+        OUTSIDE_CLIENT,
+        p.plan.policy().replication,
+        Duration::from_secs(60),
+    )?;
+    let old = snap
+        .leader
+        .map(|l| l.site)
+        .ok_or_else(|| anyhow!("no primary before the disaster"))?;
+    if !sites.contains(&old) {
+        bail!("the primary is {old}, outside {LOST_REGION}; switch it home first");
+    }
+    let seconds = after.as_secs_f64() + 14.0;
+    // The inside client writes to whatever it reaches in region 1: any acknowledgement
+    // there after the new primary's first is split brain.
+    let inside = {
+        let pc = p.clone();
+        let opts = load_opts(p, 1, seconds);
+        std::thread::spawn(move || pc.load(INSIDE_CLIENT, opts))
+    };
+    let outside = {
+        let pc = p.clone();
+        let opts = load_opts(p, o.clients, seconds);
+        std::thread::spawn(move || pc.load(OUTSIDE_CLIENT, opts))
+    };
+    std::thread::sleep(after);
+    let t0 = unix_us();
+    for s in &sites {
+        p.lab.site_isolate(s, true)?;
+    }
+    let join = |h: std::thread::JoinHandle<anyhow::Result<dczone_ledger::LoadResult>>| {
+        h.join()
+            .map_err(|_| anyhow!("a load thread panicked"))
+            .and_then(|r| r)
+    };
+    let out = join(outside)?;
+    let ins = join(inside)?;
+    p.record(&out)?;
+    p.record(&ins)?;
+    let mut acked = out.acknowledged.clone();
+    acked.extend(ins.acknowledged.iter().cloned());
+    let mut ind = out.indeterminate.clone();
+    ind.extend(ins.indeterminate.iter().cloned());
+    let audit = p.audit(OUTSIDE_CLIENT, acked, ind)?;
+    let snap = p.snapshot(OUTSIDE_CLIENT)?;
+    let new = snap
+        .leader
+        .as_ref()
+        .map(|l| l.site.clone())
+        .unwrap_or_else(|| "none".into());
+    let leader_ms = snap
+        .audit
+        .iter()
+        .filter(|e| e.kind == "failover" && e.start_ms * 1000 >= t0)
+        .map(|e| (e.start_ms * 1000 - t0) as f64 / 1000.0)
+        .reduce(f64::min);
+    let rto_ms = first_ack_after(&out, t0, IN_FLIGHT_US);
+    let first_new = out
+        .ack_times_us
+        .iter()
+        .copied()
+        .filter(|&x| x > t0 + IN_FLIGHT_US)
+        .min();
+    let inside_last = ins.ack_times_us.iter().copied().max();
+    let split_brain = match (first_new, inside_last) {
+        (Some(n), Some(i)) => i > n,
+        _ => false,
+    };
+
+    // Region 1 returns: its old primary was fenced and rejoins as a standby.
+    let t1 = Instant::now();
+    for s in &sites {
+        p.lab.site_isolate(s, false)?;
+    }
+    let deadline = t1 + Duration::from_secs(90);
+    let rejoin_ms = loop {
+        let back = p.snapshot(OUTSIDE_CLIENT).is_ok_and(|s| {
+            sites.iter().all(|site| {
+                s.members
+                    .iter()
+                    .any(|m| &m.site == site && m.pg_up && m.in_recovery && !m.fenced)
+            })
+        });
+        if back {
+            break t1.elapsed().as_secs_f64() * 1e3;
+        }
+        if Instant::now() > deadline {
+            // `db up` restarts whatever did not come back by itself.
+            p.up(exe, state_dir, OUTSIDE_CLIENT)
+                .with_context(|| "region 1 did not rejoin within 90 s".to_string())?;
+            break t1.elapsed().as_secs_f64() * 1e3;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Home again: a planned switchover back (after the standbys are back in sync).
+    p.wait_mode(
+        OUTSIDE_CLIENT,
+        p.plan.policy().replication,
+        Duration::from_secs(60),
+    )?;
+    let switch_back_ms = if new != home && new != "none" {
+        p.switchover(&home, Duration::from_secs(60))
+            .context("the switchover back home")?
+            .first_commit_ms
+    } else {
+        0.0
+    };
+    Ok(RegionInjection {
+        old_primary: old,
+        new_primary: new,
+        injected_after_ms: after.as_secs_f64() * 1e3,
+        rto_ms,
+        leader_ms,
+        acknowledged: out.acknowledged.len(),
+        inside_acknowledged: ins.acknowledged.len(),
+        inside_last_ack_ms: inside_last.map(|i| (i as f64 - t0 as f64) / 1000.0),
+        lost: audit.lost.len(),
+        indeterminate: audit.indeterminate,
+        indeterminate_applied: audit.indeterminate_applied,
+        balances_conserved: audit.balances_conserved && audit.balances_match_transfers,
+        split_brain,
+        rejoin_ms,
+        switch_back_ms,
+    })
+}
+
+pub fn region_disaster(
+    lab: &Lab,
+    exe: &Path,
+    state_dir: &Path,
+    o: RegionDisasterOptions,
+) -> anyhow::Result<ExitCode> {
+    if o.injections == 0 || o.clients == 0 {
+        bail!("--injections and --clients must be at least 1");
+    }
+    let (p, bar) = fresh_platform(lab, exe, state_dir)?;
+    if p.plan.policy().replication != Replication::Sync {
+        bail!("the zone's database tier is not synchronous; the benchmark needs Tier 1 sync");
+    }
+    if region_sites(&p).is_empty() {
+        bail!("the zone has no database site in {LOST_REGION}");
+    }
+    let result = (|| -> anyhow::Result<Vec<RegionInjection>> {
+        let mut out = Vec::new();
+        let mut seed = unix_us() | 1;
+        for i in 0..o.injections {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let after = Duration::from_millis(2000 + seed % 4000);
+            bar.set_message(format!(
+                "regional disaster {}/{} at {:.1} s into the load",
+                i + 1,
+                o.injections,
+                after.as_secs_f64()
+            ));
+            out.push(one(&p, exe, state_dir, &o, after)?);
+        }
+        Ok(out)
+    })();
+    bar.finish_and_clear();
+    let injections = result.map_err(|e| anyhow!("{e:#}"))?;
+    let mut rtos: Vec<f64> = injections.iter().filter_map(|i| i.rto_ms).collect();
+    rtos.sort_by(f64::total_cmp);
+    let mut leaders: Vec<f64> = injections.iter().filter_map(|i| i.leader_ms).collect();
+    leaders.sort_by(f64::total_cmp);
+    let all_recovered = rtos.len() == injections.len();
+    let lost: usize = injections.iter().map(|i| i.lost).sum();
+    let report = RegionDisasterReport {
+        git_rev: dczone_lab::wan_bench::git_rev(),
+        clients: o.clients,
+        region_rto_ms: rtos.last().copied(),
+        region_rto_median_ms: percentile(&rtos, 0.5),
+        region_rto_p95_ms: percentile(&rtos, 0.95),
+        leader_ms_median: percentile(&leaders, 0.5),
+        rpo_lost_transactions: lost,
+        indeterminate_transactions: injections.iter().map(|i| i.indeterminate).sum(),
+        rejoin_ms: injections.iter().map(|i| i.rejoin_ms).fold(0.0, f64::max),
+        split_brain: injections.iter().any(|i| i.split_brain),
+        rto_pass: all_recovered
+            && rtos.last().is_some_and(|&r| r <= 15_000.0)
+            && percentile(&rtos, 0.5).is_some_and(|m| m <= 5_000.0),
+        kr2_1_pass: lost == 0 && injections.iter().all(|i| i.balances_conserved),
+        injections,
+    };
+    let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
+    let rows: Vec<Vec<String>> = report
+        .injections
+        .iter()
+        .map(|i| {
+            vec![
+                format!("{:.1}", i.injected_after_ms / 1000.0),
+                format!("{} -> {}", i.old_primary, i.new_primary),
+                f(i.leader_ms),
+                f(i.rto_ms),
+                i.acknowledged.to_string(),
+                i.inside_acknowledged.to_string(),
+                i.lost.to_string(),
+                format!("{} ({})", i.indeterminate, i.indeterminate_applied),
+                yes_no(!i.split_brain),
+                format!("{:.0}", i.rejoin_ms),
+                format!("{:.0}", i.switch_back_ms),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                "AT_S",
+                "FAILOVER",
+                "LEADER_MS",
+                "RTO_MS",
+                "ACKED",
+                "INSIDE_ACKED",
+                "LOST",
+                "INDETERMINATE (APPLIED)",
+                "NO_SPLIT_BRAIN",
+                "REJOIN_MS",
+                "SWITCH_BACK_MS",
+            ],
+            &rows
+        )
+    );
+    println!(
+        "regional RTO median {} ms, p95 {} ms, worst {} ms (goal: worst <= 15000, median <= 5000): {}",
+        f(report.region_rto_median_ms),
+        f(report.region_rto_p95_ms),
+        f(report.region_rto_ms),
+        yes_no(report.rto_pass)
+    );
+    println!(
+        "KR2.1 RPO = 0: {} lost of {} acknowledged: {}; split brain: {}",
+        report.rpo_lost_transactions,
+        report
+            .injections
+            .iter()
+            .map(|i| i.acknowledged + i.inside_acknowledged)
+            .sum::<usize>(),
+        yes_no(report.kr2_1_pass),
+        if report.split_brain { "YES" } else { "none" }
+    );
+    if let Some(path) = &o.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(
+        if report.kr2_1_pass && report.rto_pass && !report.split_brain {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
