@@ -172,22 +172,36 @@ impl Platform {
         self.members.iter().map(|m| m.ip).collect()
     }
 
-    /// An agent talks to its own site's etcd member only: if its site is cut off, its member
-    /// is in the minority and every write it tries fails, as it must.
+    /// An agent talks to its own site's etcd members only: if its site is cut off, its
+    /// members are in the minority and every write it tries fails, as it must. The primary
+    /// keeps etcd's raft leadership at the witness if there is one (no data site's loss
+    /// then costs an etcd election), else at its own site.
     pub fn agent_config(&self, site: &str) -> anyhow::Result<AgentConfig> {
         self.member(site)?;
-        let own: Vec<String> = self
-            .lab
-            .etcd_members(&self.zone)
-            .iter()
-            .filter(|m| m.site == site)
-            .map(|m| m.client_url())
-            .collect();
+        let etcd = self.lab.etcd_members(&self.zone);
+        let urls = |keep: &dyn Fn(&str) -> bool| -> Vec<String> {
+            etcd.iter()
+                .filter(|m| keep(&m.site))
+                .map(|m| m.client_url())
+                .collect()
+        };
+        let own = urls(&|s| s == site);
+        let is_witness = |s: &str| {
+            self.zone
+                .site_index(s)
+                .is_some_and(|i| self.zone.sites[i].kind == dczone_zone::SiteKind::Witness)
+        };
+        let witness = urls(&is_witness);
         Ok(AgentConfig {
             lab: self.lab.name().to_string(),
             site: site.to_string(),
             plan: self.plan.clone(),
             members: self.members.clone(),
+            etcd_leader_home: if witness.is_empty() {
+                own.clone()
+            } else {
+                witness
+            },
             etcd_endpoints: own,
         })
     }

@@ -51,6 +51,9 @@ pub struct AgentConfig {
     /// Every member, in the zone's order (primary first).
     pub members: Vec<Member>,
     pub etcd_endpoints: Vec<String>,
+    /// Where the primary keeps etcd's raft leadership (client URLs): the witness's members
+    /// if the zone has a witness, else this site's own (see `Store::move_etcd_leadership_to`).
+    pub etcd_leader_home: Vec<String>,
 }
 
 impl AgentConfig {
@@ -532,7 +535,10 @@ impl Agent {
                 // The leader records its replication state only after its promotion and
                 // checkpoint; until then its control file still names the old timeline, and
                 // pg_rewind against it would go back to a checkpoint before the fork.
-                let promoted = snap.sync.as_ref().is_some_and(|s| s.primary == l.site);
+                let promoted = snap
+                    .sync
+                    .as_ref()
+                    .is_some_and(|s| s.primary == l.site && s.rewind_ready);
                 self.follow(&l, local, snap.primary_lsn, promoted).await
             }
             None => {
@@ -688,16 +694,82 @@ impl Agent {
         let set = policy.sync_set(&site, &order);
         let k = decide::quorum_of(&policy, &set);
         let names = policy.standby_names(&set);
+        let recorded = snap
+            .sync
+            .clone()
+            .filter(|s| s.primary == site && s.tier == policy.name);
+        let fresh_state = recorded.is_none();
+        let mut state = match recorded {
+            Some(s) => s,
+            None => {
+                // A new primary or a new policy. Under sync, PostgreSQL enforces the set
+                // before etcd says so; under async, etcd says so before PostgreSQL relaxes.
+                let now = unix_ms();
+                let freshness = 3 * self.cfg.plan.ha.loop_ms + 300;
+                let (mode, unprotected) =
+                    decide::initial_mode(&policy, &set, k, &snap.members, now, freshness);
+                let s = SyncState {
+                    primary: site.clone(),
+                    tier: policy.name.clone(),
+                    mode,
+                    set: if mode == Replication::Sync {
+                        set.clone()
+                    } else {
+                        vec![]
+                    },
+                    quorum: k,
+                    since_ms: now,
+                    reason: match &unprotected {
+                        Some(why) => why.clone(),
+                        None => format!(
+                            "{} under policy {}",
+                            if local.in_recovery {
+                                "promoted"
+                            } else {
+                                "leading"
+                            },
+                            policy.name
+                        ),
+                    },
+                    rewind_ready: !local.in_recovery,
+                };
+                let c = self.client.as_ref().ok_or("no connection")?;
+                if mode == Replication::Sync {
+                    dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &names)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                } else {
+                    let mut writes = vec![(self.store.keys.sync(), json_bytes(&s))];
+                    if let Some(reason) = unprotected {
+                        // The window and the mode in one transaction, as in `ToAsync`.
+                        let entry = AuditEntry {
+                            kind: "unprotected".into(),
+                            primary: site.clone(),
+                            start_ms: now,
+                            end_ms: None,
+                            reason,
+                            grey_bytes: None,
+                        };
+                        writes.push((self.store.keys.audit(now), json_bytes(&entry)));
+                        self.window_start = Some(now);
+                    }
+                    self.write_all_as_leader(me, writes).await?;
+                    dczone_db::set_and_reload(&site, c, "synchronous_standby_names", "")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                self.tracker = FailureTracker::default();
+                s
+            }
+        };
         if local.in_recovery {
-            // Protect the first commits: the synchronous set is in force before promotion.
+            // The synchronous set (or, recorded in etcd first, its absence) is in force
+            // before promotion: the first commits are protected as the state says.
             let c = self.client.as_ref().ok_or("no connection")?;
             // Stop the WAL receiver first: while it retries the old primary, the startup
             // process takes ~170 ms to act on the promotion (measured in the PostgreSQL log:
             // "received promote request" to "redo done").
-            c.batch_execute("ALTER SYSTEM SET primary_conninfo = ''")
-                .await
-                .map_err(|e| dczone_db::pg_message(&e))?;
-            dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &names)
+            dczone_db::set_and_reload(&site, c, "primary_conninfo", "")
                 .await
                 .map_err(|e| e.to_string())?;
             log(&site, "promoting");
@@ -711,48 +783,13 @@ impl Agent {
                 .map_err(|e| dczone_db::pg_message(&e))?;
             log(&site, "promoted");
         }
-        let recorded = snap
-            .sync
-            .clone()
-            .filter(|s| s.primary == site && s.tier == policy.name);
-        let state = match recorded {
-            Some(s) => s,
-            None => {
-                // A new primary or a new policy. Under sync, PostgreSQL enforces the set
-                // before etcd says so; under async, etcd says so before PostgreSQL relaxes.
-                let s = SyncState {
-                    primary: site.clone(),
-                    tier: policy.name.clone(),
-                    mode: policy.replication,
-                    set: if policy.replication == Replication::Sync {
-                        set.clone()
-                    } else {
-                        vec![]
-                    },
-                    quorum: k,
-                    since_ms: unix_ms(),
-                    reason: format!(
-                        "{} under policy {}",
-                        if local.in_recovery {
-                            "promoted"
-                        } else {
-                            "leading"
-                        },
-                        policy.name
-                    ),
-                };
-                if policy.replication == Replication::Sync {
-                    let c = self.client.as_ref().ok_or("no connection")?;
-                    dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &names)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                self.write_as_leader(me, &self.store.keys.sync(), &s)
-                    .await?;
-                self.tracker = FailureTracker::default();
-                s
-            }
-        };
+        // Recorded only now under sync, and again once promoted under async: followers
+        // rewind only onto a primary whose state says it is ready.
+        if (fresh_state && state.mode == Replication::Sync) || !state.rewind_ready {
+            state.rewind_ready = true;
+            self.write_as_leader(me, &self.store.keys.sync(), &state)
+                .await?;
+        }
         let c = self.client.as_ref().ok_or("no connection")?;
         let replicas = dczone_db::replicas(&site, c)
             .await
@@ -912,8 +949,12 @@ impl Agent {
             .is_none_or(|t| t.elapsed() > Duration::from_secs(2))
         {
             self.etcd_leader_checked = Some(Instant::now());
-            if let Ok(true) = self.store.pull_etcd_leadership().await {
-                log(&site, "moved etcd's raft leadership to this site");
+            if let Ok(true) = self
+                .store
+                .move_etcd_leadership_to(&self.cfg.etcd_leader_home)
+                .await
+            {
+                log(&site, "moved etcd's raft leadership home");
             }
         }
         self.store

@@ -36,6 +36,15 @@ pub struct SyncState {
     pub quorum: usize,
     pub since_ms: u64,
     pub reason: String,
+    /// The primary has promoted and checkpointed: its control file names its timeline, so a
+    /// former primary may rewind onto it. False only in a state recorded before promotion
+    /// (a new primary that starts async records that first).
+    #[serde(default = "yes")]
+    pub rewind_ready: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Why no standby may be promoted yet.
@@ -222,6 +231,44 @@ pub fn replication_mode(
     }
 }
 
+/// The mode a new primary starts in. Under sync with availability-first, if fewer than `k`
+/// members of its synchronous set are visible (fresh reports of running standbys), the
+/// first commits would only wait `failure_detect_ms` and then go async anyway: a primary
+/// promoted after a regional disaster, whose set is the lost region, starts async at once
+/// and says why (the reason opens an unprotected window in the audit log). Data-first
+/// always starts sync: its commits wait.
+pub fn initial_mode(
+    policy: &Policy,
+    set: &[String],
+    k: usize,
+    reports: &[MemberReport],
+    now_ms: u64,
+    freshness_ms: u64,
+) -> (Replication, Option<String>) {
+    if policy.replication == Replication::Async {
+        return (Replication::Async, None);
+    }
+    if policy.standby_failure == StandbyFailure::DataFirst {
+        return (Replication::Sync, None);
+    }
+    let fresh = fresh_standbys(reports, now_ms, freshness_ms);
+    let visible = set
+        .iter()
+        .filter(|s| fresh.iter().any(|r| &r.site == *s))
+        .count();
+    if visible >= k {
+        (Replication::Sync, None)
+    } else {
+        (
+            Replication::Async,
+            Some(format!(
+                "promoted with {visible} of {} synchronous standbys visible, quorum {k}",
+                set.len()
+            )),
+        )
+    }
+}
+
 /// When the primary must fence itself: the lease it last renewed at `renewed_at_ms` (the
 /// moment it *sent* the renewal, which is before etcd extended the lease) expires at
 /// `renewed_at_ms + ttl`; fence `margin_ms` before that, so that the primary is down before
@@ -363,6 +410,7 @@ mod tests {
             quorum: k,
             since_ms: 0,
             reason: String::new(),
+            rewind_ready: true,
         }
     }
 
@@ -383,6 +431,43 @@ mod tests {
             standby_failure: failure,
             failure_detect_ms: 300,
         }
+    }
+
+    #[test]
+    fn a_primary_promoted_without_visible_sync_standbys_starts_async_only_if_availability_first() {
+        let set = vec!["dc1.1".to_string(), "dc1.2".to_string()];
+        // Region 1 lost: no report of dc1.1 or dc1.2 is fresh.
+        let reports = [report("dc1.1", 5, 100), report("dc2.1", 9, 1000)];
+        let (mode, why) = initial_mode(
+            &policy(StandbyFailure::AvailabilityFirst),
+            &set,
+            1,
+            &reports,
+            1000,
+            400,
+        );
+        assert_eq!(mode, Replication::Async);
+        assert!(why.unwrap().contains("0 of 2"));
+        let (mode, why) = initial_mode(
+            &policy(StandbyFailure::DataFirst),
+            &set,
+            1,
+            &reports,
+            1000,
+            400,
+        );
+        assert_eq!((mode, why), (Replication::Sync, None));
+        // One member of the set is alive: sync.
+        let reports = [report("dc1.2", 5, 990)];
+        let (mode, _) = initial_mode(
+            &policy(StandbyFailure::AvailabilityFirst),
+            &set,
+            1,
+            &reports,
+            1000,
+            400,
+        );
+        assert_eq!(mode, Replication::Sync);
     }
 
     #[test]

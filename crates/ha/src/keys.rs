@@ -281,18 +281,34 @@ impl Store {
         self.delete_as_leader(leader, &self.keys.leader()).await
     }
 
-    /// Moves etcd's raft leadership to the member this client talks to (the primary's site),
-    /// so that the leader's writes commit with the nearest quorum, and losing a remote site
-    /// never costs an etcd election. Returns whether it moved.
-    pub async fn pull_etcd_leadership(&self) -> Result<bool, StoreError> {
+    /// Moves etcd's raft leadership to a member whose client URL is in `home` (the first one
+    /// listed that etcd knows), unless a member of `home` leads already. Returns whether it
+    /// moved.
+    ///
+    /// Where raft leadership sits decides what a disaster costs: when the raft leader's
+    /// site is lost, etcd elects another and refreshes every lease to a full TTL (etcd's
+    /// lessor `Promote`), so the lost primary's leader key outlives it by an election plus
+    /// a TTL. With leadership at the witness, no data site's loss costs an election.
+    pub async fn move_etcd_leadership_to(&self, home: &[String]) -> Result<bool, StoreError> {
         let mut c = self.client.clone();
         let st = timed(c.status()).await?;
-        let me = st.header().map(|h| h.member_id()).unwrap_or(0);
         let leader = st.leader();
-        if me == 0 || leader == 0 || leader == me {
+        if leader == 0 {
             return Ok(false);
         }
         let list = timed(c.member_list()).await?;
+        let in_home = |m: &&etcd_client::Member| m.client_urls().iter().any(|u| home.contains(u));
+        let Some(target) = list.members().iter().find(in_home).map(|m| m.id()) else {
+            return Ok(false);
+        };
+        if list
+            .members()
+            .iter()
+            .filter(in_home)
+            .any(|m| m.id() == leader)
+        {
+            return Ok(false);
+        }
         let Some(l) = list.members().iter().find(|m| m.id() == leader) else {
             return Ok(false);
         };
@@ -300,7 +316,7 @@ impl Store {
         let mut lc = tokio::time::timeout(CALL_TIMEOUT, Client::connect(urls, None))
             .await
             .map_err(|_| StoreError::Timeout)??;
-        timed(lc.move_leader(me)).await?;
+        timed(lc.move_leader(target)).await?;
         Ok(true)
     }
 
