@@ -682,6 +682,133 @@ pub struct SwitchoverReport {
     pub rejoined_ms: f64,
 }
 
+/// One etcd member as the operator's host sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsensusMemberView {
+    pub name: String,
+    pub site: String,
+    pub url: String,
+    pub reachable: bool,
+    /// It answers and follows a raft leader.
+    pub has_leader: bool,
+    pub error: Option<String>,
+}
+
+/// `db status` when the consensus store cannot be read: which members do not answer, and
+/// what every PostgreSQL member says about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct DegradedStatus {
+    pub error: String,
+    pub consensus_quorum: bool,
+    pub consensus: Vec<ConsensusMemberView>,
+    pub unreachable_consensus_members: Vec<String>,
+    pub members: Vec<dczone_db::DirectView>,
+}
+
+impl Platform {
+    /// Every etcd member asked alone, and every PostgreSQL member read directly, from `host`.
+    pub fn degraded_status(&self, host: &str, error: String) -> anyhow::Result<DegradedStatus> {
+        let etcd: Vec<(String, String, String)> = self
+            .lab
+            .etcd_members(&self.zone)
+            .iter()
+            .map(|m| (m.name.clone(), m.site.clone(), m.client_url()))
+            .collect();
+        let members = self.members.clone();
+        let (consensus, direct) = self.in_host(host, move || async move {
+            let asks = etcd.into_iter().map(|(name, site, url)| async move {
+                let r = Store::member_status(&url).await;
+                ConsensusMemberView {
+                    name,
+                    site,
+                    url,
+                    reachable: r.is_ok(),
+                    has_leader: r.as_ref().is_ok_and(|s| s.raft_leader != 0),
+                    error: r.err().map(|e| e.to_string()),
+                }
+            });
+            let reads = members
+                .iter()
+                .map(|m| dczone_db::direct_view(m, Duration::from_millis(700)));
+            tokio::join!(
+                futures_util::future::join_all(asks),
+                futures_util::future::join_all(reads)
+            )
+        })?;
+        let with_leader = consensus.iter().filter(|c| c.has_leader).count();
+        Ok(DegradedStatus {
+            error,
+            consensus_quorum: with_leader > consensus.len() / 2,
+            unreachable_consensus_members: consensus
+                .iter()
+                .filter(|c| !c.reachable)
+                .map(|c| format!("{} ({})", c.name, c.site))
+                .collect(),
+            consensus,
+            members: direct,
+        })
+    }
+}
+
+fn print_degraded(d: &DegradedStatus) {
+    println!("consensus: NO QUORUM ({})", d.error);
+    if !d.unreachable_consensus_members.is_empty() {
+        println!(
+            "unreachable etcd members: {}",
+            d.unreachable_consensus_members.join(", ")
+        );
+    }
+    let rows: Vec<Vec<String>> = d
+        .consensus
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.site.clone(),
+                c.url.clone(),
+                if !c.reachable {
+                    "unreachable".into()
+                } else if c.has_leader {
+                    "in quorum".into()
+                } else {
+                    "answers, no leader".into()
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(&["etcd member", "site", "url", "state"], &rows)
+    );
+    println!("PostgreSQL members, read directly:");
+    let lsn = |l: Option<u64>| {
+        l.map_or("-".into(), |l| {
+            format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)
+        })
+    };
+    let rows: Vec<Vec<String>> = d
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.site.clone(),
+                m.role.clone(),
+                m.timeline.map_or("-".into(), |t| t.to_string()),
+                lsn(m.lsn),
+                m.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(&["site", "role", "timeline", "lsn", "error"], &rows)
+    );
+    println!(
+        "the HA agents cannot act without consensus; see `dczone db failover --help` for \
+         the guarded manual failover"
+    );
+}
+
 #[derive(Debug, Serialize)]
 struct StatusView {
     leader: Option<String>,
@@ -805,11 +932,25 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             }
         }
         DbCommand::Status { json } => {
-            let v = status_view(&p, &p.snapshot(&p.client_host(None)?)?);
-            if json {
-                print_json(&v);
-            } else {
-                print_status(&v);
+            let host = p.client_host(None)?;
+            match p.snapshot(&host) {
+                Ok(snap) => {
+                    let v = status_view(&p, &snap);
+                    if json {
+                        print_json(&v);
+                    } else {
+                        print_status(&v);
+                    }
+                }
+                Err(e) => {
+                    let d = p.degraded_status(&host, format!("{e:#}"))?;
+                    if json {
+                        print_json(&d);
+                    } else {
+                        print_degraded(&d);
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
             }
         }
         DbCommand::Policy { tier, json } => {

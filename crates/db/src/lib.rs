@@ -137,6 +137,18 @@ impl Member {
         )
     }
 
+    /// How a client on another host reaches this member's `dbname`.
+    pub fn remote_config(&self, dbname: &str, app: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(self.ip.to_string())
+            .port(PORT)
+            .user("postgres")
+            .dbname(dbname)
+            .application_name(app)
+            .connect_timeout(Duration::from_secs(1));
+        c
+    }
+
     /// How the member's own agent reaches it (unix socket).
     pub fn local_config(&self, dbname: &str) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
@@ -352,6 +364,84 @@ pub struct MemberState {
     /// The upstream a standby is streaming from (its walreceiver's sender host).
     pub upstream_ip: Option<String>,
     pub streaming: bool,
+}
+
+/// A member as a client reads it directly, without the consensus store: what `db status`
+/// shows when etcd has no quorum, and what a manual failover decides on.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct DirectView {
+    pub site: String,
+    pub ip: String,
+    /// "primary", "standby" or "unreachable".
+    pub role: String,
+    pub timeline: Option<u32>,
+    /// Primary: current WAL end. Standby: WAL received (or replayed, if not streaming).
+    pub lsn: Option<u64>,
+    pub replay_lsn: Option<u64>,
+    /// The next transaction id as this member knows it (a standby: as of its replay).
+    pub next_xid: Option<u64>,
+    pub streaming: Option<bool>,
+    pub error: Option<String>,
+}
+
+impl DirectView {
+    pub fn reachable(&self) -> bool {
+        self.role != "unreachable"
+    }
+}
+
+/// Reads a member's role, timeline and WAL position over the network.
+pub async fn direct_view(m: &Member, timeout: Duration) -> DirectView {
+    let mut v = DirectView {
+        site: m.site.clone(),
+        ip: m.ip.to_string(),
+        role: "unreachable".into(),
+        timeline: None,
+        lsn: None,
+        replay_lsn: None,
+        next_xid: None,
+        streaming: None,
+        error: None,
+    };
+    let read = async {
+        let c = connect(
+            &m.site,
+            &m.remote_config("postgres", "dczone-status"),
+            timeout,
+        )
+        .await?;
+        c.query_one(
+            "SELECT pg_is_in_recovery(), \
+               CASE WHEN pg_is_in_recovery() \
+                    THEN coalesce(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text \
+                    ELSE pg_current_wal_lsn()::text END, \
+               coalesce(pg_last_wal_replay_lsn()::text, '0/0'), \
+               CASE WHEN pg_is_in_recovery() \
+                    THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1), \
+                                  (SELECT timeline_id FROM pg_control_checkpoint())) \
+                    ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int \
+               END, \
+               txid_snapshot_xmax(txid_current_snapshot())::text, \
+               coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver LIMIT 1), false)",
+            &[],
+        )
+        .await
+        .map_err(sql_err(&m.site))
+    };
+    match tokio::time::timeout(timeout * 2, read).await {
+        Ok(Ok(row)) => {
+            let standby: bool = row.get(0);
+            v.role = if standby { "standby" } else { "primary" }.into();
+            v.lsn = row.get::<_, Option<&str>>(1).map(parse_lsn);
+            v.replay_lsn = Some(parse_lsn(row.get(2)));
+            v.timeline = row.get::<_, Option<i32>>(3).map(|t| t as u32);
+            v.next_xid = row.get::<_, Option<&str>>(4).and_then(|x| x.parse().ok());
+            v.streaming = Some(row.get(5));
+        }
+        Ok(Err(e)) => v.error = Some(e.to_string()),
+        Err(_) => v.error = Some(format!("no answer within {} ms", (timeout * 2).as_millis())),
+    }
+    v
 }
 
 /// One row of pg_stat_replication, as the primary sees a standby.

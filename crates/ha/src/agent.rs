@@ -518,8 +518,22 @@ impl Agent {
             .map_err(|e| format!("read: {e}"))?;
         match snap.leader.clone() {
             Some(l) if l.site == self.cfg.site && l.lease == self.lease => {
+                let deadline = decide::fence_deadline_ms(
+                    self.shared.renewed_at.load(Ordering::SeqCst),
+                    self.shared.ttl_ms,
+                    FENCE_MARGIN_MS,
+                );
+                if !self.shared.leading.load(Ordering::SeqCst)
+                    && decide::must_fence(self.shared.mono_ms(), deadline)
+                {
+                    // Fenced while consensus was lost, and the key survived (etcd refreshes
+                    // every lease when it elects a leader): lead again only once the lease
+                    // has been renewed, or the watchdog fences the restart at once.
+                    return Ok(());
+                }
                 self.leader = Some(l.clone());
                 self.shared.leading.store(true, Ordering::SeqCst);
+                self.shared.fenced.store(false, Ordering::SeqCst);
                 self.lead(&l, local, &snap).await
             }
             Some(l) if l.site == self.cfg.site => {

@@ -88,6 +88,15 @@ pub struct Snapshot {
     pub switchover: Option<Switchover>,
 }
 
+/// One etcd member's own answer to a status request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemberStatus {
+    pub member_id: u64,
+    /// 0 if the member knows no leader.
+    pub raft_leader: u64,
+    pub raft_term: u64,
+}
+
 /// Key layout: `/dczone/<lab>/db/{leader,sync,tier,switchover,primary_lsn,members/<site>,audit/<ms>}`.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -318,6 +327,25 @@ impl Store {
             .map_err(|_| StoreError::Timeout)??;
         timed(lc.move_leader(target)).await?;
         Ok(true)
+    }
+
+    /// Asks one etcd member, alone, for its status: whether it answers and whom it follows.
+    pub async fn member_status(endpoint: &str) -> Result<MemberStatus, StoreError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(CALL_TIMEOUT);
+        let mut c = tokio::time::timeout(
+            Duration::from_secs(1),
+            Client::connect([endpoint], Some(opts)),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout)??;
+        let st = timed(c.status()).await?;
+        Ok(MemberStatus {
+            member_id: st.header().map(|h| h.member_id()).unwrap_or(0),
+            raft_leader: st.leader(),
+            raft_term: st.raft_term(),
+        })
     }
 
     pub async fn delete_prefix(&self) -> Result<(), StoreError> {
