@@ -193,9 +193,9 @@ fn spawn_lag_sampler(
     })
 }
 
-pub(crate) fn load_opts(p: &Platform, clients: usize, seconds: f64) -> LoadOptions {
+pub(crate) fn load_opts(p: &Platform, client: &str, clients: usize, seconds: f64) -> LoadOptions {
     LoadOptions {
-        hosts: p.hosts(),
+        hosts: p.hosts_for(client),
         clients,
         duration: Duration::from_secs_f64(seconds),
         request_timeout: Duration::from_secs(1),
@@ -259,9 +259,13 @@ fn measure_mode(
     let client = client_near(p, &primary);
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = spawn_lag_sampler(p, &client, stop.clone());
-    let (r, _) = load_with(p, &client, load_opts(p, o.clients, o.seconds), None, || {
-        Ok(())
-    })?;
+    let (r, _) = load_with(
+        p,
+        &client,
+        load_opts(p, &client, o.clients, o.seconds),
+        None,
+        || Ok(()),
+    )?;
     stop.store(true, Ordering::SeqCst);
     let lags = sampler.join().unwrap_or_default();
     let lag_ms: Vec<f64> = lags.iter().map(|(_, ms)| *ms).collect();
@@ -335,7 +339,7 @@ fn fallback(p: &Platform, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::
     let (r, t0) = load_with(
         p,
         &client,
-        load_opts(p, o.clients, seconds),
+        load_opts(p, &client, o.clients, seconds),
         Some(Duration::from_secs_f64(seconds / 3.0)),
         || Ok(lab.site_isolate(REMOTE_SITE, true)?),
     )?;
@@ -413,7 +417,7 @@ fn disaster(
     let (r, t0) = load_with(
         p,
         &client,
-        load_opts(p, o.clients, seconds),
+        load_opts(p, &client, o.clients, seconds),
         Some(after),
         move || {
             lab.site_isolate(&victim, true)?;
@@ -781,7 +785,7 @@ pub fn switchover_bench(
             let (r, t0) = load_with(
                 &p,
                 &client,
-                load_opts(&p, clients, 8.0),
+                load_opts(&p, &client, clients, 8.0),
                 Some(Duration::from_secs(2)),
                 move || {
                     let r = pc.switchover(&target, Duration::from_secs(30))?;

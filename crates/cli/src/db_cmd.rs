@@ -75,6 +75,15 @@ pub enum DbCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the libpq connection string that follows the primary (multi-host,
+    /// target_session_attrs=read-write), nearest member first for the client's host.
+    Conninfo {
+        /// The client's host (default: as for `load`).
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the current primary: every acknowledged transfer present exactly once, balances
     /// conserved, indeterminate transfers listed. Exits 1 unless RPO = 0.
     Audit {
@@ -170,6 +179,51 @@ impl Platform {
 
     pub fn hosts(&self) -> Vec<Ipv4Addr> {
         self.members.iter().map(|m| m.ip).collect()
+    }
+
+    /// The members' addresses in the order a client on `client` should try them: its own
+    /// site first, then by one-way delay from it (ties in the zone's member order). A
+    /// member that is down then costs a client a connect timeout only if it is nearer
+    /// than the primary.
+    pub fn hosts_for(&self, client: &str) -> Vec<Ipv4Addr> {
+        let Some(from) = self.zone.host(client).map(|h| h.site) else {
+            return self.hosts();
+        };
+        let params: Vec<_> = self.zone.links.iter().map(|l| l.params).collect();
+        let cut = vec![false; params.len()];
+        let mut ranked: Vec<(u64, usize, Ipv4Addr)> = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let to = self.zone.site_index(&m.site).expect("validated");
+                let delay = if to == from {
+                    0
+                } else {
+                    self.zone.path(from, to, &params, &cut).one_way_delay_ns
+                };
+                (delay, i, m.ip)
+            })
+            .collect();
+        ranked.sort_unstable();
+        ranked.into_iter().map(|(_, _, ip)| ip).collect()
+    }
+
+    /// A libpq connection string that reaches whichever member accepts writes, for a
+    /// client on `client`: every member, nearest first, `target_session_attrs=read-write`.
+    /// libpq tries them in order and skips standbys; `connect_timeout` (libpq's minimum is
+    /// 2 s) bounds what an unreachable member costs.
+    pub fn conninfo(&self, client: &str) -> String {
+        let hosts: Vec<String> = self
+            .hosts_for(client)
+            .iter()
+            .map(|ip| format!("{ip}:{}", dczone_db::PORT))
+            .collect();
+        format!(
+            "postgresql://postgres@{}/{}?target_session_attrs=read-write&connect_timeout=2&application_name=dczone-client",
+            hosts.join(","),
+            dczone_db::DATABASE
+        )
     }
 
     /// An agent talks to its own site's etcd members only: if its site is cut off, its
@@ -992,14 +1046,15 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             if clients == 0 || !(seconds.is_finite() && seconds > 0.0) {
                 bail!("--clients must be at least 1 and --seconds positive");
             }
+            let host = p.client_host(client)?;
             let opts = LoadOptions {
-                hosts: p.hosts(),
+                hosts: p.hosts_for(&host),
                 clients,
                 duration: Duration::from_secs_f64(seconds),
                 request_timeout: Duration::from_secs(1),
                 run_id: format!("r{}", dczone_ledger::unix_us()),
             };
-            let r = p.load(&p.client_host(client)?, opts)?;
+            let r = p.load(&host, opts)?;
             p.record(&r)?;
             if json {
                 print_json(&r);
@@ -1013,6 +1068,15 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
                     r.tatrxn_p50_ms,
                     r.tatrxn_p99_ms
                 );
+            }
+        }
+        DbCommand::Conninfo { client, json } => {
+            let host = p.client_host(client)?;
+            let conninfo = p.conninfo(&host);
+            if json {
+                print_json(&serde_json::json!({"client": host, "conninfo": conninfo}));
+            } else {
+                println!("{conninfo}");
             }
         }
         DbCommand::Audit { client, json } => {

@@ -132,12 +132,12 @@ fn one(
     // there after the new primary's first is split brain.
     let inside = {
         let pc = p.clone();
-        let opts = load_opts(p, 1, seconds);
+        let opts = load_opts(p, INSIDE_CLIENT, 1, seconds);
         std::thread::spawn(move || pc.load(INSIDE_CLIENT, opts))
     };
     let outside = {
         let pc = p.clone();
-        let opts = load_opts(p, o.clients, seconds);
+        let opts = load_opts(p, OUTSIDE_CLIENT, o.clients, seconds);
         std::thread::spawn(move || pc.load(OUTSIDE_CLIENT, opts))
     };
     std::thread::sleep(after);

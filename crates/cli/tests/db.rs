@@ -368,3 +368,212 @@ fn agent_kill_etcd_quorum_loss_and_an_unreachable_standby_are_safe() {
     assert_eq!(audit["rpo_zero"], true, "{audit}");
     assert_eq!(audit["balances_conserved"], true, "{audit}");
 }
+
+const DC21: &str = "10.77.3.11";
+
+/// Is `site` a running, unfenced standby in `db status`?
+fn standby(s: &Value, site: &str) -> bool {
+    s["members"].as_array().is_some_and(|ms| {
+        ms.iter().any(|m| {
+            m["site"] == site
+                && m["pg_up"] == true
+                && m["in_recovery"] == true
+                && m["fenced"] == false
+        })
+    })
+}
+
+fn spawn_load(lab: &TestLab, client: &str, seconds: &str) -> std::process::Child {
+    let mut c = lab.command();
+    c.args([
+        "db",
+        "load",
+        "--clients",
+        "4",
+        "--seconds",
+        seconds,
+        "--client",
+        client,
+        "--json",
+    ]);
+    c.stdout(std::process::Stdio::piped());
+    c.spawn().expect("load runs")
+}
+
+fn finished_load(child: std::process::Child) -> Value {
+    let out = child.wait_with_output().expect("load finishes");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("load JSON")
+}
+
+#[test]
+fn a_lost_region_fails_over_to_dc2_1_rejoins_and_comes_home() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = platform("tdbregion");
+    // A client outside region 1 commits through the whole disaster.
+    let bg = spawn_load(&lab, "dc2.1-h2", "14");
+    sleep(Duration::from_secs(3));
+    let cut = Instant::now();
+    lab.ok(&["lab", "site", "isolate", "dc1.1"]);
+    lab.ok(&["lab", "site", "isolate", "dc1.2"]);
+    let s = wait_status(&lab, "failover to DC2.1", Duration::from_secs(15), |v| {
+        v["leader"] == "dc2.1"
+    });
+    let rto = cut.elapsed();
+    assert!(
+        s["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "failover" && e["primary"] == "dc2.1"),
+        "the failover is in the audit log: {s}"
+    );
+    let r = finished_load(bg);
+    assert!(acked(&r) > 0, "{r}");
+    // Every acknowledged transfer is on DC2.1, exactly once.
+    let audit = lab.json(&["db", "audit", "--client", "dc2.1-h2", "--json"]);
+    assert_eq!(audit["rpo_zero"], true, "{audit}");
+    assert_eq!(audit["balances_match_transfers"], true, "{audit}");
+    // Inside the lost region nothing accepts writes: the old primary fenced itself.
+    let (ok, text) = psql(
+        &lab,
+        "dc1.1-client",
+        DC11,
+        "INSERT INTO transfers VALUES ('region-fence-probe', 1, 2, 1)",
+    );
+    assert!(!ok, "the cut-off old primary accepted a write: {text}");
+    // A standard libpq client finds the new primary with the multi-host string.
+    let conninfo = lab.ok(&["db", "conninfo", "--client", "dc2.1-h2"]);
+    let out = lab.run(&[
+        "lab",
+        "exec",
+        "dc2.1-h2",
+        "--",
+        "timeout",
+        "20",
+        "runuser",
+        "-u",
+        "postgres",
+        "--",
+        "/usr/lib/postgresql/15/bin/psql",
+        conninfo.trim(),
+        "-tAc",
+        "SELECT inet_server_addr()",
+    ]);
+    let addr = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && addr.trim() == DC21,
+        "libpq with {conninfo}: {addr} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("region failover after {rto:?}");
+
+    // Region 1 returns while DC2.1 is primary: no split brain; the old primary rejoins.
+    lab.ok(&["lab", "site", "restore", "dc1.1"]);
+    lab.ok(&["lab", "site", "restore", "dc1.2"]);
+    wait_status(&lab, "region 1 rejoins", Duration::from_secs(90), |v| {
+        v["leader"] == "dc2.1" && standby(v, "dc1.1") && standby(v, "dc1.2")
+    });
+    let (ok, _) = psql(
+        &lab,
+        "dc1.1-client",
+        DC11,
+        "INSERT INTO transfers VALUES ('region-fence-probe-2', 1, 2, 1)",
+    );
+    assert!(!ok, "the rejoined old primary must not accept writes");
+    // A planned switchover brings the primary home, under load, losing nothing.
+    wait_status(&lab, "back to sync", Duration::from_secs(30), |v| {
+        v["replication"] == "sync"
+    });
+    let bg = spawn_load(&lab, "dc1.1-client", "5");
+    sleep(Duration::from_secs(1));
+    lab.ok(&["db", "switchover", "--to", "dc1.1"]);
+    finished_load(bg);
+    assert_eq!(status(&lab)["leader"], "dc1.1");
+    let audit = lab.json(&["db", "audit", "--json"]);
+    assert_eq!(audit["rpo_zero"], true, "{audit}");
+}
+
+#[test]
+fn the_witness_lost_with_dc2_1_leaves_region_1_the_primary_and_a_cut_during_a_switchover_is_safe() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = platform("tdbwitness");
+    load(&lab, "dc1.1-client", "1");
+    // DC2.1 and the witness lost together: region 1 holds 2 of 5 consensus members. No
+    // one may be promoted; the primary cannot commit (it cannot know DC2.1 was not
+    // promoted), and `db status` says why.
+    lab.ok(&["lab", "site", "isolate", "witness"]);
+    lab.ok(&["lab", "site", "isolate", "dc2.1"]);
+    sleep(Duration::from_secs(4));
+    let out = lab.run(&["db", "status", "--json"]);
+    assert!(!out.status.success());
+    let d: Value = serde_json::from_slice(&out.stdout).expect("degraded status JSON");
+    assert_eq!(d["consensus_quorum"], false, "{d}");
+    let unreachable = d["unreachable_consensus_members"].to_string();
+    assert!(
+        unreachable.contains("witness_h1") && unreachable.contains("dc2_1_h1"),
+        "{d}"
+    );
+    let role = |site: &str| {
+        d["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["site"] == site)
+            .map(|m| m["role"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(role("dc1.2"), "standby", "{d}");
+    assert_ne!(role("dc1.1"), "primary", "a primary without consensus: {d}");
+    // The witness returns: region 1 has a majority again and keeps the primary.
+    lab.ok(&["lab", "site", "restore", "witness"]);
+    wait_status(&lab, "DC1.1 leads again", Duration::from_secs(20), |v| {
+        v["leader"] == "dc1.1" && v["replication"] == "async"
+    });
+    let r = load(&lab, "dc1.1-client", "1");
+    assert!(acked(&r) > 0, "region 1 commits again: {r}");
+    lab.ok(&["lab", "site", "restore", "dc2.1"]);
+    wait_status(&lab, "back to sync", Duration::from_secs(60), |v| {
+        v["replication"] == "sync"
+    });
+
+    // Region 1 cut while a switchover DC1.1 -> DC1.2 is under way: whoever ends up
+    // primary, nothing acknowledged is lost and DC2.1 serves.
+    let bg = spawn_load(&lab, "dc2.1-h2", "12");
+    sleep(Duration::from_secs(2));
+    let mut sw = lab.command();
+    sw.args(["db", "switchover", "--to", "dc1.2", "--timeout", "20"]);
+    let sw = sw.spawn().expect("switchover runs");
+    sleep(Duration::from_millis(150));
+    lab.ok(&["lab", "site", "isolate", "dc1.1"]);
+    lab.ok(&["lab", "site", "isolate", "dc1.2"]);
+    wait_status(&lab, "DC2.1 takes over", Duration::from_secs(20), |v| {
+        v["leader"] == "dc2.1"
+    });
+    let _ = sw.wait_with_output();
+    finished_load(bg);
+    let audit = lab.json(&["db", "audit", "--client", "dc2.1-h2", "--json"]);
+    assert_eq!(audit["rpo_zero"], true, "{audit}");
+    for ip in [DC11, DC12] {
+        let (ok, text) = psql(
+            &lab,
+            "dc1.1-client",
+            ip,
+            "INSERT INTO transfers VALUES ('switchover-cut-probe', 1, 2, 1)",
+        );
+        assert!(!ok, "{ip} accepted a write while cut off: {text}");
+    }
+    lab.ok(&["lab", "site", "restore", "dc1.1"]);
+    lab.ok(&["lab", "site", "restore", "dc1.2"]);
+    lab.ok(&["db", "up", "--timeout", "90"]);
+    let audit = lab.json(&["db", "audit", "--json"]);
+    assert_eq!(audit["rpo_zero"], true, "{audit}");
+}
