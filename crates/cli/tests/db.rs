@@ -415,7 +415,7 @@ fn a_lost_region_fails_over_to_dc2_1_rejoins_and_comes_home() {
     if !e2e_enabled() {
         return;
     }
-    let lab = platform("tdbregion");
+    let lab = platform("tdbreg");
     // A client outside region 1 commits through the whole disaster.
     let bg = spawn_load(&lab, "dc2.1-h2", "14");
     sleep(Duration::from_secs(3));
@@ -505,7 +505,7 @@ fn the_witness_lost_with_dc2_1_leaves_region_1_the_primary_and_a_cut_during_a_sw
     if !e2e_enabled() {
         return;
     }
-    let lab = platform("tdbwitness");
+    let lab = platform("tdbwit");
     load(&lab, "dc1.1-client", "1");
     // DC2.1 and the witness lost together: region 1 holds 2 of 5 consensus members. No
     // one may be promoted; the primary cannot commit (it cannot know DC2.1 was not
