@@ -62,6 +62,23 @@ pub enum DbCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Manual failover for when consensus is lost (Patroni's `failover`, Data Guard's
+    /// `FAILOVER TO`): proves from WAL that SITE holds every acknowledged commit, or refuses
+    /// naming the gap; fences every member it reaches, rebuilds consensus on the survivors
+    /// and makes SITE the primary.
+    Failover {
+        /// The standby's site that becomes the primary.
+        #[arg(long)]
+        to: String,
+        /// Fail over even if it cannot be proven that SITE holds every acknowledged commit;
+        /// the report says what may be lost (LSN range, number of transactions).
+        #[arg(long)]
+        accept_data_loss: bool,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the ledger workload; acknowledged and indeterminate ids go to the audit logs.
     Load {
         #[arg(long, default_value_t = 8)]
@@ -645,6 +662,9 @@ impl Platform {
     ) -> anyhow::Result<String> {
         dczone_db::as_postgres("postgres")?;
         self.lab.etcd_up(&self.zone)?;
+        // After a manual failover rebuilt consensus on survivors: the members that are
+        // back rejoin it.
+        self.rejoin_consensus(client)?;
         std::fs::create_dir_all(self.lab.dir().join("db"))?;
         for m in &self.members {
             self.start_agent(exe, state_dir, &m.site)?;
@@ -734,6 +754,302 @@ pub struct SwitchoverReport {
     pub first_commit_ms: f64,
     /// Until the old primary was a running standby again.
     pub rejoined_ms: f64,
+}
+
+/// What `db failover` did.
+#[derive(Debug, Serialize)]
+pub struct FailoverReport {
+    pub to: String,
+    /// The target provably held every acknowledged commit.
+    pub proven: bool,
+    pub target_lsn: String,
+    /// What may be lost (only with --accept-data-loss): from the target's WAL end to the
+    /// furthest WAL end read elsewhere.
+    pub lost_from_lsn: Option<String>,
+    pub lost_to_lsn: Option<String>,
+    pub transactions_at_most: Option<u64>,
+    /// Members whose WAL could not be read: what they acknowledged past the target is unknown.
+    pub unknown: Vec<String>,
+    pub wal_ends: Vec<dczone_ha::manual::WalEnd>,
+    /// Members whose HA agent (and PostgreSQL with it) was stopped.
+    pub fenced: Vec<String>,
+    /// The etcd member the consensus store was rebuilt on, and those that rejoined it.
+    pub consensus_rebuilt_on: String,
+    pub consensus_rejoined: Vec<String>,
+    pub leader_ms: f64,
+    pub first_commit_ms: f64,
+}
+
+impl Platform {
+    /// Can `host` open TCP to `ip`'s PostgreSQL port (a refusal counts: the host answers)?
+    fn host_answers(&self, host: &str, ip: Ipv4Addr) -> bool {
+        self.in_host(host, move || async move {
+            let addr = std::net::SocketAddr::from((ip, dczone_db::PORT));
+            match tokio::time::timeout(
+                Duration::from_millis(700),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+                Err(_) => false,
+            }
+        })
+        .unwrap_or(false)
+    }
+
+    /// Re-adds the zone's etcd members that are out of the cluster (after a rebuild) and
+    /// whose hosts `host` reaches, one at a time; returns their names.
+    pub fn rejoin_consensus(&self, host: &str) -> anyhow::Result<Vec<String>> {
+        let mut done = Vec::new();
+        for m in self.lab.etcd_missing(&self.zone) {
+            if !self.host_answers(host, m.ip) {
+                continue;
+            }
+            let current: Vec<String> = self
+                .lab
+                .etcd_members(&self.zone)
+                .iter()
+                .filter(|x| {
+                    self.lab
+                        .etcd_membership()
+                        .is_some_and(|names| names.contains(&x.name))
+                })
+                .map(|x| x.client_url())
+                .collect();
+            let (lab, peer) = (
+                self.lab.name().to_string(),
+                format!("http://{}:{}", m.ip, dczone_lab::etcd::PEER_PORT),
+            );
+            self.in_host(host, move || async move {
+                let store = Store::connect(&lab, &current).await?;
+                if !store.member_peer_urls().await?.contains(&peer) {
+                    store.member_add(&peer).await?;
+                }
+                Ok::<_, dczone_ha::keys::StoreError>(())
+            })?
+            .with_context(|| format!("add etcd member {} back to the cluster", m.name))?;
+            self.lab.etcd_rejoin(&self.zone, &m.name)?;
+            done.push(m.name.clone());
+        }
+        Ok(done)
+    }
+
+    /// `db failover --to SITE [--accept-data-loss]`: see [`DbCommand::Failover`].
+    pub fn failover(
+        &self,
+        to: &str,
+        accept_data_loss: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<FailoverReport> {
+        use dczone_ha::manual::{lsn_text, verdict, Verdict, WalEnd};
+        let target = self.member(to)?.clone();
+        let host = self.client_host(None)?;
+        if let Ok(snap) = self.snapshot(&host) {
+            bail!(
+                "consensus answers (primary: {}): the HA agents fail over by themselves when a \
+                 primary is lost, under the RPO rule; for a planned move use `dczone db \
+                 switchover --to {to}`",
+                snap.leader.map_or("none".into(), |l| l.site)
+            );
+        }
+        let t0 = Instant::now();
+        let members = self.members.clone();
+        let views = self.in_host(&host, move || async move {
+            let reads = members
+                .iter()
+                .map(|m| dczone_db::direct_view(m, Duration::from_millis(700)));
+            futures_util::future::join_all(reads).await
+        })?;
+        let view = |site: &str| {
+            views
+                .iter()
+                .find(|v| v.site == site)
+                .expect("one per member")
+        };
+        let tv = view(to);
+        if tv.role != "standby" {
+            bail!(
+                "{to} is not a running standby ({}{}); a failover needs one as its target",
+                tv.role,
+                tv.error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        let target_lsn = tv.lsn.unwrap_or(0);
+        let target_end = WalEnd {
+            site: to.to_string(),
+            lsn: tv.lsn,
+            next_xid: tv.next_xid,
+            commits_after_target: None,
+            source: "online".into(),
+        };
+        // Every other member's WAL end: a running standby answers; a stopped member whose
+        // host answers is read from its data directory (a stopped standby was not primary
+        // and holds nothing its primary did not write); the rest are unknown.
+        let mut ends = Vec::new();
+        let mut reachable = Vec::new();
+        for m in self.members.iter().filter(|m| m.site != to) {
+            let v = view(&m.site);
+            let answers = v.reachable() || self.host_answers(&host, m.ip);
+            if answers {
+                reachable.push(m.site.clone());
+            }
+            let end = match v.role.as_str() {
+                "standby" => Some(WalEnd {
+                    site: m.site.clone(),
+                    lsn: v.lsn,
+                    next_xid: v.next_xid,
+                    commits_after_target: None,
+                    source: "online".into(),
+                }),
+                _ if answers => {
+                    // Fence first: its agent (and PostgreSQL) stop before its WAL is read.
+                    self.kill_agent(&m.site)?;
+                    if m.data().join("standby.signal").exists() {
+                        None
+                    } else {
+                        let tail = m
+                            .wal_tail(target_lsn)
+                            .with_context(|| format!("read the WAL of {}", m.site))?;
+                        Some(WalEnd {
+                            site: m.site.clone(),
+                            lsn: Some(tail.last_commit_end.unwrap_or(target_lsn).max(
+                                // Commits before the target's end are on the target.
+                                target_lsn.min(tail.end_lsn),
+                            )),
+                            next_xid: None,
+                            commits_after_target: Some(tail.commits_after),
+                            source: "offline".into(),
+                        })
+                    }
+                }
+                _ => Some(WalEnd {
+                    site: m.site.clone(),
+                    lsn: None,
+                    next_xid: None,
+                    commits_after_target: None,
+                    source: "unreachable".into(),
+                }),
+            };
+            ends.extend(end);
+        }
+        let exposure = match verdict(&target_end, &ends, accept_data_loss) {
+            Verdict::Refused(why) => bail!("{why}"),
+            Verdict::Proven => None,
+            Verdict::DataLossAccepted(e) => Some(e),
+        };
+        // Fence everything reachable but the target.
+        let mut fenced = Vec::new();
+        for site in &reachable {
+            self.kill_agent(site)?;
+            fenced.push(site.clone());
+        }
+        // Rebuild consensus on a surviving member, in the target's site if one answers.
+        let etcd = self.lab.etcd_members(&self.zone);
+        let mut survivors = Vec::new();
+        for m in &etcd {
+            if self.host_answers(&host, m.ip) {
+                survivors.push(m.clone());
+            }
+        }
+        survivors.sort_by_key(|m| m.site != to);
+        let keep = survivors
+            .first()
+            .ok_or_else(|| anyhow!("no etcd member's host answers; nothing to rebuild on"))?
+            .clone();
+        self.lab.etcd_force_new_cluster(&self.zone, &keep.name)?;
+        let rejoined = self.rejoin_consensus(&host)?;
+        let reason = match &exposure {
+            None => format!(
+                "manual failover: {to} holds every acknowledged commit (WAL {} reaches every \
+                 other member's)",
+                lsn_text(target_lsn)
+            ),
+            Some(e) => format!(
+                "manual failover with accepted data loss: WAL after {} may be lost{}{}{}",
+                lsn_text(e.from_lsn),
+                e.to_lsn
+                    .map(|l| format!(" (up to {})", lsn_text(l)))
+                    .unwrap_or_default(),
+                e.transactions_at_most
+                    .map(|n| format!(", at most {n} transactions"))
+                    .unwrap_or_default(),
+                if e.unknown.is_empty() {
+                    String::new()
+                } else {
+                    format!("; unknown: {}", e.unknown.join(", "))
+                }
+            ),
+        };
+        let order = dczone_ha::decide::ManualFailover {
+            to: to.to_string(),
+            requested_ms: dczone_ha::agent::unix_ms(),
+            reason,
+        };
+        let (lab, url) = (self.lab.name().to_string(), keep.client_url());
+        self.in_host(&host, move || async move {
+            let store = Store::connect(&lab, &[url]).await?;
+            store.put_json(&store.keys.failover(), &order, None).await?;
+            store.delete(&store.keys.leader()).await
+        })?
+        .context("write the failover order to the rebuilt consensus store")?;
+        let deadline = t0 + timeout;
+        let leader_ms = loop {
+            if Instant::now() > deadline {
+                bail!(
+                    "{to} did not take the leader key within {timeout:?}; see `dczone db \
+                     status` and {}",
+                    target.dir.join("agent.log").display()
+                );
+            }
+            if self
+                .snapshot(&host)
+                .is_ok_and(|s| s.leader.is_some_and(|l| l.site == to))
+            {
+                break t0.elapsed().as_secs_f64() * 1e3;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let hosts = self.hosts_for(&host);
+        let ip = target.ip;
+        let first_commit_ms = self
+            .in_host(&host, move || async move {
+                while Instant::now() < deadline {
+                    if let Ok((c, at)) = dczone_ledger::connect_primary(&hosts, "failover").await {
+                        let wrote = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            c.batch_execute("SELECT txid_current()"),
+                        )
+                        .await;
+                        if at == ip && matches!(wrote, Ok(Ok(()))) {
+                            return Some(t0.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None
+            })?
+            .ok_or_else(|| anyhow!("{to} leads but accepted no commit within {timeout:?}"))?;
+        Ok(FailoverReport {
+            to: to.to_string(),
+            proven: exposure.is_none(),
+            target_lsn: lsn_text(target_lsn),
+            lost_from_lsn: exposure.as_ref().map(|e| lsn_text(e.from_lsn)),
+            lost_to_lsn: exposure.as_ref().and_then(|e| e.to_lsn).map(lsn_text),
+            transactions_at_most: exposure.as_ref().and_then(|e| e.transactions_at_most),
+            unknown: exposure.map(|e| e.unknown).unwrap_or_default(),
+            wal_ends: ends,
+            fenced,
+            consensus_rebuilt_on: keep.name,
+            consensus_rejoined: rejoined,
+            leader_ms,
+            first_commit_ms,
+        })
+    }
 }
 
 /// One etcd member as the operator's host sees it.
@@ -1034,6 +1350,59 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
                 println!(
                     "switchover {} -> {}: leader key moved after {:.0} ms, first commit on {} after {:.0} ms, {} streaming again after {:.0} ms",
                     r.from, r.to, r.leader_ms, r.to, r.first_commit_ms, r.from, r.rejoined_ms
+                );
+            }
+        }
+        DbCommand::Failover {
+            to,
+            accept_data_loss,
+            timeout,
+            json,
+        } => {
+            let r = p.failover(&to, accept_data_loss, Duration::from_secs(timeout))?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "failover to {}: {}; leader key after {:.0} ms, first commit after {:.0} ms",
+                    r.to,
+                    if r.proven {
+                        format!("proven, {} holds every acknowledged commit", r.to)
+                    } else {
+                        format!(
+                            "DATA MAY BE LOST after {}{}{}{}",
+                            r.lost_from_lsn.as_deref().unwrap_or("-"),
+                            r.lost_to_lsn
+                                .as_deref()
+                                .map(|l| format!(" up to {l}"))
+                                .unwrap_or_default(),
+                            r.transactions_at_most
+                                .map(|n| format!(", at most {n} transactions"))
+                                .unwrap_or_default(),
+                            if r.unknown.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (unreadable: {})", r.unknown.join(", "))
+                            }
+                        )
+                    },
+                    r.leader_ms,
+                    r.first_commit_ms
+                );
+                println!(
+                    "fenced: {}; consensus rebuilt on {} (rejoined: {}); run `dczone db up` \
+                     once the lost sites are back",
+                    if r.fenced.is_empty() {
+                        "none reachable".into()
+                    } else {
+                        r.fenced.join(", ")
+                    },
+                    r.consensus_rebuilt_on,
+                    if r.consensus_rejoined.is_empty() {
+                        "none".into()
+                    } else {
+                        r.consensus_rejoined.join(", ")
+                    }
                 );
             }
         }

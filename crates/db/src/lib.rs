@@ -315,6 +315,55 @@ impl Member {
         Ok(parse_shutdown_checkpoint(&out))
     }
 
+    /// Reads a *stopped* member's WAL from `from_lsn` to its end with `pg_waldump`: where
+    /// its last commit record ends, and how many commits lie at or after `from_lsn`. Nothing
+    /// is written (a crash recovery would append a checkpoint). `from_lsn` older than the
+    /// WAL the member kept is read from its latest checkpoint's REDO point instead
+    /// (`complete` then says the count may be short).
+    pub fn wal_tail(&self, from_lsn: u64) -> Result<WalTail, DbError> {
+        let control = run(
+            &format!("pg_controldata of {}", self.site),
+            as_postgres("pg_controldata")?.arg("-D").arg(self.data()),
+        )?;
+        let field = |name: &str| {
+            control
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split(':').nth(1).map(|v| v.trim().to_string()))
+        };
+        let timeline = field("Latest checkpoint's TimeLineID").unwrap_or_else(|| "1".into());
+        let redo = field("Latest checkpoint's REDO location")
+            .map(|v| parse_lsn(&v))
+            .unwrap_or(0);
+        let dump = |start: u64| -> Result<String, DbError> {
+            let out = as_postgres("pg_waldump")?
+                .arg("-p")
+                .arg(self.data().join("pg_wal"))
+                .args(["-t", &timeline, "-s", &lsn_text(start)])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|source| DbError::Io {
+                    what: format!("pg_waldump of {}", self.site),
+                    source,
+                })?;
+            // pg_waldump always ends with an error at the end of the WAL; no record at all
+            // means the start was not readable.
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if text.trim().is_empty() {
+                return Err(DbError::Step {
+                    what: format!("pg_waldump of {} from {}", self.site, lsn_text(start)),
+                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            Ok(text)
+        };
+        let (text, complete) = match dump(from_lsn) {
+            Ok(t) => (t, true),
+            Err(_) => (dump(redo.max(from_lsn.min(redo)))?, from_lsn >= redo),
+        };
+        Ok(parse_waldump(&text, from_lsn, complete))
+    }
+
     pub fn rewind(&self, source: &Member) -> Result<String, DbError> {
         let _ = std::fs::remove_file(self.data().join("standby.signal"));
         let out = run(
@@ -456,6 +505,61 @@ pub struct ReplicaState {
     /// How long ago the standby last replied (it replies at least every
     /// wal_receiver_status_interval, 1 s): a silent standby keeps its TCP connection.
     pub reply_age_ms: Option<f64>,
+}
+
+/// What a stopped member's WAL holds past a point (see [`Member::wal_tail`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WalTail {
+    /// Where the last record ends.
+    pub end_lsn: u64,
+    /// Where the last commit record ends: every commit the member acknowledged lies before.
+    pub last_commit_end: Option<u64>,
+    /// Commit records at or after the point asked for.
+    pub commits_after: u64,
+    /// False if the WAL from the point asked for was no longer there.
+    pub complete: bool,
+}
+
+/// `X/Y` text of an LSN.
+pub fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// Parses `pg_waldump` output lines such as
+/// `rmgr: Transaction len (rec/tot): 34/ 34, tx: 735, lsn: 0/01534A28, prev 0/015349F0, desc: COMMIT ...`.
+pub fn parse_waldump(text: &str, from_lsn: u64, complete: bool) -> WalTail {
+    let mut tail = WalTail {
+        end_lsn: from_lsn,
+        last_commit_end: None,
+        commits_after: 0,
+        complete,
+    };
+    for line in text.lines() {
+        let Some(lsn) = line
+            .split("lsn: ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .map(parse_lsn)
+        else {
+            continue;
+        };
+        let total = line
+            .split("rec/tot):")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|r| r.split('/').nth(1))
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let end = lsn + total;
+        tail.end_lsn = tail.end_lsn.max(end);
+        if line.contains("desc: COMMIT") {
+            tail.last_commit_end = Some(end);
+            if lsn >= from_lsn {
+                tail.commits_after += 1;
+            }
+        }
+    }
+    tail
 }
 
 /// Parses PostgreSQL's `X/Y` LSN text.
@@ -627,6 +731,18 @@ pub async fn promote(member: &str, c: &tokio_postgres::Client) -> Result<(), DbE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waldump_lines_give_the_last_commit_and_the_commits_after_a_point() {
+        let text = "rmgr: Heap        len (rec/tot):     54/    54, tx:        735, lsn: 0/01534990, prev 0/01534958, desc: INSERT off 3\n\
+rmgr: Transaction len (rec/tot):     34/    34, tx:        735, lsn: 0/015349F0, prev 0/01534990, desc: COMMIT 2026-12-01 23:00:00.1 UTC\n\
+rmgr: Transaction len (rec/tot):     34/    34, tx:        736, lsn: 0/01534A28, prev 0/015349F0, desc: COMMIT 2026-12-01 23:00:00.2 UTC\n\
+rmgr: Standby     len (rec/tot):     50/    50, tx:          0, lsn: 0/01534A50, prev 0/01534A28, desc: RUNNING_XACTS\n";
+        let t = parse_waldump(text, 0x0153_4A00, true);
+        assert_eq!(t.last_commit_end, Some(0x0153_4A28 + 34));
+        assert_eq!(t.commits_after, 1);
+        assert_eq!(t.end_lsn, 0x0153_4A50 + 50);
+    }
 
     #[test]
     fn shutdown_checkpoint_only_after_a_clean_shutdown() {

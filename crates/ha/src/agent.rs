@@ -587,6 +587,13 @@ impl Agent {
             let freshness = 3 * self.cfg.plan.ha.loop_ms + 300;
             let my_lsn = local.as_ref().map_or(0, |l| l.lsn);
             planned = decide::switchover_role(snap.switchover.as_ref(), &me, my_lsn, unix_ms());
+            if let Some(f) = snap.failover.as_ref().filter(|f| f.fresh(unix_ms())) {
+                // The operator ordered a failover: only its target campaigns.
+                if f.to != me {
+                    return Ok(());
+                }
+                planned = SwitchoverRole::Campaign;
+            }
             match planned {
                 SwitchoverRole::Wait => {
                     // Another member takes over: stream from it already (cascading until it
@@ -642,8 +649,16 @@ impl Agent {
                 .as_ref()
                 .map(|s| s.primary.clone())
                 .unwrap_or_default();
-            let entry = match snap.switchover.as_ref() {
-                Some(r) if planned == SwitchoverRole::Campaign => AuditEntry {
+            let entry = match (snap.failover.as_ref(), snap.switchover.as_ref()) {
+                (Some(f), _) if f.to == me && f.fresh(unix_ms()) => AuditEntry {
+                    kind: "manual-failover".into(),
+                    primary: me.clone(),
+                    start_ms: f.requested_ms,
+                    end_ms: Some(leader.since_ms),
+                    reason: f.reason.clone(),
+                    grey_bytes: grey,
+                },
+                (_, Some(r)) if planned == SwitchoverRole::Campaign => AuditEntry {
                     kind: "switchover".into(),
                     primary: me.clone(),
                     start_ms: r.requested_ms,
@@ -654,7 +669,7 @@ impl Agent {
                     ),
                     grey_bytes: Some(0),
                 },
-                _ => AuditEntry {
+                (_, _) => AuditEntry {
                     kind: "failover".into(),
                     primary: me.clone(),
                     start_ms: leader.since_ms,
@@ -819,6 +834,13 @@ impl Agent {
                 })
             })
             .collect();
+        if snap.failover.is_some() && !local.in_recovery {
+            // The ordered failover is done (or was for another member and is void now).
+            let _ = self
+                .store
+                .delete_as_leader(me, &self.store.keys.failover())
+                .await;
+        }
         if let Some(r) = snap.switchover.as_ref() {
             if r.handed_over_ms.is_some() {
                 // A handover finished (to us, or the ordinary election decided): done.

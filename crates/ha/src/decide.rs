@@ -357,6 +357,26 @@ pub fn switchover_refusal(
     None
 }
 
+/// A manual failover the operator ordered (etcd `failover`, written by `dczone db failover`
+/// after it proved, or the operator accepted, what the target holds). While it is fresh,
+/// only the target may take the leader key, whatever the RPO rule says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManualFailover {
+    pub to: String,
+    pub requested_ms: u64,
+    /// For the audit log: proven, or the accepted exposure.
+    pub reason: String,
+}
+
+/// A manual failover order is acted on within this time, or ignored.
+pub const MANUAL_FAILOVER_TIMEOUT_MS: u64 = 60_000;
+
+impl ManualFailover {
+    pub fn fresh(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.requested_ms) <= MANUAL_FAILOVER_TIMEOUT_MS
+    }
+}
+
 /// What a standby does about a switchover while nobody holds the leader key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SwitchoverRole {

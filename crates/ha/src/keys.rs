@@ -6,7 +6,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::decide::{MemberReport, Switchover, SyncState};
+use crate::decide::{ManualFailover, MemberReport, Switchover, SyncState};
 
 /// One call's deadline.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(400);
@@ -86,6 +86,8 @@ pub struct Snapshot {
     pub tier: Option<String>,
     /// A planned switchover in progress (`dczone db switchover`).
     pub switchover: Option<Switchover>,
+    /// A manual failover ordered by `dczone db failover`, not yet carried out.
+    pub failover: Option<ManualFailover>,
 }
 
 /// One etcd member's own answer to a status request.
@@ -97,7 +99,7 @@ pub struct MemberStatus {
     pub raft_term: u64,
 }
 
-/// Key layout: `/dczone/<lab>/db/{leader,sync,tier,switchover,primary_lsn,members/<site>,audit/<ms>}`.
+/// Key layout: `/dczone/<lab>/db/{leader,sync,tier,switchover,failover,primary_lsn,members/<site>,audit/<ms>}`.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
@@ -123,6 +125,9 @@ impl Keys {
     }
     pub fn switchover(&self) -> String {
         format!("{}switchover", self.prefix)
+    }
+    pub fn failover(&self) -> String {
+        format!("{}failover", self.prefix)
     }
     pub fn primary_lsn(&self) -> String {
         format!("{}primary_lsn", self.prefix)
@@ -195,6 +200,7 @@ impl Store {
                 "primary_lsn" => snap.primary_lsn = Some(json(&key, kv.value())?),
                 "tier" => snap.tier = Some(json(&key, kv.value())?),
                 "switchover" => snap.switchover = Some(json(&key, kv.value())?),
+                "failover" => snap.failover = Some(json(&key, kv.value())?),
                 r if r.starts_with("members/") => snap.members.push(json(&key, kv.value())?),
                 r if r.starts_with("audit/") => snap.audit.push(json(&key, kv.value())?),
                 _ => {}
@@ -346,6 +352,26 @@ impl Store {
             raft_leader: st.leader(),
             raft_term: st.raft_term(),
         })
+    }
+
+    /// Adds a member to the cluster (etcd's runtime reconfiguration: the new member must
+    /// then start with an empty data directory and `--initial-cluster-state existing`).
+    pub async fn member_add(&self, peer_url: &str) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        timed(c.member_add([peer_url.to_string()], None))
+            .await
+            .map(|_| ())
+    }
+
+    /// The peer URLs of the cluster's members.
+    pub async fn member_peer_urls(&self) -> Result<Vec<String>, StoreError> {
+        let mut c = self.client.clone();
+        let list = timed(c.member_list()).await?;
+        Ok(list
+            .members()
+            .iter()
+            .flat_map(|m| m.peer_urls().to_vec())
+            .collect())
     }
 
     pub async fn delete_prefix(&self) -> Result<(), StoreError> {

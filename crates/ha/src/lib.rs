@@ -4,3 +4,4 @@
 pub mod agent;
 pub mod decide;
 pub mod keys;
+pub mod manual;

@@ -99,89 +99,211 @@ impl Lab {
         self.dir().join("etcd").join(format!("{}.pid", m.name))
     }
 
-    /// Starts every member that is not running (idempotent) and waits until the cluster
-    /// answers. A member whose site is isolated is started but not waited for.
-    pub fn etcd_up(&self, zone: &Zone) -> Result<Vec<EtcdMember>, LabError> {
-        let members = self.etcd_members(zone);
-        if members.is_empty() {
-            return Ok(members);
+    fn membership_file(&self) -> PathBuf {
+        self.dir().join("etcd").join("membership.json")
+    }
+
+    /// The names of the members in the cluster, if it was rebuilt on survivors (`None`: the
+    /// zone's placement, as first started).
+    pub fn etcd_membership(&self) -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(self.membership_file()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn set_etcd_membership(&self, names: &[String]) -> Result<(), LabError> {
+        let path = self.membership_file();
+        std::fs::write(&path, serde_json::to_vec(names).expect("names serialize")).map_err(
+            |source| LabError::Io {
+                what: format!("write {}", path.display()),
+                source,
+            },
+        )
+    }
+
+    fn etcd_pid(&self, m: &EtcdMember) -> Option<i32> {
+        std::fs::read_to_string(self.etcd_pid_file(m))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .filter(|&p| sys::alive(p))
+    }
+
+    fn etcd_stop(&self, m: &EtcdMember) {
+        if let Some(pid) = self.etcd_pid(m) {
+            sys::kill(pid, libc::SIGKILL);
+            let t = Instant::now();
+            while sys::alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
+    }
+
+    /// Starts one member. `cluster` lists the members it starts with; `state` is etcd's
+    /// `--initial-cluster-state` (both are ignored once the data directory exists).
+    fn etcd_start(
+        &self,
+        m: &EtcdMember,
+        cluster: &[&EtcdMember],
+        state: &str,
+        extra: &[&str],
+    ) -> Result<(), LabError> {
         let binary = etcd_binary()?;
-        let cluster: Vec<String> = members
+        let cluster: Vec<String> = cluster
             .iter()
             .map(|m| format!("{}=http://{}:{PEER_PORT}", m.name, m.ip))
             .collect();
         let cluster = cluster.join(",");
         let io = |what: String| move |source| LabError::Io { what, source };
-        for m in &members {
-            let pid_file = self.etcd_pid_file(m);
-            let running = std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-                .is_some_and(sys::alive);
-            if running {
-                continue;
+        let data = self.dir().join("etcd").join(&m.name);
+        std::fs::create_dir_all(&data).map_err(io(format!("create {}", data.display())))?;
+        let peer = format!("http://{}:{PEER_PORT}", m.ip);
+        let client = m.client_url();
+        let listen_client = format!("{client},http://127.0.0.1:{CLIENT_PORT}");
+        let data_arg = data.display().to_string();
+        let mut args = vec![
+            "--name",
+            &m.name,
+            "--data-dir",
+            &data_arg,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--listen-client-urls",
+            &listen_client,
+            "--advertise-client-urls",
+            &client,
+            "--initial-cluster",
+            &cluster,
+            "--initial-cluster-state",
+            state,
+            "--initial-cluster-token",
+            self.name(),
+            // A member that was cut off must not disrupt the cluster when it returns.
+            "--pre-vote",
+            // Faster than the defaults (100/1000 ms): the longest lab RTT is 25 ms.
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+            "--log-level",
+            "warn",
+        ];
+        args.extend_from_slice(extra);
+        let log = self.dir().join("etcd").join(format!("{}.log", m.name));
+        let pid = self.spawn_daemon(&m.namespace, &binary, &args, &log, "etcd")?;
+        let pid_file = self.etcd_pid_file(m);
+        std::fs::write(&pid_file, pid.to_string())
+            .map_err(io(format!("write {}", pid_file.display())))
+    }
+
+    fn etcd_wait_healthy(&self, m: &EtcdMember, within: Duration) -> Result<(), LabError> {
+        let deadline = Instant::now() + within;
+        while !healthy(m) {
+            if Instant::now() > deadline {
+                return Err(LabError::BadValue {
+                    field: format!("etcd member {}", m.name),
+                    reason: format!(
+                        "not healthy after {} s; see {}",
+                        within.as_secs(),
+                        self.dir()
+                            .join("etcd")
+                            .join(format!("{}.log", m.name))
+                            .display()
+                    ),
+                });
             }
-            let data = self.dir().join("etcd").join(&m.name);
-            std::fs::create_dir_all(&data).map_err(io(format!("create {}", data.display())))?;
-            let peer = format!("http://{}:{PEER_PORT}", m.ip);
-            let client = m.client_url();
-            let listen_client = format!("{client},http://127.0.0.1:{CLIENT_PORT}");
-            let data_arg = data.display().to_string();
-            let args = [
-                "--name",
-                &m.name,
-                "--data-dir",
-                &data_arg,
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-                "--listen-client-urls",
-                &listen_client,
-                "--advertise-client-urls",
-                &client,
-                "--initial-cluster",
-                &cluster,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                self.name(),
-                // A member that was cut off must not disrupt the cluster when it returns.
-                "--pre-vote",
-                // Faster than the defaults (100/1000 ms): the longest lab RTT is 25 ms.
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-                "--log-level",
-                "warn",
-            ];
-            let log = self.dir().join("etcd").join(format!("{}.log", m.name));
-            let pid = self.spawn_daemon(&m.namespace, &binary, &args, &log, "etcd")?;
-            std::fs::write(&pid_file, pid.to_string())
-                .map_err(io(format!("write {}", pid_file.display())))?;
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let isolated = self.state().map(|s| s.isolated).unwrap_or_default();
-        for m in members.iter().filter(|m| !isolated.contains(&m.site)) {
-            while !healthy(m) {
-                if Instant::now() > deadline {
-                    return Err(LabError::BadValue {
-                        field: format!("etcd member {}", m.name),
-                        reason: format!(
-                            "not healthy after 30 s; see {}",
-                            self.dir()
-                                .join("etcd")
-                                .join(format!("{}.log", m.name))
-                                .display()
-                        ),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(100));
+        Ok(())
+    }
+
+    /// Starts every member of the cluster that is not running (idempotent) and waits until
+    /// they answer. A member whose site is isolated is started but not waited for. After a
+    /// rebuild on survivors (`etcd_force_new_cluster`), only the current members start;
+    /// the others rejoin through `etcd_rejoin`.
+    pub fn etcd_up(&self, zone: &Zone) -> Result<Vec<EtcdMember>, LabError> {
+        let members = self.etcd_members(zone);
+        if members.is_empty() {
+            return Ok(members);
+        }
+        let current: Vec<&EtcdMember> = match self.etcd_membership() {
+            Some(names) => members.iter().filter(|m| names.contains(&m.name)).collect(),
+            None => members.iter().collect(),
+        };
+        for m in &current {
+            if self.etcd_pid(m).is_none() {
+                self.etcd_start(m, &current, "new", &[])?;
             }
+        }
+        let isolated = self.state().map(|s| s.isolated).unwrap_or_default();
+        for m in current.iter().filter(|m| !isolated.contains(&m.site)) {
+            self.etcd_wait_healthy(m, Duration::from_secs(30))?;
         }
         Ok(members)
+    }
+
+    /// Disaster recovery of the consensus store (etcd's documented procedure): restarts the
+    /// surviving member `keep` with `--force-new-cluster`, which keeps its data and makes it
+    /// a cluster of one. The other members are out of the cluster until `etcd_rejoin`; a
+    /// cut-off member that still runs keeps the old cluster's identity and can never form a
+    /// majority with it again.
+    pub fn etcd_force_new_cluster(&self, zone: &Zone, keep: &str) -> Result<(), LabError> {
+        let members = self.etcd_members(zone);
+        let m = members
+            .iter()
+            .find(|m| m.name == keep)
+            .ok_or_else(|| LabError::BadValue {
+                field: "etcd member".into(),
+                reason: format!("no member named '{keep}'"),
+            })?;
+        self.etcd_stop(m);
+        self.etcd_start(m, &[m], "new", &["--force-new-cluster"])?;
+        self.etcd_wait_healthy(m, Duration::from_secs(30))?;
+        // Restarted plainly from now on: --force-new-cluster only once.
+        self.etcd_stop(m);
+        self.etcd_start(m, &[m], "new", &[])?;
+        self.etcd_wait_healthy(m, Duration::from_secs(30))?;
+        self.set_etcd_membership(&[m.name.clone()])
+    }
+
+    /// The zone's members that are not in the cluster (after a rebuild), in zone order.
+    pub fn etcd_missing(&self, zone: &Zone) -> Vec<EtcdMember> {
+        let Some(names) = self.etcd_membership() else {
+            return Vec::new();
+        };
+        self.etcd_members(zone)
+            .into_iter()
+            .filter(|m| !names.contains(&m.name))
+            .collect()
+    }
+
+    /// Starts `name` afresh as a new member of the running cluster, once the caller has
+    /// added it (etcd's `member add`): its old data (another cluster's) is removed.
+    pub fn etcd_rejoin(&self, zone: &Zone, name: &str) -> Result<(), LabError> {
+        let members = self.etcd_members(zone);
+        let mut names = self.etcd_membership().unwrap_or_default();
+        let m = members
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| LabError::BadValue {
+                field: "etcd member".into(),
+                reason: format!("no member named '{name}'"),
+            })?;
+        self.etcd_stop(m);
+        let data = self.dir().join("etcd").join(&m.name);
+        let _ = std::fs::remove_dir_all(&data);
+        names.push(m.name.clone());
+        let cluster: Vec<&EtcdMember> =
+            members.iter().filter(|x| names.contains(&x.name)).collect();
+        self.etcd_start(m, &cluster, "existing", &[])?;
+        self.etcd_wait_healthy(m, Duration::from_secs(30))?;
+        if names.len() == members.len() {
+            // Whole again: back to the zone's placement.
+            let _ = std::fs::remove_file(self.membership_file());
+            Ok(())
+        } else {
+            self.set_etcd_membership(&names)
+        }
     }
 
     /// Kills every etcd member of one site (a fault to inject); `etcd_up` restarts them.
