@@ -824,10 +824,23 @@ impl Platform {
             );
             self.in_host(host, move || async move {
                 let store = Store::connect(&lab, &current).await?;
-                if !store.member_peer_urls().await?.contains(&peer) {
-                    store.member_add(&peer).await?;
+                // etcd refuses a reconfiguration ("unhealthy cluster") until every member
+                // has been connected for 5 s: a member that just rejoined delays the next.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let added = async {
+                        if !store.member_peer_urls().await?.contains(&peer) {
+                            store.member_add(&peer).await?;
+                        }
+                        Ok::<_, dczone_ha::keys::StoreError>(())
+                    };
+                    match added.await {
+                        Err(_) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        r => return r,
+                    }
                 }
-                Ok::<_, dczone_ha::keys::StoreError>(())
             })?
             .with_context(|| format!("add etcd member {} back to the cluster", m.name))?;
             self.lab.etcd_rejoin(&self.zone, &m.name)?;
@@ -962,7 +975,6 @@ impl Platform {
             .ok_or_else(|| anyhow!("no etcd member's host answers; nothing to rebuild on"))?
             .clone();
         self.lab.etcd_force_new_cluster(&self.zone, &keep.name)?;
-        let rejoined = self.rejoin_consensus(&host)?;
         let reason = match &exposure {
             None => format!(
                 "manual failover: {to} holds every acknowledged commit (WAL {} reaches every \
@@ -997,6 +1009,10 @@ impl Platform {
             store.delete(&store.keys.leader()).await
         })?
         .context("write the failover order to the rebuilt consensus store")?;
+        // Only now the other survivors: the order is in place before the old leader key
+        // can expire on the rebuilt store (whose replication record may be stale: the
+        // survivor need not have applied the last writes its old majority committed).
+        let rejoined = self.rejoin_consensus(&host)?;
         let deadline = t0 + timeout;
         let leader_ms = loop {
             if Instant::now() > deadline {

@@ -577,3 +577,71 @@ fn the_witness_lost_with_dc2_1_leaves_region_1_the_primary_and_a_cut_during_a_sw
     let audit = lab.json(&["db", "audit", "--json"]);
     assert_eq!(audit["rpo_zero"], true, "{audit}");
 }
+
+#[test]
+fn manual_failover_is_refused_without_proof_and_with_the_flag_rebuilds_consensus_on_dc2_1() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = platform("tdbman");
+    load(&lab, "dc1.1-client", "1");
+    // With consensus up, the HA agents decide: a manual failover is refused.
+    let out = lab.run(&["db", "failover", "--to", "dc1.2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("consensus answers"),
+        "{err}"
+    );
+    // Region 1 and the witness lost: DC2.1 holds 2 of 5 etcd members, no quorum anywhere.
+    for site in ["dc1.1", "dc1.2", "witness"] {
+        lab.ok(&["lab", "site", "isolate", site]);
+    }
+    sleep(Duration::from_secs(4));
+    let out = lab.run(&["db", "failover", "--to", "dc2.1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("dc1.1, dc1.2 cannot be reached")
+            && err.contains("--accept-data-loss"),
+        "{err}"
+    );
+    assert_eq!(
+        lab.run(&["db", "status"]).status.code(),
+        Some(1),
+        "still no consensus after the refusal"
+    );
+    // With the flag: consensus rebuilt on DC2.1's members, DC2.1 primary, the exposure said.
+    let r = lab.json(&[
+        "db",
+        "failover",
+        "--to",
+        "dc2.1",
+        "--accept-data-loss",
+        "--json",
+    ]);
+    assert_eq!(r["proven"], false, "{r}");
+    assert!(r["unknown"].to_string().contains("dc1.1"), "{r}");
+    assert_eq!(r["consensus_rebuilt_on"], "dc2_1_h1", "{r}");
+    let s = status(&lab);
+    assert_eq!(s["leader"], "dc2.1", "{s}");
+    assert!(
+        s["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "manual-failover" && e["primary"] == "dc2.1"),
+        "the manual failover is in the audit log: {s}"
+    );
+    let after = load(&lab, "dc2.1-h2", "1");
+    assert!(acked(&after) > 0, "DC2.1 commits: {after}");
+    // Everything returns: `db up` re-adds the etcd members, region 1 rejoins as standbys,
+    // and nothing acknowledged is lost (the cut happened with no load running).
+    for site in ["dc1.1", "dc1.2", "witness"] {
+        lab.ok(&["lab", "site", "restore", site]);
+    }
+    lab.ok(&["db", "up", "--timeout", "90"]);
+    let s = status(&lab);
+    assert!(standby(&s, "dc1.1") && standby(&s, "dc1.2"), "{s}");
+    let audit = lab.json(&["db", "audit", "--json"]);
+    assert_eq!(audit["rpo_zero"], true, "{audit}");
+}

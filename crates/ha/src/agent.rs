@@ -735,8 +735,17 @@ impl Agent {
                 // before etcd says so; under async, etcd says so before PostgreSQL relaxes.
                 let now = unix_ms();
                 let freshness = 3 * self.cfg.plan.ha.loop_ms + 300;
-                let (mode, unprotected) =
-                    decide::initial_mode(&policy, &set, k, &snap.members, now, freshness);
+                // After a planned switchover the old primary rejoins at once as a standby:
+                // its commits wait for it as the policy says, as they did before.
+                let planned = snap
+                    .switchover
+                    .as_ref()
+                    .is_some_and(|r| r.to == site && r.handed_over_ms.is_some());
+                let (mode, unprotected) = if planned {
+                    (policy.replication, None)
+                } else {
+                    decide::initial_mode(&policy, &set, k, &snap.members, now, freshness)
+                };
                 let s = SyncState {
                     primary: site.clone(),
                     tier: policy.name.clone(),

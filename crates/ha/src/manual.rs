@@ -113,8 +113,9 @@ pub fn verdict(target: &WalEnd, others: &[WalEnd], accept_data_loss: bool) -> Ve
     }
     if !unknown.is_empty() {
         why.push(format!(
-            "{} cannot be reached, so what it acknowledged after {}'s WAL end {} is unknown",
+            "{} cannot be reached, so what {} acknowledged after {}'s WAL end {} is unknown",
             unknown.join(", "),
+            if unknown.len() == 1 { "it" } else { "they" },
             target.site,
             lsn_text(t)
         ));

@@ -257,13 +257,10 @@ impl Lab {
                 reason: format!("no member named '{keep}'"),
             })?;
         self.etcd_stop(m);
+        // Only this start carries --force-new-cluster; `etcd_up` restarts it plainly.
         self.etcd_start(m, &[m], "new", &["--force-new-cluster"])?;
-        self.etcd_wait_healthy(m, Duration::from_secs(30))?;
-        // Restarted plainly from now on: --force-new-cluster only once.
-        self.etcd_stop(m);
-        self.etcd_start(m, &[m], "new", &[])?;
-        self.etcd_wait_healthy(m, Duration::from_secs(30))?;
-        self.set_etcd_membership(&[m.name.clone()])
+        self.set_etcd_membership(std::slice::from_ref(&m.name))?;
+        self.etcd_wait_healthy(m, Duration::from_secs(30))
     }
 
     /// The zone's members that are not in the cluster (after a rebuild), in zone order.
