@@ -69,6 +69,17 @@ pub struct RegionInjection {
     pub switch_back_ms: f64,
 }
 
+/// What the consensus placement costs the primary (in DC1.1), with etcd's raft leadership
+/// at one place.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlacementCost {
+    pub raft_leader_at: String,
+    pub lease_renew_ms_p50: f64,
+    pub lease_renew_ms_p99: f64,
+    pub leader_write_ms_p50: f64,
+    pub leader_write_ms_p99: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct RegionDisasterReport {
     pub git_rev: String,
@@ -86,6 +97,9 @@ pub struct RegionDisasterReport {
     pub split_brain: bool,
     pub rto_pass: bool,
     pub kr2_1_pass: bool,
+    /// Lease renewal and leader-key write latency from DC1.1, raft leadership at the
+    /// witness (what the agents keep) and at DC1.1 (the placement before the witness).
+    pub placement_cost: Vec<PlacementCost>,
 }
 
 fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
@@ -104,6 +118,54 @@ fn region_sites(p: &Platform) -> Vec<String> {
         .filter(|s| s.region == LOST_REGION && p.plan.members().contains(&s.id))
         .map(|s| s.id.clone())
         .collect()
+}
+
+/// Measures [`PlacementCost`] from the primary's home host, on an idle store (the HA
+/// agents stopped, so that none moves raft leadership back while it runs).
+fn placement_cost(p: &Platform) -> anyhow::Result<Vec<PlacementCost>> {
+    p.down()?;
+    let home = p.member(&p.plan.primary)?.clone();
+    let etcd = p.lab.etcd_members(&p.zone);
+    let own: Vec<String> = etcd
+        .iter()
+        .filter(|m| m.site == home.site)
+        .map(|m| m.client_url())
+        .collect();
+    let mut places: Vec<(String, Vec<String>)> = etcd
+        .iter()
+        .filter(|m| {
+            p.zone
+                .site_index(&m.site)
+                .is_some_and(|i| p.zone.sites[i].kind == dczone_zone::SiteKind::Witness)
+        })
+        .map(|m| (format!("witness ({})", m.name), vec![m.client_url()]))
+        .collect();
+    places.push((format!("{} (primary's site)", home.site), own.clone()));
+    let mut out = Vec::new();
+    for (name, urls) in places {
+        let (lab, own) = (p.lab.name().to_string(), own.clone());
+        let (renew, write) = p
+            .in_host(&home.host, move || async move {
+                let store = dczone_ha::keys::Store::connect(&lab, &own).await?;
+                store.move_etcd_leadership_to(&urls).await?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                store.call_latency(200).await
+            })?
+            .context("measure etcd call latency")?;
+        let q = |v: &[f64], x: f64| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            percentile(&v, x).unwrap_or(0.0)
+        };
+        out.push(PlacementCost {
+            raft_leader_at: name,
+            lease_renew_ms_p50: q(&renew, 0.5),
+            lease_renew_ms_p99: q(&renew, 0.99),
+            leader_write_ms_p50: q(&write, 0.5),
+            leader_write_ms_p99: q(&write, 0.99),
+        });
+    }
+    Ok(out)
 }
 
 fn one(
@@ -273,10 +335,13 @@ pub fn region_disaster(
             ));
             out.push(one(&p, exe, state_dir, &o, after)?);
         }
+        bar.set_message("what the consensus placement costs");
         Ok(out)
     })();
+    let cost = result.as_ref().ok().map(|_| placement_cost(&p));
     bar.finish_and_clear();
     let injections = result.map_err(|e| anyhow!("{e:#}"))?;
+    let placement_cost = cost.transpose()?.unwrap_or_default();
     let mut rtos: Vec<f64> = injections.iter().filter_map(|i| i.rto_ms).collect();
     rtos.sort_by(f64::total_cmp);
     let mut leaders: Vec<f64> = injections.iter().filter_map(|i| i.leader_ms).collect();
@@ -299,6 +364,7 @@ pub fn region_disaster(
             && percentile(&rtos, 0.5).is_some_and(|m| m <= 5_000.0),
         kr2_1_pass: lost == 0 && injections.iter().all(|i| i.balances_conserved),
         injections,
+        placement_cost,
     };
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
     let rows: Vec<Vec<String>> = report
@@ -356,6 +422,32 @@ pub fn region_disaster(
             .sum::<usize>(),
         yes_no(report.kr2_1_pass),
         if report.split_brain { "YES" } else { "none" }
+    );
+    let rows: Vec<Vec<String>> = report
+        .placement_cost
+        .iter()
+        .map(|c| {
+            vec![
+                c.raft_leader_at.clone(),
+                format!("{:.2}", c.lease_renew_ms_p50),
+                format!("{:.2}", c.lease_renew_ms_p99),
+                format!("{:.2}", c.leader_write_ms_p50),
+                format!("{:.2}", c.leader_write_ms_p99),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                "RAFT LEADER AT",
+                "LEASE_RENEW_P50_MS",
+                "P99",
+                "LEADER_WRITE_P50_MS",
+                "P99"
+            ],
+            &rows
+        )
     );
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;

@@ -374,6 +374,37 @@ impl Store {
             .collect())
     }
 
+    /// What the leader's consensus calls cost from here: `n` lease renewals (keep-alive
+    /// round trips) and `n` writes shaped like a leader-conditional write (a transaction
+    /// comparing a key's value, then putting), each timed in ms. Leaves nothing behind.
+    pub async fn call_latency(&self, n: usize) -> Result<(Vec<f64>, Vec<f64>), StoreError> {
+        let mut c = self.client.clone();
+        let lease = timed(c.lease_grant(10, None)).await?.id();
+        let (mut keeper, mut stream) = timed(c.lease_keep_alive(lease)).await?;
+        let key = format!("{}probe", self.keys.prefix());
+        timed(c.put(key.clone(), "0", None)).await?;
+        let (mut renew, mut write) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..n {
+            let t = std::time::Instant::now();
+            timed(keeper.keep_alive()).await?;
+            timed(stream.message()).await?;
+            renew.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = std::time::Instant::now();
+            let txn = Txn::new()
+                .when(vec![Compare::value(
+                    key.clone(),
+                    CompareOp::Equal,
+                    i.to_string(),
+                )])
+                .and_then(vec![TxnOp::put(key.clone(), (i + 1).to_string(), None)]);
+            timed(c.txn(txn)).await?;
+            write.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let _ = timed(c.delete(key, None)).await;
+        let _ = timed(c.lease_revoke(lease)).await;
+        Ok((renew, write))
+    }
+
     pub async fn delete_prefix(&self) -> Result<(), StoreError> {
         let mut c = self.client.clone();
         timed(c.delete(
