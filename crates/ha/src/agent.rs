@@ -835,11 +835,18 @@ impl Agent {
         let seen: Vec<StandbySeen> = replicas
             .iter()
             .filter_map(|r| {
+                let site = self.cfg.site_of_app(&r.app)?;
+                let heartbeat = snap.members.iter().any(|m| {
+                    m.site == site
+                        && m.pg_up
+                        && m.at_ms + decide::HEARTBEAT_LOOPS * self.cfg.plan.ha.loop_ms >= unix_ms()
+                });
                 Some(StandbySeen {
-                    site: self.cfg.site_of_app(&r.app)?,
+                    site,
                     streaming: r.state == "streaming",
                     flush_lsn: r.flush_lsn,
                     reply_age_ms: r.reply_age_ms.unwrap_or(f64::MAX),
+                    heartbeat,
                 })
             })
             .collect();
@@ -965,6 +972,13 @@ impl Agent {
             }
             ModeAction::Stalled { reason } => {
                 log(&site, &format!("commits wait (data-first): {reason}"));
+                names.clone()
+            }
+            ModeAction::Slow { reason } => {
+                if self.tracker.slow_since_ms.is_none() {
+                    log(&site, &format!("commits wait: {reason}"));
+                }
+                self.tracker.slow_since_ms.get_or_insert(unix_ms());
                 names.clone()
             }
             ModeAction::Keep => match state.mode {

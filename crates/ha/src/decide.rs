@@ -112,6 +112,10 @@ pub struct StandbySeen {
     pub flush_lsn: u64,
     /// Since the standby's last reply.
     pub reply_age_ms: f64,
+    /// The standby's agent published a report recently (its heartbeat, through etcd: HA
+    /// control traffic, which the APN carries ahead of bulk traffic). A standby that is
+    /// slow, because bulk WAL fills the path, still beats; a dead or cut-off one does not.
+    pub heartbeat: bool,
 }
 
 /// A standby that has not replied for this long is silent (it replies every second).
@@ -119,9 +123,12 @@ pub const SILENT_AFTER_MS: f64 = 1200.0;
 /// A returning standby must stay caught up this long before commits wait for it again.
 pub const RETURN_AFTER_MS: u64 = 2000;
 
+/// A standby's heartbeat older than this many HA loops means it is not alive.
+pub const HEARTBEAT_LOOPS: u64 = 4;
+
 impl StandbySeen {
     fn alive(&self) -> bool {
-        self.streaming && self.reply_age_ms < SILENT_AFTER_MS
+        self.heartbeat && self.streaming && self.reply_age_ms < SILENT_AFTER_MS
     }
 }
 
@@ -132,6 +139,8 @@ pub struct FailureTracker {
     pub unhealthy_since_ms: Option<u64>,
     /// Since when enough standbys have been alive and caught up (while async).
     pub caught_up_since_ms: Option<u64>,
+    /// Since when commits have waited for standbys that are alive (logged once per episode).
+    pub slow_since_ms: Option<u64>,
 }
 
 /// What the primary should do about its replication mode.
@@ -147,6 +156,12 @@ pub enum ModeAction {
     ToSync,
     /// Data-first: commits wait; nothing to do but report it.
     Stalled {
+        reason: String,
+    },
+    /// Commits waited the detection time, but every standby they wait for is alive: slow
+    /// (bulk load, a long path), not dead. Sync stays: a load spike must not cost Tier 1
+    /// its RPO = 0 protection. Commits wait as long as the standby takes.
+    Slow {
         reason: String,
     },
 }
@@ -184,19 +199,32 @@ pub fn replication_mode(
             let healthy = healthy_in_set(set, seen);
             let waiting = oldest_wait_ms >= policy.failure_detect_ms as f64;
             let short = healthy < k;
-            if !(short || waiting) {
+            if !short {
                 tracker.unhealthy_since_ms = None;
-                return ModeAction::Keep;
+                return if waiting {
+                    ModeAction::Slow {
+                        reason: format!(
+                            "commits waited {oldest_wait_ms:.0} ms for synchronous standbys \
+                             that are alive (heartbeat and replies): slow, not dead"
+                        ),
+                    }
+                } else {
+                    tracker.slow_since_ms = None;
+                    ModeAction::Keep
+                };
             }
             let since = *tracker.unhealthy_since_ms.get_or_insert(now_ms);
-            let reason = if short {
-                format!(
-                    "{healthy} of {} synchronous standbys streaming, quorum {k}",
-                    set.len()
-                )
-            } else {
-                format!("commits waited {oldest_wait_ms:.0} ms for the synchronous standbys")
-            };
+            // Only `short` gets here: a standby is dead or cut off, not merely slow.
+            let reason = format!(
+                "{healthy} of {} synchronous standbys alive (streaming, replying, heartbeat), \
+                 quorum {k}{}",
+                set.len(),
+                if waiting {
+                    format!("; commits waited {oldest_wait_ms:.0} ms")
+                } else {
+                    String::new()
+                }
+            );
             let overdue = waiting || now_ms.saturating_sub(since) >= policy.failure_detect_ms;
             match policy.standby_failure {
                 _ if !overdue => ModeAction::Keep,
@@ -560,6 +588,7 @@ mod tests {
             streaming,
             flush_lsn: lsn,
             reply_age_ms: 100.0,
+            heartbeat: true,
         }
     }
 
@@ -578,10 +607,14 @@ mod tests {
             step(1300, 0.0, &mut t),
             ModeAction::ToAsync { .. }
         ));
-        // Commits that have waited long enough trip it at once, even if the standby still
-        // looks connected (a silent standby keeps its TCP connection).
+        // Commits that have waited long enough trip it at once if the standby's heartbeat
+        // stopped, even if it still looks connected (a silent standby keeps its TCP
+        // connection and its last reply is not yet old).
         let mut t = FailureTracker::default();
-        let present = [seen("dc2.1", true, 10)];
+        let present = [StandbySeen {
+            heartbeat: false,
+            ..seen("dc2.1", true, 10)
+        }];
         let a = replication_mode(
             &p,
             Replication::Sync,
@@ -595,6 +628,50 @@ mod tests {
             &mut t,
         );
         assert!(matches!(a, ModeAction::ToAsync { ref reason } if reason.contains("waited")));
+    }
+
+    #[test]
+    fn a_slow_standby_that_still_beats_keeps_sync_however_long_commits_wait() {
+        let p = policy(StandbyFailure::AvailabilityFirst);
+        let set = vec!["dc2.1".to_string()];
+        let mut t = FailureTracker::default();
+        let slow = [seen("dc2.1", true, 10)];
+        for (now, wait) in [(0, 350.0), (1000, 1500.0), (5000, 5000.0)] {
+            let a = replication_mode(
+                &p,
+                Replication::Sync,
+                &set,
+                1,
+                &slow,
+                10,
+                wait,
+                0,
+                now,
+                &mut t,
+            );
+            assert!(
+                matches!(a, ModeAction::Slow { ref reason } if reason.contains("slow, not dead")),
+                "{a:?}"
+            );
+        }
+        // Its heartbeat stops: dead, dropped at once (commits have waited already).
+        let dead = [StandbySeen {
+            heartbeat: false,
+            ..seen("dc2.1", true, 10)
+        }];
+        let a = replication_mode(
+            &p,
+            Replication::Sync,
+            &set,
+            1,
+            &dead,
+            10,
+            350.0,
+            0,
+            6000,
+            &mut t,
+        );
+        assert!(matches!(a, ModeAction::ToAsync { .. }), "{a:?}");
     }
 
     #[test]
