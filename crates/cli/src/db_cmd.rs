@@ -465,31 +465,9 @@ impl Platform {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let ip = self.member(to)?.ip;
-        let hosts = self.hosts();
-        let first_commit_ms = self
-            .in_host(&host, move || async move {
-                loop {
-                    if Instant::now() > deadline {
-                        return None;
-                    }
-                    if let Ok((c, at)) = dczone_ledger::connect_primary(&hosts, "switchover").await
-                    {
-                        let wrote = tokio::time::timeout(
-                            Duration::from_secs(2),
-                            c.batch_execute("SELECT txid_current()"),
-                        )
-                        .await;
-                        if at == ip && matches!(wrote, Ok(Ok(()))) {
-                            return Some(t0.elapsed().as_secs_f64() * 1e3);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })?
-            .ok_or_else(|| {
-                anyhow!("{to} holds the leader key but accepted no commit within {timeout:?}")
-            })?;
+        let first_commit_ms = self.first_commit(&host, to, t0, deadline)?.ok_or_else(|| {
+            anyhow!("{to} holds the leader key but accepted no commit within {timeout:?}")
+        })?;
         let rejoined_ms = loop {
             if Instant::now() > deadline {
                 bail!("{to} is the primary, but {leader} did not rejoin as its standby within {timeout:?}; `dczone db up` brings it back");
@@ -510,6 +488,35 @@ impl Platform {
             leader_ms,
             first_commit_ms,
             rejoined_ms,
+        })
+    }
+
+    /// Milliseconds from `t0` until `site` acknowledges a commit to a client on `host`
+    /// (None if not before `deadline`).
+    fn first_commit(
+        &self,
+        host: &str,
+        site: &str,
+        t0: Instant,
+        deadline: Instant,
+    ) -> anyhow::Result<Option<f64>> {
+        let ip = self.member(site)?.ip;
+        let hosts = self.hosts_for(host);
+        self.in_host(host, move || async move {
+            while Instant::now() < deadline {
+                if let Ok((c, at)) = dczone_ledger::connect_primary(&hosts, "dczone-probe").await {
+                    let wrote = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        c.batch_execute("SELECT txid_current()"),
+                    )
+                    .await;
+                    if at == ip && matches!(wrote, Ok(Ok(()))) {
+                        return Some(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
         })
     }
 
@@ -1030,25 +1037,8 @@ impl Platform {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let hosts = self.hosts_for(&host);
-        let ip = target.ip;
         let first_commit_ms = self
-            .in_host(&host, move || async move {
-                while Instant::now() < deadline {
-                    if let Ok((c, at)) = dczone_ledger::connect_primary(&hosts, "failover").await {
-                        let wrote = tokio::time::timeout(
-                            Duration::from_secs(2),
-                            c.batch_execute("SELECT txid_current()"),
-                        )
-                        .await;
-                        if at == ip && matches!(wrote, Ok(Ok(()))) {
-                            return Some(t0.elapsed().as_secs_f64() * 1e3);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                None
-            })?
+            .first_commit(&host, to, t0, deadline)?
             .ok_or_else(|| anyhow!("{to} leads but accepted no commit within {timeout:?}"))?;
         Ok(FailoverReport {
             to: to.to_string(),

@@ -175,12 +175,19 @@ fn fetch_kernel(cache_root: &Path, package: &str) -> Result<PathBuf, ImageError>
                 .current_dir(&dir),
         )
     };
-    if download().is_err() {
-        run(
+    // A stale package index or a passing network failure (CI saw "Temporary failure
+    // resolving 'deb.debian.org'" for a minute): refresh the index and retry, backing off.
+    let mut attempt = 0;
+    while let Err(e) = download() {
+        attempt += 1;
+        if attempt == 5 {
+            return Err(e);
+        }
+        let _ = run(
             "apt-get update",
             Command::new("apt-get").args(["update", "-q"]),
-        )?;
-        download()?;
+        );
+        std::thread::sleep(std::time::Duration::from_secs(2 << attempt));
     }
     let deb = std::fs::read_dir(&dir)
         .map_err(io("list the kernel download"))?
