@@ -684,10 +684,18 @@ impl Agent {
                     grey_bytes: grey,
                 },
             };
-            let _ = self
-                .store
-                .put_as_leader(&leader, &self.store.keys.audit(leader.since_ms), &entry)
-                .await;
+            // Every failover goes to the audit log: retried, since one of this site's etcd
+            // members may be briefly unreachable (a member rejoining after a rebuild).
+            let key = self.store.keys.audit(leader.since_ms);
+            for _ in 0..5 {
+                match self.store.put_as_leader(&leader, &key, &entry).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        log(&me, &format!("audit entry not written yet: {e}"));
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
         }
         // Promote now rather than at the next tick: until then no commit is possible.
         self.lead(&leader, local, snap).await
