@@ -167,43 +167,54 @@ fn fetch_kernel(cache_root: &Path, package: &str) -> Result<PathBuf, ImageError>
         return Ok(root);
     }
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
-    let download = || {
+    let tmp = dir.join("root.tmp");
+    // One attempt: a fresh download (a partial .deb of an interrupted attempt is removed
+    // first), then the unpack, which also catches a truncated archive.
+    let attempt = || -> Result<(), ImageError> {
+        for e in std::fs::read_dir(&dir)
+            .map_err(io("list the kernel download"))?
+            .flatten()
+        {
+            if e.path().extension().is_some_and(|x| x == "deb") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         run(
             "download the kernel",
             Command::new("apt-get")
                 .args(["download", "-q", package])
                 .current_dir(&dir),
+        )?;
+        let deb = std::fs::read_dir(&dir)
+            .map_err(io("list the kernel download"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .ok_or_else(|| ImageError::Kernel {
+                package: package.into(),
+                reason: "apt-get download produced no .deb".into(),
+            })?;
+        let _ = std::fs::remove_dir_all(&tmp);
+        run(
+            "unpack the kernel",
+            Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp),
         )
+        .map(|_| ())
     };
     // A stale package index or a passing network failure (CI saw "Temporary failure
     // resolving 'deb.debian.org'" for a minute): refresh the index and retry, backing off.
-    let mut attempt = 0;
-    while let Err(e) = download() {
-        attempt += 1;
-        if attempt == 5 {
+    let mut tries = 0;
+    while let Err(e) = attempt() {
+        tries += 1;
+        if tries == 5 {
             return Err(e);
         }
         let _ = run(
             "apt-get update",
             Command::new("apt-get").args(["update", "-q"]),
         );
-        std::thread::sleep(std::time::Duration::from_secs(2 << attempt));
+        std::thread::sleep(std::time::Duration::from_secs(2 << tries));
     }
-    let deb = std::fs::read_dir(&dir)
-        .map_err(io("list the kernel download"))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .ok_or_else(|| ImageError::Kernel {
-            package: package.into(),
-            reason: "apt-get download produced no .deb".into(),
-        })?;
-    let tmp = dir.join("root.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    run(
-        "unpack the kernel",
-        Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp),
-    )?;
     std::fs::rename(&tmp, &root).map_err(io("move the unpacked kernel"))?;
     Ok(root)
 }
