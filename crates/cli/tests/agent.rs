@@ -107,7 +107,17 @@ fn start_agent(lab: &TestLab, host: &str, ip: Ipv4Addr, token_file: &std::path::
 
 /// The guest's `S` answer as key=value pairs (processed, uptime_ms, checksum, boot, ...).
 fn guest_status(lab: &TestLab, ip: Ipv4Addr) -> std::collections::HashMap<String, String> {
-    dczone_workload::query(&lab.ns("dc1.1-client"), ip, "S")
+    // A TCG guest just booted on a busy 2-core host may miss the 100 ms request timeout
+    // once or twice; its state is what this asserts on, not its first answer's speed.
+    let mut answer = dczone_workload::query(&lab.ns("dc1.1-client"), ip, "S");
+    for _ in 0..10 {
+        if answer.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        answer = dczone_workload::query(&lab.ns("dc1.1-client"), ip, "S");
+    }
+    answer
         .unwrap()
         .split_whitespace()
         .filter_map(|kv| kv.split_once('='))
