@@ -321,18 +321,25 @@ fn ha_control_traffic_overtakes_a_saturating_bulk_flow() {
     let lab = TestLab::new("e2eprio");
     lab.up();
     // The echo server takes etcd's client port on dc2.1-h2, where the zone places an etcd
-    // member: stop that member first (four of five keep their quorum).
-    let pid_file = lab.state_dir.join(&lab.name).join("etcd/dc2_1_h2.pid");
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .expect("dc2.1-h2 runs an etcd member")
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: killing a process of our own lab by pid.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let t = Instant::now();
-    while sys::alive(pid) && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(10));
+    // member. The lab's consensus store plays no part here: stop all of it. (With only
+    // dc2.1-h2's member stopped, the other four kept the lab's paths at ~35 Mbit/s and
+    // +25 ms: not understood yet, see BENCHMARKS.md "Regional disaster".)
+    let etcd_dir = lab.state_dir.join(&lab.name).join("etcd");
+    for entry in std::fs::read_dir(&etcd_dir).expect("the lab runs etcd") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "pid") {
+            let pid: i32 = std::fs::read_to_string(&path)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            // SAFETY: killing a process of our own lab by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let t = Instant::now();
+            while sys::alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
     // A bulk TCP flow fills the DC1.1 -> DC2.1 path (5 ms RTT) and its queue.
     let (a, b) = (lab.ns("dc1.1-h1"), lab.ns("dc2.1-h1"));
