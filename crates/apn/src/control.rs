@@ -43,10 +43,22 @@ pub struct EmulatorConfig {
     /// etcd's client and peer ports by default.
     #[serde(default = "default_priority_ports")]
     pub priority_ports: Vec<u16>,
+    /// TCP/UDP ports of bulk transfers (backup, bulk replication). On a path whose
+    /// parameters ask for a bulk lane (an APN allocates such transfers a path of their own)
+    /// they travel apart from the other traffic; otherwise they share its serializer.
+    #[serde(default = "default_bulk_ports")]
+    pub bulk_ports: Vec<u16>,
 }
 
 pub fn default_priority_ports() -> Vec<u16> {
     vec![2379, 2380]
+}
+
+/// The port of the lab's cross-traffic flows (`dczone_lab::cross`), iperf3's port.
+pub const BULK_PORT: u16 = 5201;
+
+pub fn default_bulk_ports() -> Vec<u16> {
+    vec![BULK_PORT]
 }
 
 /// Precise mode: keep polling 2 ms after the last frame.
@@ -137,6 +149,9 @@ pub struct PortStats {
 pub struct PathStats {
     pub from: String,
     pub to: String,
+    /// The path's bulk lane rather than its main one (see [`EmulatorConfig::bulk_ports`]).
+    #[serde(default)]
+    pub bulk_lane: bool,
     pub params: PathParams,
     pub counters: PathCounters,
 }

@@ -136,7 +136,9 @@ fn mem_of(buf: &Vec<u8>) -> u64 {
 /// The running emulator.
 pub struct Engine {
     ports: Vec<Port>,
-    /// `paths[from * n + to]`; `None` on the diagonal and for unconfigured pairs.
+    /// `paths[lane * n * n + from * n + to]`; lane 0 carries everything, lane 1 (the bulk
+    /// lane) bulk transfers on paths that have one. `None` on the diagonal, for
+    /// unconfigured pairs and for paths without a bulk lane.
     paths: Vec<Option<Path<Vec<u8>>>>,
     macs: MacTable,
     pools: Pools,
@@ -147,6 +149,7 @@ pub struct Engine {
     spin_ns: u64,
     idle_poll_ns: u64,
     priority_ports: Vec<u16>,
+    bulk_ports: Vec<u16>,
     last_activity: u64,
     started: u64,
     delivered: u64,
@@ -189,7 +192,7 @@ impl Engine {
             });
         }
         let n = ports.len();
-        let mut paths: Vec<Option<Path<Vec<u8>>>> = (0..n * n).map(|_| None).collect();
+        let mut paths: Vec<Option<Path<Vec<u8>>>> = (0..2 * n * n).map(|_| None).collect();
         for (i, pc) in config.paths.iter().enumerate() {
             let find = |name: &str| ports.iter().position(|p| p.name == name);
             let (Some(a), Some(b)) = (find(&pc.from), find(&pc.to)) else {
@@ -199,6 +202,10 @@ impl Engine {
                 });
             };
             paths[a * n + b] = Some(Path::new(pc.params, config.seed ^ (i as u64 + 1)));
+            if pc.params.bulk_lane {
+                paths[n * n + a * n + b] =
+                    Some(Path::new(pc.params, config.seed ^ !(i as u64 + 1)));
+            }
         }
         let _ = std::fs::remove_file(&config.control_socket);
         let listener =
@@ -238,6 +245,7 @@ impl Engine {
             spin_ns: config.spin_ns,
             idle_poll_ns: config.idle_poll_ns,
             priority_ports: config.priority_ports.clone(),
+            bulk_ports: config.bulk_ports.clone(),
             last_activity: 0,
             started: monotonic_ns(),
             delivered: 0,
@@ -417,6 +425,7 @@ impl Engine {
             };
             let cost = frame::wire_cost(&buf);
             let priority = frame::is_priority(&buf, &self.priority_ports);
+            let bulk = !priority && frame::uses_port(&buf, &self.bulk_ports);
             let targets: Vec<usize> = match self.macs.forward(ingress, dst, src) {
                 Forward::Port(p) => vec![p],
                 Forward::Flood => (0..n).filter(|&p| p != ingress).collect(),
@@ -424,7 +433,13 @@ impl Engine {
             };
             let mut original = Some(buf);
             for (k, &to) in targets.iter().enumerate() {
-                let Some(path) = self.paths[ingress * n + to].as_mut() else {
+                let main = ingress * n + to;
+                let lane = if bulk && self.paths[n * n + main].is_some() {
+                    n * n + main
+                } else {
+                    main
+                };
+                let Some(path) = self.paths[lane].as_mut() else {
                     continue;
                 };
                 let data = original.as_deref().unwrap_or(&[]);
@@ -493,21 +508,35 @@ impl Engine {
                     }
                 }
                 for (idx, params) in updates {
-                    let slot = &mut self.paths[idx];
-                    let was_cut = slot.as_ref().is_none_or(|p| p.params().blackhole);
-                    match slot {
-                        Some(p) => p.set_params(params),
-                        None => *slot = Some(Path::new(params, idx as u64 + 1)),
-                    }
-                    if params.blackhole && !was_cut {
-                        if let Some(p) = slot.as_mut() {
-                            while let Some(buf) = p.pop_due(u64::MAX, mem_of) {
-                                self.pools.give_back(buf);
-                            }
+                    self.set_path(idx, params);
+                    if params.bulk_lane {
+                        self.set_path(n * n + idx, params);
+                    } else if let Some(mut lane) = self.paths[n * n + idx].take() {
+                        // The lane is released: what it still carries is lost with it.
+                        while let Some(buf) = lane.pop_due(u64::MAX, mem_of) {
+                            self.pools.give_back(buf);
                         }
                     }
                 }
                 Response::Ok
+            }
+        }
+    }
+
+    /// Creates or changes the path in slot `idx`; a path that becomes blackholed loses
+    /// the frames in it.
+    fn set_path(&mut self, idx: usize, params: crate::path::PathParams) {
+        let slot = &mut self.paths[idx];
+        let was_cut = slot.as_ref().is_none_or(|p| p.params().blackhole);
+        match slot {
+            Some(p) => p.set_params(params),
+            None => *slot = Some(Path::new(params, idx as u64 + 1)),
+        }
+        if params.blackhole && !was_cut {
+            if let Some(p) = slot.as_mut() {
+                while let Some(buf) = p.pop_due(u64::MAX, mem_of) {
+                    self.pools.give_back(buf);
+                }
             }
         }
     }
@@ -520,8 +549,9 @@ impl Engine {
             .enumerate()
             .filter_map(|(i, p)| {
                 p.as_ref().map(|p| PathStats {
-                    from: self.ports[i / n].name.clone(),
+                    from: self.ports[(i % (n * n)) / n].name.clone(),
                     to: self.ports[i % n].name.clone(),
+                    bulk_lane: i >= n * n,
                     params: p.params(),
                     counters: p.counters,
                 })

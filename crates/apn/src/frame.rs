@@ -65,6 +65,11 @@ pub fn l4_ports(frame: &[u8]) -> Option<(u16, u16)> {
 /// Is this frame HA control traffic (to or from one of `ports`)? SPEC.md section 1: the HA
 /// platform's traffic is small but goes before everything else.
 pub fn is_priority(frame: &[u8], ports: &[u16]) -> bool {
+    uses_port(frame, ports)
+}
+
+/// Is this frame TCP or UDP to or from one of `ports`?
+pub fn uses_port(frame: &[u8], ports: &[u16]) -> bool {
     !ports.is_empty()
         && l4_ports(frame).is_some_and(|(s, d)| ports.contains(&s) || ports.contains(&d))
 }

@@ -15,7 +15,9 @@
 //! bulk backlog. It is serialized at once and bulk frames admitted after it start later by
 //! its serialization time, as behind a strict-priority scheduler on a real port (bulk
 //! frames already admitted keep their times: a small approximation, the priority class is
-//! tiny). It is only dropped when the path is cut. Priority frames keep their own FIFO.
+//! tiny). Priority frames keep their own FIFO. On an APN path (no jitter, no loss) they
+//! are only dropped when the path is cut; on a conventional WAN they suffer its jitter and
+//! loss like any frame: a class of service orders queues, it does not mend the fibre.
 
 use std::collections::VecDeque;
 
@@ -37,6 +39,10 @@ pub struct PathParams {
     /// Cap on the serialization backlog; `None` picks [`PathParams::default_queue_limit`].
     #[serde(default)]
     pub queue_limit_bytes: Option<u64>,
+    /// Bulk transfers get a lane of their own with these same parameters (an APN path
+    /// allocated on demand); `false`: they share this path with everything else.
+    #[serde(default)]
+    pub bulk_lane: bool,
 }
 
 /// The backlog may hold this many bandwidth-delay products (one-way delay x rate x 2 = one
@@ -178,26 +184,40 @@ impl<F> Path<F> {
             self.counters.dropped_queue += 1;
             return Err(Drop::QueueFull);
         }
-        if p.loss > 0.0 {
-            let keep = (1.0 - p.loss).powi(segments.min(i32::MAX as u64) as i32);
-            if self.rng.unit() >= keep {
-                self.counters.dropped_loss += 1;
-                return Err(Drop::Loss);
-            }
+        if p.loss > 0.0 && self.lost(segments) {
+            return Err(Drop::Loss);
         }
         let start = now.max(self.busy_until);
         self.busy_until = start + p.serialization_ns(wire_bytes);
         self.counters.max_backlog_bytes = self.counters.max_backlog_bytes.max(backlog + wire_bytes);
-        let mut delivery = self.busy_until + p.delay_ns;
-        if p.jitter_ns > 0 {
-            let offset = (self.rng.unit() * (2 * p.jitter_ns) as f64) as u64;
-            delivery = (delivery + offset).saturating_sub(p.jitter_ns);
-        }
-        delivery = delivery.max(self.last_delivery).max(now);
+        let delivery = self
+            .jittered(self.busy_until + p.delay_ns)
+            .max(self.last_delivery)
+            .max(now);
         self.last_delivery = delivery;
         self.count(segments, wire_bytes, mem_bytes);
         self.in_flight.push_back((delivery, frame));
         Ok(delivery)
+    }
+
+    /// Draws whether a frame of `segments` wire segments is lost (and counts it).
+    fn lost(&mut self, segments: u64) -> bool {
+        let keep = (1.0 - self.params.loss).powi(segments.min(i32::MAX as u64) as i32);
+        let lost = self.rng.unit() >= keep;
+        if lost {
+            self.counters.dropped_loss += 1;
+        }
+        lost
+    }
+
+    /// `delivery` moved uniformly within +/- the jitter.
+    fn jittered(&mut self, delivery: u64) -> u64 {
+        let j = self.params.jitter_ns;
+        if j == 0 {
+            return delivery;
+        }
+        let offset = (self.rng.unit() * (2 * j) as f64) as u64;
+        (delivery + offset).saturating_sub(j)
     }
 
     fn count(&mut self, segments: u64, wire_bytes: u64, mem_bytes: u64) {
@@ -221,12 +241,16 @@ impl<F> Path<F> {
             self.counters.dropped_blackhole += 1;
             return Err(Drop::Blackhole);
         }
+        if p.loss > 0.0 && self.lost(segments) {
+            return Err(Drop::Loss);
+        }
         let ser = p.serialization_ns(wire_bytes);
         let start = now.max(self.priority_busy_until);
         self.priority_busy_until = start + ser;
         // The bulk frames behind it wait for it.
         self.busy_until = self.busy_until.max(now) + ser;
-        let delivery = (start + ser + p.delay_ns).max(self.priority.back().map_or(0, |b| b.0));
+        let delivery = self.jittered(start + ser + p.delay_ns);
+        let delivery = delivery.max(self.priority.back().map_or(0, |b| b.0));
         self.counters.priority_frames += 1;
         self.count(segments, wire_bytes, mem_bytes);
         self.priority.push_back((delivery, frame));
@@ -279,6 +303,7 @@ mod tests {
             loss: 0.0,
             blackhole: false,
             queue_limit_bytes: None,
+            bulk_lane: false,
         }
     }
 
@@ -404,5 +429,32 @@ mod tests {
             .filter(|&i| admit(&mut p, u64::from(i) * US, 100, i).is_err())
             .count();
         assert!((9_000..11_000).contains(&lost), "lost {lost}");
+    }
+
+    #[test]
+    fn priority_frames_suffer_a_conventional_wan_s_jitter_and_loss() {
+        let mut pp = params(MS, 100_000_000_000);
+        pp.jitter_ns = 500 * US;
+        pp.loss = 0.1;
+        let mut p = Path::new(pp, 9);
+        let (mut lost, mut early, mut late) = (0, 0, 0);
+        for i in 0..10_000u32 {
+            let now = u64::from(i) * MS;
+            match p.admit_priority(now, 100, 1, i, 1) {
+                Err(Drop::Loss) => lost += 1,
+                Ok(t) => {
+                    assert!(t >= now + 500 * US && t <= now + 1500 * US + US, "{t} at {now}");
+                    if t < now + MS {
+                        early += 1;
+                    } else if t > now + MS + US {
+                        late += 1;
+                    }
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert!((800..1200).contains(&lost), "lost {lost}");
+        assert!(early > 3000 && late > 3000, "early {early}, late {late}");
+        assert_eq!(p.counters.dropped_loss, lost);
     }
 }

@@ -11,6 +11,28 @@ use dczone_virt::Platform;
 
 use crate::table::render;
 
+/// The network a database benchmark runs on (SPEC.md section 9).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct NetworkArgs {
+    /// apn: fixed delay, no loss, bulk transfers on paths of their own. conventional: the
+    /// same fibre as a carrier WAN (jitter, loss, one pipe shared with bulk transfers).
+    #[arg(long, default_value = "apn")]
+    pub wan: dczone_zone::Wan,
+    /// Bulk TCP flows (backup, bulk replication) from the primary's site to DC2.1 for the
+    /// whole run, filling the path; HA traffic keeps its priority.
+    #[arg(long)]
+    pub cross_traffic: bool,
+}
+
+impl From<NetworkArgs> for crate::db_bench::NetworkOptions {
+    fn from(a: NetworkArgs) -> Self {
+        crate::db_bench::NetworkOptions {
+            wan: a.wan,
+            cross_traffic: a.cross_traffic,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// One VM's migration time and downtime against guest memory size and dirty rate.
@@ -51,6 +73,12 @@ pub enum BenchCommand {
         /// random moments.
         #[arg(long, default_value_t = 10)]
         injections: usize,
+        /// Also sweep the clients (1, 2, 4, ...) at 500 km, sync and async, until Ptrx
+        /// stops growing.
+        #[arg(long)]
+        saturation: bool,
+        #[command(flatten)]
+        network: NetworkArgs,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -62,6 +90,8 @@ pub enum BenchCommand {
         injections: usize,
         #[arg(long, default_value_t = 8)]
         clients: usize,
+        #[command(flatten)]
+        network: NetworkArgs,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -98,6 +128,8 @@ pub fn run(
             clients,
             seconds,
             injections,
+            saturation,
+            network,
             json,
         } => crate::db_bench::inter_region(
             lab,
@@ -109,11 +141,14 @@ pub fn run(
                 seconds,
                 injections,
                 json,
+                network: network.into(),
+                saturation,
             },
         ),
         BenchCommand::RegionDisaster {
             injections,
             clients,
+            network,
             json,
         } => crate::region_bench::region_disaster(
             lab,
@@ -123,6 +158,7 @@ pub fn run(
                 injections,
                 clients,
                 json,
+                network: network.into(),
             },
         ),
         BenchCommand::Switchover {

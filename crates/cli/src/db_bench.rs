@@ -32,7 +32,24 @@ pub struct InterRegionOptions {
     pub seconds: f64,
     pub injections: usize,
     pub json: Option<PathBuf>,
+    pub network: NetworkOptions,
+    /// Sweep the clients at the default distance until Ptrx stops growing.
+    pub saturation: bool,
 }
+
+/// One step of the saturation sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct SaturationPoint {
+    pub mode: String,
+    pub clients: usize,
+    pub ptrx: f64,
+    pub tatrxn_p50_ms: f64,
+    pub tatrsync_excess_ms: Option<f64>,
+}
+
+/// Ptrx stops growing when doubling the clients adds less than this.
+const SATURATION_GAIN: f64 = 1.05;
+const SATURATION_MAX_CLIENTS: usize = 256;
 
 /// One replication mode at one distance.
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +68,10 @@ pub struct ModeResult {
     /// Sync: TATrsync minus the round trip to DC2.1 at this distance (10 us per km): what
     /// the product adds (standby write and flush, process wake-ups, the emulator).
     pub tatrsync_excess_ms: Option<f64>,
+    /// Sync: p99 of the flush_lag samples.
+    pub tatrsync_p99_ms: Option<f64>,
+    /// Where TATrsync goes (sync only), see [`SyncCost`].
+    pub sync_cost: Option<SyncCost>,
     /// Async: replication lag of DC2.1 (flush_lag), mean and p99 of the samples.
     pub tatrasync_ms: Option<f64>,
     pub tatrasync_p99_ms: Option<f64>,
@@ -58,6 +79,26 @@ pub struct ModeResult {
     pub grey_data_transactions: Option<f64>,
     /// (seconds into the run, DC2.1 flush lag in ms), every 100 ms.
     pub lag_over_time_ms: Vec<(f64, f64)>,
+}
+
+/// TATrsync taken apart, from what PostgreSQL and the network show during the run:
+/// `rtt_nominal_ms + network_excess_ms + standby_receive_ms + standby_flush_ms` is
+/// TATrsync (up to sampling).
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncCost {
+    /// The fibre's round trip at this distance (10 us per km).
+    pub rtt_nominal_ms: f64,
+    /// ICMP echo primary -> DC2.1 member during the load, median (kernel timestamps).
+    pub rtt_under_load_ms: Option<f64>,
+    /// Echo minus the fibre: the emulator's wake-ups and both hosts' network stacks.
+    pub network_excess_ms: Option<f64>,
+    /// write_lag minus the echo: walsender send, walreceiver wake-up and write, its
+    /// reply, the walsender reading it.
+    pub standby_receive_ms: Option<f64>,
+    /// flush_lag minus write_lag: the standby's fsync of the WAL.
+    pub standby_flush_ms: f64,
+    /// PostgreSQL's write_lag of DC2.1, mean of the samples.
+    pub write_lag_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,6 +140,9 @@ pub struct Disaster {
 #[derive(Debug, Clone, Serialize)]
 pub struct InterRegionReport {
     pub git_rev: String,
+    pub network: NetworkOptions,
+    /// What the bulk cross traffic moved, when there was some.
+    pub cross_traffic: Option<dczone_lab::cross::CrossReport>,
     pub clients: usize,
     /// At the default distance (500 km).
     pub sync: ModeResult,
@@ -108,6 +152,11 @@ pub struct InterRegionReport {
     pub fallback: Fallback,
     pub fallback_stall_ms: f64,
     pub disasters: Vec<Disaster>,
+    /// `--saturation`: clients doubled from 1 at the default distance, per mode, until
+    /// Ptrx grew less than 5 %.
+    pub saturation: Vec<SaturationPoint>,
+    pub sync_ptrx_saturated: Option<f64>,
+    pub async_ptrx_saturated: Option<f64>,
     /// The first (deterministic) disaster's RTO; `rto_max_ms` is the worst of all.
     pub failover_rto_ms: Option<f64>,
     pub rto_max_ms: Option<f64>,
@@ -147,12 +196,15 @@ fn set_distance(lab: &Lab, p: &Platform, km: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Samples DC2.1's flush lag on the primary every 100 ms until `stop`.
+/// One sample of DC2.1's lag on the primary: (unix us, write_lag ms, flush_lag ms).
+type LagSample = (u64, Option<f64>, f64);
+
+/// Samples DC2.1's write and flush lag on the primary every 100 ms until `stop`.
 fn spawn_lag_sampler(
     p: &Platform,
     host: &str,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<(u64, f64)>> {
+) -> std::thread::JoinHandle<Vec<LagSample>> {
     let p = p.clone();
     let host = host.to_string();
     std::thread::spawn(move || {
@@ -172,7 +224,8 @@ fn spawn_lag_sampler(
                     let r = tokio::time::timeout(
                         Duration::from_millis(500),
                         c.query_opt(
-                            "SELECT extract(epoch from flush_lag)::float8 * 1000 \
+                            "SELECT extract(epoch from write_lag)::float8 * 1000, \
+                                    extract(epoch from flush_lag)::float8 * 1000 \
                              FROM pg_stat_replication WHERE application_name = $1",
                             &[&app],
                         ),
@@ -180,8 +233,8 @@ fn spawn_lag_sampler(
                     .await;
                     match r {
                         Ok(Ok(Some(row))) => {
-                            if let Some(ms) = row.get::<_, Option<f64>>(0) {
-                                out.push((unix_us(), ms));
+                            if let Some(ms) = row.get::<_, Option<f64>>(1) {
+                                out.push((unix_us(), row.get::<_, Option<f64>>(0), ms));
                             }
                         }
                         Ok(Ok(None)) => {}
@@ -242,18 +295,32 @@ fn p99(v: &[f64]) -> Option<f64> {
         .copied()
 }
 
+/// ICMP echo from `host` to DC2.1's member every 50 ms for about `seconds` (a thread).
+fn spawn_rtt_sampler(
+    p: &Platform,
+    host: &str,
+    seconds: f64,
+) -> std::thread::JoinHandle<Option<dczone_lab::probe::RttStats>> {
+    let ns = p.lab.host_namespace(host);
+    let target = p.member(REMOTE_SITE).map(|m| m.ip).ok();
+    let pings = (seconds * 20.0) as usize;
+    std::thread::spawn(move || {
+        dczone_lab::probe::measure_rtt(&ns, target?, pings.max(1), Duration::from_millis(50))
+            .ok()
+    })
+}
+
 fn measure_mode(
-    lab: &Lab,
     p: &Platform,
     tier: &str,
     mode: Replication,
     km: f64,
-    o: &InterRegionOptions,
+    clients: usize,
+    seconds: f64,
 ) -> anyhow::Result<ModeResult> {
     let probe = p.client_host(None)?;
     p.put_key(&probe, |k| k.tier(), tier.to_string())?;
     let snap = p.wait_mode(&probe, mode, Duration::from_secs(30))?;
-    let _ = lab;
     // The application runs next to its primary (wherever the last failover put it).
     let primary = snap
         .leader
@@ -262,27 +329,47 @@ fn measure_mode(
     let client = client_near(p, &primary);
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = spawn_lag_sampler(p, &client, stop.clone());
+    let echo = p
+        .member(&primary)
+        .ok()
+        .map(|m| spawn_rtt_sampler(p, &m.host.clone(), seconds));
     let (r, _) = load_with(
         p,
         &client,
-        load_opts(p, &client, o.clients, o.seconds),
+        load_opts(p, &client, clients, seconds),
         None,
         || Ok(()),
     )?;
     stop.store(true, Ordering::SeqCst);
     let lags = sampler.join().unwrap_or_default();
-    let lag_ms: Vec<f64> = lags.iter().map(|(_, ms)| *ms).collect();
+    let echo = echo.and_then(|h| h.join().ok().flatten());
+    let flush_ms: Vec<f64> = lags.iter().map(|(_, _, ms)| *ms).collect();
+    let write_ms: Vec<f64> = lags.iter().filter_map(|(_, w, _)| *w).collect();
     let series = lags
         .iter()
-        .map(|(t, ms)| (t.saturating_sub(r.started_us) as f64 / 1e6, *ms))
+        .map(|(t, _, ms)| (t.saturating_sub(r.started_us) as f64 / 1e6, *ms))
         .collect();
-    let (tatrsync, tatrasync) = match mode {
-        Replication::Sync => (mean(&lag_ms), None),
-        Replication::Async => (None, mean(&lag_ms)),
+    let rtt_nominal_ms = 2.0 * km * dczone_zone::FIBER_NS_PER_KM / 1e6;
+    let sync = mode == Replication::Sync;
+    let tatrsync = if sync { mean(&flush_ms) } else { None };
+    let tatrasync = if sync { None } else { mean(&flush_ms) };
+    let sync_cost = match (tatrsync, mean(&write_ms)) {
+        (Some(flush), Some(write)) => {
+            let echo_ms = echo.as_ref().map(|e| e.median_ms);
+            Some(SyncCost {
+                rtt_nominal_ms,
+                rtt_under_load_ms: echo_ms,
+                network_excess_ms: echo_ms.map(|e| e - rtt_nominal_ms),
+                standby_receive_ms: echo_ms.map(|e| write - e),
+                standby_flush_ms: flush - write,
+                write_lag_ms: write,
+            })
+        }
+        _ => None,
     };
     Ok(ModeResult {
         distance_km: km,
-        clients: o.clients,
+        clients,
         seconds: r.seconds,
         acknowledged: r.acknowledged.len(),
         errors: r.errors,
@@ -290,13 +377,11 @@ fn measure_mode(
         tatrxn_p50_ms: r.tatrxn_p50_ms,
         tatrxn_p99_ms: r.tatrxn_p99_ms,
         tatrsync_ms: tatrsync,
-        tatrsync_excess_ms: tatrsync.map(|t| t - 2.0 * km * dczone_zone::FIBER_NS_PER_KM / 1e6),
+        tatrsync_excess_ms: tatrsync.map(|t| t - rtt_nominal_ms),
+        tatrsync_p99_ms: if sync { p99(&flush_ms) } else { None },
+        sync_cost,
         tatrasync_ms: tatrasync,
-        tatrasync_p99_ms: if mode == Replication::Async {
-            p99(&lag_ms)
-        } else {
-            None
-        },
+        tatrasync_p99_ms: if sync { None } else { p99(&flush_ms) },
         grey_data_transactions: tatrasync.map(|ms| r.ptrx * ms / 1000.0),
         lag_over_time_ms: series,
     })
@@ -456,6 +541,102 @@ fn disaster(
 
 /// The reference zone's lab up and a fresh database platform (the primary in its declared
 /// site, an empty ledger), with a spinner for what follows.
+/// The network a benchmark runs on (SPEC.md section 9): the APN or a conventional WAN,
+/// with or without bulk cross traffic from the primary's site to DC2.1.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct NetworkOptions {
+    #[serde(serialize_with = "as_text")]
+    pub wan: dczone_zone::Wan,
+    pub cross_traffic: bool,
+}
+
+fn as_text<S: serde::Serializer>(w: &dczone_zone::Wan, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(w)
+}
+
+/// Bulk TCP flows of the cross traffic.
+const CROSS_FLOWS: usize = 4;
+
+/// A host of `site` that is neither a database member nor a client host, for bulk traffic.
+fn bulk_host(p: &Platform, site: &str) -> anyhow::Result<String> {
+    let idx = p
+        .zone
+        .site_index(site)
+        .ok_or_else(|| anyhow!("no site {site} in the zone"))?;
+    let hosts = &p.zone.sites[idx].hosts;
+    hosts
+        .iter()
+        .find(|h| !h.ends_with("-client") && !p.members.iter().any(|m| &m.host == *h))
+        .or_else(|| hosts.first())
+        .cloned()
+        .ok_or_else(|| anyhow!("site {site} has no host"))
+}
+
+/// Network conditions in force for a benchmark; [`Conditions::end`] puts the APN back.
+pub(crate) struct Conditions {
+    cross: Option<dczone_lab::cross::CrossTraffic>,
+    wan: dczone_zone::Wan,
+}
+
+impl Conditions {
+    pub(crate) fn start(lab: &Lab, p: &Platform, n: NetworkOptions) -> anyhow::Result<Conditions> {
+        lab.set_wan(n.wan)?;
+        let cross = if n.cross_traffic {
+            let from = bulk_host(p, &p.plan.primary)?;
+            let to = bulk_host(p, REMOTE_SITE)?;
+            Some(lab.cross_traffic(&from, &to, CROSS_FLOWS)?)
+        } else {
+            None
+        };
+        Ok(Conditions { cross, wan: n.wan })
+    }
+
+    /// Stops the cross traffic and restores the APN; returns what the traffic moved.
+    pub(crate) fn end(self, lab: &Lab) -> Option<dczone_lab::cross::CrossReport> {
+        let report = self.cross.map(|c| c.stop());
+        if self.wan != dczone_zone::Wan::Apn {
+            if let Err(e) = lab.set_wan(dczone_zone::Wan::Apn) {
+                eprintln!("warning: could not put the links back on the APN: {e}");
+            }
+        }
+        report
+    }
+}
+
+/// Doubles the clients from 1 until Ptrx grows less than [`SATURATION_GAIN`]; returns the
+/// steps and the highest Ptrx seen.
+fn saturate(
+    p: &Platform,
+    tier: &str,
+    mode: Replication,
+    km: f64,
+    seconds: f64,
+    bar: &ProgressBar,
+) -> anyhow::Result<(Vec<SaturationPoint>, f64)> {
+    let mut out: Vec<SaturationPoint> = Vec::new();
+    let mut clients = 1;
+    while clients <= SATURATION_MAX_CLIENTS {
+        bar.set_message(format!("saturation: {tier} with {clients} clients"));
+        let m = measure_mode(p, tier, mode, km, clients, seconds)?;
+        let grew = out
+            .last()
+            .is_none_or(|prev| m.ptrx >= prev.ptrx * SATURATION_GAIN);
+        out.push(SaturationPoint {
+            mode: if mode == Replication::Sync { "sync" } else { "async" }.into(),
+            clients,
+            ptrx: m.ptrx,
+            tatrxn_p50_ms: m.tatrxn_p50_ms,
+            tatrsync_excess_ms: m.tatrsync_excess_ms,
+        });
+        if !grew {
+            break;
+        }
+        clients *= 2;
+    }
+    let best = out.iter().map(|s| s.ptrx).fold(0.0, f64::max);
+    Ok((out, best))
+}
+
 pub(crate) fn fresh_platform(
     lab: &Lab,
     exe: &Path,
@@ -489,15 +670,17 @@ pub fn inter_region(
         anyhow::bail!("--clients must be >= 1, --seconds positive and --distances >= 0 km");
     }
     let (p, bar) = fresh_platform(lab, exe, state_dir)?;
+    let conditions = Conditions::start(lab, &p, o.network)?;
     let default_km = 500.0;
     let mut distances = Vec::new();
     let mut result = (|| -> anyhow::Result<InterRegionReport> {
         for &km in &o.distances_km {
             set_distance(lab, &p, km)?;
             bar.set_message(format!("{km} km: sync"));
-            let sync = measure_mode(lab, &p, "tier1", Replication::Sync, km, &o)?;
+            let sync = measure_mode(&p, "tier1", Replication::Sync, km, o.clients, o.seconds)?;
             bar.set_message(format!("{km} km: async"));
-            let asynch = measure_mode(lab, &p, "tier2", Replication::Async, km, &o)?;
+            let asynch =
+                measure_mode(&p, "tier2", Replication::Async, km, o.clients, o.seconds)?;
             distances.push(DistanceResult {
                 distance_km: km,
                 sync_over_async_ptrx: sync.ptrx / asynch.ptrx.max(1e-9),
@@ -510,8 +693,9 @@ pub fn inter_region(
             Some(d) => d.clone(),
             None => {
                 bar.set_message(format!("{default_km} km: sync and async"));
-                let sync = measure_mode(lab, &p, "tier1", Replication::Sync, default_km, &o)?;
-                let asynch = measure_mode(lab, &p, "tier2", Replication::Async, default_km, &o)?;
+                let (c, t) = (o.clients, o.seconds);
+                let sync = measure_mode(&p, "tier1", Replication::Sync, default_km, c, t)?;
+                let asynch = measure_mode(&p, "tier2", Replication::Async, default_km, c, t)?;
                 DistanceResult {
                     distance_km: default_km,
                     sync_over_async_ptrx: sync.ptrx / asynch.ptrx.max(1e-9),
@@ -520,6 +704,17 @@ pub fn inter_region(
                 }
             }
         };
+        let (mut saturation, mut sync_sat, mut async_sat) = (Vec::new(), None, None);
+        if o.saturation {
+            let (steps, best) =
+                saturate(&p, "tier1", Replication::Sync, default_km, o.seconds, &bar)?;
+            saturation.extend(steps);
+            sync_sat = Some(best);
+            let (steps, best) =
+                saturate(&p, "tier2", Replication::Async, default_km, o.seconds, &bar)?;
+            saturation.extend(steps);
+            async_sat = Some(best);
+        }
         let fb = fallback(&p, &o, &bar)?;
         let mut disasters = Vec::new();
         let mut seed = unix_us() | 1;
@@ -550,6 +745,11 @@ pub fn inter_region(
         let all_recovered = rtos.len() == disasters.len();
         Ok(InterRegionReport {
             git_rev: dczone_lab::wan_bench::git_rev(),
+            network: o.network,
+            cross_traffic: None,
+            saturation,
+            sync_ptrx_saturated: sync_sat,
+            async_ptrx_saturated: async_sat,
             clients: o.clients,
             sync: at_default.sync.clone(),
             asynch: at_default.asynch.clone(),
@@ -569,6 +769,10 @@ pub fn inter_region(
         })
     })();
     bar.finish_and_clear();
+    let cross = conditions.end(lab);
+    if let Ok(r) = result.as_mut() {
+        r.cross_traffic = cross;
+    }
     // Leave the zone as it was declared.
     let _ = set_distance(lab, &p, default_km);
     if let Ok(client) = p.client_host(None) {
@@ -590,10 +794,89 @@ fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.1}"))
 }
 
+/// Where TATrsync goes at each distance, and the saturation sweep.
+fn print_sync_cost(r: &InterRegionReport) {
+    let rows: Vec<Vec<String>> = r
+        .distances
+        .iter()
+        .filter_map(|d| d.sync.sync_cost.as_ref().map(|c| (d, c)))
+        .map(|(d, c)| {
+            vec![
+                format!("{:.0}", d.distance_km),
+                format!("{:.2}", c.rtt_nominal_ms),
+                opt2(c.network_excess_ms),
+                opt2(c.standby_receive_ms),
+                format!("{:.2}", c.standby_flush_ms),
+                opt2(d.sync.tatrsync_excess_ms),
+                opt2(d.sync.tatrsync_p99_ms),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        println!("where TATrsync goes (sync, means of 100 ms samples):");
+        print!(
+            "{}",
+            render(
+                &[
+                    "km",
+                    "fibre RTT ms",
+                    "+ network ms",
+                    "+ standby receive ms",
+                    "+ standby flush ms",
+                    "= excess ms",
+                    "TATrsync p99 ms"
+                ],
+                &rows
+            )
+        );
+    }
+    if !r.saturation.is_empty() {
+        let rows: Vec<Vec<String>> = r
+            .saturation
+            .iter()
+            .map(|s| {
+                vec![
+                    s.mode.clone(),
+                    s.clients.to_string(),
+                    format!("{:.0}", s.ptrx),
+                    format!("{:.2}", s.tatrxn_p50_ms),
+                    opt2(s.tatrsync_excess_ms),
+                ]
+            })
+            .collect();
+        println!("saturation sweep at 500 km:");
+        print!(
+            "{}",
+            render(
+                &["mode", "clients", "Ptrx/s", "TATrxn p50 ms", "excess ms"],
+                &rows
+            )
+        );
+        if let (Some(s), Some(a)) = (r.sync_ptrx_saturated, r.async_ptrx_saturated) {
+            println!(
+                "Ptrx at saturation: sync {s:.0}/s, async {a:.0}/s, ratio {:.2}",
+                s / a.max(1e-9)
+            );
+        }
+    }
+}
+
+fn opt2(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.2}"))
+}
+
 fn print_report(r: &InterRegionReport) {
     println!(
-        "UC2 inter-region replication, {} clients (ledger transfers)",
-        r.clients
+        "UC2 inter-region replication, {} clients (ledger transfers), {} WAN{}",
+        r.clients,
+        r.network.wan,
+        match &r.cross_traffic {
+            Some(c) => format!(
+                ", bulk cross traffic {} -> {} ({} flows, {:.0} lab Mbit/s)",
+                c.from, c.to, c.flows, c.lab_mbit
+            ),
+            None => String::new(),
+        }
     );
     let mut rows = Vec::new();
     for d in &r.distances {
@@ -629,6 +912,7 @@ fn print_report(r: &InterRegionReport) {
             &rows
         )
     );
+    print_sync_cost(r);
     let f = &r.fallback;
     let rows = vec![
         vec![

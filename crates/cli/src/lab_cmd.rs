@@ -46,6 +46,9 @@ pub enum LabCommand {
         #[command(subcommand)]
         command: LinkCommand,
     },
+    /// Put every link on the APN (the default) or on a conventional WAN over the same
+    /// fibre: jitter, loss and one pipe shared with bulk transfers (see ARCHITECTURE.md).
+    Wan { wan: dczone_zone::Wan },
     /// Cut a site off from all others (a disaster), or bring it back.
     Site {
         #[command(subcommand)]
@@ -91,6 +94,10 @@ pub enum LinkCommand {
         /// Jitter in ms.
         #[arg(long)]
         jitter: Option<f64>,
+        /// apn (fixed delay, bulk transfers on paths of their own) or conventional (a
+        /// carrier WAN: give --jitter and --loss too, or use `lab wan conventional`).
+        #[arg(long)]
+        wan: Option<dczone_zone::Wan>,
     },
 }
 
@@ -287,9 +294,17 @@ pub fn run(lab: &Lab, cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 bandwidth,
                 loss,
                 jitter,
+                wan,
             } => {
-                if delay.is_none() && bandwidth.is_none() && loss.is_none() && jitter.is_none() {
-                    anyhow::bail!("nothing to set: give --delay, --bandwidth, --loss or --jitter");
+                if delay.is_none()
+                    && bandwidth.is_none()
+                    && loss.is_none()
+                    && jitter.is_none()
+                    && wan.is_none()
+                {
+                    anyhow::bail!(
+                        "nothing to set: give --delay, --bandwidth, --loss, --jitter or --wan"
+                    );
                 }
                 lab.link_set(
                     &a,
@@ -299,11 +314,26 @@ pub fn run(lab: &Lab, cmd: LabCommand) -> anyhow::Result<ExitCode> {
                         bandwidth,
                         loss_percent: loss,
                         jitter_ms: jitter,
+                        deterministic: wan.map(|w| w == dczone_zone::Wan::Apn),
                     },
                 )?;
                 println!("link {a}-{b} updated");
             }
         },
+        LabCommand::Wan { wan } => {
+            lab.set_wan(wan)?;
+            let w = wan.link();
+            println!(
+                "every link on the {wan} profile: jitter +/-{} ms, loss {} %, bulk transfers {}",
+                w.jitter_ms,
+                w.loss_percent,
+                if w.deterministic {
+                    "on paths of their own"
+                } else {
+                    "sharing the pipe"
+                }
+            );
+        }
         LabCommand::Site { command } => match command {
             SiteCommand::Isolate { site } => {
                 lab.site_isolate(&site, true)?;

@@ -147,6 +147,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         seconds: 5.0,
                         injections: 1,
                         json: db_json,
+                        network: db_bench::NetworkOptions::default(),
+                        saturation: false,
                     },
                 )
             })

@@ -42,6 +42,7 @@ pub struct RegionDisasterOptions {
     pub injections: usize,
     pub clients: usize,
     pub json: Option<PathBuf>,
+    pub network: crate::db_bench::NetworkOptions,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,6 +84,8 @@ pub struct PlacementCost {
 #[derive(Debug, Serialize)]
 pub struct RegionDisasterReport {
     pub git_rev: String,
+    pub network: crate::db_bench::NetworkOptions,
+    pub cross_traffic: Option<dczone_lab::cross::CrossReport>,
     pub clients: usize,
     pub injections: Vec<RegionInjection>,
     /// Worst client-observed RTO.
@@ -319,6 +322,7 @@ pub fn region_disaster(
     if region_sites(&p).is_empty() {
         bail!("the zone has no database site in {LOST_REGION}");
     }
+    let conditions = crate::db_bench::Conditions::start(lab, &p, o.network)?;
     let result = (|| -> anyhow::Result<Vec<RegionInjection>> {
         let mut out = Vec::new();
         let mut seed = unix_us() | 1;
@@ -340,6 +344,7 @@ pub fn region_disaster(
     })();
     let cost = result.as_ref().ok().map(|_| placement_cost(&p));
     bar.finish_and_clear();
+    let cross_traffic = conditions.end(lab);
     let injections = result.map_err(|e| anyhow!("{e:#}"))?;
     let placement_cost = cost.transpose()?.unwrap_or_default();
     let mut rtos: Vec<f64> = injections.iter().filter_map(|i| i.rto_ms).collect();
@@ -350,6 +355,8 @@ pub fn region_disaster(
     let lost: usize = injections.iter().map(|i| i.lost).sum();
     let report = RegionDisasterReport {
         git_rev: dczone_lab::wan_bench::git_rev(),
+        network: o.network,
+        cross_traffic,
         clients: o.clients,
         region_rto_ms: rtos.last().copied(),
         region_rto_median_ms: percentile(&rtos, 0.5),
@@ -366,6 +373,17 @@ pub fn region_disaster(
         injections,
         placement_cost,
     };
+    println!(
+        "regional disasters on the {} WAN{}",
+        report.network.wan,
+        match &report.cross_traffic {
+            Some(c) => format!(
+                ", bulk cross traffic {} -> {} ({} flows, {:.0} lab Mbit/s)",
+                c.from, c.to, c.flows, c.lab_mbit
+            ),
+            None => String::new(),
+        }
+    );
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
     let rows: Vec<Vec<String>> = report
         .injections

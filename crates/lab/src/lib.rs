@@ -15,6 +15,7 @@
 //! can find and remove all of it from the namespace list alone, whatever state file or
 //! process survived.
 
+pub mod cross;
 pub mod etcd;
 mod icmp;
 pub mod probe;
@@ -168,6 +169,8 @@ pub struct LinkChange {
     pub bandwidth: Option<String>,
     pub loss_percent: Option<f64>,
     pub jitter_ms: Option<f64>,
+    /// `Some(true)`: an APN path; `Some(false)`: a conventional WAN.
+    pub deterministic: Option<bool>,
 }
 
 const APN_SUFFIX: &str = "apn";
@@ -406,6 +409,7 @@ impl Lab {
                         loss: spec.loss,
                         blackhole: spec.blackholed || isolated,
                         queue_limit_bytes: None,
+                        bulk_lane: spec.deterministic,
                     },
                 });
             }
@@ -445,6 +449,7 @@ impl Lab {
                 }),
             seed: 0x5eed,
             priority_ports: control::default_priority_ports(),
+            bulk_ports: control::default_bulk_ports(),
         };
         let config_path = self.dir.join("apn.json");
         let log_path = self.dir.join("apn.log");
@@ -623,7 +628,7 @@ impl Lab {
                     a: zone.sites[l.a].id.clone(),
                     b: zone.sites[l.b].id.clone(),
                     distance_km: l.distance_km,
-                    deterministic: l.deterministic,
+                    deterministic: s.deterministic,
                     one_way_delay_ms: s.one_way_delay_ns as f64 / 1e6,
                     bandwidth: format_bandwidth(s.bandwidth_bps),
                     bandwidth_bps: s.bandwidth_bps,
@@ -785,12 +790,37 @@ impl Lab {
             if let Some(j) = change.jitter_ms {
                 l.jitter_ns = (j * 1e6).round() as u64;
             }
+            if let Some(d) = change.deterministic {
+                l.deterministic = d;
+            }
+            if l.deterministic && (l.jitter_ns > 0 || l.loss > 0.0) {
+                return Err(bad(
+                    "--wan",
+                    "an APN link has no jitter or loss: give --wan conventional, or \
+                     --jitter 0 --loss 0"
+                        .into(),
+                ));
+            }
             Ok(())
         })?;
         if change.one_way_delay_ms.is_some() {
             self.calibrate(&|_, _, _| {})?;
         }
         Ok(())
+    }
+
+    /// Puts every link of the zone on `wan`'s profile (see [`dczone_zone::wan`]): the APN,
+    /// or a conventional WAN over the same fibre.
+    pub fn set_wan(&self, wan: dczone_zone::Wan) -> Result<(), LabError> {
+        let w = wan.link();
+        self.modify(|_, state| {
+            for l in &mut state.links {
+                l.deterministic = w.deterministic;
+                l.jitter_ns = (w.jitter_ms * 1e6).round() as u64;
+                l.loss = w.loss_percent / 100.0;
+            }
+            Ok(())
+        })
     }
 
     /// Cuts a site off from every other site (a disaster), or restores it.

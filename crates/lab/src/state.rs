@@ -30,6 +30,13 @@ pub struct LinkState {
     pub jitter_ns: u64,
     pub loss: f64,
     pub cut: bool,
+    /// An APN path, or a conventional WAN (`lab link set --wan`).
+    #[serde(default = "apn")]
+    pub deterministic: bool,
+}
+
+fn apn() -> bool {
+    true
 }
 
 impl LinkState {
@@ -39,6 +46,7 @@ impl LinkState {
             bandwidth_bps: self.bandwidth_bps,
             jitter_ns: self.jitter_ns,
             loss: self.loss,
+            deterministic: self.deterministic,
         }
     }
 }
@@ -84,6 +92,7 @@ impl LabState {
                     jitter_ns: l.params.jitter_ns,
                     loss: l.params.loss,
                     cut: false,
+                    deterministic: l.params.deterministic,
                 })
                 .collect(),
             isolated: Vec::new(),

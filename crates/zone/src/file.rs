@@ -307,8 +307,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Zone, ZoneError> {
                 a,
                 b,
                 distance_km: l.distance_km,
-                deterministic,
                 params: LinkParams {
+                    deterministic,
                     one_way_delay_ns: delay_ns,
                     bandwidth_bps,
                     jitter_ns: (jitter_ms.max(0.0) * 1e6).round() as u64,

@@ -10,6 +10,7 @@
 pub mod consensus;
 pub mod database;
 pub mod file;
+pub mod wan;
 mod units;
 
 use std::fmt;
@@ -18,6 +19,7 @@ use std::path::Path;
 
 pub use file::ZoneError;
 pub use units::{format_bandwidth, parse_bandwidth};
+pub use wan::Wan;
 
 /// Light in fiber: 5 microseconds per kilometre, one way.
 pub const FIBER_NS_PER_KM: f64 = 5_000.0;
@@ -75,6 +77,9 @@ pub struct LinkParams {
     pub jitter_ns: u64,
     /// Probability in [0, 1) that a frame is lost.
     pub loss: f64,
+    /// `true` for an APN path (fixed latency, bulk transfers on paths of their own),
+    /// `false` for a conventional WAN (jitter, loss, one shared pipe).
+    pub deterministic: bool,
 }
 
 /// A link between two sites, by index into [`Zone::sites`].
@@ -83,8 +88,6 @@ pub struct Link {
     pub a: usize,
     pub b: usize,
     pub distance_km: Option<f64>,
-    /// `true` for an APN path (fixed latency), `false` for a conventional WAN.
-    pub deterministic: bool,
     pub params: LinkParams,
 }
 
@@ -97,6 +100,8 @@ pub struct PathSpec {
     pub loss: f64,
     /// True if any link of the route is cut: frames vanish.
     pub blackholed: bool,
+    /// True if every link of the route is an APN path.
+    pub deterministic: bool,
 }
 
 /// A host of the zone, with its place in the address plan.
@@ -238,6 +243,7 @@ impl Zone {
             jitter_ns: 0,
             loss: 0.0,
             blackholed: false,
+            deterministic: true,
         };
         let mut keep = 1.0;
         for li in route {
@@ -247,6 +253,7 @@ impl Zone {
             spec.jitter_ns += p.jitter_ns;
             keep *= 1.0 - p.loss;
             spec.blackholed |= cut[li];
+            spec.deterministic &= p.deterministic;
         }
         spec.loss = 1.0 - keep;
         spec
