@@ -55,6 +55,10 @@ pub enum BenchCommand {
         /// Run sequential, parallel and coordinated in one run and print the ratios.
         #[arg(long)]
         compare: bool,
+        /// Migrations per strategy, back and forth on a cluster that stays up (default 1,
+        /// 3 with --compare).
+        #[arg(long)]
+        runs: Option<usize>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -171,6 +175,7 @@ pub fn run(
         BenchCommand::IntraRegion {
             strategy,
             compare,
+            runs,
             json,
         } => {
             let strategies = if compare {
@@ -178,7 +183,11 @@ pub fn run(
             } else {
                 vec![strategy.into()]
             };
-            intra_region(lab, exe, strategies, json)
+            let runs = runs.unwrap_or(if compare { 3 } else { 1 });
+            if runs == 0 {
+                anyhow::bail!("--runs must be at least 1");
+            }
+            intra_region(lab, exe, strategies, runs, json)
         }
         BenchCommand::Wan { json, runs } => {
             if runs == 0 {
@@ -251,6 +260,9 @@ struct StrategyRun {
     svc_t2_union_ms: f64,
     svc_t1_ms: f64,
     client_gap_ms: f64,
+    /// Standard TCP, no application retry: a long-lived connection, a new connection.
+    tcp_gap_pool_ms: f64,
+    tcp_gap_new_ms: f64,
     kr1_1_pass: bool,
     stretch_100ms_pass: bool,
     vms: Vec<dczone_virt::migrate::VmMigration>,
@@ -283,10 +295,56 @@ fn guest_stats(ns: &str, ip: std::net::Ipv4Addr) -> (String, u64, i64) {
     (field("boot"), field("processed").parse().unwrap_or(0), z)
 }
 
+/// A strategy's repeated runs, summarized.
+#[derive(Debug, serde::Serialize)]
+struct StrategyRuns {
+    strategy: String,
+    runs: Vec<StrategyRun>,
+    svc_t2_median_ms: f64,
+    svc_t2_p95_ms: f64,
+    svc_t2_max_ms: f64,
+    client_gap_max_ms: f64,
+    tcp_gap_pool_max_ms: f64,
+    tcp_gap_new_max_ms: f64,
+    kr1_1_pass_runs: usize,
+    runs_total: usize,
+}
+
+/// Nearest-rank quantile of `v` (any order).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+impl StrategyRuns {
+    fn new(strategy: Strategy, runs: Vec<StrategyRun>) -> StrategyRuns {
+        let t2: Vec<f64> = runs.iter().map(|r| r.svc_t2_ms).collect();
+        let max = |f: fn(&StrategyRun) -> f64| runs.iter().map(f).fold(0.0, f64::max);
+        StrategyRuns {
+            strategy: strategy.name().into(),
+            svc_t2_median_ms: quantile(&t2, 0.5),
+            svc_t2_p95_ms: quantile(&t2, 0.95),
+            svc_t2_max_ms: max(|r| r.svc_t2_ms),
+            client_gap_max_ms: max(|r| r.client_gap_ms),
+            tcp_gap_pool_max_ms: max(|r| r.tcp_gap_pool_ms),
+            tcp_gap_new_max_ms: max(|r| r.tcp_gap_new_ms),
+            kr1_1_pass_runs: runs.iter().filter(|r| r.kr1_1_pass).count(),
+            runs_total: runs.len(),
+            runs,
+        }
+    }
+}
+
 pub fn intra_region(
     lab: &dczone_lab::Lab,
     exe: &Path,
     strategies: Vec<Strategy>,
+    runs_per_strategy: usize,
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let p = reference_platform(lab, exe)?;
@@ -318,8 +376,13 @@ pub fn intra_region(
             .map_err(|_| anyhow::anyhow!("VM creation thread panicked"))??;
     }
     let client = lab.host_namespace("dc1.1-client");
-    let mut runs = Vec::new();
+    let mut summaries = Vec::new();
     for strategy in strategies {
+        let mut runs = Vec::new();
+        for run in 0..runs_per_strategy {
+        if runs_per_strategy > 1 {
+            println!("{} run {}/{}", strategy.name(), run + 1, runs_per_strategy);
+        }
         let vms = p
             .list()?
             .into_iter()
@@ -376,6 +439,10 @@ pub fn intra_region(
             report.before.tps, report.during.tps, report.after.tps,
             report.before.p99_ms, report.during.p99_ms, report.after.p99_ms
         );
+        println!(
+            "standard TCP, no application retry: long-lived connection gap {:.0} ms, new connection gap {:.0} ms ({} requests unanswered)",
+            report.tcp_gap_pool_ms, report.tcp_gap_new_ms, report.tcp_probe_failures
+        );
         for c in &continuity {
             println!(
                 "continuity {}: same boot {}, processed {} -> {}, balance sum {} -> {} {}",
@@ -401,6 +468,8 @@ pub fn intra_region(
             svc_t2_union_ms: g.svc_t2_union_ms,
             svc_t1_ms: g.svc_t1_ms,
             client_gap_ms: report.client_gap_ms,
+            tcp_gap_pool_ms: report.tcp_gap_pool_ms,
+            tcp_gap_new_ms: report.tcp_gap_new_ms,
             kr1_1_pass: g.svc_t2_ms < 1000.0,
             stretch_100ms_pass: g.svc_t2_ms < 100.0,
             vms: g.vms,
@@ -408,11 +477,23 @@ pub fn intra_region(
             continuity,
             continuity_ok,
         });
+        }
+        summaries.push(StrategyRuns::new(strategy, runs));
     }
-    let value = if runs.len() == 1 {
-        serde_json::to_value(&runs[0])?
+    print_runs(&summaries);
+    let value = if summaries.len() == 1 && runs_per_strategy == 1 {
+        serde_json::to_value(&summaries[0].runs[0])?
+    } else if summaries.len() == 1 {
+        let mut v = serde_json::to_value(&summaries[0])?;
+        v["git_rev"] = dczone_lab::wan_bench::git_rev().into();
+        v
     } else {
-        let get = |n: &str| runs.iter().find(|r| r.strategy == n).map(|r| r.svc_t2_ms);
+        let get = |n: &str| {
+            summaries
+                .iter()
+                .find(|r| r.strategy == n)
+                .map(|r| r.svc_t2_median_ms)
+        };
         let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
         let (seq, par, coo) = (get("sequential"), get("parallel"), get("coordinated"));
         println!(
@@ -422,7 +503,7 @@ pub fn intra_region(
         );
         serde_json::json!({
             "git_rev": dczone_lab::wan_bench::git_rev(),
-            "strategies": runs.iter().map(|r| (r.strategy.clone(), serde_json::to_value(r).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
+            "strategies": summaries.iter().map(|r| (r.strategy.clone(), serde_json::to_value(r).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
             "ratios": {"coordinated_vs_sequential": ratio(coo, seq), "coordinated_vs_parallel": ratio(coo, par)},
         })
     };
@@ -431,6 +512,43 @@ pub fn intra_region(
         println!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The distribution of each strategy's runs.
+fn print_runs(summaries: &[StrategyRuns]) {
+    let rows: Vec<Vec<String>> = summaries
+        .iter()
+        .map(|s| {
+            vec![
+                s.strategy.clone(),
+                s.runs_total.to_string(),
+                format!("{:.0}", s.svc_t2_median_ms),
+                format!("{:.0}", s.svc_t2_p95_ms),
+                format!("{:.0}", s.svc_t2_max_ms),
+                format!("{:.0}", s.client_gap_max_ms),
+                format!("{:.0}", s.tcp_gap_pool_max_ms),
+                format!("{:.0}", s.tcp_gap_new_max_ms),
+                format!("{}/{}", s.kr1_1_pass_runs, s.runs_total),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        crate::table::render(
+            &[
+                "STRATEGY",
+                "RUNS",
+                "SVC-T2 MEDIAN MS",
+                "P95",
+                "WORST",
+                "CLIENT GAP WORST MS",
+                "TCP POOL GAP WORST",
+                "TCP NEW GAP WORST",
+                "KR1.1 RUNS"
+            ],
+            &rows
+        )
+    );
 }
 
 /// Brings the lab up on the reference zone (a no-op if it already is) and returns its

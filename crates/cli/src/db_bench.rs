@@ -122,6 +122,23 @@ pub struct Fallback {
     pub lost: usize,
 }
 
+/// A bulk load on the primary while Tier 1 commits wait for DC2.1, which stays alive (issue
+/// 9, "slow is not dead"): it must not open an unprotected window.
+#[derive(Debug, Clone, Serialize)]
+pub struct BulkLoad {
+    /// `pgbench -i -s SCALE` on the primary, from its site's client host.
+    pub pgbench_scale: u32,
+    pub pgbench_ms: f64,
+    /// Unprotected windows opened while the ledger load ran: 0 is the target.
+    pub unprotected_windows: usize,
+    pub clients: usize,
+    pub acknowledged: usize,
+    pub lost: usize,
+    pub tatrxn_p99_ms: f64,
+    /// Longest interval without an acknowledged ledger commit.
+    pub stall_ms: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Disaster {
     pub old_primary: String,
@@ -150,6 +167,7 @@ pub struct InterRegionReport {
     pub asynch: ModeResult,
     pub distances: Vec<DistanceResult>,
     pub fallback: Fallback,
+    pub bulk_load: BulkLoad,
     pub fallback_stall_ms: f64,
     pub disasters: Vec<Disaster>,
     /// `--saturation`: clients doubled from 1 at the default distance, per mode, until
@@ -458,6 +476,82 @@ fn fallback(p: &Platform, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::
     })
 }
 
+const BULK_SCALE: u32 = 5;
+const BULK_CLIENTS: usize = 4;
+
+/// Tier 1 ledger commits while `pgbench -i` fills the primary: DC2.1 falls behind but lives.
+fn bulk_load(p: &Platform, bar: &ProgressBar) -> anyhow::Result<BulkLoad> {
+    let probe = p.client_host(None)?;
+    p.put_key(&probe, |k| k.tier(), p.plan.tier.clone())?;
+    let snap = p.wait_mode(&probe, Replication::Sync, Duration::from_secs(30))?;
+    let primary = snap
+        .leader
+        .map(|l| l.site)
+        .unwrap_or_else(|| p.plan.primary.clone());
+    let client = client_near(p, &primary);
+    let pg_ip = p.member(&primary)?.ip;
+    bar.set_message(format!(
+        "bulk load on {primary} (pgbench -i -s {BULK_SCALE}) under Tier 1"
+    ));
+    let ns = p.lab.host_namespace(&client);
+    let psql = |db: &str, sql: &str| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "runuser", "-u", "postgres", "--"])
+            .arg(format!("{}/psql", dczone_db::PG_BIN))
+            .args(["-q", "-h", &pg_ip.to_string(), "-d", db, "-c", sql])
+            .output()
+    };
+    psql("postgres", "DROP DATABASE IF EXISTS pgb")?;
+    let out = psql("postgres", "CREATE DATABASE pgb")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "create the pgbench database: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let started_ms = dczone_ha::agent::unix_ms();
+    let mut took = Duration::ZERO;
+    let (r, _) = load_with(
+        p,
+        &client,
+        load_opts(p, &client, BULK_CLIENTS, 14.0),
+        Some(Duration::from_secs(2)),
+        || {
+            let t = Instant::now();
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "runuser", "-u", "postgres", "--"])
+                .arg(format!("{}/pgbench", dczone_db::PG_BIN))
+                .args(["-q", "-i", "-s", &BULK_SCALE.to_string(), "-h", &pg_ip.to_string()])
+                .arg("pgb")
+                .output()?;
+            took = t.elapsed();
+            if !out.status.success() {
+                anyhow::bail!("pgbench -i: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Ok(())
+        },
+    )?;
+    let _ = psql("postgres", "DROP DATABASE IF EXISTS pgb");
+    let snap = p.snapshot(&client)?;
+    let unprotected_windows = snap
+        .audit
+        .iter()
+        .filter(|e| e.kind == "unprotected" && e.start_ms >= started_ms)
+        .count();
+    let (acked, ind) = (r.acknowledged.clone(), r.indeterminate.clone());
+    let audit = p.audit(&client, acked, ind)?;
+    Ok(BulkLoad {
+        pgbench_scale: BULK_SCALE,
+        pgbench_ms: took.as_secs_f64() * 1000.0,
+        unprotected_windows,
+        clients: BULK_CLIENTS,
+        acknowledged: r.acknowledged.len(),
+        lost: audit.lost.len(),
+        tatrxn_p99_ms: r.tatrxn_p99_ms,
+        stall_ms: stall_after(&r, r.started_us),
+    })
+}
+
 /// A client host in `site` that is not its database host (the application's servers).
 fn client_near(p: &Platform, site: &str) -> String {
     let Some(idx) = p.zone.site_index(site) else {
@@ -715,6 +809,7 @@ pub fn inter_region(
             saturation.extend(steps);
             async_sat = Some(best);
         }
+        let bulk = bulk_load(&p, &bar)?;
         let fb = fallback(&p, &o, &bar)?;
         let mut disasters = Vec::new();
         let mut seed = unix_us() | 1;
@@ -735,7 +830,8 @@ pub fn inter_region(
             ));
             disasters.push(disaster(&p, exe, state_dir, &o, after)?);
         }
-        let lost: usize = disasters.iter().map(|d| d.lost).sum::<usize>() + fb.lost;
+        let lost: usize =
+            disasters.iter().map(|d| d.lost).sum::<usize>() + fb.lost + bulk.lost;
         let indeterminate = disasters.iter().map(|d| d.indeterminate).sum();
         let rtos: Vec<f64> = disasters.iter().filter_map(|d| d.rto_ms).collect();
         let rto_max = rtos
@@ -756,6 +852,7 @@ pub fn inter_region(
             sync_ptrx_ratio_pass: at_default.sync_over_async_ptrx >= 0.7,
             distances: distances.clone(),
             fallback_stall_ms: fb.stall_ms,
+            bulk_load: bulk,
             stall_pass: fb.stall_ms <= 1000.0,
             fallback: fb,
             failover_rto_ms: disasters.first().and_then(|d| d.rto_ms),
@@ -926,6 +1023,24 @@ fn print_report(r: &InterRegionReport) {
             format!("{:.0}", f.stall_ms),
             "<= 1000".into(),
             yes_no(r.stall_pass),
+        ],
+        vec![
+            format!(
+                "unprotected windows opened by a bulk load (pgbench -i -s {}, {:.0} ms)",
+                r.bulk_load.pgbench_scale, r.bulk_load.pgbench_ms
+            ),
+            r.bulk_load.unprotected_windows.to_string(),
+            "0".into(),
+            yes_no(r.bulk_load.unprotected_windows == 0),
+        ],
+        vec![
+            "ledger TATrxn p99 / longest stall during the bulk load (ms)".into(),
+            format!(
+                "{:.0} / {:.0}",
+                r.bulk_load.tatrxn_p99_ms, r.bulk_load.stall_ms
+            ),
+            "slow, not dead".into(),
+            String::new(),
         ],
         vec![
             "unprotected window (ms)".into(),

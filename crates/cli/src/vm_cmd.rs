@@ -84,6 +84,8 @@ pub enum StrategyArg {
     Sequential,
     Parallel,
     Coordinated,
+    /// Coordinated pre-copy, then every VM switched to post-copy at the same instant.
+    Postcopy,
 }
 
 impl From<StrategyArg> for Strategy {
@@ -92,6 +94,7 @@ impl From<StrategyArg> for Strategy {
             StrategyArg::Sequential => Strategy::Sequential,
             StrategyArg::Parallel => Strategy::Parallel,
             StrategyArg::Coordinated => Strategy::Coordinated,
+            StrategyArg::Postcopy => Strategy::Postcopy,
         }
     }
 }

@@ -362,3 +362,58 @@ fn ha_control_traffic_overtakes_a_saturating_bulk_flow() {
         "bulk-class echo {other:?} vs control {control:?}: the bulk flow did not queue"
     );
 }
+
+#[test]
+fn bulk_transfers_have_a_lane_of_their_own_on_the_apn_and_share_a_conventional_wan() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2elane");
+    lab.up();
+    let api = dczone_lab::Lab::new(
+        &lab.name,
+        &lab.state_dir,
+        std::path::Path::new(env!("CARGO_BIN_EXE_dczone")),
+    )
+    .unwrap();
+    // An APN link refuses jitter: that is what a conventional WAN is for.
+    let out = lab.run(&["lab", "link", "set", "dc1.1", "dc2.1", "--jitter", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--wan conventional"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let echo_behind_bulk = || {
+        let bulk = api.cross_traffic("dc1.1-h2", "dc2.1-h2", 4).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let echo = tcp_echo_median(&lab, "dc1.1-h1", "dc2.1-h1", DC21_H1);
+        (echo, bulk.stop())
+    };
+    let (apn, apn_bulk) = echo_behind_bulk();
+    lab.ok(&["lab", "wan", "conventional"]);
+    let links = lab.status()["links"].as_array().unwrap().clone();
+    assert!(links.iter().all(|l| l["deterministic"] == false
+        && l["jitter_ms"].as_f64().unwrap() > 0.0
+        && l["loss_percent"].as_f64().unwrap() > 0.0));
+    let (conventional, conventional_bulk) = echo_behind_bulk();
+    lab.ok(&["lab", "wan", "apn"]);
+    eprintln!(
+        "echo behind bulk flows: APN {apn:?} ({apn_bulk:?}), conventional {conventional:?} \
+         ({conventional_bulk:?})"
+    );
+    // The bulk flows moved data in both cases (lab rate of 25 Gbit/s / 64 = 390 Mbit/s).
+    assert!(apn_bulk.lab_mbit > 100.0 && conventional_bulk.lab_mbit > 50.0);
+    // APN: the database's path keeps its 5 ms round trip behind the bulk flows.
+    assert!(
+        apn < Duration::from_micros(6_500),
+        "APN echo {apn:?} behind bulk flows on their own lane"
+    );
+    // Conventional: the same echo queues behind them.
+    assert!(
+        conventional > apn + Duration::from_millis(3),
+        "conventional echo {conventional:?} vs APN {apn:?}: the bulk flows did not share the pipe"
+    );
+    let links = lab.status()["links"].as_array().unwrap().clone();
+    assert!(links.iter().all(|l| l["deterministic"] == true));
+}

@@ -786,20 +786,14 @@ impl Agent {
                         .map_err(|e| e.to_string())?;
                 } else {
                     let mut writes = vec![(self.store.keys.sync(), json_bytes(&s))];
+                    let opens_window = unprotected.is_some();
                     if let Some(reason) = unprotected {
-                        // The window and the mode in one transaction, as in `ToAsync`.
-                        let entry = AuditEntry {
-                            kind: "unprotected".into(),
-                            primary: site.clone(),
-                            start_ms: now,
-                            end_ms: None,
-                            reason,
-                            grey_bytes: None,
-                        };
-                        writes.push((self.store.keys.audit(now), json_bytes(&entry)));
-                        self.window_start = Some(now);
+                        writes.push(self.window_opening(now, reason));
                     }
                     self.write_all_as_leader(me, writes).await?;
+                    if opens_window {
+                        self.window_start = Some(now);
+                    }
                     dczone_db::set_and_reload(&site, c, "synchronous_standby_names", "")
                         .await
                         .map_err(|e| e.to_string())?;
@@ -923,25 +917,10 @@ impl Agent {
                     reason: reason.clone(),
                     ..state.clone()
                 };
-                let entry = AuditEntry {
-                    kind: "unprotected".into(),
-                    primary: site.clone(),
-                    start_ms: now,
-                    end_ms: None,
-                    reason,
-                    grey_bytes: None,
-                };
-                // etcd first: a failover must know these commits are unprotected. The mode
-                // and its audit entry in one transaction: no reader sees one without the
-                // other.
-                self.write_all_as_leader(
-                    me,
-                    vec![
-                        (self.store.keys.sync(), json_bytes(&s)),
-                        (self.store.keys.audit(now), json_bytes(&entry)),
-                    ],
-                )
-                .await?;
+                // etcd first: a failover must know these commits are unprotected.
+                let window = self.window_opening(now, reason);
+                self.write_all_as_leader(me, vec![(self.store.keys.sync(), json_bytes(&s)), window])
+                    .await?;
                 self.window_start = Some(now);
                 log(&site, &format!("switched to async: {}", s.reason));
                 String::new()
@@ -1095,6 +1074,20 @@ impl Agent {
             Ok(_) => Ok(()),
             Err(e) => Err(format!("resign: {e}")),
         }
+    }
+
+    /// The audit entry that opens an unprotected window at `now`, as a write to go in the
+    /// same transaction as the mode that opens it: no reader sees one without the other.
+    fn window_opening(&self, now: u64, reason: String) -> (String, Vec<u8>) {
+        let entry = AuditEntry {
+            kind: "unprotected".into(),
+            primary: self.cfg.site.clone(),
+            start_ms: now,
+            end_ms: None,
+            reason,
+            grey_bytes: None,
+        };
+        (self.store.keys.audit(now), json_bytes(&entry))
     }
 
     async fn write_all_as_leader(

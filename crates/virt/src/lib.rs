@@ -8,6 +8,7 @@
 //! serial log, pid file) live in `<lab dir>/vms/<name>/<host>/`.
 
 pub mod migrate;
+pub mod switchover;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

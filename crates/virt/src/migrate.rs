@@ -62,13 +62,17 @@ pub enum Strategy {
     Sequential,
     Parallel,
     Coordinated,
+    /// Coordinated pre-copy, then one post-copy switch of every VM at the same instant
+    /// (see [`switchover`](crate::switchover)).
+    Postcopy,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 3] = [
+    pub const ALL: [Strategy; 4] = [
         Strategy::Sequential,
         Strategy::Parallel,
         Strategy::Coordinated,
+        Strategy::Postcopy,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -76,8 +80,20 @@ impl Strategy {
             Strategy::Sequential => "sequential",
             Strategy::Parallel => "parallel",
             Strategy::Coordinated => "coordinated",
+            Strategy::Postcopy => "postcopy",
         }
     }
+}
+
+/// How a batch of concurrent migrations is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// Each VM converges on its own (parallel, sequential).
+    Free,
+    /// Paced first passes, held VMs, staggered release (coordinated).
+    Held,
+    /// Paced first passes, held VMs, then every VM switched to post-copy at once.
+    Postcopy,
 }
 
 /// Tunables of a migration.
@@ -118,8 +134,7 @@ const HOLD_MIN_BYTES: u64 = 256 * 1024;
 /// Release a held VM this much before the released ones are expected to converge (its
 /// own first rounds and the QMP round trips take time too).
 const RELEASE_MARGIN_S: f64 = 0.15;
-/// How far ahead (fraction of its RAM) a VM may get before it is throttled.
-const PACE_LEAD: f64 = 0.03;
+use crate::switchover::PACE_LEAD;
 const POLL: Duration = Duration::from_millis(10);
 /// First self-announce after the switchover, and the spacing of the following ones, ms
 /// (QEMU defaults: 50 and 100).
@@ -129,6 +144,11 @@ const ANNOUNCE_STEP_MS: u64 = 20;
 /// dead peer host) and is cancelled.
 const STALL: Duration = Duration::from_secs(10);
 const MIGRATION_PORT_BASE: u16 = 4600;
+/// A resumed post-copy stream listens this far above the migration's port.
+const RECOVERY_PORT_OFFSET: u16 = 100;
+/// A post-copy stream that moves nothing for this long is paused and resumed (a VM waiting
+/// for a page cannot wait [`STALL`]).
+const POSTCOPY_STALL: Duration = Duration::from_secs(2);
 
 /// What one VM's migration measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +169,14 @@ pub struct VmMigration {
     pub iterations: u64,
     /// Coordinated only: how long the VM was held in pre-copy waiting for the others.
     pub held_ms: f64,
+    /// Post-copy only: from the switch (the source's STOP) until the last page arrived,
+    /// the time the VM ran at its destination with pages still at its source.
+    #[serde(default)]
+    pub postcopy_ms: f64,
+    /// Post-copy only: times the path failed during post-copy and the migration was
+    /// recovered (QEMU's `migrate-pause` / `migrate-recover` / `resume`).
+    #[serde(default)]
+    pub postcopy_recoveries: u32,
 }
 
 /// A cluster's migration.
@@ -199,6 +227,15 @@ pub trait Destination: Send {
     /// The destination QEMU, when this process launched it (for [`InFlight`]).
     fn running(&self) -> Option<Running> {
         None
+    }
+    /// Post-copy recovery: stop using the broken stream (`migrate-pause`), then listen on
+    /// `uri` for the source's resumed stream (`migrate-recover`).
+    fn recover(&mut self, _uri: &str) -> Result<(), VirtError> {
+        Err(VirtError::MigrationFailed {
+            vm: "?".into(),
+            source_host: "?".into(),
+            reason: "this destination cannot recover a post-copy migration".into(),
+        })
     }
 }
 
@@ -267,6 +304,32 @@ impl Destination for LocalDestination {
 
     fn running(&self) -> Option<Running> {
         Some(self.running.clone())
+    }
+
+    fn recover(&mut self, uri: &str) -> Result<(), VirtError> {
+        let err = Session::qmp_err(&self.vm);
+        let _ = self.qmp.execute("migrate-pause", json!({}));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = self.qmp.execute("query-migrate", json!({})).map_err(&err)?;
+            match st["status"].as_str().unwrap_or("") {
+                "postcopy-paused" => break,
+                // Already listening from an earlier attempt.
+                "postcopy-recover" => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    return Err(VirtError::MigrationFailed {
+                        vm: self.vm.clone(),
+                        source_host: "?".into(),
+                        reason: format!("the destination did not pause its post-copy: {st}"),
+                    })
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        self.qmp
+            .execute("migrate-recover", json!({ "uri": uri }))
+            .map_err(&err)?;
+        Ok(())
     }
 }
 
@@ -386,6 +449,42 @@ impl Platform {
         let mut qmp = Qmp::connect(&src.qmp, Duration::from_secs(5)).map_err(&err)?;
         let info = qmp.execute("query-migrate", json!({})).map_err(&err)?;
         let status = info["status"].as_str().unwrap_or("none").to_string();
+        if status.starts_with("postcopy") {
+            // Switched to post-copy: the destination holds the newer state and the source
+            // must never run again. An active stream completes by itself.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut st = status.clone();
+            while st.starts_with("postcopy-active") && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                let info = qmp.execute("query-migrate", json!({})).map_err(&err)?;
+                st = info["status"].as_str().unwrap_or("none").to_string();
+            }
+            if st != "completed" {
+                return Ok(format!(
+                    "{name}: its driver died after its post-copy switch to {} ({st}); the VM \
+                     runs there and its source is left stopped, not resumed",
+                    flight.to
+                ));
+            }
+            if let Some(d) = destination {
+                let _ = qmp.execute("quit", json!({}));
+                hv::kill(&src);
+                let mut moved = vm.clone();
+                moved.host = flight.to.clone();
+                moved.running = Some(d);
+                self.save_record(&moved)?;
+                return Ok(format!(
+                    "{name}: its post-copy migration to {} completed after its driver died; \
+                     the VM runs there",
+                    flight.to
+                ));
+            }
+            return Ok(format!(
+                "{name}: its post-copy migration to {} completed after its driver died; its \
+                 source is left stopped, not resumed",
+                flight.to
+            ));
+        }
         if status == "completed" {
             if let Some(d) = destination {
                 let _ = qmp.execute("quit", json!({}));
@@ -437,6 +536,19 @@ impl Platform {
         port: u16,
         paused: bool,
     ) -> Result<LocalDestination, VirtError> {
+        self.launch_incoming_with(vm, to, port, paused, false)
+    }
+
+    /// [`Platform::launch_incoming`], ready for post-copy when `postcopy` (QEMU needs the
+    /// capability on both sides before the stream starts).
+    fn launch_incoming_with(
+        &self,
+        vm: &VmRecord,
+        to: &str,
+        port: u16,
+        paused: bool,
+        postcopy: bool,
+    ) -> Result<LocalDestination, VirtError> {
         let name = vm.spec.name.as_str();
         let (dest_host, _) = self.lab().host(to)?;
         self.check_memory(name, to, vm.spec.memory_mib)?;
@@ -463,7 +575,10 @@ impl Platform {
             let mut dst = Qmp::connect(&running.qmp, Duration::from_secs(10)).map_err(&err)?;
             dst.execute(
                 "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "events", "state": true}]}),
+                json!({"capabilities": [
+                    {"capability": "events", "state": true},
+                    {"capability": "postcopy-ram", "state": postcopy},
+                ]}),
             )
             .map_err(&err)?;
             // The destination announces the VM's MAC (RARP, and a virtio-net announce)
@@ -512,6 +627,14 @@ struct Session {
     progressed_at: Instant,
     last_transferred: u64,
     done: bool,
+    /// Prepared for post-copy (the capability on both sides).
+    postcopy: bool,
+    /// When `migrate-start-postcopy` was sent: from then on the VM must never resume at
+    /// its source.
+    switched: bool,
+    /// When the source reported `completed` (unix us).
+    completed_us: Option<u64>,
+    recoveries: u32,
 }
 
 impl Session {
@@ -568,6 +691,10 @@ impl Session {
                 progressed_at: Instant::now(),
                 last_transferred: 0,
                 done: false,
+                postcopy: false,
+                switched: false,
+                completed_us: None,
+                recoveries: 0,
             }),
             Err(e) => {
                 dst.abort();
@@ -578,6 +705,14 @@ impl Session {
 
     fn start(&mut self, hold: bool, params: &Params) -> Result<(), VirtError> {
         let err = Self::qmp_err(&self.vm.spec.name);
+        if self.postcopy {
+            self.src
+                .execute(
+                    "migrate-set-capabilities",
+                    json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+                )
+                .map_err(&err)?;
+        }
         let downtime_ms = if hold {
             HOLD_DOWNTIME_MS
         } else {
@@ -609,6 +744,9 @@ impl Session {
             }
         }
         let status = info["status"].as_str().unwrap_or("none").to_string();
+        if status == "completed" && self.completed_us.is_none() {
+            self.completed_us = Some(now_us());
+        }
         let transferred = info["ram"]["transferred"].as_u64().unwrap_or(0);
         if transferred != self.last_transferred {
             self.last_transferred = transferred;
@@ -708,6 +846,78 @@ impl Session {
         Ok(())
     }
 
+    /// Full bandwidth for the post-copy phase; the switch itself is [`Session::switch`].
+    fn unthrottle(&mut self, params: &Params) -> Result<(), VirtError> {
+        if let Some(since) = self.held_since.take() {
+            self.held_ms = since.elapsed().as_secs_f64() * 1e3;
+        }
+        self.src
+            .execute(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": params.max_bandwidth_bytes}),
+            )
+            .map_err(Self::qmp_err(&self.vm.spec.name))?;
+        self.throttled = false;
+        self.bandwidth = params.max_bandwidth_bytes;
+        Ok(())
+    }
+
+    /// Switches to post-copy: the source stops at its next iteration, sends the device
+    /// state, and the destination runs, fetching the pages it still lacks.
+    fn switch(&mut self) -> Result<(), VirtError> {
+        self.src
+            .execute("migrate-start-postcopy", json!({}))
+            .map_err(Self::qmp_err(&self.vm.spec.name))?;
+        self.switched = true;
+        Ok(())
+    }
+
+    /// The post-copy stream broke (a cut path): pause both ends, and resume the stream on a
+    /// new connection as soon as the path carries it, until `deadline`. The VM keeps
+    /// running at its destination meanwhile; a page it lacks stalls it until the resume.
+    fn recover(&mut self, deadline: Instant) -> Result<(), VirtError> {
+        let name = self.vm.spec.name.clone();
+        let err = Self::qmp_err(&name);
+        let uri = recovery_uri(&self.dst.uri());
+        let _ = self.src.execute("migrate-pause", json!({}));
+        let mut listening = false;
+        while Instant::now() < deadline {
+            let st = self.src.execute("query-migrate", json!({})).map_err(&err)?;
+            match st["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "postcopy-active" if listening => {
+                    self.recoveries += 1;
+                    self.progressed_at = Instant::now();
+                    return Ok(());
+                }
+                "postcopy-paused" => {
+                    if !listening {
+                        listening = self.dst.recover(&uri).is_ok();
+                    }
+                    if listening {
+                        // Refused while the path is still cut: try again.
+                        let _ = self
+                            .src
+                            .execute("migrate", json!({ "uri": uri, "resume": true }));
+                    }
+                }
+                _ => {
+                    let _ = self.src.execute("migrate-pause", json!({}));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Err(VirtError::MigrationFailed {
+            vm: name.clone(),
+            source_host: self.vm.host.clone(),
+            reason: format!(
+                "its post-copy stream to {} broke and could not be resumed; the VM runs at {} \
+                 and still needs pages from {}: restore the path, the migration then resumes",
+                self.to, self.to, self.vm.host
+            ),
+        })
+    }
+
     fn progress(&self) -> Progress {
         let ram = &self.last["ram"];
         Progress {
@@ -764,6 +974,11 @@ impl Session {
             dirty_pages_rate: ram["dirty-pages-rate"].as_u64().unwrap_or(0),
             iterations: ram["dirty-sync-count"].as_u64().unwrap_or(0),
             held_ms: self.held_ms,
+            postcopy_ms: match (self.switched, self.completed_us) {
+                (true, Some(done)) => done.saturating_sub(stop) as f64 / 1e3,
+                _ => 0.0,
+            },
+            postcopy_recoveries: self.recoveries,
         };
         let mut vm = self.vm.clone();
         vm.host = self.to.clone();
@@ -773,7 +988,19 @@ impl Session {
     }
 
     /// Cancels; the source keeps (or resumes) running and the destination is killed.
+    /// Never after a post-copy switch: the destination then holds the newer state.
     fn abort(mut self, reason: String) -> VirtError {
+        if self.switched {
+            return VirtError::MigrationFailed {
+                vm: self.vm.spec.name.clone(),
+                source_host: self.vm.host.clone(),
+                reason: format!(
+                    "{reason}; it had switched to post-copy, so it runs at {} and was not \
+                     rolled back",
+                    self.to
+                ),
+            };
+        }
         let _ = self.src.execute("migrate_cancel", json!({}));
         if let Ok(st) = self.src.execute("query-status", json!({})) {
             if st["running"] == false {
@@ -854,8 +1081,11 @@ impl Platform {
             .enumerate()
             .map(|(i, v)| (v, hosts[i % hosts.len()].clone()))
             .collect();
+        let postcopy = strategy == Strategy::Postcopy;
         self.migrate_records(plan, strategy, params, progress, &|vm, to, port| {
-            Ok(Box::new(self.launch_incoming(vm, to, port, false)?))
+            Ok(Box::new(
+                self.launch_incoming_with(vm, to, port, false, postcopy)?,
+            ))
         })
     }
 
@@ -878,7 +1108,7 @@ impl Platform {
                     done.extend(self.run_batch(
                         vec![(vm, to)],
                         i as u16,
-                        false,
+                        Batch::Free,
                         params,
                         progress,
                         prepare,
@@ -886,10 +1116,13 @@ impl Platform {
                 }
             }
             Strategy::Parallel => {
-                done = self.run_batch(plan, 0, false, params, progress, prepare)?
+                done = self.run_batch(plan, 0, Batch::Free, params, progress, prepare)?
             }
             Strategy::Coordinated => {
-                done = self.run_batch(plan, 0, true, params, progress, prepare)?
+                done = self.run_batch(plan, 0, Batch::Held, params, progress, prepare)?
+            }
+            Strategy::Postcopy => {
+                done = self.run_batch(plan, 0, Batch::Postcopy, params, progress, prepare)?
             }
         }
         let t2: Vec<Interval> = done.iter().map(|m| m.t2).collect();
@@ -903,12 +1136,12 @@ impl Platform {
         })
     }
 
-    /// Migrates a batch concurrently; `hold` makes it coordinated.
+    /// Migrates a batch concurrently, as `batch` says.
     fn run_batch(
         &self,
         plan: Vec<(VmRecord, String)>,
         port_offset: u16,
-        hold: bool,
+        batch: Batch,
         params: &Params,
         progress: &dyn Fn(&[Progress]),
         prepare: Prepare<'_>,
@@ -946,7 +1179,9 @@ impl Platform {
                 }
             }
         }
+        let hold = batch != Batch::Free;
         for s in sessions.iter_mut() {
+            s.postcopy = batch == Batch::Postcopy;
             if let Err(e) = s.start(hold, params) {
                 let reason = e.to_string();
                 for s in sessions {
@@ -961,7 +1196,16 @@ impl Platform {
         loop {
             let mut failure = None;
             for s in sessions.iter_mut().filter(|s| !s.done) {
-                match s.poll() {
+                let status = s.poll();
+                if s.switched
+                    && (s.progressed_at.elapsed() > POSTCOPY_STALL
+                        || status.as_deref().is_ok_and(|st| st == "postcopy-paused"))
+                {
+                    // Post-copy cannot go back: the stream is resumed once the path is.
+                    s.recover(Instant::now() + params.timeout)?;
+                    continue;
+                }
+                match status {
                     Ok(st) if st == "completed" => s.done = true,
                     Ok(st) if st == "failed" || st == "cancelled" => {
                         failure = Some(format!("{} reported {st}", s.vm.spec.name));
@@ -983,7 +1227,10 @@ impl Platform {
                     ));
                 }
             }
-            if failure.is_none() && started.elapsed() > params.timeout {
+            if failure.is_none()
+                && started.elapsed() > params.timeout
+                && !sessions.iter().any(|s| s.switched)
+            {
                 failure = Some(format!("no completion within {:?}", params.timeout));
             }
             if let Some(reason) = failure {
@@ -1014,7 +1261,9 @@ impl Platform {
                 .map(Session::throughput)
                 .sum();
             link_bytes = link_bytes.max(total);
-            if hold && !released {
+            if batch == Batch::Postcopy && !released {
+                released = Self::postcopy_step(&mut sessions, started.elapsed(), params)?;
+            } else if hold && !released {
                 let slowest = sessions
                     .iter()
                     .filter(|s| s.first_pass())
@@ -1073,5 +1322,56 @@ impl Platform {
             std::thread::sleep(POLL);
         }
         sessions.into_iter().map(|s| s.finish(self)).collect()
+    }
+
+    /// Phase 1 of a post-copy batch ([`crate::switchover`]): pace, hold, or switch every VM
+    /// at once. Returns true once switched (or nothing is left to switch).
+    fn postcopy_step(
+        sessions: &mut [Session],
+        elapsed: Duration,
+        params: &Params,
+    ) -> Result<bool, VirtError> {
+        use crate::switchover::{decide, Pace, Step, VmView};
+        let views: Vec<VmView> = sessions
+            .iter()
+            .map(|s| VmView {
+                done: s.done,
+                first_pass: s.first_pass(),
+                progress: s.first_pass_progress(),
+            })
+            .collect();
+        match decide(&views, elapsed, params.max_hold) {
+            Step::Finished => Ok(true),
+            Step::Pace(paces) => {
+                for (s, pace) in sessions.iter_mut().zip(paces) {
+                    match pace {
+                        Pace::Full => s.pace(false, params)?,
+                        Pace::Throttle => s.pace(true, params)?,
+                        Pace::Hold => s.hold()?,
+                        Pace::Done => {}
+                    }
+                }
+                Ok(false)
+            }
+            Step::Switch(_) => {
+                // Bandwidth first, then the switches back to back: the stops fall within
+                // a few QMP round trips of each other.
+                for s in sessions.iter_mut().filter(|s| !s.done) {
+                    s.unthrottle(params)?;
+                }
+                for s in sessions.iter_mut().filter(|s| !s.done) {
+                    s.switch()?;
+                }
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// Where a broken post-copy stream resumes: the destination's address, another port.
+fn recovery_uri(uri: &str) -> String {
+    match uri.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) {
+        Some((host, port)) => format!("{host}:{}", port.wrapping_add(RECOVERY_PORT_OFFSET)),
+        None => uri.to_string(),
     }
 }

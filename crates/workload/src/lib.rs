@@ -20,6 +20,14 @@ use dczone_measure::{gaps, union, Interval};
 pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
 /// A lost SYN (the VM is stopped mid-switchover) is retried after this, not after TCP's 1 s.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
+/// The standard-TCP probers (no application retry) ask each VM this often: on the
+/// long-lived connection every 10 ms, on a new connection every 20 ms (each one a guest
+/// thread under TCG: the probers must not become the guest's main load).
+pub const PROBE_PERIOD: Duration = Duration::from_millis(10);
+pub const FRESH_PERIOD: Duration = Duration::from_millis(20);
+/// A standard client gives up on one request after this (the kernel's own SYN and data
+/// retransmissions run meanwhile: 1 s, 3 s, 7 s ...).
+pub const PROBE_GIVE_UP: Duration = Duration::from_secs(15);
 
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -37,10 +45,22 @@ pub struct Stream {
     pub sent: u64,
 }
 
+/// What one VM's standard-TCP probers saw: (start us, end us, answered) per request.
+#[derive(Debug, Default)]
+pub struct Probes {
+    pub vm: String,
+    /// One long-lived connection (a connection pool's): a request every
+    /// [`PROBE_PERIOD`], the next sent once the previous is answered.
+    pub pool: Vec<(u64, u64, bool)>,
+    /// A new connection per request, opened every [`FRESH_PERIOD`] whatever the others do.
+    pub fresh: Vec<(u64, u64, bool)>,
+}
+
 #[derive(Debug)]
 pub struct Load {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Stream>>,
+    probes: Vec<JoinHandle<Probes>>,
     pub rate_per_vm: u32,
 }
 
@@ -61,11 +81,118 @@ pub fn start(
         .map_err(|e| e.to_string())?;
         threads.push(h);
     }
+    let mut probes = Vec::new();
+    for (vm, ip) in targets {
+        let (vm, ip, stop) = (vm.clone(), *ip, stop.clone());
+        let h = dczone_lab::sys::in_namespace(client_ns, move || probe(vm, ip, stop))
+            .map_err(|e| e.to_string())?;
+        probes.push(h);
+    }
     Ok(Load {
         stop,
         threads,
+        probes,
         rate_per_vm,
     })
+}
+
+/// One read-only request (`B 1`, a balance) on `s`; true if answered.
+fn ask(s: &TcpStream, r: &mut BufReader<TcpStream>) -> bool {
+    let mut line = String::new();
+    (&*s).write_all(b"B 1\n").is_ok() && r.read_line(&mut line).is_ok_and(|n| n > 0)
+}
+
+/// A new connection, one request, closed: what a client that connects per request sees.
+/// Blocking connect and read: only the kernel's TCP retransmits, up to [`PROBE_GIVE_UP`].
+fn fresh_request(ip: Ipv4Addr) -> bool {
+    let Ok(s) = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), PROBE_GIVE_UP) else {
+        return false;
+    };
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(PROBE_GIVE_UP));
+    let _ = s.set_write_timeout(Some(PROBE_GIVE_UP));
+    let Ok(c) = s.try_clone() else { return false };
+    ask(&s, &mut BufReader::new(c))
+}
+
+/// The standard-TCP probers of one VM: a long-lived connection in this thread, and a new
+/// connection every [`FRESH_PERIOD`] on threads of their own (they inherit the namespace).
+fn probe(vm: String, ip: Ipv4Addr, stop: Arc<AtomicBool>) -> Probes {
+    let fresh = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let launcher = {
+        let (stop, fresh) = (stop.clone(), fresh.clone());
+        std::thread::spawn(move || {
+            let mut inflight = Vec::new();
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let fresh = fresh.clone();
+                inflight.push(std::thread::spawn(move || {
+                    let t0 = now_us();
+                    let ok = fresh_request(ip);
+                    if let Ok(mut v) = fresh.lock() {
+                        v.push((t0, now_us(), ok));
+                    }
+                }));
+                inflight.retain(|h: &JoinHandle<()>| !h.is_finished());
+                next += FRESH_PERIOD;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            for h in inflight {
+                let _ = h.join();
+            }
+        })
+    };
+    let mut pool = Vec::new();
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let t0 = now_us();
+        if conn.is_none() {
+            conn = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), PROBE_GIVE_UP)
+                .ok()
+                .and_then(|s| {
+                    s.set_nodelay(true).ok()?;
+                    s.set_read_timeout(Some(PROBE_GIVE_UP)).ok()?;
+                    let r = BufReader::new(s.try_clone().ok()?);
+                    Some((s, r))
+                });
+        }
+        let ok = conn.as_mut().is_some_and(|(s, r)| ask(s, r));
+        pool.push((t0, now_us(), ok));
+        if !ok {
+            // A pool replaces a broken connection; the wait so far is the client's.
+            conn = None;
+        }
+        next += PROBE_PERIOD;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+    let _ = launcher.join();
+    let fresh = std::mem::take(&mut *fresh.lock().unwrap_or_else(|e| e.into_inner()));
+    Probes { vm, pool, fresh }
+}
+
+/// The longest wait a client of the long-lived connection saw: the longest interval
+/// between two answers, ms.
+pub fn pool_gap_ms(requests: &[(u64, u64, bool)]) -> f64 {
+    let mut ends: Vec<u64> = requests.iter().filter(|r| r.2).map(|r| r.1).collect();
+    ends.sort_unstable();
+    ends.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as f64 / 1e3
+}
+
+/// The longest wait of one client that connected for one request: the longest request,
+/// answered or not, ms.
+pub fn fresh_gap_ms(requests: &[(u64, u64, bool)]) -> f64 {
+    requests
+        .iter()
+        .map(|r| r.1.saturating_sub(r.0))
+        .max()
+        .unwrap_or(0) as f64
+        / 1e3
 }
 
 fn connect(ip: Ipv4Addr) -> Option<(TcpStream, BufReader<TcpStream>)> {
@@ -149,6 +276,15 @@ pub struct LoadReport {
     pub service_gaps: Vec<Interval>,
     /// Longest service gap, ms.
     pub client_gap_ms: f64,
+    /// Standard TCP, no application retry, worst VM: the longest interval between two
+    /// answers on a long-lived connection, ms.
+    pub tcp_gap_pool_ms: f64,
+    /// ... and the longest single request on a new connection (connect + answer), ms.
+    pub tcp_gap_new_ms: f64,
+    /// Requests of the standard-TCP probers that were never answered.
+    pub tcp_probe_failures: u64,
+    /// Per VM: (vm, pool gap ms, new-connection gap ms).
+    pub tcp_gaps: Vec<(String, f64, f64)>,
     pub before: Phase,
     pub during: Phase,
     pub after: Phase,
@@ -196,6 +332,15 @@ impl Load {
             .into_iter()
             .filter_map(|h| h.join().ok())
             .collect();
+        let probes: Vec<Probes> = self
+            .probes
+            .into_iter()
+            .filter_map(|h| h.join().ok())
+            .collect();
+        let tcp_gaps: Vec<(String, f64, f64)> = probes
+            .iter()
+            .map(|p| (p.vm.clone(), pool_gap_ms(&p.pool), fresh_gap_ms(&p.fresh)))
+            .collect();
         let ended = now_us();
         let period_us = 1_000_000 / u64::from(self.rate_per_vm.max(1));
         // A gap is more than three request periods, and at least 20 ms, without success.
@@ -227,6 +372,14 @@ impl Load {
             vm_gaps,
             service_gaps,
             client_gap_ms,
+            tcp_gap_pool_ms: tcp_gaps.iter().map(|g| g.1).fold(0.0, f64::max),
+            tcp_gap_new_ms: tcp_gaps.iter().map(|g| g.2).fold(0.0, f64::max),
+            tcp_probe_failures: probes
+                .iter()
+                .flat_map(|p| p.pool.iter().chain(&p.fresh))
+                .filter(|r| !r.2)
+                .count() as u64,
+            tcp_gaps,
         }
     }
 }
@@ -244,4 +397,28 @@ pub fn query(client_ns: &str, ip: Ipv4Addr, request: &str) -> Result<String, Str
     .map_err(|e| e.to_string())?
     .join()
     .map_err(|_| "query thread panicked".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_gap_is_the_longest_silence_between_answers() {
+        let r = [
+            (0, 1_000, true),
+            (10_000, 11_000, true),
+            (20_000, 1_250_000, true),
+            (1_260_000, 1_261_000, true),
+            (1_270_000, 1_300_000, false),
+        ];
+        assert_eq!(pool_gap_ms(&r), 1_239.0);
+        assert_eq!(pool_gap_ms(&[]), 0.0);
+    }
+
+    #[test]
+    fn fresh_gap_is_the_longest_single_request_answered_or_not() {
+        let r = [(0, 900, true), (10_000, 1_030_000, true), (20_000, 21_000, false)];
+        assert_eq!(fresh_gap_ms(&r), 1_020.0);
+    }
 }
