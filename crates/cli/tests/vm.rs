@@ -411,3 +411,131 @@ fn a_killed_group_migration_is_settled_and_the_sources_serve() {
     ]);
     assert_eq!(g["vms"].as_array().unwrap().len(), 2, "{g}");
 }
+
+/// A client on one long-lived TCP connection to `ip`: a transfer every 20 ms, blocking,
+/// no application timeout or retry (only the kernel's TCP retransmits). Returns (sent,
+/// answered, the longest wait for an answer).
+fn long_lived_client(
+    ns: String,
+    ip: Ipv4Addr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64, Duration)> {
+    sys::in_namespace(&ns, move || {
+        let s = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(5))
+            .expect("connect to the guest ledger");
+        s.set_nodelay(true).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let (mut sent, mut answered, mut worst) = (0u64, 0u64, Duration::ZERO);
+        let mut line = String::new();
+        let base = u64::from(u32::from(ip)) << 20;
+        while !stop.load(Ordering::SeqCst) {
+            sent += 1;
+            let t0 = Instant::now();
+            if writeln!(w, "T {} 1 2 1", base + sent).is_err() {
+                break;
+            }
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(n) if n > 0 && line.starts_with("OK") => answered += 1,
+                _ => break,
+            }
+            worst = worst.max(t0.elapsed());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (sent, answered, worst)
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_nothing() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2epc");
+    lab.ok(&["lab", "up"]);
+    let vms = [
+        ("pa", "dc1.1-h1", "256", "1"),
+        ("pb", "dc1.1-h2", "384", "4"),
+        ("pc", "dc1.1-h1", "512", "8"),
+    ];
+    let creates: Vec<_> = vms
+        .iter()
+        .map(|&(name, host, mem, dirty)| {
+            let mut cmd = lab.command();
+            cmd.args([
+                "vm", "create", name, "--host", host, "--memory", mem, "--dirty-mbps", dirty,
+                "--group", "pc",
+            ]);
+            std::thread::spawn(move || cmd.output().expect("dczone runs"))
+        })
+        .collect();
+    for h in creates {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let ip = |name: &str| -> Ipv4Addr {
+        lab.json(&["vm", "show", name, "--json"])["spec"]["ip_cidr"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let boots: Vec<String> = vms
+        .iter()
+        .map(|v| field(&ledger(&lab, ip(v.0), &["S"])[0], "boot").to_string())
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = vms
+        .iter()
+        .map(|v| long_lived_client(lab.ns("dc1.1-client"), ip(v.0), stop.clone()))
+        .collect();
+    for (run, to) in ["dc1.2", "dc1.1", "dc1.2"].iter().enumerate() {
+        let g = lab.json(&[
+            "migrate", "--group", "pc", "--to", to, "--strategy", "postcopy", "--json",
+        ]);
+        let svc_t2 = g["svc_t2_ms"].as_f64().unwrap();
+        let t2s: Vec<f64> = g["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["t2_ms"].as_f64().unwrap())
+            .collect();
+        eprintln!("run {run} to {to}: SVC-T2 {svc_t2:.0} ms, T2 {t2s:?}");
+        // KR1.1 on every run (the test holds the KR, not the stretch goal).
+        assert!(svc_t2 < 1000.0, "run {run}: SVC-T2 {svc_t2} ms");
+        for v in g["vms"].as_array().unwrap() {
+            assert!(v["to"].as_str().unwrap().starts_with(to), "{v}");
+            assert!(v["postcopy_ms"].as_f64().unwrap() >= 0.0);
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for (c, v) in clients.into_iter().zip(&vms) {
+        let (sent, answered, worst) = c.join().unwrap();
+        eprintln!("{}: {answered}/{sent} answered, longest wait {worst:?}", v.0);
+        assert!(sent > 50, "{}: the client hardly ran ({sent})", v.0);
+        // The connection survived three migrations; at most the last request, sent as the
+        // client stopped, may be unanswered.
+        assert!(answered + 1 >= sent, "{}: {answered} of {sent} answered", v.0);
+    }
+    for (v, boot) in vms.iter().zip(&boots) {
+        let s = &ledger(&lab, ip(v.0), &["S"])[0];
+        assert_eq!(field(s, "boot"), boot, "{} rebooted", v.0);
+    }
+    // Every VM runs exactly once: one QEMU per VM in the lab.
+    let listed = lab.json(&["vm", "list", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+    let mut qemus = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("qemu-system") && cmdline.contains(&format!("/{}/", lab.name)) {
+            qemus += 1;
+        }
+    }
+    assert_eq!(qemus, 3, "QEMU processes of the lab");
+}

@@ -4,8 +4,8 @@
 //!
 //! The flows use the emulator's bulk port ([`dczone_apn::control::BULK_PORT`]), so an APN
 //! path gives them a lane of their own and a conventional WAN makes them share the pipe.
-//! They keep going through cuts: a sender whose connection fails connects again, so the
-//! traffic resumes when the path does.
+//! They keep going through cuts: a sender whose connection fails, or cannot write for
+//! 2 s, connects again, so the traffic resumes when the path does.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -163,6 +163,9 @@ fn receive(
     }
 }
 
+/// A sender that could not write for this long starts a new connection.
+const RECONNECT_AFTER: Duration = Duration::from_secs(2);
+
 fn send(ip: Ipv4Addr, stop: Arc<AtomicBool>) {
     let chunk = vec![0xa5u8; 128 * 1024];
     let addr = SocketAddr::from((ip, BULK_PORT));
@@ -172,13 +175,19 @@ fn send(ip: Ipv4Addr, stop: Arc<AtomicBool>) {
             continue;
         };
         let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+        let mut moved_at = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             match s.write(&chunk) {
-                Ok(_) => {}
+                Ok(_) => moved_at = Instant::now(),
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         || e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(_) => break,
+            }
+            // A connection stuck behind a cut retransmits with exponential back-off long
+            // after the path is back: a new one resumes at once.
+            if moved_at.elapsed() > RECONNECT_AFTER {
+                break;
             }
         }
     }

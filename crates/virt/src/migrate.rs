@@ -581,6 +581,13 @@ impl Platform {
                 ]}),
             )
             .map_err(&err)?;
+            if postcopy && has_postcopy_preempt(&mut dst) {
+                dst.execute(
+                    "migrate-set-capabilities",
+                    json!({"capabilities": [{"capability": "postcopy-preempt", "state": true}]}),
+                )
+                .map_err(&err)?;
+            }
             // The destination announces the VM's MAC (RARP, and a virtio-net announce)
             // as soon as it runs, not after QEMU's default 50 ms, so that the switches learn
             // the new location and clients reach it without waiting.
@@ -706,10 +713,14 @@ impl Session {
     fn start(&mut self, hold: bool, params: &Params) -> Result<(), VirtError> {
         let err = Self::qmp_err(&self.vm.spec.name);
         if self.postcopy {
+            let preempt = has_postcopy_preempt(&mut self.src);
             self.src
                 .execute(
                     "migrate-set-capabilities",
-                    json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+                    json!({"capabilities": [
+                        {"capability": "postcopy-ram", "state": true},
+                        {"capability": "postcopy-preempt", "state": preempt},
+                    ]}),
                 )
                 .map_err(&err)?;
         }
@@ -1366,6 +1377,16 @@ impl Platform {
             }
         }
     }
+}
+
+/// QEMU 8.0 and later: page requests of a post-copy destination take a channel of their
+/// own instead of queueing behind the background push (`postcopy-preempt`, stable since
+/// 8.0). Both ends run the same QEMU in a zone, so both decide alike.
+fn has_postcopy_preempt(qmp: &mut Qmp) -> bool {
+    qmp.execute("query-version", json!({}))
+        .ok()
+        .and_then(|v| v["qemu"]["major"].as_u64())
+        .is_some_and(|major| major >= 8)
 }
 
 /// Where a broken post-copy stream resumes: the destination's address, another port.
