@@ -313,17 +313,8 @@ fn dczone_zone_text() -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn ha_control_traffic_overtakes_a_saturating_bulk_flow() {
-    if !e2e_enabled() {
-        return;
-    }
-    let lab = TestLab::new("e2eprio");
-    lab.up();
-    // The echo server takes etcd's client port on dc2.1-h2, where the zone places an etcd
-    // member. The lab's consensus store plays no part here: stop all of it. (With only
-    // dc2.1-h2's member stopped, the other four kept the lab's paths at ~35 Mbit/s and
-    // +25 ms: not understood yet, see BENCHMARKS.md "Regional disaster".)
+/// Stops every etcd member of the lab, for a test that needs etcd's client port.
+fn stop_lab_etcd(lab: &TestLab) {
     let etcd_dir = lab.state_dir.join(&lab.name).join("etcd");
     for entry in std::fs::read_dir(&etcd_dir).expect("the lab runs etcd") {
         let path = entry.unwrap().path();
@@ -341,6 +332,20 @@ fn ha_control_traffic_overtakes_a_saturating_bulk_flow() {
             }
         }
     }
+}
+
+#[test]
+fn ha_control_traffic_overtakes_a_saturating_bulk_flow() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2eprio");
+    lab.up();
+    // The echo server takes etcd's client port on dc2.1-h2, where the zone places an etcd
+    // member. The lab's consensus store plays no part here: stop all of it. (With only
+    // dc2.1-h2's member stopped, the other four kept the lab's paths at ~35 Mbit/s and
+    // +25 ms: not understood yet, see BENCHMARKS.md "Regional disaster".)
+    stop_lab_etcd(&lab);
     // A bulk TCP flow fills the DC1.1 -> DC2.1 path (5 ms RTT) and its queue.
     let (a, b) = (lab.ns("dc1.1-h1"), lab.ns("dc2.1-h1"));
     let bulk = std::thread::spawn(move || {
