@@ -443,7 +443,10 @@ mod tests {
             match p.admit_priority(now, 100, 1, i, 1) {
                 Err(Drop::Loss) => lost += 1,
                 Ok(t) => {
-                    assert!(t >= now + 500 * US && t <= now + 1500 * US + US, "{t} at {now}");
+                    assert!(
+                        t >= now + 500 * US && t <= now + 1500 * US + US,
+                        "{t} at {now}"
+                    );
                     if t < now + MS {
                         early += 1;
                     } else if t > now + MS + US {

@@ -380,103 +380,103 @@ pub fn intra_region(
     for strategy in strategies {
         let mut runs = Vec::new();
         for run in 0..runs_per_strategy {
-        if runs_per_strategy > 1 {
-            println!("{} run {}/{}", strategy.name(), run + 1, runs_per_strategy);
-        }
-        let vms = p
-            .list()?
-            .into_iter()
-            .filter(|v| v.group.as_deref() == Some(POC_GROUP))
-            .collect::<Vec<_>>();
-        let to_site = if vms.iter().all(|v| v.host.starts_with("dc1.1")) {
-            "dc1.2"
-        } else {
-            "dc1.1"
-        };
-        let targets: Vec<_> = vms
-            .iter()
-            .map(|v| (v.spec.name.clone(), Platform::guest_ip(v)))
-            .collect();
-        let before: Vec<_> = targets
-            .iter()
-            .map(|(_, ip)| guest_stats(&client, *ip))
-            .collect();
-        let started = dczone_workload::now_us();
-        let load = dczone_workload::start(&client, &targets, LOAD_RATE_PER_VM)
-            .map_err(anyhow::Error::msg)?;
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        let (multi, update) = crate::vm_cmd::progress_display(false);
-        let t0 = dczone_workload::now_us();
-        let g = p.migrate_group(POC_GROUP, to_site, strategy, &Params::default(), &update);
-        let t1 = dczone_workload::now_us();
-        let _ = multi.clear();
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        let report = load.finish(started, dczone_measure::Interval::new(t0, t1));
-        let g = g?;
-        let continuity: Vec<Continuity> = targets
-            .iter()
-            .zip(&before)
-            .map(|((vm, ip), (boot0, proc0, sum0))| {
-                let (boot1, proc1, sum1) = guest_stats(&client, *ip);
-                Continuity {
-                    vm: vm.clone(),
-                    same_boot: !boot0.is_empty() && *boot0 == boot1,
-                    processed_before: *proc0,
-                    processed_after: proc1,
-                    balance_sum_before: *sum0,
-                    balance_sum_after: sum1,
-                    ok: !boot0.is_empty()
-                        && *boot0 == boot1
-                        && proc1 >= *proc0
-                        && sum1 == TOTAL_BALANCE,
-                }
-            })
-            .collect();
-        crate::vm_cmd::print_group(&g);
-        println!(
+            if runs_per_strategy > 1 {
+                println!("{} run {}/{}", strategy.name(), run + 1, runs_per_strategy);
+            }
+            let vms = p
+                .list()?
+                .into_iter()
+                .filter(|v| v.group.as_deref() == Some(POC_GROUP))
+                .collect::<Vec<_>>();
+            let to_site = if vms.iter().all(|v| v.host.starts_with("dc1.1")) {
+                "dc1.2"
+            } else {
+                "dc1.1"
+            };
+            let targets: Vec<_> = vms
+                .iter()
+                .map(|v| (v.spec.name.clone(), Platform::guest_ip(v)))
+                .collect();
+            let before: Vec<_> = targets
+                .iter()
+                .map(|(_, ip)| guest_stats(&client, *ip))
+                .collect();
+            let started = dczone_workload::now_us();
+            let load = dczone_workload::start(&client, &targets, LOAD_RATE_PER_VM)
+                .map_err(anyhow::Error::msg)?;
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            let (multi, update) = crate::vm_cmd::progress_display(false);
+            let t0 = dczone_workload::now_us();
+            let g = p.migrate_group(POC_GROUP, to_site, strategy, &Params::default(), &update);
+            let t1 = dczone_workload::now_us();
+            let _ = multi.clear();
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            let report = load.finish(started, dczone_measure::Interval::new(t0, t1));
+            let g = g?;
+            let continuity: Vec<Continuity> = targets
+                .iter()
+                .zip(&before)
+                .map(|((vm, ip), (boot0, proc0, sum0))| {
+                    let (boot1, proc1, sum1) = guest_stats(&client, *ip);
+                    Continuity {
+                        vm: vm.clone(),
+                        same_boot: !boot0.is_empty() && *boot0 == boot1,
+                        processed_before: *proc0,
+                        processed_after: proc1,
+                        balance_sum_before: *sum0,
+                        balance_sum_after: sum1,
+                        ok: !boot0.is_empty()
+                            && *boot0 == boot1
+                            && proc1 >= *proc0
+                            && sum1 == TOTAL_BALANCE,
+                    }
+                })
+                .collect();
+            crate::vm_cmd::print_group(&g);
+            println!(
             "client: {} ok / {} sent, {} errors; longest service gap {:.1} ms; TPS before/during/after {:.0}/{:.0}/{:.0}; p99 {:.1}/{:.1}/{:.1} ms",
             report.ok, report.sent, report.errors, report.client_gap_ms,
             report.before.tps, report.during.tps, report.after.tps,
             report.before.p99_ms, report.during.p99_ms, report.after.p99_ms
         );
-        println!(
+            println!(
             "standard TCP, no application retry: long-lived connection gap {:.0} ms, new connection gap {:.0} ms ({} requests unanswered)",
             report.tcp_gap_pool_ms, report.tcp_gap_new_ms, report.tcp_probe_failures
         );
-        for c in &continuity {
+            for c in &continuity {
+                println!(
+                    "continuity {}: same boot {}, processed {} -> {}, balance sum {} -> {} {}",
+                    c.vm,
+                    c.same_boot,
+                    c.processed_before,
+                    c.processed_after,
+                    c.balance_sum_before,
+                    c.balance_sum_after,
+                    if c.ok { "ok" } else { "FAILED" }
+                );
+            }
+            let continuity_ok = continuity.iter().all(|c| c.ok);
             println!(
-                "continuity {}: same boot {}, processed {} -> {}, balance sum {} -> {} {}",
-                c.vm,
-                c.same_boot,
-                c.processed_before,
-                c.processed_after,
-                c.balance_sum_before,
-                c.balance_sum_after,
-                if c.ok { "ok" } else { "FAILED" }
+                "KR1.1 (SVC-T2 < 1 s): {}; stretch (< 100 ms): {}\n",
+                if g.svc_t2_ms < 1000.0 { "pass" } else { "FAIL" },
+                if g.svc_t2_ms < 100.0 { "pass" } else { "miss" }
             );
-        }
-        let continuity_ok = continuity.iter().all(|c| c.ok);
-        println!(
-            "KR1.1 (SVC-T2 < 1 s): {}; stretch (< 100 ms): {}\n",
-            if g.svc_t2_ms < 1000.0 { "pass" } else { "FAIL" },
-            if g.svc_t2_ms < 100.0 { "pass" } else { "miss" }
-        );
-        runs.push(StrategyRun {
-            strategy: strategy.name().into(),
-            to_site: to_site.into(),
-            svc_t2_ms: g.svc_t2_ms,
-            svc_t2_union_ms: g.svc_t2_union_ms,
-            svc_t1_ms: g.svc_t1_ms,
-            client_gap_ms: report.client_gap_ms,
-            tcp_gap_pool_ms: report.tcp_gap_pool_ms,
-            tcp_gap_new_ms: report.tcp_gap_new_ms,
-            kr1_1_pass: g.svc_t2_ms < 1000.0,
-            stretch_100ms_pass: g.svc_t2_ms < 100.0,
-            vms: g.vms,
-            load: report,
-            continuity,
-            continuity_ok,
-        });
+            runs.push(StrategyRun {
+                strategy: strategy.name().into(),
+                to_site: to_site.into(),
+                svc_t2_ms: g.svc_t2_ms,
+                svc_t2_union_ms: g.svc_t2_union_ms,
+                svc_t1_ms: g.svc_t1_ms,
+                client_gap_ms: report.client_gap_ms,
+                tcp_gap_pool_ms: report.tcp_gap_pool_ms,
+                tcp_gap_new_ms: report.tcp_gap_new_ms,
+                kr1_1_pass: g.svc_t2_ms < 1000.0,
+                stretch_100ms_pass: g.svc_t2_ms < 100.0,
+                vms: g.vms,
+                load: report,
+                continuity,
+                continuity_ok,
+            });
         }
         summaries.push(StrategyRuns::new(strategy, runs));
     }

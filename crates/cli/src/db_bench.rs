@@ -323,8 +323,7 @@ fn spawn_rtt_sampler(
     let target = p.member(REMOTE_SITE).map(|m| m.ip).ok();
     let pings = (seconds * 20.0) as usize;
     std::thread::spawn(move || {
-        dczone_lab::probe::measure_rtt(&ns, target?, pings.max(1), Duration::from_millis(50))
-            .ok()
+        dczone_lab::probe::measure_rtt(&ns, target?, pings.max(1), Duration::from_millis(50)).ok()
     })
 }
 
@@ -521,12 +520,22 @@ fn bulk_load(p: &Platform, bar: &ProgressBar) -> anyhow::Result<BulkLoad> {
             let out = std::process::Command::new("ip")
                 .args(["netns", "exec", &ns, "runuser", "-u", "postgres", "--"])
                 .arg(format!("{}/pgbench", dczone_db::PG_BIN))
-                .args(["-q", "-i", "-s", &BULK_SCALE.to_string(), "-h", &pg_ip.to_string()])
+                .args([
+                    "-q",
+                    "-i",
+                    "-s",
+                    &BULK_SCALE.to_string(),
+                    "-h",
+                    &pg_ip.to_string(),
+                ])
                 .arg("pgb")
                 .output()?;
             took = t.elapsed();
             if !out.status.success() {
-                anyhow::bail!("pgbench -i: {}", String::from_utf8_lossy(&out.stderr).trim());
+                anyhow::bail!(
+                    "pgbench -i: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
             Ok(())
         },
@@ -716,7 +725,12 @@ fn saturate(
             .last()
             .is_none_or(|prev| m.ptrx >= prev.ptrx * SATURATION_GAIN);
         out.push(SaturationPoint {
-            mode: if mode == Replication::Sync { "sync" } else { "async" }.into(),
+            mode: if mode == Replication::Sync {
+                "sync"
+            } else {
+                "async"
+            }
+            .into(),
             clients,
             ptrx: m.ptrx,
             tatrxn_p50_ms: m.tatrxn_p50_ms,
@@ -773,8 +787,7 @@ pub fn inter_region(
             bar.set_message(format!("{km} km: sync"));
             let sync = measure_mode(&p, "tier1", Replication::Sync, km, o.clients, o.seconds)?;
             bar.set_message(format!("{km} km: async"));
-            let asynch =
-                measure_mode(&p, "tier2", Replication::Async, km, o.clients, o.seconds)?;
+            let asynch = measure_mode(&p, "tier2", Replication::Async, km, o.clients, o.seconds)?;
             distances.push(DistanceResult {
                 distance_km: km,
                 sync_over_async_ptrx: sync.ptrx / asynch.ptrx.max(1e-9),
@@ -830,8 +843,7 @@ pub fn inter_region(
             ));
             disasters.push(disaster(&p, exe, state_dir, &o, after)?);
         }
-        let lost: usize =
-            disasters.iter().map(|d| d.lost).sum::<usize>() + fb.lost + bulk.lost;
+        let lost: usize = disasters.iter().map(|d| d.lost).sum::<usize>() + fb.lost + bulk.lost;
         let indeterminate = disasters.iter().map(|d| d.indeterminate).sum();
         let rtos: Vec<f64> = disasters.iter().filter_map(|d| d.rto_ms).collect();
         let rto_max = rtos

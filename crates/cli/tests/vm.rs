@@ -413,7 +413,7 @@ fn a_killed_group_migration_is_settled_and_the_sources_serve() {
 }
 
 /// A client on one long-lived TCP connection to `ip`: a transfer every 20 ms, blocking,
-/// no application timeout or retry (only the kernel's TCP retransmits). Returns (sent,
+/// no application retry (only the kernel's TCP retransmits; 30 s read timeout). Returns (sent,
 /// answered, the longest wait for an answer).
 fn long_lived_client(
     ns: String,
@@ -424,6 +424,8 @@ fn long_lived_client(
         let s = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(5))
             .expect("connect to the guest ledger");
         s.set_nodelay(true).unwrap();
+        // Far beyond any switchover: only a connection that TCP cannot recover ends here.
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
         let (mut sent, mut answered, mut worst) = (0u64, 0u64, Duration::ZERO);
@@ -465,15 +467,28 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
         .map(|&(name, host, mem, dirty)| {
             let mut cmd = lab.command();
             cmd.args([
-                "vm", "create", name, "--host", host, "--memory", mem, "--dirty-mbps", dirty,
-                "--group", "pc",
+                "vm",
+                "create",
+                name,
+                "--host",
+                host,
+                "--memory",
+                mem,
+                "--dirty-mbps",
+                dirty,
+                "--group",
+                "pc",
             ]);
             std::thread::spawn(move || cmd.output().expect("dczone runs"))
         })
         .collect();
     for h in creates {
         let out = h.join().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let ip = |name: &str| -> Ipv4Addr {
         lab.json(&["vm", "show", name, "--json"])["spec"]["ip_cidr"]
@@ -496,7 +511,14 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
         .collect();
     for (run, to) in ["dc1.2", "dc1.1", "dc1.2"].iter().enumerate() {
         let g = lab.json(&[
-            "migrate", "--group", "pc", "--to", to, "--strategy", "postcopy", "--json",
+            "migrate",
+            "--group",
+            "pc",
+            "--to",
+            to,
+            "--strategy",
+            "postcopy",
+            "--json",
         ]);
         let svc_t2 = g["svc_t2_ms"].as_f64().unwrap();
         let t2s: Vec<f64> = g["vms"]
@@ -516,11 +538,18 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
     stop.store(true, Ordering::SeqCst);
     for (c, v) in clients.into_iter().zip(&vms) {
         let (sent, answered, worst) = c.join().unwrap();
-        eprintln!("{}: {answered}/{sent} answered, longest wait {worst:?}", v.0);
+        eprintln!(
+            "{}: {answered}/{sent} answered, longest wait {worst:?}",
+            v.0
+        );
         assert!(sent > 50, "{}: the client hardly ran ({sent})", v.0);
         // The connection survived three migrations; at most the last request, sent as the
         // client stopped, may be unanswered.
-        assert!(answered + 1 >= sent, "{}: {answered} of {sent} answered", v.0);
+        assert!(
+            answered + 1 >= sent,
+            "{}: {answered} of {sent} answered",
+            v.0
+        );
     }
     for (v, boot) in vms.iter().zip(&boots) {
         let s = &ledger(&lab, ip(v.0), &["S"])[0];

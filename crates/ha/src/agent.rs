@@ -919,8 +919,11 @@ impl Agent {
                 };
                 // etcd first: a failover must know these commits are unprotected.
                 let window = self.window_opening(now, reason);
-                self.write_all_as_leader(me, vec![(self.store.keys.sync(), json_bytes(&s)), window])
-                    .await?;
+                self.write_all_as_leader(
+                    me,
+                    vec![(self.store.keys.sync(), json_bytes(&s)), window],
+                )
+                .await?;
                 self.window_start = Some(now);
                 log(&site, &format!("switched to async: {}", s.reason));
                 String::new()

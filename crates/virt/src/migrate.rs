@@ -1391,7 +1391,10 @@ fn has_postcopy_preempt(qmp: &mut Qmp) -> bool {
 
 /// Where a broken post-copy stream resumes: the destination's address, another port.
 fn recovery_uri(uri: &str) -> String {
-    match uri.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) {
+    match uri
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+    {
         Some((host, port)) => format!("{host}:{}", port.wrapping_add(RECOVERY_PORT_OFFSET)),
         None => uri.to_string(),
     }

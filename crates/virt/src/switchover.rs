@@ -109,7 +109,12 @@ mod tests {
     #[test]
     fn first_passes_are_paced_to_the_slowest_and_finished_ones_held() {
         let step = decide(
-            &[vm(true, 0.50), vm(true, 0.52), vm(true, 0.60), vm(false, 1.0)],
+            &[
+                vm(true, 0.50),
+                vm(true, 0.52),
+                vm(true, 0.60),
+                vm(false, 1.0),
+            ],
             Duration::from_secs(3),
             HOLD,
         );

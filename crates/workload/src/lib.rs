@@ -422,7 +422,11 @@ mod tests {
 
     #[test]
     fn fresh_gap_is_the_longest_single_request_answered_or_not() {
-        let r = [(0, 900, true), (10_000, 1_030_000, true), (20_000, 21_000, false)];
+        let r = [
+            (0, 900, true),
+            (10_000, 1_030_000, true),
+            (20_000, 21_000, false),
+        ];
         assert_eq!(fresh_gap_ms(&r), 1_020.0);
     }
 }

@@ -10,8 +10,8 @@
 pub mod consensus;
 pub mod database;
 pub mod file;
-pub mod wan;
 mod units;
+pub mod wan;
 
 use std::fmt;
 use std::net::Ipv4Addr;
