@@ -296,6 +296,10 @@ pub fn print_group(g: &GroupMigration) {
                 format!("{}->{}", m.from, m.to),
                 format!("{:.1}", m.t1_ms),
                 format!("{:.1}", m.t2_ms),
+                match (m.t2_send_ms, m.t2_load_ms, m.t2_resume_ms) {
+                    (Some(s), Some(l), Some(r)) => format!("{s:.0}/{l:.0}/{r:.0}"),
+                    _ => "-".into(),
+                },
                 m.qemu_downtime_ms.to_string(),
                 m.qemu_total_ms.to_string(),
                 format!("{:.1}", m.bytes_sent as f64 / 1048576.0),
@@ -312,6 +316,7 @@ pub fn print_group(g: &GroupMigration) {
                 "MOVE",
                 "T1_MS",
                 "T2_MS",
+                "SEND/LOAD/RESUME_MS",
                 "QEMU_DOWNTIME_MS",
                 "QEMU_TOTAL_MS",
                 "SENT_MIB",
@@ -393,7 +398,7 @@ pub fn migrate(
         }
         (None, Some(group)) => {
             // The source hosts' agents settle the migration (cancel, the sources run on) if
-            // this command dies half-way, e.g. with VMs held at pause-before-switchover.
+            // this command dies half-way, e.g. with VMs held in pre-copy or switched to post-copy.
             let agents = HostAgents::new(lab, exe, state_dir)?;
             let mut sources: Vec<String> = p
                 .list()?

@@ -177,6 +177,16 @@ pub struct VmMigration {
     /// recovered (QEMU's `migrate-pause` / `migrate-recover` / `resume`).
     #[serde(default)]
     pub postcopy_recoveries: u32,
+    /// Where T2 goes (pre-copy; from QMP event timestamps, one host clock in the lab):
+    /// source STOP to the source's `completed` (the last byte sent) ...
+    #[serde(default)]
+    pub t2_send_ms: Option<f64>,
+    /// ... to the destination's `completed` (the state loaded) ...
+    #[serde(default)]
+    pub t2_load_ms: Option<f64>,
+    /// ... to the destination's RESUME (the guest runs; the announce follows at once).
+    #[serde(default)]
+    pub t2_resume_ms: Option<f64>,
 }
 
 /// A cluster's migration.
@@ -228,6 +238,11 @@ pub trait Destination: Send {
     fn running(&self) -> Option<Running> {
         None
     }
+    /// When the destination finished loading the stream (its `MIGRATION completed` event,
+    /// unix us), once [`Destination::finish`] returned.
+    fn loaded_us(&self) -> Option<u64> {
+        None
+    }
     /// Post-copy recovery: stop using the broken stream (`migrate-pause`), then listen on
     /// `uri` for the source's resumed stream (`migrate-recover`).
     fn recover(&mut self, _uri: &str) -> Result<(), VirtError> {
@@ -252,6 +267,7 @@ pub struct LocalDestination {
     uri: String,
     /// Started with `-S`: [`Destination::finish`] resumes it (`cont`).
     paused: bool,
+    loaded_us: Option<u64>,
 }
 
 impl LocalDestination {
@@ -295,7 +311,17 @@ impl Destination for LocalDestination {
             .qmp
             .wait_event("RESUME", Duration::from_secs(30))
             .map_err(&err)?;
+        self.loaded_us = self
+            .qmp
+            .take_events()
+            .into_iter()
+            .find(|e| e.name == "MIGRATION" && e.data["status"] == "completed")
+            .map(|e| e.timestamp_us);
         Ok((resume.timestamp_us, self.running.clone()))
+    }
+
+    fn loaded_us(&self) -> Option<u64> {
+        self.loaded_us
     }
 
     fn abort(&mut self) {
@@ -607,6 +633,7 @@ impl Platform {
                 running,
                 uri,
                 paused,
+                loaded_us: None,
             }),
             Err(e) => {
                 hv::kill(&running);
@@ -639,8 +666,10 @@ struct Session {
     /// When `migrate-start-postcopy` was sent: from then on the VM must never resume at
     /// its source.
     switched: bool,
-    /// When the source reported `completed` (unix us).
+    /// When the source reported `completed` (unix us, our poll).
     completed_us: Option<u64>,
+    /// The source's `MIGRATION completed` event (unix us, QEMU's timestamp).
+    sent_us: Option<u64>,
     recoveries: u32,
 }
 
@@ -701,6 +730,7 @@ impl Session {
                 postcopy: false,
                 switched: false,
                 completed_us: None,
+                sent_us: None,
                 recoveries: 0,
             }),
             Err(e) => {
@@ -747,12 +777,12 @@ impl Session {
 
     /// Polls the source; returns the migration status.
     fn poll(&mut self) -> Result<String, VirtError> {
-        let err = Self::qmp_err(&self.vm.spec.name);
-        let info = self.src.execute("query-migrate", json!({})).map_err(&err)?;
+        let info = self
+            .src
+            .execute("query-migrate", json!({}))
+            .map_err(Self::qmp_err(&self.vm.spec.name))?;
         for ev in self.src.take_events() {
-            if ev.name == "STOP" && self.stop_us.is_none() {
-                self.stop_us = Some(ev.timestamp_us);
-            }
+            self.note(&ev);
         }
         let status = info["status"].as_str().unwrap_or("none").to_string();
         if status == "completed" && self.completed_us.is_none() {
@@ -765,6 +795,16 @@ impl Session {
         }
         self.last = info;
         Ok(status)
+    }
+
+    /// Records the source events T1 and T2 are measured from.
+    fn note(&mut self, ev: &hv::Event) {
+        if ev.name == "STOP" && self.stop_us.is_none() {
+            self.stop_us = Some(ev.timestamp_us);
+        }
+        if ev.name == "MIGRATION" && ev.data["status"] == "completed" {
+            self.sent_us = Some(ev.timestamp_us);
+        }
     }
 
     /// In the first pass over RAM (no dirty-bitmap re-sync yet)?
@@ -954,9 +994,7 @@ impl Session {
         self.resume_us = Some(resume_us);
         let info = self.src.execute("query-migrate", json!({})).map_err(&err)?;
         for ev in self.src.take_events() {
-            if ev.name == "STOP" && self.stop_us.is_none() {
-                self.stop_us = Some(ev.timestamp_us);
-            }
+            self.note(&ev);
         }
         let _ = self.src.execute("quit", json!({}));
         if let Some(old) = &self.vm.running {
@@ -990,7 +1028,11 @@ impl Session {
                 _ => 0.0,
             },
             postcopy_recoveries: self.recoveries,
+            t2_send_ms: None,
+            t2_load_ms: None,
+            t2_resume_ms: None,
         };
+        let record = with_t2_parts(record, self.sent_us, self.dst.loaded_us(), self.switched);
         let mut vm = self.vm.clone();
         vm.host = self.to.clone();
         vm.running = Some(dst_running);
@@ -1379,6 +1421,27 @@ impl Platform {
     }
 }
 
+/// Splits T2 at the source's and the destination's `completed` events, when both fall
+/// inside it in order (pre-copy; after a post-copy switch the source completes long after
+/// the resume).
+fn with_t2_parts(
+    mut m: VmMigration,
+    sent: Option<u64>,
+    loaded: Option<u64>,
+    postcopy: bool,
+) -> VmMigration {
+    let (stop, resume) = (m.t2.start_us, m.t2.end_us);
+    if let (false, Some(sent), Some(loaded)) = (postcopy, sent, loaded) {
+        if stop <= sent && sent <= loaded && loaded <= resume {
+            let ms = |a: u64, b: u64| (b - a) as f64 / 1e3;
+            m.t2_send_ms = Some(ms(stop, sent));
+            m.t2_load_ms = Some(ms(sent, loaded));
+            m.t2_resume_ms = Some(ms(loaded, resume));
+        }
+    }
+    m
+}
+
 /// QEMU 8.0 and later: page requests of a post-copy destination take a channel of their
 /// own instead of queueing behind the background push (`postcopy-preempt`, stable since
 /// 8.0). Both ends run the same QEMU in a zone, so both decide alike.
@@ -1397,5 +1460,58 @@ fn recovery_uri(uri: &str) -> String {
     {
         Some((host, port)) => format!("{host}:{}", port.wrapping_add(RECOVERY_PORT_OFFSET)),
         None => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(stop: u64, resume: u64) -> VmMigration {
+        VmMigration {
+            vm: "v".into(),
+            from: "a".into(),
+            to: "b".into(),
+            t1: Interval::new(0, stop),
+            t2: Interval::new(stop, resume),
+            t1_ms: 0.0,
+            t2_ms: (resume - stop) as f64 / 1e3,
+            qemu_total_ms: 0,
+            qemu_downtime_ms: 0,
+            qemu_setup_ms: 0,
+            bytes_sent: 0,
+            dirty_pages_rate: 0,
+            iterations: 0,
+            held_ms: 0.0,
+            postcopy_ms: 0.0,
+            postcopy_recoveries: 0,
+            t2_send_ms: None,
+            t2_load_ms: None,
+            t2_resume_ms: None,
+        }
+    }
+
+    #[test]
+    fn t2_splits_at_the_completed_events_when_they_fall_inside_it_in_order() {
+        let m = with_t2_parts(record(1_000, 101_000), Some(21_000), Some(61_000), false);
+        assert_eq!(
+            (m.t2_send_ms, m.t2_load_ms, m.t2_resume_ms),
+            (Some(20.0), Some(40.0), Some(40.0))
+        );
+        // Out of order, missing, or after a post-copy switch: no split.
+        for (sent, loaded, postcopy) in [
+            (Some(61_000), Some(21_000), false),
+            (None, Some(21_000), false),
+            (Some(21_000), Some(61_000), true),
+            (Some(21_000), Some(200_000), false),
+        ] {
+            let m = with_t2_parts(record(1_000, 101_000), sent, loaded, postcopy);
+            assert_eq!(m.t2_send_ms, None);
+        }
+    }
+
+    #[test]
+    fn a_recovered_post_copy_stream_resumes_on_another_port() {
+        assert_eq!(recovery_uri("tcp:10.77.2.11:4601"), "tcp:10.77.2.11:4701");
     }
 }

@@ -19,7 +19,7 @@ use dczone_measure::{gaps, union, Interval};
 /// the ledger's idempotency makes the retry safe (a duplicate answers `DUP`).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
 /// A lost SYN (the VM is stopped mid-switchover) is retried after this, not after TCP's 1 s.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// The standard-TCP probers (no application retry) ask each VM this often: on the
 /// long-lived connection every 50 ms, on a new connection every 100 ms. Not more: every
 /// new connection is a guest thread under TCG, and at 10/20 ms the probers halved the
@@ -200,8 +200,7 @@ pub fn fresh_gap_ms(requests: &[(u64, u64, bool)]) -> f64 {
 }
 
 fn connect(ip: Ipv4Addr) -> Option<(TcpStream, BufReader<TcpStream>)> {
-    let s = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_millis(300))
-        .ok()?;
+    let s = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), CONNECT_TIMEOUT).ok()?;
     s.set_nodelay(true).ok()?;
     s.set_read_timeout(Some(REQUEST_TIMEOUT)).ok()?;
     let r = BufReader::new(s.try_clone().ok()?);
