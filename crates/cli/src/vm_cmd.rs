@@ -296,8 +296,8 @@ pub fn print_group(g: &GroupMigration) {
                 format!("{}->{}", m.from, m.to),
                 format!("{:.1}", m.t1_ms),
                 format!("{:.1}", m.t2_ms),
-                match (m.t2_send_ms, m.t2_load_ms, m.t2_resume_ms) {
-                    (Some(s), Some(l), Some(r)) => format!("{s:.0}/{l:.0}/{r:.0}"),
+                match (m.t2_send_ms, m.t2_load_resume_ms) {
+                    (Some(s), Some(l)) => format!("{s:.0}/{l:.0}"),
                     _ => "-".into(),
                 },
                 m.qemu_downtime_ms.to_string(),
@@ -316,7 +316,7 @@ pub fn print_group(g: &GroupMigration) {
                 "MOVE",
                 "T1_MS",
                 "T2_MS",
-                "SEND/LOAD/RESUME_MS",
+                "T2 SEND/LOAD+RESUME_MS",
                 "QEMU_DOWNTIME_MS",
                 "QEMU_TOTAL_MS",
                 "SENT_MIB",

@@ -178,15 +178,15 @@ pub struct VmMigration {
     #[serde(default)]
     pub postcopy_recoveries: u32,
     /// Where T2 goes (pre-copy; from QMP event timestamps, one host clock in the lab):
-    /// source STOP to the source's `completed` (the last byte sent) ...
+    /// source STOP to the source's `completed` event (the last byte sent) ...
     #[serde(default)]
     pub t2_send_ms: Option<f64>,
-    /// ... to the destination's `completed` (the state loaded) ...
+    /// ... to the destination's RESUME: the last bytes in flight, the destination loading
+    /// the device state, and the start (QEMU marks the incoming side `completed` only after
+    /// it has started the guest, so the two cannot be told apart from events). The announce
+    /// follows at once.
     #[serde(default)]
-    pub t2_load_ms: Option<f64>,
-    /// ... to the destination's RESUME (the guest runs; the announce follows at once).
-    #[serde(default)]
-    pub t2_resume_ms: Option<f64>,
+    pub t2_load_resume_ms: Option<f64>,
 }
 
 /// A cluster's migration.
@@ -238,11 +238,6 @@ pub trait Destination: Send {
     fn running(&self) -> Option<Running> {
         None
     }
-    /// When the destination finished loading the stream (its `MIGRATION completed` event,
-    /// unix us), once [`Destination::finish`] returned.
-    fn loaded_us(&self) -> Option<u64> {
-        None
-    }
     /// Post-copy recovery: stop using the broken stream (`migrate-pause`), then listen on
     /// `uri` for the source's resumed stream (`migrate-recover`).
     fn recover(&mut self, _uri: &str) -> Result<(), VirtError> {
@@ -267,7 +262,6 @@ pub struct LocalDestination {
     uri: String,
     /// Started with `-S`: [`Destination::finish`] resumes it (`cont`).
     paused: bool,
-    loaded_us: Option<u64>,
 }
 
 impl LocalDestination {
@@ -311,17 +305,7 @@ impl Destination for LocalDestination {
             .qmp
             .wait_event("RESUME", Duration::from_secs(30))
             .map_err(&err)?;
-        self.loaded_us = self
-            .qmp
-            .take_events()
-            .into_iter()
-            .find(|e| e.name == "MIGRATION" && e.data["status"] == "completed")
-            .map(|e| e.timestamp_us);
         Ok((resume.timestamp_us, self.running.clone()))
-    }
-
-    fn loaded_us(&self) -> Option<u64> {
-        self.loaded_us
     }
 
     fn abort(&mut self) {
@@ -633,7 +617,6 @@ impl Platform {
                 running,
                 uri,
                 paused,
-                loaded_us: None,
             }),
             Err(e) => {
                 hv::kill(&running);
@@ -1029,10 +1012,9 @@ impl Session {
             },
             postcopy_recoveries: self.recoveries,
             t2_send_ms: None,
-            t2_load_ms: None,
-            t2_resume_ms: None,
+            t2_load_resume_ms: None,
         };
-        let record = with_t2_parts(record, self.sent_us, self.dst.loaded_us(), self.switched);
+        let record = with_t2_parts(record, self.sent_us, self.switched);
         let mut vm = self.vm.clone();
         vm.host = self.to.clone();
         vm.running = Some(dst_running);
@@ -1421,22 +1403,15 @@ impl Platform {
     }
 }
 
-/// Splits T2 at the source's and the destination's `completed` events, when both fall
-/// inside it in order (pre-copy; after a post-copy switch the source completes long after
-/// the resume).
-fn with_t2_parts(
-    mut m: VmMigration,
-    sent: Option<u64>,
-    loaded: Option<u64>,
-    postcopy: bool,
-) -> VmMigration {
+/// Splits T2 at the source's `completed` event when it falls inside it (pre-copy; after a
+/// post-copy switch the source completes long after the resume).
+fn with_t2_parts(mut m: VmMigration, sent: Option<u64>, postcopy: bool) -> VmMigration {
     let (stop, resume) = (m.t2.start_us, m.t2.end_us);
-    if let (false, Some(sent), Some(loaded)) = (postcopy, sent, loaded) {
-        if stop <= sent && sent <= loaded && loaded <= resume {
+    if let (false, Some(sent)) = (postcopy, sent) {
+        if stop <= sent && sent <= resume {
             let ms = |a: u64, b: u64| (b - a) as f64 / 1e3;
             m.t2_send_ms = Some(ms(stop, sent));
-            m.t2_load_ms = Some(ms(sent, loaded));
-            m.t2_resume_ms = Some(ms(loaded, resume));
+            m.t2_load_resume_ms = Some(ms(sent, resume));
         }
     }
     m
@@ -1486,26 +1461,25 @@ mod tests {
             postcopy_ms: 0.0,
             postcopy_recoveries: 0,
             t2_send_ms: None,
-            t2_load_ms: None,
-            t2_resume_ms: None,
+            t2_load_resume_ms: None,
         }
     }
 
     #[test]
-    fn t2_splits_at_the_completed_events_when_they_fall_inside_it_in_order() {
-        let m = with_t2_parts(record(1_000, 101_000), Some(21_000), Some(61_000), false);
+    fn t2_splits_at_the_source_s_completed_event_when_it_falls_inside_it() {
+        let m = with_t2_parts(record(1_000, 101_000), Some(21_000), false);
         assert_eq!(
-            (m.t2_send_ms, m.t2_load_ms, m.t2_resume_ms),
-            (Some(20.0), Some(40.0), Some(40.0))
+            (m.t2_send_ms, m.t2_load_resume_ms),
+            (Some(20.0), Some(80.0))
         );
-        // Out of order, missing, or after a post-copy switch: no split.
-        for (sent, loaded, postcopy) in [
-            (Some(61_000), Some(21_000), false),
-            (None, Some(21_000), false),
-            (Some(21_000), Some(61_000), true),
-            (Some(21_000), Some(200_000), false),
+        // Outside T2, missing, or after a post-copy switch: no split.
+        for (sent, postcopy) in [
+            (Some(500), false),
+            (Some(200_000), false),
+            (None, false),
+            (Some(21_000), true),
         ] {
-            let m = with_t2_parts(record(1_000, 101_000), sent, loaded, postcopy);
+            let m = with_t2_parts(record(1_000, 101_000), sent, postcopy);
             assert_eq!(m.t2_send_ms, None);
         }
     }
