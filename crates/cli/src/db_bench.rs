@@ -428,7 +428,9 @@ pub(crate) fn first_ack_after(r: &LoadResult, t0: u64, margin_us: u64) -> Option
         .map(|&x| (x - t0) as f64 / 1000.0)
 }
 
-fn fallback(p: &Platform, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::Result<Fallback> {
+/// Puts the zone's own tier (Tier 1 sync) back and waits for sync; returns the primary's
+/// site and the application's client host next to it.
+fn back_to_tier1(p: &Platform) -> anyhow::Result<(String, String)> {
     let probe = p.client_host(None)?;
     p.put_key(&probe, |k| k.tier(), p.plan.tier.clone())?;
     let snap = p.wait_mode(&probe, Replication::Sync, Duration::from_secs(30))?;
@@ -437,6 +439,11 @@ fn fallback(p: &Platform, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::
         .map(|l| l.site)
         .unwrap_or_else(|| p.plan.primary.clone());
     let client = client_near(p, &primary);
+    Ok((primary, client))
+}
+
+fn fallback(p: &Platform, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::Result<Fallback> {
+    let (_, client) = back_to_tier1(p)?;
     bar.set_message(format!(
         "{REMOTE_SITE} failure under sync, availability-first"
     ));
@@ -480,14 +487,7 @@ const BULK_CLIENTS: usize = 4;
 
 /// Tier 1 ledger commits while `pgbench -i` fills the primary: DC2.1 falls behind but lives.
 fn bulk_load(p: &Platform, bar: &ProgressBar) -> anyhow::Result<BulkLoad> {
-    let probe = p.client_host(None)?;
-    p.put_key(&probe, |k| k.tier(), p.plan.tier.clone())?;
-    let snap = p.wait_mode(&probe, Replication::Sync, Duration::from_secs(30))?;
-    let primary = snap
-        .leader
-        .map(|l| l.site)
-        .unwrap_or_else(|| p.plan.primary.clone());
-    let client = client_near(p, &primary);
+    let (primary, client) = back_to_tier1(p)?;
     let pg_ip = p.member(&primary)?.ip;
     bar.set_message(format!(
         "bulk load on {primary} (pgbench -i -s {BULK_SCALE}) under Tier 1"

@@ -439,6 +439,24 @@ impl Platform {
         out
     }
 
+    /// A completed migration whose driver died: the source quits and the record follows
+    /// the VM to `to`, where `destination` runs it.
+    fn roll_forward(
+        &self,
+        vm: &VmRecord,
+        qmp: &mut Qmp,
+        src: &Running,
+        destination: Running,
+        to: &str,
+    ) -> Result<(), VirtError> {
+        let _ = qmp.execute("quit", json!({}));
+        hv::kill(src);
+        let mut moved = vm.clone();
+        moved.host = to.to_string();
+        moved.running = Some(destination);
+        self.save_record(&moved)
+    }
+
     fn settle(&self, vm: &VmRecord, flight: &InFlight) -> Result<String, VirtError> {
         let name = vm.spec.name.as_str();
         let err = Session::qmp_err(name);
@@ -477,12 +495,7 @@ impl Platform {
                 ));
             }
             if let Some(d) = destination {
-                let _ = qmp.execute("quit", json!({}));
-                hv::kill(&src);
-                let mut moved = vm.clone();
-                moved.host = flight.to.clone();
-                moved.running = Some(d);
-                self.save_record(&moved)?;
+                self.roll_forward(vm, &mut qmp, &src, d, &flight.to)?;
                 return Ok(format!(
                     "{name}: its post-copy migration to {} completed after its driver died; \
                      the VM runs there",
@@ -497,12 +510,7 @@ impl Platform {
         }
         if status == "completed" {
             if let Some(d) = destination {
-                let _ = qmp.execute("quit", json!({}));
-                hv::kill(&src);
-                let mut moved = vm.clone();
-                moved.host = flight.to.clone();
-                moved.running = Some(d);
-                self.save_record(&moved)?;
+                self.roll_forward(vm, &mut qmp, &src, d, &flight.to)?;
                 return Ok(format!(
                     "{name}: its migration to {} had completed when its driver died; the VM runs there",
                     flight.to
