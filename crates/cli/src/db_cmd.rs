@@ -1025,8 +1025,9 @@ impl Platform {
             if Instant::now() > deadline {
                 bail!(
                     "{to} did not take the leader key within {timeout:?}; see `dczone db \
-                     status` and {}",
-                    target.dir.join("agent.log").display()
+                     status` and {} (last lines: {})",
+                    target.dir.join("agent.log").display(),
+                    self.agent_log_tail(to)
                 );
             }
             if self

@@ -194,13 +194,29 @@ struct Shared {
     fenced: AtomicBool,
     lease_lost: AtomicBool,
     ttl_ms: u64,
+    /// The current etcd client: the loop replaces it when calls keep failing, and the lease
+    /// keeper and the watchers pick the new one up.
+    store: std::sync::Mutex<Store>,
 }
 
 impl Shared {
     fn mono_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
+
+    fn store(&self) -> Store {
+        self.store.lock().expect("store lock").clone()
+    }
 }
+
+/// After this many etcd calls in a row failed, the agent builds a new etcd client.
+///
+/// gRPC's balanced channel can stay on dead connections after its endpoints restarted
+/// (a consensus rebuild stops and restarts every surviving member): seen here, an agent's
+/// every call timed out for 17 s, until the test's deadline, after both of its members
+/// answered the CLI's new clients again. Patroni likewise drops its etcd connection and
+/// picks an endpoint afresh after a failed request.
+const RECONNECT_AFTER_FAILURES: u32 = 5;
 
 fn log(site: &str, msg: &str) {
     eprintln!("{} [{site}] {msg}", unix_ms());
@@ -224,6 +240,8 @@ struct Agent {
     stuck: Option<(u64, Instant)>,
     /// Consecutive starts of PostgreSQL that did not come up (as a follower).
     failed_starts: u32,
+    /// etcd calls failed in a row (see [`RECONNECT_AFTER_FAILURES`]).
+    etcd_failures: u32,
 }
 
 /// A follower whose PostgreSQL fails to start this many times in a row is cloned afresh.
@@ -253,6 +271,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
         fenced: AtomicBool::new(false),
         lease_lost: AtomicBool::new(false),
         ttl_ms,
+        store: std::sync::Mutex::new(store.clone()),
     });
     let pg = Supervisor::new();
     spawn_watchdog(shared.clone(), pg.pid.clone(), site.clone());
@@ -269,17 +288,14 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
         etcd_leader_checked: None,
         stuck: None,
         failed_starts: 0,
+        etcd_failures: 0,
     };
     agent.new_lease().await;
-    let keeper = tokio::spawn(keep_lease(
-        agent.store.clone(),
-        agent.shared.clone(),
-        agent.lease_cell(),
-    ));
+    let keeper = tokio::spawn(keep_lease(agent.shared.clone(), agent.lease_cell()));
     let tick = Duration::from_millis(agent.cfg.plan.ha.loop_ms);
     let wake = Arc::new(tokio::sync::Notify::new());
     for key in [agent.store.keys.leader(), agent.store.keys.switchover()] {
-        tokio::spawn(wake_on_change(agent.store.clone(), key, wake.clone()));
+        tokio::spawn(wake_on_change(agent.shared.clone(), key, wake.clone()));
     }
     loop {
         let t = Instant::now();
@@ -289,8 +305,14 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
             }
             agent.new_lease().await;
         }
-        if let Err(e) = agent.step().await {
-            log(&site, &e);
+        match agent.step().await {
+            Ok(()) => agent.etcd_failures = 0,
+            Err(e) => {
+                log(&site, &e);
+                if e.starts_with("publish:") || e.starts_with("read:") {
+                    agent.etcd_failed().await;
+                }
+            }
         }
         let spent = t.elapsed();
         if spent < tick {
@@ -308,9 +330,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
 /// Wakes the loop as soon as `key` changes (the leader key deleted by a lease expiry or a
 /// resignation, a switchover requested), instead of at the next tick. Polling stays the
 /// mechanism; a watch that breaks is re-established after a pause.
-async fn wake_on_change(store: Store, key: String, wake: Arc<tokio::sync::Notify>) {
+async fn wake_on_change(shared: Arc<Shared>, key: String, wake: Arc<tokio::sync::Notify>) {
     loop {
-        let mut c = store.client.clone();
+        let mut c = shared.store().client;
         if let Ok(Ok((_watcher, mut stream))) =
             tokio::time::timeout(Duration::from_millis(400), c.watch(key.clone(), None)).await
         {
@@ -330,7 +352,7 @@ async fn wake_on_change(store: Store, key: String, wake: Arc<tokio::sync::Notify
 static LEASE: AtomicU64 = AtomicU64::new(0);
 
 /// Renews the current lease every ttl/6; records the send time of each success.
-async fn keep_lease(store: Store, shared: Arc<Shared>, lease: &'static AtomicU64) {
+async fn keep_lease(shared: Arc<Shared>, lease: &'static AtomicU64) {
     let every = Duration::from_millis((shared.ttl_ms / 6).max(100));
     let mut current = 0i64;
     let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
@@ -346,7 +368,7 @@ async fn keep_lease(store: Store, shared: Arc<Shared>, lease: &'static AtomicU64
         }
         let sent = shared.mono_ms();
         if keeper.is_none() {
-            let mut c = store.client.clone();
+            let mut c = shared.store().client;
             keeper = tokio::time::timeout(Duration::from_millis(400), c.lease_keep_alive(id))
                 .await
                 .ok()
@@ -426,8 +448,32 @@ impl Agent {
                     LEASE.store(resp.id() as u64, Ordering::SeqCst);
                     return;
                 }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                _ => {
+                    self.etcd_failed().await;
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
             }
+        }
+    }
+
+    /// Counts a failed etcd call; after [`RECONNECT_AFTER_FAILURES`] in a row, replaces the
+    /// client with a new one.
+    async fn etcd_failed(&mut self) {
+        self.etcd_failures += 1;
+        if self.etcd_failures < RECONNECT_AFTER_FAILURES {
+            return;
+        }
+        if let Ok(store) = Store::connect(&self.cfg.lab, &self.cfg.etcd_endpoints).await {
+            log(
+                &self.cfg.site,
+                &format!(
+                    "new etcd client after {} failed calls in a row",
+                    self.etcd_failures
+                ),
+            );
+            *self.shared.store.lock().expect("store lock") = store.clone();
+            self.store = store;
+            self.etcd_failures = 0;
         }
     }
 

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -77,6 +77,30 @@ impl TestLab {
     }
 
     /// Is `to` reachable from `from` by ICMP within a second?
+    /// A failed test keeps its lab's logs (agents, PostgreSQL, etcd, QEMU, the emulator)
+    /// under the target directory, since `lab down` removes the state directory.
+    fn keep_logs(&self) {
+        let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("failed-labs");
+        let mut stack = vec![self.state_dir.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|x| x == "log") {
+                    let rel = path.strip_prefix(&self.state_dir).unwrap_or(&path);
+                    let to = keep.join(rel);
+                    let _ = std::fs::create_dir_all(to.parent().unwrap_or(&keep));
+                    let _ = std::fs::copy(&path, &to);
+                }
+            }
+        }
+        eprintln!("the failed lab's logs are kept in {}", keep.display());
+    }
+
     pub fn reachable(&self, from: &str, to: Ipv4Addr) -> bool {
         dczone_lab::probe::measure_rtt(&self.ns(from), to, 1, Duration::ZERO).is_ok()
     }
@@ -84,6 +108,9 @@ impl TestLab {
 
 impl Drop for TestLab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.keep_logs();
+        }
         let _ = self.run(&["lab", "down"]);
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
