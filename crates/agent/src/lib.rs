@@ -98,6 +98,9 @@ pub struct MigrateBody {
     /// The destination agent's URL; default `http://<to's address>:7070`.
     pub agent: Option<String>,
     pub downtime_limit_ms: Option<u64>,
+    /// Replay the frames that reach the source during the switchover (default true).
+    #[serde(default)]
+    pub frame_replay: Option<bool>,
 }
 
 /// Body of `POST /v1/incoming`.
@@ -324,6 +327,9 @@ impl Agent {
                 let mut params = Params::default();
                 if let Some(ms) = body.downtime_limit_ms {
                     params.downtime_limit_ms = ms;
+                }
+                if let Some(on) = body.frame_replay {
+                    params.keep_frames = on;
                 }
                 let token = self.token.clone();
                 let report = |ps: &[Progress]| {

@@ -59,6 +59,10 @@ pub enum BenchCommand {
         /// 3 with --compare).
         #[arg(long)]
         runs: Option<usize>,
+        /// Replay the frames that reach a source during its switchover (on), drop them as
+        /// QEMU alone does (off), or run each strategy both ways in the same run (compare).
+        #[arg(long, value_enum, default_value = "on")]
+        frame_replay: FrameReplayArg,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -176,6 +180,7 @@ pub fn run(
             strategy,
             compare,
             runs,
+            frame_replay,
             json,
         } => {
             let strategies = if compare {
@@ -187,7 +192,12 @@ pub fn run(
             if runs == 0 {
                 anyhow::bail!("--runs must be at least 1");
             }
-            intra_region(lab, exe, strategies, runs, json)
+            let replay = match frame_replay {
+                FrameReplayArg::On => vec![true],
+                FrameReplayArg::Off => vec![false],
+                FrameReplayArg::Compare => vec![true, false],
+            };
+            intra_region(lab, exe, strategies, &replay, runs, json)
         }
         BenchCommand::Wan { json, runs } => {
             if runs == 0 {
@@ -252,9 +262,18 @@ struct Continuity {
     ok: bool,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FrameReplayArg {
+    On,
+    Off,
+    Compare,
+}
+
 #[derive(Debug, serde::Serialize)]
 struct StrategyRun {
     strategy: String,
+    /// Frames reaching a source during its switchover were replayed to the destination.
+    frame_replay: bool,
     to_site: String,
     svc_t2_ms: f64,
     svc_t2_union_ms: f64,
@@ -298,7 +317,9 @@ fn guest_stats(ns: &str, ip: std::net::Ipv4Addr) -> (String, u64, i64) {
 /// A strategy's repeated runs, summarized.
 #[derive(Debug, serde::Serialize)]
 struct StrategyRuns {
+    /// The strategy's name, with " (no replay)" when frames were dropped.
     strategy: String,
+    frame_replay: bool,
     runs: Vec<StrategyRun>,
     svc_t2_median_ms: f64,
     svc_t2_p95_ms: f64,
@@ -322,11 +343,16 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 }
 
 impl StrategyRuns {
-    fn new(strategy: Strategy, runs: Vec<StrategyRun>) -> StrategyRuns {
+    fn new(strategy: Strategy, frame_replay: bool, runs: Vec<StrategyRun>) -> StrategyRuns {
         let t2: Vec<f64> = runs.iter().map(|r| r.svc_t2_ms).collect();
         let max = |f: fn(&StrategyRun) -> f64| runs.iter().map(f).fold(0.0, f64::max);
         StrategyRuns {
-            strategy: strategy.name().into(),
+            strategy: format!(
+                "{}{}",
+                strategy.name(),
+                if frame_replay { "" } else { " (no replay)" }
+            ),
+            frame_replay,
             svc_t2_median_ms: quantile(&t2, 0.5),
             svc_t2_p95_ms: quantile(&t2, 0.95),
             svc_t2_max_ms: max(|r| r.svc_t2_ms),
@@ -344,6 +370,7 @@ pub fn intra_region(
     lab: &dczone_lab::Lab,
     exe: &Path,
     strategies: Vec<Strategy>,
+    replay_modes: &[bool],
     runs_per_strategy: usize,
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
@@ -377,11 +404,25 @@ pub fn intra_region(
     }
     let client = lab.host_namespace("dc1.1-client");
     let mut summaries = Vec::new();
-    for strategy in strategies {
+    let plan: Vec<(Strategy, bool)> = strategies
+        .iter()
+        .flat_map(|&s| replay_modes.iter().map(move |&r| (s, r)))
+        .collect();
+    for (strategy, frame_replay) in plan {
         let mut runs = Vec::new();
+        let label = if frame_replay { "" } else { " (no replay)" };
+        let params = Params {
+            keep_frames: frame_replay,
+            ..Params::default()
+        };
         for run in 0..runs_per_strategy {
             if runs_per_strategy > 1 {
-                println!("{} run {}/{}", strategy.name(), run + 1, runs_per_strategy);
+                println!(
+                    "{}{label} run {}/{}",
+                    strategy.name(),
+                    run + 1,
+                    runs_per_strategy
+                );
             }
             let vms = p
                 .list()?
@@ -407,7 +448,7 @@ pub fn intra_region(
             std::thread::sleep(std::time::Duration::from_secs(2));
             let (multi, update) = crate::vm_cmd::progress_display(false);
             let t0 = dczone_workload::now_us();
-            let g = p.migrate_group(POC_GROUP, to_site, strategy, &Params::default(), &update);
+            let g = p.migrate_group(POC_GROUP, to_site, strategy, &params, &update);
             let t1 = dczone_workload::now_us();
             let _ = multi.clear();
             std::thread::sleep(std::time::Duration::from_secs(2));
@@ -463,6 +504,7 @@ pub fn intra_region(
             );
             runs.push(StrategyRun {
                 strategy: strategy.name().into(),
+                frame_replay,
                 to_site: to_site.into(),
                 svc_t2_ms: g.svc_t2_ms,
                 svc_t2_union_ms: g.svc_t2_union_ms,
@@ -478,7 +520,7 @@ pub fn intra_region(
                 continuity_ok,
             });
         }
-        summaries.push(StrategyRuns::new(strategy, runs));
+        summaries.push(StrategyRuns::new(strategy, frame_replay, runs));
     }
     print_runs(&summaries);
     let value = if summaries.len() == 1 && runs_per_strategy == 1 {

@@ -131,6 +131,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &lab,
                 &exe,
                 vec![dczone_virt::migrate::Strategy::Coordinated],
+                &[true],
                 1,
                 json,
             )

@@ -75,6 +75,10 @@ pub struct MigrateArgs {
     /// Target downtime-limit, ms.
     #[arg(long, default_value_t = 100)]
     pub downtime_ms: u64,
+    /// Drop the frames that reach the source during the switchover, as QEMU alone does,
+    /// instead of replaying them to the destination after its announce.
+    #[arg(long)]
+    pub no_frame_replay: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -305,6 +309,18 @@ pub fn print_group(g: &GroupMigration) {
                 format!("{:.1}", m.bytes_sent as f64 / 1048576.0),
                 m.iterations.to_string(),
                 format!("{:.0}", m.held_ms),
+                match &m.keeper {
+                    Some(k) => format!(
+                        "{}{}",
+                        k.frames_replayed,
+                        match k.announce_after_stop_ms {
+                            Some(a) => format!(" @{a:.0}"),
+                            None if k.announce_timed_out => " (no announce)".into(),
+                            None => String::new(),
+                        }
+                    ),
+                    None => "off".into(),
+                },
             ]
         })
         .collect();
@@ -321,7 +337,8 @@ pub fn print_group(g: &GroupMigration) {
                 "QEMU_TOTAL_MS",
                 "SENT_MIB",
                 "ROUNDS",
-                "HELD_MS"
+                "HELD_MS",
+                "REPLAYED @ANNOUNCE_MS"
             ],
             &rows
         )
@@ -348,6 +365,7 @@ pub fn migrate(
     let p = platform(lab, exe)?;
     let params = Params {
         downtime_limit_ms: args.downtime_ms,
+        keep_frames: !args.no_frame_replay,
         ..Params::default()
     };
     let g = match (&args.vm, &args.group) {
@@ -376,6 +394,7 @@ pub fn migrate(
             let body = serde_json::json!({
                 "to": args.to,
                 "downtime_limit_ms": args.downtime_ms,
+                "frame_replay": !args.no_frame_replay,
             });
             let m = agents.call(
                 &from,

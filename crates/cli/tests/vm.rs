@@ -101,9 +101,11 @@ fn vm_boots_serves_and_migrates_with_its_state() {
                     break;
                 }
                 let (from, to, amount) = ((id % 10) as usize, ((id * 7 + 3) % 10) as usize, id % 5);
-                writeln!(w, "T {id} {from} {to} {amount}").unwrap();
+                writeln!(w, "T {id} {from} {to} {amount}")
+                    .unwrap_or_else(|e| panic!("send transfer {id}: {e}"));
                 let mut line = String::new();
-                r.read_line(&mut line).unwrap();
+                r.read_line(&mut line)
+                    .unwrap_or_else(|e| panic!("answer to transfer {id}: {e}"));
                 assert_eq!(line.trim(), format!("OK {id}"), "transfer {id}");
                 acked.push((Instant::now(), from, to, amount as i64));
                 std::thread::sleep(Duration::from_millis(2));

@@ -180,6 +180,8 @@ const BRIDGE_OPTS: &str = "type bridge stp_state 0 forward_delay 0";
 
 /// The bridge inside every host namespace; VM TAPs join it.
 pub const HOST_BRIDGE: &str = "br0";
+/// A host's uplink to its site's network, a port of [`HOST_BRIDGE`].
+pub const HOST_UPLINK: &str = "eth0";
 
 /// Bridged frames must not traverse iptables: the lab's L2 is a wire.
 fn disable_bridge_netfilter(ns: &str) -> Result<(), LabError> {

@@ -7,6 +7,7 @@
 //! The registry is `<lab dir>/vms/registry.json`; each VM's runtime files (QMP socket,
 //! serial log, pid file) live in `<lab dir>/vms/<name>/<host>/`.
 
+pub mod keeper;
 pub mod migrate;
 pub mod switchover;
 

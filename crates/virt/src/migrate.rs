@@ -50,9 +50,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use dczone_hypervisor::{self as hv, Qmp, Running};
-use dczone_lab::HOST_BRIDGE;
+use dczone_lab::{HOST_BRIDGE, HOST_UPLINK};
 use dczone_measure::{span_us, union_us, Interval};
 
+use crate::keeper::{FrameKeeper, KeeperReport};
 use crate::{Platform, VirtError, VmRecord};
 
 /// How a cluster moves.
@@ -105,6 +106,9 @@ pub struct Params {
     pub timeout: Duration,
     /// Coordinated: release the held VMs after this long even if some are not ready.
     pub max_hold: Duration,
+    /// Keep the frames sent to a VM during its switchover on the source host and replay
+    /// them to the destination after the announce ([`crate::keeper`]).
+    pub keep_frames: bool,
 }
 
 impl Default for Params {
@@ -114,6 +118,7 @@ impl Default for Params {
             max_bandwidth_bytes: 1 << 30,
             timeout: Duration::from_secs(180),
             max_hold: Duration::from_secs(30),
+            keep_frames: true,
         }
     }
 }
@@ -187,6 +192,13 @@ pub struct VmMigration {
     /// follows at once.
     #[serde(default)]
     pub t2_load_resume_ms: Option<f64>,
+    /// The frames kept on the source host during T2 and replayed to the destination
+    /// (absent when the keeper was off).
+    #[serde(default)]
+    pub keeper: Option<KeeperReport>,
+    /// Why the keeper could not run, if it could not (the migration went on without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keeper_error: Option<String>,
 }
 
 /// A cluster's migration.
@@ -662,6 +674,8 @@ struct Session {
     /// The source's `MIGRATION completed` event (unix us, QEMU's timestamp).
     sent_us: Option<u64>,
     recoveries: u32,
+    keeper: Option<FrameKeeper>,
+    keeper_error: Option<String>,
 }
 
 impl Session {
@@ -723,6 +737,8 @@ impl Session {
                 completed_us: None,
                 sent_us: None,
                 recoveries: 0,
+                keeper: None,
+                keeper_error: None,
             }),
             Err(e) => {
                 dst.abort();
@@ -907,6 +923,11 @@ impl Session {
     /// Switches to post-copy: the source stops at its next iteration, sends the device
     /// state, and the destination runs, fetching the pages it still lacks.
     fn switch(&mut self) -> Result<(), VirtError> {
+        // The source stops at this command and never runs again: what reaches it from
+        // now on belongs to the destination.
+        if let Some(k) = &self.keeper {
+            k.replay_from(now_us());
+        }
         self.src
             .execute("migrate-start-postcopy", json!({}))
             .map_err(Self::qmp_err(&self.vm.spec.name))?;
@@ -975,7 +996,10 @@ impl Session {
 
     /// After `completed`: the destination runs (or, if it cannot be confirmed, the source
     /// resumes and the destination is killed), the source quits, the record moves.
-    fn finish(mut self, p: &Platform) -> Result<VmMigration, VirtError> {
+    ///
+    /// The frame keeper is handed back still running: it replays after the announce and
+    /// ends by itself; waiting for it here would delay the next VM's resume.
+    fn finish(mut self, p: &Platform) -> Result<(VmMigration, Option<FrameKeeper>), VirtError> {
         let name = self.vm.spec.name.clone();
         let err = Self::qmp_err(&name);
         let (resume_us, dst_running) = match self.dst.finish() {
@@ -986,6 +1010,12 @@ impl Session {
         let info = self.src.execute("query-migrate", json!({})).map_err(&err)?;
         for ev in self.src.take_events() {
             self.note(&ev);
+        }
+        let keeper = self.keeper.take();
+        if let Some(k) = &keeper {
+            if !self.switched {
+                k.replay_from(self.stop_us.or(self.completed_us).unwrap_or(resume_us));
+            }
         }
         let _ = self.src.execute("quit", json!({}));
         if let Some(old) = &self.vm.running {
@@ -1021,13 +1051,15 @@ impl Session {
             postcopy_recoveries: self.recoveries,
             t2_send_ms: None,
             t2_load_resume_ms: None,
+            keeper: None,
+            keeper_error: self.keeper_error.take(),
         };
         let record = with_t2_parts(record, self.sent_us, self.switched);
         let mut vm = self.vm.clone();
         vm.host = self.to.clone();
         vm.running = Some(dst_running);
         p.save_record(&vm)?;
-        Ok(record)
+        Ok((record, keeper))
     }
 
     /// Cancels; the source keeps (or resumes) running and the destination is killed.
@@ -1043,6 +1075,10 @@ impl Session {
                     self.to
                 ),
             };
+        }
+        if let Some(k) = self.keeper.take() {
+            // The source resumes and reads the frames queued for it itself.
+            k.discard();
         }
         let _ = self.src.execute("migrate_cancel", json!({}));
         if let Ok(st) = self.src.execute("query-status", json!({})) {
@@ -1213,7 +1249,15 @@ impl Platform {
                 }
             });
             match prepared {
-                Ok(s) => sessions.push(s),
+                Ok(mut s) => {
+                    if params.keep_frames {
+                        match self.frame_keeper(&s.vm) {
+                            Ok(k) => s.keeper = Some(k),
+                            Err(e) => s.keeper_error = Some(e.to_string()),
+                        }
+                    }
+                    sessions.push(s)
+                }
                 Err(e) => {
                     for s in sessions {
                         let _ = s.abort("another VM of the batch failed to prepare".into());
@@ -1282,8 +1326,11 @@ impl Platform {
                 let mut ok = Vec::new();
                 for s in sessions {
                     if s.done {
-                        if let Ok(m) = s.finish(self) {
+                        if let Ok((m, keeper)) = s.finish(self) {
                             ok.push(m);
+                            if let Some(k) = keeper {
+                                k.wait();
+                            }
                         }
                     } else {
                         let e = s.abort(reason.clone());
@@ -1364,7 +1411,30 @@ impl Platform {
             }
             std::thread::sleep(POLL);
         }
-        sessions.into_iter().map(|s| s.finish(self)).collect()
+        let finished = sessions
+            .into_iter()
+            .map(|s| s.finish(self))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(finished
+            .into_iter()
+            .map(|(mut m, keeper)| {
+                m.keeper = keeper.map(FrameKeeper::wait);
+                m
+            })
+            .collect())
+    }
+
+    /// Starts the frame keeper of `vm` on its source host (in the lab: in the host's
+    /// namespace; the sockets stay there).
+    fn frame_keeper(&self, vm: &VmRecord) -> Result<FrameKeeper, VirtError> {
+        let ns = self.lab.host_namespace(&vm.host);
+        FrameKeeper::start(&vm.spec.tap(), HOST_UPLINK, &vm.spec.mac, |open| {
+            dczone_lab::sys::in_namespace(&ns, open)
+                .map_err(std::io::Error::other)?
+                .join()
+                .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+        })
+        .map_err(Self::io("start the frame keeper"))
     }
 
     /// Phase 1 of a post-copy batch ([`crate::switchover`]): pace, hold, or switch every VM
@@ -1470,6 +1540,8 @@ mod tests {
             postcopy_recoveries: 0,
             t2_send_ms: None,
             t2_load_resume_ms: None,
+            keeper: None,
+            keeper_error: None,
         }
     }
 
