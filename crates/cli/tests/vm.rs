@@ -535,6 +535,11 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
         for v in g["vms"].as_array().unwrap() {
             assert!(v["to"].as_str().unwrap().starts_with(to), "{v}");
             assert!(v["postcopy_ms"].as_f64().unwrap() >= 0.0);
+            // The source host kept the VM's frames and saw the destination's announce, so
+            // what reached the stopped source was replayed to the destination at once.
+            assert!(v["keeper_error"].is_null(), "{v}");
+            assert_eq!(v["keeper"]["announce_timed_out"], false, "{v}");
+            assert!(v["keeper"]["announce_after_stop_ms"].as_f64().unwrap() < 1000.0, "{v}");
         }
     }
     stop.store(true, Ordering::SeqCst);

@@ -293,24 +293,26 @@ impl Destination for LocalDestination {
 
     fn finish(&mut self) -> Result<(u64, Running), VirtError> {
         let err = Session::qmp_err(&self.vm);
-        if self.paused {
-            // Wait until the incoming stream is fully loaded, then run.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let st = self.qmp.execute("query-status", json!({})).map_err(&err)?;
-                let status = st["status"].as_str().unwrap_or("");
-                if status != "inmigrate" {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(VirtError::MigrationFailed {
-                        vm: self.vm.clone(),
-                        source_host: "?".into(),
-                        reason: "the destination never finished loading".into(),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(1));
+        // Wait until the incoming stream is fully loaded, then run it unless it runs by
+        // itself. It does not when it waits with -S, nor when the source was paused before
+        // it completed (QEMU carries the run state over).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            let st = self.qmp.execute("query-status", json!({})).map_err(&err)?;
+            let status = st["status"].as_str().unwrap_or("").to_string();
+            if status != "inmigrate" {
+                break status;
             }
+            if Instant::now() > deadline {
+                return Err(VirtError::MigrationFailed {
+                    vm: self.vm.clone(),
+                    source_host: "?".into(),
+                    reason: "the destination never finished loading".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        if self.paused || status == "paused" {
             self.qmp.execute("cont", json!({})).map_err(&err)?;
         }
         let resume = self
@@ -1411,17 +1413,31 @@ impl Platform {
             }
             std::thread::sleep(POLL);
         }
-        let finished = sessions
-            .into_iter()
-            .map(|s| s.finish(self))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(finished
+        // Every session is finished, whatever happens to the others: one that is dropped
+        // unfinished would leave its source paused after `completed` and its destination
+        // waiting, the VM running nowhere (seen here: one destination that did not take
+        // over left the next VM's destination QEMU behind).
+        let mut finished = Vec::new();
+        let mut first_err = None;
+        for s in sessions {
+            match s.finish(self) {
+                Ok(f) => finished.push(f),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let done: Vec<VmMigration> = finished
             .into_iter()
             .map(|(mut m, keeper)| {
                 m.keeper = keeper.map(FrameKeeper::wait);
                 m
             })
-            .collect())
+            .collect();
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
     }
 
     /// Starts the frame keeper of `vm` on its source host (in the lab: in the host's
