@@ -539,7 +539,10 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
             // what reached the stopped source was replayed to the destination at once.
             assert!(v["keeper_error"].is_null(), "{v}");
             assert_eq!(v["keeper"]["announce_timed_out"], false, "{v}");
-            assert!(v["keeper"]["announce_after_stop_ms"].as_f64().unwrap() < 1000.0, "{v}");
+            assert!(
+                v["keeper"]["announce_after_stop_ms"].as_f64().unwrap() < 1000.0,
+                "{v}"
+            );
         }
     }
     stop.store(true, Ordering::SeqCst);

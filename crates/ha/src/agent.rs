@@ -217,6 +217,8 @@ impl Shared {
 /// answered the CLI's new clients again. Patroni likewise drops its etcd connection and
 /// picks an endpoint afresh after a failed request.
 const RECONNECT_AFTER_FAILURES: u32 = 5;
+/// The lease keeper's own count: two renewals in a row without an answer.
+const LEASE_RECONNECT_AFTER_FAILURES: u32 = 2;
 
 fn log(site: &str, msg: &str) {
     eprintln!("{} [{site}] {msg}", unix_ms());
@@ -291,7 +293,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
         etcd_failures: 0,
     };
     agent.new_lease().await;
-    let keeper = tokio::spawn(keep_lease(agent.shared.clone(), agent.lease_cell()));
+    let keeper = tokio::spawn(keep_lease(
+        agent.shared.clone(),
+        agent.lease_cell(),
+        (agent.cfg.lab.clone(), agent.cfg.etcd_endpoints.clone()),
+    ));
     let tick = Duration::from_millis(agent.cfg.plan.ha.loop_ms);
     let wake = Arc::new(tokio::sync::Notify::new());
     for key in [agent.store.keys.leader(), agent.store.keys.switchover()] {
@@ -305,14 +311,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
             }
             agent.new_lease().await;
         }
-        match agent.step().await {
-            Ok(()) => agent.etcd_failures = 0,
-            Err(e) => {
-                log(&site, &e);
-                if e.starts_with("publish:") || e.starts_with("read:") {
-                    agent.etcd_failed().await;
-                }
-            }
+        if let Err(e) = agent.step().await {
+            log(&site, &e);
         }
         let spent = t.elapsed();
         if spent < tick {
@@ -352,7 +352,8 @@ async fn wake_on_change(shared: Arc<Shared>, key: String, wake: Arc<tokio::sync:
 static LEASE: AtomicU64 = AtomicU64::new(0);
 
 /// Renews the current lease every ttl/6; records the send time of each success.
-async fn keep_lease(shared: Arc<Shared>, lease: &'static AtomicU64) {
+async fn keep_lease(shared: Arc<Shared>, lease: &'static AtomicU64, etcd: (String, Vec<String>)) {
+    let mut failures = 0u32;
     let every = Duration::from_millis((shared.ttl_ms / 6).max(100));
     let mut current = 0i64;
     let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
@@ -384,6 +385,7 @@ async fn keep_lease(shared: Arc<Shared>, lease: &'static AtomicU64) {
         match tokio::time::timeout(Duration::from_millis(400), renewed).await {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
                 shared.renewed_at.store(sent, Ordering::SeqCst);
+                failures = 0;
             }
             Ok(Ok(Some(_))) => {
                 // ttl 0: etcd no longer knows the lease.
@@ -394,7 +396,18 @@ async fn keep_lease(shared: Arc<Shared>, lease: &'static AtomicU64) {
                 shared.lease_lost.store(true, Ordering::SeqCst);
                 keeper = None;
             }
-            _ => keeper = None,
+            _ => {
+                keeper = None;
+                // A leader is fenced ttl - margin after its last renewal: it cannot wait
+                // for the loop's five failures to get a working client.
+                failures += 1;
+                if failures >= LEASE_RECONNECT_AFTER_FAILURES {
+                    if let Ok(store) = Store::connect(&etcd.0, &etcd.1).await {
+                        *shared.store.lock().expect("store lock") = store;
+                    }
+                    failures = 0;
+                }
+            }
         }
     }
 }
@@ -473,8 +486,8 @@ impl Agent {
             );
             *self.shared.store.lock().expect("store lock") = store.clone();
             self.store = store;
-            self.etcd_failures = 0;
         }
+        self.etcd_failures = 0;
     }
 
     fn fence(&mut self, why: &str) {
@@ -549,19 +562,25 @@ impl Agent {
             fenced: self.shared.fenced.load(Ordering::SeqCst),
             at_ms: unix_ms(),
         };
+        // The lease keeper may have replaced the client.
+        self.store = self.shared.store();
         let key = self.store.keys.member(&self.cfg.site);
         if let Err(e) = self.store.put_json(&key, &report, Some(self.lease)).await {
             let e = e.to_string();
             if lease_gone(&e) {
                 self.shared.lease_lost.store(true, Ordering::SeqCst);
             }
+            self.etcd_failed().await;
             return Err(format!("publish: {e}"));
         }
-        let snap = self
-            .store
-            .snapshot()
-            .await
-            .map_err(|e| format!("read: {e}"))?;
+        let snap = match self.store.snapshot().await {
+            Ok(snap) => snap,
+            Err(e) => {
+                self.etcd_failed().await;
+                return Err(format!("read: {e}"));
+            }
+        };
+        self.etcd_failures = 0;
         match snap.leader.clone() {
             Some(l) if l.site == self.cfg.site && l.lease == self.lease => {
                 let deadline = decide::fence_deadline_ms(

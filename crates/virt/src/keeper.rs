@@ -105,7 +105,10 @@ impl Buffer {
                 break;
             };
             self.bytes -= f.len();
-            self.report.frames_lost += 1;
+            // Before a stop is known the oldest frames were delivered anyway.
+            if self.from_us.is_some() {
+                self.report.frames_lost += 1;
+            }
         }
         if self.from_us.is_none() {
             while self
@@ -182,6 +185,17 @@ impl Buffer {
     pub fn report(&self) -> KeeperReport {
         self.report.clone()
     }
+
+    /// The replay has gone out (frames arriving now are forwarded at once).
+    pub fn released(&self) -> bool {
+        self.released_at_us.is_some()
+    }
+
+    /// `n` of the frames handed out for sending could not be sent.
+    pub fn sends_failed(&mut self, n: u64) {
+        self.report.frames_replayed = self.report.frames_replayed.saturating_sub(n);
+        self.report.frames_lost += n;
+    }
 }
 
 // Linux ABI values (include/uapi/linux/if_packet.h, asm-generic/socket.h).
@@ -190,6 +204,15 @@ const PACKET_VNET_HDR: libc::c_int = 15;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 const SO_TIMESTAMPNS: libc::c_int = 35;
 const VNET_HDR_LEN: usize = 10;
+
+/// The keeper's two packet sockets, opened in the source host's network namespace, and the
+/// uplink's own MAC (the source address of replayed frames).
+#[derive(Debug)]
+pub struct Sockets {
+    tap: OwnedFd,
+    up: OwnedFd,
+    up_mac: [u8; 6],
+}
 
 /// The keeper of one VM's frames on its source host.
 #[derive(Debug)]
@@ -208,14 +231,16 @@ impl FrameKeeper {
         uplink: &str,
         mac: &str,
         open: impl FnOnce(
-            Box<dyn FnOnce() -> std::io::Result<(OwnedFd, OwnedFd)> + Send>,
-        ) -> std::io::Result<(OwnedFd, OwnedFd)>,
+            Box<dyn FnOnce() -> std::io::Result<Sockets> + Send>,
+        ) -> std::io::Result<Sockets>,
     ) -> std::io::Result<FrameKeeper> {
         let mac = parse_mac(mac)?;
         let (tap, uplink) = (tap.to_string(), uplink.to_string());
-        let (tap_fd, up_fd) = open(Box::new(move || {
+        let sockets = open(Box::new(move || {
             // The uplink carries the migration stream out: only what comes in matters.
-            Ok((packet_socket(&tap, false)?, packet_socket(&uplink, true)?))
+            let (up, up_mac) = packet_socket(&uplink, true)?;
+            let (tap, _) = packet_socket(&tap, false)?;
+            Ok(Sockets { tap, up, up_mac })
         }))?;
         let buffer = Arc::new(Mutex::new(Buffer::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -223,7 +248,7 @@ impl FrameKeeper {
             let (buffer, stop) = (buffer.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("frame-keeper".into())
-                .spawn(move || run(tap_fd, up_fd, mac, &buffer, &stop))?
+                .spawn(move || run(sockets, mac, &buffer, &stop))?
         };
         Ok(FrameKeeper {
             buffer,
@@ -304,7 +329,7 @@ fn check(rc: libc::c_int, what: &str) -> std::io::Result<libc::c_int> {
 
 /// A packet socket bound to `ifname`, with virtio-net headers and kernel timestamps;
 /// `incoming_only` leaves out what the host sends on it.
-fn packet_socket(ifname: &str, incoming_only: bool) -> std::io::Result<OwnedFd> {
+fn packet_socket(ifname: &str, incoming_only: bool) -> std::io::Result<(OwnedFd, [u8; 6])> {
     let name = std::ffi::CString::new(ifname).map_err(std::io::Error::other)?;
     // SAFETY: plain libc calls on a socket this function owns; pointers are to live locals.
     unsafe {
@@ -315,11 +340,13 @@ fn packet_socket(ifname: &str, incoming_only: bool) -> std::io::Result<OwnedFd> 
             )));
         }
         let proto = (libc::ETH_P_ALL as u16).to_be();
+        // Protocol 0 until bound: a socket created with ETH_P_ALL hears every interface
+        // until `bind` narrows it.
         let fd = check(
             libc::socket(
                 libc::AF_PACKET,
                 libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                proto as libc::c_int,
+                0,
             ),
             "packet socket",
         )?;
@@ -365,12 +392,30 @@ fn packet_socket(ifname: &str, incoming_only: bool) -> std::io::Result<OwnedFd> 
             ),
             "bind packet socket",
         )?;
-        Ok(fd)
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, c) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *d = *c as libc::c_char;
+        }
+        check(
+            libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req),
+            "SIOCGIFHWADDR",
+        )?;
+        let hw = req.ifr_ifru.ifru_hwaddr.sa_data;
+        let mac = [hw[0], hw[1], hw[2], hw[3], hw[4], hw[5]].map(|b| b as u8);
+        Ok((fd, mac))
     }
 }
 
-/// One received frame: (packet type, kernel timestamp in unix us, bytes with vnet header).
-fn receive(fd: &OwnedFd, buf: &mut [u8]) -> Option<(u8, u64, usize)> {
+/// What one read of a packet socket gave.
+enum Received {
+    /// (packet type, kernel timestamp in unix us, bytes with the vnet header).
+    Frame(u8, u64, usize),
+    Empty,
+    /// The interface is gone (the source QEMU quit and took its TAP).
+    Gone,
+}
+
+fn receive(fd: &OwnedFd, buf: &mut [u8]) -> Received {
     // SAFETY: recvmsg into buffers owned by this frame; the control buffer is large enough
     // for one timespec message and is read with the CMSG helpers.
     unsafe {
@@ -388,8 +433,15 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> Option<(u8, u64, usize)> {
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = std::mem::size_of_val(&control);
         let n = libc::recvmsg(fd.as_raw_fd(), &mut msg, 0);
-        if n <= 0 {
-            return None;
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Received::Empty,
+                _ => Received::Gone,
+            };
+        }
+        if n == 0 {
+            return Received::Empty;
         }
         let mut ts = unix_us();
         let mut c = libc::CMSG_FIRSTHDR(&msg);
@@ -400,64 +452,99 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> Option<(u8, u64, usize)> {
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
-        Some((addr.sll_pkttype, ts, n as usize))
+        Received::Frame(addr.sll_pkttype, ts, n as usize)
     }
 }
 
-fn send(fd: &OwnedFd, frame: &[u8]) -> bool {
-    // SAFETY: send of a buffer owned by the caller on a bound packet socket.
-    let n = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    n == frame.len() as isize
+/// Sends one kept frame out of the uplink with the uplink's own source MAC: with the
+/// client's, the switches would learn the client's address on the source host's port and
+/// send the VM's answers there. A full device queue is waited out briefly.
+fn send(fd: &OwnedFd, frame: &mut [u8], source: [u8; 6]) -> bool {
+    if frame.len() >= VNET_HDR_LEN + 14 {
+        frame[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12].copy_from_slice(&source);
+    }
+    for _ in 0..50 {
+        // SAFETY: send of a buffer owned by the caller on a bound packet socket.
+        let n = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n == frame.len() as isize {
+            return true;
+        }
+        let e = std::io::Error::last_os_error();
+        let busy =
+            e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS);
+        if !busy {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    false
 }
 
-fn run(tap: OwnedFd, uplink: OwnedFd, mac: [u8; 6], buffer: &Mutex<Buffer>, stop: &AtomicBool) {
+/// Frames read from one socket per wake-up, at most: the loop must reach `tick`.
+const READ_BATCH: usize = 256;
+
+fn run(sockets: Sockets, mac: [u8; 6], buffer: &Mutex<Buffer>, stop: &AtomicBool) {
+    let Sockets { tap, up, up_mac } = sockets;
     let mut buf = vec![0u8; 70 * 1024];
     let mut tap_open = true;
+    let is_frame = |n: usize| n >= VNET_HDR_LEN + 14;
     loop {
         if stop.load(Ordering::SeqCst) {
             return;
         }
         let mut fds = [
             libc::pollfd {
-                fd: tap.as_raw_fd(),
-                events: if tap_open { libc::POLLIN } else { 0 },
+                // A negative descriptor is ignored: a TAP that is gone stops waking us.
+                fd: if tap_open { tap.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
                 revents: 0,
             },
             libc::pollfd {
-                fd: uplink.as_raw_fd(),
+                fd: up.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
         // SAFETY: poll on two descriptors this thread owns.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, 5) };
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            // The source QEMU quit and its TAP is gone.
-            tap_open = false;
-        }
         let mut out = Vec::new();
-        while let Some((kind, ts, n)) = tap_open.then(|| receive(&tap, &mut buf)).flatten() {
-            let frame = &buf[..n];
-            if kind == PACKET_OUTGOING
-                && n >= VNET_HDR_LEN + 14
-                && frame[VNET_HDR_LEN..][..6] == mac
-            {
-                if let Next::Send(f) = buffer
-                    .lock()
-                    .expect("keeper buffer")
-                    .frame(ts, frame.to_vec())
-                {
-                    out.extend(f);
+        for _ in 0..READ_BATCH {
+            if !tap_open {
+                break;
+            }
+            match receive(&tap, &mut buf) {
+                Received::Frame(kind, ts, n) => {
+                    let frame = &buf[..n];
+                    if kind == PACKET_OUTGOING && is_frame(n) && frame[VNET_HDR_LEN..][..6] == mac {
+                        let next = buffer
+                            .lock()
+                            .expect("keeper buffer")
+                            .frame(ts, frame.to_vec());
+                        if let Next::Send(f) = next {
+                            out.extend(f);
+                        }
+                    }
                 }
+                Received::Empty => break,
+                Received::Gone => tap_open = false,
             }
         }
-        while let Some((kind, ts, n)) = receive(&uplink, &mut buf) {
+        for _ in 0..READ_BATCH {
+            let Received::Frame(kind, ts, n) = receive(&up, &mut buf) else {
+                break;
+            };
             let frame = &buf[..n];
-            if kind != PACKET_OUTGOING
-                && n >= VNET_HDR_LEN + 14
-                && frame[VNET_HDR_LEN + 6..][..6] == mac
-            {
-                buffer.lock().expect("keeper buffer").announce(ts);
+            if kind == PACKET_OUTGOING || !is_frame(n) {
+                continue;
+            }
+            let mut b = buffer.lock().expect("keeper buffer");
+            if frame[VNET_HDR_LEN + 6..][..6] == mac {
+                b.announce(ts);
+            } else if frame[VNET_HDR_LEN..][..6] == mac && !tap_open && b.released() {
+                // Still in flight to the source after its TAP went: forward it too.
+                if let Next::Send(f) = b.frame(ts, frame.to_vec()) {
+                    out.extend(f);
+                }
             }
         }
         let next = buffer.lock().expect("keeper buffer").tick(unix_us());
@@ -469,9 +556,14 @@ fn run(tap: OwnedFd, uplink: OwnedFd, mac: [u8; 6], buffer: &Mutex<Buffer>, stop
             Next::Done => true,
             Next::Keep => false,
         };
-        let lost = out.iter().filter(|f| !send(&uplink, f)).count() as u64;
+        let mut lost = 0u64;
+        for f in &mut out {
+            if !send(&up, f, up_mac) {
+                lost += 1;
+            }
+        }
         if lost > 0 {
-            buffer.lock().expect("keeper buffer").report.frames_lost += lost;
+            buffer.lock().expect("keeper buffer").sends_failed(lost);
         }
         if done {
             return;
@@ -553,7 +645,9 @@ mod tests {
             Next::Send(vec![f(2)]),
             "the first aged out"
         );
+        // Over the cap after the stop, the oldest kept frame is lost (and said so).
         let mut b = Buffer::default();
+        b.replay_from(0, 0);
         let big = vec![0u8; CAP_BYTES / 2 + 1];
         b.frame(1, big.clone());
         b.frame(2, big);

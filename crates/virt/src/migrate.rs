@@ -1255,7 +1255,7 @@ impl Platform {
                     if params.keep_frames {
                         match self.frame_keeper(&s.vm) {
                             Ok(k) => s.keeper = Some(k),
-                            Err(e) => s.keeper_error = Some(e.to_string()),
+                            Err(e) => s.keeper_error = Some(error_chain(&e)),
                         }
                     }
                     sessions.push(s)
@@ -1325,19 +1325,20 @@ impl Platform {
             if let Some(reason) = failure {
                 // Completed VMs stay migrated; the others keep running at their source.
                 let mut first_err = None;
-                let mut ok = Vec::new();
+                let mut keepers = Vec::new();
                 for s in sessions {
                     if s.done {
-                        if let Ok((m, keeper)) = s.finish(self) {
-                            ok.push(m);
-                            if let Some(k) = keeper {
-                                k.wait();
-                            }
+                        if let Ok((_, keeper)) = s.finish(self) {
+                            keepers.extend(keeper);
                         }
                     } else {
                         let e = s.abort(reason.clone());
                         first_err.get_or_insert(e);
                     }
+                }
+                // The replays of the VMs that moved go on; wait for them last.
+                for k in keepers {
+                    k.wait();
                 }
                 return Err(first_err.unwrap_or(VirtError::MigrationFailed {
                     vm: "?".into(),
@@ -1514,6 +1515,17 @@ fn with_t2_parts(mut m: VmMigration, sent: Option<u64>, postcopy: bool) -> VmMig
 /// QEMU 8.0 and later: page requests of a post-copy destination take a channel of their
 /// own instead of queueing behind the background push (`postcopy-preempt`, stable since
 /// 8.0). Both ends run the same QEMU in a zone, so both decide alike.
+/// An error with its causes, for a record that keeps only text.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 fn has_postcopy_preempt(qmp: &mut Qmp) -> bool {
     qmp.execute("query-version", json!({}))
         .ok()
