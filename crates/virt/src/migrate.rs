@@ -62,8 +62,11 @@ use crate::{Platform, VirtError, VmRecord};
 pub enum Strategy {
     Sequential,
     Parallel,
+    /// Pre-copy with paced first passes, every VM's dirty set brought to a small target,
+    /// then one common stop of every source VM; each migration completes with its VM
+    /// stopped (see [`switchover`](crate::switchover)).
     Coordinated,
-    /// Coordinated pre-copy, then one post-copy switch of every VM at the same instant
+    /// Paced pre-copy first passes, then one post-copy switch of every VM at the same instant
     /// (see [`switchover`](crate::switchover)).
     Postcopy,
 }
@@ -136,10 +139,16 @@ const PACE_SLOW_BYTES: u64 = 2_000_000;
 /// measured dirty rate was sometimes low enough that a 4 MB/s dirtier converged while held.
 const HOLD_SHARE: f64 = 0.5;
 const HOLD_MIN_BYTES: u64 = 256 * 1024;
-/// Release a held VM this much before the released ones are expected to converge (its
-/// own first rounds and the QMP round trips take time too).
-const RELEASE_MARGIN_S: f64 = 0.15;
-use crate::switchover::PACE_LEAD;
+/// Coordinated: each VM's dirty set is steered to this before the common stop, so that
+/// what the stopped VMs still send takes tens of milliseconds on the lab's path.
+const DRAIN_TARGET_BYTES: u64 = 1 << 20;
+/// The steering: a VM is sent at its dirty rate plus its excess over the target spread
+/// over this many seconds (a set below the target grows back to it).
+const DRAIN_TAU_S: f64 = 1.0;
+/// With a 1 ms downtime-limit, a convergence threshold of 4 bytes: less than one page.
+const PINNED_SWITCHOVER_BYTES_PER_S: u64 = 4096;
+/// The downtime-limit once the VMs are stopped: they converge at once, whatever is left.
+const STOPPED_DOWNTIME_MS: u64 = 10_000;
 const POLL: Duration = Duration::from_millis(10);
 /// First self-announce after the switchover, and the spacing of the following ones, ms
 /// (QEMU defaults: 50 and 100).
@@ -678,6 +687,16 @@ struct Session {
     recoveries: u32,
     keeper: Option<FrameKeeper>,
     keeper_error: Option<String>,
+    /// Bytes dirty at the last dirty-bitmap sync (the first `remaining` seen after it).
+    dirty_set: u64,
+    sync_seen: u64,
+    /// When that sync was first seen, and the dirty rate measured from consecutive ones
+    /// (bytes/s): the dirty set over the round it was dirtied in.
+    sync_at: Option<Instant>,
+    own_rate: u64,
+    /// The convergence threshold is pinned near zero (`avail-switchover-bandwidth`): the
+    /// VM converges on its own only after a round in which its guest dirtied nothing.
+    pin_threshold: bool,
 }
 
 impl Session {
@@ -741,6 +760,11 @@ impl Session {
                 recoveries: 0,
                 keeper: None,
                 keeper_error: None,
+                dirty_set: u64::MAX,
+                sync_seen: 0,
+                sync_at: None,
+                own_rate: 0,
+                pin_threshold: false,
             }),
             Err(e) => {
                 dst.abort();
@@ -777,6 +801,9 @@ impl Session {
         if hold {
             self.held_since = Some(Instant::now());
         }
+        if hold && !self.postcopy {
+            self.pin_threshold = pin_switchover_threshold(&mut self.src, true);
+        }
         self.started_us = now_us();
         self.src
             .execute("migrate", json!({ "uri": self.dst.uri() }))
@@ -796,6 +823,25 @@ impl Session {
         let status = info["status"].as_str().unwrap_or("none").to_string();
         if status == "completed" && self.completed_us.is_none() {
             self.completed_us = Some(now_us());
+        }
+        let sync = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        let remaining = info["ram"]["remaining"].as_u64().unwrap_or(u64::MAX);
+        if sync != self.sync_seen {
+            let now = Instant::now();
+            if let (Some(at), true) = (self.sync_at, self.sync_seen >= 2) {
+                let round = now.duration_since(at).as_secs_f64().max(0.02);
+                let rate = (remaining as f64 / round) as u64;
+                self.own_rate = if self.own_rate == 0 {
+                    rate
+                } else {
+                    (self.own_rate + rate) / 2
+                };
+            }
+            self.sync_seen = sync;
+            self.sync_at = Some(now);
+            self.dirty_set = remaining;
+        } else {
+            self.dirty_set = self.dirty_set.max(remaining);
         }
         let transferred = info["ram"]["transferred"].as_u64().unwrap_or(0);
         if transferred != self.last_transferred {
@@ -845,22 +891,6 @@ impl Session {
         Ok(())
     }
 
-    /// The stream's current throughput, bytes/s.
-    fn throughput(&self) -> u64 {
-        (self.last["ram"]["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64
-    }
-
-    /// Seconds this VM needs, once released with `share` bytes/s, to send what it has left
-    /// and converge: remaining / (share - dirty rate), the sum of its shrinking rounds.
-    fn converge_s(&self, share: u64) -> f64 {
-        let remaining = self.last["ram"]["remaining"].as_u64().unwrap_or(0) as f64;
-        let net = (share as f64 - self.dirty_rate() as f64).max(share as f64 * 0.1);
-        if net <= 0.0 {
-            return 0.0;
-        }
-        remaining / net
-    }
-
     /// The guest's dirty rate as QEMU last measured it, bytes/s (0 before the first sync).
     fn dirty_rate(&self) -> u64 {
         let ram = &self.last["ram"];
@@ -871,9 +901,36 @@ impl Session {
     /// (HOLD_SHARE of its dirty rate), so its remaining never drops under the threshold
     /// (no premature switchover) and the backlog it builds meanwhile stays small.
     fn hold(&mut self) -> Result<(), VirtError> {
+        if self.pin_threshold {
+            return self.steer(&Params::default());
+        }
         let rate = self.dirty_rate();
         let bw = ((rate as f64 * HOLD_SHARE) as u64).max(HOLD_MIN_BYTES);
         self.set_bandwidth(if rate == 0 { PACE_SLOW_BYTES } else { bw })?;
+        self.throttled = true;
+        Ok(())
+    }
+
+    /// Steers the dirty set of a VM past its first pass to [`DRAIN_TARGET_BYTES`]: sent at
+    /// its dirty rate plus the excess over [`DRAIN_TAU_S`]. A round then lasts about the
+    /// time it took to dirty its set, so the set shrinks towards the target without ever
+    /// collapsing: at full speed the set of a slow dirtier fell to nothing within a few
+    /// rounds of milliseconds, faster than QMP polling can react, and QEMU converged and
+    /// stopped the VM on its own, seconds before the others (seen here: 2.6 s SVC-T2).
+    /// The rate is measured from consecutive syncs; QEMU's `dirty-pages-rate` read up to 7x
+    /// the writer's rate here.
+    fn steer(&mut self, params: &Params) -> Result<(), VirtError> {
+        let rate = if self.own_rate > 0 {
+            self.own_rate
+        } else {
+            self.dirty_rate()
+        };
+        if rate == 0 || self.dirty_set == u64::MAX {
+            return self.pace(false, params);
+        }
+        let excess = self.dirty_set as f64 - DRAIN_TARGET_BYTES as f64;
+        let bw = (rate as f64 + excess / DRAIN_TAU_S).max(HOLD_MIN_BYTES as f64) as u64;
+        self.set_bandwidth(bw.min(params.max_bandwidth_bytes))?;
         self.throttled = true;
         Ok(())
     }
@@ -891,14 +948,27 @@ impl Session {
         Ok(())
     }
 
-    fn release(&mut self, target_ms: u64, params: &Params) -> Result<(), VirtError> {
+    /// Stops the source VM (the common stop of a coordinated batch): T2 starts here.
+    fn stop(&mut self) -> Result<(), VirtError> {
+        self.src
+            .execute("stop", json!({}))
+            .map_err(Self::qmp_err(&self.vm.spec.name))?;
+        Ok(())
+    }
+
+    /// After the common stop: whatever is left converges now (nothing dirties it any
+    /// more), at full speed.
+    fn complete_stopped(&mut self, params: &Params) -> Result<(), VirtError> {
         if let Some(since) = self.held_since.take() {
             self.held_ms = since.elapsed().as_secs_f64() * 1e3;
+        }
+        if self.pin_threshold {
+            pin_switchover_threshold(&mut self.src, false);
         }
         self.src
             .execute(
                 "migrate-set-parameters",
-                json!({"downtime-limit": target_ms, "max-bandwidth": params.max_bandwidth_bytes}),
+                json!({"downtime-limit": STOPPED_DOWNTIME_MS, "max-bandwidth": params.max_bandwidth_bytes}),
             )
             .map_err(Self::qmp_err(&self.vm.spec.name))?;
         self.throttled = false;
@@ -906,7 +976,6 @@ impl Session {
         Ok(())
     }
 
-    /// Full bandwidth for the post-copy phase; the switch itself is [`Session::switch`].
     fn unthrottle(&mut self, params: &Params) -> Result<(), VirtError> {
         if let Some(since) = self.held_since.take() {
             self.held_ms = since.elapsed().as_secs_f64() * 1e3;
@@ -1281,7 +1350,6 @@ impl Platform {
         }
         let started = Instant::now();
         let mut released = false;
-        let mut link_bytes: u64 = 0;
         loop {
             let mut failure = None;
             for s in sessions.iter_mut().filter(|s| !s.done) {
@@ -1347,67 +1415,8 @@ impl Platform {
                 }));
             }
             progress(&sessions.iter().map(Session::progress).collect::<Vec<_>>());
-            // What the path carries, all streams together (the most seen).
-            let total: u64 = sessions
-                .iter()
-                .filter(|s| !s.done)
-                .map(Session::throughput)
-                .sum();
-            link_bytes = link_bytes.max(total);
-            if batch == Batch::Postcopy && !released {
-                released = Self::postcopy_step(&mut sessions, started.elapsed(), params)?;
-            } else if hold && !released {
-                let slowest = sessions
-                    .iter()
-                    .filter(|s| s.first_pass())
-                    .map(Session::first_pass_progress)
-                    .fold(f64::INFINITY, f64::min);
-                if slowest.is_finite() && started.elapsed() < params.max_hold {
-                    for s in sessions.iter_mut().filter(|s| !s.done) {
-                        if s.first_pass() {
-                            let ahead = s.first_pass_progress() > slowest + PACE_LEAD;
-                            s.pace(ahead, params)?;
-                        } else {
-                            s.hold()?;
-                        }
-                    }
-                } else {
-                    // Staggered release, slowest converger first: a VM is released when the
-                    // time it needs to converge covers what the released ones still need,
-                    // so that the switchovers fall together.
-                    let late = started.elapsed() >= params.max_hold;
-                    let active = sessions
-                        .iter()
-                        .filter(|s| !s.done && s.held_since.is_none())
-                        .count();
-                    let share = link_bytes / (active as u64 + 1).max(1);
-                    let left = sessions
-                        .iter()
-                        .filter(|s| !s.done && s.held_since.is_none())
-                        .map(|s| s.converge_s(share))
-                        .fold(0.0, f64::max);
-                    let mut held: Vec<usize> = (0..sessions.len())
-                        .filter(|&i| !sessions[i].done && sessions[i].held_since.is_some())
-                        .collect();
-                    held.sort_by(|&a, &b| {
-                        sessions[b]
-                            .converge_s(share)
-                            .total_cmp(&sessions[a].converge_s(share))
-                    });
-                    let anyone_released = sessions.iter().any(|s| s.held_since.is_none());
-                    for (k, &i) in held.iter().enumerate() {
-                        // The slowest goes first, alone; the others follow as the time it
-                        // still needs shrinks to theirs.
-                        let first = !anyone_released && k == 0;
-                        let due = anyone_released
-                            && sessions[i].converge_s(share) + RELEASE_MARGIN_S >= left;
-                        let all_released_done = anyone_released && active == 0;
-                        if late || first || due || all_released_done {
-                            sessions[i].release(params.downtime_limit_ms, params)?;
-                        }
-                    }
-                    released = sessions.iter().all(|s| s.done || s.held_since.is_none());
-                }
+            if hold && !released {
+                released = Self::switch_step(&mut sessions, started.elapsed(), params, batch)?;
             }
             if sessions.iter().all(|s| s.done) {
                 break;
@@ -1454,12 +1463,15 @@ impl Platform {
         .map_err(Self::io("start the frame keeper"))
     }
 
-    /// Phase 1 of a post-copy batch ([`crate::switchover`]): pace, hold, or switch every VM
-    /// at once. Returns true once switched (or nothing is left to switch).
-    fn postcopy_step(
+    /// Phase 1 of a coordinated or post-copy batch ([`crate::switchover`]): pace, steer,
+    /// hold, or switch every VM at once: `migrate-start-postcopy` (post-copy), or a common
+    /// stop of every source VM after which each migration completes with its VM stopped
+    /// (coordinated pre-copy). Returns true once switched (or nothing is left to switch).
+    fn switch_step(
         sessions: &mut [Session],
         elapsed: Duration,
         params: &Params,
+        batch: Batch,
     ) -> Result<bool, VirtError> {
         use crate::switchover::{decide, Pace, Step, VmView};
         let views: Vec<VmView> = sessions
@@ -1468,34 +1480,74 @@ impl Platform {
                 done: s.done,
                 first_pass: s.first_pass(),
                 progress: s.first_pass_progress(),
+                dirty_set: s.dirty_set,
+                stopped: s.stop_us.is_some(),
             })
             .collect();
-        match decide(&views, elapsed, params.max_hold) {
+        let drain_to = (batch == Batch::Held).then_some(DRAIN_TARGET_BYTES);
+        match decide(&views, elapsed, params.max_hold, drain_to) {
             Step::Finished => Ok(true),
             Step::Pace(paces) => {
                 for (s, pace) in sessions.iter_mut().zip(paces) {
                     match pace {
                         Pace::Full => s.pace(false, params)?,
                         Pace::Throttle => s.pace(true, params)?,
+                        Pace::Drain => s.steer(params)?,
                         Pace::Hold => s.hold()?,
                         Pace::Done => {}
                     }
                 }
                 Ok(false)
             }
-            Step::Switch(_) => {
+            Step::Switch(_) if batch == Batch::Postcopy => {
                 // Bandwidth first, then the switches back to back: the stops fall within
                 // a few QMP round trips of each other.
-                for s in sessions.iter_mut().filter(|s| !s.done) {
+                let live = |s: &&mut Session| !s.done && s.stop_us.is_none();
+                for s in sessions.iter_mut().filter(live) {
                     s.unthrottle(params)?;
                 }
-                for s in sessions.iter_mut().filter(|s| !s.done) {
+                for s in sessions.iter_mut().filter(live) {
                     s.switch()?;
+                }
+                Ok(true)
+            }
+            Step::Switch(_) => {
+                // The stops first, back to back; then each migration completes with what
+                // its VM left, at full speed.
+                for s in sessions
+                    .iter_mut()
+                    .filter(|s| !s.done && s.stop_us.is_none())
+                {
+                    s.stop()?;
+                }
+                for s in sessions.iter_mut().filter(|s| !s.done) {
+                    s.complete_stopped(params)?;
                 }
                 Ok(true)
             }
         }
     }
+}
+
+/// Pins QEMU's convergence threshold (`avail-switchover-bandwidth` x `downtime-limit`) at a
+/// few bytes, or unpins it (0: QEMU's measured bandwidth). Pinned, a pre-copy migration
+/// re-syncs its dirty bitmap only when a round has sent everything, and converges only if
+/// the guest dirtied nothing meanwhile (QEMU 8.2 and later; false when not available).
+fn pin_switchover_threshold(qmp: &mut Qmp, pin: bool) -> bool {
+    let has = qmp
+        .execute("query-migrate-parameters", json!({}))
+        .is_ok_and(|p| p.get("avail-switchover-bandwidth").is_some());
+    let bw = if pin {
+        PINNED_SWITCHOVER_BYTES_PER_S
+    } else {
+        0
+    };
+    has && qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({ "avail-switchover-bandwidth": bw }),
+        )
+        .is_ok()
 }
 
 /// Splits T2 at the source's `completed` event when it falls inside it (pre-copy; after a

@@ -1,4 +1,4 @@
-//! When a post-copy batch switches over: pure decisions on an injected clock, so the rules
+//! When a coordinated batch switches over: pure decisions on an injected clock, so the rules
 //! are unit-tested without QEMU.
 //!
 //! A coordinated cluster must stop at one instant, so that SVC-T2 (first stop to last
@@ -9,13 +9,27 @@
 //! sends the device state and lets the destination run, fetching missing pages on demand.
 //! T2 then no longer depends on what is left, only on the device state.
 //!
-//! The batch runs in two phases:
+//! Pre-copy can be made to fall together too, by taking the stop away from QEMU: the
+//! coordinated strategy drains every VM to a small dirty set, then stops every source VM
+//! itself, back to back, and lets each migration complete with its VM stopped. T2 then
+//! starts at one instant for all and lasts what is left to send (bounded by the drain
+//! target) plus the device state; the source stays whole until the end, so a failure
+//! still resumes it.
+//!
+//! Both batches run in two phases:
 //! 1. pre-copy with paced first passes (a VM more than [`PACE_LEAD`] ahead of the slowest
 //!    is throttled) and held VMs (past their first pass, sent slower than they dirty, so
-//!    they do not converge and stop on their own), as in the coordinated strategy;
-//! 2. the switch: once every VM has sent its RAM once (what post-copy then fetches is only
-//!    what was dirtied since), or once `max_hold` has passed (a VM that cannot finish its
-//!    first pass still moves: post-copy always completes), every VM is switched at once.
+//!    they do not converge and stop on their own). With a drain target (pre-copy), a VM
+//!    past its first pass whose dirty set is above the target is sent at full speed
+//!    instead, and held once it is below;
+//! 2. the switch: as soon as one VM stopped by itself (pre-copy converged: QEMU decides
+//!    that, and no rate set from outside, polled every few milliseconds, can keep a
+//!    shrinking dirty set from converging within one round), or once every VM has sent its
+//!    RAM once (what post-copy then fetches is only
+//!    what was dirtied since) and, with a drain target, every dirty set is within twice
+//!    the target; or once `max_hold` has passed (a VM that cannot finish its first pass
+//!    still moves: post-copy always completes, and a stopped pre-copy VM sends the rest
+//!    while stopped), every VM is switched (post-copy) or stopped (pre-copy) at once.
 
 use std::time::Duration;
 
@@ -31,6 +45,10 @@ pub struct VmView {
     pub first_pass: bool,
     /// Fraction of RAM its first pass has covered.
     pub progress: f64,
+    /// Bytes dirty at its last dirty-bitmap sync: what a stop now would leave to send.
+    pub dirty_set: u64,
+    /// Its source VM has stopped (QEMU converged by itself, or we stopped it).
+    pub stopped: bool,
 }
 
 /// What to do with one VM during phase 1.
@@ -40,8 +58,11 @@ pub enum Pace {
     Full,
     /// Ahead of the slowest first pass: wait for it.
     Throttle,
-    /// First pass done: hold (no convergence) until the switch.
+    /// First pass done (and drained, with a drain target): hold (no convergence) until
+    /// the switch.
     Hold,
+    /// First pass done, dirty set above the drain target: full speed, to shrink it.
+    Drain,
     /// Nothing to do (completed).
     Done,
 }
@@ -53,6 +74,9 @@ pub enum SwitchReason {
     AllReady,
     /// `max_hold` passed with some first pass unfinished: switch anyway.
     HoldExpired,
+    /// One VM stopped on its own (pre-copy converged): the others follow at once, so that
+    /// their T2 start with its.
+    OneStopped,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,13 +87,23 @@ pub enum Step {
     Finished,
 }
 
-/// Phase 1's decision at `elapsed` since the batch started.
-pub fn decide(vms: &[VmView], elapsed: Duration, max_hold: Duration) -> Step {
+/// Phase 1's decision at `elapsed` since the batch started; `drain_to`: the dirty set
+/// each VM must be brought under before the switch (pre-copy), none for post-copy.
+pub fn decide(
+    vms: &[VmView],
+    elapsed: Duration,
+    max_hold: Duration,
+    drain_to: Option<u64>,
+) -> Step {
     let live: Vec<&VmView> = vms.iter().filter(|v| !v.done).collect();
     if live.is_empty() {
         return Step::Finished;
     }
-    if live.iter().all(|v| !v.first_pass) {
+    if vms.iter().any(|v| v.stopped) && live.iter().any(|v| !v.stopped) {
+        return Step::Switch(SwitchReason::OneStopped);
+    }
+    let ready = |v: &VmView| !v.first_pass && drain_to.is_none_or(|t| v.dirty_set <= 2 * t);
+    if live.iter().all(|v| ready(v)) {
         return Step::Switch(SwitchReason::AllReady);
     }
     if elapsed >= max_hold {
@@ -84,6 +118,7 @@ pub fn decide(vms: &[VmView], elapsed: Duration, max_hold: Duration) -> Step {
         vms.iter()
             .map(|v| match v {
                 v if v.done => Pace::Done,
+                v if !v.first_pass && drain_to.is_some_and(|t| v.dirty_set > t) => Pace::Drain,
                 v if !v.first_pass => Pace::Hold,
                 v if v.progress > slowest + PACE_LEAD => Pace::Throttle,
                 _ => Pace::Full,
@@ -103,6 +138,8 @@ mod tests {
             done: false,
             first_pass,
             progress,
+            dirty_set: 0,
+            stopped: false,
         }
     }
 
@@ -117,6 +154,7 @@ mod tests {
             ],
             Duration::from_secs(3),
             HOLD,
+            None,
         );
         assert_eq!(
             step,
@@ -128,13 +166,13 @@ mod tests {
     fn the_switch_comes_once_every_first_pass_is_done() {
         let ready = [vm(false, 1.0), vm(false, 1.0), vm(false, 1.0)];
         assert_eq!(
-            decide(&ready, Duration::from_secs(1), HOLD),
+            decide(&ready, Duration::from_secs(1), HOLD, None),
             Step::Switch(SwitchReason::AllReady)
         );
         // One VM still sending its RAM: not yet.
         let one_left = [vm(false, 1.0), vm(true, 0.97), vm(false, 1.0)];
         assert!(matches!(
-            decide(&one_left, Duration::from_secs(1), HOLD),
+            decide(&one_left, Duration::from_secs(1), HOLD, None),
             Step::Pace(_)
         ));
     }
@@ -143,11 +181,11 @@ mod tests {
     fn a_vm_that_cannot_finish_its_first_pass_still_moves_when_the_hold_expires() {
         let stuck = [vm(false, 1.0), vm(true, 0.2)];
         assert!(matches!(
-            decide(&stuck, HOLD - Duration::from_millis(1), HOLD),
+            decide(&stuck, HOLD - Duration::from_millis(1), HOLD, None),
             Step::Pace(_)
         ));
         assert_eq!(
-            decide(&stuck, HOLD, HOLD),
+            decide(&stuck, HOLD, HOLD, None),
             Step::Switch(SwitchReason::HoldExpired)
         );
     }
@@ -156,14 +194,84 @@ mod tests {
     fn vms_that_completed_in_pre_copy_are_left_alone() {
         let mut done = vm(false, 1.0);
         done.done = true;
-        assert_eq!(decide(&[done, done], Duration::ZERO, HOLD), Step::Finished);
         assert_eq!(
-            decide(&[done, vm(false, 1.0)], Duration::ZERO, HOLD),
+            decide(&[done, done], Duration::ZERO, HOLD, None),
+            Step::Finished
+        );
+        assert_eq!(
+            decide(&[done, vm(false, 1.0)], Duration::ZERO, HOLD, None),
             Step::Switch(SwitchReason::AllReady)
         );
         assert_eq!(
-            decide(&[done, vm(true, 0.1)], Duration::ZERO, HOLD),
+            decide(&[done, vm(true, 0.1)], Duration::ZERO, HOLD, None),
             Step::Pace(vec![Pace::Done, Pace::Full])
+        );
+    }
+
+    #[test]
+    fn pre_copy_drains_every_dirty_set_under_the_target_before_the_common_stop() {
+        const MIB: u64 = 1 << 20;
+        let with = |dirty_set| VmView {
+            dirty_set,
+            ..vm(false, 1.0)
+        };
+        let t = Some(MIB);
+        // Past their first pass: the big dirty set is drained, the small one held.
+        assert_eq!(
+            decide(
+                &[with(8 * MIB), with(MIB / 2)],
+                Duration::from_secs(2),
+                HOLD,
+                t
+            ),
+            Step::Pace(vec![Pace::Drain, Pace::Hold])
+        );
+        // Within twice the target (a held VM's set grows again a little): stop them all.
+        assert_eq!(
+            decide(
+                &[with(2 * MIB), with(MIB / 2)],
+                Duration::from_secs(2),
+                HOLD,
+                t
+            ),
+            Step::Switch(SwitchReason::AllReady)
+        );
+        // A dirty set that will not shrink (a VM dirtying faster than the path): the hold
+        // expires and the batch stops anyway, sending the rest while stopped.
+        assert_eq!(
+            decide(&[with(64 * MIB), with(MIB / 2)], HOLD, HOLD, t),
+            Step::Switch(SwitchReason::HoldExpired)
+        );
+    }
+
+    #[test]
+    fn one_vm_stopping_by_itself_stops_the_others_at_once() {
+        let mut early = vm(false, 1.0);
+        early.stopped = true;
+        let draining = VmView {
+            dirty_set: 8 << 20,
+            ..vm(false, 1.0)
+        };
+        assert_eq!(
+            decide(
+                &[early, draining, vm(true, 0.5)],
+                Duration::from_secs(1),
+                HOLD,
+                Some(1 << 20)
+            ),
+            Step::Switch(SwitchReason::OneStopped)
+        );
+        // Completed before the batch noticed: still the signal for the others.
+        let mut gone = early;
+        gone.done = true;
+        assert_eq!(
+            decide(
+                &[gone, draining],
+                Duration::from_secs(1),
+                HOLD,
+                Some(1 << 20)
+            ),
+            Step::Switch(SwitchReason::OneStopped)
         );
     }
 }
