@@ -578,3 +578,121 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
     }
     assert_eq!(qemus, 3, "QEMU processes of the lab");
 }
+
+/// Does the VM's ledger answer within `timeout` (from the client host)?
+fn answers(lab: &TestLab, ip: Ipv4Addr, timeout: Duration) -> bool {
+    sys::in_namespace(&lab.ns("dc1.1-client"), move || {
+        let Ok(s) = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), timeout) else {
+            return false;
+        };
+        s.set_read_timeout(Some(timeout)).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut line = String::new();
+        writeln!(w, "S").is_ok()
+            && BufReader::new(s).read_line(&mut line).is_ok()
+            && line.starts_with("processed=")
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_group_that_cannot_converge_stops_together_and_a_cut_after_the_stop_resumes_every_source() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2estop");
+    lab.ok(&["lab", "up"]);
+    let vms = [("sa", "dc1.1-h1", "1"), ("sb", "dc1.1-h2", "4")];
+    let creating: Vec<_> = vms
+        .iter()
+        .map(|&(name, host, dirty)| {
+            let mut cmd = lab.command();
+            cmd.args(["vm", "create", name, "--host", host, "--dirty-mbps", dirty])
+                .args(["--group", "s"]);
+            std::thread::spawn(move || cmd.output().expect("dczone runs"))
+        })
+        .collect();
+    for h in creating {
+        let out = h.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ip = |name: &str| -> Ipv4Addr {
+        lab.json(&["vm", "show", name, "--json"])["spec"]["ip_cidr"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let ips: Vec<Ipv4Addr> = vms.iter().map(|v| ip(v.0)).collect();
+    let boots: Vec<String> = ips
+        .iter()
+        .map(|&a| field(&ledger(&lab, a, &["S"])[0], "boot").to_string())
+        .collect();
+    let child = lab
+        .command()
+        .args(["migrate", "--group", "s", "--to", "dc1.2"])
+        .args(["--strategy", "coordinated"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The path shrinks to a trickle (2 Mbit/s in the lab) at once: no dirty set can be
+    // drained, no VM converges, and the hold (30 s) expires: every source stops together.
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.ok(&[
+        "lab",
+        "link",
+        "set",
+        "dc1.1",
+        "dc1.2",
+        "--bandwidth",
+        "128Mbit",
+    ]);
+    while started.elapsed() < Duration::from_secs(36) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for &a in &ips {
+        assert!(
+            !answers(&lab, a, Duration::from_millis(500)),
+            "{a} still answers: the common stop after the hold did not happen"
+        );
+    }
+    // The path is cut while the stopped VMs still send what they left: the stream stalls,
+    // the migration is cancelled and every source resumes.
+    lab.ok(&["lab", "link", "cut", "dc1.1", "dc1.2"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "a migration over a cut link succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keeps running"), "{err}");
+    for ((v, &a), boot) in vms.iter().zip(&ips).zip(&boots) {
+        let shown = lab.json(&["vm", "show", v.0, "--json"]);
+        assert_eq!(shown["host"], v.1, "{shown}");
+        let s = &ledger(&lab, a, &["S"])[0];
+        assert_eq!(field(s, "boot"), boot, "{} rebooted", v.0);
+    }
+    // Every VM runs exactly once: no destination QEMU is left once the keepalive lapses.
+    let t = Instant::now();
+    while (!qemus(&lab, "dc1.2-h1").is_empty() || !qemus(&lab, "dc1.2-h2").is_empty())
+        && t.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(qemus(&lab, "dc1.2-h1").is_empty() && qemus(&lab, "dc1.2-h2").is_empty());
+    assert_eq!(
+        qemus(&lab, "dc1.1-h1").len() + qemus(&lab, "dc1.1-h2").len(),
+        2
+    );
+}
