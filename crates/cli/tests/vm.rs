@@ -294,6 +294,39 @@ fn group_migration_reports_svc_t2_and_a_cut_link_leaves_the_source_running() {
     assert!(answer.starts_with("processed="), "{answer}");
 }
 
+/// Boots `vms` (name, host, dirty MB/s) in parallel as members of `group`.
+fn create_group(lab: &TestLab, vms: &[(&str, &str, &str)], group: &str) {
+    let creating: Vec<_> = vms
+        .iter()
+        .map(|&(name, host, dirty)| {
+            let mut cmd = lab.command();
+            cmd.args(["vm", "create", name, "--host", host, "--dirty-mbps", dirty])
+                .args(["--group", group]);
+            std::thread::spawn(move || cmd.output().expect("dczone runs"))
+        })
+        .collect();
+    for h in creating {
+        let out = h.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A VM's guest address.
+fn vm_ip(lab: &TestLab, name: &str) -> Ipv4Addr {
+    lab.json(&["vm", "show", name, "--json"])["spec"]["ip_cidr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// QEMU processes in a host's namespace.
 fn qemus(lab: &TestLab, host: &str) -> Vec<i32> {
     sys::pids_in_namespace(&lab.ns(host))
@@ -313,33 +346,8 @@ fn a_killed_group_migration_is_settled_and_the_sources_serve() {
     let lab = TestLab::new("e2ekill");
     lab.ok(&["lab", "up"]);
     let vms = [("ka", "dc1.1-h1", "1"), ("kb", "dc1.1-h2", "4")];
-    let creating: Vec<_> = vms
-        .iter()
-        .map(|&(name, host, dirty)| {
-            let mut cmd = lab.command();
-            cmd.args(["vm", "create", name, "--host", host, "--dirty-mbps", dirty])
-                .args(["--group", "k"]);
-            std::thread::spawn(move || cmd.output().expect("dczone runs"))
-        })
-        .collect();
-    for h in creating {
-        let out = h.join().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let ip = |name: &str| -> Ipv4Addr {
-        lab.json(&["vm", "show", name, "--json"])["spec"]["ip_cidr"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    create_group(&lab, &vms, "k");
+    let ip = |name: &str| vm_ip(&lab, name);
     let ips: Vec<Ipv4Addr> = vms.iter().map(|v| ip(v.0)).collect();
 
     // Kill the command (as Ctrl-C or a crash would) while both VMs are being sent: the
@@ -492,16 +500,7 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let ip = |name: &str| -> Ipv4Addr {
-        lab.json(&["vm", "show", name, "--json"])["spec"]["ip_cidr"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let ip = |name: &str| vm_ip(&lab, name);
     let boots: Vec<String> = vms
         .iter()
         .map(|v| field(&ledger(&lab, ip(v.0), &["S"])[0], "boot").to_string())
@@ -605,33 +604,8 @@ fn a_group_that_cannot_converge_stops_together_and_a_cut_after_the_stop_resumes_
     let lab = TestLab::new("e2estop");
     lab.ok(&["lab", "up"]);
     let vms = [("sa", "dc1.1-h1", "1"), ("sb", "dc1.1-h2", "4")];
-    let creating: Vec<_> = vms
-        .iter()
-        .map(|&(name, host, dirty)| {
-            let mut cmd = lab.command();
-            cmd.args(["vm", "create", name, "--host", host, "--dirty-mbps", dirty])
-                .args(["--group", "s"]);
-            std::thread::spawn(move || cmd.output().expect("dczone runs"))
-        })
-        .collect();
-    for h in creating {
-        let out = h.join().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let ip = |name: &str| -> Ipv4Addr {
-        lab.json(&["vm", "show", name, "--json"])["spec"]["ip_cidr"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    create_group(&lab, &vms, "s");
+    let ip = |name: &str| vm_ip(&lab, name);
     let ips: Vec<Ipv4Addr> = vms.iter().map(|v| ip(v.0)).collect();
     let boots: Vec<String> = ips
         .iter()
