@@ -670,3 +670,83 @@ fn a_group_that_cannot_converge_stops_together_and_a_cut_after_the_stop_resumes_
         2
     );
 }
+
+#[test]
+#[ignore = "known failure, issue 10: after a cut during post-copy the stream is paused but \
+            never resumed once the path is back (the command gives up after 180 s)"]
+fn a_path_cut_during_post_copy_pauses_and_the_migration_resumes_when_it_is_back() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2erec");
+    lab.ok(&["lab", "up"]);
+    let vms = [("ra", "dc1.1-h1", "1"), ("rb", "dc1.1-h2", "4")];
+    create_group(&lab, &vms, "r");
+    let ips: Vec<Ipv4Addr> = vms.iter().map(|v| vm_ip(&lab, v.0)).collect();
+    let boots: Vec<String> = ips
+        .iter()
+        .map(|&a| field(&ledger(&lab, a, &["S"])[0], "boot").to_string())
+        .collect();
+    let child = lab
+        .command()
+        .args(["migrate", "--group", "r", "--to", "dc1.2"])
+        .args(["--strategy", "postcopy", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A trickle (2 Mbit/s in the lab) keeps the post-copy phase long: the dirty sets the
+    // VMs switched with take minutes to arrive. The switch comes when the first passes
+    // are done or the hold (30 s) expires.
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let link = |bandwidth: &str| {
+        lab.ok(&[
+            "lab",
+            "link",
+            "set",
+            "dc1.1",
+            "dc1.2",
+            "--bandwidth",
+            bandwidth,
+        ])
+    };
+    link("128Mbit");
+    while started.elapsed() < Duration::from_secs(36) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Cut during post-copy: the streams stall, both ends pause; the VMs cannot go back.
+    lab.ok(&["lab", "link", "cut", "dc1.1", "dc1.2"]);
+    std::thread::sleep(Duration::from_secs(5));
+    lab.ok(&["lab", "link", "restore", "dc1.1", "dc1.2"]);
+    link("25Gbit");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let recoveries: u64 = g["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["postcopy_recoveries"].as_u64().unwrap())
+        .sum();
+    assert!(recoveries >= 1, "no post-copy recovery: {g}");
+    for ((v, &a), boot) in vms.iter().zip(&ips).zip(&boots) {
+        let shown = lab.json(&["vm", "show", v.0, "--json"]);
+        assert!(
+            shown["host"].as_str().unwrap().starts_with("dc1.2"),
+            "{shown}"
+        );
+        let s = &ledger(&lab, a, &["S"])[0];
+        assert_eq!(field(s, "boot"), boot, "{} rebooted", v.0);
+    }
+    // Every VM runs exactly once, at its destination.
+    assert!(qemus(&lab, "dc1.1-h1").is_empty() && qemus(&lab, "dc1.1-h2").is_empty());
+    assert_eq!(
+        qemus(&lab, "dc1.2-h1").len() + qemus(&lab, "dc1.2-h2").len(),
+        2
+    );
+}

@@ -105,6 +105,18 @@ pub enum VirtError {
         source_host: String,
         reason: String,
     },
+    /// After a post-copy switch the VM runs at its destination and never goes back.
+    #[error(
+        "post-copy migration of VM '{vm}' did not finish ({reason}); the VM runs at {destination} \
+         and still needs pages from {source_host}: restore the path between them, or lose the VM \
+         with either host"
+    )]
+    PostcopyUnfinished {
+        vm: String,
+        source_host: String,
+        destination: String,
+        reason: String,
+    },
     #[error("{what} failed")]
     Io {
         what: String,

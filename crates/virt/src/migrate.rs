@@ -1041,14 +1041,11 @@ impl Session {
             }
             std::thread::sleep(Duration::from_millis(500));
         }
-        Err(VirtError::MigrationFailed {
+        Err(VirtError::PostcopyUnfinished {
             vm: name.clone(),
             source_host: self.vm.host.clone(),
-            reason: format!(
-                "its post-copy stream to {} broke and could not be resumed; the VM runs at {} \
-                 and still needs pages from {}: restore the path, the migration then resumes",
-                self.to, self.to, self.vm.host
-            ),
+            destination: self.to.clone(),
+            reason: "its stream broke and could not be resumed".into(),
         })
     }
 
@@ -1137,14 +1134,11 @@ impl Session {
     /// Never after a post-copy switch: the destination then holds the newer state.
     fn abort(mut self, reason: String) -> VirtError {
         if self.switched {
-            return VirtError::MigrationFailed {
+            return VirtError::PostcopyUnfinished {
                 vm: self.vm.spec.name.clone(),
                 source_host: self.vm.host.clone(),
-                reason: format!(
-                    "{reason}; it had switched to post-copy, so it runs at {} and was not \
-                     rolled back",
-                    self.to
-                ),
+                destination: self.to.clone(),
+                reason,
             };
         }
         if let Some(k) = self.keeper.take() {
