@@ -899,10 +899,12 @@ impl Session {
 
     /// Holds a VM that finished its first pass: it is sent a little slower than it dirties
     /// (HOLD_SHARE of its dirty rate), so its remaining never drops under the threshold
-    /// (no premature switchover) and the backlog it builds meanwhile stays small.
-    fn hold(&mut self) -> Result<(), VirtError> {
+    /// (no premature switchover) and the backlog it builds meanwhile stays small. With the
+    /// threshold pinned it cannot converge anyway: it is steered like a draining VM, its
+    /// set kept at the target.
+    fn hold(&mut self, params: &Params) -> Result<(), VirtError> {
         if self.pin_threshold {
-            return self.steer(&Params::default());
+            return self.steer(params);
         }
         let rate = self.dirty_rate();
         let bw = ((rate as f64 * HOLD_SHARE) as u64).max(HOLD_MIN_BYTES);
@@ -1487,7 +1489,7 @@ impl Platform {
                         Pace::Full => s.pace(false, params)?,
                         Pace::Throttle => s.pace(true, params)?,
                         Pace::Drain => s.steer(params)?,
-                        Pace::Hold => s.hold()?,
+                        Pace::Hold => s.hold(params)?,
                         Pace::Done => {}
                     }
                 }
