@@ -122,6 +122,8 @@ pub struct CreateBody {
     pub dirty_mbps: u32,
     #[serde(default = "default_dirty_mib")]
     pub dirty_mib: u32,
+    #[serde(default = "default_resident_pct")]
+    pub resident_pct: u8,
     pub group: Option<String>,
 }
 
@@ -131,6 +133,10 @@ fn default_memory() -> u32 {
 
 fn default_dirty_mib() -> u32 {
     32
+}
+
+fn default_resident_pct() -> u8 {
+    dczone_virt::DEFAULT_RESIDENT_PCT
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -288,6 +294,7 @@ impl Agent {
                 memory_mib: b.memory_mib,
                 dirty_mbps: b.dirty_mbps,
                 dirty_mib: b.dirty_mib,
+                resident_pct: b.resident_pct,
                 group: b.group,
             })?),
             AgentRequest::StartVm { name } => {

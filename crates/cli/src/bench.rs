@@ -278,6 +278,8 @@ struct StrategyRun {
     svc_t2_ms: f64,
     svc_t2_union_ms: f64,
     svc_t1_ms: f64,
+    /// Memory and dirty pages sent by the whole group, MiB.
+    sent_mib: f64,
     client_gap_ms: f64,
     /// Standard TCP, no application retry: a long-lived connection, a new connection.
     tcp_gap_pool_ms: f64,
@@ -329,6 +331,10 @@ struct StrategyRuns {
     tcp_gap_new_max_ms: f64,
     kr1_1_pass_runs: usize,
     runs_total: usize,
+    svc_t1_median_ms: f64,
+    svc_t1_max_ms: f64,
+    /// Memory and dirty pages sent per run, MiB (median).
+    sent_mib_median: f64,
 }
 
 /// Nearest-rank quantile of `v` (any order).
@@ -361,6 +367,9 @@ impl StrategyRuns {
             tcp_gap_new_max_ms: max(|r| r.tcp_gap_new_ms),
             kr1_1_pass_runs: runs.iter().filter(|r| r.kr1_1_pass).count(),
             runs_total: runs.len(),
+            svc_t1_median_ms: quantile(&runs.iter().map(|r| r.svc_t1_ms).collect::<Vec<_>>(), 0.5),
+            svc_t1_max_ms: max(|r| r.svc_t1_ms),
+            sent_mib_median: quantile(&runs.iter().map(|r| r.sent_mib).collect::<Vec<_>>(), 0.5),
             runs,
         }
     }
@@ -393,6 +402,7 @@ pub fn intra_region(
                     memory_mib: mem,
                     dirty_mbps: dirty,
                     dirty_mib: area,
+                    resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
                     group: Some(POC_GROUP.into()),
                 })
             })
@@ -509,6 +519,7 @@ pub fn intra_region(
                 svc_t2_ms: g.svc_t2_ms,
                 svc_t2_union_ms: g.svc_t2_union_ms,
                 svc_t1_ms: g.svc_t1_ms,
+                sent_mib: g.vms.iter().map(|v| v.bytes_sent).sum::<u64>() as f64 / 1048576.0,
                 client_gap_ms: report.client_gap_ms,
                 tcp_gap_pool_ms: report.tcp_gap_pool_ms,
                 tcp_gap_new_ms: report.tcp_gap_new_ms,
@@ -571,6 +582,8 @@ fn print_runs(summaries: &[StrategyRuns]) {
                 format!("{:.0}", s.tcp_gap_pool_max_ms),
                 format!("{:.0}", s.tcp_gap_new_max_ms),
                 format!("{}/{}", s.kr1_1_pass_runs, s.runs_total),
+                format!("{:.1}", s.svc_t1_median_ms / 1000.0),
+                format!("{:.0}", s.sent_mib_median),
             ]
         })
         .collect();
@@ -586,7 +599,9 @@ fn print_runs(summaries: &[StrategyRuns]) {
                 "CLIENT GAP WORST MS",
                 "TCP POOL GAP WORST",
                 "TCP NEW GAP WORST",
-                "KR1.1 RUNS"
+                "KR1.1 RUNS",
+                "SVC-T1 MEDIAN S",
+                "SENT MIB"
             ],
             &rows
         )
@@ -601,17 +616,34 @@ fn reference_platform(lab: &dczone_lab::Lab, exe: &Path) -> anyhow::Result<Platf
     crate::vm_cmd::platform(lab, exe)
 }
 
+/// The lab rate between two sites of `zone` with every link up, Mbit/s.
+fn site_path_mbit_s(zone: &dczone_zone::Zone, a: &str, b: &str) -> f64 {
+    let (Some(a), Some(b)) = (zone.site_index(a), zone.site_index(b)) else {
+        return f64::NAN;
+    };
+    let params: Vec<_> = zone.links.iter().map(|l| l.params).collect();
+    let cut = vec![false; params.len()];
+    zone.lab_rate_bps(zone.path(a, b, &params, &cut).bandwidth_bps) as f64 / 1e6
+}
+
 const SWEEP_MEMORY_MIB: [u32; 3] = [256, 512, 1024];
 const SWEEP_DIRTY_MBPS: [u32; 3] = [0, 4, 16];
 
 #[derive(Debug, serde::Serialize)]
 struct SweepPoint {
     memory_mib: u32,
+    /// The guest's incompressible working set.
+    resident_mib: u32,
+    /// The VM this one stands for at the lab's scale (memory x scale).
+    reference_memory_gib: f64,
     dirty_mbps: u32,
     total_ms: f64,
     t2_ms: f64,
     qemu_downtime_ms: u64,
     bytes_sent: u64,
+    /// bytes_sent over the total time, against the path's lab rate.
+    throughput_mbit_s: f64,
+    path_mbit_s: f64,
     iterations: u64,
 }
 
@@ -623,6 +655,8 @@ pub fn sweep(
     svg: PathBuf,
 ) -> anyhow::Result<ExitCode> {
     let p = reference_platform(lab, exe)?;
+    let (zone, ..) = crate::lab_cmd::load_zone(None)?;
+    let path_mbit_s = site_path_mbit_s(&zone, "dc1.1", "dc1.2");
     let mut points = Vec::new();
     for mem in SWEEP_MEMORY_MIB {
         let names: Vec<String> = SWEEP_DIRTY_MBPS
@@ -644,6 +678,7 @@ pub fn sweep(
                         memory_mib: mem,
                         dirty_mbps: dirty,
                         dirty_mib: (mem / 4).min(128),
+                        resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
                         group: None,
                     })
                 })
@@ -654,10 +689,14 @@ pub fn sweep(
                 .map_err(|_| anyhow::anyhow!("VM creation thread panicked"))??;
         }
         for (name, dirty) in names.iter().zip(SWEEP_DIRTY_MBPS) {
+            let resident_mib = p.get(name)?.spec.resident_mib();
             let m = p.migrate(name, "dc1.2-h1", &Params::default(), &|_| {})?;
+            let total_ms = m.t1_ms + m.t2_ms;
+            let throughput_mbit_s = m.bytes_sent as f64 * 8.0 / 1e3 / total_ms;
             println!(
-                "{mem:>5} MiB, dirty {dirty:>2} MB/s: total {:>7.1} ms, T2 {:>6.1} ms (QEMU downtime {} ms), {:.1} MiB sent, {} rounds",
-                m.t1_ms + m.t2_ms,
+                "{mem:>5} MiB ({resident_mib} resident, a {:.0} GiB VM at scale), dirty {dirty:>2} MB/s: total {:>7.1} ms, T2 {:>6.1} ms (QEMU downtime {} ms), {:.1} MiB sent at {throughput_mbit_s:.0} of {path_mbit_s:.1} Mbit/s, {} rounds",
+                f64::from(mem) * zone.lab_scale / 1024.0,
+                total_ms,
                 m.t2_ms,
                 m.qemu_downtime_ms,
                 m.bytes_sent as f64 / 1048576.0,
@@ -665,6 +704,10 @@ pub fn sweep(
             );
             points.push(SweepPoint {
                 memory_mib: mem,
+                resident_mib,
+                reference_memory_gib: f64::from(mem) * zone.lab_scale / 1024.0,
+                throughput_mbit_s,
+                path_mbit_s,
                 dirty_mbps: dirty,
                 total_ms: m.t1_ms + m.t2_ms,
                 t2_ms: m.t2_ms,

@@ -33,6 +33,10 @@ pub enum VmCommand {
         /// Size of the area it rewrites, MiB.
         #[arg(long, default_value_t = 32)]
         dirty_mib: u32,
+        /// Percent of the memory the guest fills with incompressible data at boot (its
+        /// working set, where the dirty area lies), as a real VM's memory is full.
+        #[arg(long, default_value_t = dczone_virt::DEFAULT_RESIDENT_PCT)]
+        resident_pct: u8,
         /// Cluster (service) the VM belongs to.
         #[arg(long)]
         group: Option<String>,
@@ -141,6 +145,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::R
             memory,
             dirty_mbps,
             dirty_mib,
+            resident_pct,
             group,
             json,
         } => {
@@ -150,6 +155,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::R
                 "memory_mib": memory,
                 "dirty_mbps": dirty_mbps,
                 "dirty_mib": dirty_mib,
+                "resident_pct": resident_pct,
                 "group": group,
             });
             let vm = record(agents.call(
@@ -200,6 +206,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::R
                             v.group.clone().unwrap_or_default(),
                             v.spec.ip_cidr.clone(),
                             v.spec.memory_mib.to_string(),
+                            v.spec.resident_mib().to_string(),
                             v.spec.dirty_mbps.to_string(),
                             v.accel.as_str().into(),
                             if v.running.is_some() {
@@ -220,6 +227,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::R
                             "GROUP",
                             "IP",
                             "MEM_MIB",
+                            "RESIDENT_MIB",
                             "DIRTY_MBPS",
                             "ACCEL",
                             "STATE"

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 pub use qmp::{Event, Qmp, QmpError};
 
+/// The largest resident working set, percent of the memory.
+pub const MAX_RESIDENT_PCT: u8 = 90;
+
 /// What a VM is, independent of where it runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmSpec {
@@ -26,6 +29,10 @@ pub struct VmSpec {
     pub dirty_mbps: u32,
     /// Size of the area it rewrites, MiB.
     pub dirty_mib: u32,
+    /// Share of the memory, percent, that the guest fills with incompressible data at boot:
+    /// its working set, as full as a real VM's. The dirty area lies inside it.
+    #[serde(default)]
+    pub resident_pct: u8,
 }
 
 impl VmSpec {
@@ -49,6 +56,12 @@ impl VmSpec {
                 self.memory_mib
             ));
         }
+        if self.resident_pct > MAX_RESIDENT_PCT {
+            return Err(format!(
+                "resident working set {} % is over {MAX_RESIDENT_PCT} % of the memory: the guest's kernel needs the rest",
+                self.resident_pct
+            ));
+        }
         if self.dirty_mib >= self.memory_mib / 2 {
             return Err(format!(
                 "dirty area {} MiB must be under half of the memory ({} MiB)",
@@ -56,6 +69,11 @@ impl VmSpec {
             ));
         }
         Ok(())
+    }
+
+    /// The working set in MiB.
+    pub fn resident_mib(&self) -> u32 {
+        (u64::from(self.memory_mib) * u64::from(self.resident_pct) / 100) as u32
     }
 
     pub fn tap(&self) -> String {
@@ -188,10 +206,11 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
         format!("{}M", s.memory_mib)
     };
     let append = format!(
-        "console=ttyS0 quiet panic=-1 dczone.ip={} dczone.dirty_mbps={} dczone.dirty_mib={} {}",
+        "console=ttyS0 quiet panic=-1 dczone.ip={} dczone.dirty_mbps={} dczone.dirty_mib={} dczone.resident_mib={} {}",
         s.ip_cidr,
         s.dirty_mbps,
         s.dirty_mib,
+        s.resident_mib(),
         std::env::var("DCZONE_GUEST_APPEND").unwrap_or_default()
     );
     let mut cmd = Command::new("ip");

@@ -7,7 +7,7 @@
 //! a rebuild happens only when an input changes.
 //!
 //! Kernel command line parameters read by `/init`: `dczone.ip=A.B.C.D/NN` (eth0 address);
-//! `dczone.dirty_mbps` and `dczone.dirty_mib` are read by `dczone-guest`.
+//! `dczone.dirty_mbps`, `dczone.dirty_mib` and `dczone.resident_mib` are read by `dczone-guest`.
 
 mod cpio;
 pub mod modules;
