@@ -11,6 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use dczone_lab::Lab;
 use dczone_virt::migrate::{GroupMigration, Params, Progress, Strategy, VmMigration};
+use dczone_virt::switchover::SwitchReason;
 use dczone_virt::{Platform, VmRecord};
 
 use crate::agents::HostAgents;
@@ -83,6 +84,15 @@ pub struct MigrateArgs {
     /// instead of replaying them to the destination after its announce.
     #[arg(long)]
     pub no_frame_replay: bool,
+    /// A group (coordinated, postcopy): switch every VM this many seconds after the start
+    /// at the latest, even one still sending its RAM for the first time. Pre-copy then
+    /// sends the rest with the VM stopped: a long downtime rather than no move.
+    #[arg(long, default_value_t = 120)]
+    pub max_hold_s: u64,
+    /// A group (coordinated): once every VM has sent its RAM once, stop them all this many
+    /// seconds later at the latest, even if a dirty set is still above the drain target.
+    #[arg(long, default_value_t = 10)]
+    pub max_drain_s: u64,
     #[arg(long)]
     pub json: bool,
 }
@@ -351,8 +361,15 @@ pub fn print_group(g: &GroupMigration) {
             &rows
         )
     );
+    let switched = match g.switch_reason {
+        Some(SwitchReason::AllReady) => "; switched with every VM ready",
+        Some(SwitchReason::HoldExpired) => "; switched when the hold expired",
+        Some(SwitchReason::DrainExpired) => "; stopped when the drain expired",
+        Some(SwitchReason::OneStopped) => "; switched when one VM stopped by itself",
+        None => "",
+    };
     println!(
-        "strategy {}: SVC-T2 {:.1} ms (union of T2s {:.1} ms), SVC-T1 {:.1} ms",
+        "strategy {}: SVC-T2 {:.1} ms (union of T2s {:.1} ms), SVC-T1 {:.1} ms{switched}",
         g.strategy.name(),
         g.svc_t2_ms,
         g.svc_t2_union_ms,
@@ -374,6 +391,8 @@ pub fn migrate(
     let params = Params {
         downtime_limit_ms: args.downtime_ms,
         keep_frames: !args.no_frame_replay,
+        max_hold: Duration::from_secs(args.max_hold_s),
+        max_drain: Duration::from_secs(args.max_drain_s),
         ..Params::default()
     };
     let g = match (&args.vm, &args.group) {
@@ -420,6 +439,7 @@ pub fn migrate(
                 svc_t2_ms: m.t2_ms,
                 svc_t2_union_ms: m.t2_ms,
                 svc_t1_ms: m.t1_ms,
+                switch_reason: None,
                 vms: vec![m],
             }
         }

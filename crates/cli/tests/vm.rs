@@ -461,7 +461,8 @@ fn long_lived_client(
 }
 
 #[test]
-fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_nothing() {
+fn a_cluster_switches_together_on_every_run_of_either_strategy_and_long_lived_clients_lose_nothing()
+{
     if !e2e_enabled() {
         return;
     }
@@ -510,7 +511,14 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
         .iter()
         .map(|v| long_lived_client(lab.ns("dc1.1-client"), ip(v.0), stop.clone()))
         .collect();
-    for (run, to) in ["dc1.2", "dc1.1", "dc1.2"].iter().enumerate() {
+    // The common stop (the default) twice, then the post-copy switch, on guests whose
+    // memory is 75 % full.
+    let plan = [
+        ("dc1.2", "coordinated"),
+        ("dc1.1", "coordinated"),
+        ("dc1.2", "postcopy"),
+    ];
+    for (run, (to, strategy)) in plan.iter().enumerate() {
         let g = lab.json(&[
             "migrate",
             "--group",
@@ -518,7 +526,7 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
             "--to",
             to,
             "--strategy",
-            "postcopy",
+            strategy,
             "--json",
         ]);
         let svc_t2 = g["svc_t2_ms"].as_f64().unwrap();
@@ -528,12 +536,14 @@ fn a_post_copy_cluster_switches_together_every_run_and_long_lived_clients_lose_n
             .iter()
             .map(|v| v["t2_ms"].as_f64().unwrap())
             .collect();
-        eprintln!("run {run} to {to}: SVC-T2 {svc_t2:.0} ms, T2 {t2s:?}");
+        eprintln!("run {run} ({strategy}) to {to}: SVC-T2 {svc_t2:.0} ms, T2 {t2s:?}");
         // KR1.1 on every run (the test holds the KR, not the stretch goal).
         assert!(svc_t2 < 1000.0, "run {run}: SVC-T2 {svc_t2} ms");
         for v in g["vms"].as_array().unwrap() {
             assert!(v["to"].as_str().unwrap().starts_with(to), "{v}");
-            assert!(v["postcopy_ms"].as_f64().unwrap() >= 0.0);
+            if *strategy == "postcopy" {
+                assert!(v["postcopy_ms"].as_f64().unwrap() >= 0.0, "{v}");
+            }
             // The source host kept the VM's frames and saw the destination's announce, so
             // what reached the stopped source was replayed to the destination at once.
             assert!(v["keeper_error"].is_null(), "{v}");
@@ -614,7 +624,7 @@ fn a_group_that_cannot_converge_stops_together_and_a_cut_after_the_stop_resumes_
     let child = lab
         .command()
         .args(["migrate", "--group", "s", "--to", "dc1.2"])
-        .args(["--strategy", "coordinated"])
+        .args(["--strategy", "coordinated", "--max-hold-s", "30"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -672,8 +682,6 @@ fn a_group_that_cannot_converge_stops_together_and_a_cut_after_the_stop_resumes_
 }
 
 #[test]
-#[ignore = "known failure, issue 10: after a cut during post-copy the stream is paused but \
-            never resumed once the path is back (the command gives up after 180 s)"]
 fn a_path_cut_during_post_copy_pauses_and_the_migration_resumes_when_it_is_back() {
     if !e2e_enabled() {
         return;
@@ -690,14 +698,16 @@ fn a_path_cut_during_post_copy_pauses_and_the_migration_resumes_when_it_is_back(
     let child = lab
         .command()
         .args(["migrate", "--group", "r", "--to", "dc1.2"])
-        .args(["--strategy", "postcopy", "--json"])
+        .args(["--strategy", "postcopy", "--max-hold-s", "30", "--json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // A trickle (2 Mbit/s in the lab) keeps the post-copy phase long: the dirty sets the
-    // VMs switched with take minutes to arrive. The switch comes when the first passes
-    // are done or the hold (30 s) expires.
+    // A trickle (15.6 Mbit/s in the lab) keeps the post-copy phase long: the memory the
+    // VMs switched with takes minutes to arrive. The switch comes when the hold (30 s)
+    // expires. Not slower: the device state must reach the destination, behind the
+    // megabytes queued in the stream's socket buffers, before the cut, so that the
+    // destination runs (a destination that has not started cannot pause, only fail).
     let started = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     let link = |bandwidth: &str| {
@@ -711,8 +721,8 @@ fn a_path_cut_during_post_copy_pauses_and_the_migration_resumes_when_it_is_back(
             bandwidth,
         ])
     };
-    link("128Mbit");
-    while started.elapsed() < Duration::from_secs(36) {
+    link("1Gbit");
+    while started.elapsed() < Duration::from_secs(38) {
         std::thread::sleep(Duration::from_millis(500));
     }
     // Cut during post-copy: the streams stall, both ends pause; the VMs cannot go back.

@@ -180,7 +180,9 @@ fn main() {
     let cap = available_mib().map_or(wanted, |a| a.saturating_sub(HEADROOM_MIB));
     let resident_mib = wanted.min(cap);
     if resident_mib < wanted {
-        println!("dczone-guest: working set capped at {resident_mib} MiB of {wanted} (available memory)");
+        println!(
+            "dczone-guest: working set capped at {resident_mib} MiB of {wanted} (available memory)"
+        );
     }
     let fill = Instant::now();
     let area = working_set(resident_mib.max(if dirty > 0 { dirty_mib } else { 0 }));

@@ -9,6 +9,11 @@
 //!   | <-- {"event": E, "timestamp": ...} --- |   events may arrive at any time;
 //!   | <---------- {"return": R} ------------ |   they are queued for `wait_event`
 //! ```
+//!
+//! When QEMU offers it, the session enables out-of-band execution (`oob`): a command that
+//! allows it (`migrate-pause`, `migrate-recover`) then runs in the monitor's own thread
+//! even while the main loop is blocked, as a post-copy destination's is when a device
+//! touches a page that a broken stream will not bring ([`Qmp::execute_oob`]).
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -54,6 +59,10 @@ pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     events: VecDeque<Event>,
+    /// Out-of-band execution is enabled.
+    oob: bool,
+    /// The last out-of-band command's id.
+    oob_id: u64,
 }
 
 impl Qmp {
@@ -80,9 +89,19 @@ impl Qmp {
             reader: BufReader::new(stream),
             writer,
             events: VecDeque::new(),
+            oob: false,
+            oob_id: 0,
         };
-        let _greeting = qmp.read_message()?;
-        qmp.execute("qmp_capabilities", json!({}))?;
+        let greeting = qmp.read_message()?;
+        let offered = greeting["QMP"]["capabilities"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == "oob"));
+        if offered {
+            qmp.execute("qmp_capabilities", json!({ "enable": ["oob"] }))?;
+            qmp.oob = true;
+        } else {
+            qmp.execute("qmp_capabilities", json!({}))?;
+        }
         Ok(qmp)
     }
 
@@ -115,7 +134,64 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
-        let mut req = json!({ "execute": command });
+        self.run(json!({ "execute": command }), command, arguments, None)
+    }
+
+    /// Runs a command out of band when the session allows it (in band otherwise): it is
+    /// answered even while QEMU's main loop is blocked. Only commands QEMU marks
+    /// `allow-oob` qualify.
+    pub fn execute_oob(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        if !self.oob {
+            return self.execute(command, arguments);
+        }
+        self.oob_id += 1;
+        let id = format!("oob-{}", self.oob_id);
+        let req = json!({ "exec-oob": command, "id": id });
+        self.run(req, command, arguments, Some(id))
+    }
+
+    /// Reads what QEMU sends within `wait` and queues its events, for a caller that must
+    /// not send an in-band command (see [`Qmp::execute_oob`]).
+    pub fn poll_events(&mut self, wait: Duration) -> Result<(), QmpError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(QmpError::Io)?;
+            let msg = self.read_message();
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(QmpError::Io)?;
+            match msg {
+                Ok(m) => {
+                    self.queue_if_event(&m);
+                }
+                Err(QmpError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn run(
+        &mut self,
+        mut req: Value,
+        command: &str,
+        arguments: Value,
+        id: Option<String>,
+    ) -> Result<Value, QmpError> {
         if arguments.as_object().is_some_and(|o| !o.is_empty()) {
             req["arguments"] = arguments;
         }
@@ -125,6 +201,10 @@ impl Qmp {
         loop {
             let msg = self.read_message()?;
             if self.queue_if_event(&msg) {
+                continue;
+            }
+            // An out-of-band answer is matched by its id.
+            if id.as_deref().is_some_and(|id| msg["id"] != id) {
                 continue;
             }
             if let Some(ret) = msg.get("return") {
@@ -175,6 +255,14 @@ impl Qmp {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Takes the queued events named `name`, leaving the others queued.
+    pub fn take_events_named(&mut self, name: &str) -> Vec<Event> {
+        let (taken, kept): (Vec<Event>, Vec<Event>) =
+            self.events.drain(..).partition(|e| e.name == name);
+        self.events = kept.into();
+        taken
     }
 
     /// Takes every queued event.

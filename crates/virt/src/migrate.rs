@@ -107,8 +107,12 @@ pub struct Params {
     pub max_bandwidth_bytes: u64,
     /// Give up (and keep the source running) after this long.
     pub timeout: Duration,
-    /// Coordinated: release the held VMs after this long even if some are not ready.
+    /// Coordinated and post-copy: switch every VM after this long since the start, even one
+    /// still in its first pass (pre-copy then sends the rest while stopped).
     pub max_hold: Duration,
+    /// Coordinated: once every first pass is done, stop after this long even if some
+    /// dirty set is still above the drain target.
+    pub max_drain: Duration,
     /// Keep the frames sent to a VM during its switchover on the source host and replay
     /// them to the destination after the announce ([`crate::keeper`]).
     pub keep_frames: bool,
@@ -120,7 +124,8 @@ impl Default for Params {
             downtime_limit_ms: 100,
             max_bandwidth_bytes: 1 << 30,
             timeout: Duration::from_secs(180),
-            max_hold: Duration::from_secs(30),
+            max_hold: Duration::from_secs(120),
+            max_drain: Duration::from_secs(10),
             keep_frames: true,
         }
     }
@@ -160,6 +165,11 @@ const STALL: Duration = Duration::from_secs(10);
 const MIGRATION_PORT_BASE: u16 = 4600;
 /// A resumed post-copy stream listens this far above the migration's port.
 const RECOVERY_PORT_OFFSET: u16 = 100;
+/// A post-copy recovery handshake (dirty bitmaps, then RESUME / RESUME_ACK) that takes
+/// longer than this is broken off and tried again.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Between two attempts to resume a post-copy stream.
+const RESUME_RETRY: Duration = Duration::from_secs(1);
 /// A post-copy stream that moves nothing for this long is paused and resumed (a VM waiting
 /// for a page cannot wait [`STALL`]).
 const POSTCOPY_STALL: Duration = Duration::from_secs(2);
@@ -208,6 +218,9 @@ pub struct VmMigration {
     /// Why the keeper could not run, if it could not (the migration went on without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keeper_error: Option<String>,
+    /// Why a coordinated or post-copy batch switched (stopped or went post-copy) this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_reason: Option<crate::switchover::SwitchReason>,
 }
 
 /// A cluster's migration.
@@ -221,6 +234,9 @@ pub struct GroupMigration {
     pub svc_t2_union_ms: f64,
     /// Earliest T1 start to latest T1 end.
     pub svc_t1_ms: f64,
+    /// Why the batch switched (coordinated and post-copy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switch_reason: Option<crate::switchover::SwitchReason>,
 }
 
 /// Progress of one VM, for display.
@@ -259,9 +275,12 @@ pub trait Destination: Send {
     fn running(&self) -> Option<Running> {
         None
     }
-    /// Post-copy recovery: stop using the broken stream (`migrate-pause`), then listen on
-    /// `uri` for the source's resumed stream (`migrate-recover`).
-    fn recover(&mut self, _uri: &str) -> Result<(), VirtError> {
+    /// One step of post-copy recovery, called until the source's stream is back: while the
+    /// destination still uses the broken stream (`postcopy-active`, or a handshake that
+    /// hangs), stop it (`migrate-pause`); once it is `postcopy-paused`, listen on `uri` for
+    /// the source's new connection (`migrate-recover`), once: the listener stays open
+    /// through failed attempts. Returns the destination's migration status.
+    fn recover_step(&mut self, _uri: &str, _unstick: bool) -> Result<String, VirtError> {
         Err(VirtError::MigrationFailed {
             vm: "?".into(),
             source_host: "?".into(),
@@ -283,6 +302,11 @@ pub struct LocalDestination {
     uri: String,
     /// Started with `-S`: [`Destination::finish`] resumes it (`cont`).
     paused: bool,
+    /// `migrate-recover` was issued: it listens for a resumed post-copy stream.
+    listening: bool,
+    /// The incoming migration's status as its MIGRATION events tell it, during a
+    /// post-copy recovery.
+    status: String,
 }
 
 impl LocalDestination {
@@ -339,30 +363,37 @@ impl Destination for LocalDestination {
         Some(self.running.clone())
     }
 
-    fn recover(&mut self, uri: &str) -> Result<(), VirtError> {
-        let err = Session::qmp_err(&self.vm);
-        let _ = self.qmp.execute("migrate-pause", json!({}));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let st = self.qmp.execute("query-migrate", json!({})).map_err(&err)?;
-            match st["status"].as_str().unwrap_or("") {
-                "postcopy-paused" => break,
-                // Already listening from an earlier attempt.
-                "postcopy-recover" => return Ok(()),
-                _ if Instant::now() > deadline => {
-                    return Err(VirtError::MigrationFailed {
-                        vm: self.vm.clone(),
-                        source_host: "?".into(),
-                        reason: format!("the destination did not pause its post-copy: {st}"),
-                    })
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
+    fn recover_step(&mut self, uri: &str, unstick: bool) -> Result<String, VirtError> {
+        // Events and out-of-band commands only: the destination's main loop may be blocked
+        // (a device touching a page that the broken stream will not bring), and an in-band
+        // command such as query-migrate would hang with it.
+        self.qmp
+            .poll_events(Duration::from_millis(5))
+            .map_err(Session::qmp_err(&self.vm))?;
+        for e in self.qmp.take_events_named("MIGRATION") {
+            if let Some(s) = e.data["status"].as_str() {
+                self.status = s.to_string();
             }
         }
-        self.qmp
-            .execute("migrate-recover", json!({ "uri": uri }))
-            .map_err(&err)?;
-        Ok(())
+        match self.status.as_str() {
+            // QEMU accepts migrate-pause only in these two states; in postcopy-recover it
+            // aborts the handshake, so only when the driver says it hangs.
+            "postcopy-active" => {
+                let _ = self.qmp.execute_oob("migrate-pause", json!({}));
+            }
+            "postcopy-recover" if unstick => {
+                let _ = self.qmp.execute_oob("migrate-pause", json!({}));
+            }
+            // Refused (a state that moved on meanwhile): tried again at the next step.
+            "postcopy-paused" if !self.listening => {
+                self.listening = self
+                    .qmp
+                    .execute_oob("migrate-recover", json!({ "uri": uri }))
+                    .is_ok();
+            }
+            _ => {}
+        }
+        Ok(self.status.clone())
     }
 }
 
@@ -648,6 +679,8 @@ impl Platform {
                 running,
                 uri,
                 paused,
+                listening: false,
+                status: "postcopy-active".into(),
             }),
             Err(e) => {
                 hv::kill(&running);
@@ -685,6 +718,10 @@ struct Session {
     /// The source's `MIGRATION completed` event (unix us, QEMU's timestamp).
     sent_us: Option<u64>,
     recoveries: u32,
+    resume_attempts: u32,
+    /// When the batch first saw its first pass over RAM done.
+    first_pass_ended: Option<Instant>,
+    switch_reason: Option<crate::switchover::SwitchReason>,
     keeper: Option<FrameKeeper>,
     keeper_error: Option<String>,
     /// Bytes dirty at the last dirty-bitmap sync (the first `remaining` seen after it).
@@ -758,6 +795,9 @@ impl Session {
                 completed_us: None,
                 sent_us: None,
                 recoveries: 0,
+                resume_attempts: 0,
+                first_pass_ended: None,
+                switch_reason: None,
                 keeper: None,
                 keeper_error: None,
                 dirty_set: u64::MAX,
@@ -1011,43 +1051,84 @@ impl Session {
     /// The post-copy stream broke (a cut path): pause both ends, and resume the stream on a
     /// new connection as soon as the path carries it, until `deadline`. The VM keeps
     /// running at its destination meanwhile; a page it lacks stalls it until the resume.
+    ///
+    /// QEMU's rules, which this follows (`migration/migration.c`, 9.1 to 10.x):
+    /// - a silently cut path is noticed by neither end (no keepalive), so both are paused
+    ///   with `migrate-pause`, which is accepted only in `postcopy-active` and
+    ///   `postcopy-recover`;
+    /// - the destination listens (`migrate-recover`) only once `postcopy-paused`, and keeps
+    ///   listening through failed attempts;
+    /// - `migrate resume=true` connects in `postcopy-recover-setup` with the kernel's SYN
+    ///   retries and no timeout of QEMU's; a failed connect or handshake goes back to
+    ///   `postcopy-paused`, and is retried;
+    /// - `migrate-pause` during `postcopy-recover` aborts the handshake: only a handshake
+    ///   that hangs for [`HANDSHAKE_TIMEOUT`] is broken off.
     fn recover(&mut self, deadline: Instant) -> Result<(), VirtError> {
         let name = self.vm.spec.name.clone();
         let err = Self::qmp_err(&name);
         let uri = recovery_uri(&self.dst.uri());
-        let _ = self.src.execute("migrate-pause", json!({}));
-        let mut listening = false;
+        let mut resumed_at: Option<Instant> = None;
+        let mut handshake_since: Option<Instant> = None;
+        let mut last = String::new();
         while Instant::now() < deadline {
             let st = self.src.execute("query-migrate", json!({})).map_err(&err)?;
-            match st["status"].as_str().unwrap_or("") {
+            let src = st["status"].as_str().unwrap_or("").to_string();
+            let hung = handshake_since.is_some_and(|t| t.elapsed() > HANDSHAKE_TIMEOUT);
+            let dst = self.dst.recover_step(&uri, hung)?;
+            last = format!(
+                "source {src}{}, destination {dst}, {} resume attempts",
+                st["error-desc"]
+                    .as_str()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default(),
+                self.resume_attempts
+            );
+            match src.as_str() {
                 "completed" => return Ok(()),
-                "postcopy-active" if listening => {
+                "postcopy-active" if resumed_at.is_some() => {
                     self.recoveries += 1;
                     self.progressed_at = Instant::now();
                     return Ok(());
                 }
-                "postcopy-paused" => {
-                    if !listening {
-                        listening = self.dst.recover(&uri).is_ok();
+                // Still on the broken stream.
+                "postcopy-active" => {
+                    let _ = self.src.execute("migrate-pause", json!({}));
+                }
+                "postcopy-recover" => {
+                    handshake_since.get_or_insert_with(Instant::now);
+                    if hung {
+                        let _ = self.src.execute("migrate-pause", json!({}));
+                        handshake_since = None;
                     }
-                    if listening {
-                        // Refused while the path is still cut: try again.
+                }
+                "postcopy-paused" => {
+                    handshake_since = None;
+                    let listening = dst == "postcopy-paused";
+                    if listening && resumed_at.is_none_or(|t| t.elapsed() > RESUME_RETRY) {
+                        // Refused or lost while the path is still cut: tried again.
                         let _ = self
                             .src
                             .execute("migrate", json!({ "uri": uri, "resume": true }));
+                        resumed_at = Some(Instant::now());
+                        self.resume_attempts += 1;
                     }
                 }
-                _ => {
-                    let _ = self.src.execute("migrate-pause", json!({}));
-                }
+                "failed" | "cancelled" => break,
+                // postcopy-recover-setup: connecting.
+                _ => {}
             }
-            std::thread::sleep(Duration::from_millis(500));
+            // A destination that failed (it had not started running yet when the stream
+            // broke, so it could not pause) cannot be resumed.
+            if dst == "failed" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
         }
         Err(VirtError::PostcopyUnfinished {
             vm: name.clone(),
             source_host: self.vm.host.clone(),
             destination: self.to.clone(),
-            reason: "its stream broke and could not be resumed".into(),
+            reason: format!("its stream broke and could not be resumed: {last}"),
         })
     }
 
@@ -1123,6 +1204,7 @@ impl Session {
             t2_load_resume_ms: None,
             keeper: None,
             keeper_error: self.keeper_error.take(),
+            switch_reason: self.switch_reason,
         };
         let record = with_t2_parts(record, self.sent_us, self.switched);
         let mut vm = self.vm.clone();
@@ -1278,6 +1360,7 @@ impl Platform {
             svc_t2_ms: span_us(&t2) as f64 / 1e3,
             svc_t2_union_ms: union_us(&t2) as f64 / 1e3,
             svc_t1_ms: span_us(&t1) as f64 / 1e3,
+            switch_reason: done.iter().find_map(|m| m.switch_reason),
             vms: done,
         })
     }
@@ -1361,7 +1444,14 @@ impl Platform {
                 match status {
                     Ok(st) if st == "completed" => s.done = true,
                     Ok(st) if st == "failed" || st == "cancelled" => {
-                        failure = Some(format!("{} reported {st}", s.vm.spec.name));
+                        failure = Some(format!(
+                            "{} reported {st}{}",
+                            s.vm.spec.name,
+                            s.last["error-desc"]
+                                .as_str()
+                                .map(|e| format!(": {e}"))
+                                .unwrap_or_default()
+                        ));
                     }
                     Ok(_) => {}
                     Err(e) => failure = Some(e.to_string()),
@@ -1469,19 +1559,29 @@ impl Platform {
         params: &Params,
         batch: Batch,
     ) -> Result<bool, VirtError> {
-        use crate::switchover::{decide, Pace, Step, VmView};
+        use crate::switchover::{decide, Drain, Pace, Step, VmView};
         let views: Vec<VmView> = sessions
-            .iter()
-            .map(|s| VmView {
-                done: s.done,
-                first_pass: s.first_pass(),
-                progress: s.first_pass_progress(),
-                dirty_set: s.dirty_set,
-                stopped: s.stop_us.is_some(),
+            .iter_mut()
+            .map(|s| {
+                let first_pass = s.first_pass();
+                if !first_pass {
+                    s.first_pass_ended.get_or_insert_with(Instant::now);
+                }
+                VmView {
+                    done: s.done,
+                    first_pass,
+                    progress: s.first_pass_progress(),
+                    dirty_set: s.dirty_set,
+                    stopped: s.stop_us.is_some(),
+                    since_first_pass: s.first_pass_ended.map(|t| t.elapsed()),
+                }
             })
             .collect();
-        let drain_to = (batch == Batch::Held).then_some(DRAIN_TARGET_BYTES);
-        match decide(&views, elapsed, params.max_hold, drain_to) {
+        let drain = (batch == Batch::Held).then_some(Drain {
+            target: DRAIN_TARGET_BYTES,
+            max: params.max_drain,
+        });
+        match decide(&views, elapsed, params.max_hold, drain) {
             Step::Finished => Ok(true),
             Step::Pace(paces) => {
                 for (s, pace) in sessions.iter_mut().zip(paces) {
@@ -1495,7 +1595,23 @@ impl Platform {
                 }
                 Ok(false)
             }
-            Step::Switch(_) if batch == Batch::Postcopy => {
+            Step::Switch(reason) => {
+                for s in sessions.iter_mut() {
+                    s.switch_reason = Some(reason);
+                }
+                Self::switch_all(sessions, params, batch)
+            }
+        }
+    }
+
+    /// Switches every live VM of the batch at once.
+    fn switch_all(
+        sessions: &mut [Session],
+        params: &Params,
+        batch: Batch,
+    ) -> Result<bool, VirtError> {
+        match batch {
+            Batch::Postcopy => {
                 // Bandwidth first, then the switches back to back: the stops fall within
                 // a few QMP round trips of each other.
                 let live = |s: &&mut Session| !s.done && s.stop_us.is_none();
@@ -1507,7 +1623,7 @@ impl Platform {
                 }
                 Ok(true)
             }
-            Step::Switch(_) => {
+            _ => {
                 // The stops first, back to back; then each migration completes with what
                 // its VM left, at full speed.
                 for s in sessions
@@ -1618,6 +1734,7 @@ mod tests {
             t2_load_resume_ms: None,
             keeper: None,
             keeper_error: None,
+            switch_reason: None,
         }
     }
 

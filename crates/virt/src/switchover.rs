@@ -27,9 +27,12 @@
 //!    shrinking dirty set from converging within one round), or once every VM has sent its
 //!    RAM once (what post-copy then fetches is only
 //!    what was dirtied since) and, with a drain target, every dirty set is within twice
-//!    the target; or once `max_hold` has passed (a VM that cannot finish its first pass
-//!    still moves: post-copy always completes, and a stopped pre-copy VM sends the rest
-//!    while stopped), every VM is switched (post-copy) or stopped (pre-copy) at once.
+//!    the target; or, with a drain target, once the drain has lasted [`Drain::max`] since
+//!    the last first pass ended (a dirty set that will not shrink: the stop leaves it to
+//!    send while stopped); or once `max_hold` has passed since the start (a VM that cannot
+//!    finish its first pass still moves: post-copy always completes, and a stopped
+//!    pre-copy VM sends the rest while stopped), every VM is switched (post-copy) or
+//!    stopped (pre-copy) at once.
 
 use std::time::Duration;
 
@@ -49,6 +52,17 @@ pub struct VmView {
     pub dirty_set: u64,
     /// Its source VM has stopped (QEMU converged by itself, or we stopped it).
     pub stopped: bool,
+    /// How long ago its first pass ended (`None` while in it).
+    pub since_first_pass: Option<Duration>,
+}
+
+/// The pre-copy drain before a common stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// The dirty set each VM is brought under, bytes.
+    pub target: u64,
+    /// How long the drain may last once every first pass is done.
+    pub max: Duration,
 }
 
 /// What to do with one VM during phase 1.
@@ -68,12 +82,16 @@ pub enum Pace {
 }
 
 /// Why the batch switches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SwitchReason {
     /// Every VM has sent its RAM once.
     AllReady,
     /// `max_hold` passed with some first pass unfinished: switch anyway.
     HoldExpired,
+    /// Every first pass is done, but some dirty set stayed above the drain target for
+    /// [`Drain::max`]: stop anyway.
+    DrainExpired,
     /// One VM stopped on its own (pre-copy converged): the others follow at once, so that
     /// their T2 start with its.
     OneStopped,
@@ -87,14 +105,11 @@ pub enum Step {
     Finished,
 }
 
-/// Phase 1's decision at `elapsed` since the batch started; `drain_to`: the dirty set
-/// each VM must be brought under before the switch (pre-copy), none for post-copy.
-pub fn decide(
-    vms: &[VmView],
-    elapsed: Duration,
-    max_hold: Duration,
-    drain_to: Option<u64>,
-) -> Step {
+/// Phase 1's decision at `elapsed` since the batch started; `drain`: what each VM's dirty
+/// set must be brought under before the switch, and for how long at most (pre-copy), none
+/// for post-copy.
+pub fn decide(vms: &[VmView], elapsed: Duration, max_hold: Duration, drain: Option<Drain>) -> Step {
+    let drain_to = drain.map(|d| d.target);
     let live: Vec<&VmView> = vms.iter().filter(|v| !v.done).collect();
     if live.is_empty() {
         return Step::Finished;
@@ -108,6 +123,13 @@ pub fn decide(
     }
     if elapsed >= max_hold {
         return Step::Switch(SwitchReason::HoldExpired);
+    }
+    let drained_for = live
+        .iter()
+        .map(|v| v.since_first_pass)
+        .try_fold(Duration::MAX, |m, s| s.map(|s| m.min(s)));
+    if drain.is_some_and(|d| drained_for.is_some_and(|t| t >= d.max)) {
+        return Step::Switch(SwitchReason::DrainExpired);
     }
     let slowest = live
         .iter()
@@ -140,8 +162,15 @@ mod tests {
             progress,
             dirty_set: 0,
             stopped: false,
+            since_first_pass: (!first_pass).then_some(Duration::from_millis(100)),
         }
     }
+
+    const MIB: u64 = 1 << 20;
+    const DRAIN: Drain = Drain {
+        target: MIB,
+        max: Duration::from_secs(10),
+    };
 
     #[test]
     fn first_passes_are_paced_to_the_slowest_and_finished_ones_held() {
@@ -210,12 +239,11 @@ mod tests {
 
     #[test]
     fn pre_copy_drains_every_dirty_set_under_the_target_before_the_common_stop() {
-        const MIB: u64 = 1 << 20;
         let with = |dirty_set| VmView {
             dirty_set,
             ..vm(false, 1.0)
         };
-        let t = Some(MIB);
+        let t = Some(DRAIN);
         // Past their first pass: the big dirty set is drained, the small one held.
         assert_eq!(
             decide(
@@ -236,12 +264,41 @@ mod tests {
             ),
             Step::Switch(SwitchReason::AllReady)
         );
-        // A dirty set that will not shrink (a VM dirtying faster than the path): the hold
-        // expires and the batch stops anyway, sending the rest while stopped.
+        // A dirty set that will not shrink (a VM dirtying faster than the path): the drain
+        // expires, counted from the end of the last first pass, and the batch stops anyway,
+        // sending the rest while stopped.
+        let since = |d: u64, secs: u64| VmView {
+            since_first_pass: Some(Duration::from_secs(secs)),
+            ..with(d)
+        };
+        assert!(matches!(
+            decide(
+                &[since(64 * MIB, 15), since(MIB / 2, 9)],
+                Duration::from_secs(25),
+                HOLD,
+                t
+            ),
+            Step::Pace(_)
+        ));
         assert_eq!(
-            decide(&[with(64 * MIB), with(MIB / 2)], HOLD, HOLD, t),
-            Step::Switch(SwitchReason::HoldExpired)
+            decide(
+                &[since(64 * MIB, 15), since(MIB / 2, 10)],
+                Duration::from_secs(25),
+                HOLD,
+                t
+            ),
+            Step::Switch(SwitchReason::DrainExpired)
         );
+        // Not while a first pass goes on, however long the others have waited.
+        assert!(matches!(
+            decide(
+                &[since(64 * MIB, 15), vm(true, 0.9)],
+                Duration::from_secs(25),
+                HOLD,
+                t
+            ),
+            Step::Pace(_)
+        ));
     }
 
     #[test]
@@ -257,7 +314,7 @@ mod tests {
                 &[early, draining, vm(true, 0.5)],
                 Duration::from_secs(1),
                 HOLD,
-                Some(1 << 20)
+                Some(DRAIN)
             ),
             Step::Switch(SwitchReason::OneStopped)
         );
@@ -265,12 +322,7 @@ mod tests {
         let mut gone = early;
         gone.done = true;
         assert_eq!(
-            decide(
-                &[gone, draining],
-                Duration::from_secs(1),
-                HOLD,
-                Some(1 << 20)
-            ),
+            decide(&[gone, draining], Duration::from_secs(1), HOLD, Some(DRAIN)),
             Step::Switch(SwitchReason::OneStopped)
         );
     }
