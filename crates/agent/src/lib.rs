@@ -371,6 +371,9 @@ impl Agent {
                 serde_json::to_value(p.ok_or(AgentError::NoMigration(name))?).unwrap_or(Value::Null)
             }
             AgentRequest::Incoming(b) => {
+                // The record came over the network: its name becomes a path and part of
+                // QEMU's options, so it is checked as CLI input is.
+                b.vm.spec.validate().map_err(VirtError::BadSpec)?;
                 if b.vm.host == self.host {
                     return Err(VirtError::SameHost {
                         vm: b.vm.spec.name.clone(),

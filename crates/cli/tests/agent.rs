@@ -366,7 +366,20 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
     let _src2 = start_agent(&lab, "dc1.1-h1", HOST_IP, &token_file);
     let (_, rec) = http_to(&lab, DEST_IP, "GET", "/v1/vms/amig2", t, "");
     let mut rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
-    rec["spec"]["memory_mib"] = serde_json::json!(4_000_000);
+    // A record from the network is checked as CLI input is: a path in its name, a
+    // malformed MAC.
+    for (field, value, says) in [
+        ("name", "../../etc", "a-z, 0-9, '-'"),
+        ("mac", "02:dc:01:02:65:01,x=1", "MAC"),
+    ] {
+        let mut bad = rec.clone();
+        bad["spec"][field] = serde_json::json!(value);
+        let body = serde_json::json!({ "vm": bad, "port": 4999 }).to_string();
+        let (status, answer) = http(&lab, "POST", "/v1/incoming", t, &body);
+        assert_eq!(status, 400, "{field}: {answer}");
+        assert!(answer.contains(says), "{field}: {answer}");
+    }
+    rec["spec"]["memory_mib"] = serde_json::json!(65536);
     let body = serde_json::json!({ "vm": rec, "port": 4999 }).to_string();
     let (status, answer) = http(&lab, "POST", "/v1/incoming", t, &body);
     assert_eq!(status, 400, "{answer}");

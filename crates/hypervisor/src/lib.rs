@@ -13,6 +13,16 @@ use serde::{Deserialize, Serialize};
 
 pub use qmp::{Event, Qmp, QmpError};
 
+/// `aa:bb:cc:dd:ee:ff`, hex, with the multicast bit clear.
+fn valid_unicast_mac(mac: &str) -> bool {
+    let octets: Vec<&str> = mac.split(':').collect();
+    octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 0)
+}
+
 /// The largest resident working set, percent of the memory.
 pub const MAX_RESIDENT_PCT: u8 = 90;
 
@@ -36,7 +46,9 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    /// Checks the name (it becomes part of a TAP name) and the sizes.
+    /// Checks everything that becomes part of a path, a TAP name or QEMU's options (name,
+    /// MAC, address) and the sizes: a spec that arrives over the network (an incoming
+    /// migration's record) is checked as CLI input is.
     pub fn validate(&self) -> Result<(), String> {
         let ok = !self.name.is_empty()
             && self.name.len() <= 12
@@ -49,6 +61,25 @@ impl VmSpec {
                 "VM name '{}' must be 1-12 characters of a-z, 0-9, '-'",
                 self.name
             ));
+        }
+        if !valid_unicast_mac(&self.mac) {
+            return Err(format!(
+                "MAC '{}' must be six hex pairs separated by ':', unicast (e.g. 02:dc:01:02:65:01)",
+                self.mac
+            ));
+        }
+        let ip_ok = self.ip_cidr.split_once('/').is_some_and(|(ip, len)| {
+            ip.parse::<std::net::Ipv4Addr>().is_ok()
+                && len.parse::<u8>().is_ok_and(|l| (1..=32).contains(&l))
+        });
+        if !ip_ok {
+            return Err(format!(
+                "guest address '{}' must be IPv4/prefix (e.g. 10.77.2.101/16)",
+                self.ip_cidr
+            ));
+        }
+        if !(1..=64).contains(&self.vcpus) {
+            return Err(format!("{} vCPUs is outside 1-64", self.vcpus));
         }
         if !(64..=65536).contains(&self.memory_mib) {
             return Err(format!(
@@ -410,5 +441,69 @@ mod version_tests {
             Some((7, 2))
         );
         assert_eq!(super::parse_version("something else"), None);
+    }
+}
+
+#[cfg(test)]
+mod spec_tests {
+    use super::VmSpec;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "web".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            mac: "02:dc:01:02:65:01".into(),
+            ip_cidr: "10.77.2.101/16".into(),
+            dirty_mbps: 1,
+            dirty_mib: 32,
+            resident_pct: 75,
+        }
+    }
+
+    #[test]
+    fn a_well_formed_spec_passes() {
+        assert_eq!(spec().validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_path_in_the_name_is_refused_and_the_error_says_what_is_allowed() {
+        for name in ["../etc", "a/b", "web,x=1", "", "thirteen-char"] {
+            let err = VmSpec {
+                name: name.into(),
+                ..spec()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(err.contains("a-z, 0-9, '-'"), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn malformed_or_multicast_macs_and_bad_addresses_are_refused() {
+        for mac in [
+            "02:dc:01:02:65",
+            "02:dc:01:02:65:zz",
+            "03:dc:01:02:65:01",
+            "02-dc-01-02-65-01",
+            "02:dc:01:02:65:01,x",
+        ] {
+            let err = VmSpec {
+                mac: mac.into(),
+                ..spec()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(err.contains("MAC"), "{mac}: {err}");
+        }
+        for ip in ["10.77.2.101", "10.77.2.300/16", "10.77.2.101/33", "x/16"] {
+            let err = VmSpec {
+                ip_cidr: ip.into(),
+                ..spec()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(err.contains("IPv4/prefix"), "{ip}: {err}");
+        }
     }
 }

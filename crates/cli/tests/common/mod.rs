@@ -10,13 +10,39 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 /// End-to-end tests need root and run only with `DCZONE_E2E=1` (the test command sets it).
+/// Under CI (`CI` set) a missing `DCZONE_E2E` fails the test instead: a skipped test must
+/// not pass there as if it had run.
 pub fn e2e_enabled() -> bool {
-    if std::env::var_os("DCZONE_E2E").is_some() {
-        true
-    } else {
-        eprintln!("skipped: set DCZONE_E2E=1 (needs root) to run end-to-end tests");
-        false
+    e2e_decision(
+        std::env::var_os("DCZONE_E2E").is_some(),
+        std::env::var_os("CI").is_some(),
+    )
+}
+
+fn e2e_decision(e2e: bool, ci: bool) -> bool {
+    match (e2e, ci) {
+        (true, _) => true,
+        (false, true) => panic!(
+            "CI is set but DCZONE_E2E is not: the end-to-end tests would pass without \
+             running; run them with DCZONE_E2E=1 (as `scripts/test` does)"
+        ),
+        (false, false) => {
+            eprintln!("skipped: set DCZONE_E2E=1 (needs root) to run end-to-end tests");
+            false
+        }
     }
+}
+
+#[test]
+#[should_panic(expected = "DCZONE_E2E")]
+fn under_ci_a_missing_e2e_switch_fails_instead_of_skipping() {
+    e2e_decision(false, true);
+}
+
+#[test]
+fn outside_ci_a_missing_e2e_switch_skips_and_the_switch_runs() {
+    assert!(!e2e_decision(false, false));
+    assert!(e2e_decision(true, true));
 }
 
 /// One lab per test, with its own name and state directory.
