@@ -102,6 +102,7 @@ pub fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    let _failpoints = dczone_virt::failpoints_from_env();
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

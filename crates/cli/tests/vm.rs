@@ -760,3 +760,81 @@ fn a_path_cut_during_post_copy_pauses_and_the_migration_resumes_when_it_is_back(
         2
     );
 }
+
+/// The hosts whose QEMU runs `vm` (its state lives under `<lab>/vms/<vm>/<host>/`).
+fn vm_qemu_hosts(lab: &TestLab, vm: &str) -> Vec<String> {
+    let marker = format!("/{}/vms/{vm}/", lab.name);
+    let mut hosts = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !cmdline.starts_with("qemu-system") {
+            continue;
+        }
+        if let Some((_, rest)) = cmdline.split_once(&marker) {
+            hosts.push(rest.split('/').next().unwrap_or_default().to_string());
+        }
+    }
+    hosts
+}
+
+#[test]
+fn a_failure_at_each_step_of_a_group_migration_leaves_every_vm_running_exactly_once() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2efail");
+    lab.ok(&["lab", "up"]);
+    let vms = [("fa", "dc1.1-h1", "1"), ("fb", "dc1.1-h2", "4")];
+    create_group(&lab, &vms, "f");
+    let ips: Vec<Ipv4Addr> = vms.iter().map(|v| vm_ip(&lab, v.0)).collect();
+    let boots: Vec<String> = ips
+        .iter()
+        .map(|&a| field(&ledger(&lab, a, &["S"])[0], "boot").to_string())
+        .collect();
+    // Before the point of no return the sources run on; after the destination took over,
+    // the source hosts' agents move the records to where the VMs run.
+    for (point, moves) in [
+        ("migrate-after-prepare", false),
+        ("migrate-after-start", false),
+        ("migrate-after-common-stop", false),
+        ("migrate-after-takeover", true),
+    ] {
+        let out = lab
+            .command()
+            .args(["migrate", "--group", "f", "--to", "dc1.2"])
+            .env("FAILPOINTS", format!("{point}=return"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{point}: the migration succeeded");
+        assert!(err.contains(point), "{point}: {err}");
+        let want = if moves { "dc1.2" } else { "dc1.1" };
+        let t = Instant::now();
+        let settled = |v: &str| {
+            let host = lab.json(&["vm", "show", v, "--json"])["host"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let running = vm_qemu_hosts(&lab, v);
+            (
+                host.starts_with(want) && running == [host.clone()],
+                host,
+                running,
+            )
+        };
+        while !vms.iter().all(|v| settled(v.0).0) && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        for ((v, &a), boot) in vms.iter().zip(&ips).zip(&boots) {
+            let (ok, host, running) = settled(v.0);
+            assert!(
+                ok,
+                "{point}: {} recorded on {host}, QEMU on {running:?}, expected once on {want}",
+                v.0
+            );
+            let s = &ledger(&lab, a, &["S"])[0];
+            assert_eq!(field(s, "boot"), boot, "{point}: {} rebooted", v.0);
+        }
+    }
+}

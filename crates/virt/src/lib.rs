@@ -107,6 +107,18 @@ pub enum VirtError {
         source_host: String,
         reason: String,
     },
+    /// The destination took over, and the rest failed: the source host's agent completes
+    /// the move from the in-flight marker.
+    #[error(
+        "migration of VM '{vm}' ended unsettled ({reason}); its destination on {destination} \
+         runs it, and the agent of {source_host} completes the move"
+    )]
+    Unsettled {
+        vm: String,
+        source_host: String,
+        destination: String,
+        reason: String,
+    },
     /// After a post-copy switch the VM runs at its destination and never goes back.
     #[error(
         "post-copy migration of VM '{vm}' did not finish ({reason}); the VM runs at {destination} \
@@ -129,6 +141,8 @@ pub enum VirtError {
     Image(#[from] dczone_image::ImageError),
     #[error("group '{0}' has no VMs")]
     EmptyGroup(String),
+    #[error("injected failure at {0} (FAILPOINTS)")]
+    Injected(&'static str),
 }
 
 /// Guest memory overhead of a TCG QEMU process beyond guest RAM, MiB.
@@ -137,6 +151,14 @@ const QEMU_OVERHEAD_MIB: u64 = 64;
 /// is mostly full, and the lab's scale rule (a 256 MiB VM over a link 64 times slower takes
 /// as long as a 16 GiB VM over the real one) holds only for memory that has to be sent.
 pub const DEFAULT_RESIDENT_PCT: u8 = 75;
+
+/// Activates the fault-injection points named in `FAILPOINTS` (e.g.
+/// `FAILPOINTS=migrate-after-start=return`) while the returned guard lives; none without
+/// it. The migration's points are listed in [`migrate`]; the e2e tests of its failure
+/// paths use them.
+pub fn failpoints_from_env() -> fail::FailScenario<'static> {
+    fail::FailScenario::setup()
+}
 
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 

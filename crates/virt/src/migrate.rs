@@ -21,29 +21,30 @@
 //! Strategies for a cluster:
 //! - `sequential`: one VM after another (OpenStack Nova's default);
 //! - `parallel`: all at once, independently (what libvirt gives you);
-//! - `coordinated`: all at once, paced so that the cluster moves as one. During the first
-//!   full pass over RAM, a VM that is more than 3 % further along than the slowest one is
-//!   throttled (`max-bandwidth` 2 MB/s) until the others catch up, so every first pass ends
-//!   at about the same moment (a first pass only needs to *end* together: what a throttled
-//!   VM dirties meanwhile is re-sent in later rounds anyway). A VM past its first pass is
-//!   *held*: downtime-limit 1 ms and `max-bandwidth` at half its dirty rate, so its
-//!   remaining never falls under QEMU's switchover threshold (QEMU has no "hold" of its
-//!   own: with any bandwidth above the dirty rate a VM converges by itself). Once every VM
-//!   has finished its first pass, the VMs are *released* (target downtime-limit, full
-//!   bandwidth) one by one, slowest converger first: a VM's convergence time is estimated
-//!   as remaining / (its share of the path - its dirty rate), and a held VM is released
-//!   when its estimate covers what the released ones still need, so that the switchovers
-//!   fall together. Releasing all at once was measured first: SVC-T2 2.3-2.6 s, because
-//!   each VM then needed a different time to converge; staggered: 0.72-0.75 s. Holding VMs
-//!   paused in QEMU's `pre-switchover` state was tried and rejected: waiting there is
-//!   downtime, and it does not shorten SVC-T2, which runs from the first stop to the last
-//!   resume anyway.
+//! - `coordinated` (the default): all at once, with paced first passes, every VM's dirty
+//!   set drained to 1 MiB, then one common stop of every source VM, after which each
+//!   migration completes with its VM stopped (the rules: [`crate::switchover`]). The
+//!   staggered release that came before it (each VM released to converge by itself, at a
+//!   predicted moment) measured 916 ms median SVC-T2 and missed KR1.1 in 3 of 10 runs on a
+//!   noisy host; the common stop makes SVC-T2 the largest single T2 by construction;
+//! - `postcopy`: the same paced first passes, then one `migrate-start-postcopy` of every VM
+//!   at once; a stream broken by a cut path is resumed once the path is back.
+//!
+//! Every way out of a batch settles every session: finished, aborted (the source runs on,
+//! the destination is killed; also by `Drop`, for an early return), or, past the point of
+//! no return (a post-copy switch, or a destination that took over), left to the source
+//! host's agent through the in-flight marker, which stays until then.
+//!
+//! Fault-injection points (`FAILPOINTS=<name>=return`, see
+//! [`crate::failpoints_from_env`]): `migrate-after-prepare`, `migrate-after-start`,
+//! `migrate-after-common-stop`, `migrate-after-takeover`.
 //!
 //! Parameters (documented choices): `downtime-limit` = 100 ms (the institutions' target;
 //! QEMU's default is 300 ms); `max-bandwidth` = 1 GiB/s so that the APN path, not QEMU,
 //! is the limit; multifd off: a single TCP stream already fills a lab link and multifd
 //! needs the capability on both sides before `migrate-incoming`.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -412,21 +413,10 @@ struct InFlight {
     /// The destination QEMU, when the driver launched it itself (it runs as soon as the
     /// stream is in); `None` when the destination's agent holds it paused until `finish`.
     destination: Option<Running>,
-}
-
-/// Removes the in-flight markers of a batch when it ends, however it ends (not when the
-/// process is killed: then the marker is the point).
-struct Markers<'a> {
-    platform: &'a Platform,
-    vms: Vec<String>,
-}
-
-impl Drop for Markers<'_> {
-    fn drop(&mut self) {
-        for vm in &self.vms {
-            let _ = std::fs::remove_file(self.platform.in_flight_path(vm));
-        }
-    }
+    /// The destination took over (`finish` succeeded, `destination` is the QEMU that runs
+    /// the VM): the source must never run again, the record follows the VM.
+    #[serde(default)]
+    taken_over: bool,
 }
 
 /// QEMU statuses in which a migration is still under way.
@@ -514,6 +504,21 @@ impl Platform {
     fn settle(&self, vm: &VmRecord, flight: &InFlight) -> Result<String, VirtError> {
         let name = vm.spec.name.as_str();
         let err = Session::qmp_err(name);
+        if let (true, Some(d)) = (flight.taken_over, &flight.destination) {
+            // The destination runs the VM: the source (quit, or waiting stopped) goes, the
+            // record follows.
+            if let Some(src) = &vm.running {
+                hv::kill(src);
+            }
+            let mut moved = vm.clone();
+            moved.host = flight.to.clone();
+            moved.running = Some(d.clone());
+            self.save_record(&moved)?;
+            return Ok(format!(
+                "{name}: its destination on {} had taken over when its driver died; the record follows it",
+                flight.to
+            ));
+        }
         let destination = flight.destination.clone().filter(|d| {
             hv::alive(d.pid)
                 && std::fs::read_to_string(format!("/proc/{}/comm", d.pid))
@@ -694,6 +699,14 @@ impl Platform {
 struct Session {
     vm: VmRecord,
     to: String,
+    /// Its in-flight marker ([`InFlight`]), removed once the migration is settled here.
+    marker: Option<PathBuf>,
+    /// Finished or aborted: nothing is left for [`Drop`] to do.
+    settled: bool,
+    /// The destination was asked to take over: from then on only an agent that reads the
+    /// marker may settle it (rolling forward if the destination runs), never a `cont` of
+    /// the source here.
+    finishing: bool,
     src: Qmp,
     dst: Box<dyn Destination>,
     started_us: u64,
@@ -777,6 +790,9 @@ impl Session {
             Ok(src) => Ok(Session {
                 vm: vm.clone(),
                 to: to.to_string(),
+                marker: None,
+                settled: false,
+                finishing: false,
                 src,
                 dst,
                 started_us: 0,
@@ -1157,6 +1173,21 @@ impl Session {
             Ok(r) => r,
             Err(e) => return Err(self.abort(format!("the destination did not take over: {e}"))),
         };
+        // The destination runs: whatever fails from here, the marker stays for the agent,
+        // which rolls forward.
+        self.finishing = true;
+        if let Some(path) = &self.marker {
+            let flight = InFlight {
+                from: self.vm.host.clone(),
+                to: self.to.clone(),
+                destination: Some(dst_running.clone()),
+                taken_over: true,
+            };
+            let _ = std::fs::write(path, serde_json::to_vec(&flight).unwrap_or_default());
+        }
+        fail::fail_point!("migrate-after-takeover", |_| Err(
+            self.abort_here(VirtError::Injected("migrate-after-takeover").to_string())
+        ));
         self.resume_us = Some(resume_us);
         let info = self.src.execute("query-migrate", json!({})).map_err(&err)?;
         for ev in self.src.take_events() {
@@ -1211,13 +1242,37 @@ impl Session {
         vm.host = self.to.clone();
         vm.running = Some(dst_running);
         p.save_record(&vm)?;
+        self.settle();
         Ok((record, keeper))
+    }
+
+    /// Settled here: its marker goes.
+    fn settle(&mut self) {
+        self.settled = true;
+        if let Some(path) = self.marker.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Cancels; the source keeps (or resumes) running and the destination is killed.
     /// Never after a post-copy switch: the destination then holds the newer state.
     fn abort(mut self, reason: String) -> VirtError {
+        self.abort_here(reason)
+    }
+
+    fn abort_here(&mut self, reason: String) -> VirtError {
+        if self.finishing && !self.switched {
+            self.settled = true;
+            return VirtError::Unsettled {
+                vm: self.vm.spec.name.clone(),
+                source_host: self.vm.host.clone(),
+                destination: self.to.clone(),
+                reason,
+            };
+        }
         if self.switched {
+            // Not ours to settle: the marker stays for the source host's agent.
+            self.settled = true;
             return VirtError::PostcopyUnfinished {
                 vm: self.vm.spec.name.clone(),
                 source_host: self.vm.host.clone(),
@@ -1236,10 +1291,21 @@ impl Session {
             }
         }
         self.dst.abort();
+        self.settle();
         VirtError::MigrationFailed {
             vm: self.vm.spec.name.clone(),
             source_host: self.vm.host.clone(),
             reason,
+        }
+    }
+}
+
+/// A session dropped unsettled (an early return, a panic unwinding) is aborted: the source
+/// runs on, the destination is killed. One past the point of no return keeps its marker.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.settled {
+            let _ = self.abort_here("the migration's driver gave up on it".into());
         }
     }
 }
@@ -1375,58 +1441,43 @@ impl Platform {
         progress: &dyn Fn(&[Progress]),
         prepare: Prepare<'_>,
     ) -> Result<Vec<VmMigration>, VirtError> {
+        // Every way out of this function settles every session: finished, aborted, or
+        // (an early return) aborted by its `Drop`; a session that cannot be settled here
+        // (switched to post-copy, or its destination asked to take over) keeps its marker
+        // for the source host's agent.
         let mut sessions: Vec<Session> = Vec::new();
-        let mut markers = Markers {
-            platform: self,
-            vms: Vec::new(),
-        };
         for (i, (vm, to)) in plan.iter().enumerate() {
             let port = MIGRATION_PORT_BASE + port_offset + i as u16;
-            let prepared = Session::prepare(vm, to, port, prepare).and_then(|s| {
-                let flight = InFlight {
-                    from: vm.host.clone(),
-                    to: to.clone(),
-                    destination: s.dst.running(),
-                };
-                let path = self.in_flight_path(&vm.spec.name);
-                markers.vms.push(vm.spec.name.clone());
-                match std::fs::write(&path, serde_json::to_vec(&flight).unwrap_or_default()) {
-                    Ok(()) => Ok(s),
-                    Err(e) => {
-                        let _ = s.abort(String::new());
-                        Err(Self::io("record the migration in flight")(e))
-                    }
-                }
-            });
-            match prepared {
-                Ok(mut s) => {
-                    if params.keep_frames {
-                        match self.frame_keeper(&s.vm) {
-                            Ok(k) => s.keeper = Some(k),
-                            Err(e) => s.keeper_error = Some(error_chain(&e)),
-                        }
-                    }
-                    sessions.push(s)
-                }
-                Err(e) => {
-                    for s in sessions {
-                        let _ = s.abort("another VM of the batch failed to prepare".into());
-                    }
-                    return Err(e);
+            let mut s = Session::prepare(vm, to, port, prepare)?;
+            let flight = InFlight {
+                from: vm.host.clone(),
+                to: to.clone(),
+                destination: s.dst.running(),
+                taken_over: false,
+            };
+            let path = self.in_flight_path(&vm.spec.name);
+            std::fs::write(&path, serde_json::to_vec(&flight).unwrap_or_default())
+                .map_err(Self::io("record the migration in flight"))?;
+            s.marker = Some(path);
+            if params.keep_frames {
+                match self.frame_keeper(&s.vm) {
+                    Ok(k) => s.keeper = Some(k),
+                    Err(e) => s.keeper_error = Some(error_chain(&e)),
                 }
             }
+            sessions.push(s);
         }
+        fail::fail_point!("migrate-after-prepare", |_| Err(VirtError::Injected(
+            "migrate-after-prepare"
+        )));
         let hold = batch != Batch::Free;
         for s in sessions.iter_mut() {
             s.postcopy = batch == Batch::Postcopy;
-            if let Err(e) = s.start(hold, params) {
-                let reason = e.to_string();
-                for s in sessions {
-                    let _ = s.abort(reason.clone());
-                }
-                return Err(e);
-            }
+            s.start(hold, params)?;
         }
+        fail::fail_point!("migrate-after-start", |_| Err(VirtError::Injected(
+            "migrate-after-start"
+        )));
         let started = Instant::now();
         let mut released = false;
         loop {
@@ -1503,6 +1554,11 @@ impl Platform {
             progress(&sessions.iter().map(Session::progress).collect::<Vec<_>>());
             if hold && !released {
                 released = Self::switch_step(&mut sessions, started.elapsed(), params, batch)?;
+                if released && batch == Batch::Held {
+                    fail::fail_point!("migrate-after-common-stop", |_| Err(VirtError::Injected(
+                        "migrate-after-common-stop"
+                    )));
+                }
             }
             if sessions.iter().all(|s| s.done) {
                 break;
