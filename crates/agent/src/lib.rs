@@ -736,8 +736,10 @@ impl Destination for RemoteDestination {
 
     fn finish(&mut self) -> Result<(u64, dczone_hypervisor::Running), VirtError> {
         let path = format!("/v1/incoming/{}/finish", self.vm);
+        // Longer than the destination's own finish may take (30 s to load, 30 s to see its
+        // RESUME): an answer lost to a short timeout would abort a VM that runs there.
         let v = self
-            .call("POST", &path, None, Duration::from_secs(30))
+            .call("POST", &path, None, Duration::from_secs(90))
             .map_err(|reason| VirtError::Io {
                 what: format!("finish on the destination agent {}", self.client.url()),
                 source: std::io::Error::other(reason),

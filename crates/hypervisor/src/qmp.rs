@@ -63,6 +63,8 @@ pub struct Qmp {
     oob: bool,
     /// The last out-of-band command's id.
     oob_id: u64,
+    /// A line that a read timeout cut short, completed by the next read.
+    partial: String,
 }
 
 impl Qmp {
@@ -91,6 +93,7 @@ impl Qmp {
             events: VecDeque::new(),
             oob: false,
             oob_id: 0,
+            partial: String::new(),
         };
         let greeting = qmp.read_message()?;
         let offered = greeting["QMP"]["capabilities"]
@@ -106,9 +109,13 @@ impl Qmp {
     }
 
     fn read_message(&mut self) -> Result<Value, QmpError> {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).map_err(QmpError::Io)?;
-        if n == 0 {
+        // A timeout keeps what was read of the line (ASCII) in `partial`.
+        let n = self
+            .reader
+            .read_line(&mut self.partial)
+            .map_err(QmpError::Io)?;
+        let line = std::mem::take(&mut self.partial);
+        if n == 0 && line.is_empty() {
             return Err(QmpError::Io(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "QEMU closed the QMP socket",

@@ -507,7 +507,7 @@ impl Platform {
         if let (true, Some(d)) = (flight.taken_over, &flight.destination) {
             // The destination runs the VM: the source (quit, or waiting stopped) goes, the
             // record follows.
-            if let Some(src) = &vm.running {
+            if let Some(src) = vm.running.as_ref().filter(|s| is_qemu(s.pid)) {
                 hv::kill(src);
             }
             let mut moved = vm.clone();
@@ -519,11 +519,7 @@ impl Platform {
                 flight.to
             ));
         }
-        let destination = flight.destination.clone().filter(|d| {
-            hv::alive(d.pid)
-                && std::fs::read_to_string(format!("/proc/{}/comm", d.pid))
-                    .is_ok_and(|c| c.starts_with("qemu-system"))
-        });
+        let destination = flight.destination.clone().filter(|d| is_qemu(d.pid));
         let Some(src) = vm.running.clone() else {
             if let Some(d) = &destination {
                 hv::kill(d);
@@ -1090,7 +1086,11 @@ impl Session {
             let st = self.src.execute("query-migrate", json!({})).map_err(&err)?;
             let src = st["status"].as_str().unwrap_or("").to_string();
             let hung = handshake_since.is_some_and(|t| t.elapsed() > HANDSHAKE_TIMEOUT);
-            let dst = self.dst.recover_step(&uri, hung)?;
+            // A destination that does not answer this time is asked again at the next step.
+            let dst = self
+                .dst
+                .recover_step(&uri, hung)
+                .unwrap_or_else(|e| format!("unknown ({e})"));
             last = format!(
                 "source {src}{}, destination {dst}, {} resume attempts",
                 st["error-desc"]
@@ -1183,7 +1183,7 @@ impl Session {
                 destination: Some(dst_running.clone()),
                 taken_over: true,
             };
-            let _ = std::fs::write(path, serde_json::to_vec(&flight).unwrap_or_default());
+            let _ = write_marker(path, &flight);
         }
         fail::fail_point!("migrate-after-takeover", |_| Err(
             self.abort_here(VirtError::Injected("migrate-after-takeover").to_string())
@@ -1261,7 +1261,9 @@ impl Session {
     }
 
     fn abort_here(&mut self, reason: String) -> VirtError {
-        if self.finishing && !self.switched {
+        // Completed (pre-copy) before the batch gave up: its destination may already run
+        // it, so it is rolled forward by the source host's agent, never rolled back here.
+        if (self.finishing || self.done) && !self.switched {
             self.settled = true;
             return VirtError::Unsettled {
                 vm: self.vm.spec.name.clone(),
@@ -1285,13 +1287,21 @@ impl Session {
             k.discard();
         }
         let _ = self.src.execute("migrate_cancel", json!({}));
-        if let Ok(st) = self.src.execute("query-status", json!({})) {
-            if st["running"] == false {
-                let _ = self.src.execute("cont", json!({}));
-            }
-        }
+        // The destination goes first: the two must never run at once (a migration may have
+        // completed since the last poll, and a destination started without -S then runs).
         self.dst.abort();
-        self.settle();
+        let running = match self.src.execute("query-status", json!({})) {
+            Ok(st) if st["running"] == false => self.src.execute("cont", json!({})).is_ok(),
+            Ok(_) => true,
+            Err(_) => false,
+        };
+        if running {
+            self.settle();
+        } else {
+            // The source did not confirm it runs: the marker stays, and the source host's
+            // agent settles it.
+            self.settled = true;
+        }
         VirtError::MigrationFailed {
             vm: self.vm.spec.name.clone(),
             source_host: self.vm.host.clone(),
@@ -1456,8 +1466,7 @@ impl Platform {
                 taken_over: false,
             };
             let path = self.in_flight_path(&vm.spec.name);
-            std::fs::write(&path, serde_json::to_vec(&flight).unwrap_or_default())
-                .map_err(Self::io("record the migration in flight"))?;
+            write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
             s.marker = Some(path);
             if params.keep_frames {
                 match self.frame_keeper(&s.vm) {
@@ -1751,6 +1760,24 @@ fn has_postcopy_preempt(qmp: &mut Qmp) -> bool {
         .ok()
         .and_then(|v| v["qemu"]["major"].as_u64())
         .is_some_and(|major| major >= 8)
+}
+
+/// Writes an in-flight marker whole or not at all (a temporary file, then a rename): a
+/// truncated marker would be read as garbage and dropped unsettled.
+fn write_marker(path: &std::path::Path, flight: &InFlight) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(flight).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Is `pid` a live QEMU (not a recycled pid)?
+fn is_qemu(pid: i32) -> bool {
+    hv::alive(pid)
+        && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.starts_with("qemu-system"))
 }
 
 /// Where a broken post-copy stream resumes: the destination's address, another port.
