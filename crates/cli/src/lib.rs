@@ -7,6 +7,7 @@ mod db_bench;
 mod db_cmd;
 mod image_cmd;
 mod lab_cmd;
+mod pki_cmd;
 mod plot;
 mod region_bench;
 mod table;
@@ -65,6 +66,11 @@ pub enum Command {
     },
     /// Live-migrate a VM to a host, or a group of VMs to a site.
     Migrate(vm_cmd::MigrateArgs),
+    /// The zone's PKI: its CA, host and operator certificates.
+    Pki {
+        #[command(subcommand)]
+        command: pki_cmd::PkiCommand,
+    },
     /// The guest image (kernel + initramfs with the ledger service).
     Image {
         #[command(subcommand)]
@@ -173,6 +179,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             result
         }
         Command::Zone { command } => lab_cmd::zone(command),
+        Command::Pki { command } => pki_cmd::run(command),
         Command::Image { command } => image_cmd::run(&exe, command),
         Command::Vm { command } => vm_cmd::run(&lab, &exe, &cli.state_dir, command),
         Command::Migrate(args) => vm_cmd::migrate(&lab, &exe, &cli.state_dir, args),

@@ -1,0 +1,343 @@
+//! The zone's PKI: one certificate authority per zone, and the certificates it issues.
+//!
+//! ```text
+//! <dir>/ca.crt, ca.key                    the zone CA (the key stays with the operator)
+//! <dir>/hosts/<host>.crt, <host>.key      a host: server and client auth, its address as
+//!                                         SAN, OU "host" (agents, peers in migrations)
+//! <dir>/operators/<name>.crt, <name>.key  an operator: client auth only, OU "operator"
+//! ```
+//!
+//! The organisational unit carries the role, so that an agent can accept operator commands
+//! only from an operator's certificate and migration calls only from a host's. Keys are
+//! ECDSA P-256, written with mode 0600; nothing is ever overwritten.
+
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use serde::Serialize;
+
+/// What a certificate lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A host of the zone: serves its agent's API, and calls peer agents.
+    Host,
+    /// A person or tool driving the zone.
+    Operator,
+}
+
+impl Role {
+    /// The organisational unit that marks the role in the subject.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Role::Host => "host",
+            Role::Operator => "operator",
+        }
+    }
+
+    fn folder(self) -> &'static str {
+        match self {
+            Role::Host => "hosts",
+            Role::Operator => "operators",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{} already holds a zone CA; remove it first or use another --dir", .0.display())]
+    Exists(PathBuf),
+    #[error("{} holds no zone CA; create one with `dczone pki init --dir {}`", .0.display(), .0.display())]
+    NoCa(PathBuf),
+    #[error("a certificate for {role:?} '{name}' already exists at {}", path.display())]
+    Issued {
+        role: Role,
+        name: String,
+        path: PathBuf,
+    },
+    #[error("name '{0}' must be 1-63 characters of a-z, 0-9, '.', '-'")]
+    BadName(String),
+    #[error("a host certificate needs at least one address (--ip)")]
+    NoAddress,
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// The files of one issued certificate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Issued {
+    pub role: Role,
+    pub name: String,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    pub not_after: String,
+}
+
+/// A zone CA on disk.
+#[derive(Debug)]
+pub struct Pki {
+    dir: PathBuf,
+}
+
+/// How long the CA is valid.
+const CA_DAYS: i64 = 3650;
+
+impl Pki {
+    /// Creates the zone CA in `dir` (created if missing). Refuses to replace one.
+    pub fn init(dir: &Path, zone: &str) -> Result<Pki, PkiError> {
+        check_name(zone)?;
+        let pki = Pki {
+            dir: dir.to_path_buf(),
+        };
+        if pki.ca_cert().exists() || pki.ca_key().exists() {
+            return Err(PkiError::Exists(dir.to_path_buf()));
+        }
+        std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("dczone zone CA {zone}"));
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, format!("dczone zone {zone}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(CA_DAYS);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        write_new(&pki.ca_key(), key.serialize_pem().as_bytes(), 0o600)?;
+        write_new(&pki.ca_cert(), cert.pem().as_bytes(), 0o644)?;
+        Ok(pki)
+    }
+
+    /// Opens the zone CA in `dir`.
+    pub fn open(dir: &Path) -> Result<Pki, PkiError> {
+        let pki = Pki {
+            dir: dir.to_path_buf(),
+        };
+        if !pki.ca_cert().exists() || !pki.ca_key().exists() {
+            return Err(PkiError::NoCa(dir.to_path_buf()));
+        }
+        Ok(pki)
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+
+    /// Issues a certificate for `name` in `role`, valid `days` days, with `ips` (and the
+    /// name) as subject alternative names. A host needs at least one address.
+    pub fn issue(
+        &self,
+        role: Role,
+        name: &str,
+        ips: &[IpAddr],
+        days: u32,
+    ) -> Result<Issued, PkiError> {
+        check_name(name)?;
+        if role == Role::Host && ips.is_empty() {
+            return Err(PkiError::NoAddress);
+        }
+        let folder = self.dir.join(role.folder());
+        let certificate = folder.join(format!("{name}.crt"));
+        let key_path = folder.join(format!("{name}.key"));
+        if certificate.exists() || key_path.exists() {
+            return Err(PkiError::Issued {
+                role,
+                name: name.to_string(),
+                path: certificate,
+            });
+        }
+        let ca_key = read(&self.ca_key())?;
+        let ca_cert = read(&self.ca_cert())?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert, KeyPair::from_pem(&ca_key)?)?;
+
+        let mut params = CertificateParams::new(vec![name.to_string()])?;
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.distinguished_name.push(DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, role.unit());
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match role {
+            Role::Host => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(i64::from(days));
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        std::fs::create_dir_all(&folder).map_err(io("cannot create", &folder))?;
+        write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        write_new(&certificate, cert.pem().as_bytes(), 0o644)?;
+        Ok(Issued {
+            role,
+            name: name.to_string(),
+            certificate,
+            key: key_path,
+            not_after: params
+                .not_after
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        })
+    }
+}
+
+fn check_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::BadName(name.to_string()))
+    }
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> PkiError + 'a {
+    move |source| PkiError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(io("cannot read", path))
+}
+
+/// Writes a file that must not exist yet, with `mode` from the start (a key is never
+/// readable by others, not even for an instant).
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io("cannot create", path))?;
+    f.write_all(bytes).map_err(io("cannot write", path))?;
+    // The process umask may have narrowed a public certificate; set what was asked.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io("cannot set the mode of", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("dczone-pki-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn parse(path: &Path) -> Vec<u8> {
+        let text = std::fs::read(path).unwrap();
+        let (_, pem) = parse_x509_pem(&text).unwrap();
+        pem.contents
+    }
+
+    #[test]
+    fn a_host_certificate_is_signed_by_the_zone_ca_for_its_addresses_and_both_auths() {
+        let dir = tmp("host");
+        let pki = Pki::init(&dir, "reference").unwrap();
+        let ip: IpAddr = "10.77.1.11".parse().unwrap();
+        let issued = pki.issue(Role::Host, "dc1.1-h1", &[ip], 825).unwrap();
+
+        let ca_der = parse(&pki.ca_cert());
+        let (_, ca) = X509Certificate::from_der(&ca_der).unwrap();
+        let der = parse(&issued.certificate);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        assert!(ca.is_ca());
+        assert_eq!(cert.issuer(), ca.subject());
+        cert.verify_signature(Some(ca.public_key())).unwrap();
+        let unit = cert
+            .subject()
+            .iter_organizational_unit()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(unit, "host");
+        let san = cert.subject_alternative_name().unwrap().unwrap().value;
+        assert!(san
+            .general_names
+            .iter()
+            .any(|n| matches!(n, GeneralName::IPAddress(b) if *b == [10, 77, 1, 11])));
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        let mode = std::fs::metadata(&issued.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_operator_certificate_is_for_client_auth_only() {
+        let dir = tmp("op");
+        let pki = Pki::init(&dir, "reference").unwrap();
+        let issued = pki.issue(Role::Operator, "alice", &[], 30).unwrap();
+        let der = parse(&issued.certificate);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        let unit = cert.subject().iter_organizational_unit().next().unwrap();
+        assert_eq!(unit.as_str().unwrap(), "operator");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nothing_is_overwritten_and_bad_input_says_what_to_fix() {
+        let dir = tmp("refuse");
+        let pki = Pki::init(&dir, "z").unwrap();
+        assert!(matches!(Pki::init(&dir, "z"), Err(PkiError::Exists(_))));
+        let ip: IpAddr = "10.77.1.11".parse().unwrap();
+        pki.issue(Role::Host, "h1", &[ip], 1).unwrap();
+        assert!(matches!(
+            pki.issue(Role::Host, "h1", &[ip], 1),
+            Err(PkiError::Issued { .. })
+        ));
+        assert!(matches!(
+            pki.issue(Role::Host, "h2", &[], 1),
+            Err(PkiError::NoAddress)
+        ));
+        for bad in ["../x", "H1", "", "-h"] {
+            let e = pki.issue(Role::Operator, bad, &[], 1).unwrap_err();
+            assert!(e.to_string().contains("a-z, 0-9"), "{bad}: {e}");
+        }
+        let missing = tmp("missing");
+        let e = Pki::open(&missing).unwrap_err();
+        assert!(e.to_string().contains("dczone pki init"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
