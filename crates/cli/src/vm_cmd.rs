@@ -91,7 +91,7 @@ pub struct MigrateArgs {
     pub max_hold_s: u64,
     /// A group (coordinated): once every VM has sent its RAM once, stop them all this many
     /// seconds later at the latest, even if a dirty set is still above the drain target.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 30)]
     pub max_drain_s: u64,
     #[arg(long)]
     pub json: bool,

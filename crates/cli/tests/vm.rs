@@ -536,7 +536,21 @@ fn a_cluster_switches_together_on_every_run_of_either_strategy_and_long_lived_cl
             .iter()
             .map(|v| v["t2_ms"].as_f64().unwrap())
             .collect();
-        eprintln!("run {run} ({strategy}) to {to}: SVC-T2 {svc_t2:.0} ms, T2 {t2s:?}");
+        let parts: Vec<String> = g["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                format!(
+                    "{}: send {} load {}",
+                    v["vm"], v["t2_send_ms"], v["t2_load_resume_ms"]
+                )
+            })
+            .collect();
+        eprintln!(
+            "run {run} ({strategy}) to {to}: SVC-T2 {svc_t2:.0} ms, T2 {t2s:?}, switched: {}, {parts:?}",
+            g["switch_reason"]
+        );
         // KR1.1 on every run (the test holds the KR, not the stretch goal).
         assert!(svc_t2 < 1000.0, "run {run}: SVC-T2 {svc_t2} ms");
         for v in g["vms"].as_array().unwrap() {

@@ -126,7 +126,7 @@ impl Default for Params {
             max_bandwidth_bytes: 1 << 30,
             timeout: Duration::from_secs(180),
             max_hold: Duration::from_secs(120),
-            max_drain: Duration::from_secs(10),
+            max_drain: Duration::from_secs(30),
             keep_frames: true,
         }
     }
