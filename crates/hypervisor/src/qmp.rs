@@ -161,34 +161,40 @@ impl Qmp {
     /// not send an in-band command (see [`Qmp::execute_oob`]).
     pub fn poll_events(&mut self, wait: Duration) -> Result<(), QmpError> {
         let deadline = Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(());
+        while self.read_until(deadline)? {}
+        Ok(())
+    }
+
+    /// Reads one message before `deadline` and queues it if it is an event. False when
+    /// the deadline came first.
+    fn read_until(&mut self, deadline: Instant) -> Result<bool, QmpError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(left))
+            .map_err(QmpError::Io)?;
+        let msg = self.read_message();
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(QmpError::Io)?;
+        match msg {
+            Ok(m) => {
+                self.queue_if_event(&m);
+                Ok(true)
             }
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(left))
-                .map_err(QmpError::Io)?;
-            let msg = self.read_message();
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .map_err(QmpError::Io)?;
-            match msg {
-                Ok(m) => {
-                    self.queue_if_event(&m);
-                }
-                Err(QmpError::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(())
-                }
-                Err(e) => return Err(e),
+            Err(QmpError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -234,32 +240,8 @@ impl Qmp {
             if let Some(pos) = self.events.iter().position(|e| e.name == name) {
                 return Ok(self.events.remove(pos).expect("position is valid"));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !self.read_until(deadline)? {
                 return Err(QmpError::Timeout(timeout, format!("event {name}")));
-            }
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(left))
-                .map_err(QmpError::Io)?;
-            let msg = self.read_message();
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .map_err(QmpError::Io)?;
-            match msg {
-                Ok(m) => {
-                    self.queue_if_event(&m);
-                }
-                Err(QmpError::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(QmpError::Timeout(timeout, format!("event {name}")))
-                }
-                Err(e) => return Err(e),
             }
         }
     }
