@@ -364,6 +364,42 @@ impl Member {
         Ok(parse_waldump(&text, from_lsn, complete))
     }
 
+    /// The timelines whose history files are in this member's `pg_wal`.
+    pub fn history_timelines(&self) -> Result<Vec<u32>, DbError> {
+        let dir = self.data().join("pg_wal");
+        let entries = std::fs::read_dir(&dir).map_err(|source| DbError::Io {
+            what: format!("read {}", dir.display()),
+            source,
+        })?;
+        Ok(entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let tli = name.strip_suffix(".history")?;
+                (tli.len() == 8).then(|| u32::from_str_radix(tli, 16).ok())?
+            })
+            .collect())
+    }
+
+    /// Writes a placeholder history file for a timeline another member created, so that
+    /// this member's promotion skips its number. It holds only a comment, which PostgreSQL's
+    /// history parser skips; the member never recovers along that timeline.
+    pub fn reserve_timeline(&self, tli: u32, why: &str) -> Result<(), DbError> {
+        let path = self
+            .data()
+            .join("pg_wal")
+            .join(format!("{tli:08X}.history"));
+        std::fs::write(
+            &path,
+            format!("# timeline {tli} skipped by dczone: {why}\n"),
+        )
+        .map_err(|source| DbError::Io {
+            what: format!("write {}", path.display()),
+            source,
+        })?;
+        chown_postgres(&path)
+    }
+
     pub fn rewind(&self, source: &Member) -> Result<String, DbError> {
         let _ = std::fs::remove_file(self.data().join("standby.signal"));
         let out = run(
@@ -695,6 +731,15 @@ pub async fn show(member: &str, c: &tokio_postgres::Client, name: &str) -> Resul
         .await
         .map_err(sql_err(member))?;
     Ok(row.get(0))
+}
+
+/// The timeline of the member's latest checkpoint (restartpoint on a standby).
+pub async fn checkpoint_timeline(member: &str, c: &tokio_postgres::Client) -> Result<u32, DbError> {
+    let row = c
+        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+        .await
+        .map_err(sql_err(member))?;
+    Ok(row.get::<_, i32>(0).max(1) as u32)
 }
 
 /// Promotes a standby and waits until it accepts writes.

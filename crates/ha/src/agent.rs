@@ -877,7 +877,9 @@ impl Agent {
             dczone_db::set_and_reload(&site, c, "primary_conninfo", "")
                 .await
                 .map_err(|e| e.to_string())?;
-            log(&site, "promoting");
+            let tli = self.reserve_timeline(me, snap).await?;
+            let c = self.client.as_ref().ok_or("no connection")?;
+            log(&site, &format!("promoting onto timeline {tli}"));
             dczone_db::promote(&site, c)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -886,7 +888,14 @@ impl Agent {
             c.batch_execute("CHECKPOINT")
                 .await
                 .map_err(|e| dczone_db::pg_message(&e))?;
-            log(&site, "promoted");
+            match dczone_db::checkpoint_timeline(&site, c).await {
+                Ok(t) if t == tli => log(&site, "promoted"),
+                Ok(t) => log(
+                    &site,
+                    &format!("promoted onto timeline {t}, not the reserved {tli}"),
+                ),
+                Err(e) => log(&site, &format!("promoted; timeline unknown: {e}")),
+            }
         }
         // Recorded only now under sync, and again once promoted under async: followers
         // rewind only onto a primary whose state says it is ready.
@@ -1077,6 +1086,34 @@ impl Agent {
             .map_err(|e| e.to_string())
     }
 
+    /// Reserves in etcd the timeline this standby's promotion creates, above every timeline
+    /// reserved before, and makes PostgreSQL skip the numbers it does not know are taken
+    /// (see [`decide::next_timeline`]). No promotion without the reservation.
+    async fn reserve_timeline(&mut self, me: &Leader, snap: &Snapshot) -> Result<u32, String> {
+        let site = self.cfg.site.clone();
+        let c = self.client.as_ref().ok_or("no connection")?;
+        let control = dczone_db::checkpoint_timeline(&site, c)
+            .await
+            .map_err(|e| e.to_string())?;
+        let member = self.cfg.me().clone();
+        let history = member.history_timelines().map_err(|e| e.to_string())?;
+        let (tli, skipped) = decide::next_timeline(control, &history, snap.timeline);
+        for t in &skipped {
+            member
+                .reserve_timeline(*t, "reserved in etcd by another member's promotion")
+                .map_err(|e| e.to_string())?;
+        }
+        if !skipped.is_empty() {
+            log(
+                &site,
+                &format!("timelines {skipped:?} are taken; skipping them"),
+            );
+        }
+        self.write_as_leader(me, &self.store.keys.timeline(), &tli)
+            .await?;
+        Ok(tli)
+    }
+
     /// Planned switchover, the old primary's half: shut down cleanly (PostgreSQL's fast
     /// shutdown sends every WAL record, the shutdown checkpoint included, to the connected
     /// standbys before it exits), record where the WAL ends, and give up the leader key.
@@ -1249,6 +1286,24 @@ impl Agent {
                 .await
                 .map_err(|e| e.to_string())?;
             match rewound {
+                // pg_rewind compares timeline numbers only. A former primary, or a standby
+                // that cannot stream, on the leader's very timeline number has WAL of its
+                // own on it (two promotions chose one number before reservations existed,
+                // or etcd lost them): rewinding cannot help, cloning does.
+                Ok(report) if report.contains("same timeline") => {
+                    log(
+                        &site,
+                        &format!(
+                            "pg_rewind: {report}; {why} on {}'s timeline number: cloning it afresh",
+                            upstream.site
+                        ),
+                    );
+                    let (m, u) = (me.clone(), upstream.clone());
+                    tokio::task::spawn_blocking(move || m.basebackup(&u))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                }
                 Ok(report) => log(&site, &format!("pg_rewind: {report}")),
                 Err(e) => {
                     // Patroni's fallback too: a member that cannot be rewound is re-cloned.

@@ -405,6 +405,28 @@ impl ManualFailover {
     }
 }
 
+/// The timeline a standby's promotion will create, and the placeholder history files that
+/// make PostgreSQL skip numbers already taken.
+///
+/// PostgreSQL names a promotion's timeline after the first history file missing above its
+/// recovery timeline; only a shared WAL archive tells it about a timeline another member
+/// created. Without one, two members promoted from the same point (one during a switchover
+/// that a region cut then interrupted, one after it) both create timeline N+1 with
+/// different WAL, and pg_rewind, which compares timeline numbers, then calls the loser
+/// "on the same timeline, no rewind required" while it cannot stream. So every promotion
+/// reserves its timeline in etcd first (`timeline`), and a later one goes above it.
+/// `control_tli` is the member's checkpoint timeline, `history` the history files in its
+/// `pg_wal`, `reserved` the highest timeline etcd has recorded.
+pub fn next_timeline(control_tli: u32, history: &[u32], reserved: Option<u32>) -> (u32, Vec<u32>) {
+    let mut own = control_tli.max(1);
+    while history.contains(&(own + 1)) {
+        own += 1;
+    }
+    let next = (own + 1).max(reserved.map_or(0, |r| r + 1));
+    let placeholders = (own + 1..next).filter(|t| !history.contains(t)).collect();
+    (next, placeholders)
+}
+
 /// What a standby does about a switchover while nobody holds the leader key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SwitchoverRole {
@@ -787,6 +809,19 @@ mod tests {
         assert!(must_fence(12_500, d));
         // etcd expires the lease no earlier than renewal-received + ttl >= sent + ttl.
         assert!(d < 10_000 + 3_000);
+    }
+
+    #[test]
+    fn a_promotion_goes_above_every_timeline_reserved_in_etcd() {
+        // Nothing reserved: PostgreSQL's own choice, the first history file missing.
+        assert_eq!(next_timeline(1, &[], None), (2, vec![]));
+        assert_eq!(next_timeline(2, &[2, 3], None), (4, vec![]));
+        assert_eq!(next_timeline(2, &[2, 3], Some(3)), (4, vec![]));
+        // Another member promoted to 4 from the same point: 4 is skipped.
+        assert_eq!(next_timeline(3, &[2, 3], Some(4)), (5, vec![4]));
+        assert_eq!(next_timeline(1, &[], Some(5)), (6, vec![2, 3, 4, 5]));
+        // A history file already there is not overwritten.
+        assert_eq!(next_timeline(1, &[2, 4], Some(4)), (5, vec![3]));
     }
 
     fn request(to: &str) -> Switchover {

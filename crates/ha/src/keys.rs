@@ -88,6 +88,8 @@ pub struct Snapshot {
     pub switchover: Option<Switchover>,
     /// A manual failover ordered by `dczone db failover`, not yet carried out.
     pub failover: Option<ManualFailover>,
+    /// The highest timeline a promotion has reserved.
+    pub timeline: Option<u32>,
 }
 
 /// One etcd member's own answer to a status request.
@@ -99,7 +101,7 @@ pub struct MemberStatus {
     pub raft_term: u64,
 }
 
-/// Key layout: `/dczone/<lab>/db/{leader,sync,tier,switchover,failover,primary_lsn,members/<site>,audit/<ms>}`.
+/// Key layout: `/dczone/<lab>/db/{leader,sync,tier,switchover,failover,primary_lsn,timeline,members/<site>,audit/<ms>}`.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
@@ -131,6 +133,10 @@ impl Keys {
     }
     pub fn primary_lsn(&self) -> String {
         format!("{}primary_lsn", self.prefix)
+    }
+    /// The highest timeline a promotion has reserved (see [`crate::decide::next_timeline`]).
+    pub fn timeline(&self) -> String {
+        format!("{}timeline", self.prefix)
     }
     pub fn member(&self, site: &str) -> String {
         format!("{}members/{site}", self.prefix)
@@ -201,6 +207,7 @@ impl Store {
                 "tier" => snap.tier = Some(json(&key, kv.value())?),
                 "switchover" => snap.switchover = Some(json(&key, kv.value())?),
                 "failover" => snap.failover = Some(json(&key, kv.value())?),
+                "timeline" => snap.timeline = Some(json(&key, kv.value())?),
                 r if r.starts_with("members/") => snap.members.push(json(&key, kv.value())?),
                 r if r.starts_with("audit/") => snap.audit.push(json(&key, kv.value())?),
                 _ => {}
