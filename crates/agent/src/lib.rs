@@ -1,12 +1,15 @@
-//! `dczoned`, the host agent: one per host, inside the host's namespace, serving an HTTP
-//! API over the VMs of that host. Every request but `/v1/health` needs
-//! `Authorization: Bearer <token>`; without it, or with a wrong one: 401.
+//! `dczoned`, the host agent: one per host, inside the host's namespace, serving an HTTPS
+//! API over the VMs of that host on the host's address only. Every connection is mutual
+//! TLS with the zone's certificates (`dczone_pki::tls`): a client without a certificate
+//! of the zone CA does not get past the handshake. Operator calls (the VM lifecycle,
+//! migrate) need an operator's certificate and the destination's calls (`/v1/incoming`)
+//! a peer host's; anything else is refused with 403 naming the certificate needed.
 //!
 //! API, version 1 (JSON in and out):
 //!
 //! | method and path | request |
 //! |---|---|
-//! | GET /v1/health | (no token) liveness |
+//! | GET /v1/health | liveness (any certificate of the zone) |
 //! | GET /v1/vms | [`AgentRequest::ListVms`] |
 //! | POST /v1/vms | [`AgentRequest::CreateVm`], body [`CreateBody`] |
 //! | GET /v1/vms/{name} | [`AgentRequest::GetVm`] |
@@ -16,10 +19,10 @@
 //! | GET /v1/vms/{name}/serial | [`AgentRequest::SerialLog`] |
 //! | POST /v1/vms/{name}/migrate | [`AgentRequest::Migrate`], body [`MigrateBody`] |
 //! | GET /v1/vms/{name}/migration | [`AgentRequest::MigrationProgress`] |
-//! | POST /v1/incoming | [`AgentRequest::Incoming`], body [`IncomingBody`] |
-//! | GET /v1/incoming/{name} | [`AgentRequest::IncomingAlive`] |
-//! | POST /v1/incoming/{name}/finish | [`AgentRequest::IncomingFinish`] |
-//! | DELETE /v1/incoming/{name} | [`AgentRequest::IncomingAbort`] |
+//! | POST /v1/incoming | [`AgentRequest::Incoming`], body [`IncomingBody`] (host) |
+//! | GET /v1/incoming/{name} | [`AgentRequest::IncomingAlive`] (host) |
+//! | POST /v1/incoming/{name}/finish | [`AgentRequest::IncomingFinish`] (host) |
+//! | DELETE /v1/incoming/{name} | [`AgentRequest::IncomingAbort`] (host) |
 //!
 //! Live migration is driven between two agents, in libvirt's phases: the source agent
 //! (`migrate`) asks the destination agent to *prepare* (`incoming`: QEMU waiting for the
@@ -39,14 +42,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use dczone_pki::tls::{Identity, Peer};
+use dczone_pki::Role;
 use dczone_virt::migrate::{Destination, LocalDestination, Params, Progress};
 use dczone_virt::{CreateVm, Platform, VirtError, VmRecord};
 
@@ -89,13 +95,27 @@ pub enum AgentRequest {
     IncomingAbort { name: String },
 }
 
+impl AgentRequest {
+    /// The certificate role a caller needs: a peer host for a migration's destination
+    /// half, an operator for everything else.
+    pub fn role(&self) -> Role {
+        match self {
+            AgentRequest::Incoming(_)
+            | AgentRequest::IncomingAlive { .. }
+            | AgentRequest::IncomingFinish { .. }
+            | AgentRequest::IncomingAbort { .. } => Role::Host,
+            _ => Role::Operator,
+        }
+    }
+}
+
 /// Body of `POST /v1/vms/{name}/migrate`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateBody {
     /// The destination host.
     pub to: String,
-    /// The destination agent's URL; default `http://<to's address>:7070`.
+    /// The destination agent's URL; default `https://<to's address>:7070`.
     pub agent: Option<String>,
     pub downtime_limit_ms: Option<u64>,
     /// Replay the frames that reach the source during the switchover (default true).
@@ -141,8 +161,8 @@ fn default_resident_pct() -> u8 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("missing or wrong bearer token")]
-    Unauthorized,
+    #[error("this call needs {need} certificate; the caller presented {got}")]
+    Forbidden { need: &'static str, got: String },
     #[error("VM '{vm}' is not on this host ({host})")]
     NotHere { vm: String, host: String },
     #[error("no incoming migration of VM '{0}' on this host")]
@@ -156,7 +176,7 @@ pub enum AgentError {
 impl AgentError {
     fn status(&self) -> StatusCode {
         match self {
-            AgentError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AgentError::Forbidden { .. } => StatusCode::FORBIDDEN,
             AgentError::NotHere { .. }
             | AgentError::NoIncoming(_)
             | AgentError::NoMigration(_)
@@ -193,7 +213,8 @@ impl IntoResponse for AgentError {
 pub struct Agent {
     platform: Platform,
     host: String,
-    token: String,
+    /// How this host calls its peers' agents: its own certificate, the zone CA.
+    peers: Arc<rustls::ClientConfig>,
     /// Destination QEMUs waiting for (or receiving) a stream, by VM name.
     /// Each with when its source agent last asked after it (the migration's keepalive).
     incoming: Mutex<HashMap<String, (LocalDestination, Instant)>>,
@@ -202,11 +223,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(platform: Platform, host: String, token: String) -> Agent {
+    pub fn new(platform: Platform, host: String, peers: Arc<rustls::ClientConfig>) -> Agent {
         let agent = Agent {
             platform,
             host,
-            token,
+            peers,
             incoming: Mutex::new(HashMap::new()),
             outgoing: Mutex::new(HashMap::new()),
         };
@@ -328,7 +349,7 @@ impl Agent {
                             .lab()
                             .host(&body.to)
                             .map_err(VirtError::from)?;
-                        format!("http://{}:{AGENT_PORT}", h.ip())
+                        format!("https://{}:{AGENT_PORT}", h.ip())
                     }
                 };
                 let mut params = Params::default();
@@ -338,7 +359,7 @@ impl Agent {
                 if let Some(on) = body.frame_replay {
                     params.keep_frames = on;
                 }
-                let token = self.token.clone();
+                let peers = self.peers.clone();
                 let report = |ps: &[Progress]| {
                     if let Some(p) = ps.first() {
                         self.outgoing
@@ -354,7 +375,10 @@ impl Agent {
                     &report,
                     &|vm, _to, port| {
                         Ok(Box::new(RemoteDestination::prepare(
-                            &url, &token, vm, port,
+                            &url,
+                            peers.clone(),
+                            vm,
+                            port,
                         )?))
                     },
                 );
@@ -427,32 +451,33 @@ impl Agent {
             }
         })
     }
-
-    fn authorized(&self, headers: &HeaderMap) -> bool {
-        let given = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        // Compare every byte so the time taken does not reveal the matching prefix.
-        given.len() == self.token.len()
-            && given
-                .bytes()
-                .zip(self.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    }
 }
 
 type Shared = Arc<Agent>;
 
+/// The verified certificate of a connection's client (`None`: one without a known role).
+#[derive(Debug, Clone)]
+pub struct Caller(pub Option<Peer>);
+
+type By = Extension<Caller>;
+
 async fn dispatch(
     agent: Shared,
-    headers: HeaderMap,
+    Extension(Caller(peer)): By,
     req: AgentRequest,
 ) -> Result<Json<Value>, AgentError> {
-    if !agent.authorized(&headers) {
-        return Err(AgentError::Unauthorized);
+    let need = req.role();
+    if peer.as_ref().map(|p| p.role) != Some(need) {
+        return Err(AgentError::Forbidden {
+            need: match need {
+                Role::Host => "a peer host's",
+                Role::Operator => "an operator's",
+            },
+            got: match peer {
+                Some(p) => format!("the {} certificate of '{}'", p.role.unit(), p.name),
+                None => "a certificate with no role".into(),
+            },
+        });
     }
     let result = tokio::task::spawn_blocking(move || agent.handle(req)).await;
     result
@@ -471,22 +496,21 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/health", get(|| async { Json(json!({ "ok": true })) }))
         .route(
             "/v1/vms",
-            get(|State(a): State<Shared>, h: HeaderMap| dispatch(a, h, AgentRequest::ListVms))
-                .post(
-                    |State(a): State<Shared>, h: HeaderMap, Json(body): Json<CreateBody>| {
-                        dispatch(a, h, AgentRequest::CreateVm(body))
-                    },
-                ),
+            get(|State(a): State<Shared>, h: By| dispatch(a, h, AgentRequest::ListVms)).post(
+                |State(a): State<Shared>, h: By, Json(body): Json<CreateBody>| {
+                    dispatch(a, h, AgentRequest::CreateVm(body))
+                },
+            ),
         )
         .route(
             "/v1/vms/{name}",
             get(
-                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::GetVm { name })
                 },
             )
             .delete(
-                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::DestroyVm { name })
                 },
             ),
@@ -494,7 +518,7 @@ pub fn router(agent: Shared) -> Router {
         .route(
             "/v1/vms/{name}/start",
             post(
-                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::StartVm { name })
                 },
             ),
@@ -502,7 +526,7 @@ pub fn router(agent: Shared) -> Router {
         .route(
             "/v1/vms/{name}/stop",
             post(
-                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::StopVm { name })
                 },
             ),
@@ -511,7 +535,7 @@ pub fn router(agent: Shared) -> Router {
             "/v1/vms/{name}/migrate",
             post(
                 |State(a): State<Shared>,
-                 h: HeaderMap,
+                 h: By,
                  UrlPath(name): UrlPath<String>,
                  Json(body): Json<MigrateBody>| {
                     dispatch(a, h, AgentRequest::Migrate { name, body })
@@ -521,7 +545,7 @@ pub fn router(agent: Shared) -> Router {
         .route(
             "/v1/vms/{name}/migration",
             get(
-                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::MigrationProgress { name })
                 },
             ),
@@ -529,7 +553,7 @@ pub fn router(agent: Shared) -> Router {
         .route(
             "/v1/incoming",
             post(
-                |State(a): State<Shared>, h: HeaderMap, Json(body): Json<IncomingBody>| {
+                |State(a): State<Shared>, h: By, Json(body): Json<IncomingBody>| {
                     dispatch(a, h, AgentRequest::Incoming(body))
                 },
             ),
@@ -537,12 +561,12 @@ pub fn router(agent: Shared) -> Router {
         .route(
             "/v1/incoming/{name}",
             get(
-                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::IncomingAlive { name })
                 },
             )
             .delete(
-                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::IncomingAbort { name })
                 },
             ),
@@ -550,7 +574,7 @@ pub fn router(agent: Shared) -> Router {
         .route(
             "/v1/incoming/{name}/finish",
             post(
-                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::IncomingFinish { name })
                 },
             ),
@@ -558,7 +582,7 @@ pub fn router(agent: Shared) -> Router {
         .route(
             "/v1/vms/{name}/serial",
             get(
-                |State(a): State<Shared>, h: HeaderMap, UrlPath(name): UrlPath<String>| {
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::SerialLog { name })
                 },
             ),
@@ -571,7 +595,6 @@ pub fn router(agent: Shared) -> Router {
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     url: String,
-    token: String,
     http: ureq::Agent,
 }
 
@@ -590,11 +613,12 @@ pub enum CallError {
 }
 
 impl AgentClient {
-    pub fn new(url: &str, token: &str) -> AgentClient {
+    /// A client of the agent at `url` (`https://IP:PORT`), authenticated by the
+    /// certificate in `tls` (see [`dczone_pki::tls::client_config`]).
+    pub fn new(url: &str, tls: Arc<rustls::ClientConfig>) -> AgentClient {
         AgentClient {
             url: url.trim_end_matches('/').to_string(),
-            token: token.to_string(),
-            http: ureq::AgentBuilder::new().build(),
+            http: ureq::AgentBuilder::new().tls_config(tls).build(),
         }
     }
 
@@ -612,8 +636,7 @@ impl AgentClient {
         let req = self
             .http
             .request(method, &format!("{}{path}", self.url))
-            .timeout(timeout)
-            .set("Authorization", &format!("Bearer {}", self.token));
+            .timeout(timeout);
         let resp = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
@@ -673,12 +696,12 @@ impl RemoteDestination {
 
     fn prepare(
         url: &str,
-        token: &str,
+        tls: Arc<rustls::ClientConfig>,
         vm: &VmRecord,
         port: u16,
     ) -> Result<RemoteDestination, VirtError> {
         let mut d = RemoteDestination {
-            client: AgentClient::new(url, token),
+            client: AgentClient::new(url, tls),
             vm: vm.spec.name.clone(),
             uri: String::new(),
             checked: None,
@@ -774,9 +797,10 @@ pub struct Args {
     /// Address to listen on; default: the host's lab address, port 7070.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// File holding the bearer token clients must send.
+    /// The host's PKI directory: `ca.crt` (the zone CA), `hosts/<host>.crt` and
+    /// `hosts/<host>.key` (see `dczone pki issue`).
     #[arg(long)]
-    pub token_file: PathBuf,
+    pub pki: PathBuf,
 }
 
 /// Entry point of `dczoned`.
@@ -798,25 +822,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
     let (host, _) = lab.host(&args.host)?;
-    let token = std::fs::read_to_string(&args.token_file)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read the token file {}: {e}",
-                args.token_file.display()
-            )
-        })?
-        .trim()
-        .to_string();
-    anyhow::ensure!(
-        !token.is_empty(),
-        "the token file {} is empty",
-        args.token_file.display()
-    );
+    let identity = Identity::host(&args.pki, &args.host);
+    let server_tls = dczone_pki::tls::server_config(&identity)?;
+    let peers = dczone_pki::tls::client_config(&identity.ca, Some(&identity))?;
     let platform = Platform::open(lab, &dczone_image::ImageInputs::for_executable(&exe))?;
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from((host.ip(), AGENT_PORT)));
-    let agent = Arc::new(Agent::new(platform, args.host.clone(), token));
+    let agent = Arc::new(Agent::new(platform, args.host.clone(), peers));
     let reaper = agent.clone();
     std::thread::Builder::new()
         .name("incoming-reaper".into())
@@ -828,8 +841,46 @@ fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        eprintln!("dczoned: serving host {} on http://{listen}", args.host);
-        axum::serve(listener, router(agent)).await?;
+        eprintln!("dczoned: serving host {} on https://{listen}", args.host);
+        serve_tls(listener, server_tls, router(agent)).await?;
         Ok(())
     })
+}
+
+/// Serves `app` over mutual TLS: each connection's verified client certificate reaches the
+/// handlers as a [`Caller`]. A handshake that fails (no certificate, another CA's) is
+/// logged and dropped before any request is read.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, remote) = listener.accept().await?;
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        eprintln!("dczoned: refused {remote}: TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| Peer::from_der(c));
+            let service =
+                hyper_util::service::TowerToHyperService::new(app.layer(Extension(Caller(peer))));
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+        });
+    }
 }

@@ -1,25 +1,48 @@
 //! The lab's host agents as the CLI sees them: `dczoned` is started on demand in a host's
-//! namespace (one per host, on the lab's shared token), and every call is made from a
-//! thread inside that namespace, where the host's lab address is reachable. On real hosts
-//! the agents run as services and the same calls go over the network.
+//! namespace (one per host, with a host certificate of the lab's zone CA), and every call
+//! is made over mutual TLS with the operator's certificate from a thread inside that
+//! namespace, where the host's lab address is reachable. On real hosts the agents run as
+//! services and the same calls go over the network.
+//!
+//! The lab's PKI is created on first use: `<lab>/pki` (the zone CA, and each host's
+//! certificate, issued when its agent first starts) and the access bundle `<lab>/access`
+//! (`ca.crt`, `operator.crt`, `operator.key`).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use serde_json::Value;
 
 use dczone_agent::{AgentClient, CallError, AGENT_PORT};
 use dczone_lab::{sys, Lab};
+use dczone_pki::tls::{self, ClientConfig, Identity};
+use dczone_pki::{Pki, PkiError, Role};
 
 pub struct HostAgents {
     lab: Lab,
     daemon: PathBuf,
     state_dir: PathBuf,
+    /// The operator's TLS configuration, read once.
+    operator: OnceLock<Arc<ClientConfig>>,
+}
+
+/// Holds an exclusive lock on `path` while the file lives.
+fn flock(path: &Path) -> anyhow::Result<std::fs::File> {
+    let f = std::fs::File::create(path)?;
+    // SAFETY: flock on a descriptor we own; released when the file is dropped.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+    if rc != 0 {
+        bail!(
+            "lock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(f)
 }
 
 impl HostAgents {
@@ -36,6 +59,7 @@ impl HostAgents {
             lab: lab.clone(),
             daemon,
             state_dir: state_dir.to_path_buf(),
+            operator: OnceLock::new(),
         })
     }
 
@@ -43,60 +67,62 @@ impl HostAgents {
         self.lab.dir().join("agents")
     }
 
-    fn token_file(&self) -> PathBuf {
-        self.dir().join("token")
+    fn pki_dir(&self) -> PathBuf {
+        self.lab.dir().join("pki")
     }
 
-    /// The lab's bearer token, created (random, mode 0600) on first use.
-    fn token(&self) -> anyhow::Result<String> {
-        let path = self.token_file();
-        if let Ok(t) = std::fs::read_to_string(&path) {
-            if !t.trim().is_empty() {
-                return Ok(t.trim().to_string());
-            }
-        }
+    /// The operator's access bundle: the zone CA certificate and the operator's
+    /// certificate and key.
+    pub fn access_dir(&self) -> PathBuf {
+        self.lab.dir().join("access")
+    }
+
+    /// The lab's zone CA and access bundle, created on first use (under a lab-wide lock,
+    /// so that two commands racing here share one CA), and `host`'s certificate for its
+    /// address. Returns the operator's TLS client configuration.
+    fn credentials(&self, host: &str, ip: std::net::IpAddr) -> anyhow::Result<Arc<ClientConfig>> {
         std::fs::create_dir_all(self.dir())?;
-        let mut bytes = [0u8; 24];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        // Written whole under a private name, then linked into place: of two commands
-        // racing here, one token wins and both use it.
-        let tmp = self.dir().join(format!("token.{}", std::process::id()));
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .with_context(|| format!("create {}", tmp.display()))?;
-            std::io::Write::write_all(&mut f, token.as_bytes())?;
+        let _lock = flock(&self.dir().join("pki.lock"))?;
+        let dir = self.pki_dir();
+        let pki = if dir.join("ca.crt").exists() {
+            Pki::open(&dir)?
+        } else {
+            Pki::init(&dir, self.lab.name())?
+        };
+        let access = self.access_dir();
+        if !access.join("operator.key").exists() {
+            let op = match pki.issue(Role::Operator, "operator", &[], 825) {
+                Ok(op) => op,
+                Err(PkiError::Issued { .. }) => dczone_pki::Issued {
+                    role: Role::Operator,
+                    name: "operator".into(),
+                    certificate: dir.join("operators/operator.crt"),
+                    key: dir.join("operators/operator.key"),
+                    not_after: String::new(),
+                },
+                Err(e) => return Err(e.into()),
+            };
+            std::fs::create_dir_all(&access)?;
+            std::fs::copy(pki.ca_cert(), access.join("ca.crt"))?;
+            std::fs::copy(&op.certificate, access.join("operator.crt"))?;
+            // std::fs::copy keeps the key's mode (0600).
+            std::fs::copy(&op.key, access.join("operator.key"))?;
         }
-        let linked = std::fs::hard_link(&tmp, &path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => Ok(token),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Ok(std::fs::read_to_string(&path)?.trim().to_string())
-            }
-            Err(e) => Err(e).with_context(|| format!("create {}", path.display())),
+        if !dir.join("hosts").join(format!("{host}.crt")).exists() {
+            pki.issue(Role::Host, host, &[ip], 825)?;
         }
+        if let Some(c) = self.operator.get() {
+            return Ok(c.clone());
+        }
+        let config =
+            tls::client_config(&access.join("ca.crt"), Some(&Identity::operator(&access)))?;
+        Ok(self.operator.get_or_init(|| config).clone())
     }
 
     /// Holds an exclusive lock on `host`'s agent slot while it lives.
     fn lock(&self, host: &str) -> anyhow::Result<std::fs::File> {
         std::fs::create_dir_all(self.dir())?;
-        let f = std::fs::File::create(self.dir().join(format!("{host}.lock")))?;
-        // SAFETY: flock on a descriptor we own; released when the file is dropped.
-        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
-        if rc != 0 {
-            bail!(
-                "lock the agent slot of {host}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(f)
+        flock(&self.dir().join(format!("{host}.lock")))
     }
 
     fn pid(&self, host: &str) -> Option<i32> {
@@ -165,11 +191,12 @@ impl HostAgents {
     /// Starts `host`'s agent unless it runs, and waits until it answers.
     fn ensure(&self, host: &str) -> anyhow::Result<AgentClient> {
         let (h, ns) = self.lab.host(host)?;
-        let client = AgentClient::new(&format!("http://{}:{AGENT_PORT}", h.ip()), &self.token()?);
+        let tls = self.credentials(host, h.ip().into())?;
+        let client = AgentClient::new(&format!("https://{}:{AGENT_PORT}", h.ip()), tls);
         let _slot = self.lock(host)?;
         let mut pid = self.pid(host);
         if pid.is_none() {
-            let token_file = self.token_file().display().to_string();
+            let pki = self.pki_dir().display().to_string();
             let state_dir = self.state_dir.display().to_string();
             let log = self.dir().join(format!("{host}.log"));
             let spawned = self.lab.spawn_daemon(
@@ -182,8 +209,8 @@ impl HostAgents {
                     &state_dir,
                     "--host",
                     host,
-                    "--token-file",
-                    &token_file,
+                    "--pki",
+                    &pki,
                 ],
                 &log,
                 "the host agent",

@@ -1,12 +1,19 @@
-//! End-to-end test of the host agent `dczoned`: it runs in a host's namespace, refuses
-//! requests without the bearer token, and manages that host's VMs over HTTP.
+//! End-to-end test of the host agent `dczoned`, installed as on a real host: a zone CA
+//! and certificates made with `dczone pki`, the agent started with `--pki`. It runs in a
+//! host's namespace, serves HTTPS to clients of the zone CA only (mutual TLS), takes
+//! operator calls only from an operator's certificate and a migration's destination
+//! calls only from a peer host's, and manages that host's VMs.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use dczone_pki::tls::{client_config, ClientConfig, Identity};
 
 use common::{e2e_enabled, TestLab};
 use dczone_lab::sys;
@@ -15,36 +22,79 @@ const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 11);
 
 const DEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 11);
 
-/// One HTTP/1.1 request from the client host to the agent of dc1.1-h1.
-fn http(lab: &TestLab, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    http_to(lab, HOST_IP, method, path, token, body)
+/// A client's TLS configuration: the zone CA, and the certificate it presents (if any).
+type Cred = Arc<ClientConfig>;
+
+/// The zone's PKI made as an operator installing real hosts would, with `dczone pki`:
+/// the CA, both agents' host certificates and an operator's. Returns the directory and the
+/// credentials of the operator, of host dc1.2-h1, and of no certificate at all.
+fn zone_pki(lab: &TestLab) -> (PathBuf, Cred, Cred, Cred) {
+    let dir = lab.state_dir.join("zone-pki");
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.display().to_string();
+    lab.ok(&["pki", "init", "--dir", &d, "--zone", "e2e"]);
+    lab.ok(&[
+        "pki",
+        "issue",
+        "dc1.1-h1",
+        "--dir",
+        &d,
+        "--ip",
+        "10.77.1.11",
+    ]);
+    lab.ok(&[
+        "pki",
+        "issue",
+        "dc1.2-h1",
+        "--dir",
+        &d,
+        "--ip",
+        "10.77.2.11",
+    ]);
+    lab.ok(&["pki", "issue", "alice", "--operator", "--dir", &d]);
+    let ca = dir.join("ca.crt");
+    let alice = Identity {
+        ca: ca.clone(),
+        certificate: dir.join("operators/alice.crt"),
+        key: dir.join("operators/alice.key"),
+    };
+    let host = Identity::host(&dir, "dc1.2-h1");
+    (
+        dir,
+        client_config(&ca, Some(&alice)).unwrap(),
+        client_config(&ca, Some(&host)).unwrap(),
+        client_config(&ca, None).unwrap(),
+    )
 }
 
-/// One HTTP/1.1 request from the client host to the agent at `ip`; returns (status, body).
+/// One HTTPS request from the client host to the agent of dc1.1-h1.
+fn http(lab: &TestLab, method: &str, path: &str, cred: &Cred, body: &str) -> (u16, String) {
+    http_to(lab, HOST_IP, method, path, cred, body)
+}
+
+/// One HTTPS request from the client host to the agent at `ip`; returns (status, body).
 fn http_to(
     lab: &TestLab,
     ip: Ipv4Addr,
     method: &str,
     path: &str,
-    token: Option<&str>,
+    cred: &Cred,
     body: &str,
 ) -> (u16, String) {
-    http_from(&lab.ns("dc1.1-client"), ip, method, path, token, body)
+    http_from(&lab.ns("dc1.1-client"), ip, method, path, cred, body)
 }
 
-/// One HTTP/1.1 request from namespace `ns` to the agent at `ip` (usable on any thread).
+/// One HTTP/1.1 request over TLS from namespace `ns` to the agent at `ip` (usable on any
+/// thread). Status 0: no answer (the handshake was refused, or nothing listens).
 fn http_from(
     ns: &str,
     ip: Ipv4Addr,
     method: &str,
     path: &str,
-    token: Option<&str>,
+    cred: &Cred,
     body: &str,
 ) -> (u16, String) {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
     if !body.is_empty() {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -53,15 +103,19 @@ fn http_from(
     }
     req.push_str("\r\n");
     req.push_str(body);
+    let cred = cred.clone();
     let answer = sys::in_namespace(ns, move || {
-        let mut s =
-            TcpStream::connect_timeout(&SocketAddr::from((ip, 7070)), Duration::from_secs(2))
-                .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+        let tcp = TcpStream::connect_timeout(&SocketAddr::from((ip, 7070)), Duration::from_secs(2))
+            .ok()?;
+        tcp.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+        let name = rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::V4(ip).into());
+        let conn = rustls::ClientConnection::new(cred, name).ok()?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
         s.write_all(req.as_bytes()).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
+        let mut out = Vec::new();
+        // A peer that closes without close_notify still gave its whole answer.
+        let _ = s.read_to_end(&mut out);
+        Some(String::from_utf8_lossy(&out).to_string())
     })
     .unwrap()
     .join()
@@ -81,21 +135,21 @@ fn http_from(
 
 struct Agent(Child);
 
-/// Starts `dczoned` for `host` and waits until it answers at `ip`.
-fn start_agent(lab: &TestLab, host: &str, ip: Ipv4Addr, token_file: &std::path::Path) -> Agent {
+/// Starts `dczoned` for `host` with the PKI in `pki` and waits until it answers at `ip`.
+fn start_agent(lab: &TestLab, host: &str, ip: Ipv4Addr, pki: &Path, op: &Cred) -> Agent {
     let agent = Agent(
         lab.command()
             .args(["lab", "exec", host, "--", env!("CARGO_BIN_EXE_dczoned")])
             .args(["--lab", &lab.name, "--state-dir"])
             .arg(&lab.state_dir)
-            .args(["--host", host, "--token-file"])
-            .arg(token_file)
+            .args(["--host", host, "--pki"])
+            .arg(pki)
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while http_to(lab, ip, "GET", "/v1/health", None, "").0 != 200 {
+    while http_to(lab, ip, "GET", "/v1/health", op, "").0 != 200 {
         assert!(
             Instant::now() < deadline,
             "dczoned on {host} did not come up"
@@ -133,43 +187,44 @@ impl Drop for Agent {
 }
 
 #[test]
-fn agent_requires_the_token_and_manages_its_hosts_vms() {
+fn agent_requires_an_operator_certificate_and_manages_its_hosts_vms() {
     if !e2e_enabled() {
         return;
     }
     let lab = TestLab::new("e2eagent");
     lab.up();
-    let token_file = lab.state_dir.join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
-    let _agent = Agent(
-        lab.command()
-            .args([
-                "lab",
-                "exec",
-                "dc1.1-h1",
-                "--",
-                env!("CARGO_BIN_EXE_dczoned"),
-            ])
-            .args(["--lab", &lab.name, "--state-dir"])
-            .arg(&lab.state_dir)
-            .args(["--host", "dc1.1-h1", "--token-file"])
-            .arg(&token_file)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http(&lab, "GET", "/v1/health", None, "").0 != 200 {
-        assert!(Instant::now() < deadline, "dczoned did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (pki, op, host, none) = zone_pki(&lab);
+    let _agent = start_agent(&lab, "dc1.1-h1", HOST_IP, &pki, &op);
 
-    assert_eq!(http(&lab, "GET", "/v1/vms", None, "").0, 401);
+    // No certificate: no TLS session, so no answer at all. Another zone's operator: the
+    // same. A peer host's certificate gets through TLS but not to operator calls.
+    assert_eq!(http(&lab, "GET", "/v1/vms", &none, "").0, 0);
+    let other = lab.state_dir.join("other-pki");
+    let _ = std::fs::remove_dir_all(&other);
+    let o = other.display().to_string();
+    lab.ok(&["pki", "init", "--dir", &o, "--zone", "other"]);
+    lab.ok(&["pki", "issue", "mallory", "--operator", "--dir", &o]);
+    let mallory = Identity {
+        ca: other.join("ca.crt"),
+        certificate: other.join("operators/mallory.crt"),
+        key: other.join("operators/mallory.key"),
+    };
+    // Mallory trusts our CA (the public part is no secret) but holds another's key.
+    let mallory = client_config(&pki.join("ca.crt"), Some(&mallory)).unwrap();
+    assert_eq!(http(&lab, "GET", "/v1/vms", &mallory, "").0, 0);
+    let (status, body) = http(&lab, "GET", "/v1/vms", &host, "");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("an operator's certificate"), "{body}");
+    assert!(body.contains("host certificate of 'dc1.2-h1'"), "{body}");
+    // The agent listens on its host address only: not on the host's loopback.
+    let on_host = lab.ns("dc1.1-h1");
+    let (status, _) = http_from(&on_host, Ipv4Addr::LOCALHOST, "GET", "/v1/health", &op, "");
+    assert_eq!(status, 0);
     assert_eq!(
-        http(&lab, "GET", "/v1/vms", Some("wrong-token!"), "").0,
-        401
+        http_from(&on_host, HOST_IP, "GET", "/v1/health", &op, "").0,
+        200
     );
-    let t = Some("s3cret-token");
+    let t = &op;
     let (status, body) = http(&lab, "GET", "/v1/vms", t, "");
     assert_eq!((status, body.as_str()), (200, "[]"));
 
@@ -204,11 +259,10 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
     }
     let lab = TestLab::new("e2eamig");
     lab.up();
-    let token_file = lab.state_dir.join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
-    let _src = start_agent(&lab, "dc1.1-h1", HOST_IP, &token_file);
-    let dst = start_agent(&lab, "dc1.2-h1", DEST_IP, &token_file);
-    let t = Some("s3cret-token");
+    let (pki, op, host, _) = zone_pki(&lab);
+    let _src = start_agent(&lab, "dc1.1-h1", HOST_IP, &pki, &op);
+    let dst = start_agent(&lab, "dc1.2-h1", DEST_IP, &pki, &op);
+    let t = &op;
     let (status, body) = http(
         &lab,
         "POST",
@@ -228,7 +282,7 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
         .unwrap();
     let before = guest_status(&lab, ip);
 
-    // Bad input first: same host, unknown host, bad token.
+    // Bad input first: same host, unknown host, a host's certificate on an operator call.
     let same = http(
         &lab,
         "POST",
@@ -252,10 +306,10 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
         &lab,
         "POST",
         "/v1/vms/amig1/migrate",
-        Some("nope"),
+        &host,
         r#"{"to":"dc1.2-h1"}"#,
     );
-    assert_eq!(bad.0, 401);
+    assert_eq!(bad.0, 403, "{}", bad.1);
 
     // The source agent drives it; the destination agent prepares and finishes.
     let (status, body) = http(
@@ -313,14 +367,14 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
         })
     };
     let migration = {
-        let ns = lab.ns("dc1.1-client");
+        let (ns, op) = (lab.ns("dc1.1-client"), op.clone());
         std::thread::spawn(move || {
             http_from(
                 &ns,
                 DEST_IP,
                 "POST",
                 "/v1/vms/amig2/migrate",
-                Some("s3cret-token"),
+                &op,
                 r#"{"to":"dc1.1-h1"}"#,
             )
         })
@@ -363,9 +417,14 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
     assert!(qemus.is_empty(), "orphan destination QEMU {qemus:?}");
 
     // The destination agent restarts. A destination without the memory refuses to prepare.
-    let _src2 = start_agent(&lab, "dc1.1-h1", HOST_IP, &token_file);
+    let _src2 = start_agent(&lab, "dc1.1-h1", HOST_IP, &pki, &op);
     let (_, rec) = http_to(&lab, DEST_IP, "GET", "/v1/vms/amig2", t, "");
     let mut rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
+    // Only a peer host may prepare a destination.
+    let body = serde_json::json!({ "vm": rec, "port": 4999 }).to_string();
+    let (status, answer) = http(&lab, "POST", "/v1/incoming", t, &body);
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("a peer host's certificate"), "{answer}");
     // A record from the network is checked as CLI input is: a path in its name, a
     // malformed MAC.
     for (field, value, says) in [
@@ -375,26 +434,26 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
         let mut bad = rec.clone();
         bad["spec"][field] = serde_json::json!(value);
         let body = serde_json::json!({ "vm": bad, "port": 4999 }).to_string();
-        let (status, answer) = http(&lab, "POST", "/v1/incoming", t, &body);
+        let (status, answer) = http(&lab, "POST", "/v1/incoming", &host, &body);
         assert_eq!(status, 400, "{field}: {answer}");
         assert!(answer.contains(says), "{field}: {answer}");
     }
     rec["spec"]["memory_mib"] = serde_json::json!(65536);
     let body = serde_json::json!({ "vm": rec, "port": 4999 }).to_string();
-    let (status, answer) = http(&lab, "POST", "/v1/incoming", t, &body);
+    let (status, answer) = http(&lab, "POST", "/v1/incoming", &host, &body);
     assert_eq!(status, 400, "{answer}");
     assert!(answer.contains("lacks memory"), "{answer}");
 
     // The destination QEMU is killed mid-migration: the source keeps the VM, running.
     let migration = {
-        let ns = lab.ns("dc1.1-client");
+        let (ns, op) = (lab.ns("dc1.1-client"), op.clone());
         std::thread::spawn(move || {
             http_from(
                 &ns,
                 DEST_IP,
                 "POST",
                 "/v1/vms/amig2/migrate",
-                Some("s3cret-token"),
+                &op,
                 r#"{"to":"dc1.1-h1"}"#,
             )
         })

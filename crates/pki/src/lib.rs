@@ -11,6 +11,8 @@
 //! only from an operator's certificate and migration calls only from a host's. Keys are
 //! ECDSA P-256, written with mode 0600; nothing is ever overwritten.
 
+pub mod tls;
+
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
