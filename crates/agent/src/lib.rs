@@ -121,6 +121,9 @@ pub struct MigrateBody {
     /// Replay the frames that reach the source during the switchover (default true).
     #[serde(default)]
     pub frame_replay: Option<bool>,
+    /// Encrypt a stream between sites (default true).
+    #[serde(default)]
+    pub tls: Option<bool>,
 }
 
 /// Body of `POST /v1/incoming`.
@@ -129,6 +132,9 @@ pub struct MigrateBody {
 pub struct IncomingBody {
     pub vm: VmRecord,
     pub port: u16,
+    /// The source asks for an encrypted stream (between sites).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// Body of `POST /v1/vms`.
@@ -356,6 +362,9 @@ impl Agent {
                 if let Some(ms) = body.downtime_limit_ms {
                     params.downtime_limit_ms = ms;
                 }
+                if let Some(on) = body.tls {
+                    params.tls = on;
+                }
                 if let Some(on) = body.frame_replay {
                     params.keep_frames = on;
                 }
@@ -373,12 +382,13 @@ impl Agent {
                     &body.to,
                     &params,
                     &report,
-                    &|vm, _to, port| {
+                    &|vm, _to, port, tls| {
                         Ok(Box::new(RemoteDestination::prepare(
                             &url,
                             peers.clone(),
                             vm,
                             port,
+                            tls,
                         )?))
                     },
                 );
@@ -412,7 +422,7 @@ impl Agent {
                 }
                 let d = self
                     .platform
-                    .launch_incoming(&b.vm, &self.host, b.port, true)?;
+                    .launch_incoming(&b.vm, &self.host, b.port, true, b.tls)?;
                 let uri = d.uri();
                 incoming.insert(name, (d, Instant::now()));
                 json!({ "uri": uri })
@@ -696,12 +706,13 @@ impl RemoteDestination {
 
     fn prepare(
         url: &str,
-        tls: Arc<rustls::ClientConfig>,
+        peers: Arc<rustls::ClientConfig>,
         vm: &VmRecord,
         port: u16,
+        tls: bool,
     ) -> Result<RemoteDestination, VirtError> {
         let mut d = RemoteDestination {
-            client: AgentClient::new(url, tls),
+            client: AgentClient::new(url, peers),
             vm: vm.spec.name.clone(),
             uri: String::new(),
             checked: None,
@@ -710,6 +721,7 @@ impl RemoteDestination {
         let body = serde_json::to_value(IncomingBody {
             vm: vm.clone(),
             port,
+            tls,
         })
         .unwrap_or(Value::Null);
         let v = d
@@ -825,7 +837,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let identity = Identity::host(&args.pki, &args.host);
     let server_tls = dczone_pki::tls::server_config(&identity)?;
     let peers = dczone_pki::tls::client_config(&identity.ca, Some(&identity))?;
-    let platform = Platform::open(lab, &dczone_image::ImageInputs::for_executable(&exe))?;
+    let platform = Platform::open(lab, &dczone_image::ImageInputs::for_executable(&exe))?
+        .with_pki(args.pki.clone());
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from((host.ip(), AGENT_PORT)));

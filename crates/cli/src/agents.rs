@@ -20,7 +20,7 @@ use serde_json::Value;
 use dczone_agent::{AgentClient, CallError, AGENT_PORT};
 use dczone_lab::{sys, Lab};
 use dczone_pki::tls::{self, ClientConfig, Identity};
-use dczone_pki::{Pki, PkiError, Role};
+use dczone_pki::{Pki, Role};
 
 pub struct HostAgents {
     lab: Lab,
@@ -77,40 +77,27 @@ impl HostAgents {
         self.lab.dir().join("access")
     }
 
-    /// The lab's zone CA and access bundle, created on first use (under a lab-wide lock,
-    /// so that two commands racing here share one CA), and `host`'s certificate for its
-    /// address. Returns the operator's TLS client configuration.
+    /// The lab's zone CA and access bundle, created on first use (two commands racing
+    /// here share one CA), and `host`'s certificate for its address. Returns the
+    /// operator's TLS client configuration.
     fn credentials(&self, host: &str, ip: std::net::IpAddr) -> anyhow::Result<Arc<ClientConfig>> {
-        std::fs::create_dir_all(self.dir())?;
-        let _lock = flock(&self.dir().join("pki.lock"))?;
-        let dir = self.pki_dir();
-        let pki = if dir.join("ca.crt").exists() {
-            Pki::open(&dir)?
-        } else {
-            Pki::init(&dir, self.lab.name())?
-        };
+        let pki = Pki::open_or_init(&self.pki_dir(), self.lab.name())?;
+        let (op_cert, op_key) = pki.ensure(Role::Operator, "operator", &[], 825)?;
         let access = self.access_dir();
-        if !access.join("operator.key").exists() {
-            let op = match pki.issue(Role::Operator, "operator", &[], 825) {
-                Ok(op) => op,
-                Err(PkiError::Issued { .. }) => dczone_pki::Issued {
-                    role: Role::Operator,
-                    name: "operator".into(),
-                    certificate: dir.join("operators/operator.crt"),
-                    key: dir.join("operators/operator.key"),
-                    not_after: String::new(),
-                },
-                Err(e) => return Err(e.into()),
-            };
-            std::fs::create_dir_all(&access)?;
-            std::fs::copy(pki.ca_cert(), access.join("ca.crt"))?;
-            std::fs::copy(&op.certificate, access.join("operator.crt"))?;
+        if !access.exists() {
+            // Made whole under a private name, then renamed into place: of two commands
+            // racing here, one bundle wins and both use it.
+            let tmp = access.with_extension(std::process::id().to_string());
+            std::fs::create_dir_all(&tmp)?;
+            std::fs::copy(pki.ca_cert(), tmp.join("ca.crt"))?;
+            std::fs::copy(op_cert, tmp.join("operator.crt"))?;
             // std::fs::copy keeps the key's mode (0600).
-            std::fs::copy(&op.key, access.join("operator.key"))?;
+            std::fs::copy(op_key, tmp.join("operator.key"))?;
+            if std::fs::rename(&tmp, &access).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
         }
-        if !dir.join("hosts").join(format!("{host}.crt")).exists() {
-            pki.issue(Role::Host, host, &[ip], 825)?;
-        }
+        pki.ensure(Role::Host, host, &[ip], 825)?;
         if let Some(c) = self.operator.get() {
             return Ok(c.clone());
         }

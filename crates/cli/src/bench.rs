@@ -63,6 +63,11 @@ pub enum BenchCommand {
         /// QEMU alone does (off), or run each strategy both ways in the same run (compare).
         #[arg(long, value_enum, default_value = "on")]
         frame_replay: FrameReplayArg,
+        /// Encrypt the streams between the sites (on, the default), send them in the clear
+        /// (off), or run each strategy both ways in the same run and print what TLS costs
+        /// (compare).
+        #[arg(long, value_enum, default_value = "on")]
+        tls: FrameReplayArg,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -181,6 +186,7 @@ pub fn run(
             compare,
             runs,
             frame_replay,
+            tls,
             json,
         } => {
             let strategies = if compare {
@@ -192,12 +198,15 @@ pub fn run(
             if runs == 0 {
                 anyhow::bail!("--runs must be at least 1");
             }
-            let replay = match frame_replay {
-                FrameReplayArg::On => vec![true],
-                FrameReplayArg::Off => vec![false],
-                FrameReplayArg::Compare => vec![true, false],
-            };
-            intra_region(lab, exe, strategies, &replay, runs, json)
+            intra_region(
+                lab,
+                exe,
+                strategies,
+                &frame_replay.modes(),
+                &tls.modes(),
+                runs,
+                json,
+            )
         }
         BenchCommand::Wan { json, runs } => {
             if runs == 0 {
@@ -262,6 +271,7 @@ struct Continuity {
     ok: bool,
 }
 
+/// A feature on, off, or both ways in the same run.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum FrameReplayArg {
     On,
@@ -269,17 +279,41 @@ pub enum FrameReplayArg {
     Compare,
 }
 
+impl FrameReplayArg {
+    fn modes(self) -> Vec<bool> {
+        match self {
+            FrameReplayArg::On => vec![true],
+            FrameReplayArg::Off => vec![false],
+            FrameReplayArg::Compare => vec![true, false],
+        }
+    }
+}
+
+/// How a variant shows in tables: the strategy, plus what is off.
+fn variant(strategy: Strategy, frame_replay: bool, tls: bool) -> String {
+    format!(
+        "{}{}{}",
+        strategy.name(),
+        if frame_replay { "" } else { " (no replay)" },
+        if tls { "" } else { " (no TLS)" }
+    )
+}
+
 #[derive(Debug, serde::Serialize)]
 struct StrategyRun {
     strategy: String,
     /// Frames reaching a source during its switchover were replayed to the destination.
     frame_replay: bool,
+    /// The streams between the sites were TLS.
+    tls: bool,
     to_site: String,
     svc_t2_ms: f64,
     svc_t2_union_ms: f64,
     svc_t1_ms: f64,
     /// Memory and dirty pages sent by the whole group, MiB.
     sent_mib: f64,
+    /// What the group sent over SVC-T1, Mbit/s (lab rate; the path's is 390.6).
+    throughput_mbit_s: f64,
     client_gap_ms: f64,
     /// Standard TCP, no application retry: a long-lived connection, a new connection.
     tcp_gap_pool_ms: f64,
@@ -319,9 +353,11 @@ fn guest_stats(ns: &str, ip: std::net::Ipv4Addr) -> (String, u64, i64) {
 /// A strategy's repeated runs, summarized.
 #[derive(Debug, serde::Serialize)]
 struct StrategyRuns {
-    /// The strategy's name, with " (no replay)" when frames were dropped.
+    /// The strategy's name, with " (no replay)" when frames were dropped and " (no TLS)"
+    /// when the streams were in the clear.
     strategy: String,
     frame_replay: bool,
+    tls: bool,
     runs: Vec<StrategyRun>,
     svc_t2_median_ms: f64,
     svc_t2_p95_ms: f64,
@@ -335,6 +371,7 @@ struct StrategyRuns {
     svc_t1_max_ms: f64,
     /// Memory and dirty pages sent per run, MiB (median).
     sent_mib_median: f64,
+    throughput_mbit_s_median: f64,
 }
 
 /// Nearest-rank quantile of `v` (any order).
@@ -349,16 +386,21 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 }
 
 impl StrategyRuns {
-    fn new(strategy: Strategy, frame_replay: bool, runs: Vec<StrategyRun>) -> StrategyRuns {
+    fn new(
+        strategy: Strategy,
+        frame_replay: bool,
+        tls: bool,
+        runs: Vec<StrategyRun>,
+    ) -> StrategyRuns {
         let t2: Vec<f64> = runs.iter().map(|r| r.svc_t2_ms).collect();
         let max = |f: fn(&StrategyRun) -> f64| runs.iter().map(f).fold(0.0, f64::max);
+        let median =
+            |f: fn(&StrategyRun) -> f64| quantile(&runs.iter().map(f).collect::<Vec<_>>(), 0.5);
         StrategyRuns {
-            strategy: format!(
-                "{}{}",
-                strategy.name(),
-                if frame_replay { "" } else { " (no replay)" }
-            ),
+            strategy: variant(strategy, frame_replay, tls),
             frame_replay,
+            tls,
+            throughput_mbit_s_median: median(|r| r.throughput_mbit_s),
             svc_t2_median_ms: quantile(&t2, 0.5),
             svc_t2_p95_ms: quantile(&t2, 0.95),
             svc_t2_max_ms: max(|r| r.svc_t2_ms),
@@ -380,6 +422,7 @@ pub fn intra_region(
     exe: &Path,
     strategies: Vec<Strategy>,
     replay_modes: &[bool],
+    tls_modes: &[bool],
     runs_per_strategy: usize,
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
@@ -414,25 +457,25 @@ pub fn intra_region(
     }
     let client = lab.host_namespace("dc1.1-client");
     let mut summaries = Vec::new();
-    let plan: Vec<(Strategy, bool)> = strategies
+    let plan: Vec<(Strategy, bool, bool)> = strategies
         .iter()
-        .flat_map(|&s| replay_modes.iter().map(move |&r| (s, r)))
+        .flat_map(|&s| {
+            replay_modes
+                .iter()
+                .flat_map(move |&r| tls_modes.iter().map(move |&t| (s, r, t)))
+        })
         .collect();
-    for (strategy, frame_replay) in plan {
+    for (strategy, frame_replay, tls) in plan {
         let mut runs = Vec::new();
-        let label = if frame_replay { "" } else { " (no replay)" };
+        let label = variant(strategy, frame_replay, tls);
         let params = Params {
             keep_frames: frame_replay,
+            tls,
             ..Params::default()
         };
         for run in 0..runs_per_strategy {
             if runs_per_strategy > 1 {
-                println!(
-                    "{}{label} run {}/{}",
-                    strategy.name(),
-                    run + 1,
-                    runs_per_strategy
-                );
+                println!("{label} run {}/{}", run + 1, runs_per_strategy);
             }
             let vms = p
                 .list()?
@@ -512,14 +555,17 @@ pub fn intra_region(
                 if g.svc_t2_ms < 1000.0 { "pass" } else { "FAIL" },
                 if g.svc_t2_ms < 100.0 { "pass" } else { "miss" }
             );
+            let sent_mib = g.vms.iter().map(|v| v.bytes_sent).sum::<u64>() as f64 / 1048576.0;
             runs.push(StrategyRun {
                 strategy: strategy.name().into(),
                 frame_replay,
+                tls,
+                throughput_mbit_s: sent_mib * 8.388608 / (g.svc_t1_ms / 1000.0),
                 to_site: to_site.into(),
                 svc_t2_ms: g.svc_t2_ms,
                 svc_t2_union_ms: g.svc_t2_union_ms,
                 svc_t1_ms: g.svc_t1_ms,
-                sent_mib: g.vms.iter().map(|v| v.bytes_sent).sum::<u64>() as f64 / 1048576.0,
+                sent_mib,
                 client_gap_ms: report.client_gap_ms,
                 tcp_gap_pool_ms: report.tcp_gap_pool_ms,
                 tcp_gap_new_ms: report.tcp_gap_new_ms,
@@ -531,10 +577,17 @@ pub fn intra_region(
                 continuity_ok,
             });
         }
-        summaries.push(StrategyRuns::new(strategy, frame_replay, runs));
+        summaries.push(StrategyRuns::new(strategy, frame_replay, tls, runs));
     }
     print_runs(&summaries);
-    let value = if summaries.len() == 1 && runs_per_strategy == 1 {
+    let tls_cost = tls_cost(&summaries);
+    let value = if !tls_cost.is_empty() {
+        serde_json::json!({
+            "git_rev": dczone_lab::wan_bench::git_rev(),
+            "variants": summaries,
+            "tls_cost": tls_cost,
+        })
+    } else if summaries.len() == 1 && runs_per_strategy == 1 {
         serde_json::to_value(&summaries[0].runs[0])?
     } else if summaries.len() == 1 {
         let mut v = serde_json::to_value(&summaries[0])?;
@@ -567,6 +620,42 @@ pub fn intra_region(
     Ok(ExitCode::SUCCESS)
 }
 
+/// What TLS costs, for each strategy run both ways: medians with TLS over medians without.
+#[derive(Debug, serde::Serialize)]
+struct TlsCost {
+    strategy: String,
+    svc_t2_ratio: f64,
+    svc_t1_ratio: f64,
+    throughput_ratio: f64,
+}
+
+fn tls_cost(summaries: &[StrategyRuns]) -> Vec<TlsCost> {
+    let costs: Vec<TlsCost> = summaries
+        .iter()
+        .filter(|on| on.tls)
+        .filter_map(|on| {
+            let off = summaries.iter().find(|s| {
+                !s.tls
+                    && s.frame_replay == on.frame_replay
+                    && s.runs[0].strategy == on.runs[0].strategy
+            })?;
+            Some(TlsCost {
+                strategy: on.strategy.clone(),
+                svc_t2_ratio: on.svc_t2_median_ms / off.svc_t2_median_ms,
+                svc_t1_ratio: on.svc_t1_median_ms / off.svc_t1_median_ms,
+                throughput_ratio: on.throughput_mbit_s_median / off.throughput_mbit_s_median,
+            })
+        })
+        .collect();
+    for c in &costs {
+        println!(
+            "TLS / clear, {} (medians): SVC-T2 {:.2}, SVC-T1 {:.2}, throughput {:.2}",
+            c.strategy, c.svc_t2_ratio, c.svc_t1_ratio, c.throughput_ratio
+        );
+    }
+    costs
+}
+
 /// The distribution of each strategy's runs.
 fn print_runs(summaries: &[StrategyRuns]) {
     let rows: Vec<Vec<String>> = summaries
@@ -584,6 +673,7 @@ fn print_runs(summaries: &[StrategyRuns]) {
                 format!("{}/{}", s.kr1_1_pass_runs, s.runs_total),
                 format!("{:.1}", s.svc_t1_median_ms / 1000.0),
                 format!("{:.0}", s.sent_mib_median),
+                format!("{:.0}", s.throughput_mbit_s_median),
             ]
         })
         .collect();
@@ -601,7 +691,8 @@ fn print_runs(summaries: &[StrategyRuns]) {
                 "TCP NEW GAP WORST",
                 "KR1.1 RUNS",
                 "SVC-T1 MEDIAN S",
-                "SENT MIB"
+                "SENT MIB",
+                "MBIT/S"
             ],
             &rows
         )

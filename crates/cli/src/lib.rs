@@ -139,6 +139,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &exe,
                 vec![dczone_virt::migrate::Strategy::Coordinated],
                 &[true],
+                &[true],
                 1,
                 json,
             )

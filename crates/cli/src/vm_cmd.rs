@@ -84,6 +84,10 @@ pub struct MigrateArgs {
     /// instead of replaying them to the destination after its announce.
     #[arg(long)]
     pub no_frame_replay: bool,
+    /// Send the stream between sites in the clear (by default it is TLS with the hosts'
+    /// certificates).
+    #[arg(long)]
+    pub no_tls: bool,
     /// A group (coordinated, postcopy): switch every VM this many seconds after the start
     /// at the latest, even one still sending its RAM for the first time. Pre-copy then
     /// sends the rest with the VM stopped: a long downtime rather than no move.
@@ -339,6 +343,7 @@ pub fn print_group(g: &GroupMigration) {
                     ),
                     None => "off".into(),
                 },
+                if m.tls { "tls" } else { "clear" }.into(),
             ]
         })
         .collect();
@@ -356,7 +361,8 @@ pub fn print_group(g: &GroupMigration) {
                 "SENT_MIB",
                 "ROUNDS",
                 "HELD_MS",
-                "REPLAYED @ANNOUNCE_MS"
+                "REPLAYED @ANNOUNCE_MS",
+                "STREAM"
             ],
             &rows
         )
@@ -391,6 +397,7 @@ pub fn migrate(
     let params = Params {
         downtime_limit_ms: args.downtime_ms,
         keep_frames: !args.no_frame_replay,
+        tls: !args.no_tls,
         max_hold: Duration::from_secs(args.max_hold_s),
         max_drain: Duration::from_secs(args.max_drain_s),
         ..Params::default()
@@ -422,6 +429,7 @@ pub fn migrate(
                 "to": args.to,
                 "downtime_limit_ms": args.downtime_ms,
                 "frame_replay": !args.no_frame_replay,
+                "tls": !args.no_tls,
             });
             let m = agents.call(
                 &from,

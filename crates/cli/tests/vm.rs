@@ -184,6 +184,47 @@ fn vm_boots_serves_and_migrates_with_its_state() {
     let list = lab.json(&["vm", "list", "--json"]);
     assert_eq!(list[0]["host"], "dc1.2-h1");
 
+    // The stream between the sites was TLS with the hosts' certificates; within a site it
+    // stays in the clear.
+    assert_eq!(rec["tls"], true, "{rec}");
+    let within = lab.json(&["migrate", "ledger", "--to", "dc1.2-h2", "--json"]);
+    assert_eq!(within["vms"][0]["tls"], false, "{within}");
+    // A host whose certificate is another zone's cannot receive a VM: the source's QEMU
+    // refuses the handshake and the VM runs on at its source.
+    let other = lab.state_dir.join("other-zone-pki");
+    let o = other.display().to_string();
+    lab.ok(&["pki", "init", "--dir", &o, "--zone", "other"]);
+    lab.ok(&[
+        "pki",
+        "issue",
+        "dc1.1-h1",
+        "--dir",
+        &o,
+        "--ip",
+        "10.77.1.11",
+    ]);
+    let hosts = lab.state_dir.join(&lab.name).join("pki/hosts");
+    for ext in ["crt", "key"] {
+        let ours = hosts.join(format!("dc1.1-h1.{ext}"));
+        std::fs::rename(&ours, hosts.join(format!("dc1.1-h1.{ext}.ours"))).unwrap();
+        std::fs::copy(other.join(format!("hosts/dc1.1-h1.{ext}")), &ours).unwrap();
+    }
+    let refused = lab.run(&["migrate", "ledger", "--to", "dc1.1-h1"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("keeps running"),
+        "{err}"
+    );
+    assert_eq!(lab.json(&["vm", "list", "--json"])[0]["host"], "dc1.2-h2");
+    let serving = ledger(&lab, ip, &["S"]);
+    assert_eq!(field(&serving[0], "boot"), field(&before[3], "boot"));
+    for ext in ["crt", "key"] {
+        let ours = hosts.join(format!("dc1.1-h1.{ext}"));
+        std::fs::rename(hosts.join(format!("dc1.1-h1.{ext}.ours")), &ours).unwrap();
+    }
+    let back = lab.json(&["migrate", "ledger", "--to", "dc1.1-h1", "--json"]);
+    assert_eq!(back["vms"][0]["tls"], true, "{back}");
+
     lab.ok(&["vm", "destroy", "ledger"]);
     assert_eq!(
         lab.json(&["vm", "list", "--json"])

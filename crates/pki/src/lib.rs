@@ -56,6 +56,8 @@ pub enum PkiError {
     Exists(PathBuf),
     #[error("{} holds no zone CA; create one with `dczone pki init --dir {}`", .0.display(), .0.display())]
     NoCa(PathBuf),
+    #[error("{} holds no CA key, so it cannot issue the certificate of '{name}': issue it with `dczone pki issue` where the CA key is, and install it here", .dir.display())]
+    NoCaKey { dir: PathBuf, name: String },
     #[error("a certificate for {role:?} '{name}' already exists at {}", path.display())]
     Issued {
         role: Role,
@@ -131,10 +133,50 @@ impl Pki {
         let pki = Pki {
             dir: dir.to_path_buf(),
         };
-        if !pki.ca_cert().exists() || !pki.ca_key().exists() {
+        if !pki.ca_cert().exists() {
             return Err(PkiError::NoCa(dir.to_path_buf()));
         }
         Ok(pki)
+    }
+
+    /// Opens the CA in `dir`, creating it first if there is none: a lab, where one machine
+    /// plays the operator and every host. Concurrent callers share one CA.
+    pub fn open_or_init(dir: &Path, zone: &str) -> Result<Pki, PkiError> {
+        let _lock = Pki::lock(dir)?;
+        match Pki::open(dir) {
+            Err(PkiError::NoCa(_)) => Pki::init(dir, zone),
+            other => other,
+        }
+    }
+
+    /// The certificate of `name` in `role`, issued first if there is none (which needs the
+    /// CA's key, so on a real host only what the operator installed is found).
+    pub fn ensure(
+        &self,
+        role: Role,
+        name: &str,
+        ips: &[IpAddr],
+        days: u32,
+    ) -> Result<(PathBuf, PathBuf), PkiError> {
+        let folder = self.dir.join(role.folder());
+        let (cert, key) = (
+            folder.join(format!("{name}.crt")),
+            folder.join(format!("{name}.key")),
+        );
+        let _lock = Pki::lock(&self.dir)?;
+        if !(cert.exists() && key.exists()) {
+            self.issue(role, name, ips, days)?;
+        }
+        Ok((cert, key))
+    }
+
+    /// An exclusive lock on the PKI directory while the file lives.
+    fn lock(dir: &Path) -> Result<std::fs::File, PkiError> {
+        std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        let path = dir.join(".lock");
+        let f = std::fs::File::create(&path).map_err(io("cannot create", &path))?;
+        f.lock().map_err(io("cannot lock", &path))?;
+        Ok(f)
     }
 
     pub fn ca_cert(&self) -> PathBuf {
@@ -168,6 +210,12 @@ impl Pki {
                 path: certificate,
             });
         }
+        if !self.ca_key().exists() {
+            return Err(PkiError::NoCaKey {
+                dir: self.dir.clone(),
+                name: name.to_string(),
+            });
+        }
         let ca_key = read(&self.ca_key())?;
         let ca_cert = read(&self.ca_cert())?;
         let issuer = Issuer::from_ca_cert_pem(&ca_cert, KeyPair::from_pem(&ca_key)?)?;
@@ -181,7 +229,15 @@ impl Pki {
             .distinguished_name
             .push(DnType::OrganizationalUnitName, role.unit());
         params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // QEMU's TLS credentials refuse a host certificate whose (critical) key usage
+        // lacks key encipherment, whatever the key type.
+        params.key_usages = match role {
+            Role::Host => vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ],
+            Role::Operator => vec![KeyUsagePurpose::DigitalSignature],
+        };
         params.extended_key_usages = match role {
             Role::Host => vec![
                 ExtendedKeyUsagePurpose::ServerAuth,

@@ -10,6 +10,7 @@
 pub mod keeper;
 pub mod migrate;
 pub mod switchover;
+pub mod tls;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -141,6 +142,8 @@ pub enum VirtError {
     Image(#[from] dczone_image::ImageError),
     #[error("group '{0}' has no VMs")]
     EmptyGroup(String),
+    #[error("no certificate for an encrypted migration stream")]
+    Pki(#[from] dczone_pki::PkiError),
     #[error("injected failure at {0} (FAILPOINTS)")]
     Injected(&'static str),
 }
@@ -168,6 +171,8 @@ pub struct Platform {
     lab: Lab,
     image: GuestImage,
     accel: Accel,
+    /// Where migration credentials come from (see [`tls`]).
+    pki: PathBuf,
 }
 
 fn mem_available_mib() -> u64 {
@@ -183,7 +188,13 @@ fn mem_available_mib() -> u64 {
 
 impl Platform {
     pub fn new(lab: Lab, image: GuestImage, accel: Accel) -> Platform {
-        Platform { lab, image, accel }
+        let pki = lab.dir().join("pki");
+        Platform {
+            lab,
+            image,
+            accel,
+            pki,
+        }
     }
 
     /// The platform of a running lab: builds (or finds) the guest image and picks the

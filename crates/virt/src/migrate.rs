@@ -117,6 +117,8 @@ pub struct Params {
     /// Keep the frames sent to a VM during its switchover on the source host and replay
     /// them to the destination after the announce ([`crate::keeper`]).
     pub keep_frames: bool,
+    /// Encrypt streams between sites ([`crate::tls`]).
+    pub tls: bool,
 }
 
 impl Default for Params {
@@ -128,6 +130,7 @@ impl Default for Params {
             max_hold: Duration::from_secs(120),
             max_drain: Duration::from_secs(30),
             keep_frames: true,
+            tls: true,
         }
     }
 }
@@ -222,6 +225,9 @@ pub struct VmMigration {
     /// Why a coordinated or post-copy batch switched (stopped or went post-copy) this VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch_reason: Option<crate::switchover::SwitchReason>,
+    /// The stream was TLS, both QEMUs holding their host's certificate ([`crate::tls`]).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// A cluster's migration.
@@ -291,8 +297,10 @@ pub trait Destination: Send {
 }
 
 /// Prepares the destination of `vm` on host `to`, listening on `port`.
+/// Prepares the destination of `vm` on a host, waiting on a port; the flag asks for an
+/// encrypted stream ([`crate::tls`]).
 pub type Prepare<'a> =
-    &'a (dyn Fn(&VmRecord, &str, u16) -> Result<Box<dyn Destination>, VirtError> + Sync);
+    &'a (dyn Fn(&VmRecord, &str, u16, bool) -> Result<Box<dyn Destination>, VirtError> + Sync);
 
 /// A destination QEMU on a host of this lab, driven through its QMP socket.
 #[derive(Debug)]
@@ -602,14 +610,16 @@ impl Platform {
     /// Launches `vm`'s destination QEMU on `to` (a host of this lab), waiting for the stream
     /// on `port`. With `paused`, the guest stays stopped after the stream until
     /// [`Destination::finish`] (the agent protocol); without it, it runs at once.
+    /// With `tls`, the stream must be encrypted with `to`'s certificate ([`crate::tls`]).
     pub fn launch_incoming(
         &self,
         vm: &VmRecord,
         to: &str,
         port: u16,
         paused: bool,
+        tls: bool,
     ) -> Result<LocalDestination, VirtError> {
-        self.launch_incoming_with(vm, to, port, paused, false)
+        self.launch_incoming_with(vm, to, port, paused, false, tls)
     }
 
     /// [`Platform::launch_incoming`], ready for post-copy when `postcopy` (QEMU needs the
@@ -621,10 +631,16 @@ impl Platform {
         port: u16,
         paused: bool,
         postcopy: bool,
+        tls: bool,
     ) -> Result<LocalDestination, VirtError> {
         let name = vm.spec.name.as_str();
         let (dest_host, _) = self.lab().host(to)?;
         self.check_memory(name, to, vm.spec.memory_mib)?;
+        let tls_dir = if tls {
+            Some(self.qemu_tls_dir(to)?)
+        } else {
+            None
+        };
         let dir = self.vm_dir(name, to);
         let ns = self.lab().host_namespace(to);
         let running = hv::launch(&hv::Launch {
@@ -669,6 +685,10 @@ impl Platform {
                 json!({"announce-initial": ANNOUNCE_INITIAL_MS, "announce-step": ANNOUNCE_STEP_MS}),
             )
             .map_err(&err)?;
+            if let Some(dir) = &tls_dir {
+                crate::tls::enable(&mut dst, crate::tls::Endpoint::Server, dir, None)
+                    .map_err(&err)?;
+            }
             dst.execute("migrate-incoming", json!({ "uri": uri }))
                 .map_err(&err)?;
             Ok(dst)
@@ -743,6 +763,8 @@ struct Session {
     /// The convergence threshold is pinned near zero (`avail-switchover-bandwidth`): the
     /// VM converges on its own only after a round in which its guest dirtied nothing.
     pin_threshold: bool,
+    /// The stream is TLS.
+    tls: bool,
 }
 
 impl Session {
@@ -754,11 +776,13 @@ impl Session {
     }
 
     /// Prepares the destination, waiting for the incoming stream.
+    /// `tls`: the source's credentials directory, for an encrypted stream.
     fn prepare(
         vm: &VmRecord,
         to: &str,
         port: u16,
         prepare: Prepare<'_>,
+        tls: Option<PathBuf>,
     ) -> Result<Session, VirtError> {
         let name = vm.spec.name.as_str();
         let src_running = vm
@@ -771,7 +795,8 @@ impl Session {
                 host: to.into(),
             });
         }
-        let mut dst = prepare(vm, to, port)?;
+        let encrypted = tls.is_some();
+        let mut dst = prepare(vm, to, port, encrypted)?;
         let connect = || -> Result<Qmp, VirtError> {
             let err = Self::qmp_err(name);
             let mut src = Qmp::connect(&src_running.qmp, Duration::from_secs(10)).map_err(&err)?;
@@ -780,6 +805,24 @@ impl Session {
                 json!({"capabilities": [{"capability": "events", "state": true}]}),
             )
             .map_err(&err)?;
+            match &tls {
+                Some(dir) => {
+                    // The destination's certificate must name the address the stream goes to.
+                    let uri = dst.uri();
+                    let host = uri
+                        .strip_prefix("tcp:")
+                        .and_then(|r| r.rsplit_once(':'))
+                        .map(|(h, _)| h.to_string());
+                    crate::tls::enable(
+                        &mut src,
+                        crate::tls::Endpoint::Client,
+                        dir,
+                        host.as_deref(),
+                    )
+                    .map_err(&err)?;
+                }
+                None => crate::tls::disable(&mut src).map_err(&err)?,
+            }
             Ok(src)
         };
         match connect() {
@@ -817,6 +860,7 @@ impl Session {
                 sync_at: None,
                 own_rate: 0,
                 pin_threshold: false,
+                tls: encrypted,
             }),
             Err(e) => {
                 dst.abort();
@@ -1236,6 +1280,7 @@ impl Session {
             keeper: None,
             keeper_error: self.keeper_error.take(),
             switch_reason: self.switch_reason,
+            tls: self.tls,
         };
         let record = with_t2_parts(record, self.sent_us, self.switched);
         let mut vm = self.vm.clone();
@@ -1329,8 +1374,8 @@ impl Platform {
         params: &Params,
         progress: &dyn Fn(&[Progress]),
     ) -> Result<VmMigration, VirtError> {
-        self.migrate_via(vm, to, params, progress, &|vm, to, port| {
-            Ok(Box::new(self.launch_incoming(vm, to, port, false)?))
+        self.migrate_via(vm, to, params, progress, &|vm, to, port, tls| {
+            Ok(Box::new(self.launch_incoming(vm, to, port, false, tls)?))
         })
     }
 
@@ -1386,10 +1431,10 @@ impl Platform {
             .map(|(i, v)| (v, hosts[i % hosts.len()].clone()))
             .collect();
         let postcopy = strategy == Strategy::Postcopy;
-        self.migrate_records(plan, strategy, params, progress, &|vm, to, port| {
-            Ok(Box::new(
-                self.launch_incoming_with(vm, to, port, false, postcopy)?,
-            ))
+        self.migrate_records(plan, strategy, params, progress, &|vm, to, port, tls| {
+            Ok(Box::new(self.launch_incoming_with(
+                vm, to, port, false, postcopy, tls,
+            )?))
         })
     }
 
@@ -1458,7 +1503,12 @@ impl Platform {
         let mut sessions: Vec<Session> = Vec::new();
         for (i, (vm, to)) in plan.iter().enumerate() {
             let port = MIGRATION_PORT_BASE + port_offset + i as u16;
-            let mut s = Session::prepare(vm, to, port, prepare)?;
+            let tls = if self.migration_tls(&vm.host, to, params)? {
+                Some(self.qemu_tls_dir(&vm.host)?)
+            } else {
+                None
+            };
+            let mut s = Session::prepare(vm, to, port, prepare, tls)?;
             let flight = InFlight {
                 from: vm.host.clone(),
                 to: to.clone(),
@@ -1818,6 +1868,7 @@ mod tests {
             keeper: None,
             keeper_error: None,
             switch_reason: None,
+            tls: false,
         }
     }
 
