@@ -35,6 +35,8 @@
 //! The HTTP layer only translates into [`AgentRequest`]; [`Agent::handle`] does the work on
 //! a blocking thread (QEMU and namespaces are driven synchronously by `dczone-virt`).
 
+pub mod access;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;

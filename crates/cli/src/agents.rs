@@ -17,13 +17,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use serde_json::Value;
 
+use dczone_agent::access::{Access, Bundle, BundleHost};
 use dczone_agent::{AgentClient, CallError, AGENT_PORT};
 use dczone_lab::{sys, Lab};
 use dczone_pki::tls::{self, ClientConfig, Identity};
 use dczone_pki::{Pki, Role};
 
 pub struct HostAgents {
-    lab: Lab,
+    pub lab: Lab,
     daemon: PathBuf,
     state_dir: PathBuf,
     /// The operator's TLS configuration, read once.
@@ -87,7 +88,9 @@ impl HostAgents {
         if !access.exists() {
             // Made whole under a private name, then renamed into place: of two commands
             // racing here, one bundle wins and both use it.
-            let tmp = access.with_extension(std::process::id().to_string());
+            static TMP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = TMP.fetch_add(1, Ordering::SeqCst);
+            let tmp = access.with_extension(format!("{}-{n}", std::process::id()));
             std::fs::create_dir_all(&tmp)?;
             std::fs::copy(pki.ca_cert(), tmp.join("ca.crt"))?;
             std::fs::copy(op_cert, tmp.join("operator.crt"))?;
@@ -104,6 +107,46 @@ impl HostAgents {
         let config =
             tls::client_config(&access.join("ca.crt"), Some(&Identity::operator(&access)))?;
         Ok(self.operator.get_or_init(|| config).clone())
+    }
+
+    /// Starts the agent of every host of the zone (clients excepted), all at once, and
+    /// writes the operator's access bundle with every agent's endpoint
+    /// (`<lab>/access/zone.toml`, see [`dczone_agent::access`]). Returns the bundle's
+    /// directory.
+    pub fn start_all(&self) -> anyhow::Result<PathBuf> {
+        // The guest image and the accelerator probe first, once, rather than by every
+        // agent at once.
+        crate::vm_cmd::platform(&self.lab, &self.daemon)?;
+        let zone = self.lab.state()?.zone()?;
+        let hosts: Vec<_> = zone
+            .hosts()
+            .into_iter()
+            .filter(|h| !h.id.ends_with("-client"))
+            .collect();
+        std::thread::scope(|s| {
+            let started: Vec<_> = hosts
+                .iter()
+                .map(|h| s.spawn(move || self.ensure(&h.id).map(|_| ())))
+                .collect();
+            started
+                .into_iter()
+                .map(|t| t.join().map_err(|_| anyhow!("an agent start panicked"))?)
+                .collect::<anyhow::Result<Vec<()>>>()
+        })?;
+        let bundle = Bundle {
+            zone: zone.name.clone(),
+            hosts: hosts
+                .iter()
+                .map(|h| BundleHost {
+                    id: h.id.clone(),
+                    site: zone.sites[h.site].id.clone(),
+                    agent: format!("https://{}:{AGENT_PORT}", h.ip()),
+                })
+                .collect(),
+        };
+        let dir = self.access_dir();
+        bundle.write(&dir)?;
+        Ok(dir)
     }
 
     /// Holds an exclusive lock on `host`'s agent slot while it lives.
@@ -228,5 +271,133 @@ impl HostAgents {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// The zone's host agents as the VM commands use them: the lab's (entered through each
+/// host's namespace, started on demand), or a remote zone's through an access bundle.
+pub trait ZoneAgents {
+    /// Calls `host`'s agent.
+    fn call(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<Value>;
+    /// Polls `path` on `host`'s agent every 200 ms, handing each answer to `f`, until
+    /// `stop` is set.
+    fn watch(
+        &self,
+        host: &str,
+        path: &str,
+        stop: Arc<AtomicBool>,
+        f: Box<dyn Fn(Value) + Send>,
+    ) -> anyhow::Result<JoinHandle<()>>;
+    /// The host VM `name` is on.
+    fn host_of(&self, name: &str) -> anyhow::Result<String>;
+    /// Every VM of the zone.
+    fn list(&self) -> anyhow::Result<Vec<dczone_virt::VmRecord>>;
+    /// Fails unless `host` is a host of the zone.
+    fn check_host(&self, host: &str) -> anyhow::Result<()>;
+    /// `host`'s agent endpoint, when the agents cannot work it out themselves.
+    fn agent_url(&self, host: &str) -> Option<String>;
+}
+
+/// The lab's agents, with its registry as the index of VMs.
+pub struct LabAgents {
+    pub platform: dczone_virt::Platform,
+    pub agents: HostAgents,
+}
+
+impl ZoneAgents for LabAgents {
+    fn call(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        self.agents.call(host, method, path, body, timeout)
+    }
+    fn watch(
+        &self,
+        host: &str,
+        path: &str,
+        stop: Arc<AtomicBool>,
+        f: Box<dyn Fn(Value) + Send>,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        self.agents.watch(host, path, stop, f)
+    }
+    fn host_of(&self, name: &str) -> anyhow::Result<String> {
+        Ok(self.platform.get(name)?.host)
+    }
+    fn list(&self) -> anyhow::Result<Vec<dczone_virt::VmRecord>> {
+        Ok(self.platform.list()?)
+    }
+    fn check_host(&self, host: &str) -> anyhow::Result<()> {
+        self.agents.lab.host(host)?;
+        Ok(())
+    }
+    fn agent_url(&self, _host: &str) -> Option<String> {
+        None
+    }
+}
+
+impl ZoneAgents for Access {
+    fn call(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        self.client(host)?
+            .call(method, path, body, timeout)
+            .map_err(|e| match e {
+                CallError::Refused { message, .. } => anyhow!("{message}"),
+                e => anyhow!("{e}"),
+            })
+    }
+    fn watch(
+        &self,
+        host: &str,
+        path: &str,
+        stop: Arc<AtomicBool>,
+        f: Box<dyn Fn(Value) + Send>,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        let client = self.client(host)?;
+        let path = path.to_string();
+        Ok(std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(v) = client.call("GET", &path, None, Duration::from_millis(500)) {
+                    f(v);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }))
+    }
+    fn host_of(&self, name: &str) -> anyhow::Result<String> {
+        Ok(self.find(name)?.0)
+    }
+    fn list(&self) -> anyhow::Result<Vec<dczone_virt::VmRecord>> {
+        let (vms, unreachable) = Access::list(self);
+        if !unreachable.is_empty() {
+            eprintln!(
+                "warning: the agents of {} did not answer; their VMs are not listed",
+                unreachable.join(", ")
+            );
+        }
+        Ok(vms.into_iter().map(|(_, v)| v).collect())
+    }
+    fn check_host(&self, host: &str) -> anyhow::Result<()> {
+        Access::agent_url(self, host)?;
+        Ok(())
+    }
+    fn agent_url(&self, host: &str) -> Option<String> {
+        Access::agent_url(self, host).ok().map(str::to_string)
     }
 }

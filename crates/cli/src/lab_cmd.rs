@@ -149,24 +149,28 @@ pub fn load_zone(file: Option<&Path>) -> anyhow::Result<(Zone, String, String)> 
     })
 }
 
-pub fn run(lab: &Lab, cmd: LabCommand) -> anyhow::Result<ExitCode> {
+pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: LabCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         LabCommand::Up { zone, json } => {
             let (z, source, text) = load_zone(zone.as_deref())?;
             let spinner = spinner(json, "building the lab");
             let built = lab.up(&z, &source, &text)?;
+            // The lab only makes hosts; from here on, everything goes through their agents.
+            spinner.set_message("starting the host agents");
+            let access = crate::agents::HostAgents::new(lab, exe, state_dir)?.start_all()?;
             spinner.finish_and_clear();
             let status = lab.status()?;
             if json {
-                print_json(&json!({"built": built, "status": status}));
+                print_json(&json!({"built": built, "status": status, "access": access}));
             } else {
                 println!(
-                    "lab '{}' {} (zone '{}', {} hosts, {} sites)",
+                    "lab '{}' {} (zone '{}', {} hosts, {} sites); operator access: {}",
                     lab.name(),
                     if built { "is up" } else { "was already up" },
                     status.zone,
                     status.hosts.len(),
-                    status.sites.len()
+                    status.sites.len(),
+                    access.display()
                 );
             }
         }

@@ -36,6 +36,11 @@ pub struct Cli {
         default_value = "/run/dczone"
     )]
     pub state_dir: PathBuf,
+    /// Drive a zone through its agents with only this access bundle (`zone.toml`, the zone
+    /// CA, the operator's certificate; `lab up` writes one to <state-dir>/<lab>/access):
+    /// no namespace entry, no shared file. For `vm` and single-VM `migrate`.
+    #[arg(long, global = true, env = "DCZONE_ACCESS")]
+    pub access: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -124,8 +129,20 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe()?;
     let lab = dczone_lab::Lab::new(&cli.lab, &cli.state_dir, &exe)?;
+    let access = match &cli.access {
+        None => None,
+        Some(dir) => {
+            if !matches!(cli.command, Command::Vm { .. } | Command::Migrate(_)) {
+                anyhow::bail!(
+                    "--access drives `vm` and `migrate` through the agents; the other commands \
+                     run next to the lab for now (issue 11)"
+                );
+            }
+            Some(dczone_agent::access::Access::open(dir)?)
+        }
+    };
     match cli.command {
-        Command::Lab { command } => lab_cmd::run(&lab, command),
+        Command::Lab { command } => lab_cmd::run(&lab, &exe, &cli.state_dir, command),
         Command::Demo { json } => {
             let beside = |suffix: &str| {
                 json.as_ref().map(|p| {
@@ -182,8 +199,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Zone { command } => lab_cmd::zone(command),
         Command::Pki { command } => pki_cmd::run(command),
         Command::Image { command } => image_cmd::run(&exe, command),
-        Command::Vm { command } => vm_cmd::run(&lab, &exe, &cli.state_dir, command),
-        Command::Migrate(args) => vm_cmd::migrate(&lab, &exe, &cli.state_dir, args),
+        Command::Vm { command } => match &access {
+            Some(a) => vm_cmd::run(a, command),
+            None => vm_cmd::run(&vm_cmd::lab_agents(&lab, &exe, &cli.state_dir)?, command),
+        },
+        Command::Migrate(args) => {
+            vm_cmd::migrate(&lab, &exe, &cli.state_dir, access.as_ref(), args)
+        }
         Command::Db { command } => db_cmd::run(&lab, &exe, &cli.state_dir, command),
         Command::HaAgent { site } => db_cmd::agent(&lab, &site),
         Command::Bench { command } => bench::run(&lab, &cli.state_dir, &exe, command),

@@ -14,7 +14,8 @@ use dczone_virt::migrate::{GroupMigration, Params, Progress, Strategy, VmMigrati
 use dczone_virt::switchover::SwitchReason;
 use dczone_virt::{Platform, VmRecord};
 
-use crate::agents::HostAgents;
+use crate::agents::{HostAgents, LabAgents, ZoneAgents};
+use dczone_agent::access::Access;
 
 use crate::print_json;
 use crate::table::render;
@@ -126,23 +127,29 @@ pub fn platform(lab: &Lab, exe: &Path) -> anyhow::Result<Platform> {
     Ok(Platform::open(lab.clone(), &crate::image_cmd::inputs(exe))?)
 }
 
-/// A VM command through the host agent of the VM's host (started on demand). The lab's
-/// registry says which host that is; `create` names it.
-pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::Result<ExitCode> {
-    // Builds the guest image (and probes the accelerator) before an agent needs it.
-    let p = platform(lab, exe)?;
-    let agents = HostAgents::new(lab, exe, state_dir)?;
+/// The lab's agents: the guest image is built (and the accelerator probed) before an agent
+/// needs it.
+pub fn lab_agents(lab: &Lab, exe: &Path, state_dir: &Path) -> anyhow::Result<LabAgents> {
+    Ok(LabAgents {
+        platform: platform(lab, exe)?,
+        agents: HostAgents::new(lab, exe, state_dir)?,
+    })
+}
+
+/// A VM command through the host agent of the VM's host: `create` names it, the zone's
+/// agents say where a VM is.
+pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> {
     let record =
         |v: serde_json::Value| -> anyhow::Result<VmRecord> { Ok(serde_json::from_value(v)?) };
     let short = Duration::from_secs(30);
     // Calls the agent of `name`'s host. Once more if the record moved meanwhile: an agent
     // that starts settles a migration its host's VM was left in, which may move it.
     let on_vm = |name: &str, method: &str, path: &str, timeout: Duration| {
-        let host = p.get(name)?.host;
+        let host = agents.host_of(name)?;
         match agents.call(&host, method, path, None, timeout) {
             Ok(v) => Ok((host, v)),
             Err(e) => {
-                let now = p.get(name)?.host;
+                let now = agents.host_of(name)?;
                 if now == host {
                     return Err(e);
                 }
@@ -163,7 +170,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::R
             group,
             json,
         } => {
-            lab.host(&host)?;
+            agents.check_host(&host)?;
             let body = serde_json::json!({
                 "name": name,
                 "memory_mib": memory,
@@ -207,7 +214,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: VmCommand) -> anyhow::R
             println!("VM {name} destroyed");
         }
         VmCommand::List { json } => {
-            let vms = p.list()?;
+            let vms = agents.list()?;
             if json {
                 print_json(&vms);
             } else {
@@ -391,9 +398,9 @@ pub fn migrate(
     lab: &Lab,
     exe: &Path,
     state_dir: &Path,
+    access: Option<&Access>,
     args: MigrateArgs,
 ) -> anyhow::Result<ExitCode> {
-    let p = platform(lab, exe)?;
     let params = Params {
         downtime_limit_ms: args.downtime_ms,
         keep_frames: !args.no_frame_replay,
@@ -404,13 +411,20 @@ pub fn migrate(
     };
     let g = match (&args.vm, &args.group) {
         (Some(vm), None) => {
-            lab.host(&args.to)?;
-            let agents = HostAgents::new(lab, exe, state_dir)?;
+            let in_lab: LabAgents;
+            let agents: &dyn ZoneAgents = match access {
+                Some(a) => a,
+                None => {
+                    in_lab = lab_agents(lab, exe, state_dir)?;
+                    &in_lab
+                }
+            };
+            agents.check_host(&args.to)?;
             // The source's agent first: starting, it settles an interrupted migration of
             // the VM, which may move it.
-            let before = p.get(vm)?.host;
+            let before = agents.host_of(vm)?;
             agents.call(&before, "GET", "/v1/health", None, Duration::from_secs(30))?;
-            let from = p.get(vm)?.host;
+            let from = agents.host_of(vm)?;
             // Start the destination's agent before the source's asks it to prepare.
             agents.call(&args.to, "GET", "/v1/vms", None, Duration::from_secs(30))?;
             let (multi, update) = progress_display(args.json);
@@ -419,14 +433,15 @@ pub fn migrate(
                 &from,
                 &format!("/v1/vms/{vm}/migration"),
                 stop.clone(),
-                move |v| {
+                Box::new(move |v| {
                     if let Ok(p) = serde_json::from_value::<Progress>(v) {
                         update(&[p]);
                     }
-                },
+                }),
             )?;
             let body = serde_json::json!({
                 "to": args.to,
+                "agent": agents.agent_url(&args.to),
                 "downtime_limit_ms": args.downtime_ms,
                 "frame_replay": !args.no_frame_replay,
                 "tls": !args.no_tls,
@@ -451,7 +466,12 @@ pub fn migrate(
                 vms: vec![m],
             }
         }
+        (None, Some(_)) if access.is_some() => anyhow::bail!(
+            "group migration is coordinated next to the lab for now (issue 11); \
+             with --access, migrate one VM at a time"
+        ),
         (None, Some(group)) => {
+            let p = platform(lab, exe)?;
             // The source hosts' agents settle the migration (cancel, the sources run on) if
             // this command dies half-way, e.g. with VMs held in pre-copy or switched to post-copy.
             let agents = HostAgents::new(lab, exe, state_dir)?;

@@ -148,6 +148,9 @@ const PACE_SLOW_BYTES: u64 = 2_000_000;
 /// measured dirty rate was sometimes low enough that a 4 MB/s dirtier converged while held.
 const HOLD_SHARE: f64 = 0.5;
 const HOLD_MIN_BYTES: u64 = 256 * 1024;
+/// The slowest a held or draining VM is ever sent (bytes/s): QEMU still sends a page per
+/// 100 ms rate window, so about 40 KB/s.
+const TRICKLE_BYTES: u64 = 32 * 1024;
 /// Coordinated: each VM's dirty set is steered to this before the common stop, so that
 /// what the stopped VMs still send takes tens of milliseconds on the lab's path.
 const DRAIN_TARGET_BYTES: u64 = 1 << 20;
@@ -1023,11 +1026,16 @@ impl Session {
         } else {
             self.dirty_rate()
         };
-        if rate == 0 || self.dirty_set == u64::MAX {
+        if self.dirty_set == u64::MAX {
             return self.pace(false, params);
         }
+        // A guest that dirties nothing (an idle one, or one starved of CPU on a busy host:
+        // seen when a build ran beside a benchmark) must not be sent its set at full speed,
+        // nor at a rate that empties it in a few seconds: with nothing left, QEMU converges
+        // and stops the VM on its own, before the others are ready (SVC-T2 1.8 s). At the
+        // trickle, a 1 MiB set lasts half a minute, longer than the drain may.
         let excess = self.dirty_set as f64 - DRAIN_TARGET_BYTES as f64;
-        let bw = (rate as f64 + excess / DRAIN_TAU_S).max(HOLD_MIN_BYTES as f64) as u64;
+        let bw = (rate as f64 + excess / DRAIN_TAU_S).max(TRICKLE_BYTES as f64) as u64;
         self.set_bandwidth(bw.min(params.max_bandwidth_bytes))?;
         self.throttled = true;
         Ok(())

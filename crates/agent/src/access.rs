@@ -1,0 +1,183 @@
+//! The operator's access bundle, and remote mode: everything an operator needs to drive a
+//! zone's agents over the network, with no namespace entry and no shared file.
+//!
+//! ```text
+//! <dir>/zone.toml      the zone's hosts, each with its site and agent = "https://IP:PORT"
+//! <dir>/ca.crt         the zone CA certificate
+//! <dir>/operator.crt   the operator's certificate
+//! <dir>/operator.key   its key (0600)
+//! ```
+//!
+//! `dczone --access DIR` (env `DCZONE_ACCESS`) reads it and calls the agents directly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use dczone_pki::tls::{client_config, ClientConfig, Identity};
+use dczone_virt::VmRecord;
+
+use crate::{AgentClient, CallError};
+
+/// `zone.toml` of an access bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    /// The zone's name.
+    pub zone: String,
+    pub hosts: Vec<BundleHost>,
+}
+
+/// One host of the zone and its agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleHost {
+    pub id: String,
+    pub site: String,
+    /// The agent's endpoint, `https://IP:PORT`.
+    pub agent: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("cannot read {}: {reason}; an access bundle holds zone.toml, ca.crt, operator.crt and operator.key (`dczone lab up` writes one to <state-dir>/<lab>/access)", path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    Bad { path: PathBuf, reason: String },
+    #[error("host '{host}' is not in the access bundle; its hosts are: {known}")]
+    UnknownHost { host: String, known: String },
+    #[error("no agent of the zone knows VM '{vm}'{}", unreachable_note(.unreachable))]
+    UnknownVm {
+        vm: String,
+        unreachable: Vec<String>,
+    },
+    #[error(transparent)]
+    Tls(#[from] dczone_pki::tls::TlsError),
+}
+
+fn unreachable_note(hosts: &[String]) -> String {
+    if hosts.is_empty() {
+        String::new()
+    } else {
+        format!(" (unreachable: {})", hosts.join(", "))
+    }
+}
+
+impl Bundle {
+    /// Writes `zone.toml` into `dir`.
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let text = format!(
+            "# dczone access bundle: the zone's hosts and their agents\n{}",
+            toml::to_string(self).map_err(std::io::Error::other)?
+        );
+        std::fs::write(dir.join("zone.toml"), text)
+    }
+}
+
+/// An opened access bundle: the zone's agents, called with the operator's certificate.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub dir: PathBuf,
+    pub bundle: Bundle,
+    tls: Arc<ClientConfig>,
+}
+
+/// A VM as an agent reported it.
+pub type Found = (String, VmRecord);
+
+impl Access {
+    pub fn open(dir: &Path) -> Result<Access, AccessError> {
+        let path = dir.join("zone.toml");
+        let text = std::fs::read_to_string(&path).map_err(|e| AccessError::Read {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let bundle: Bundle = toml::from_str(&text).map_err(|e| AccessError::Bad {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        for h in &bundle.hosts {
+            if !h.agent.starts_with("https://") {
+                return Err(AccessError::Bad {
+                    path,
+                    reason: format!(
+                        "host {}: agent = \"{}\" must be https://IP:PORT",
+                        h.id, h.agent
+                    ),
+                });
+            }
+        }
+        let tls = client_config(&dir.join("ca.crt"), Some(&Identity::operator(dir)))?;
+        Ok(Access {
+            dir: dir.to_path_buf(),
+            bundle,
+            tls,
+        })
+    }
+
+    /// `host`'s agent endpoint.
+    pub fn agent_url(&self, host: &str) -> Result<&str, AccessError> {
+        self.bundle
+            .hosts
+            .iter()
+            .find(|h| h.id == host)
+            .map(|h| h.agent.as_str())
+            .ok_or_else(|| AccessError::UnknownHost {
+                host: host.into(),
+                known: self
+                    .bundle
+                    .hosts
+                    .iter()
+                    .map(|h| h.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// A client of `host`'s agent.
+    pub fn client(&self, host: &str) -> Result<AgentClient, AccessError> {
+        Ok(AgentClient::new(self.agent_url(host)?, self.tls.clone()))
+    }
+
+    /// Every VM of the zone, asking every agent at once; and the hosts whose agent did not
+    /// answer (their VMs are missing from the list).
+    pub fn list(&self) -> (Vec<Found>, Vec<String>) {
+        let answers: Vec<(String, Result<Value, CallError>)> = std::thread::scope(|s| {
+            let calls: Vec<_> = self
+                .bundle
+                .hosts
+                .iter()
+                .map(|h| {
+                    let c = AgentClient::new(&h.agent, self.tls.clone());
+                    let id = h.id.clone();
+                    s.spawn(move || (id, c.call("GET", "/v1/vms", None, Duration::from_secs(5))))
+                })
+                .collect();
+            calls.into_iter().filter_map(|c| c.join().ok()).collect()
+        });
+        let mut vms = Vec::new();
+        let mut unreachable = Vec::new();
+        for (host, answer) in answers {
+            match answer.map(serde_json::from_value::<Vec<VmRecord>>) {
+                Ok(Ok(list)) => vms.extend(list.into_iter().map(|v| (host.clone(), v))),
+                _ => unreachable.push(host),
+            }
+        }
+        vms.sort_by(|a, b| a.1.spec.name.cmp(&b.1.spec.name));
+        (vms, unreachable)
+    }
+
+    /// The host whose agent has VM `name`.
+    pub fn find(&self, name: &str) -> Result<Found, AccessError> {
+        let (vms, unreachable) = self.list();
+        vms.into_iter()
+            .find(|(_, v)| v.spec.name == name)
+            .ok_or(AccessError::UnknownVm {
+                vm: name.into(),
+                unreachable,
+            })
+    }
+}
