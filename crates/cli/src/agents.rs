@@ -179,10 +179,7 @@ impl HostAgents {
         let client = self.ensure(host)?;
         let (method, path) = (method.to_string(), path.to_string());
         self.in_host(host, move || client.call(&method, &path, body, timeout))?
-            .map_err(|e| match e {
-                CallError::Refused { message, .. } => anyhow!("{message}"),
-                e => anyhow!("{e}"),
-            })
+            .map_err(call_error)
     }
 
     /// Polls `path` on `host`'s agent every 200 ms from a thread in its namespace, handing
@@ -198,12 +195,7 @@ impl HostAgents {
         let (_, ns) = self.lab.host(host)?;
         let path = path.to_string();
         Ok(sys::in_namespace(&ns, move || {
-            while !stop.load(Ordering::SeqCst) {
-                if let Ok(v) = client.call("GET", &path, None, Duration::from_millis(500)) {
-                    f(v);
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            poll(&client, &path, &stop, f)
         })?)
     }
 
@@ -271,6 +263,24 @@ impl HostAgents {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// An agent's refusal is its own explanation; anything else says which agent failed.
+fn call_error(e: CallError) -> anyhow::Error {
+    match e {
+        CallError::Refused { message, .. } => anyhow!("{message}"),
+        e => anyhow!("{e}"),
+    }
+}
+
+/// Polls `path` every 200 ms, handing each answer to `f`, until `stop` is set.
+fn poll(client: &AgentClient, path: &str, stop: &AtomicBool, f: impl Fn(Value)) {
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(v) = client.call("GET", path, None, Duration::from_millis(500)) {
+            f(v);
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -357,10 +367,7 @@ impl ZoneAgents for Access {
     ) -> anyhow::Result<Value> {
         self.client(host)?
             .call(method, path, body, timeout)
-            .map_err(|e| match e {
-                CallError::Refused { message, .. } => anyhow!("{message}"),
-                e => anyhow!("{e}"),
-            })
+            .map_err(call_error)
     }
     fn watch(
         &self,
@@ -371,14 +378,7 @@ impl ZoneAgents for Access {
     ) -> anyhow::Result<JoinHandle<()>> {
         let client = self.client(host)?;
         let path = path.to_string();
-        Ok(std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                if let Ok(v) = client.call("GET", &path, None, Duration::from_millis(500)) {
-                    f(v);
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }))
+        Ok(std::thread::spawn(move || poll(&client, &path, &stop, f)))
     }
     fn host_of(&self, name: &str) -> anyhow::Result<String> {
         Ok(self.find(name)?.0)
