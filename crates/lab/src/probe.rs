@@ -42,6 +42,8 @@ pub struct RttStats {
     pub samples: u64,
     pub lost: u64,
     pub min_ms: f64,
+    /// The 10th percentile: what the path costs when the host is not busy elsewhere.
+    pub p10_ms: f64,
     pub median_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
@@ -146,6 +148,7 @@ pub fn measure_rtt(
             samples: hist.len(),
             lost,
             min_ms: ms(hist.min()),
+            p10_ms: ms(hist.value_at_quantile(0.1)),
             median_ms: ms(hist.value_at_quantile(0.5)),
             p99_ms: ms(hist.value_at_quantile(0.99)),
             max_ms: ms(hist.max()),
@@ -394,7 +397,11 @@ impl Lab {
                     reason,
                 }
             })?;
-            let raw_ns = (rtt.median_ms * 1e6) as u64;
+            // The floor of the stack's latency, not its median: a median taken while the
+            // shared host is busy would over-compensate, and the emulated path would then be
+            // shorter than the fibre it stands for. Endpoints may see a path a few
+            // microseconds long, never a short one.
+            let raw_ns = (rtt.p10_ms * 1e6) as u64;
             let comp = (raw_ns.saturating_sub(2 * one_way_ns) / 2).min(MAX_COMPENSATION_NS);
             state
                 .stack_compensation_ns

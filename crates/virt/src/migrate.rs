@@ -291,15 +291,23 @@ pub trait Destination: Send {
     /// the source's new connection (`migrate-recover`), once: the listener stays open
     /// through failed attempts. Returns the destination's migration status.
     fn recover_step(&mut self, _uri: &str, _unstick: bool) -> Result<String, VirtError> {
-        Err(VirtError::MigrationFailed {
-            vm: "?".into(),
-            source_host: "?".into(),
-            reason: "this destination cannot recover a post-copy migration".into(),
-        })
+        Err(no_recovery())
+    }
+    /// The incoming migration's status, read without touching it (events and out-of-band
+    /// commands only, as in [`Destination::recover_step`]).
+    fn incoming_status(&mut self) -> Result<String, VirtError> {
+        Err(no_recovery())
     }
 }
 
-/// Prepares the destination of `vm` on host `to`, listening on `port`.
+fn no_recovery() -> VirtError {
+    VirtError::MigrationFailed {
+        vm: "?".into(),
+        source_host: "?".into(),
+        reason: "this destination cannot recover a post-copy migration".into(),
+    }
+}
+
 /// Prepares the destination of `vm` on a host, waiting on a port; the flag asks for an
 /// encrypted stream ([`crate::tls`]).
 pub type Prepare<'a> =
@@ -375,10 +383,10 @@ impl Destination for LocalDestination {
         Some(self.running.clone())
     }
 
-    fn recover_step(&mut self, uri: &str, unstick: bool) -> Result<String, VirtError> {
-        // Events and out-of-band commands only: the destination's main loop may be blocked
-        // (a device touching a page that the broken stream will not bring), and an in-band
-        // command such as query-migrate would hang with it.
+    fn incoming_status(&mut self) -> Result<String, VirtError> {
+        // Events only: the destination's main loop may be blocked (a device touching a
+        // page that the broken stream will not bring), and an in-band command such as
+        // query-migrate would hang with it.
         self.qmp
             .poll_events(Duration::from_millis(5))
             .map_err(Session::qmp_err(&self.vm))?;
@@ -387,6 +395,11 @@ impl Destination for LocalDestination {
                 self.status = s.to_string();
             }
         }
+        Ok(self.status.clone())
+    }
+
+    fn recover_step(&mut self, uri: &str, unstick: bool) -> Result<String, VirtError> {
+        self.incoming_status()?;
         match self.status.as_str() {
             // QEMU accepts migrate-pause only in these two states; in postcopy-recover it
             // aborts the handshake, so only when the driver says it hangs.
@@ -1119,7 +1132,12 @@ impl Session {
     /// QEMU's rules, which this follows (`migration/migration.c`, 9.1 to 10.x):
     /// - a silently cut path is noticed by neither end (no keepalive), so both are paused
     ///   with `migrate-pause`, which is accepted only in `postcopy-active` and
-    ///   `postcopy-recover`;
+    ///   `postcopy-recover`. The source goes first: a source whose stream another end
+    ///   broke may fail instead of pausing;
+    /// - a source that has sent every page (`remaining` 0) is completing: it waits on its
+    ///   return path for the destination's word that it has everything, and a break then
+    ///   fails the migration. Neither end is paused: the kernel's TCP delivers what is
+    ///   queued once the path is back, and the migration completes by itself;
     /// - the destination listens (`migrate-recover`) only once `postcopy-paused`, and keeps
     ///   listening through failed attempts;
     /// - `migrate resume=true` connects in `postcopy-recover-setup` with the kernel's SYN
@@ -1137,20 +1155,9 @@ impl Session {
         while Instant::now() < deadline {
             let st = self.src.execute("query-migrate", json!({})).map_err(&err)?;
             let src = st["status"].as_str().unwrap_or("").to_string();
+            let remaining = st["ram"]["remaining"].as_u64().unwrap_or(u64::MAX);
             let hung = handshake_since.is_some_and(|t| t.elapsed() > HANDSHAKE_TIMEOUT);
-            // A destination that does not answer this time is asked again at the next step.
-            let dst = self
-                .dst
-                .recover_step(&uri, hung)
-                .unwrap_or_else(|e| format!("unknown ({e})"));
-            last = format!(
-                "source {src}{}, destination {dst}, {} resume attempts",
-                st["error-desc"]
-                    .as_str()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default(),
-                self.resume_attempts
-            );
+            let completing = src == "postcopy-active" && resumed_at.is_none() && remaining == 0;
             match src.as_str() {
                 "completed" => return Ok(()),
                 "postcopy-active" if resumed_at.is_some() => {
@@ -1158,6 +1165,8 @@ impl Session {
                     self.progressed_at = Instant::now();
                     return Ok(());
                 }
+                // Everything sent: waits for the path, untouched (see above).
+                "postcopy-active" if completing => {}
                 // Still on the broken stream.
                 "postcopy-active" => {
                     let _ = self.src.execute("migrate-pause", json!({}));
@@ -1169,25 +1178,46 @@ impl Session {
                         handshake_since = None;
                     }
                 }
-                "postcopy-paused" => {
-                    handshake_since = None;
-                    let listening = dst == "postcopy-paused";
-                    if listening && resumed_at.is_none_or(|t| t.elapsed() > RESUME_RETRY) {
-                        // Refused or lost while the path is still cut: tried again.
-                        let _ = self
-                            .src
-                            .execute("migrate", json!({ "uri": uri, "resume": true }));
-                        resumed_at = Some(Instant::now());
-                        self.resume_attempts += 1;
-                    }
-                }
-                "failed" | "cancelled" => break,
+                "postcopy-paused" => handshake_since = None,
+                "failed" | "cancelled" => {}
                 // postcopy-recover-setup: connecting.
                 _ => {}
             }
-            // A destination that failed (it had not started running yet when the stream
-            // broke, so it could not pause) cannot be resumed.
-            if dst == "failed" {
+            // A destination that does not answer this time is asked again at the next step.
+            let dst = if completing {
+                self.dst.incoming_status()
+            } else {
+                self.dst.recover_step(&uri, hung)
+            }
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+            last = format!(
+                "source {src}{}{}, destination {dst}, {} resume attempts",
+                if completing { " with every page sent" } else { "" },
+                st["error-desc"]
+                    .as_str()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default(),
+                self.resume_attempts
+            );
+            if src == "postcopy-paused"
+                && dst == "postcopy-paused"
+                && resumed_at.is_none_or(|t| t.elapsed() > RESUME_RETRY)
+            {
+                // The destination listens. Refused or lost while the path is still cut:
+                // tried again.
+                let _ = self
+                    .src
+                    .execute("migrate", json!({ "uri": uri, "resume": true }));
+                resumed_at = Some(Instant::now());
+                self.resume_attempts += 1;
+            }
+            if dst == "completed" {
+                // Every page arrived: the source's own status no longer matters.
+                return Ok(());
+            }
+            // A source that failed cannot be resumed; nor can a destination that failed (it
+            // had not started running yet when the stream broke, so it could not pause).
+            if matches!(src.as_str(), "failed" | "cancelled") || dst == "failed" {
                 break;
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -1562,14 +1592,27 @@ impl Platform {
                 match status {
                     Ok(st) if st == "completed" => s.done = true,
                     Ok(st) if st == "failed" || st == "cancelled" => {
-                        failure = Some(format!(
-                            "{} reported {st}{}",
-                            s.vm.spec.name,
-                            s.last["error-desc"]
-                                .as_str()
-                                .map(|e| format!(": {e}"))
-                                .unwrap_or_default()
-                        ));
+                        // After a post-copy switch the destination decides: a source that
+                        // lost its return path while completing has sent every page, and
+                        // a destination that received them all has completed.
+                        let dst = match s.switched {
+                            true => s.dst.incoming_status().ok(),
+                            false => None,
+                        };
+                        if dst.as_deref() == Some("completed") {
+                            s.done = true;
+                        } else {
+                            failure = Some(format!(
+                                "{} reported {st}{}{}",
+                                s.vm.spec.name,
+                                s.last["error-desc"]
+                                    .as_str()
+                                    .map(|e| format!(": {e}"))
+                                    .unwrap_or_default(),
+                                dst.map(|d| format!(" (its destination: {d})"))
+                                    .unwrap_or_default()
+                            ));
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => failure = Some(e.to_string()),

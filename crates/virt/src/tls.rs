@@ -53,18 +53,29 @@ impl Platform {
             let what = format!("{what} QEMU's TLS credentials in {}", dir.display());
             move |source| VirtError::Io { what, source }
         };
-        // Written whole under a private name, then renamed into place: a QEMU reading the
-        // directory while another migration writes it sees one version or the other.
-        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io("create"))?;
-        for (from, to) in [
+        let files = [
             (pki.ca_cert(), "ca-cert.pem"),
             (cert.clone(), "server-cert.pem"),
             (key.clone(), "server-key.pem"),
             (cert, "client-cert.pem"),
             (key, "client-key.pem"),
-        ] {
+        ];
+        // Left alone when current: another migration's QEMU may be reading it right now.
+        let current = files.iter().all(|(from, to)| {
+            matches!(
+                (std::fs::read(from), std::fs::read(dir.join(to))),
+                (Ok(a), Ok(b)) if a == b
+            )
+        });
+        if current {
+            return Ok(dir);
+        }
+        // Written whole under a private name, then renamed into place: a QEMU reading the
+        // directory while another migration writes it sees one version or the other.
+        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io("create"))?;
+        for (from, to) in files {
             std::fs::copy(&from, tmp.join(to)).map_err(io("write"))?;
         }
         let _ = std::fs::remove_dir_all(&dir);
