@@ -111,6 +111,12 @@ pub enum DbCommand {
     },
 }
 
+/// The lab's database password file (libpq's format; see [`dczone_db::ensure_passfile`]):
+/// every member names it, and `dczone` points `PGPASSFILE` at it for its own clients.
+pub fn passfile(lab: &Lab) -> PathBuf {
+    lab.dir().join("db").join("pgpass")
+}
+
 /// The database platform of a lab that is up.
 #[derive(Clone)]
 pub struct Platform {
@@ -138,6 +144,7 @@ impl Platform {
             members.push(Member {
                 app: dczone_db::app_name(&site),
                 dir: lab.dir().join("db").join(&site),
+                passfile: passfile(lab),
                 namespace: lab.host_namespace(&host),
                 ip: h.ip(),
                 host,
@@ -268,6 +275,7 @@ impl Platform {
             site: site.to_string(),
             plan: self.plan.clone(),
             members: self.members.clone(),
+            admitted: self.admitted(),
             etcd_leader_home: if witness.is_empty() {
                 own.clone()
             } else {
@@ -275,6 +283,24 @@ impl Platform {
             },
             etcd_endpoints: own,
         })
+    }
+
+    /// Who may connect to PostgreSQL over the network: the members, and every host of the
+    /// database's sites (where its clients run). A guest's address is never among them.
+    pub fn admitted(&self) -> dczone_db::Admitted {
+        let mut clients = Vec::new();
+        for site in self.plan.members() {
+            let idx = self.zone.site_index(&site).expect("validated");
+            for h in &self.zone.sites[idx].hosts {
+                if let Some(h) = self.zone.host(h) {
+                    clients.push(h.ip());
+                }
+            }
+        }
+        dczone_db::Admitted {
+            members: self.hosts(),
+            clients,
+        }
     }
 
     fn agent_pid_file(&self, m: &Member) -> PathBuf {
@@ -673,6 +699,7 @@ impl Platform {
         // back rejoin it.
         self.rejoin_consensus(client)?;
         std::fs::create_dir_all(self.lab.dir().join("db"))?;
+        dczone_db::ensure_passfile(&passfile(&self.lab))?;
         for m in &self.members {
             self.start_agent(exe, state_dir, &m.site)?;
         }

@@ -129,6 +129,11 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe()?;
     let lab = dczone_lab::Lab::new(&cli.lab, &cli.state_dir, &exe)?;
+    if std::env::var_os("PGPASSFILE").is_none() {
+        // libpq's convention, for our clients and the psql or pgbench an operator runs
+        // through `lab exec`: the lab's database password. Set before any thread starts.
+        std::env::set_var("PGPASSFILE", db_cmd::passfile(&lab));
+    }
     let access = match &cli.access {
         None => None,
         Some(dir) => {

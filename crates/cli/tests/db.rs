@@ -38,11 +38,14 @@ fn wait_status(lab: &TestLab, what: &str, timeout: Duration, ok: impl Fn(&Value)
 
 /// Runs SQL with psql from `host` against `ip`; returns (success, stdout+stderr).
 fn psql(lab: &TestLab, host: &str, ip: &str, sql: &str) -> (bool, String) {
-    let out = lab.run(&[
-        "lab",
-        "exec",
-        host,
-        "--",
+    psql_with(lab, host, ip, sql, &[])
+}
+
+/// [`psql`] with `env` arguments first (`VAR=value`, or `-u VAR` to unset one).
+fn psql_with(lab: &TestLab, host: &str, ip: &str, sql: &str, env: &[&str]) -> (bool, String) {
+    let mut args = vec!["lab", "exec", host, "--", "env"];
+    args.extend_from_slice(env);
+    args.extend_from_slice(&[
         "timeout",
         "5",
         "runuser",
@@ -57,6 +60,7 @@ fn psql(lab: &TestLab, host: &str, ip: &str, sql: &str) -> (bool, String) {
         "-tAc",
         sql,
     ]);
+    let out = lab.run(&args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -109,6 +113,31 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
         "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'dc2_1'",
     );
     assert!(ok && (state == "quorum" || state == "sync"), "{state}");
+    // Only the database sites' hosts get in, and only with the password: a host of
+    // another site is not in pg_hba.conf, a client without the password file is refused.
+    let (ok, text) = psql(&lab, "cloud-h1", DC11, "SELECT 1");
+    assert!(!ok && text.contains("no pg_hba.conf entry"), "{text}");
+    let (ok, text) = psql_with(
+        &lab,
+        "dc1.1-client",
+        DC11,
+        "SELECT 1",
+        &["-u", "PGPASSFILE"],
+    );
+    assert!(!ok && text.contains("password"), "{text}");
+    let hba = std::fs::read_to_string(
+        lab.state_dir
+            .join(&lab.name)
+            .join("db/dc1.1/data/pg_hba.conf"),
+    )
+    .unwrap();
+    let host_rules: Vec<&str> = hba.lines().filter(|l| l.starts_with("host")).collect();
+    assert!(
+        host_rules
+            .iter()
+            .all(|l| l.ends_with("scram-sha-256") && !l.contains("/16")),
+        "{hba}"
+    );
     let r = load(&lab, "dc1.1-client", "2");
     let p50 = r["tatrxn_p50_ms"].as_f64().unwrap();
     assert!(

@@ -5,6 +5,13 @@
 //! PostgreSQL refuses to run as root, so every server-side binary runs as the `postgres`
 //! user. The agent talks to its own member over the member's unix socket; members and
 //! clients talk to each other over the lab network (the APN emulator).
+//!
+//! Access: `pg_hba.conf` admits the members (replication and clients) and the hosts of the
+//! database's sites, each by its own address, and nobody else: never a guest's address.
+//! Every network connection authenticates with SCRAM-SHA-256 as `postgres`, whose password
+//! lives in a libpq password file ([`ensure_passfile`]). Members name it in their
+//! connection strings (`passfile=`); clients find it as libpq does, through `PGPASSFILE`
+//! ([`client_password`]). The unix socket (the member's own agent) stays `trust`.
 
 use std::ffi::CString;
 use std::net::Ipv4Addr;
@@ -53,6 +60,104 @@ pub struct Member {
     pub ip: Ipv4Addr,
     /// `<lab dir>/db/<site>`: data, socket directory and log.
     pub dir: PathBuf,
+    /// The libpq password file holding `postgres`'s password ([`ensure_passfile`]).
+    pub passfile: PathBuf,
+}
+
+/// Who may connect over the network: the members (replication too) and the client hosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admitted {
+    pub members: Vec<Ipv4Addr>,
+    pub clients: Vec<Ipv4Addr>,
+}
+
+impl Admitted {
+    /// The `pg_hba.conf` lines: one address per line (`/32`), SCRAM everywhere.
+    pub fn hba(&self) -> String {
+        let mut out = String::from(
+            "\n# dczone: the members and the database sites' hosts, each by its address, \
+             SCRAM only\n",
+        );
+        for ip in &self.members {
+            out.push_str(&format!(
+                "host replication postgres {ip}/32 scram-sha-256\n"
+            ));
+        }
+        let mut all: Vec<Ipv4Addr> = self.members.clone();
+        all.extend(self.clients.iter().filter(|c| !self.members.contains(c)));
+        for ip in all {
+            out.push_str(&format!("host all postgres {ip}/32 scram-sha-256\n"));
+        }
+        out
+    }
+}
+
+/// Creates the password file at `path` unless it exists: one line
+/// `*:*:*:postgres:PASSWORD` (libpq's format), a fresh random password, mode 0600, owned by
+/// `postgres` (libpq refuses a file others can read; the server's walreceiver and
+/// `pg_basebackup` read it as `postgres`).
+pub fn ensure_passfile(path: &Path) -> Result<(), DbError> {
+    let io = |what: String| move |source| DbError::Io { what, source };
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+    let mut raw = [0u8; 24];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(io("open /dev/urandom".into()))?,
+        &mut raw,
+    )
+    .map_err(io("read /dev/urandom".into()))?;
+    let password: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension("tmp");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(format!("create {}", tmp.display())))?;
+        std::io::Write::write_all(&mut f, format!("*:*:*:postgres:{password}\n").as_bytes())
+            .map_err(io(format!("write {}", tmp.display())))?;
+    }
+    chown_postgres(&tmp)?;
+    // Never replaces one a concurrent `db up` made first.
+    match std::fs::hard_link(&tmp, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(format!("create {}", path.display()))(e)),
+    }
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
+/// `postgres`'s password from a libpq password file (the first line for user `postgres`).
+pub fn read_password(path: &Path) -> Result<String, DbError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DbError::Io {
+        what: format!("read the database password file {}", path.display()),
+        source,
+    })?;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let f: Vec<&str> = l.splitn(5, ':').collect();
+            (f.len() == 5 && (f[3] == "postgres" || f[3] == "*")).then(|| f[4].to_string())
+        })
+        .ok_or_else(|| DbError::Step {
+            what: format!("read the database password file {}", path.display()),
+            detail: "no line for user postgres (expected *:*:*:postgres:PASSWORD)".into(),
+        })
+}
+
+/// The password a client uses, found as libpq finds it: in the file `PGPASSFILE` names.
+/// `None` without one (the server then refuses the connection, naming the user).
+pub fn client_password() -> Option<String> {
+    let path = std::env::var_os("PGPASSFILE")?;
+    read_password(Path::new(&path)).ok()
 }
 
 fn postgres_ids() -> Result<(u32, u32), DbError> {
@@ -129,11 +234,12 @@ impl Member {
         self.data().join("PG_VERSION").exists()
     }
 
-    /// How other members and clients reach this one.
+    /// How other members reach this one (libpq: the walreceiver, pg_basebackup, pg_rewind).
     pub fn remote_conninfo(&self, app: &str) -> String {
         format!(
-            "host={} port={PORT} user=postgres application_name={app} connect_timeout=2",
-            self.ip
+            "host={} port={PORT} user=postgres passfile={} application_name={app} connect_timeout=2",
+            self.ip,
+            self.passfile.display()
         )
     }
 
@@ -146,6 +252,9 @@ impl Member {
             .dbname(dbname)
             .application_name(app)
             .connect_timeout(Duration::from_secs(1));
+        if let Ok(pw) = read_password(&self.passfile) {
+            c.password(pw);
+        }
         c
     }
 
@@ -172,34 +281,49 @@ impl Member {
         Ok(())
     }
 
-    /// `initdb` plus our configuration (the primary of a new platform).
-    pub fn initdb(&self) -> Result<(), DbError> {
+    /// `initdb` plus our configuration (the primary of a new platform); `admitted` becomes
+    /// `pg_hba.conf`, which the other members copy with the data.
+    pub fn initdb(&self, admitted: &Admitted) -> Result<(), DbError> {
         self.prepare_dirs()?;
-        run(
+        let password = read_password(&self.passfile)?;
+        let pwfile = self.dir.join("initdb.pw");
+        std::fs::write(&pwfile, format!("{password}\n")).map_err(|source| DbError::Io {
+            what: format!("write {}", pwfile.display()),
+            source,
+        })?;
+        chown_postgres(&pwfile)?;
+        let done = run(
             &format!("initdb for {}", self.site),
-            as_postgres("initdb")?.arg("-D").arg(self.data()).args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                // A standby that follows a new timeline restarts streaming at the start of
-                // the WAL segment holding the fork, so after every failover or switchover it
-                // fetches up to one segment again across the WAN before it can confirm a
-                // commit. 1 MiB segments instead of 16 keep that short (measured in
-                // BENCHMARKS.md, `bench switchover`).
-                "--wal-segsize=1",
-            ]),
-        )?;
-        self.configure()
+            as_postgres("initdb")?
+                .arg("-D")
+                .arg(self.data())
+                .arg(format!("--pwfile={}", pwfile.display()))
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                    // A standby that follows a new timeline restarts streaming at the start of
+                    // the WAL segment holding the fork, so after every failover or switchover it
+                    // fetches up to one segment again across the WAN before it can confirm a
+                    // commit. 1 MiB segments instead of 16 keep that short (measured in
+                    // BENCHMARKS.md, `bench switchover`).
+                    "--wal-segsize=1",
+                ]),
+        );
+        let _ = std::fs::remove_file(&pwfile);
+        done?;
+        self.configure(admitted)
     }
 
-    /// Appends dczone's settings and lab access rules. Settings that differ per member
+    /// Appends dczone's settings and access rules. Settings that differ per member
     /// (addresses, socket) are on the postmaster's command line instead, because pg_rewind
     /// and pg_basebackup copy these files from another member. Settings the HA agent changes at run
     /// time (synchronous_standby_names, primary_conninfo) live in postgresql.auto.conf.
-    fn configure(&self) -> Result<(), DbError> {
+    fn configure(&self, admitted: &Admitted) -> Result<(), DbError> {
         let conf = format!(
             "\n# dczone\n\
              port = {PORT}\n\
@@ -221,10 +345,8 @@ impl Member {
              logging_collector = off\n\
              log_line_prefix = '%m [%p] '\n",
         );
-        let hba = "\n# dczone lab: members and clients on the lab network (10.77.0.0/16)\n\
-                   host all all 10.77.0.0/16 trust\n\
-                   host replication all 10.77.0.0/16 trust\n";
-        for (file, text) in [("postgresql.conf", conf.as_str()), ("pg_hba.conf", hba)] {
+        let hba = admitted.hba();
+        for (file, text) in [("postgresql.conf", conf.as_str()), ("pg_hba.conf", &hba)] {
             let path = self.data().join(file);
             let mut old = std::fs::read_to_string(&path).map_err(|source| DbError::Io {
                 what: format!("read {}", path.display()),
@@ -807,5 +929,41 @@ rmgr: Standby     len (rec/tot):     50/    50, tx:          0, lsn: 0/01534A50,
         assert_eq!(parse_lsn("0/3000148"), 0x3000148);
         assert_eq!(parse_lsn("1/0"), 1 << 32);
         assert_eq!(parse_lsn("garbage"), 0);
+    }
+
+    #[test]
+    fn hba_admits_each_member_and_client_by_address_and_never_a_network() {
+        let a = Admitted {
+            members: vec![Ipv4Addr::new(10, 77, 1, 11), Ipv4Addr::new(10, 77, 3, 11)],
+            clients: vec![Ipv4Addr::new(10, 77, 1, 11), Ipv4Addr::new(10, 77, 1, 13)],
+        };
+        let hba = a.hba();
+        let rules: Vec<&str> = hba.lines().filter(|l| l.starts_with("host")).collect();
+        assert_eq!(
+            rules,
+            [
+                "host replication postgres 10.77.1.11/32 scram-sha-256",
+                "host replication postgres 10.77.3.11/32 scram-sha-256",
+                "host all postgres 10.77.1.11/32 scram-sha-256",
+                "host all postgres 10.77.3.11/32 scram-sha-256",
+                "host all postgres 10.77.1.13/32 scram-sha-256",
+            ]
+        );
+        assert!(!hba.contains("trust") && !hba.contains("/16"), "{hba}");
+    }
+
+    #[test]
+    fn the_password_is_read_as_libpq_writes_it() {
+        let dir = std::env::temp_dir().join(format!("dczone-pgpass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("pgpass");
+        std::fs::write(&f, "# zone\n*:*:*:other:x\n*:5432:*:postgres:s3:cret\n").unwrap();
+        assert_eq!(read_password(&f).unwrap(), "s3:cret");
+        std::fs::write(&f, "*:*:*:other:x\n").unwrap();
+        assert!(read_password(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("postgres"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub plan: DatabasePlan,
     /// Every member, in the zone's order (primary first).
     pub members: Vec<Member>,
+    /// Who may connect to PostgreSQL over the network (`pg_hba.conf`, written at initdb).
+    pub admitted: dczone_db::Admitted,
     pub etcd_endpoints: Vec<String>,
     /// Where the primary keeps etcd's raft leadership (client URLs): the witness's members
     /// if the zone has a witness, else this site's own (see `Store::move_etcd_leadership_to`).
@@ -639,7 +641,10 @@ impl Agent {
                 return Ok(());
             }
             if !self.cfg.me().initialized() {
-                self.cfg.me().initdb().map_err(|e| e.to_string())?;
+                self.cfg
+                    .me()
+                    .initdb(&self.cfg.admitted)
+                    .map_err(|e| e.to_string())?;
             }
         } else {
             if self.shared.fenced.load(Ordering::SeqCst) || !self.is_standby_dir() {

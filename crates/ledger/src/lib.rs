@@ -23,8 +23,8 @@ pub const TOTAL: i64 = ACCOUNTS as i64 * INITIAL_BALANCE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("no member accepts writes (tried {tried})")]
-    NoPrimary { tried: String },
+    #[error("no member accepts writes (tried {tried}; refused: {refused})")]
+    NoPrimary { tried: String, refused: String },
     #[error("ledger SQL: {0}")]
     Sql(#[from] tokio_postgres::Error),
 }
@@ -44,17 +44,32 @@ fn config(ip: Ipv4Addr, app: &str, dbname: &str) -> Config {
         .dbname(dbname)
         .application_name(app)
         .connect_timeout(Duration::from_millis(500));
+    if let Some(pw) = dczone_db::client_password() {
+        c.password(pw);
+    }
     c
 }
 
-async fn connect(ip: Ipv4Addr, app: &str, dbname: &str, timeout: Duration) -> Option<Client> {
+/// Connects to one member, or says why it could not (for the error a client prints).
+async fn try_connect(
+    ip: Ipv4Addr,
+    app: &str,
+    dbname: &str,
+    timeout: Duration,
+) -> Result<Client, String> {
     let cfg = config(ip, app, dbname);
     let fut = cfg.connect(NoTls);
-    let (client, conn) = tokio::time::timeout(timeout, fut).await.ok()?.ok()?;
+    let (client, conn) = tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| format!("{ip}: no answer within {} ms", timeout.as_millis()))?
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => format!("{ip}: {}", db.message()),
+            None => format!("{ip}: {e}"),
+        })?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Some(client)
+    Ok(client)
 }
 
 /// Connects to the member that accepts writes. Each attempt has its own deadline: a silently
@@ -72,9 +87,14 @@ pub async fn connect_primary_db(
     app: &str,
     dbname: &str,
 ) -> Result<(Client, Ipv4Addr), LedgerError> {
+    let mut refused = Vec::new();
     for &ip in hosts {
-        let Some(c) = connect(ip, app, dbname, Duration::from_millis(500)).await else {
-            continue;
+        let c = match try_connect(ip, app, dbname, Duration::from_millis(500)).await {
+            Ok(c) => c,
+            Err(e) => {
+                refused.push(e);
+                continue;
+            }
         };
         let rw = tokio::time::timeout(
             Duration::from_millis(500),
@@ -93,6 +113,11 @@ pub async fn connect_primary_db(
             .map(|h| h.to_string())
             .collect::<Vec<_>>()
             .join(", "),
+        refused: if refused.is_empty() {
+            "none: every member that answered is a standby".into()
+        } else {
+            refused.join("; ")
+        },
     })
 }
 
@@ -105,6 +130,9 @@ pub async fn create_schema(primary: Ipv4Addr) -> Result<(), LedgerError> {
         .user("postgres")
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(3));
+    if let Some(pw) = dczone_db::client_password() {
+        admin.password(pw);
+    }
     let (c, conn) = admin.connect(NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;

@@ -1192,7 +1192,11 @@ impl Session {
             .unwrap_or_else(|e| format!("unknown ({e})"));
             last = format!(
                 "source {src}{}{}, destination {dst}, {} resume attempts",
-                if completing { " with every page sent" } else { "" },
+                if completing {
+                    " with every page sent"
+                } else {
+                    ""
+                },
                 st["error-desc"]
                     .as_str()
                     .map(|e| format!(" ({e})"))
