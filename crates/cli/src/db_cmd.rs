@@ -117,6 +117,12 @@ pub fn passfile(lab: &Lab) -> PathBuf {
     lab.dir().join("db").join("pgpass")
 }
 
+/// The zone CA's certificate where `postgres` can read it: members and clients verify the
+/// members' certificates against it.
+pub fn ca_file(lab: &Lab) -> PathBuf {
+    lab.dir().join("db").join("ca.crt")
+}
+
 /// The database platform of a lab that is up.
 #[derive(Clone)]
 pub struct Platform {
@@ -145,6 +151,7 @@ impl Platform {
                 app: dczone_db::app_name(&site),
                 dir: lab.dir().join("db").join(&site),
                 passfile: passfile(lab),
+                ca: ca_file(lab),
                 namespace: lab.host_namespace(&host),
                 ip: h.ip(),
                 host,
@@ -301,6 +308,25 @@ impl Platform {
             members: self.hosts(),
             clients,
         }
+    }
+
+    /// Gives every member its host's zone certificate (issued by the lab's CA on first
+    /// use, as for the host agents) and the CA for `postgres` to read.
+    fn install_tls(&self) -> anyhow::Result<()> {
+        let pki = dczone_pki::Pki::open_or_init(&self.lab.dir().join("pki"), self.lab.name())?;
+        let ca = ca_file(&self.lab);
+        if !ca.exists() {
+            let tmp = ca.with_extension("tmp");
+            std::fs::copy(pki.ca_cert(), &tmp)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+            std::fs::rename(&tmp, &ca)?;
+        }
+        for m in &self.members {
+            let (cert, key) = pki.ensure(dczone_pki::Role::Host, &m.host, &[m.ip.into()], 825)?;
+            m.install_tls(&cert, &key)?;
+        }
+        Ok(())
     }
 
     fn agent_pid_file(&self, m: &Member) -> PathBuf {
@@ -700,6 +726,7 @@ impl Platform {
         self.rejoin_consensus(client)?;
         std::fs::create_dir_all(self.lab.dir().join("db"))?;
         dczone_db::ensure_passfile(&passfile(&self.lab))?;
+        self.install_tls()?;
         for m in &self.members {
             self.start_agent(exe, state_dir, &m.site)?;
         }

@@ -129,10 +129,17 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe()?;
     let lab = dczone_lab::Lab::new(&cli.lab, &cli.state_dir, &exe)?;
-    if std::env::var_os("PGPASSFILE").is_none() {
-        // libpq's convention, for our clients and the psql or pgbench an operator runs
-        // through `lab exec`: the lab's database password. Set before any thread starts.
-        std::env::set_var("PGPASSFILE", db_cmd::passfile(&lab));
+    // libpq's conventions, for our clients and the psql or pgbench an operator runs
+    // through `lab exec`: the lab's database password and CA, and TLS verified against it.
+    // Set before any thread starts; an operator's own settings win.
+    for (var, value) in [
+        ("PGPASSFILE", db_cmd::passfile(&lab).into_os_string()),
+        ("PGSSLROOTCERT", db_cmd::ca_file(&lab).into_os_string()),
+        ("PGSSLMODE", "verify-full".into()),
+    ] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, value);
+        }
     }
     let access = match &cli.access {
         None => None,

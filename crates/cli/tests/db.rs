@@ -133,11 +133,29 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
     .unwrap();
     let host_rules: Vec<&str> = hba.lines().filter(|l| l.starts_with("host")).collect();
     assert!(
-        host_rules
-            .iter()
-            .all(|l| l.ends_with("scram-sha-256") && !l.contains("/16")),
+        host_rules.iter().all(|l| l.ends_with("scram-sha-256")
+            && !l.contains("/16")
+            && (l.starts_with("hostssl") || l.contains(" 127.0.0.1/32 ") || l.contains("::1/128"))),
         "{hba}"
     );
+    // Only over TLS: a client that does not ask for it is refused; the ones that do, and
+    // the standbys' streams, are encrypted.
+    let (ok, text) = psql_with(
+        &lab,
+        "dc1.1-client",
+        DC11,
+        "SELECT 1",
+        &["PGSSLMODE=disable"],
+    );
+    assert!(!ok && text.contains("no encryption"), "{text}");
+    let (ok, text) = psql(
+        &lab,
+        "dc1.1-client",
+        DC11,
+        "SELECT bool_and(s.ssl) || '/' || count(*) FROM pg_stat_ssl s \
+         JOIN pg_stat_replication r USING (pid)",
+    );
+    assert!(ok && text == "true/2", "{text}");
     let r = load(&lab, "dc1.1-client", "2");
     let p50 = r["tatrxn_p50_ms"].as_f64().unwrap();
     assert!(

@@ -8,10 +8,13 @@
 //!
 //! Access: `pg_hba.conf` admits the members (replication and clients) and the hosts of the
 //! database's sites, each by its own address, and nobody else: never a guest's address.
-//! Every network connection authenticates with SCRAM-SHA-256 as `postgres`, whose password
-//! lives in a libpq password file ([`ensure_passfile`]). Members name it in their
-//! connection strings (`passfile=`); clients find it as libpq does, through `PGPASSFILE`
-//! ([`client_password`]). The unix socket (the member's own agent) stays `trust`.
+//! Every network connection is TLS (`hostssl`: the member serves its host's zone
+//! certificate, clients verify it against the zone CA and the member's address) and
+//! authenticates with SCRAM-SHA-256 as `postgres`, whose password lives in a libpq password
+//! file ([`ensure_passfile`]). Members name both files in their connection strings
+//! (`sslrootcert=`, `passfile=`); clients find them as libpq does, through `PGSSLROOTCERT`
+//! and `PGPASSFILE` ([`client_tls`], [`client_password`]). The unix socket (the member's
+//! own agent) stays `trust`.
 
 use std::ffi::CString;
 use std::net::Ipv4Addr;
@@ -62,6 +65,9 @@ pub struct Member {
     pub dir: PathBuf,
     /// The libpq password file holding `postgres`'s password ([`ensure_passfile`]).
     pub passfile: PathBuf,
+    /// The zone CA's certificate, readable by `postgres`: what the member's own client
+    /// connections (walreceiver, pg_basebackup, pg_rewind) verify the others against.
+    pub ca: PathBuf,
 }
 
 /// Who may connect over the network: the members (replication too) and the client hosts.
@@ -72,21 +78,21 @@ pub struct Admitted {
 }
 
 impl Admitted {
-    /// The `pg_hba.conf` lines: one address per line (`/32`), SCRAM everywhere.
+    /// The `pg_hba.conf` lines: one address per line (`/32`), TLS and SCRAM everywhere.
     pub fn hba(&self) -> String {
         let mut out = String::from(
             "\n# dczone: the members and the database sites' hosts, each by its address, \
-             SCRAM only\n",
+             TLS and SCRAM only\n",
         );
         for ip in &self.members {
             out.push_str(&format!(
-                "host replication postgres {ip}/32 scram-sha-256\n"
+                "hostssl replication postgres {ip}/32 scram-sha-256\n"
             ));
         }
         let mut all: Vec<Ipv4Addr> = self.members.clone();
         all.extend(self.clients.iter().filter(|c| !self.members.contains(c)));
         for ip in all {
-            out.push_str(&format!("host all postgres {ip}/32 scram-sha-256\n"));
+            out.push_str(&format!("hostssl all postgres {ip}/32 scram-sha-256\n"));
         }
         out
     }
@@ -151,6 +157,27 @@ pub fn read_password(path: &Path) -> Result<String, DbError> {
             what: format!("read the database password file {}", path.display()),
             detail: "no line for user postgres (expected *:*:*:postgres:PASSWORD)".into(),
         })
+}
+
+/// A TLS connector that trusts only the zone CA in `ca` (rustls verifies the member's
+/// certificate against the address connected to, as libpq's `verify-full` does).
+pub fn tls_connector(ca: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
+    let config = dczone_pki::tls::client_config(ca, None).map_err(|e| DbError::Step {
+        what: format!("load the zone CA {}", ca.display()),
+        detail: e.to_string(),
+    })?;
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(
+        (*config).clone(),
+    ))
+}
+
+/// The TLS connector a client uses, its CA found as libpq finds it: in `PGSSLROOTCERT`.
+pub fn client_tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
+    let ca = std::env::var_os("PGSSLROOTCERT").ok_or_else(|| DbError::Step {
+        what: "connect to the database".into(),
+        detail: "PGSSLROOTCERT is not set; point it at the zone CA's certificate".into(),
+    })?;
+    tls_connector(Path::new(&ca))
 }
 
 /// The password a client uses, found as libpq finds it: in the file `PGPASSFILE` names.
@@ -237,9 +264,11 @@ impl Member {
     /// How other members reach this one (libpq: the walreceiver, pg_basebackup, pg_rewind).
     pub fn remote_conninfo(&self, app: &str) -> String {
         format!(
-            "host={} port={PORT} user=postgres passfile={} application_name={app} connect_timeout=2",
+            "host={} port={PORT} user=postgres passfile={} sslmode=verify-full sslrootcert={} \
+             application_name={app} connect_timeout=2",
             self.ip,
-            self.passfile.display()
+            self.passfile.display(),
+            self.ca.display()
         )
     }
 
@@ -251,11 +280,35 @@ impl Member {
             .user("postgres")
             .dbname(dbname)
             .application_name(app)
+            .ssl_mode(tokio_postgres::config::SslMode::Require)
             .connect_timeout(Duration::from_secs(1));
         if let Ok(pw) = read_password(&self.passfile) {
             c.password(pw);
         }
         c
+    }
+
+    /// The member's TLS files: its host's zone certificate and key, owned by `postgres`.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
+    /// Installs the certificate and key the member serves (its host's zone certificate).
+    pub fn install_tls(&self, cert: &Path, key: &Path) -> Result<(), DbError> {
+        let dir = self.tls_dir();
+        let io = |what: String| move |source| DbError::Io { what, source };
+        std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+        chown_postgres(&dir)?;
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            let dest = dir.join(to);
+            let tmp = dir.join(format!(".{to}.tmp"));
+            // std::fs::copy keeps the key's mode (0600); PostgreSQL refuses a key others
+            // can read.
+            std::fs::copy(from, &tmp).map_err(io(format!("copy {}", from.display())))?;
+            chown_postgres(&tmp)?;
+            std::fs::rename(&tmp, &dest).map_err(io(format!("write {}", dest.display())))?;
+        }
+        Ok(())
     }
 
     /// How the member's own agent reaches it (unix socket).
@@ -420,6 +473,16 @@ impl Member {
             .arg(format!(
                 "unix_socket_directories={}",
                 self.socket_dir().display()
+            ))
+            .args(["-c", "ssl=on", "-c"])
+            .arg(format!(
+                "ssl_cert_file={}",
+                self.tls_dir().join("server.crt").display()
+            ))
+            .arg("-c")
+            .arg(format!(
+                "ssl_key_file={}",
+                self.tls_dir().join("server.key").display()
             ));
         Ok(cmd)
     }
@@ -541,13 +604,37 @@ impl Member {
     }
 }
 
-/// Connects with a timeout and drives the connection on the current runtime.
+/// Connects over the member's unix socket with a timeout and drives the connection on the
+/// current runtime.
 pub async fn connect(
     member: &str,
     config: &tokio_postgres::Config,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client, DbError> {
-    let fut = config.connect(tokio_postgres::NoTls);
+    connect_with(member, config, tokio_postgres::NoTls, timeout).await
+}
+
+/// [`connect`] over the network, with TLS verified against the zone CA in `ca`.
+pub async fn connect_tls(
+    member: &str,
+    config: &tokio_postgres::Config,
+    ca: &Path,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, DbError> {
+    connect_with(member, config, tls_connector(ca)?, timeout).await
+}
+
+async fn connect_with<T>(
+    member: &str,
+    config: &tokio_postgres::Config,
+    tls: T,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, DbError>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let fut = config.connect(tls);
     let (client, conn) = tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| DbError::Timeout {
@@ -611,9 +698,10 @@ pub async fn direct_view(m: &Member, timeout: Duration) -> DirectView {
         error: None,
     };
     let read = async {
-        let c = connect(
+        let c = connect_tls(
             &m.site,
             &m.remote_config("postgres", "dczone-status"),
+            &m.ca,
             timeout,
         )
         .await?;
@@ -942,11 +1030,11 @@ rmgr: Standby     len (rec/tot):     50/    50, tx:          0, lsn: 0/01534A50,
         assert_eq!(
             rules,
             [
-                "host replication postgres 10.77.1.11/32 scram-sha-256",
-                "host replication postgres 10.77.3.11/32 scram-sha-256",
-                "host all postgres 10.77.1.11/32 scram-sha-256",
-                "host all postgres 10.77.3.11/32 scram-sha-256",
-                "host all postgres 10.77.1.13/32 scram-sha-256",
+                "hostssl replication postgres 10.77.1.11/32 scram-sha-256",
+                "hostssl replication postgres 10.77.3.11/32 scram-sha-256",
+                "hostssl all postgres 10.77.1.11/32 scram-sha-256",
+                "hostssl all postgres 10.77.3.11/32 scram-sha-256",
+                "hostssl all postgres 10.77.1.13/32 scram-sha-256",
             ]
         );
         assert!(!hba.contains("trust") && !hba.contains("/16"), "{hba}");

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use dczone_measure::{gaps, Interval};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub const ACCOUNTS: i32 = 1000;
 pub const INITIAL_BALANCE: i64 = 1000;
@@ -27,6 +28,8 @@ pub enum LedgerError {
     NoPrimary { tried: String, refused: String },
     #[error("ledger SQL: {0}")]
     Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Db(#[from] dczone_db::DbError),
 }
 
 pub fn unix_us() -> u64 {
@@ -36,6 +39,16 @@ pub fn unix_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// The zone CA's TLS connector ([`dczone_db::client_tls`]), loaded once per process.
+fn tls() -> Result<MakeRustlsConnect, dczone_db::DbError> {
+    static TLS: std::sync::OnceLock<MakeRustlsConnect> = std::sync::OnceLock::new();
+    if let Some(t) = TLS.get() {
+        return Ok(t.clone());
+    }
+    let t = dczone_db::client_tls()?;
+    Ok(TLS.get_or_init(|| t).clone())
+}
+
 fn config(ip: Ipv4Addr, app: &str, dbname: &str) -> Config {
     let mut c = Config::new();
     c.host(ip.to_string())
@@ -43,6 +56,7 @@ fn config(ip: Ipv4Addr, app: &str, dbname: &str) -> Config {
         .user("postgres")
         .dbname(dbname)
         .application_name(app)
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(Duration::from_millis(500));
     if let Some(pw) = dczone_db::client_password() {
         c.password(pw);
@@ -58,7 +72,7 @@ async fn try_connect(
     timeout: Duration,
 ) -> Result<Client, String> {
     let cfg = config(ip, app, dbname);
-    let fut = cfg.connect(NoTls);
+    let fut = cfg.connect(tls().map_err(|e| e.to_string())?);
     let (client, conn) = tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| format!("{ip}: no answer within {} ms", timeout.as_millis()))?
@@ -129,11 +143,12 @@ pub async fn create_schema(primary: Ipv4Addr) -> Result<(), LedgerError> {
         .port(dczone_db::PORT)
         .user("postgres")
         .dbname("postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(Duration::from_secs(3));
     if let Some(pw) = dczone_db::client_password() {
         admin.password(pw);
     }
-    let (c, conn) = admin.connect(NoTls).await?;
+    let (c, conn) = admin.connect(tls()?).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -149,7 +164,7 @@ pub async fn create_schema(primary: Ipv4Addr) -> Result<(), LedgerError> {
             .await?;
     }
     let (c, conn) = config(primary, "dczone-setup", dczone_db::DATABASE)
-        .connect(NoTls)
+        .connect(tls()?)
         .await?;
     tokio::spawn(async move {
         let _ = conn.await;
