@@ -82,6 +82,10 @@ pub enum BenchCommand {
         /// Seconds of load per measurement.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Rounds of sync and async at each distance, alternating (sync, async, async,
+        /// sync, ...); Ptrx and the sync/async ratio are taken over all of them.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
         /// Disasters of the primary's site; the first at 3 s into the load, the rest at
         /// random moments.
         #[arg(long, default_value_t = 10)]
@@ -140,6 +144,7 @@ pub fn run(
             distances,
             clients,
             seconds,
+            rounds,
             injections,
             saturation,
             network,
@@ -152,6 +157,7 @@ pub fn run(
                 distances_km: distances,
                 clients,
                 seconds,
+                rounds,
                 injections,
                 json,
                 network: network.into(),

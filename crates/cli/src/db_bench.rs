@@ -30,6 +30,8 @@ pub struct InterRegionOptions {
     pub distances_km: Vec<f64>,
     pub clients: usize,
     pub seconds: f64,
+    /// Rounds of sync and async at each distance, `seconds` each, alternating.
+    pub rounds: usize,
     pub injections: usize,
     pub json: Option<PathBuf>,
     pub network: NetworkOptions,
@@ -107,6 +109,18 @@ pub struct DistanceResult {
     pub sync: ModeResult,
     #[serde(rename = "async")]
     pub asynch: ModeResult,
+    /// Sync Ptrx over async Ptrx, each over all of its rounds.
+    pub sync_over_async_ptrx: f64,
+    /// The rounds, in the order they ran: sync and async alternate (ABBA), so that a busy
+    /// spell of the shared host weighs on both modes, not on one.
+    pub rounds: Vec<PtrxRound>,
+}
+
+/// One round of the sync/async comparison: each mode's Ptrx over its own run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PtrxRound {
+    pub sync_ptrx: f64,
+    pub async_ptrx: f64,
     pub sync_over_async_ptrx: f64,
 }
 
@@ -327,6 +341,13 @@ fn spawn_rtt_sampler(
     })
 }
 
+/// One run of the workload in one mode, with what was sampled beside it.
+struct ModeRun {
+    load: LoadResult,
+    lags: Vec<LagSample>,
+    echo: Option<dczone_lab::probe::RttStats>,
+}
+
 fn measure_mode(
     p: &Platform,
     tier: &str,
@@ -335,6 +356,64 @@ fn measure_mode(
     clients: usize,
     seconds: f64,
 ) -> anyhow::Result<ModeResult> {
+    let run = run_mode(p, tier, mode, clients, seconds)?;
+    Ok(mode_result(mode, km, clients, vec![run]))
+}
+
+/// Sync and async at `km`, `rounds` times each in ABBA order (sync, async, async, sync,
+/// ...): the shared host's busy spells, which last seconds, then fall on both modes.
+fn measure_pair(
+    p: &Platform,
+    km: f64,
+    clients: usize,
+    seconds: f64,
+    rounds: usize,
+    bar: &ProgressBar,
+) -> anyhow::Result<DistanceResult> {
+    let (mut syncs, mut asyncs, mut order) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds.max(1) {
+        let modes = if round % 2 == 0 {
+            [Replication::Sync, Replication::Async]
+        } else {
+            [Replication::Async, Replication::Sync]
+        };
+        for mode in modes {
+            let (tier, name, runs) = match mode {
+                Replication::Sync => ("tier1", "sync", &mut syncs),
+                Replication::Async => ("tier2", "async", &mut asyncs),
+            };
+            bar.set_message(format!("{km} km: {name}, round {}/{}", round + 1, rounds));
+            runs.push(run_mode(p, tier, mode, clients, seconds)?);
+        }
+        order.push(PtrxRound {
+            sync_ptrx: syncs.last().map_or(0.0, |r: &ModeRun| r.load.ptrx),
+            async_ptrx: asyncs.last().map_or(0.0, |r: &ModeRun| r.load.ptrx),
+            sync_over_async_ptrx: 0.0,
+        });
+    }
+    for r in &mut order {
+        r.sync_over_async_ptrx = r.sync_ptrx / r.async_ptrx.max(1e-9);
+    }
+    let sync = mode_result(Replication::Sync, km, clients, syncs);
+    let asynch = mode_result(Replication::Async, km, clients, asyncs);
+    Ok(DistanceResult {
+        distance_km: km,
+        sync_over_async_ptrx: sync.ptrx / asynch.ptrx.max(1e-9),
+        sync,
+        asynch,
+        rounds: order,
+    })
+}
+
+/// Sets the tier, waits for its mode, and runs the workload next to the primary while
+/// sampling DC2.1's lag and the echo to it.
+fn run_mode(
+    p: &Platform,
+    tier: &str,
+    mode: Replication,
+    clients: usize,
+    seconds: f64,
+) -> anyhow::Result<ModeRun> {
     let probe = p.client_host(None)?;
     p.put_key(&probe, |k| k.tier(), tier.to_string())?;
     let snap = p.wait_mode(&probe, mode, Duration::from_secs(30))?;
@@ -360,11 +439,31 @@ fn measure_mode(
     stop.store(true, Ordering::SeqCst);
     let lags = sampler.join().unwrap_or_default();
     let echo = echo.and_then(|h| h.join().ok().flatten());
+    Ok(ModeRun {
+        load: r,
+        lags,
+        echo,
+    })
+}
+
+/// One mode's figures over its runs: Ptrx and TATrxn over every transaction, lag and echo
+/// over every sample; the lag series runs on through the runs' summed time.
+fn mode_result(mode: Replication, km: f64, clients: usize, runs: Vec<ModeRun>) -> ModeResult {
+    let r = LoadResult::merge(&runs.iter().map(|x| x.load.clone()).collect::<Vec<_>>());
+    let lags: Vec<LagSample> = runs.iter().flat_map(|x| x.lags.iter().copied()).collect();
     let flush_ms: Vec<f64> = lags.iter().map(|(_, _, ms)| *ms).collect();
     let write_ms: Vec<f64> = lags.iter().filter_map(|(_, w, _)| *w).collect();
-    let series = lags
+    let mut series = Vec::new();
+    let mut offset = 0.0;
+    for x in &runs {
+        series.extend(x.lags.iter().map(|(t, _, ms)| {
+            (offset + t.saturating_sub(x.load.started_us) as f64 / 1e6, *ms)
+        }));
+        offset += x.load.seconds;
+    }
+    let echoes: Vec<f64> = runs
         .iter()
-        .map(|(t, _, ms)| (t.saturating_sub(r.started_us) as f64 / 1e6, *ms))
+        .filter_map(|x| x.echo.as_ref().map(|e| e.median_ms))
         .collect();
     let rtt_nominal_ms = 2.0 * km * dczone_zone::FIBER_NS_PER_KM / 1e6;
     let sync = mode == Replication::Sync;
@@ -372,7 +471,8 @@ fn measure_mode(
     let tatrasync = if sync { None } else { mean(&flush_ms) };
     let sync_cost = match (tatrsync, mean(&write_ms)) {
         (Some(flush), Some(write)) => {
-            let echo_ms = echo.as_ref().map(|e| e.median_ms);
+            // The median of each run's echoes, averaged over the runs.
+            let echo_ms = mean(&echoes);
             Some(SyncCost {
                 rtt_nominal_ms,
                 rtt_under_load_ms: echo_ms,
@@ -384,7 +484,7 @@ fn measure_mode(
         }
         _ => None,
     };
-    Ok(ModeResult {
+    ModeResult {
         distance_km: km,
         clients,
         seconds: r.seconds,
@@ -401,7 +501,7 @@ fn measure_mode(
         tatrasync_p99_ms: if sync { None } else { p99(&flush_ms) },
         grey_data_transactions: tatrasync.map(|ms| r.ptrx * ms / 1000.0),
         lag_over_time_ms: series,
-    })
+    }
 }
 
 /// The longest gap between acknowledgements that ends after `t0` (the stall it caused).
@@ -769,13 +869,16 @@ pub fn inter_region(
 ) -> anyhow::Result<ExitCode> {
     let positive = |x: f64| x.is_finite() && x > 0.0;
     if o.clients == 0
+        || o.rounds == 0
         || !positive(o.seconds)
         || !o
             .distances_km
             .iter()
             .all(|d| dczone_zone::is_non_negative(*d))
     {
-        anyhow::bail!("--clients must be >= 1, --seconds positive and --distances >= 0 km");
+        anyhow::bail!(
+            "--clients and --rounds must be >= 1, --seconds positive and --distances >= 0 km"
+        );
     }
     let (p, bar) = fresh_platform(lab, exe, state_dir)?;
     let conditions = Conditions::start(lab, &p, o.network)?;
@@ -784,32 +887,12 @@ pub fn inter_region(
     let mut result = (|| -> anyhow::Result<InterRegionReport> {
         for &km in &o.distances_km {
             set_distance(lab, &p, km)?;
-            bar.set_message(format!("{km} km: sync"));
-            let sync = measure_mode(&p, "tier1", Replication::Sync, km, o.clients, o.seconds)?;
-            bar.set_message(format!("{km} km: async"));
-            let asynch = measure_mode(&p, "tier2", Replication::Async, km, o.clients, o.seconds)?;
-            distances.push(DistanceResult {
-                distance_km: km,
-                sync_over_async_ptrx: sync.ptrx / asynch.ptrx.max(1e-9),
-                sync,
-                asynch,
-            });
+            distances.push(measure_pair(&p, km, o.clients, o.seconds, o.rounds, &bar)?);
         }
         set_distance(lab, &p, default_km)?;
         let at_default = match distances.iter().find(|d| d.distance_km == default_km) {
             Some(d) => d.clone(),
-            None => {
-                bar.set_message(format!("{default_km} km: sync and async"));
-                let (c, t) = (o.clients, o.seconds);
-                let sync = measure_mode(&p, "tier1", Replication::Sync, default_km, c, t)?;
-                let asynch = measure_mode(&p, "tier2", Replication::Async, default_km, c, t)?;
-                DistanceResult {
-                    distance_km: default_km,
-                    sync_over_async_ptrx: sync.ptrx / asynch.ptrx.max(1e-9),
-                    sync,
-                    asynch,
-                }
-            }
+            None => measure_pair(&p, default_km, o.clients, o.seconds, o.rounds, &bar)?,
         };
         let (mut saturation, mut sync_sat, mut async_sat) = (Vec::new(), None, None);
         if o.saturation {
@@ -1019,6 +1102,29 @@ fn print_report(r: &InterRegionReport) {
                 "grey data (txn)"
             ],
             &rows
+        )
+    );
+    let rounds: Vec<Vec<String>> = r
+        .distances
+        .iter()
+        .flat_map(|d| {
+            d.rounds.iter().enumerate().map(move |(i, x)| {
+                vec![
+                    format!("{:.0}", d.distance_km),
+                    (i + 1).to_string(),
+                    format!("{:.0}", x.sync_ptrx),
+                    format!("{:.0}", x.async_ptrx),
+                    format!("{:.2}", x.sync_over_async_ptrx),
+                ]
+            })
+        })
+        .collect();
+    println!("rounds (sync and async alternate; the figures above are over all of them):");
+    print!(
+        "{}",
+        render(
+            &["km", "round", "sync Ptrx/s", "async Ptrx/s", "sync / async"],
+            &rounds
         )
     );
     print_sync_cost(r);

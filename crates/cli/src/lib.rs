@@ -184,6 +184,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         distances_km: vec![500.0],
                         clients: 32,
                         seconds: 5.0,
+                        rounds: 2,
                         injections: 1,
                         json: db_json,
                         network: db_bench::NetworkOptions::default(),

@@ -208,6 +208,10 @@ pub struct LoadResult {
     /// Acknowledgement times (unix us), for availability gaps.
     #[serde(skip)]
     pub ack_times_us: Vec<u64>,
+    /// Each acknowledged transaction's TATrxn (us), in no particular order, so that runs
+    /// can be merged ([`LoadResult::merge`]).
+    #[serde(skip)]
+    pub latencies_us: Vec<u64>,
     pub errors: u64,
     pub retries: u64,
     pub seconds: f64,
@@ -219,6 +223,39 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// Several runs of the same workload as one: every transaction counted once, Ptrx over
+    /// the runs' summed time, percentiles over every transaction. `started_us` is the
+    /// first run's.
+    pub fn merge(runs: &[LoadResult]) -> LoadResult {
+        let mut out = LoadResult {
+            started_us: runs.first().map_or(0, |r| r.started_us),
+            ..Default::default()
+        };
+        for r in runs {
+            out.acknowledged.extend(r.acknowledged.iter().cloned());
+            out.indeterminate.extend(r.indeterminate.iter().cloned());
+            out.ack_times_us.extend(&r.ack_times_us);
+            out.latencies_us.extend(&r.latencies_us);
+            out.errors += r.errors;
+            out.retries += r.retries;
+            out.seconds += r.seconds;
+        }
+        out.summarise();
+        out
+    }
+
+    /// Ptrx and the TATrxn percentiles from `acknowledged`, `seconds` and `latencies_us`.
+    fn summarise(&mut self) {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        for &us in &self.latencies_us {
+            let _ = hist.record(us.clamp(1, 60_000_000));
+        }
+        self.ptrx = self.acknowledged.len() as f64 / self.seconds.max(1e-9);
+        self.tatrxn_p50_ms = hist.value_at_quantile(0.5) as f64 / 1000.0;
+        self.tatrxn_p99_ms = hist.value_at_quantile(0.99) as f64 / 1000.0;
+        self.tatrxn_mean_ms = hist.mean() / 1000.0;
+    }
+
     /// Intervals with no acknowledged commit longer than `threshold`.
     pub fn write_gaps(&self, threshold: Duration) -> Vec<Interval> {
         gaps(&self.ack_times_us, threshold.as_micros() as u64)
@@ -229,7 +266,7 @@ struct ClientLog {
     acked: Vec<String>,
     ack_times: Vec<u64>,
     indeterminate: Vec<String>,
-    hist: Histogram<u64>,
+    latencies_us: Vec<u64>,
     errors: u64,
     retries: u64,
 }
@@ -246,7 +283,7 @@ async fn client_loop(opts: LoadOptions, n: usize, stop: Instant) -> ClientLog {
         acked: Vec::new(),
         ack_times: Vec::new(),
         indeterminate: Vec::new(),
-        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+        latencies_us: Vec::new(),
         errors: 0,
         retries: 0,
     };
@@ -291,7 +328,7 @@ async fn client_loop(opts: LoadOptions, n: usize, stop: Instant) -> ClientLog {
         match r {
             Ok(Ok(_)) => {
                 let us = t0.elapsed().as_micros() as u64;
-                let _ = log.hist.record(us.max(1));
+                log.latencies_us.push(us);
                 log.ack_times.push(unix_us());
                 log.acked.push(id);
             }
@@ -321,22 +358,18 @@ pub async fn run(opts: LoadOptions) -> LoadResult {
         started_us,
         ..Default::default()
     };
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     for h in handles {
         if let Ok(log) = h.await {
             result.acknowledged.extend(log.acked);
             result.ack_times_us.extend(log.ack_times);
             result.indeterminate.extend(log.indeterminate);
+            result.latencies_us.extend(log.latencies_us);
             result.errors += log.errors;
             result.retries += log.retries;
-            let _ = hist.add(&log.hist);
         }
     }
     result.seconds = t0.elapsed().as_secs_f64();
-    result.ptrx = result.acknowledged.len() as f64 / result.seconds.max(1e-9);
-    result.tatrxn_p50_ms = hist.value_at_quantile(0.5) as f64 / 1000.0;
-    result.tatrxn_p99_ms = hist.value_at_quantile(0.99) as f64 / 1000.0;
-    result.tatrxn_mean_ms = hist.mean() / 1000.0;
+    result.summarise();
     result
 }
 
@@ -422,5 +455,31 @@ mod tests {
         };
         let g = r.write_gaps(Duration::from_millis(100));
         assert_eq!(g, vec![Interval::new(20_000, 900_000)]);
+    }
+
+    #[test]
+    fn merged_runs_count_every_transaction_over_the_summed_time() {
+        let run = |ids: &[&str], lat: &[u64], seconds: f64, started_us: u64| {
+            let mut r = LoadResult {
+                acknowledged: ids.iter().map(|s| s.to_string()).collect(),
+                latencies_us: lat.to_vec(),
+                seconds,
+                started_us,
+                errors: 1,
+                ..Default::default()
+            };
+            r.summarise();
+            r
+        };
+        let a = run(&["a1", "a2", "a3"], &[1_000, 1_000, 1_000], 1.0, 7);
+        let b = run(&["b1"], &[9_000], 3.0, 99);
+        assert_eq!(a.ptrx, 3.0);
+        let m = LoadResult::merge(&[a, b]);
+        assert_eq!(m.acknowledged.len(), 4);
+        assert_eq!(m.ptrx, 1.0, "4 transactions in 4 s");
+        assert_eq!(m.errors, 2);
+        assert_eq!(m.started_us, 7);
+        assert!((m.tatrxn_p50_ms - 1.0).abs() < 0.01, "{}", m.tatrxn_p50_ms);
+        assert!((m.tatrxn_p99_ms - 9.0).abs() < 0.01, "{}", m.tatrxn_p99_ms);
     }
 }
