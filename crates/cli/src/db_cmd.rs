@@ -14,7 +14,7 @@ use serde::Serialize;
 use dczone_db::Member;
 use dczone_ha::agent::AgentConfig;
 use dczone_ha::decide::Switchover;
-use dczone_ha::keys::{Snapshot, Store};
+use dczone_ha::keys::{Credentials, Snapshot, Store};
 use dczone_lab::{sys, Lab};
 use dczone_ledger::{Audit, LoadOptions, LoadResult};
 use dczone_zone::database::DatabasePlan;
@@ -131,6 +131,18 @@ pub struct Platform {
     pub plan: DatabasePlan,
     pub members: Vec<Member>,
     pub etcd: Vec<String>,
+    /// What the operator's commands show etcd: the operator's certificate (lab mode; the
+    /// HA agents show their hosts').
+    pub etcd_tls: Credentials,
+}
+
+/// A certificate of the zone PKI as etcd's client credentials.
+fn credentials(id: &dczone_pki::tls::Identity) -> Credentials {
+    Credentials {
+        ca: id.ca.clone(),
+        cert: id.certificate.clone(),
+        key: id.key.clone(),
+    }
 }
 
 impl Platform {
@@ -169,6 +181,7 @@ impl Platform {
             plan,
             members,
             etcd,
+            etcd_tls: credentials(&lab.operator_identity()?),
         })
     }
 
@@ -262,7 +275,8 @@ impl Platform {
     /// keeps etcd's raft leadership at the witness if there is one (no data site's loss
     /// then costs an etcd election), else at its own site.
     pub fn agent_config(&self, site: &str) -> anyhow::Result<AgentConfig> {
-        self.member(site)?;
+        let me = self.member(site)?;
+        let etcd_credentials = credentials(&self.lab.host_identity(&me.host, me.ip)?);
         let etcd = self.lab.etcd_members(&self.zone);
         let urls = |keep: &dyn Fn(&str) -> bool| -> Vec<String> {
             etcd.iter()
@@ -289,6 +303,7 @@ impl Platform {
                 witness
             },
             etcd_endpoints: own,
+            etcd_credentials,
         })
     }
 
@@ -417,9 +432,13 @@ impl Platform {
     /// changed" for a moment while its raft leadership moves (a site lost, a switchover):
     /// the read is retried for up to a second.
     pub fn snapshot(&self, host: &str) -> anyhow::Result<Snapshot> {
-        let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
+        let (lab, etcd, tls) = (
+            self.lab.name().to_string(),
+            self.etcd.clone(),
+            self.etcd_tls.clone(),
+        );
         self.in_host(host, move || async move {
-            let store = Store::connect(&lab, &etcd).await?;
+            let store = Store::connect(&lab, &etcd, &tls).await?;
             let mut attempt = 0;
             loop {
                 match store.snapshot().await {
@@ -440,9 +459,13 @@ impl Platform {
         key: fn(&dczone_ha::keys::Keys) -> String,
         value: T,
     ) -> anyhow::Result<()> {
-        let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
+        let (lab, etcd, tls) = (
+            self.lab.name().to_string(),
+            self.etcd.clone(),
+            self.etcd_tls.clone(),
+        );
         self.in_host(host, move || async move {
-            let store = Store::connect(&lab, &etcd).await?;
+            let store = Store::connect(&lab, &etcd, &tls).await?;
             store.put_json(&key(&store.keys), &value, None).await
         })?
         .map_err(|e| anyhow!("etcd: {e}"))
@@ -577,9 +600,13 @@ impl Platform {
         host: &str,
         key: fn(&dczone_ha::keys::Keys) -> String,
     ) -> anyhow::Result<()> {
-        let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
+        let (lab, etcd, tls) = (
+            self.lab.name().to_string(),
+            self.etcd.clone(),
+            self.etcd_tls.clone(),
+        );
         self.in_host(host, move || async move {
-            let store = Store::connect(&lab, &etcd).await?;
+            let store = Store::connect(&lab, &etcd, &tls).await?;
             store.delete(&key(&store.keys)).await
         })?
         .map_err(|e| anyhow!("etcd: {e}"))
@@ -785,10 +812,14 @@ impl Platform {
         {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let (lab, etcd) = (self.lab.name().to_string(), self.etcd.clone());
+        let (lab, etcd, tls) = (
+            self.lab.name().to_string(),
+            self.etcd.clone(),
+            self.etcd_tls.clone(),
+        );
         let host = self.members[0].host.clone();
         let _ = self.in_host(&host, move || async move {
-            if let Ok(store) = Store::connect(&lab, &etcd).await {
+            if let Ok(store) = Store::connect(&lab, &etcd, &tls).await {
                 let _ = store.delete_prefix().await;
             }
         });
@@ -879,12 +910,13 @@ impl Platform {
                 })
                 .map(|x| x.client_url())
                 .collect();
-            let (lab, peer) = (
+            let (lab, peer, tls) = (
                 self.lab.name().to_string(),
-                format!("http://{}:{}", m.ip, dczone_lab::etcd::PEER_PORT),
+                m.peer_url(),
+                self.etcd_tls.clone(),
             );
             self.in_host(host, move || async move {
-                let store = Store::connect(&lab, &current).await?;
+                let store = Store::connect(&lab, &current, &tls).await?;
                 // etcd refuses a reconfiguration ("unhealthy cluster") until every member
                 // has been connected for 5 s: a member that just rejoined delays the next.
                 let deadline = Instant::now() + Duration::from_secs(30);
@@ -1063,9 +1095,13 @@ impl Platform {
             requested_ms: dczone_ha::agent::unix_ms(),
             reason,
         };
-        let (lab, url) = (self.lab.name().to_string(), keep.client_url());
+        let (lab, url, tls) = (
+            self.lab.name().to_string(),
+            keep.client_url(),
+            self.etcd_tls.clone(),
+        );
         self.in_host(&host, move || async move {
-            let store = Store::connect(&lab, &[url]).await?;
+            let store = Store::connect(&lab, &[url], &tls).await?;
             store.put_json(&store.keys.failover(), &order, None).await?;
             store.delete(&store.keys.leader()).await
         })?
@@ -1146,9 +1182,11 @@ impl Platform {
             .map(|m| (m.name.clone(), m.site.clone(), m.client_url()))
             .collect();
         let members = self.members.clone();
+        let tls = self.etcd_tls.clone();
         let (consensus, direct) = self.in_host(host, move || async move {
+            let tls = &tls;
             let asks = etcd.into_iter().map(|(name, site, url)| async move {
-                let r = Store::member_status(&url).await;
+                let r = Store::member_status(&url, tls).await;
                 ConsensusMemberView {
                     name,
                     site,

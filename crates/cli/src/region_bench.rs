@@ -146,10 +146,10 @@ fn placement_cost(p: &Platform) -> anyhow::Result<Vec<PlacementCost>> {
     places.push((format!("{} (primary's site)", home.site), own.clone()));
     let mut out = Vec::new();
     for (name, urls) in places {
-        let (lab, own) = (p.lab.name().to_string(), own.clone());
+        let (lab, own, tls) = (p.lab.name().to_string(), own.clone(), p.etcd_tls.clone());
         let (renew, write) = p
             .in_host(&home.host, move || async move {
-                let store = dczone_ha::keys::Store::connect(&lab, &own).await?;
+                let store = dczone_ha::keys::Store::connect(&lab, &own, &tls).await?;
                 store.move_etcd_leadership_to(&urls).await?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 store.call_latency(200).await

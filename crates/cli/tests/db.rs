@@ -41,6 +41,19 @@ fn psql(lab: &TestLab, host: &str, ip: &str, sql: &str) -> (bool, String) {
     psql_with(lab, host, ip, sql, &[])
 }
 
+/// `curl ARGS` on `host`: whether it succeeded, and what it printed.
+fn curl(lab: &TestLab, host: &str, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["lab", "exec", host, "--", "curl", "-sS", "-m", "5"];
+    all.extend_from_slice(args);
+    let out = lab.run(&all);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text.trim().to_string())
+}
+
 /// [`psql`] with `env` arguments first (`VAR=value`, or `-u VAR` to unset one).
 fn psql_with(lab: &TestLab, host: &str, ip: &str, sql: &str, env: &[&str]) -> (bool, String) {
     let mut args = vec!["lab", "exec", host, "--", "env"];
@@ -156,6 +169,29 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
          JOIN pg_stat_replication r USING (pid)",
     );
     assert!(ok && text == "true/2", "{text}");
+    // etcd serves TLS only and wants a certificate of the zone: a guest's host, which
+    // holds none, can neither speak plain HTTP to it nor finish a TLS handshake; the
+    // operator's certificate gets an answer.
+    let dir = lab.state_dir.join(&lab.name);
+    let (ca, cert, key) = (
+        dir.join("pki/ca.crt"),
+        dir.join("access/operator.crt"),
+        dir.join("access/operator.key"),
+    );
+    let (ca, cert, key) = (
+        ca.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+    );
+    let etcd = format!("{DC11}:2379/health");
+    let (ok, text) = curl(&lab, "cloud-h1", &[&format!("http://{etcd}")]);
+    assert!(!ok && text.contains("Empty reply"), "{text}");
+    let (ok, text) = curl(&lab, "cloud-h1", &["--cacert", ca, &format!("https://{etcd}")]);
+    assert!(!ok && text.contains("alert bad certificate"), "{text}");
+    let with_cert = ["--cacert", ca, "--cert", cert, "--key", key];
+    let url = format!("https://{etcd}");
+    let (ok, text) = curl(&lab, "cloud-h1", &[&with_cert[..], &[url.as_str()]].concat());
+    assert!(ok && text.contains(r#""health":"true""#), "{text}");
     let r = load(&lab, "dc1.1-client", "2");
     let p50 = r["tatrxn_p50_ms"].as_f64().unwrap();
     assert!(

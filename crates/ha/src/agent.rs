@@ -53,6 +53,8 @@ pub struct AgentConfig {
     /// Who may connect to PostgreSQL over the network (`pg_hba.conf`, written at initdb).
     pub admitted: dczone_db::Admitted,
     pub etcd_endpoints: Vec<String>,
+    /// This host's certificate, which etcd requires of every client.
+    pub etcd_credentials: crate::keys::Credentials,
     /// Where the primary keeps etcd's raft leadership (client URLs): the witness's members
     /// if the zone has a witness, else this site's own (see `Store::move_etcd_leadership_to`).
     pub etcd_leader_home: Vec<String>,
@@ -259,7 +261,7 @@ const DIVERGED_AFTER: Duration = Duration::from_secs(8);
 pub async fn run(cfg: AgentConfig) -> Result<(), String> {
     let site = cfg.site.clone();
     let store = loop {
-        match Store::connect(&cfg.lab, &cfg.etcd_endpoints).await {
+        match Store::connect(&cfg.lab, &cfg.etcd_endpoints, &cfg.etcd_credentials).await {
             Ok(s) => break s,
             Err(e) => {
                 log(&site, &format!("waiting for etcd: {e}"));
@@ -298,7 +300,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
     let keeper = tokio::spawn(keep_lease(
         agent.shared.clone(),
         agent.lease_cell(),
-        (agent.cfg.lab.clone(), agent.cfg.etcd_endpoints.clone()),
+        (
+            agent.cfg.lab.clone(),
+            agent.cfg.etcd_endpoints.clone(),
+            agent.cfg.etcd_credentials.clone(),
+        ),
     ));
     let tick = Duration::from_millis(agent.cfg.plan.ha.loop_ms);
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -354,7 +360,11 @@ async fn wake_on_change(shared: Arc<Shared>, key: String, wake: Arc<tokio::sync:
 static LEASE: AtomicU64 = AtomicU64::new(0);
 
 /// Renews the current lease every ttl/6; records the send time of each success.
-async fn keep_lease(shared: Arc<Shared>, lease: &'static AtomicU64, etcd: (String, Vec<String>)) {
+async fn keep_lease(
+    shared: Arc<Shared>,
+    lease: &'static AtomicU64,
+    etcd: (String, Vec<String>, crate::keys::Credentials),
+) {
     let mut failures = 0u32;
     let every = Duration::from_millis((shared.ttl_ms / 6).max(100));
     let mut current = 0i64;
@@ -404,7 +414,7 @@ async fn keep_lease(shared: Arc<Shared>, lease: &'static AtomicU64, etcd: (Strin
                 // for the loop's five failures to get a working client.
                 failures += 1;
                 if failures >= LEASE_RECONNECT_AFTER_FAILURES {
-                    if let Ok(store) = Store::connect(&etcd.0, &etcd.1).await {
+                    if let Ok(store) = Store::connect(&etcd.0, &etcd.1, &etcd.2).await {
                         *shared.store.lock().expect("store lock") = store;
                     }
                     failures = 0;
@@ -478,7 +488,7 @@ impl Agent {
         if self.etcd_failures < RECONNECT_AFTER_FAILURES {
             return;
         }
-        if let Ok(store) = Store::connect(&self.cfg.lab, &self.cfg.etcd_endpoints).await {
+        if let Ok(store) = Store::connect(&self.cfg.lab, &self.cfg.etcd_endpoints, &self.cfg.etcd_credentials).await {
             log(
                 &self.cfg.site,
                 &format!(

@@ -1,9 +1,13 @@
 //! The HA manager's keys in etcd, and a thin client with a deadline on every call (an agent
 //! in a partitioned site must never block on its minority etcd member).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp,
+};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::decide::{ManualFailover, MemberReport, Switchover, SyncState};
@@ -23,6 +27,44 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A file of the client's etcd credentials cannot be read.
+    #[error("cannot read the etcd credential {}: {source}", path.display())]
+    Credential {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a client shows etcd, which serves TLS only and requires a client certificate
+/// signed by the zone CA (`--client-cert-auth`): the CA to check the member, and the
+/// client's certificate and key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Credentials {
+    fn tls(&self) -> Result<TlsOptions, StoreError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| StoreError::Credential {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        Ok(TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)?))
+            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?)))
+    }
+
+    fn options(&self) -> Result<ConnectOptions, StoreError> {
+        Ok(ConnectOptions::new()
+            .with_tls(self.tls()?)
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(CALL_TIMEOUT))
+    }
 }
 
 impl StoreError {
@@ -42,7 +84,7 @@ impl StoreError {
                 }
                 _ => false,
             },
-            StoreError::Json { .. } => false,
+            StoreError::Json { .. } | StoreError::Credential { .. } => false,
         }
     }
 }
@@ -167,6 +209,7 @@ fn json<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
 pub struct Store {
     pub client: Client,
     pub keys: Keys,
+    credentials: Credentials,
 }
 
 impl std::fmt::Debug for Store {
@@ -176,10 +219,13 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    pub async fn connect(lab: &str, endpoints: &[String]) -> Result<Store, StoreError> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(500))
-            .with_timeout(CALL_TIMEOUT)
+    pub async fn connect(
+        lab: &str,
+        endpoints: &[String],
+        credentials: &Credentials,
+    ) -> Result<Store, StoreError> {
+        let opts = credentials
+            .options()?
             .with_keep_alive(Duration::from_millis(500), Duration::from_millis(500));
         let client = tokio::time::timeout(
             Duration::from_secs(3),
@@ -190,6 +236,7 @@ impl Store {
         Ok(Store {
             client,
             keys: Keys::new(lab),
+            credentials: credentials.clone(),
         })
     }
 
@@ -335,7 +382,8 @@ impl Store {
             return Ok(false);
         };
         let urls = l.client_urls().to_vec();
-        let mut lc = tokio::time::timeout(CALL_TIMEOUT, Client::connect(urls, None))
+        let opts = self.credentials.options()?;
+        let mut lc = tokio::time::timeout(CALL_TIMEOUT, Client::connect(urls, Some(opts)))
             .await
             .map_err(|_| StoreError::Timeout)??;
         timed(lc.move_leader(target)).await?;
@@ -343,10 +391,11 @@ impl Store {
     }
 
     /// Asks one etcd member, alone, for its status: whether it answers and whom it follows.
-    pub async fn member_status(endpoint: &str) -> Result<MemberStatus, StoreError> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(500))
-            .with_timeout(CALL_TIMEOUT);
+    pub async fn member_status(
+        endpoint: &str,
+        credentials: &Credentials,
+    ) -> Result<MemberStatus, StoreError> {
+        let opts = credentials.options()?;
         let mut c = tokio::time::timeout(
             Duration::from_secs(1),
             Client::connect([endpoint], Some(opts)),

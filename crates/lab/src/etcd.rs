@@ -2,12 +2,20 @@
 //! (by default the database sites' hosts; the reference zone adds a second in DC2.1 and one
 //! at the witness), in that host's namespace, talking across the APN emulator like
 //! everything else.
+//!
+//! Every member serves its clients and its peers over TLS only, with its host's certificate
+//! of the zone PKI, and requires a certificate of the zone CA from each of them
+//! (`--client-cert-auth`, `--peer-client-cert-auth`): a guest, which holds none, cannot
+//! read or write a key.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dczone_pki::tls::{self, Identity};
+use dczone_pki::{Pki, Role};
 use dczone_zone::Zone;
 use serde::Serialize;
 
@@ -28,7 +36,11 @@ pub struct EtcdMember {
 
 impl EtcdMember {
     pub fn client_url(&self) -> String {
-        format!("http://{}:{CLIENT_PORT}", self.ip)
+        format!("https://{}:{CLIENT_PORT}", self.ip)
+    }
+
+    pub fn peer_url(&self) -> String {
+        format!("https://{}:{PEER_PORT}", self.ip)
     }
 }
 
@@ -52,14 +64,21 @@ pub fn installed() -> bool {
     etcd_binary().is_ok()
 }
 
-/// Asks a member's /health from inside its namespace.
-fn healthy(member: &EtcdMember) -> bool {
+/// Asks a member's /health from inside its namespace, over TLS with `tls` (a client
+/// certificate of the zone).
+fn healthy(member: &EtcdMember, tls: Arc<tls::ClientConfig>) -> bool {
     let addr = SocketAddr::from((member.ip, CLIENT_PORT));
+    let ip = member.ip;
     let probe = move || -> bool {
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
+        let Ok(tcp) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
             return false;
         };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(1500)));
+        let _ = tcp.set_read_timeout(Some(Duration::from_millis(1500)));
+        let name = rustls::pki_types::ServerName::IpAddress(IpAddr::V4(ip).into());
+        let Ok(conn) = rustls::ClientConnection::new(tls, name) else {
+            return false;
+        };
+        let mut s = rustls::StreamOwned::new(conn, tcp);
         if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
             return false;
         }
@@ -74,6 +93,31 @@ fn healthy(member: &EtcdMember) -> bool {
 }
 
 impl Lab {
+    /// The lab's zone PKI (the host agents' too; created on first use).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir().join("pki")
+    }
+
+    /// `host`'s certificate of the zone PKI for `ip`, issued on first use. An etcd member
+    /// serves with it; the HA agent on the host shows it to etcd.
+    pub fn host_identity(&self, host: &str, ip: Ipv4Addr) -> Result<Identity, LabError> {
+        let pki = Pki::open_or_init(&self.pki_dir(), self.name())?;
+        pki.ensure(Role::Host, host, &[ip.into()], 825)?;
+        Ok(Identity::host(&self.pki_dir(), host))
+    }
+
+    /// The operator's certificate of the zone PKI, issued on first use: what the
+    /// operator's commands show etcd and the host agents.
+    pub fn operator_identity(&self) -> Result<Identity, LabError> {
+        let pki = Pki::open_or_init(&self.pki_dir(), self.name())?;
+        let (certificate, key) = pki.ensure(Role::Operator, "operator", &[], 825)?;
+        Ok(Identity {
+            ca: pki.ca_cert(),
+            certificate,
+            key,
+        })
+    }
+
     /// The etcd members of `zone`: one per host of its consensus placement (none if it has
     /// no database). A member is named after its host.
     pub fn etcd_members(&self, zone: &Zone) -> Vec<EtcdMember> {
@@ -149,17 +193,36 @@ impl Lab {
         let binary = etcd_binary()?;
         let cluster: Vec<String> = cluster
             .iter()
-            .map(|m| format!("{}=http://{}:{PEER_PORT}", m.name, m.ip))
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
             .collect();
         let cluster = cluster.join(",");
         let io = |what: String| move |source| LabError::Io { what, source };
         let data = self.dir().join("etcd").join(&m.name);
         std::fs::create_dir_all(&data).map_err(io(format!("create {}", data.display())))?;
-        let peer = format!("http://{}:{PEER_PORT}", m.ip);
+        let peer = m.peer_url();
         let client = m.client_url();
-        let listen_client = format!("{client},http://127.0.0.1:{CLIENT_PORT}");
         let data_arg = data.display().to_string();
+        let id = self.host_identity(&m.host, m.ip)?;
+        let (ca, cert, key) = (
+            id.ca.display().to_string(),
+            id.certificate.display().to_string(),
+            id.key.display().to_string(),
+        );
         let mut args = vec![
+            "--cert-file",
+            &cert,
+            "--key-file",
+            &key,
+            "--trusted-ca-file",
+            &ca,
+            "--client-cert-auth",
+            "--peer-cert-file",
+            &cert,
+            "--peer-key-file",
+            &key,
+            "--peer-trusted-ca-file",
+            &ca,
+            "--peer-client-cert-auth",
             "--name",
             &m.name,
             "--data-dir",
@@ -169,7 +232,7 @@ impl Lab {
             "--initial-advertise-peer-urls",
             &peer,
             "--listen-client-urls",
-            &listen_client,
+            &client,
             "--advertise-client-urls",
             &client,
             "--initial-cluster",
@@ -197,8 +260,10 @@ impl Lab {
     }
 
     fn etcd_wait_healthy(&self, m: &EtcdMember, within: Duration) -> Result<(), LabError> {
+        let id = self.host_identity(&m.host, m.ip)?;
+        let tls = tls::client_config(&id.ca, Some(&id))?;
         let deadline = Instant::now() + within;
-        while !healthy(m) {
+        while !healthy(m, tls.clone()) {
             if Instant::now() > deadline {
                 return Err(LabError::BadValue {
                     field: format!("etcd member {}", m.name),

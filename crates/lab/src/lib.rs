@@ -77,6 +77,10 @@ pub enum LabError {
     NoLink { a: String, b: String, known: String },
     #[error("invalid value for {field}: {reason}")]
     BadValue { field: String, reason: String },
+    #[error(transparent)]
+    Pki(#[from] dczone_pki::PkiError),
+    #[error(transparent)]
+    Tls(#[from] dczone_pki::tls::TlsError),
     #[error("the APN emulator did not start (log: {})", log.display())]
     EmulatorStart {
         log: PathBuf,
