@@ -484,6 +484,7 @@ async fn dispatch(
             need: match need {
                 Role::Host => "a peer host's",
                 Role::Operator => "an operator's",
+                Role::Consensus => "a consensus party's",
             },
             got: match peer {
                 Some(p) => format!("the {} certificate of '{}'", p.role.unit(), p.name),

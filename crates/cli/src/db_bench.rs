@@ -457,7 +457,10 @@ fn mode_result(mode: Replication, km: f64, clients: usize, runs: Vec<ModeRun>) -
     let mut offset = 0.0;
     for x in &runs {
         series.extend(x.lags.iter().map(|(t, _, ms)| {
-            (offset + t.saturating_sub(x.load.started_us) as f64 / 1e6, *ms)
+            (
+                offset + t.saturating_sub(x.load.started_us) as f64 / 1e6,
+                *ms,
+            )
         }));
         offset += x.load.seconds;
     }

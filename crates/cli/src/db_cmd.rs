@@ -131,8 +131,9 @@ pub struct Platform {
     pub plan: DatabasePlan,
     pub members: Vec<Member>,
     pub etcd: Vec<String>,
-    /// What the operator's commands show etcd: the operator's certificate (lab mode; the
-    /// HA agents show their hosts').
+    /// What the operator's `db` commands show etcd: the lab's consensus certificate
+    /// `operator` (lab mode only: it is not in the access bundle; the HA agents show their
+    /// hosts').
     pub etcd_tls: Credentials,
 }
 
@@ -181,7 +182,7 @@ impl Platform {
             plan,
             members,
             etcd,
-            etcd_tls: credentials(&lab.operator_identity()?),
+            etcd_tls: credentials(&lab.consensus_identity("operator", None)?),
         })
     }
 
@@ -276,7 +277,7 @@ impl Platform {
     /// then costs an etcd election), else at its own site.
     pub fn agent_config(&self, site: &str) -> anyhow::Result<AgentConfig> {
         let me = self.member(site)?;
-        let etcd_credentials = credentials(&self.lab.host_identity(&me.host, me.ip)?);
+        let etcd_credentials = credentials(&self.lab.consensus_identity(&me.host, Some(me.ip))?);
         let etcd = self.lab.etcd_members(&self.zone);
         let urls = |keep: &dyn Fn(&str) -> bool| -> Vec<String> {
             etcd.iter()

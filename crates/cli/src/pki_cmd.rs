@@ -23,7 +23,9 @@ pub enum PkiCommand {
         json: bool,
     },
     /// Issue a host certificate (server and client auth, with its addresses as SANs), or,
-    /// with --operator, an operator's (client auth only), signed by the zone CA in DIR.
+    /// with --operator, an operator's (client auth only), or, with --consensus, one that
+    /// opens etcd (an etcd member's, with --ip, or an HA agent's), signed by the zone CA in
+    /// DIR.
     Issue {
         /// Host id (e.g. dc1.1-h1) or operator name.
         name: String,
@@ -32,8 +34,10 @@ pub enum PkiCommand {
         /// An address of the host (repeat for several).
         #[arg(long = "ip")]
         ips: Vec<IpAddr>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "consensus")]
         operator: bool,
+        #[arg(long)]
+        consensus: bool,
         /// Validity, days.
         #[arg(long, default_value_t = 825)]
         days: u32,
@@ -60,10 +64,15 @@ pub fn run(command: PkiCommand) -> anyhow::Result<ExitCode> {
             dir,
             ips,
             operator,
+            consensus,
             days,
             json,
         } => {
-            let role = if operator { Role::Operator } else { Role::Host };
+            let role = match (operator, consensus) {
+                (true, _) => Role::Operator,
+                (_, true) => Role::Consensus,
+                _ => Role::Host,
+            };
             let issued = Pki::open(&dir)?.issue(role, &name, &ips, days)?;
             if json {
                 print_json(&issued);

@@ -169,28 +169,46 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
          JOIN pg_stat_replication r USING (pid)",
     );
     assert!(ok && text == "true/2", "{text}");
-    // etcd serves TLS only and wants a certificate of the zone: a guest's host, which
-    // holds none, can neither speak plain HTTP to it nor finish a TLS handshake; the
-    // operator's certificate gets an answer.
+    // etcd serves TLS only and wants a consensus certificate of the zone: a guest's host,
+    // which holds no certificate, gets no answer over HTTP and a refused handshake; the
+    // operator's access bundle and a host's certificate, which open the agents, are
+    // refused too; the lab's consensus certificate gets an answer.
     let dir = lab.state_dir.join(&lab.name);
-    let (ca, cert, key) = (
-        dir.join("pki/ca.crt"),
-        dir.join("access/operator.crt"),
-        dir.join("access/operator.key"),
-    );
-    let (ca, cert, key) = (
-        ca.to_str().unwrap(),
-        cert.to_str().unwrap(),
-        key.to_str().unwrap(),
-    );
-    let etcd = format!("{DC11}:2379/health");
-    let (ok, text) = curl(&lab, "cloud-h1", &[&format!("http://{etcd}")]);
+    let path = |p: &str| dir.join(p).to_str().unwrap().to_string();
+    let ca = path("pki/ca.crt");
+    let url = format!("https://{DC11}:2379/health");
+    let (ok, text) = curl(&lab, "cloud-h1", &[&format!("http://{DC11}:2379/health")]);
     assert!(!ok && text.contains("Empty reply"), "{text}");
-    let (ok, text) = curl(&lab, "cloud-h1", &["--cacert", ca, &format!("https://{etcd}")]);
+    let (ok, text) = curl(&lab, "cloud-h1", &["--cacert", &ca, &url]);
     assert!(!ok && text.contains("alert bad certificate"), "{text}");
-    let with_cert = ["--cacert", ca, "--cert", cert, "--key", key];
-    let url = format!("https://{etcd}");
-    let (ok, text) = curl(&lab, "cloud-h1", &[&with_cert[..], &[url.as_str()]].concat());
+    for (cert, key) in [
+        ("access/operator.crt", "access/operator.key"),
+        ("pki/hosts/cloud-h1.crt", "pki/hosts/cloud-h1.key"),
+    ] {
+        let (ok, text) = curl(
+            &lab,
+            "cloud-h1",
+            &[
+                "--cacert",
+                &ca,
+                "--cert",
+                &path(cert),
+                "--key",
+                &path(key),
+                &url,
+            ],
+        );
+        assert!(!ok && text.contains("bad certificate"), "{cert}: {text}");
+    }
+    let (cert, key) = (
+        path("pki/consensus/operator.crt"),
+        path("pki/consensus/operator.key"),
+    );
+    let (ok, text) = curl(
+        &lab,
+        "cloud-h1",
+        &["--cacert", &ca, "--cert", &cert, "--key", &key, &url],
+    );
     assert!(ok && text.contains(r#""health":"true""#), "{text}");
     let r = load(&lab, "dc1.1-client", "2");
     let p50 = r["tatrxn_p50_ms"].as_f64().unwrap();

@@ -488,7 +488,13 @@ impl Agent {
         if self.etcd_failures < RECONNECT_AFTER_FAILURES {
             return;
         }
-        if let Ok(store) = Store::connect(&self.cfg.lab, &self.cfg.etcd_endpoints, &self.cfg.etcd_credentials).await {
+        if let Ok(store) = Store::connect(
+            &self.cfg.lab,
+            &self.cfg.etcd_endpoints,
+            &self.cfg.etcd_credentials,
+        )
+        .await
+        {
             log(
                 &self.cfg.site,
                 &format!(

@@ -3,10 +3,12 @@
 //! at the witness), in that host's namespace, talking across the APN emulator like
 //! everything else.
 //!
-//! Every member serves its clients and its peers over TLS only, with its host's certificate
-//! of the zone PKI, and requires a certificate of the zone CA from each of them
-//! (`--client-cert-auth`, `--peer-client-cert-auth`): a guest, which holds none, cannot
-//! read or write a key.
+//! Every member serves its clients and its peers over TLS only, with its host's consensus
+//! certificate of the zone PKI, and requires from each of them a certificate of the zone CA
+//! that names the consensus store ([`dczone_pki::CONSENSUS_NAME`]): a guest, which holds no
+//! certificate, and a host or an operator, whose certificates open the agents, cannot read
+//! or write a key. Only the HA agents hold consensus certificates (and, in the lab, the
+//! operator's `db` commands, which do not go through the agents yet).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -98,19 +100,17 @@ impl Lab {
         self.dir().join("pki")
     }
 
-    /// `host`'s certificate of the zone PKI for `ip`, issued on first use. An etcd member
-    /// serves with it; the HA agent on the host shows it to etcd.
-    pub fn host_identity(&self, host: &str, ip: Ipv4Addr) -> Result<Identity, LabError> {
+    /// The consensus certificate of `name` (a host, for `ip`) in the zone PKI, issued on
+    /// first use. An etcd member serves with its host's; the HA agent on a host shows its
+    /// host's to etcd.
+    pub fn consensus_identity(
+        &self,
+        name: &str,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<Identity, LabError> {
         let pki = Pki::open_or_init(&self.pki_dir(), self.name())?;
-        pki.ensure(Role::Host, host, &[ip.into()], 825)?;
-        Ok(Identity::host(&self.pki_dir(), host))
-    }
-
-    /// The operator's certificate of the zone PKI, issued on first use: what the
-    /// operator's commands show etcd and the host agents.
-    pub fn operator_identity(&self) -> Result<Identity, LabError> {
-        let pki = Pki::open_or_init(&self.pki_dir(), self.name())?;
-        let (certificate, key) = pki.ensure(Role::Operator, "operator", &[], 825)?;
+        let ips: Vec<IpAddr> = ip.into_iter().map(IpAddr::V4).collect();
+        let (certificate, key) = pki.ensure(Role::Consensus, name, &ips, 825)?;
         Ok(Identity {
             ca: pki.ca_cert(),
             certificate,
@@ -202,7 +202,7 @@ impl Lab {
         let peer = m.peer_url();
         let client = m.client_url();
         let data_arg = data.display().to_string();
-        let id = self.host_identity(&m.host, m.ip)?;
+        let id = self.consensus_identity(&m.host, Some(m.ip))?;
         let (ca, cert, key) = (
             id.ca.display().to_string(),
             id.certificate.display().to_string(),
@@ -216,6 +216,8 @@ impl Lab {
             "--trusted-ca-file",
             &ca,
             "--client-cert-auth",
+            "--client-cert-allowed-hostname",
+            dczone_pki::CONSENSUS_NAME,
             "--peer-cert-file",
             &cert,
             "--peer-key-file",
@@ -223,6 +225,8 @@ impl Lab {
             "--peer-trusted-ca-file",
             &ca,
             "--peer-client-cert-auth",
+            "--peer-cert-allowed-hostname",
+            dczone_pki::CONSENSUS_NAME,
             "--name",
             &m.name,
             "--data-dir",
@@ -260,7 +264,7 @@ impl Lab {
     }
 
     fn etcd_wait_healthy(&self, m: &EtcdMember, within: Duration) -> Result<(), LabError> {
-        let id = self.host_identity(&m.host, m.ip)?;
+        let id = self.consensus_identity(&m.host, Some(m.ip))?;
         let tls = tls::client_config(&id.ca, Some(&id))?;
         let deadline = Instant::now() + within;
         while !healthy(m, tls.clone()) {

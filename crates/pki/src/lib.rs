@@ -31,7 +31,16 @@ pub enum Role {
     Host,
     /// A person or tool driving the zone.
     Operator,
+    /// A party of the consensus store: an etcd member (for its clients and peers) or an
+    /// HA agent (its client). etcd admits only certificates that name
+    /// [`CONSENSUS_NAME`], which only this role's carry.
+    Consensus,
 }
+
+/// The DNS name every [`Role::Consensus`] certificate carries beside its own, and the
+/// only one etcd admits (`--client-cert-allowed-hostname`, `--peer-cert-allowed-hostname`):
+/// a host's or an operator's certificate, valid at every agent, does not open etcd.
+pub const CONSENSUS_NAME: &str = "consensus.dczone";
 
 impl Role {
     /// The organisational unit that marks the role in the subject.
@@ -39,6 +48,7 @@ impl Role {
         match self {
             Role::Host => "host",
             Role::Operator => "operator",
+            Role::Consensus => "consensus",
         }
     }
 
@@ -46,6 +56,7 @@ impl Role {
         match self {
             Role::Host => "hosts",
             Role::Operator => "operators",
+            Role::Consensus => "consensus",
         }
     }
 }
@@ -221,6 +232,11 @@ impl Pki {
         let issuer = Issuer::from_ca_cert_pem(&ca_cert, KeyPair::from_pem(&ca_key)?)?;
 
         let mut params = CertificateParams::new(vec![name.to_string()])?;
+        if role == Role::Consensus {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(CONSENSUS_NAME.try_into()?));
+        }
         params
             .subject_alt_names
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
@@ -232,14 +248,14 @@ impl Pki {
         // QEMU's TLS credentials refuse a host certificate whose (critical) key usage
         // lacks key encipherment, whatever the key type.
         params.key_usages = match role {
-            Role::Host => vec![
+            Role::Host | Role::Consensus => vec![
                 KeyUsagePurpose::DigitalSignature,
                 KeyUsagePurpose::KeyEncipherment,
             ],
             Role::Operator => vec![KeyUsagePurpose::DigitalSignature],
         };
         params.extended_key_usages = match role {
-            Role::Host => vec![
+            Role::Host | Role::Consensus => vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
@@ -371,6 +387,33 @@ mod tests {
         assert!(eku.client_auth && !eku.server_auth);
         let unit = cert.subject().iter_organizational_unit().next().unwrap();
         assert_eq!(unit.as_str().unwrap(), "operator");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_consensus_certificate_names_the_consensus_store() {
+        let dir = tmp("consensus");
+        let pki = Pki::init(&dir, "reference").unwrap();
+        let ip: IpAddr = "10.77.1.11".parse().unwrap();
+        let dns = |issued: &Issued| -> Vec<String> {
+            let der = parse(&issued.certificate);
+            let (_, cert) = X509Certificate::from_der(&der).unwrap();
+            let san = cert.subject_alternative_name().unwrap().unwrap().value;
+            san.general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let c = pki.issue(Role::Consensus, "dc1.1-h1", &[ip], 30).unwrap();
+        assert_eq!(dns(&c), ["dc1.1-h1", CONSENSUS_NAME]);
+        assert_eq!(c.certificate, dir.join("consensus/dc1.1-h1.crt"));
+        let h = pki.issue(Role::Host, "dc1.1-h1", &[ip], 30).unwrap();
+        assert_eq!(dns(&h), ["dc1.1-h1"]);
+        let o = pki.issue(Role::Operator, "alice", &[], 30).unwrap();
+        assert!(!dns(&o).contains(&CONSENSUS_NAME.to_string()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -158,6 +158,7 @@ impl Peer {
         let role = match unit.as_str().ok()? {
             "host" => Role::Host,
             "operator" => Role::Operator,
+            "consensus" => Role::Consensus,
             _ => return None,
         };
         let name = cert
