@@ -446,20 +446,30 @@ fn run_mode(
     })
 }
 
+/// The lag samples taken during the run's load (the sampler starts a little before it and
+/// stops a little after).
+fn during(x: &ModeRun) -> impl Iterator<Item = LagSample> + '_ {
+    let (from, len) = (x.load.started_us, (x.load.seconds * 1e6) as u64);
+    x.lags
+        .iter()
+        .copied()
+        .filter(move |(t, _, _)| (from..=from + len).contains(t))
+}
+
 /// One mode's figures over its runs: Ptrx and TATrxn over every transaction, lag and echo
 /// over every sample; the lag series runs on through the runs' summed time.
 fn mode_result(mode: Replication, km: f64, clients: usize, runs: Vec<ModeRun>) -> ModeResult {
     let r = LoadResult::merge(&runs.iter().map(|x| x.load.clone()).collect::<Vec<_>>());
-    let lags: Vec<LagSample> = runs.iter().flat_map(|x| x.lags.iter().copied()).collect();
+    let lags: Vec<LagSample> = runs.iter().flat_map(during).collect();
     let flush_ms: Vec<f64> = lags.iter().map(|(_, _, ms)| *ms).collect();
     let write_ms: Vec<f64> = lags.iter().filter_map(|(_, w, _)| *w).collect();
     let mut series = Vec::new();
     let mut offset = 0.0;
     for x in &runs {
-        series.extend(x.lags.iter().map(|(t, _, ms)| {
+        series.extend(during(x).map(|(t, _, ms)| {
             (
                 offset + t.saturating_sub(x.load.started_us) as f64 / 1e6,
-                *ms,
+                ms,
             )
         }));
         offset += x.load.seconds;

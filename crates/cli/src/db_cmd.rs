@@ -953,13 +953,28 @@ impl Platform {
         use dczone_ha::manual::{lsn_text, verdict, Verdict, WalEnd};
         let target = self.member(to)?.clone();
         let host = self.client_host(None)?;
-        if let Ok(snap) = self.snapshot(&host) {
-            bail!(
+        match self.snapshot(&host) {
+            Ok(snap) => bail!(
                 "consensus answers (primary: {}): the HA agents fail over by themselves when a \
                  primary is lost, under the RPO rule; for a planned move use `dczone db \
                  switchover --to {to}`",
                 snap.leader.map_or("none".into(), |l| l.site)
-            );
+            ),
+            // Our own credentials failing says nothing about consensus: never fence on it.
+            Err(e)
+                if e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<dczone_ha::keys::StoreError>(),
+                        Some(dczone_ha::keys::StoreError::Credential { .. })
+                    )
+                }) =>
+            {
+                return Err(e.context(
+                    "cannot tell whether consensus is lost: this command's etcd credentials \
+                     are unreadable; nothing was fenced",
+                ));
+            }
+            Err(_) => {}
         }
         let t0 = Instant::now();
         let members = self.members.clone();

@@ -7,8 +7,8 @@
 //! certificate of the zone PKI, and requires from each of them a certificate of the zone CA
 //! that names the consensus store ([`dczone_pki::CONSENSUS_NAME`]): a guest, which holds no
 //! certificate, and a host or an operator, whose certificates open the agents, cannot read
-//! or write a key. Only the HA agents hold consensus certificates (and, in the lab, the
-//! operator's `db` commands, which do not go through the agents yet).
+//! or write a key. Only the etcd members and the HA agents hold consensus certificates (and,
+//! in the lab, the `db` and `bench` commands, which do not go through the agents yet).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};

@@ -5,6 +5,10 @@
 //! <dir>/hosts/<host>.crt, <host>.key      a host: server and client auth, its address as
 //!                                         SAN, OU "host" (agents, peers in migrations)
 //! <dir>/operators/<name>.crt, <name>.key  an operator: client auth only, OU "operator"
+//! <dir>/consensus/<name>.crt, <name>.key  a party of the consensus store (an etcd member,
+//!                                         an HA agent): server and client auth, OU
+//!                                         "consensus", the SAN `consensus.dczone` that
+//!                                         etcd requires
 //! ```
 //!
 //! The organisational unit carries the role, so that an agent can accept operator commands
@@ -77,6 +81,8 @@ pub enum PkiError {
     },
     #[error("name '{0}' must be 1-63 characters of a-z, 0-9, '.', '-'")]
     BadName(String),
+    #[error("the name '{0}' is reserved: etcd admits every certificate that carries it")]
+    Reserved(String),
     #[error("a host certificate needs at least one address (--ip)")]
     NoAddress,
     #[error("{what} {}", path.display())]
@@ -208,6 +214,11 @@ impl Pki {
         days: u32,
     ) -> Result<Issued, PkiError> {
         check_name(name)?;
+        // The name etcd admits: no certificate may be *called* it, or its own-name SAN
+        // would open etcd whatever its role.
+        if name == CONSENSUS_NAME {
+            return Err(PkiError::Reserved(name.to_string()));
+        }
         if role == Role::Host && ips.is_empty() {
             return Err(PkiError::NoAddress);
         }
@@ -414,6 +425,11 @@ mod tests {
         assert_eq!(dns(&h), ["dc1.1-h1"]);
         let o = pki.issue(Role::Operator, "alice", &[], 30).unwrap();
         assert!(!dns(&o).contains(&CONSENSUS_NAME.to_string()));
+        // Nor can a certificate be named after it, whatever its role.
+        for role in [Role::Host, Role::Operator, Role::Consensus] {
+            let r = pki.issue(role, CONSENSUS_NAME, &[ip], 30);
+            assert!(matches!(r, Err(PkiError::Reserved(_))), "{role:?}: {r:?}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
