@@ -45,13 +45,7 @@ fn psql(lab: &TestLab, host: &str, ip: &str, sql: &str) -> (bool, String) {
 fn curl(lab: &TestLab, host: &str, args: &[&str]) -> (bool, String) {
     let mut all = vec!["lab", "exec", host, "--", "curl", "-sS", "-m", "5"];
     all.extend_from_slice(args);
-    let out = lab.run(&all);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text.trim().to_string())
+    outcome(lab.run(&all))
 }
 
 /// [`psql`] with `env` arguments first (`VAR=value`, or `-u VAR` to unset one).
@@ -73,7 +67,11 @@ fn psql_with(lab: &TestLab, host: &str, ip: &str, sql: &str, env: &[&str]) -> (b
         "-tAc",
         sql,
     ]);
-    let out = lab.run(&args);
+    outcome(lab.run(&args))
+}
+
+/// Whether a command succeeded, and what it printed (stdout, then stderr), trimmed.
+fn outcome(out: std::process::Output) -> (bool, String) {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
