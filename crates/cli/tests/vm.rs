@@ -393,62 +393,18 @@ fn a_killed_group_migration_is_settled_and_the_sources_serve() {
 
     // Kill the command (as Ctrl-C or a crash would) while both VMs are being sent: the
     // coordinated strategy holds them for seconds, so neither can have finished.
-    let mut child = lab
-        .command()
-        .args([
-            "migrate",
-            "--group",
-            "k",
-            "--to",
-            "dc1.2",
-            "--strategy",
-            "coordinated",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while (qemus(&lab, "dc1.2-h1").is_empty() || qemus(&lab, "dc1.2-h2").is_empty())
-        && t.elapsed() < Duration::from_secs(60)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        t.elapsed() < Duration::from_secs(60),
-        "the destinations never started"
+    kill_migration_and_settle(&lab, &vms, &ips, None, |lab| {
+        !qemus(lab, "dc1.2-h1").is_empty() && !qemus(lab, "dc1.2-h2").is_empty()
+    });
+    // Kill it again just after it started a destination, before it recorded that
+    // destination (a QEMU nobody would own if the source's agent looked only at the record).
+    kill_migration_and_settle(
+        &lab,
+        &vms,
+        &ips,
+        Some("migrate-after-destination=sleep(30000)"),
+        |lab| !qemus(lab, "dc1.2-h1").is_empty() || !qemus(lab, "dc1.2-h2").is_empty(),
     );
-    std::thread::sleep(Duration::from_millis(1000));
-    child.kill().unwrap();
-    child.wait().unwrap();
-
-    // The source hosts' agents cancel the orphaned migrations: each VM runs at its source,
-    // serving, and no destination QEMU is left.
-    let t = std::time::Instant::now();
-    let settled = || {
-        qemus(&lab, "dc1.2-h1").is_empty()
-            && qemus(&lab, "dc1.2-h2").is_empty()
-            && qemus(&lab, "dc1.1-h1").len() == 1
-            && qemus(&lab, "dc1.1-h2").len() == 1
-    };
-    while !settled() && t.elapsed() < Duration::from_secs(15) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(settled(), "QEMUs left after the kill");
-    for ((name, host, _), ip) in vms.iter().zip(&ips) {
-        let vm = lab.json(&["vm", "show", name, "--json"]);
-        assert_eq!(vm["host"], *host, "{vm}");
-        let t = std::time::Instant::now();
-        // Still being cancelled (the guest stays stopped until then): ask again.
-        let answer = loop {
-            let a = ledger(&lab, *ip, &["S"]).remove(0);
-            if a.starts_with("processed=") || t.elapsed() > Duration::from_secs(10) {
-                break a;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        assert!(answer.starts_with("processed="), "{name}: {answer}");
-    }
     // And nothing is left locked or half-done: the group migrates.
     let g = lab.json(&[
         "migrate",
@@ -461,6 +417,80 @@ fn a_killed_group_migration_is_settled_and_the_sources_serve() {
         "--json",
     ]);
     assert_eq!(g["vms"].as_array().unwrap().len(), 2, "{g}");
+}
+
+/// Starts a coordinated migration of group `k` to DC1.2 (with `failpoints`), kills the
+/// command 1 s after `started` holds, and checks that the source hosts' agents settle it:
+/// each VM runs once, at its source, serving, and no destination QEMU is left.
+fn kill_migration_and_settle(
+    lab: &TestLab,
+    vms: &[(&str, &str, &str)],
+    ips: &[Ipv4Addr],
+    failpoints: Option<&str>,
+    started: impl Fn(&TestLab) -> bool,
+) {
+    let mut cmd = lab.command();
+    cmd.args([
+        "migrate",
+        "--group",
+        "k",
+        "--to",
+        "dc1.2",
+        "--strategy",
+        "coordinated",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    if let Some(f) = failpoints {
+        cmd.env("FAILPOINTS", f);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let t = Instant::now();
+    while !started(lab) && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "{failpoints:?}: the destinations never started"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let t = Instant::now();
+    let settled = || {
+        qemus(lab, "dc1.2-h1").is_empty()
+            && qemus(lab, "dc1.2-h2").is_empty()
+            && qemus(lab, "dc1.1-h1").len() == 1
+            && qemus(lab, "dc1.1-h2").len() == 1
+    };
+    while !settled() && t.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hosts = ["dc1.1-h1", "dc1.1-h2", "dc1.2-h1", "dc1.2-h2"];
+    let left = hosts.map(|h| (h, qemus(lab, h).len()));
+    assert!(
+        settled(),
+        "{failpoints:?}: QEMUs left after the kill (host, count): {left:?}{}",
+        lab.agent_log_tail(&hosts)
+    );
+    for ((name, host, _), ip) in vms.iter().zip(ips) {
+        let vm = lab.json(&["vm", "show", name, "--json"]);
+        assert_eq!(vm["host"], *host, "{failpoints:?}: {vm}");
+        let t = Instant::now();
+        // Still being cancelled (the guest stays stopped until then): ask again.
+        let answer = loop {
+            let a = ledger(lab, *ip, &["S"]).remove(0);
+            if a.starts_with("processed=") || t.elapsed() > Duration::from_secs(10) {
+                break a;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(
+            answer.starts_with("processed="),
+            "{failpoints:?}: {name}: {answer}"
+        );
+    }
 }
 
 /// A client on one long-lived TCP connection to `ip`: a transfer every 20 ms, blocking,

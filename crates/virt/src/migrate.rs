@@ -36,7 +36,8 @@
 //! host's agent through the in-flight marker, which stays until then.
 //!
 //! Fault-injection points (`FAILPOINTS=<name>=return`, see
-//! [`crate::failpoints_from_env`]): `migrate-after-prepare`, `migrate-after-start`,
+//! [`crate::failpoints_from_env`]): `migrate-after-destination` (a destination started,
+//! not yet in the marker), `migrate-after-prepare`, `migrate-after-start`,
 //! `migrate-after-common-stop`, `migrate-after-takeover`.
 //!
 //! Parameters (documented choices): `downtime-limit` = 100 ms (the institutions' target;
@@ -507,6 +508,22 @@ impl Platform {
         out
     }
 
+    /// The QEMU started for `vm` on `to` by a driver that died before it recorded it in
+    /// the marker: found by its pid file in the destination's directory, and only if that
+    /// pid is a QEMU named for this VM and not the VM's own.
+    fn unrecorded_destination(&self, vm: &VmRecord, to: &str) -> Option<i32> {
+        if vm.host == to {
+            return None;
+        }
+        let pidfile = self.vm_dir(&vm.spec.name, to).join("qemu.pid");
+        let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let named = format!("\0-name\0{}\0", vm.spec.name);
+        let ours = cmdline.windows(named.len()).any(|w| w == named.as_bytes());
+        let own = vm.running.as_ref().is_some_and(|r| r.pid == pid);
+        (is_qemu(pid) && ours && !own).then_some(pid)
+    }
+
     /// A completed migration whose driver died: the source quits and the record follows
     /// the VM to `to`, where `destination` runs it.
     fn roll_forward(
@@ -544,6 +561,12 @@ impl Platform {
             ));
         }
         let destination = flight.destination.clone().filter(|d| is_qemu(d.pid));
+        if destination.is_none() {
+            // A destination the driver launched but did not live to record.
+            if let Some(pid) = self.unrecorded_destination(vm, &flight.to) {
+                dczone_lab::sys::kill(pid, libc::SIGKILL);
+            }
+        }
         let Some(src) = vm.running.clone() else {
             if let Some(d) = &destination {
                 hv::kill(d);
@@ -1550,16 +1573,30 @@ impl Platform {
             } else {
                 None
             };
-            let mut s = Session::prepare(vm, to, port, prepare, tls)?;
-            let flight = InFlight {
+            // The marker goes down before the destination exists: a driver killed while
+            // the destination starts leaves a marker, and the source host's agent kills
+            // what it finds of that destination ([`Platform::unrecorded_destination`]).
+            let path = self.in_flight_path(&vm.spec.name);
+            let mut flight = InFlight {
                 from: vm.host.clone(),
                 to: to.clone(),
-                destination: s.dst.running(),
+                destination: None,
                 taken_over: false,
             };
-            let path = self.in_flight_path(&vm.spec.name);
             write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
-            s.marker = Some(path);
+            let mut s = match Session::prepare(vm, to, port, prepare, tls) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+            };
+            s.marker = Some(path.clone());
+            fail::fail_point!("migrate-after-destination", |_| Err(VirtError::Injected(
+                "migrate-after-destination"
+            )));
+            flight.destination = s.dst.running();
+            write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
             if params.keep_frames {
                 match self.frame_keeper(&s.vm) {
                     Ok(k) => s.keeper = Some(k),

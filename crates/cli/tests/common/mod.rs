@@ -127,6 +127,21 @@ impl TestLab {
         eprintln!("the failed lab's logs are kept in {}", keep.display());
     }
 
+    /// The last lines of each host agent's log, for an assertion's message.
+    pub fn agent_log_tail(&self, hosts: &[&str]) -> String {
+        let dir = self.state_dir.join(&self.name).join("agents");
+        hosts
+            .iter()
+            .map(|h| {
+                let text = std::fs::read_to_string(dir.join(format!("{h}.log")))
+                    .unwrap_or_else(|e| format!("(unreadable: {e})"));
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(8)..].join("\n  ");
+                format!("\n{h}'s agent:\n  {tail}")
+            })
+            .collect()
+    }
+
     pub fn reachable(&self, from: &str, to: Ipv4Addr) -> bool {
         dczone_lab::probe::measure_rtt(&self.ns(from), to, 1, Duration::ZERO).is_ok()
     }
