@@ -206,12 +206,7 @@ impl AgentError {
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
-        let mut message = self.to_string();
-        let mut source = std::error::Error::source(&self);
-        while let Some(cause) = source {
-            message.push_str(&format!(": {cause}"));
-            source = cause.source();
-        }
+        let message = dczone_lab::error_chain(&self);
         (self.status(), Json(json!({ "error": message }))).into_response()
     }
 }

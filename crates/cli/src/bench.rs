@@ -502,8 +502,7 @@ pub fn intra_region(
                 .map(|(_, ip)| guest_stats(&client, *ip))
                 .collect();
             let started = dczone_workload::now_us();
-            let load = dczone_workload::start(&client, &targets, LOAD_RATE_PER_VM)
-                .map_err(anyhow::Error::msg)?;
+            let load = dczone_workload::start(&client, &targets, LOAD_RATE_PER_VM)?;
             std::thread::sleep(std::time::Duration::from_secs(2));
             let (multi, update) = crate::vm_cmd::progress_display(false);
             let t0 = dczone_workload::now_us();

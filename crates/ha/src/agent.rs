@@ -28,7 +28,7 @@ use crate::decide::{
     self, FailureTracker, MemberReport, ModeAction, StandbySeen, Switchover, SwitchoverRole,
     SyncState,
 };
-use crate::keys::{AuditEntry, Leader, Snapshot, Store};
+use crate::keys::{AuditEntry, Leader, Snapshot, Store, StoreError};
 
 /// A standby within this many bytes of the primary counts as caught up.
 pub const CATCHUP_BYTES: u64 = 1 << 20;
@@ -263,6 +263,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
     let store = loop {
         match Store::connect(&cfg.lab, &cfg.etcd_endpoints, &cfg.etcd_credentials).await {
             Ok(s) => break s,
+            // Missing or unreadable credential files are a configuration fault, not an
+            // outage: say so and stop, rather than wait for etcd forever.
+            Err(e @ StoreError::Credential { .. }) => {
+                return Err(format!("cannot start: {e}"));
+            }
             Err(e) => {
                 log(&site, &format!("waiting for etcd: {e}"));
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -414,8 +419,9 @@ async fn keep_lease(
                 // for the loop's five failures to get a working client.
                 failures += 1;
                 if failures >= LEASE_RECONNECT_AFTER_FAILURES {
-                    if let Ok(store) = Store::connect(&etcd.0, &etcd.1, &etcd.2).await {
-                        *shared.store.lock().expect("store lock") = store;
+                    match Store::connect(&etcd.0, &etcd.1, &etcd.2).await {
+                        Ok(store) => *shared.store.lock().expect("store lock") = store,
+                        Err(e) => log("lease keeper", &format!("cannot reconnect to etcd: {e}")),
                     }
                     failures = 0;
                 }
@@ -488,13 +494,22 @@ impl Agent {
         if self.etcd_failures < RECONNECT_AFTER_FAILURES {
             return;
         }
-        if let Ok(store) = Store::connect(
+        let connected = Store::connect(
             &self.cfg.lab,
             &self.cfg.etcd_endpoints,
             &self.cfg.etcd_credentials,
         )
-        .await
-        {
+        .await;
+        if let Err(e) = &connected {
+            log(
+                &self.cfg.site,
+                &format!(
+                    "cannot replace the etcd client after {} failed calls: {e}",
+                    self.etcd_failures
+                ),
+            );
+        }
+        if let Ok(store) = connected {
             log(
                 &self.cfg.site,
                 &format!(

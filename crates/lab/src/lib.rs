@@ -89,13 +89,25 @@ pub enum LabError {
     },
     #[error("the APN emulator is not answering; run `dczone lab up` to restart it")]
     Emulator(#[source] ControlError),
-    #[error("probe {step} between {a} and {b} failed: {reason}")]
+    #[error("probe {step} between {a} and {b} failed")]
     Probe {
         step: &'static str,
         a: String,
         b: String,
-        reason: String,
+        #[source]
+        source: probe::ProbeError,
     },
+}
+
+/// An error with its causes (`a: b: c`), for a record or an answer that keeps only text.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// Where the lab keeps its state, and which executable runs the emulator.

@@ -106,8 +106,42 @@ pub fn throughput_ok(one_way_ms: f64, fraction: f64) -> bool {
     }
 }
 
-fn join<T>(h: std::thread::JoinHandle<T>) -> Result<T, String> {
-    h.join().map_err(|_| "probe thread panicked".to_string())
+/// Why a probe could not measure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot run in the host's namespace")]
+    Namespace(#[source] Box<LabError>),
+    #[error("{what} failed")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no echo answered ({lost} probes lost)")]
+    NoEcho { lost: u64 },
+    #[error("the flow ended before its warm-up did")]
+    NoWindow,
+    #[error("too short a flow to measure")]
+    TooShort,
+    #[error("the receiver did not start within 5 s")]
+    NoReceiver,
+    #[error("a probe thread panicked")]
+    Panicked,
+}
+
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> ProbeError {
+    move |source| ProbeError::Io { what, source }
+}
+
+fn join<T>(h: std::thread::JoinHandle<T>) -> Result<T, ProbeError> {
+    h.join().map_err(|_| ProbeError::Panicked)
+}
+
+fn spawn_in<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>, ProbeError> {
+    sys::in_namespace(ns, f).map_err(|e| ProbeError::Namespace(Box::new(e)))
 }
 
 /// RTT from namespace `ns_a` to host `ip_b`, by ICMP echo with kernel timestamps
@@ -118,17 +152,17 @@ pub fn measure_rtt(
     ip_b: Ipv4Addr,
     pings: usize,
     interval: Duration,
-) -> Result<RttStats, String> {
-    let client = sys::in_namespace(ns_a, move || -> Result<RttStats, String> {
+) -> Result<RttStats, ProbeError> {
+    let client = spawn_in(ns_a, move || -> Result<RttStats, ProbeError> {
         let pinger = crate::icmp::Pinger::new(std::process::id() as u16)
-            .map_err(|e| format!("raw ICMP socket: {e}"))?;
+            .map_err(io("open a raw ICMP socket"))?;
         let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
         let mut lost = 0;
         let warmup = 5;
         for seq in 0..(pings + warmup) as u16 {
             match pinger
                 .ping(ip_b, seq, Duration::from_millis(500))
-                .map_err(|e| e.to_string())?
+                .map_err(io("an echo"))?
             {
                 Some(d) if usize::from(seq) >= warmup => {
                     hist.record(d.as_nanos() as u64).expect("in range");
@@ -141,7 +175,7 @@ pub fn measure_rtt(
             }
         }
         if hist.is_empty() {
-            return Err(format!("no echo answered ({lost} probes lost)"));
+            return Err(ProbeError::NoEcho { lost });
         }
         let ms = |ns: u64| ns as f64 / 1e6;
         Ok(RttStats {
@@ -153,8 +187,7 @@ pub fn measure_rtt(
             p99_ms: ms(hist.value_at_quantile(0.99)),
             max_ms: ms(hist.max()),
         })
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     join(client)?
 }
 
@@ -166,31 +199,33 @@ pub fn measure_tcp(
     ip_b: Ipv4Addr,
     duration: Duration,
     warmup: Duration,
-) -> Result<Throughput, String> {
+) -> Result<Throughput, ProbeError> {
     let (port_tx, port_rx) = std::sync::mpsc::channel();
-    let server = sys::in_namespace(ns_b, move || -> Result<Throughput, String> {
-        let listener = TcpListener::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-        let _ = port_tx.send(listener.local_addr().map_err(|e| e.to_string())?.port());
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let server = spawn_in(ns_b, move || -> Result<Throughput, ProbeError> {
+        let listener = TcpListener::bind("0.0.0.0:0").map_err(io("listen"))?;
+        let _ = port_tx.send(listener.local_addr().map_err(io("listen"))?.port());
+        listener.set_nonblocking(true).map_err(io("listen"))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut stream = loop {
             match listener.accept() {
                 Ok((s, _)) => break s,
                 Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => return Err(format!("no connection arrived: {e}")),
+                Err(e) => return Err(io("accept the flow within 5 s")(e)),
             }
         };
-        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream
+            .set_nonblocking(false)
+            .map_err(io("set up the flow"))?;
         stream
             .set_read_timeout(Some(Duration::from_secs(3)))
-            .map_err(|e| e.to_string())?;
+            .map_err(io("set up the flow"))?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut first: Option<Instant> = None;
         let mut counted = 0u64;
         let mut window_start: Option<Instant> = None;
         let mut last = Instant::now();
         loop {
-            let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
+            let n = stream.read(&mut buf).map_err(io("receive"))?;
             if n == 0 {
                 break;
             }
@@ -205,37 +240,35 @@ pub fn measure_tcp(
                 }
             }
         }
-        let start = window_start.ok_or("the flow ended before its warm-up did")?;
+        let start = window_start.ok_or(ProbeError::NoWindow)?;
         let seconds = last.duration_since(start).as_secs_f64();
         if seconds <= 0.0 {
-            return Err("too short a flow to measure".into());
+            return Err(ProbeError::TooShort);
         }
         Ok(Throughput {
             mbit: counted as f64 * 8.0 / seconds / 1e6,
             bytes: counted,
             seconds,
         })
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     let port = port_rx
         .recv_timeout(Duration::from_secs(5))
-        .map_err(|_| "receiver did not start".to_string())?;
-    let client = sys::in_namespace(ns_a, move || -> Result<(), String> {
+        .map_err(|_| ProbeError::NoReceiver)?;
+    let client = spawn_in(ns_a, move || -> Result<(), ProbeError> {
         let mut s =
             TcpStream::connect_timeout(&SocketAddr::from((ip_b, port)), Duration::from_secs(3))
-                .map_err(|e| format!("connect: {e}"))?;
+                .map_err(io("connect"))?;
         s.set_write_timeout(Some(Duration::from_secs(3)))
-            .map_err(|e| e.to_string())?;
+            .map_err(io("connect"))?;
         let chunk = vec![0x5au8; 128 * 1024];
         let end = Instant::now() + duration + warmup;
         while Instant::now() < end {
-            s.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
+            s.write_all(&chunk).map_err(io("send"))?;
         }
         s.shutdown(std::net::Shutdown::Write)
-            .map_err(|e| e.to_string())?;
+            .map_err(io("close the flow"))?;
         Ok(())
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     let sent = join(client)?;
     let received = join(server)?;
     sent?;
@@ -279,11 +312,13 @@ impl Lab {
                 let ns_b = self.host_namespace(&hb.id);
                 let mut error = None;
                 let rtt = measure_rtt(&ns_a, hb.ip(), opts.pings, opts.interval)
-                    .map_err(|e| error = Some(format!("rtt: {e}")))
+                    .map_err(|e| error = Some(format!("rtt: {}", crate::error_chain(&e))))
                     .ok();
                 let throughput = if rtt.is_some() {
                     measure_tcp(&ns_a, &ns_b, hb.ip(), opts.throughput, opts.warmup)
-                        .map_err(|e| error = Some(format!("throughput: {e}")))
+                        .map_err(|e| {
+                            error = Some(format!("throughput: {}", crate::error_chain(&e)))
+                        })
                         .ok()
                 } else {
                     None
@@ -389,12 +424,12 @@ impl Lab {
             progress(i, total, &format!("{sa} <-> {sb}"));
             let ns = self.host_namespace(&ha.id);
             let _warm_up = measure_rtt(&ns, hb.ip(), 30, Duration::ZERO);
-            let rtt = measure_rtt(&ns, hb.ip(), 300, Duration::ZERO).map_err(|reason| {
+            let rtt = measure_rtt(&ns, hb.ip(), 300, Duration::ZERO).map_err(|source| {
                 LabError::Probe {
                     step: "calibration",
                     a: sa.clone(),
                     b: sb.clone(),
-                    reason,
+                    source,
                 }
             })?;
             // The floor of the stack's latency, not its median: a median taken while the

@@ -108,11 +108,11 @@ impl Lab {
             )
         };
         let err = |step: &'static str| {
-            move |reason: String| LabError::Probe {
+            move |source| LabError::Probe {
                 step,
                 a: "dc1.1".into(),
                 b: "dc1.2".into(),
-                reason,
+                source,
             }
         };
 

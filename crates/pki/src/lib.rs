@@ -25,6 +25,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 
 /// What a certificate lets its holder do.
@@ -94,6 +96,20 @@ pub enum PkiError {
     },
     #[error("certificate generation failed")]
     Rcgen(#[from] rcgen::Error),
+    #[error("{} is not a readable PEM {what}: restore it, or create the zone CA again with `dczone pki init`", path.display())]
+    BadPem {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("{} is not a {role:?} certificate naming {wanted:?}, and {} holds no CA key to issue it again: issue it with `dczone pki issue` where the CA key is, and install it here", path.display(), dir.display())]
+    Stale {
+        role: Role,
+        path: PathBuf,
+        wanted: Vec<IpAddr>,
+        dir: PathBuf,
+    },
 }
 
 /// The files of one issued certificate.
@@ -181,9 +197,29 @@ impl Pki {
             folder.join(format!("{name}.key")),
         );
         let _lock = Pki::lock(&self.dir)?;
-        if !(cert.exists() && key.exists()) {
-            self.issue(role, name, ips, days)?;
+        if cert.exists() && key.exists() {
+            // Reused only if it still says what is asked: the role, and every address (a
+            // host whose address changed would otherwise serve a certificate its peers
+            // refuse).
+            let fits = CertificateDer::from_pem_file(&cert)
+                .ok()
+                .and_then(|der| crate::tls::Peer::from_der(&der))
+                .is_some_and(|p| p.role == role && ips.iter().all(|ip| p.addresses.contains(ip)));
+            if fits {
+                return Ok((cert, key));
+            }
+            if !self.ca_key().exists() {
+                return Err(PkiError::Stale {
+                    role,
+                    path: cert,
+                    wanted: ips.to_vec(),
+                    dir: self.dir.clone(),
+                });
+            }
+            std::fs::remove_file(&cert).map_err(io("cannot remove", &cert))?;
+            std::fs::remove_file(&key).map_err(io("cannot remove", &key))?;
         }
+        self.issue(role, name, ips, days)?;
         Ok((cert, key))
     }
 
@@ -240,7 +276,10 @@ impl Pki {
         }
         let ca_key = read(&self.ca_key())?;
         let ca_cert = read(&self.ca_cert())?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_cert, KeyPair::from_pem(&ca_key)?)?;
+        let bad = |what, path: PathBuf| move |source| PkiError::BadPem { what, path, source };
+        let ca_key = KeyPair::from_pem(&ca_key).map_err(bad("CA key", self.ca_key()))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key)
+            .map_err(bad("CA certificate", self.ca_cert()))?;
 
         let mut params = CertificateParams::new(vec![name.to_string()])?;
         if role == Role::Consensus {
@@ -455,6 +494,36 @@ mod tests {
         let missing = tmp("missing");
         let e = Pki::open(&missing).unwrap_err();
         assert!(e.to_string().contains("dczone pki init"), "{e}");
+        // A corrupt CA key is named.
+        std::fs::write(dir.join("ca.key"), "not a key").unwrap();
+        let e = pki.issue(Role::Operator, "bob", &[], 1).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&dir.join("ca.key").display().to_string()),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ensure_reuses_a_certificate_only_while_it_names_the_host_addresses() {
+        let dir = tmp("ensure");
+        let pki = Pki::init(&dir, "z").unwrap();
+        let (a, b): (IpAddr, IpAddr) =
+            ("10.77.1.11".parse().unwrap(), "10.77.1.12".parse().unwrap());
+        let (cert, _) = pki.ensure(Role::Host, "h1", &[a], 1).unwrap();
+        let first = std::fs::read(&cert).unwrap();
+        pki.ensure(Role::Host, "h1", &[a], 1).unwrap();
+        assert_eq!(std::fs::read(&cert).unwrap(), first, "reissued for nothing");
+        // The host moved: its certificate is issued again, for the new address.
+        pki.ensure(Role::Host, "h1", &[b], 1).unwrap();
+        let peer = crate::tls::Peer::from_der(&parse(&cert)).unwrap();
+        assert_eq!(peer.addresses, [b]);
+        // Without the CA key (a real host), a stale one is an error that says what to do.
+        std::fs::remove_file(dir.join("ca.key")).unwrap();
+        let e = pki.ensure(Role::Host, "h1", &[a], 1).unwrap_err();
+        assert!(matches!(e, PkiError::Stale { .. }), "{e}");
+        assert!(e.to_string().contains("dczone pki issue"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use dczone_hypervisor::{self as hv, Qmp, Running};
-use dczone_lab::{HOST_BRIDGE, HOST_UPLINK};
+use dczone_lab::{error_chain, HOST_BRIDGE, HOST_UPLINK};
 use dczone_measure::{span_us, union_us, Interval};
 
 use crate::keeper::{FrameKeeper, KeeperReport};
@@ -1886,17 +1886,6 @@ fn with_t2_parts(mut m: VmMigration, sent: Option<u64>, postcopy: bool) -> VmMig
 /// QEMU 8.0 and later: page requests of a post-copy destination take a channel of their
 /// own instead of queueing behind the background push (`postcopy-preempt`, stable since
 /// 8.0). Both ends run the same QEMU in a zone, so both decide alike.
-/// An error with its causes, for a record that keeps only text.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
-
 fn has_postcopy_preempt(qmp: &mut Qmp) -> bool {
     qmp.execute("query-version", json!({}))
         .ok()

@@ -58,6 +58,23 @@ pub struct Probes {
     pub fresh: Vec<(u64, u64, bool)>,
 }
 
+/// Why the load could not start, or a request went unanswered.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("cannot run in the client's namespace")]
+    Namespace(#[source] dczone_lab::LabError),
+    #[error("cannot reach the ledger at {0}:7000")]
+    Unreachable(Ipv4Addr),
+    #[error("the request to {ip}:7000 failed")]
+    Request {
+        ip: Ipv4Addr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the request thread panicked")]
+    Panicked,
+}
+
 #[derive(Debug)]
 pub struct Load {
     stop: Arc<AtomicBool>,
@@ -71,7 +88,7 @@ pub fn start(
     client_ns: &str,
     targets: &[(String, Ipv4Addr)],
     rate_per_vm: u32,
-) -> Result<Load, String> {
+) -> Result<Load, WorkloadError> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for (i, (vm, ip)) in targets.iter().enumerate() {
@@ -80,7 +97,7 @@ pub fn start(
         let h = dczone_lab::sys::in_namespace(client_ns, move || {
             run_stream(vm, ip, period, stop, now_us() * 1024 + ((i as u64) << 32))
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(WorkloadError::Namespace)?;
         threads.push(h);
     }
     let mut probes = Vec::new();
@@ -89,7 +106,7 @@ pub fn start(
     for (vm, ip) in targets.iter().filter(|_| probing) {
         let (vm, ip, stop) = (vm.clone(), *ip, stop.clone());
         let h = dczone_lab::sys::in_namespace(client_ns, move || probe(vm, ip, stop))
-            .map_err(|e| e.to_string())?;
+            .map_err(WorkloadError::Namespace)?;
         probes.push(h);
     }
     Ok(Load {
@@ -388,18 +405,19 @@ impl Load {
 }
 
 /// One request to a guest's ledger from `client_ns`; returns the answer line.
-pub fn query(client_ns: &str, ip: Ipv4Addr, request: &str) -> Result<String, String> {
+pub fn query(client_ns: &str, ip: Ipv4Addr, request: &str) -> Result<String, WorkloadError> {
     let request = request.to_string();
-    dczone_lab::sys::in_namespace(client_ns, move || -> Result<String, String> {
-        let (mut w, mut r) = connect(ip).ok_or_else(|| format!("cannot reach {ip}:7000"))?;
-        writeln!(w, "{request}").map_err(|e| e.to_string())?;
+    dczone_lab::sys::in_namespace(client_ns, move || -> Result<String, WorkloadError> {
+        let (mut w, mut r) = connect(ip).ok_or(WorkloadError::Unreachable(ip))?;
+        let failed = |source| WorkloadError::Request { ip, source };
+        writeln!(w, "{request}").map_err(failed)?;
         let mut line = String::new();
-        r.read_line(&mut line).map_err(|e| e.to_string())?;
+        r.read_line(&mut line).map_err(failed)?;
         Ok(line.trim().to_string())
     })
-    .map_err(|e| e.to_string())?
+    .map_err(WorkloadError::Namespace)?
     .join()
-    .map_err(|_| "query thread panicked".to_string())?
+    .map_err(|_| WorkloadError::Panicked)?
 }
 
 #[cfg(test)]
