@@ -10,6 +10,7 @@
 //!
 //! `dczone --access DIR` (env `DCZONE_ACCESS`) reads it and calls the agents directly.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,7 +67,38 @@ fn unreachable_note(hosts: &[String]) -> String {
     }
 }
 
+impl BundleHost {
+    /// The agent's address, from `agent = "https://IP:PORT"`.
+    pub fn address(&self) -> Option<SocketAddr> {
+        self.agent.strip_prefix("https://")?.parse().ok()
+    }
+}
+
 impl Bundle {
+    /// Reads and checks a zone file (`zone.toml` of an access bundle).
+    pub fn read(path: &Path) -> Result<Bundle, AccessError> {
+        let text = std::fs::read_to_string(path).map_err(|e| AccessError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let bundle: Bundle = toml::from_str(&text).map_err(|e| AccessError::Bad {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        for h in &bundle.hosts {
+            if h.address().is_none() {
+                return Err(AccessError::Bad {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "host {}: agent = \"{}\" must be https://IP:PORT",
+                        h.id, h.agent
+                    ),
+                });
+            }
+        }
+        Ok(bundle)
+    }
+
     /// Writes `zone.toml` into `dir`.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let text = format!(
@@ -90,26 +122,7 @@ pub type Found = (String, VmRecord);
 
 impl Access {
     pub fn open(dir: &Path) -> Result<Access, AccessError> {
-        let path = dir.join("zone.toml");
-        let text = std::fs::read_to_string(&path).map_err(|e| AccessError::Read {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let bundle: Bundle = toml::from_str(&text).map_err(|e| AccessError::Bad {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        for h in &bundle.hosts {
-            if !h.agent.starts_with("https://") {
-                return Err(AccessError::Bad {
-                    path,
-                    reason: format!(
-                        "host {}: agent = \"{}\" must be https://IP:PORT",
-                        h.id, h.agent
-                    ),
-                });
-            }
-        }
+        let bundle = Bundle::read(&dir.join("zone.toml"))?;
         let tls = client_config(&dir.join("ca.crt"), Some(&Identity::operator(dir)))?;
         Ok(Access {
             dir: dir.to_path_buf(),

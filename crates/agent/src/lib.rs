@@ -56,7 +56,7 @@ use serde_json::{json, Value};
 use dczone_pki::tls::{Identity, Peer};
 use dczone_pki::Role;
 use dczone_virt::migrate::{Destination, LocalDestination, Params, Progress};
-use dczone_virt::{CreateVm, Platform, VirtError, VmRecord};
+use dczone_virt::{CreateVm, HostPlacement, Platform, VirtError, VmRecord};
 
 /// The port every agent listens on (on its host's lab address).
 pub const AGENT_PORT: u16 = 7070;
@@ -219,20 +219,30 @@ pub struct Agent {
     /// How this host calls its peers' agents: its own certificate, the zone CA.
     peers: Arc<rustls::ClientConfig>,
     /// Destination QEMUs waiting for (or receiving) a stream, by VM name.
-    /// Each with when its source agent last asked after it (the migration's keepalive).
-    incoming: Mutex<HashMap<String, (LocalDestination, Instant)>>,
+    /// Each with when its source agent last asked after it (the migration's keepalive), and
+    /// the VM's record as the source sent it.
+    incoming: Mutex<HashMap<String, (LocalDestination, Instant, VmRecord)>>,
     /// Outgoing migrations in flight: their latest progress, by VM name.
     outgoing: Mutex<HashMap<String, Progress>>,
+    /// The zone's agents by host (a real host's, from its zone file); in the lab each is
+    /// at its host's address, port [`AGENT_PORT`].
+    endpoints: HashMap<String, String>,
 }
 
 impl Agent {
-    pub fn new(platform: Platform, host: String, peers: Arc<rustls::ClientConfig>) -> Agent {
+    pub fn new(
+        platform: Platform,
+        host: String,
+        peers: Arc<rustls::ClientConfig>,
+        endpoints: HashMap<String, String>,
+    ) -> Agent {
         let agent = Agent {
             platform,
             host,
             peers,
             incoming: Mutex::new(HashMap::new()),
             outgoing: Mutex::new(HashMap::new()),
+            endpoints,
         };
         agent.recover_interrupted();
         agent.reap_strays();
@@ -248,20 +258,18 @@ impl Agent {
     }
 
     /// A previous agent of this host may have died with a destination QEMU waiting: kill
-    /// every QEMU of this host's namespace that no VM record claims.
+    /// every QEMU of this host that no VM record claims.
     fn reap_strays(&self) {
         let Ok(vms) = self.platform.list() else {
             return;
         };
-        let ns = self.platform.lab().host_namespace(&self.host);
         let mut known: Vec<i32> = vms
             .iter()
             .filter_map(|v| v.running.as_ref().map(|r| r.pid))
             .collect();
         known.extend(self.platform.in_flight_destinations());
-        for pid in dczone_lab::sys::pids_in_namespace(&ns) {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim().starts_with("qemu-system") && !known.contains(&pid) {
+        for pid in self.platform.qemus_of(&self.host) {
+            if !known.contains(&pid) {
                 eprintln!("dczoned: killing stray QEMU {pid} (a destination nobody finished)");
                 dczone_lab::sys::kill(pid, libc::SIGKILL);
             }
@@ -275,11 +283,11 @@ impl Agent {
         let mut incoming = self.incoming.lock().expect("not poisoned");
         let stale: Vec<String> = incoming
             .iter()
-            .filter(|(_, (_, seen))| seen.elapsed() > INCOMING_KEEPALIVE)
+            .filter(|(_, (_, seen, _))| seen.elapsed() > INCOMING_KEEPALIVE)
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
-            if let Some((mut d, _)) = incoming.remove(&name) {
+            if let Some((mut d, ..)) = incoming.remove(&name) {
                 eprintln!(
                     "dczoned: the source of {name}'s migration went silent; killing the destination"
                 );
@@ -344,15 +352,12 @@ impl Agent {
             }
             AgentRequest::Migrate { name, body } => {
                 self.here(&name)?;
-                let url = match body.agent {
-                    Some(u) => u,
-                    None => {
-                        let (h, _) = self
-                            .platform
-                            .lab()
-                            .host(&body.to)
-                            .map_err(VirtError::from)?;
-                        format!("https://{}:{AGENT_PORT}", h.ip())
+                let url = match (body.agent, self.endpoints.get(&body.to)) {
+                    (Some(u), _) => u,
+                    (None, Some(u)) => u.clone(),
+                    (None, None) => {
+                        let h = self.platform.placement().host(&body.to)?;
+                        format!("https://{}:{AGENT_PORT}", h.ip)
                     }
                 };
                 let mut params = Params::default();
@@ -421,19 +426,19 @@ impl Agent {
                     .platform
                     .launch_incoming(&b.vm, &self.host, b.port, true, b.tls)?;
                 let uri = d.uri();
-                incoming.insert(name, (d, Instant::now()));
+                incoming.insert(name, (d, Instant::now(), b.vm));
                 json!({ "uri": uri })
             }
             AgentRequest::IncomingAlive { name } => {
                 let mut incoming = self.incoming.lock().expect("not poisoned");
-                let (d, seen) = incoming
+                let (d, seen, _) = incoming
                     .get_mut(&name)
                     .ok_or(AgentError::NoIncoming(name.clone()))?;
                 *seen = Instant::now();
                 json!({ "alive": d.alive() })
             }
             AgentRequest::IncomingFinish { name } => {
-                let (mut d, _) = self
+                let (mut d, _, record) = self
                     .incoming
                     .lock()
                     .expect("not poisoned")
@@ -441,6 +446,14 @@ impl Agent {
                     .ok_or(AgentError::NoIncoming(name.clone()))?;
                 match d.finish() {
                     Ok((resume_us, running)) => {
+                        if let Err(e) = self.platform.adopt(&record, &self.host, &running) {
+                            eprintln!(
+                                "dczoned: {name} runs here (pid {}), but its record could not be \
+                                 saved: {}",
+                                running.pid,
+                                dczone_lab::error_chain(&e)
+                            );
+                        }
                         json!({ "resume_us": resume_us, "running": running })
                     }
                     Err(e) => {
@@ -450,7 +463,7 @@ impl Agent {
                 }
             }
             AgentRequest::IncomingAbort { name } => {
-                if let Some((mut d, _)) = self.incoming.lock().expect("not poisoned").remove(&name)
+                if let Some((mut d, ..)) = self.incoming.lock().expect("not poisoned").remove(&name)
                 {
                     d.abort();
                 }
@@ -797,14 +810,24 @@ impl Destination for RemoteDestination {
     about = "dczone host agent: HTTP API over one host's VMs"
 )]
 pub struct Args {
+    /// The lab this agent's host belongs to (without --zone).
     #[arg(long, env = "DCZONE_LAB", default_value = "dcz")]
     pub lab: String,
     #[arg(long, env = "DCZONE_STATE_DIR", default_value = "/run/dczone")]
     pub state_dir: PathBuf,
-    /// The lab host this agent serves.
+    /// A real host: the zone file (an access bundle's `zone.toml`: every host's id, site and
+    /// agent endpoint). The agent then runs QEMU in its own network namespace and keeps
+    /// its state in --data-dir; nothing of a lab is used.
+    #[arg(long)]
+    pub zone: Option<PathBuf>,
+    /// Where a real host keeps its VMs' records and runtime files (with --zone).
+    #[arg(long, default_value = "/var/lib/dczone")]
+    pub data_dir: PathBuf,
+    /// The host this agent serves.
     #[arg(long)]
     pub host: String,
-    /// Address to listen on; default: the host's lab address, port 7070.
+    /// Address to listen on; default: the host's agent endpoint in the zone file, or its
+    /// lab address, port 7070.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// The host's PKI directory: `ca.crt` (the zone CA), `hosts/<host>.crt` and
@@ -830,17 +853,50 @@ pub fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
-    let (host, _) = lab.host(&args.host)?;
     let identity = Identity::host(&args.pki, &args.host);
     let server_tls = dczone_pki::tls::server_config(&identity)?;
     let peers = dczone_pki::tls::client_config(&identity.ca, Some(&identity))?;
-    let platform = Platform::open(lab, &dczone_image::ImageInputs::for_executable(&exe))?
-        .with_pki(args.pki.clone());
-    let listen = args
-        .listen
-        .unwrap_or_else(|| SocketAddr::from((host.ip(), AGENT_PORT)));
-    let agent = Arc::new(Agent::new(platform, args.host.clone(), peers));
+    let inputs = dczone_image::ImageInputs::for_executable(&exe);
+    let (platform, default_listen, endpoints) = match &args.zone {
+        Some(file) => {
+            let bundle = access::Bundle::read(file)?;
+            let hosts: Vec<_> = bundle
+                .hosts
+                .iter()
+                .filter_map(|h| match h.address()?.ip() {
+                    std::net::IpAddr::V4(ip) => Some((h.id.clone(), h.site.clone(), ip)),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .collect();
+            let placement = HostPlacement::new(&args.host, &bundle.zone, &args.data_dir, &hosts)?;
+            let me = bundle
+                .hosts
+                .iter()
+                .find(|h| h.id == args.host)
+                .and_then(|h| h.address());
+            let endpoints = bundle
+                .hosts
+                .iter()
+                .map(|h| (h.id.clone(), h.agent.clone()))
+                .collect();
+            let platform = Platform::on_host(placement, args.pki.clone(), &inputs)?;
+            (platform, me, endpoints)
+        }
+        None => {
+            let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
+            let (host, _) = lab.host(&args.host)?;
+            let platform = Platform::open(lab, &inputs)?.with_pki(args.pki.clone());
+            let listen = SocketAddr::from((host.ip(), AGENT_PORT));
+            (platform, Some(listen), HashMap::new())
+        }
+    };
+    let listen = args.listen.or(default_listen).ok_or_else(|| {
+        anyhow::anyhow!(
+            "host {}'s agent endpoint in the zone file is not an IPv4 https://IP:PORT; give --listen",
+            args.host
+        )
+    })?;
+    let agent = Arc::new(Agent::new(platform, args.host.clone(), peers, endpoints));
     let reaper = agent.clone();
     std::thread::Builder::new()
         .name("incoming-reaper".into())

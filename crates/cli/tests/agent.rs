@@ -586,3 +586,151 @@ fn an_operator_with_only_the_access_bundle_drives_vms_from_a_client_host() {
     ok(&["vm", "destroy", "rem1"]);
     assert_eq!(ok(&["vm", "list", "--json"]), serde_json::json!([]));
 }
+
+/// `key=value` of a guest's `S` answer, asked from the client host (a few tries: a guest
+/// just booted under TCG may miss the first).
+fn status_field(lab: &TestLab, ip: Ipv4Addr, key: &str) -> String {
+    let ns = lab.ns("dc1.1-client");
+    let answer = (0..10)
+        .find_map(|_| {
+            dczone_workload::query(&ns, ip, "S")
+                .inspect_err(|_| std::thread::sleep(Duration::from_millis(300)))
+                .ok()
+        })
+        .expect("the guest answers");
+    answer
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {answer}"))
+        .to_string()
+}
+
+/// Installing on real hosts, as README's section says: a zone CA and certificates from
+/// `dczone pki`, on each host only the CA certificate and its own certificate, and
+/// `dczoned --zone FILE --host ID --pki DIR --data-dir DIR` in the host's own network
+/// namespace, using nothing of the lab. The lab only provides the machines and the network.
+#[test]
+fn agents_on_real_hosts_run_from_a_zone_file_and_their_own_certificates() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2ereal");
+    lab.ok(&["lab", "up"]);
+    let work = lab.state_dir.join("real-hosts");
+    let _ = std::fs::remove_dir_all(&work);
+    let ca = work.join("ca");
+    let ca_s = ca.to_str().unwrap();
+    lab.ok(&["pki", "init", "--dir", ca_s, "--zone", "bank"]);
+    let hosts = [
+        ("dc1.1-h1", "dc1.1", "10.77.1.11"),
+        ("dc1.2-h1", "dc1.2", "10.77.2.11"),
+    ];
+    // The agents listen beside the lab's own (port 7070): another port, another CA.
+    let mut zone = String::from("zone = \"bank\"\n");
+    for (id, site, ip) in hosts {
+        lab.ok(&["pki", "issue", id, "--dir", ca_s, "--ip", ip]);
+        zone.push_str(&format!(
+            "\n[[hosts]]\nid = \"{id}\"\nsite = \"{site}\"\nagent = \"https://{ip}:7171\"\n"
+        ));
+    }
+    lab.ok(&["pki", "issue", "alice", "--operator", "--dir", ca_s]);
+    let access = work.join("access");
+    std::fs::create_dir_all(&access).unwrap();
+    std::fs::write(access.join("zone.toml"), &zone).unwrap();
+    std::fs::copy(ca.join("ca.crt"), access.join("ca.crt")).unwrap();
+    std::fs::copy(ca.join("operators/alice.crt"), access.join("operator.crt")).unwrap();
+    std::fs::copy(ca.join("operators/alice.key"), access.join("operator.key")).unwrap();
+
+    let mut agents: Vec<Child> = Vec::new();
+    for (id, _, _) in hosts {
+        // What is installed on the host: the CA's certificate and its own, not the CA key.
+        let pki = work.join(id).join("pki");
+        std::fs::create_dir_all(pki.join("hosts")).unwrap();
+        std::fs::copy(ca.join("ca.crt"), pki.join("ca.crt")).unwrap();
+        for ext in ["crt", "key"] {
+            let f = format!("hosts/{id}.{ext}");
+            std::fs::copy(ca.join(&f), pki.join(&f)).unwrap();
+        }
+        let log = std::fs::File::create(work.join(format!("{id}.log"))).unwrap();
+        agents.push(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &lab.ns(id), env!("CARGO_BIN_EXE_dczoned")])
+                .arg("--zone")
+                .arg(access.join("zone.toml"))
+                .args(["--host", id, "--pki"])
+                .arg(&pki)
+                .arg("--data-dir")
+                .arg(work.join(id).join("data"))
+                .env_remove("DCZONE_STATE_DIR")
+                .env_remove("DCZONE_LAB")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let ns = lab.ns("dc1.1-client");
+    let run = |args: &[&str]| remote(&ns, &access, args);
+    let t = Instant::now();
+    while !run(&["vm", "list"]).status.success() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let ok = |args: &[&str]| {
+        let out = run(args);
+        let log = |id: &str| std::fs::read_to_string(work.join(format!("{id}.log")));
+        assert!(
+            out.status.success(),
+            "dczone --access {args:?}: {}\nagent logs: {:?} {:?}",
+            String::from_utf8_lossy(&out.stderr),
+            log("dc1.1-h1"),
+            log("dc1.2-h1"),
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+
+    let vm = ok(&["vm", "create", "real1", "--host", "dc1.1-h1", "--json"]);
+    assert_eq!(vm["host"], "dc1.1-h1", "{vm}");
+    // The host's own address block: its first VM takes 10.77.1.101.
+    assert_eq!(vm["spec"]["ip_cidr"], "10.77.1.101/16", "{vm}");
+    let ip: Ipv4Addr = "10.77.1.101".parse().unwrap();
+    let boot = status_field(&lab, ip, "boot");
+
+    // Across sites: the stream is encrypted with the hosts' installed certificates.
+    let m = ok(&["migrate", "real1", "--to", "dc1.2-h1", "--json"]);
+    assert_eq!(m["vms"][0]["to"], "dc1.2-h1", "{m}");
+    assert_eq!(m["vms"][0]["tls"], true, "{m}");
+    let list = ok(&["vm", "list", "--json"]);
+    let listed: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["spec"]["name"].to_string(), v["host"].to_string()))
+        .collect();
+    assert_eq!(
+        listed,
+        [("\"real1\"".to_string(), "\"dc1.2-h1\"".to_string())],
+        "listed once, where it runs: {list}"
+    );
+    assert_eq!(
+        status_field(&lab, ip, "boot"),
+        boot,
+        "the guest was not restarted"
+    );
+
+    // Each host keeps its own records; the lab's registry never heard of the VM.
+    let registry = |id: &str| {
+        std::fs::read_to_string(work.join(id).join("data/vms/registry.json")).unwrap_or_default()
+    };
+    assert!(registry("dc1.2-h1").contains("real1"));
+    let lab_registry = lab.state_dir.join(&lab.name).join("vms/registry.json");
+    assert!(!std::fs::read_to_string(lab_registry)
+        .unwrap_or_default()
+        .contains("real1"));
+
+    ok(&["vm", "destroy", "real1"]);
+    assert_eq!(ok(&["vm", "list", "--json"]), serde_json::json!([]));
+    for mut a in agents {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+}

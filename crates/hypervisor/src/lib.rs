@@ -162,7 +162,9 @@ pub enum HvError {
 /// Where a guest's files live and what it boots.
 #[derive(Debug, Clone)]
 pub struct Launch<'a> {
-    pub namespace: &'a str,
+    /// The network namespace to run in (the lab's host); `None`: this process's own (a
+    /// real host).
+    pub namespace: Option<&'a str>,
     /// Per-VM runtime directory (QMP socket, serial log, pid file).
     pub dir: &'a Path,
     pub spec: &'a VmSpec,
@@ -185,6 +187,7 @@ pub struct Running {
     pub qmp: PathBuf,
     pub serial: PathBuf,
     pub tap: String,
+    /// Its network namespace; empty on a real host (the host's own).
     pub namespace: String,
 }
 
@@ -206,7 +209,7 @@ fn run(step: &str, cmd: &mut Command) -> Result<(), HvError> {
     }
 }
 
-/// Starts QEMU daemonized in `l.namespace` and puts its TAP on the host bridge.
+/// Starts QEMU daemonized (in `l.namespace`, if any) and puts its TAP on the host bridge.
 pub fn launch(l: &Launch) -> Result<Running, HvError> {
     let io = |what: &str| {
         let what = what.to_string();
@@ -244,35 +247,41 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
         s.resident_mib(),
         std::env::var("DCZONE_GUEST_APPEND").unwrap_or_default()
     );
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", l.namespace, "qemu-system-x86_64"])
-        .args([
-            "-name",
-            &s.name,
-            "-machine",
-            "pc",
-            "-nodefaults",
-            "-no-user-config",
-        ])
-        .args(["-accel", l.accel.qemu_arg()])
-        .args(["-m", &memory, "-smp", &s.vcpus.to_string()])
-        .arg("-kernel")
-        .arg(l.kernel)
-        .arg("-initrd")
-        .arg(l.initramfs)
-        .args(["-append", &append])
-        .args([
-            "-netdev",
-            &format!("tap,id=n0,ifname={},script=no,downscript=no", s.tap()),
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={},romfile=", s.mac),
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .args(["-display", "none", "-daemonize", "-pidfile"])
-        .arg(&pidfile);
+    let mut cmd = match l.namespace {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
+    cmd.args([
+        "-name",
+        &s.name,
+        "-machine",
+        "pc",
+        "-nodefaults",
+        "-no-user-config",
+    ])
+    .args(["-accel", l.accel.qemu_arg()])
+    .args(["-m", &memory, "-smp", &s.vcpus.to_string()])
+    .arg("-kernel")
+    .arg(l.kernel)
+    .arg("-initrd")
+    .arg(l.initramfs)
+    .args(["-append", &append])
+    .args([
+        "-netdev",
+        &format!("tap,id=n0,ifname={},script=no,downscript=no", s.tap()),
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={},romfile=", s.mac),
+    ])
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+    .arg("-serial")
+    .arg(format!("file:{}", serial.display()))
+    .args(["-display", "none", "-daemonize", "-pidfile"])
+    .arg(&pidfile);
     if l.incoming {
         cmd.args(["-incoming", "defer"]);
     }
@@ -292,20 +301,15 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
         qmp,
         serial,
         tap: s.tap(),
-        namespace: l.namespace.to_string(),
+        namespace: l.namespace.unwrap_or_default().to_string(),
     };
+    let mut ip = Command::new("ip");
+    if let Some(ns) = l.namespace {
+        ip.args(["-n", ns]);
+    }
     let attach = run(
         &format!("attach {} to {}", s.tap(), l.bridge),
-        Command::new("ip").args([
-            "-n",
-            l.namespace,
-            "link",
-            "set",
-            &s.tap(),
-            "master",
-            l.bridge,
-            "up",
-        ]),
+        ip.args(["link", "set", &s.tap(), "master", l.bridge, "up"]),
     );
     if let Err(e) = attach {
         kill(&running);

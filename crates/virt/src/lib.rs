@@ -4,11 +4,13 @@
 //! Intra-region is one cluster stretched across DC1.1 and DC1.2: guests are
 //! initramfs-only, so nothing but memory and device state moves.
 //!
-//! The registry is `<lab dir>/vms/registry.json`; each VM's runtime files (QMP socket,
-//! serial log, pid file) live in `<lab dir>/vms/<name>/<host>/`.
+//! The registry is `<dir>/vms/registry.json`; each VM's runtime files (QMP socket,
+//! serial log, pid file) live in `<dir>/vms/<name>/<host>/`, where `<dir>` is the lab's
+//! directory, shared by all its hosts, or a real host's own ([`placement`]).
 
 pub mod keeper;
 pub mod migrate;
+pub mod placement;
 pub mod switchover;
 pub mod tls;
 
@@ -21,6 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use dczone_hypervisor::{self as hv, Accel, Running, VmSpec};
 use dczone_lab::{Lab, LabError, HOST_BRIDGE};
+
+pub use placement::{HostPlacement, Placement, ZoneHost};
 
 /// A VM of the lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,8 +71,12 @@ pub enum VirtError {
     Exists(String),
     #[error("invalid VM: {0}")]
     BadSpec(String),
-    #[error("site {site} has no free VM address (10.77.x.101-199 are taken)")]
-    NoAddress { site: String },
+    #[error("host {host} has no free VM address in its site's block {block}")]
+    NoAddress { host: String, block: String },
+    #[error("unknown host '{host}'; the zone's hosts are: {known}")]
+    UnknownHost { host: String, known: String },
+    #[error("{0} needs the embedded lab; a real host's agent cannot do it yet")]
+    LabOnly(&'static str),
     #[error("VM '{0}' is not running")]
     NotRunning(String),
     #[error("VM '{0}' is already running")]
@@ -165,10 +173,10 @@ pub fn failpoints_from_env() -> fail::FailScenario<'static> {
 
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The lab's virtualization platform.
+/// The virtualization platform: of the whole lab, or of one real host.
 #[derive(Debug, Clone)]
 pub struct Platform {
-    lab: Lab,
+    placement: Placement,
     image: GuestImage,
     accel: Accel,
     /// Where migration credentials come from (see [`tls`]).
@@ -190,11 +198,37 @@ impl Platform {
     pub fn new(lab: Lab, image: GuestImage, accel: Accel) -> Platform {
         let pki = lab.dir().join("pki");
         Platform {
-            lab,
+            placement: Placement::Lab(lab),
             image,
             accel,
             pki,
         }
+    }
+
+    /// The platform of one real host: builds (or finds) the guest image and picks the
+    /// accelerator by probing (cached). `pki` holds the zone CA's certificate and this
+    /// host's (see `dczone pki issue`).
+    pub fn on_host(
+        host: HostPlacement,
+        pki: PathBuf,
+        inputs: &dczone_image::ImageInputs,
+    ) -> Result<Platform, VirtError> {
+        let img = dczone_image::ensure(inputs)?;
+        let accel = hv::probe_accel(
+            &img.kernel,
+            &img.initramfs,
+            &host.dir.join("probe"),
+            &inputs.cache_root.join("accel"),
+        );
+        Ok(Platform {
+            placement: Placement::Host(host),
+            image: GuestImage {
+                kernel: img.kernel,
+                initramfs: img.initramfs,
+            },
+            accel,
+            pki,
+        })
     }
 
     /// The platform of a running lab: builds (or finds) the guest image and picks the
@@ -218,8 +252,8 @@ impl Platform {
         ))
     }
 
-    pub fn lab(&self) -> &Lab {
-        &self.lab
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     pub fn accel(&self) -> Accel {
@@ -227,7 +261,7 @@ impl Platform {
     }
 
     fn vms_dir(&self) -> PathBuf {
-        self.lab.dir().join("vms")
+        self.placement.dir().join("vms")
     }
 
     fn registry_path(&self) -> PathBuf {
@@ -334,9 +368,7 @@ impl Platform {
 
     /// Creates and boots a VM on `host`, waiting until its service answers.
     pub fn create(&self, req: &CreateVm) -> Result<VmRecord, VirtError> {
-        let (h, _) = self.lab.host(&req.host)?;
-        let zone = self.lab.state()?.zone()?;
-        let site = zone.sites[h.site].id.clone();
+        let h = self.placement.host(&req.host)?;
         let record = {
             let _l = self.lock()?;
             let mut reg = self.load()?;
@@ -344,15 +376,21 @@ impl Platform {
                 return Err(VirtError::Exists(req.name.clone()));
             }
             let used: Vec<String> = reg.vms.iter().map(|v| v.spec.ip_cidr.clone()).collect();
-            let n = (101..=199u8)
-                .find(|n| !used.contains(&format!("10.77.{}.{n}/16", h.site + 1)))
-                .ok_or(VirtError::NoAddress { site })?;
+            let site = h.site_index + 1;
+            let block = h.vm_octets(self.placement.shared_registry());
+            let n = block
+                .clone()
+                .find(|n| !used.contains(&format!("10.77.{site}.{n}/16")))
+                .ok_or_else(|| VirtError::NoAddress {
+                    host: h.id.clone(),
+                    block: format!("10.77.{site}.{}-{}", block.start(), block.end()),
+                })?;
             let spec = VmSpec {
                 name: req.name.clone(),
                 memory_mib: req.memory_mib,
                 vcpus: 1,
-                mac: format!("02:dc:01:{:02x}:{n:02x}:01", h.site + 1),
-                ip_cidr: format!("10.77.{}.{n}/16", h.site + 1),
+                mac: format!("02:dc:01:{site:02x}:{n:02x}:01"),
+                ip_cidr: format!("10.77.{site}.{n}/16"),
                 dirty_mbps: req.dirty_mbps,
                 dirty_mib: req.dirty_mib,
                 resident_pct: req.resident_pct,
@@ -381,10 +419,10 @@ impl Platform {
         if vm.running.is_some() {
             return Err(VirtError::AlreadyRunning(name.into()));
         }
-        let ns = self.lab.host_namespace(&vm.host);
+        let ns = self.placement.namespace(&vm.host);
         let dir = self.vm_dir(name, &vm.host);
         let running = hv::launch(&hv::Launch {
-            namespace: &ns,
+            namespace: ns.as_deref(),
             dir: &dir,
             spec: &vm.spec,
             kernel: &self.image.kernel,
@@ -447,6 +485,48 @@ impl Platform {
 
     pub(crate) fn image(&self) -> &GuestImage {
         &self.image
+    }
+
+    /// The QEMUs this platform started on `host`: every QEMU of the host's namespace in
+    /// the lab; on a real host, those whose files are in this platform's directory.
+    pub fn qemus_of(&self, host: &str) -> Vec<i32> {
+        let is_qemu = |pid: &i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        };
+        match self.placement.namespace(host) {
+            Some(ns) => dczone_lab::sys::pids_in_namespace(&ns)
+                .into_iter()
+                .filter(is_qemu)
+                .collect(),
+            None => {
+                let ours = format!("{}/", self.vms_dir().display());
+                std::fs::read_dir("/proc")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                    .filter(is_qemu)
+                    .filter(|pid| {
+                        std::fs::read(format!("/proc/{pid}/cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&ours))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// A VM that migrated in and runs here (`running` on `host`). On a real host its record
+    /// joins this host's registry; in the lab the registry is shared and the migration's
+    /// driver moves the record, so nothing is done here.
+    pub fn adopt(&self, record: &VmRecord, host: &str, running: &Running) -> Result<(), VirtError> {
+        if self.placement.shared_registry() {
+            return Ok(());
+        }
+        let mut moved = record.clone();
+        moved.host = host.to_string();
+        moved.running = Some(running.clone());
+        self.update(&moved)
     }
 
     pub(crate) fn save_record(&self, vm: &VmRecord) -> Result<(), VirtError> {

@@ -673,7 +673,7 @@ impl Platform {
         tls: bool,
     ) -> Result<LocalDestination, VirtError> {
         let name = vm.spec.name.as_str();
-        let (dest_host, _) = self.lab().host(to)?;
+        let dest_host = self.placement().host(to)?;
         self.check_memory(name, to, vm.spec.memory_mib)?;
         let tls_dir = if tls {
             Some(self.qemu_tls_dir(to)?)
@@ -681,9 +681,9 @@ impl Platform {
             None
         };
         let dir = self.vm_dir(name, to);
-        let ns = self.lab().host_namespace(to);
+        let ns = self.placement().namespace(to);
         let running = hv::launch(&hv::Launch {
-            namespace: &ns,
+            namespace: ns.as_deref(),
             dir: &dir,
             spec: &vm.spec,
             kernel: &self.image().kernel,
@@ -697,7 +697,7 @@ impl Platform {
             vm: name.into(),
             source,
         })?;
-        let uri = format!("tcp:{}:{port}", dest_host.ip());
+        let uri = format!("tcp:{}:{port}", dest_host.ip);
         let setup = || -> Result<Qmp, VirtError> {
             let err = Session::qmp_err(name);
             let mut dst = Qmp::connect(&running.qmp, Duration::from_secs(10)).map_err(&err)?;
@@ -1474,7 +1474,7 @@ impl Platform {
         params: &Params,
         progress: &dyn Fn(&[Progress]),
     ) -> Result<GroupMigration, VirtError> {
-        let zone = self.lab().state()?.zone()?;
+        let zone = self.placement().lab("group migration")?.state()?.zone()?;
         let site = dczone_lab::Lab::site(&zone, to_site)?;
         let hosts: Vec<String> = zone.sites[site]
             .hosts
@@ -1746,13 +1746,19 @@ impl Platform {
     /// Starts the frame keeper of `vm` on its source host (in the lab: in the host's
     /// namespace; the sockets stay there).
     fn frame_keeper(&self, vm: &VmRecord) -> Result<FrameKeeper, VirtError> {
-        let ns = self.lab.host_namespace(&vm.host);
-        FrameKeeper::start(&vm.spec.tap(), HOST_UPLINK, &vm.spec.mac, |open| {
-            dczone_lab::sys::in_namespace(&ns, open)
-                .map_err(std::io::Error::other)?
-                .join()
-                .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
-        })
+        let ns = self.placement().namespace(&vm.host);
+        FrameKeeper::start(
+            &vm.spec.tap(),
+            HOST_UPLINK,
+            &vm.spec.mac,
+            |open| match &ns {
+                Some(ns) => dczone_lab::sys::in_namespace(ns, open)
+                    .map_err(std::io::Error::other)?
+                    .join()
+                    .map_err(|_| std::io::Error::other("the namespace thread panicked"))?,
+                None => open(),
+            },
+        )
         .map_err(Self::io("start the frame keeper"))
     }
 

@@ -15,7 +15,7 @@ use dczone_hypervisor::{Qmp, QmpError};
 use dczone_pki::{Pki, Role};
 
 use crate::migrate::Params;
-use crate::{Platform, VirtError};
+use crate::{Placement, Platform, VirtError};
 
 /// The credentials object of a destination QEMU.
 pub(crate) const SERVER_CREDS: &str = "dczone-tls-server";
@@ -36,8 +36,8 @@ impl Platform {
     /// Whether a migration from host `from` to host `to` is encrypted: when they are in
     /// different sites, unless `params.tls` is off.
     pub fn migration_tls(&self, from: &str, to: &str, params: &Params) -> Result<bool, VirtError> {
-        let (a, _) = self.lab().host(from)?;
-        let (b, _) = self.lab().host(to)?;
+        let a = self.placement().host(from)?;
+        let b = self.placement().host(to)?;
         Ok(params.tls && a.site != b.site)
     }
 
@@ -45,10 +45,13 @@ impl Platform {
     /// In a lab (the CA's key at hand) the certificate is issued first if missing; on a
     /// real host it must have been installed.
     pub(crate) fn qemu_tls_dir(&self, host: &str) -> Result<PathBuf, VirtError> {
-        let (h, _) = self.lab().host(host)?;
-        let pki = Pki::open_or_init(&self.pki, self.lab().name())?;
-        let (cert, key) = pki.ensure(Role::Host, host, &[h.ip().into()], LAB_CERT_DAYS)?;
-        let dir = self.lab().dir().join("qemu-tls").join(host);
+        let h = self.placement().host(host)?;
+        let pki = match self.placement() {
+            Placement::Lab(_) => Pki::open_or_init(&self.pki, self.placement().zone_name())?,
+            Placement::Host(_) => Pki::open(&self.pki)?,
+        };
+        let (cert, key) = pki.ensure(Role::Host, host, &[h.ip.into()], LAB_CERT_DAYS)?;
+        let dir = self.placement().dir().join("qemu-tls").join(host);
         let io = |what: &str| {
             let what = format!("{what} QEMU's TLS credentials in {}", dir.display());
             move |source| VirtError::Io { what, source }
