@@ -671,8 +671,13 @@ fn agents_on_real_hosts_run_from_a_zone_file_and_their_own_certificates() {
     }
     let ns = lab.ns("dc1.1-client");
     let run = |args: &[&str]| remote(&ns, &access, args);
+    // Up once each says where it serves (it finds or builds the guest image first).
+    let serving = |id: &str| {
+        std::fs::read_to_string(work.join(format!("{id}.log")))
+            .is_ok_and(|l| l.contains("dczoned: serving host"))
+    };
     let t = Instant::now();
-    while !run(&["vm", "list"]).status.success() && t.elapsed() < Duration::from_secs(60) {
+    while !hosts.iter().all(|h| serving(h.0)) && t.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(300));
     }
     let ok = |args: &[&str]| {
