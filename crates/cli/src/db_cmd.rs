@@ -1650,7 +1650,6 @@ pub fn agent(lab: &Lab, site: &str) -> anyhow::Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(dczone_ha::agent::run(cfg))
-        .map_err(|e| anyhow!(e))?;
+    rt.block_on(dczone_ha::agent::run(cfg))?;
     Ok(ExitCode::SUCCESS)
 }

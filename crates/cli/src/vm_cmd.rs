@@ -171,6 +171,10 @@ pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> 
             json,
         } => {
             agents.check_host(&host)?;
+            // A name is the VM's in the whole zone, not only on one host.
+            if let Ok(on) = agents.host_of(&name) {
+                anyhow::bail!("VM '{name}' already exists (on {on}); pick another name");
+            }
             let body = serde_json::json!({
                 "name": name,
                 "memory_mib": memory,

@@ -376,19 +376,6 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
         .unwrap()
         .parse()
         .unwrap();
-    let killer = {
-        let ns = lab.ns("dc1.1-h1");
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(1500));
-            // The destination (dc1.1-h1) agent dies; its QEMU is left waiting.
-            for pid in sys::pids_in_namespace(&ns) {
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                if comm.trim() == "dczoned" {
-                    sys::kill(pid, libc::SIGKILL);
-                }
-            }
-        })
-    };
     let migration = {
         let (ns, op) = (lab.ns("dc1.1-client"), op.clone());
         std::thread::spawn(move || {
@@ -403,7 +390,14 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
         })
     };
     // A second migration of the same VM while the first runs: refused.
-    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        wait_until(Duration::from_secs(60), || migrating(
+            &lab.ns("dc1.1-client"),
+            t,
+            "amig2"
+        )),
+        "the migration never started"
+    );
     let (status, body) = http_to(
         &lab,
         DEST_IP,
@@ -414,8 +408,15 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
     );
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("already being migrated"), "{body}");
+    // With the stream running, the destination (dc1.1-h1) agent dies; its QEMU is left
+    // waiting.
+    for pid in sys::pids_in_namespace(&lab.ns("dc1.1-h1")) {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "dczoned" {
+            sys::kill(pid, libc::SIGKILL);
+        }
+    }
     let (status, body) = migration.join().unwrap();
-    killer.join().unwrap();
     assert!(
         status >= 500 && body.contains("keeps running"),
         "{status} {body}"
@@ -428,15 +429,10 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
     );
     // No QEMU of amig2 is left on dc1.1-h1 (it exits when its stream is cancelled; a
     // restarted agent would reap it otherwise).
-    std::thread::sleep(Duration::from_secs(2));
-    let qemus: Vec<i32> = sys::pids_in_namespace(&lab.ns("dc1.1-h1"))
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .unwrap_or_default()
-                .contains("amig2")
-        })
-        .collect();
+    wait_until(Duration::from_secs(10), || {
+        qemus_of(&lab, "dc1.1-h1", "amig2").is_empty()
+    });
+    let qemus = qemus_of(&lab, "dc1.1-h1", "amig2");
     assert!(qemus.is_empty(), "orphan destination QEMU {qemus:?}");
 
     // The destination agent restarts. A destination without the memory refuses to prepare.
@@ -481,15 +477,10 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
             )
         })
     };
-    std::thread::sleep(Duration::from_millis(1500));
-    let victims: Vec<i32> = sys::pids_in_namespace(&lab.ns("dc1.1-h1"))
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .unwrap_or_default()
-                .contains("amig2")
-        })
-        .collect();
+    wait_until(Duration::from_secs(60), || {
+        migrating(&lab.ns("dc1.1-client"), t, "amig2")
+    });
+    let victims = qemus_of(&lab, "dc1.1-h1", "amig2");
     assert!(!victims.is_empty(), "the destination QEMU was not started");
     for p in &victims {
         sys::kill(*p, libc::SIGKILL);
@@ -505,6 +496,45 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
         "the source VM still serves"
     );
     drop(dst);
+}
+
+/// Polls `cond` every 100 ms until it holds (true) or `limit` passes (false).
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// The QEMUs of VM `vm` in `host`'s namespace.
+fn qemus_of(lab: &TestLab, host: &str, vm: &str) -> Vec<i32> {
+    sys::pids_in_namespace(&lab.ns(host))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+                && std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .unwrap_or_default()
+                    .contains(vm)
+        })
+        .collect()
+}
+
+/// Whether the source agent (on the destination address of the first migration, where
+/// `vm` now runs) reports an outgoing migration of `vm` under way: its stream has started.
+fn migrating(client_ns: &str, op: &Cred, vm: &str) -> bool {
+    http_from(
+        client_ns,
+        DEST_IP,
+        "GET",
+        &format!("/v1/vms/{vm}/migration"),
+        op,
+        "",
+    )
+    .0 == 200
 }
 
 /// Runs `dczone ARGS...` inside namespace `ns` with only the access bundle `access` and an
@@ -732,8 +762,19 @@ fn agents_on_real_hosts_run_from_a_zone_file_and_their_own_certificates() {
         .unwrap_or_default()
         .contains("real1"));
 
+    // A name is the VM's in the whole zone: the host it left cannot take it again...
+    let out = run(&["vm", "create", "real1", "--host", "dc1.1-h1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already exists (on dc1.2-h1)"),
+        "{err}"
+    );
     ok(&["vm", "destroy", "real1"]);
     assert_eq!(ok(&["vm", "list", "--json"]), serde_json::json!([]));
+    // ...until the VM is gone: its forwarding record there does not hold the name.
+    let again = ok(&["vm", "create", "real1", "--host", "dc1.1-h1", "--json"]);
+    assert_eq!(again["host"], "dc1.1-h1", "{again}");
+    ok(&["vm", "destroy", "real1"]);
     for mut a in agents {
         let _ = a.kill();
         let _ = a.wait();

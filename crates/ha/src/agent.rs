@@ -30,6 +30,64 @@ use crate::decide::{
 };
 use crate::keys::{AuditEntry, Leader, Snapshot, Store, StoreError};
 
+/// Why a step of the HA agent did not complete (the loop logs it and tries again next
+/// tick), or why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HaError {
+    #[error("cannot start: the etcd credentials are unusable")]
+    Credentials(#[source] StoreError),
+    #[error("the lease keeper stopped")]
+    KeeperStopped,
+    #[error("etcd: {what}")]
+    Etcd {
+        what: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Member(#[from] dczone_db::DbError),
+    #[error("PostgreSQL")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL: {0}")]
+    Sql(String),
+    #[error("no connection to this member's PostgreSQL")]
+    NoConnection,
+    #[error("a blocking task failed")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("{what} failed")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no failover yet: {0}")]
+    NoFailover(String),
+    #[error("no longer the leader; write refused")]
+    NotLeader,
+    #[error("leader {0} is not a member")]
+    UnknownLeader(String),
+}
+
+impl HaError {
+    fn etcd(what: impl Into<String>) -> impl FnOnce(StoreError) -> HaError {
+        let what = what.into();
+        move |source| HaError::Etcd { what, source }
+    }
+}
+
+/// An error with its causes, for the log.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 /// A standby within this many bytes of the primary counts as caught up.
 pub const CATCHUP_BYTES: u64 = 1 << 20;
 /// Fence this long before the lease could expire.
@@ -258,16 +316,14 @@ const MAX_FAILED_STARTS: u32 = 20;
 const DIVERGED_AFTER: Duration = Duration::from_secs(8);
 
 /// Runs the agent until killed.
-pub async fn run(cfg: AgentConfig) -> Result<(), String> {
+pub async fn run(cfg: AgentConfig) -> Result<(), HaError> {
     let site = cfg.site.clone();
     let store = loop {
         match Store::connect(&cfg.lab, &cfg.etcd_endpoints, &cfg.etcd_credentials).await {
             Ok(s) => break s,
             // Missing or unreadable credential files are a configuration fault, not an
             // outage: say so and stop, rather than wait for etcd forever.
-            Err(e @ StoreError::Credential { .. }) => {
-                return Err(format!("cannot start: {e}"));
-            }
+            Err(e @ StoreError::Credential { .. }) => return Err(HaError::Credentials(e)),
             Err(e) => {
                 log(&site, &format!("waiting for etcd: {e}"));
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -325,7 +381,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
             agent.new_lease().await;
         }
         if let Err(e) = agent.step().await {
-            log(&site, &e);
+            log(&site, &chain(&e));
         }
         let spent = t.elapsed();
         if spent < tick {
@@ -335,7 +391,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), String> {
             }
         }
         if keeper.is_finished() {
-            return Err("the lease keeper stopped".into());
+            return Err(HaError::KeeperStopped);
         }
     }
 }
@@ -562,22 +618,25 @@ impl Agent {
         self.cfg.me().data().join("standby.signal").exists()
     }
 
-    fn start_pg(&self) -> Result<(), String> {
+    fn start_pg(&self) -> Result<(), HaError> {
         if self.pg.running() || !self.cfg.me().initialized() {
             return Ok(());
         }
-        let cmd = self
-            .cfg
-            .me()
-            .postgres_command()
-            .map_err(|e| e.to_string())?;
+        let cmd = self.cfg.me().postgres_command().map_err(HaError::from)?;
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.cfg.me().log())
-            .map_err(|e| format!("open the postgres log: {e}"))?;
+            .map_err(|source| HaError::Io {
+                what: "open the postgres log",
+                source,
+            })?;
         let mut cmd = cmd;
-        cmd.stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+        let out = log_file.try_clone().map_err(|source| HaError::Io {
+            what: "open the postgres log",
+            source,
+        })?;
+        cmd.stdout(out)
             .stderr(log_file)
             .stdin(std::process::Stdio::null());
         log(&self.cfg.site, "starting postgres");
@@ -585,7 +644,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn step(&mut self) -> Result<(), String> {
+    async fn step(&mut self) -> Result<(), HaError> {
         let local = self.local().await;
         let report = MemberReport {
             site: self.cfg.site.clone(),
@@ -599,18 +658,17 @@ impl Agent {
         self.store = self.shared.store();
         let key = self.store.keys.member(&self.cfg.site);
         if let Err(e) = self.store.put_json(&key, &report, Some(self.lease)).await {
-            let e = e.to_string();
-            if lease_gone(&e) {
+            if lease_gone(&e.to_string()) {
                 self.shared.lease_lost.store(true, Ordering::SeqCst);
             }
             self.etcd_failed().await;
-            return Err(format!("publish: {e}"));
+            return Err(HaError::etcd("publish the member report")(e));
         }
         let snap = match self.store.snapshot().await {
             Ok(snap) => snap,
             Err(e) => {
                 self.etcd_failed().await;
-                return Err(format!("read: {e}"));
+                return Err(HaError::etcd("read the cluster state")(e));
             }
         };
         self.etcd_failures = 0;
@@ -663,7 +721,7 @@ impl Agent {
     }
 
     /// No leader: bootstrap, or fail over to the standby that provably has every commit.
-    async fn elect(&mut self, local: Option<MemberState>, snap: &Snapshot) -> Result<(), String> {
+    async fn elect(&mut self, local: Option<MemberState>, snap: &Snapshot) -> Result<(), HaError> {
         let me = self.cfg.site.clone();
         let bootstrap = snap.sync.is_none();
         let mut planned = SwitchoverRole::None;
@@ -675,7 +733,7 @@ impl Agent {
                 self.cfg
                     .me()
                     .initdb(&self.cfg.admitted)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(HaError::from)?;
             }
         } else {
             if self.shared.fenced.load(Ordering::SeqCst) || !self.is_standby_dir() {
@@ -719,7 +777,7 @@ impl Agent {
                 ) {
                     Ok(c) if c == me => {}
                     Ok(_) => return Ok(()),
-                    Err(why) => return Err(format!("no failover yet: {why:?}")),
+                    Err(why) => return Err(HaError::NoFailover(format!("{why:?}"))),
                 },
             }
         }
@@ -728,12 +786,7 @@ impl Agent {
             lease: self.lease,
             since_ms: unix_ms(),
         };
-        if !self
-            .store
-            .campaign(&leader)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        if !self.store.campaign(&leader).await.map_err(HaError::from)? {
             return Ok(());
         }
         log(&me, "won the leader key");
@@ -808,7 +861,7 @@ impl Agent {
         me: &Leader,
         local: Option<MemberState>,
         snap: &Snapshot,
-    ) -> Result<(), String> {
+    ) -> Result<(), HaError> {
         let site = self.cfg.site.clone();
         if let Some(r) = snap.switchover.as_ref() {
             if r.from == site && r.handing_over(unix_ms()) {
@@ -880,11 +933,11 @@ impl Agent {
                     },
                     rewind_ready: !local.in_recovery,
                 };
-                let c = self.client.as_ref().ok_or("no connection")?;
+                let c = self.client.as_ref().ok_or(HaError::NoConnection)?;
                 if mode == Replication::Sync {
                     dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &names)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(HaError::from)?;
                 } else {
                     let mut writes = vec![(self.store.keys.sync(), json_bytes(&s))];
                     let opens_window = unprotected.is_some();
@@ -897,7 +950,7 @@ impl Agent {
                     }
                     dczone_db::set_and_reload(&site, c, "synchronous_standby_names", "")
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(HaError::from)?;
                 }
                 self.tracker = FailureTracker::default();
                 s
@@ -906,24 +959,22 @@ impl Agent {
         if local.in_recovery {
             // The synchronous set (or, recorded in etcd first, its absence) is in force
             // before promotion: the first commits are protected as the state says.
-            let c = self.client.as_ref().ok_or("no connection")?;
+            let c = self.client.as_ref().ok_or(HaError::NoConnection)?;
             // Stop the WAL receiver first: while it retries the old primary, the startup
             // process takes ~170 ms to act on the promotion (measured in the PostgreSQL log:
             // "received promote request" to "redo done").
             dczone_db::set_and_reload(&site, c, "primary_conninfo", "")
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(HaError::from)?;
             let tli = self.reserve_timeline(me, snap).await?;
-            let c = self.client.as_ref().ok_or("no connection")?;
+            let c = self.client.as_ref().ok_or(HaError::NoConnection)?;
             log(&site, &format!("promoting onto timeline {tli}"));
-            dczone_db::promote(&site, c)
-                .await
-                .map_err(|e| e.to_string())?;
+            dczone_db::promote(&site, c).await.map_err(HaError::from)?;
             // pg_rewind reads the new timeline from the control file, which only a
             // checkpoint updates (PostgreSQL's pg_rewind docs say the same).
             c.batch_execute("CHECKPOINT")
                 .await
-                .map_err(|e| dczone_db::pg_message(&e))?;
+                .map_err(|e| HaError::Sql(dczone_db::pg_message(&e)))?;
             match dczone_db::checkpoint_timeline(&site, c).await {
                 Ok(t) if t == tli => log(&site, "promoted"),
                 Ok(t) => log(
@@ -940,10 +991,8 @@ impl Agent {
             self.write_as_leader(me, &self.store.keys.sync(), &state)
                 .await?;
         }
-        let c = self.client.as_ref().ok_or("no connection")?;
-        let replicas = dczone_db::replicas(&site, c)
-            .await
-            .map_err(|e| e.to_string())?;
+        let c = self.client.as_ref().ok_or(HaError::NoConnection)?;
+        let replicas = dczone_db::replicas(&site, c).await.map_err(HaError::from)?;
         let seen: Vec<StandbySeen> = replicas
             .iter()
             .filter_map(|r| {
@@ -1001,10 +1050,10 @@ impl Agent {
                 }
             }
         }
-        let c = self.client.as_ref().ok_or("no connection")?;
+        let c = self.client.as_ref().ok_or(HaError::NoConnection)?;
         let wait = dczone_db::oldest_sync_wait_ms(&site, c)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(HaError::from)?;
         let action = decide::replication_mode(
             &policy,
             state.mode,
@@ -1039,12 +1088,12 @@ impl Agent {
                 String::new()
             }
             ModeAction::ToSync => {
-                let c = self.client.as_ref().ok_or("no connection")?;
+                let c = self.client.as_ref().ok_or(HaError::NoConnection)?;
                 // PostgreSQL first: etcd may say async while commits are protected, never
                 // the reverse.
                 dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &names)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(HaError::from)?;
                 let now = unix_ms();
                 let s = SyncState {
                     mode: Replication::Sync,
@@ -1086,22 +1135,22 @@ impl Agent {
                 Replication::Async => String::new(),
             },
         };
-        let c = self.client.as_ref().ok_or("no connection")?;
+        let c = self.client.as_ref().ok_or(HaError::NoConnection)?;
         let current = dczone_db::show(&site, c, "synchronous_standby_names")
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(HaError::from)?;
         if current != want_names {
             dczone_db::set_and_reload(&site, c, "synchronous_standby_names", &want_names)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(HaError::from)?;
         }
         let commit = dczone_db::show(&site, c, "synchronous_commit")
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(HaError::from)?;
         if commit != policy.synchronous_commit {
             dczone_db::set_and_reload(&site, c, "synchronous_commit", &policy.synchronous_commit)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(HaError::from)?;
         }
         if self
             .etcd_leader_checked
@@ -1119,25 +1168,25 @@ impl Agent {
         self.store
             .put_json(&self.store.keys.primary_lsn(), &local.lsn, None)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(HaError::from)
     }
 
     /// Reserves in etcd the timeline this standby's promotion creates, above every timeline
     /// reserved before, and makes PostgreSQL skip the numbers it does not know are taken
     /// (see [`decide::next_timeline`]). No promotion without the reservation.
-    async fn reserve_timeline(&mut self, me: &Leader, snap: &Snapshot) -> Result<u32, String> {
+    async fn reserve_timeline(&mut self, me: &Leader, snap: &Snapshot) -> Result<u32, HaError> {
         let site = self.cfg.site.clone();
-        let c = self.client.as_ref().ok_or("no connection")?;
+        let c = self.client.as_ref().ok_or(HaError::NoConnection)?;
         let control = dczone_db::checkpoint_timeline(&site, c)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(HaError::from)?;
         let member = self.cfg.me().clone();
-        let history = member.history_timelines().map_err(|e| e.to_string())?;
+        let history = member.history_timelines().map_err(HaError::from)?;
         let (tli, skipped) = decide::next_timeline(control, &history, snap.timeline);
         for t in &skipped {
             member
                 .reserve_timeline(*t, "reserved in etcd by another member's promotion")
-                .map_err(|e| e.to_string())?;
+                .map_err(HaError::from)?;
         }
         if !skipped.is_empty() {
             log(
@@ -1155,7 +1204,7 @@ impl Agent {
     /// standbys before it exits), record where the WAL ends, and give up the leader key.
     /// The target takes the key once it has received that much WAL; this member then
     /// rejoins as its standby through the ordinary follower path.
-    async fn hand_over(&mut self, me: &Leader, req: Switchover) -> Result<(), String> {
+    async fn hand_over(&mut self, me: &Leader, req: Switchover) -> Result<(), HaError> {
         let site = self.cfg.site.clone();
         log(&site, &format!("switchover to {}: clean shutdown", req.to));
         self.client = None;
@@ -1168,8 +1217,8 @@ impl Agent {
         let me_member = self.cfg.me().clone();
         let final_lsn = tokio::task::spawn_blocking(move || me_member.shutdown_checkpoint())
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(HaError::from)?
+            .map_err(HaError::from)?;
         let done = Switchover {
             final_lsn,
             handed_over_ms: Some(unix_ms()),
@@ -1193,8 +1242,8 @@ impl Agent {
             let m = self.cfg.me().clone();
             tokio::task::spawn_blocking(move || m.follow(&target))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(HaError::from)?
+                .map_err(HaError::from)?;
             log(
                 &site,
                 &format!("standby of {} from the end of its WAL", done.to),
@@ -1204,7 +1253,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn resign(&mut self, me: &Leader) -> Result<(), String> {
+    async fn resign(&mut self, me: &Leader) -> Result<(), HaError> {
         self.shared.leading.store(false, Ordering::SeqCst);
         self.leader = None;
         self.client = None;
@@ -1213,7 +1262,7 @@ impl Agent {
         }
         match self.store.resign(me).await {
             Ok(_) => Ok(()),
-            Err(e) => Err(format!("resign: {e}")),
+            Err(e) => Err(HaError::etcd("resign")(e)),
         }
     }
 
@@ -1235,13 +1284,13 @@ impl Agent {
         &self,
         me: &Leader,
         writes: Vec<(String, Vec<u8>)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), HaError> {
         match self.store.put_all_as_leader(me, writes).await {
             Ok(true) => Ok(()),
-            Ok(false) => Err("no longer the leader; write refused".into()),
-            Err(e) => Err(format!(
-                "write the replication mode and its audit entry: {e}"
-            )),
+            Ok(false) => Err(HaError::NotLeader),
+            Err(e) => Err(HaError::etcd(
+                "write the replication mode and its audit entry",
+            )(e)),
         }
     }
 
@@ -1250,11 +1299,11 @@ impl Agent {
         me: &Leader,
         key: &str,
         value: &T,
-    ) -> Result<(), String> {
+    ) -> Result<(), HaError> {
         match self.store.put_as_leader(me, key, value).await {
             Ok(true) => Ok(()),
-            Ok(false) => Err("no longer the leader; write refused".into()),
-            Err(e) => Err(format!("write {key}: {e}")),
+            Ok(false) => Err(HaError::NotLeader),
+            Err(e) => Err(HaError::etcd(format!("write {key}"))(e)),
         }
     }
 
@@ -1265,9 +1314,9 @@ impl Agent {
         local: Option<MemberState>,
         primary_lsn: Option<u64>,
         leader_promoted: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), HaError> {
         let Some(upstream) = self.cfg.member(&leader.site).cloned() else {
-            return Err(format!("leader {} is not a member", leader.site));
+            return Err(HaError::UnknownLeader(leader.site.clone()));
         };
         let me = self.cfg.me().clone();
         if !me.initialized() {
@@ -1275,8 +1324,8 @@ impl Agent {
             let (m, u) = (me.clone(), upstream.clone());
             return tokio::task::spawn_blocking(move || m.basebackup(&u))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string());
+                .map_err(HaError::from)?
+                .map_err(HaError::from);
         }
         let former_primary =
             !self.is_standby_dir() || local.as_ref().is_some_and(|l| !l.in_recovery);
@@ -1292,8 +1341,8 @@ impl Agent {
             let (m, u) = (me.clone(), upstream.clone());
             tokio::task::spawn_blocking(move || m.basebackup(&u))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(HaError::from)?
+                .map_err(HaError::from)?;
             return self.start_pg();
         }
         if (former_primary || diverged) && !leader_promoted {
@@ -1320,7 +1369,7 @@ impl Agent {
             let (m, u) = (me.clone(), upstream.clone());
             let rewound = tokio::task::spawn_blocking(move || m.rewind(&u))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(HaError::from)?;
             match rewound {
                 // pg_rewind compares timeline numbers only. A former primary, or a standby
                 // that cannot stream, on the leader's very timeline number has WAL of its
@@ -1337,8 +1386,8 @@ impl Agent {
                     let (m, u) = (me.clone(), upstream.clone());
                     tokio::task::spawn_blocking(move || m.basebackup(&u))
                         .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
+                        .map_err(HaError::from)?
+                        .map_err(HaError::from)?;
                 }
                 Ok(report) => log(&site, &format!("pg_rewind: {report}")),
                 Err(e) => {
@@ -1347,8 +1396,8 @@ impl Agent {
                     let (m, u) = (me.clone(), upstream.clone());
                     tokio::task::spawn_blocking(move || m.basebackup(&u))
                         .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
+                        .map_err(HaError::from)?
+                        .map_err(HaError::from)?;
                 }
             }
             self.shared.fenced.store(false, Ordering::SeqCst);
@@ -1377,20 +1426,20 @@ impl Agent {
         &mut self,
         local: &MemberState,
         upstream: &dczone_db::Member,
-    ) -> Result<(), String> {
+    ) -> Result<(), HaError> {
         let me = self.cfg.me().clone();
         let want = upstream.ip.to_string();
         if local.upstream_ip.as_deref() != Some(want.as_str()) {
-            let c = self.client.as_ref().ok_or("no connection")?;
+            let c = self.client.as_ref().ok_or(HaError::NoConnection)?;
             let conninfo = upstream.remote_conninfo(&me.app);
             let current = dczone_db::show(&me.site, c, "primary_conninfo")
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(HaError::from)?;
             if current != conninfo {
                 log(&me.site, &format!("repointing to {}", upstream.site));
                 dczone_db::set_and_reload(&me.site, c, "primary_conninfo", &conninfo)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(HaError::from)?;
             }
         }
         Ok(())

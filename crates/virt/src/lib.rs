@@ -372,9 +372,17 @@ impl Platform {
         let record = {
             let _l = self.lock()?;
             let mut reg = self.load()?;
-            if reg.vms.iter().any(|v| v.spec.name == req.name) {
+            // On a real host, a forwarding record (the VM moved away; see [`placement`])
+            // does not hold the name: the operator's CLI checks the whole zone first.
+            let forwarding = |v: &VmRecord| !self.placement.shared_registry() && v.host != req.host;
+            if reg
+                .vms
+                .iter()
+                .any(|v| v.spec.name == req.name && !forwarding(v))
+            {
                 return Err(VirtError::Exists(req.name.clone()));
             }
+            reg.vms.retain(|v| v.spec.name != req.name);
             let used: Vec<String> = reg.vms.iter().map(|v| v.spec.ip_cidr.clone()).collect();
             let site = h.site_index + 1;
             let block = h.vm_octets(self.placement.shared_registry());
