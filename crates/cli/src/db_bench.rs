@@ -18,9 +18,9 @@ use dczone_lab::{Lab, LinkChange};
 use dczone_ledger::{unix_us, LoadOptions, LoadResult};
 use dczone_zone::database::Replication;
 
-use crate::db_cmd::Platform;
 use crate::print_json;
 use crate::table::{render, yes_no};
+use dczone_database::Database;
 
 /// How far behind a distance's standby (DC2.1) lies from the others, for `--distances`.
 const REMOTE_SITE: &str = "dc2.1";
@@ -201,7 +201,7 @@ pub struct InterRegionReport {
     pub rto_pass: bool,
 }
 
-fn set_distance(lab: &Lab, p: &Platform, km: f64) -> anyhow::Result<()> {
+fn set_distance(lab: &Lab, p: &Database, km: f64) -> anyhow::Result<()> {
     for site in p.plan.members() {
         if site == REMOTE_SITE {
             continue;
@@ -233,7 +233,7 @@ type LagSample = (u64, Option<f64>, f64);
 
 /// Samples DC2.1's write and flush lag on the primary every 100 ms until `stop`.
 fn spawn_lag_sampler(
-    p: &Platform,
+    p: &Database,
     host: &str,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<LagSample>> {
@@ -281,7 +281,7 @@ fn spawn_lag_sampler(
     })
 }
 
-pub(crate) fn load_opts(p: &Platform, client: &str, clients: usize, seconds: f64) -> LoadOptions {
+pub(crate) fn load_opts(p: &Database, client: &str, clients: usize, seconds: f64) -> LoadOptions {
     LoadOptions {
         hosts: p.hosts_for(client),
         clients,
@@ -294,7 +294,7 @@ pub(crate) fn load_opts(p: &Platform, client: &str, clients: usize, seconds: f64
 /// Runs the load from `host` and calls `inject` after `after`; returns the load result and
 /// the injection time (unix us).
 fn load_with<F: FnOnce() -> anyhow::Result<()>>(
-    p: &Platform,
+    p: &Database,
     host: &str,
     opts: LoadOptions,
     after: Option<Duration>,
@@ -329,7 +329,7 @@ fn p99(v: &[f64]) -> Option<f64> {
 
 /// ICMP echo from `host` to DC2.1's member every 50 ms for about `seconds` (a thread).
 fn spawn_rtt_sampler(
-    p: &Platform,
+    p: &Database,
     host: &str,
     seconds: f64,
 ) -> std::thread::JoinHandle<Option<dczone_lab::probe::RttStats>> {
@@ -349,7 +349,7 @@ struct ModeRun {
 }
 
 fn measure_mode(
-    p: &Platform,
+    p: &Database,
     tier: &str,
     mode: Replication,
     km: f64,
@@ -363,7 +363,7 @@ fn measure_mode(
 /// Sync and async at `km`, `rounds` times each in ABBA order (sync, async, async, sync,
 /// ...): the shared host's busy spells, which last seconds, then fall on both modes.
 fn measure_pair(
-    p: &Platform,
+    p: &Database,
     km: f64,
     clients: usize,
     seconds: f64,
@@ -408,7 +408,7 @@ fn measure_pair(
 /// Sets the tier, waits for its mode, and runs the workload next to the primary while
 /// sampling DC2.1's lag and the echo to it.
 fn run_mode(
-    p: &Platform,
+    p: &Database,
     tier: &str,
     mode: Replication,
     clients: usize,
@@ -543,7 +543,7 @@ pub(crate) fn first_ack_after(r: &LoadResult, t0: u64, margin_us: u64) -> Option
 
 /// Puts the zone's own tier (Tier 1 sync) back and waits for sync; returns the primary's
 /// site and the application's client host next to it.
-fn back_to_tier1(p: &Platform) -> anyhow::Result<(String, String)> {
+fn back_to_tier1(p: &Database) -> anyhow::Result<(String, String)> {
     let probe = p.client_host(None)?;
     p.put_key(&probe, |k| k.tier(), p.plan.tier.clone())?;
     let snap = p.wait_mode(&probe, Replication::Sync, Duration::from_secs(30))?;
@@ -555,7 +555,7 @@ fn back_to_tier1(p: &Platform) -> anyhow::Result<(String, String)> {
     Ok((primary, client))
 }
 
-fn fallback(p: &Platform, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::Result<Fallback> {
+fn fallback(p: &Database, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::Result<Fallback> {
     let (_, client) = back_to_tier1(p)?;
     bar.set_message(format!(
         "{REMOTE_SITE} failure under sync, availability-first"
@@ -599,7 +599,7 @@ const BULK_SCALE: u32 = 5;
 const BULK_CLIENTS: usize = 4;
 
 /// Tier 1 ledger commits while `pgbench -i` fills the primary: DC2.1 falls behind but lives.
-fn bulk_load(p: &Platform, bar: &ProgressBar) -> anyhow::Result<BulkLoad> {
+fn bulk_load(p: &Database, bar: &ProgressBar) -> anyhow::Result<BulkLoad> {
     let (primary, client) = back_to_tier1(p)?;
     let pg_ip = p.member(&primary)?.ip;
     bar.set_message(format!(
@@ -675,7 +675,7 @@ fn bulk_load(p: &Platform, bar: &ProgressBar) -> anyhow::Result<BulkLoad> {
 }
 
 /// A client host in `site` that is not its database host (the application's servers).
-fn client_near(p: &Platform, site: &str) -> String {
+fn client_near(p: &Database, site: &str) -> String {
     let Some(idx) = p.zone.site_index(site) else {
         return "dc1.1-client".into();
     };
@@ -690,7 +690,7 @@ fn client_near(p: &Platform, site: &str) -> String {
 }
 
 /// A client host outside `site` (the clients of a lost site are lost with it).
-fn client_outside(p: &Platform, site: &str) -> anyhow::Result<String> {
+fn client_outside(p: &Database, site: &str) -> anyhow::Result<String> {
     for h in ["dc1.2-h2", "dc1.1-client", "dc2.1-h2"] {
         if let Some(host) = p.zone.host(h) {
             if p.zone.sites[host.site].id != site {
@@ -702,7 +702,7 @@ fn client_outside(p: &Platform, site: &str) -> anyhow::Result<String> {
 }
 
 fn disaster(
-    p: &Platform,
+    p: &Database,
     exe: &Path,
     state_dir: &Path,
     o: &InterRegionOptions,
@@ -774,7 +774,7 @@ fn as_text<S: serde::Serializer>(w: &dczone_zone::Wan, s: S) -> Result<S::Ok, S:
 const CROSS_FLOWS: usize = 4;
 
 /// A host of `site` that is neither a database member nor a client host, for bulk traffic.
-fn bulk_host(p: &Platform, site: &str) -> anyhow::Result<String> {
+fn bulk_host(p: &Database, site: &str) -> anyhow::Result<String> {
     let idx = p
         .zone
         .site_index(site)
@@ -795,7 +795,7 @@ pub(crate) struct Conditions {
 }
 
 impl Conditions {
-    pub(crate) fn start(lab: &Lab, p: &Platform, n: NetworkOptions) -> anyhow::Result<Conditions> {
+    pub(crate) fn start(lab: &Lab, p: &Database, n: NetworkOptions) -> anyhow::Result<Conditions> {
         lab.set_wan(n.wan)?;
         let cross = if n.cross_traffic {
             let from = bulk_host(p, &p.plan.primary)?;
@@ -822,7 +822,7 @@ impl Conditions {
 /// Doubles the clients from 1 until Ptrx grows less than [`SATURATION_GAIN`]; returns the
 /// steps and the highest Ptrx seen.
 fn saturate(
-    p: &Platform,
+    p: &Database,
     tier: &str,
     mode: Replication,
     km: f64,
@@ -862,10 +862,10 @@ pub(crate) fn fresh_platform(
     lab: &Lab,
     exe: &Path,
     state_dir: &Path,
-) -> anyhow::Result<(Platform, ProgressBar)> {
+) -> anyhow::Result<(Database, ProgressBar)> {
     let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
     lab.up(&zone, &source, &text)?;
-    let p = Platform::open(lab)?;
+    let p = Database::open(lab)?;
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(200));
     bar.set_message("database platform: fresh start");

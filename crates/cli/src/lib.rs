@@ -133,8 +133,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // through `lab exec`: the lab's database password and CA, and TLS verified against it.
     // Set before any thread starts; an operator's own settings win.
     for (var, value) in [
-        ("PGPASSFILE", db_cmd::passfile(&lab).into_os_string()),
-        ("PGSSLROOTCERT", db_cmd::ca_file(&lab).into_os_string()),
+        (
+            "PGPASSFILE",
+            dczone_database::passfile(&lab).into_os_string(),
+        ),
+        (
+            "PGSSLROOTCERT",
+            dczone_database::ca_file(&lab).into_os_string(),
+        ),
         ("PGSSLMODE", "verify-full".into()),
     ] {
         if std::env::var_os(var).is_none() {

@@ -26,8 +26,8 @@ use dczone_ledger::unix_us;
 use dczone_zone::database::Replication;
 
 use crate::db_bench::{first_ack_after, fresh_platform, load_opts};
-use crate::db_cmd::Platform;
 use crate::table::{render, yes_no};
+use dczone_database::Database;
 
 /// The reference's regional disaster: every database site of this region is cut off.
 const LOST_REGION: &str = "region-1";
@@ -114,7 +114,7 @@ fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
 }
 
 /// The sites of the lost region that hold database members.
-fn region_sites(p: &Platform) -> Vec<String> {
+fn region_sites(p: &Database) -> Vec<String> {
     p.zone
         .sites
         .iter()
@@ -125,7 +125,7 @@ fn region_sites(p: &Platform) -> Vec<String> {
 
 /// Measures [`PlacementCost`] from the primary's home host, on an idle store (the HA
 /// agents stopped, so that none moves raft leadership back while it runs).
-fn placement_cost(p: &Platform) -> anyhow::Result<Vec<PlacementCost>> {
+fn placement_cost(p: &Database) -> anyhow::Result<Vec<PlacementCost>> {
     p.down()?;
     let home = p.member(&p.plan.primary)?.clone();
     let etcd = p.lab.etcd_members(&p.zone);
@@ -172,7 +172,7 @@ fn placement_cost(p: &Platform) -> anyhow::Result<Vec<PlacementCost>> {
 }
 
 fn one(
-    p: &Platform,
+    p: &Database,
     exe: &Path,
     state_dir: &Path,
     o: &RegionDisasterOptions,
