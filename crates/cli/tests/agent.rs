@@ -512,13 +512,12 @@ fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// The QEMUs of VM `vm` in `host`'s namespace.
 fn qemus_of(lab: &TestLab, host: &str, vm: &str) -> Vec<i32> {
-    sys::pids_in_namespace(&lab.ns(host))
+    lab.qemus(host)
         .into_iter()
         .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu"))
-                && std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                    .unwrap_or_default()
-                    .contains(vm)
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .contains(vm)
         })
         .collect()
 }

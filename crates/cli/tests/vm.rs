@@ -319,7 +319,7 @@ fn group_migration_reports_svc_t2_and_a_cut_link_leaves_the_source_running() {
     assert!(!vm["running"].is_null());
     // The destination's agent, cut off from the source's, kills the waiting QEMU once the
     // migration's keepalive lapses (5 s).
-    let qemus = || qemus(&lab, "dc1.1-h2");
+    let qemus = || lab.qemus("dc1.1-h2");
     let t = std::time::Instant::now();
     while !qemus().is_empty() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(200));
@@ -368,17 +368,6 @@ fn vm_ip(lab: &TestLab, name: &str) -> Ipv4Addr {
         .unwrap()
 }
 
-/// QEMU processes in a host's namespace.
-fn qemus(lab: &TestLab, host: &str) -> Vec<i32> {
-    sys::pids_in_namespace(&lab.ns(host))
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.starts_with("qemu-system"))
-        })
-        .collect()
-}
-
 #[test]
 fn a_killed_group_migration_is_settled_and_the_sources_serve() {
     if !e2e_enabled() {
@@ -394,7 +383,7 @@ fn a_killed_group_migration_is_settled_and_the_sources_serve() {
     // Kill the command (as Ctrl-C or a crash would) while both VMs are being sent: the
     // coordinated strategy holds them for seconds, so neither can have finished.
     kill_migration_and_settle(&lab, &vms, &ips, None, |lab| {
-        !qemus(lab, "dc1.2-h1").is_empty() && !qemus(lab, "dc1.2-h2").is_empty()
+        !lab.qemus("dc1.2-h1").is_empty() && !lab.qemus("dc1.2-h2").is_empty()
     });
     // Kill it again just after it started a destination, before it recorded that
     // destination (a QEMU nobody would own if the source's agent looked only at the record).
@@ -403,7 +392,7 @@ fn a_killed_group_migration_is_settled_and_the_sources_serve() {
         &vms,
         &ips,
         Some("migrate-after-destination=sleep(30000)"),
-        |lab| !qemus(lab, "dc1.2-h1").is_empty() || !qemus(lab, "dc1.2-h2").is_empty(),
+        |lab| !lab.qemus("dc1.2-h1").is_empty() || !lab.qemus("dc1.2-h2").is_empty(),
     );
     // And nothing is left locked or half-done: the group migrates.
     let g = lab.json(&[
@@ -459,16 +448,16 @@ fn kill_migration_and_settle(
 
     let t = Instant::now();
     let settled = || {
-        qemus(lab, "dc1.2-h1").is_empty()
-            && qemus(lab, "dc1.2-h2").is_empty()
-            && qemus(lab, "dc1.1-h1").len() == 1
-            && qemus(lab, "dc1.1-h2").len() == 1
+        lab.qemus("dc1.2-h1").is_empty()
+            && lab.qemus("dc1.2-h2").is_empty()
+            && lab.qemus("dc1.1-h1").len() == 1
+            && lab.qemus("dc1.1-h2").len() == 1
     };
     while !settled() && t.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let hosts = ["dc1.1-h1", "dc1.1-h2", "dc1.2-h1", "dc1.2-h2"];
-    let left = hosts.map(|h| (h, qemus(lab, h).len()));
+    let left = hosts.map(|h| (h, lab.qemus(h).len()));
     assert!(
         settled(),
         "{failpoints:?}: QEMUs left after the kill (host, count): {left:?}{}",
@@ -754,16 +743,13 @@ fn a_group_that_cannot_converge_stops_together_and_a_cut_after_the_stop_resumes_
     }
     // Every VM runs exactly once: no destination QEMU is left once the keepalive lapses.
     let t = Instant::now();
-    while (!qemus(&lab, "dc1.2-h1").is_empty() || !qemus(&lab, "dc1.2-h2").is_empty())
+    while (!lab.qemus("dc1.2-h1").is_empty() || !lab.qemus("dc1.2-h2").is_empty())
         && t.elapsed() < Duration::from_secs(10)
     {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(qemus(&lab, "dc1.2-h1").is_empty() && qemus(&lab, "dc1.2-h2").is_empty());
-    assert_eq!(
-        qemus(&lab, "dc1.1-h1").len() + qemus(&lab, "dc1.1-h2").len(),
-        2
-    );
+    assert!(lab.qemus("dc1.2-h1").is_empty() && lab.qemus("dc1.2-h2").is_empty());
+    assert_eq!(lab.qemus("dc1.1-h1").len() + lab.qemus("dc1.1-h2").len(), 2);
 }
 
 #[test]
@@ -842,11 +828,8 @@ fn a_path_cut_during_post_copy_pauses_and_the_migration_resumes_when_it_is_back(
         assert_eq!(field(s, "boot"), boot, "{} rebooted", v.0);
     }
     // Every VM runs exactly once, at its destination.
-    assert!(qemus(&lab, "dc1.1-h1").is_empty() && qemus(&lab, "dc1.1-h2").is_empty());
-    assert_eq!(
-        qemus(&lab, "dc1.2-h1").len() + qemus(&lab, "dc1.2-h2").len(),
-        2
-    );
+    assert!(lab.qemus("dc1.1-h1").is_empty() && lab.qemus("dc1.1-h2").is_empty());
+    assert_eq!(lab.qemus("dc1.2-h1").len() + lab.qemus("dc1.2-h2").len(), 2);
 }
 
 /// The hosts whose QEMU runs `vm` (its state lives under `<lab>/vms/<vm>/<host>/`).

@@ -77,17 +77,6 @@ impl HaError {
     }
 }
 
-/// An error with its causes, for the log.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
-
 /// A standby within this many bytes of the primary counts as caught up.
 pub const CATCHUP_BYTES: u64 = 1 << 20;
 /// Fence this long before the lease could expire.
@@ -381,7 +370,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), HaError> {
             agent.new_lease().await;
         }
         if let Err(e) = agent.step().await {
-            log(&site, &chain(&e));
+            log(&site, &dczone_zone::error_chain(&e));
         }
         let spent = t.elapsed();
         if spent < tick {

@@ -99,16 +99,7 @@ pub enum LabError {
     },
 }
 
-/// An error with its causes (`a: b: c`), for a record or an answer that keeps only text.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
+pub use dczone_zone::error_chain;
 
 /// Where the lab keeps its state, and which executable runs the emulator.
 #[derive(Debug, Clone)]

@@ -265,6 +265,18 @@ impl Zone {
     }
 }
 
+/// An error with its causes (`a: b: c`), for a log line, a record or an answer that keeps
+/// only text. (Here because every crate of the workspace depends on this one.)
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

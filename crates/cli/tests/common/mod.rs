@@ -92,6 +92,17 @@ impl TestLab {
         self.ok(&["lab", "up"]);
     }
 
+    /// The QEMU processes in `host`'s namespace.
+    pub fn qemus(&self, host: &str) -> Vec<i32> {
+        dczone_lab::sys::pids_in_namespace(&self.ns(host))
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.starts_with("qemu-system"))
+            })
+            .collect()
+    }
+
     pub fn ns(&self, host: &str) -> String {
         format!("{}-{host}", self.name)
     }
