@@ -20,7 +20,7 @@ use serde::Serialize;
 use dczone_db::Member;
 use dczone_ha::agent::AgentConfig;
 use dczone_ha::decide::Switchover;
-use dczone_ha::keys::{Credentials, Snapshot, Store};
+use dczone_ha::keys::{Credentials, Snapshot, Store, StoreError};
 use dczone_lab::{sys, Lab};
 use dczone_ledger::{Audit, LoadOptions, LoadResult};
 use dczone_zone::database::DatabasePlan;
@@ -348,13 +348,7 @@ impl Database {
     /// changed" for a moment while its raft leadership moves (a site lost, a switchover):
     /// the read is retried for up to a second.
     pub fn snapshot(&self, host: &str) -> anyhow::Result<Snapshot> {
-        let (lab, etcd, tls) = (
-            self.lab.name().to_string(),
-            self.etcd.clone(),
-            self.etcd_tls.clone(),
-        );
-        self.in_host(host, move || async move {
-            let store = Store::connect(&lab, &etcd, &tls).await?;
+        self.with_store(host, |store| async move {
             let mut attempt = 0;
             loop {
                 match store.snapshot().await {
@@ -365,8 +359,27 @@ impl Database {
                     r => return r,
                 }
             }
-        })?
+        })
         .context("read the platform's state from etcd")
+    }
+
+    /// Runs `f` with an etcd client connected from inside `host` with this command's
+    /// credentials; a store error keeps its type (callers tell unreadable credentials
+    /// from a lost quorum).
+    fn with_store<T, F, Fut>(&self, host: &str, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Store) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let (lab, etcd, tls) = (
+            self.lab.name().to_string(),
+            self.etcd.clone(),
+            self.etcd_tls.clone(),
+        );
+        Ok(self.in_host(host, move || async move {
+            f(Store::connect(&lab, &etcd, &tls).await?).await
+        })??)
     }
 
     pub fn put_key<T: Serialize + Send + 'static>(
@@ -375,16 +388,10 @@ impl Database {
         key: fn(&dczone_ha::keys::Keys) -> String,
         value: T,
     ) -> anyhow::Result<()> {
-        let (lab, etcd, tls) = (
-            self.lab.name().to_string(),
-            self.etcd.clone(),
-            self.etcd_tls.clone(),
-        );
-        self.in_host(host, move || async move {
-            let store = Store::connect(&lab, &etcd, &tls).await?;
+        self.with_store(host, move |store| async move {
             store.put_json(&key(&store.keys), &value, None).await
-        })?
-        .map_err(|e| anyhow!("etcd: {e}"))
+        })
+        .context("write to etcd")
     }
 
     /// Planned switchover to the standby of `to`; returns once the old primary streams from
@@ -516,16 +523,10 @@ impl Database {
         host: &str,
         key: fn(&dczone_ha::keys::Keys) -> String,
     ) -> anyhow::Result<()> {
-        let (lab, etcd, tls) = (
-            self.lab.name().to_string(),
-            self.etcd.clone(),
-            self.etcd_tls.clone(),
-        );
-        self.in_host(host, move || async move {
-            let store = Store::connect(&lab, &etcd, &tls).await?;
+        self.with_store(host, move |store| async move {
             store.delete(&key(&store.keys)).await
-        })?
-        .map_err(|e| anyhow!("etcd: {e}"))
+        })
+        .context("delete from etcd")
     }
 
     /// Waits until a primary accepts writes and every listed member but the primary streams
@@ -728,17 +729,8 @@ impl Database {
         {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let (lab, etcd, tls) = (
-            self.lab.name().to_string(),
-            self.etcd.clone(),
-            self.etcd_tls.clone(),
-        );
         let host = self.members[0].host.clone();
-        let _ = self.in_host(&host, move || async move {
-            if let Ok(store) = Store::connect(&lab, &etcd, &tls).await {
-                let _ = store.delete_prefix().await;
-            }
-        });
+        let _ = self.with_store(&host, |store| async move { store.delete_prefix().await });
         let _ = std::fs::remove_dir_all(self.lab.dir().join("db"));
         Ok(n)
     }
