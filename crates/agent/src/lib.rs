@@ -823,6 +823,12 @@ pub struct Args {
     /// Where a real host keeps its VMs' records and runtime files (with --zone).
     #[arg(long, default_value = "/var/lib/dczone")]
     pub data_dir: PathBuf,
+    /// A real host's bridge for the VMs' TAPs (with --zone).
+    #[arg(long, default_value = dczone_lab::HOST_BRIDGE)]
+    pub bridge: String,
+    /// A real host's uplink, which carries the bridge out (with --zone).
+    #[arg(long, default_value = dczone_lab::HOST_UPLINK)]
+    pub uplink: String,
     /// The host this agent serves.
     #[arg(long)]
     pub host: String,
@@ -868,7 +874,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                     std::net::IpAddr::V6(_) => None,
                 })
                 .collect();
-            let placement = HostPlacement::new(&args.host, &bundle.zone, &args.data_dir, &hosts)?;
+            let mut placement =
+                HostPlacement::new(&args.host, &bundle.zone, &args.data_dir, &hosts)?;
+            placement.bridge = args.bridge.clone();
+            placement.uplink = args.uplink.clone();
             let me = bundle
                 .hosts
                 .iter()

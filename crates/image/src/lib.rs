@@ -67,30 +67,49 @@ pub struct ImageInputs {
     pub cache_root: PathBuf,
 }
 
+/// An ELF executable without a program interpreter (no `ld-linux` named in its first
+/// page, where the `.interp` section of a dynamic one sits).
+fn is_static_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 4096];
+    let Ok(n) = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)) else {
+        return false;
+    };
+    let head = &head[..n];
+    head.starts_with(b"\x7fELF") && !head.windows(8).any(|w| w == b"ld-linux")
+}
+
 impl ImageInputs {
     /// The defaults for a `dczone`/`dczoned` executable at `exe`: the static guest binary
     /// from `$DCZONE_GUEST_BIN`, else as built by `scripts/build` under
-    /// `target/x86_64-unknown-linux-gnu/{release,debug}/`; busybox from busybox-static; the
+    /// `target/x86_64-unknown-linux-gnu/{release,debug}/`, else a static one installed
+    /// beside the executable (a real host: `/usr/local/bin/dczone-guest`); busybox from busybox-static; the
     /// cache in `$DCZONE_CACHE_DIR` or `/var/cache/dczone`.
     pub fn for_executable(exe: &Path) -> ImageInputs {
         let guest_binary = match std::env::var_os("DCZONE_GUEST_BIN") {
             Some(p) => PathBuf::from(p),
             None => {
+                // Installed: beside the executable (e.g. /usr/local/bin on a real host);
+                // in a build tree: the static build of `scripts/build`.
+                let beside = exe.with_file_name("dczone-guest");
                 let target = exe
                     .parent()
                     .and_then(Path::parent)
                     .unwrap_or(Path::new("."));
-                let candidates = ["release", "debug"].map(|p| {
+                let built = ["release", "debug"].map(|p| {
                     target
                         .join("x86_64-unknown-linux-gnu")
                         .join(p)
                         .join("dczone-guest")
                 });
-                candidates
+                // A build tree also holds a dynamically linked `dczone-guest` beside
+                // `dczone` (any workspace build makes one); the guest has no libc for it.
+                built
                     .iter()
                     .find(|p| p.exists())
                     .cloned()
-                    .unwrap_or_else(|| candidates[0].clone())
+                    .or_else(|| Some(beside).filter(|p| is_static_elf(p)))
+                    .unwrap_or_else(|| built[0].clone())
             }
         };
         ImageInputs {
@@ -346,4 +365,30 @@ pub fn ensure(inputs: &ImageInputs) -> Result<Image, ImageError> {
         kernel_package: package,
         built: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_statically_linked_guest_is_taken_from_beside_the_executable() {
+        // busybox-static (scripts/deps) is linked statically, coreutils' ls is not.
+        assert!(is_static_elf(Path::new("/bin/busybox")));
+        assert!(!is_static_elf(Path::new("/bin/ls")));
+        assert!(!is_static_elf(Path::new("/nonexistent")));
+        let dir = std::env::temp_dir().join(format!("dczone-image-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy("/bin/ls", dir.join("dczone-guest")).unwrap();
+        let inputs = ImageInputs::for_executable(&dir.join("dczoned"));
+        assert_ne!(
+            inputs.guest_binary,
+            dir.join("dczone-guest"),
+            "a dynamic guest taken"
+        );
+        std::fs::copy("/bin/busybox", dir.join("dczone-guest")).unwrap();
+        let inputs = ImageInputs::for_executable(&dir.join("dczoned"));
+        assert_eq!(inputs.guest_binary, dir.join("dczone-guest"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

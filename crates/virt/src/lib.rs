@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use dczone_hypervisor::{self as hv, Accel, Running, VmSpec};
-use dczone_lab::{Lab, LabError, HOST_BRIDGE};
+use dczone_lab::{Lab, LabError};
 
 pub use placement::{HostPlacement, Placement, ZoneHost};
 
@@ -438,7 +438,7 @@ impl Platform {
             accel: vm.accel,
             incoming: false,
             paused: false,
-            bridge: HOST_BRIDGE,
+            bridge: self.placement.bridge(),
         })
         .map_err(|source| VirtError::Hypervisor {
             vm: name.into(),

@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use dczone_hypervisor::{self as hv, Qmp, Running};
-use dczone_lab::{error_chain, HOST_BRIDGE, HOST_UPLINK};
+use dczone_lab::error_chain;
 use dczone_measure::{span_us, union_us, Interval};
 
 use crate::keeper::{FrameKeeper, KeeperReport};
@@ -691,7 +691,7 @@ impl Platform {
             accel: vm.accel,
             incoming: true,
             paused,
-            bridge: HOST_BRIDGE,
+            bridge: self.placement().bridge(),
         })
         .map_err(|source| VirtError::Hypervisor {
             vm: name.into(),
@@ -1749,7 +1749,7 @@ impl Platform {
         let ns = self.placement().namespace(&vm.host);
         FrameKeeper::start(
             &vm.spec.tap(),
-            HOST_UPLINK,
+            self.placement().uplink(),
             &vm.spec.mac,
             |open| match &ns {
                 Some(ns) => dczone_lab::sys::in_namespace(ns, open)

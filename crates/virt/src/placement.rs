@@ -14,7 +14,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use dczone_lab::Lab;
+use dczone_lab::{Lab, HOST_BRIDGE, HOST_UPLINK};
 
 use crate::VirtError;
 
@@ -35,6 +35,10 @@ pub struct HostPlacement {
     pub dir: PathBuf,
     /// Every host of the zone, this one included.
     pub hosts: Vec<ZoneHost>,
+    /// The bridge the VMs' TAPs join, and the uplink it carries them out on (the frame
+    /// keeper watches it for a migrated VM's announce).
+    pub bridge: String,
+    pub uplink: String,
 }
 
 /// A host of the zone as a platform sees it.
@@ -101,6 +105,8 @@ impl HostPlacement {
             zone: zone.to_string(),
             dir: dir.to_path_buf(),
             hosts: out,
+            bridge: HOST_BRIDGE.to_string(),
+            uplink: HOST_UPLINK.to_string(),
         };
         placement.host(id)?;
         Ok(placement)
@@ -164,6 +170,22 @@ impl Placement {
         match self {
             Placement::Lab(lab) => Some(lab.host_namespace(host)),
             Placement::Host(_) => None,
+        }
+    }
+
+    /// The bridge VMs' TAPs join (the lab's `br0` in every host namespace).
+    pub fn bridge(&self) -> &str {
+        match self {
+            Placement::Lab(_) => HOST_BRIDGE,
+            Placement::Host(h) => &h.bridge,
+        }
+    }
+
+    /// The host's uplink, which carries the bridge's traffic out (the lab's `eth0`).
+    pub fn uplink(&self) -> &str {
+        match self {
+            Placement::Lab(_) => HOST_UPLINK,
+            Placement::Host(h) => &h.uplink,
         }
     }
 
