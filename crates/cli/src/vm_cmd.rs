@@ -171,9 +171,24 @@ pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> 
             json,
         } => {
             agents.check_host(&host)?;
-            // A name is the VM's in the whole zone, not only on one host.
-            if let Ok(on) = agents.host_of(&name) {
-                anyhow::bail!("VM '{name}' already exists (on {on}); pick another name");
+            // A name is the VM's in the whole zone, not only on one host: every agent must
+            // have answered that it does not know it.
+            match agents.host_of(&name) {
+                Ok(on) => anyhow::bail!("VM '{name}' already exists (on {on}); pick another name"),
+                Err(e) => {
+                    if let Some(dczone_agent::access::AccessError::UnknownVm {
+                        unreachable, ..
+                    }) = e.downcast_ref()
+                    {
+                        if !unreachable.is_empty() {
+                            anyhow::bail!(
+                                "cannot tell whether the name '{name}' is free: the agents of {} \
+                                 did not answer",
+                                unreachable.join(", ")
+                            );
+                        }
+                    }
+                }
             }
             let body = serde_json::json!({
                 "name": name,

@@ -34,7 +34,7 @@ use crate::keys::{AuditEntry, Leader, Snapshot, Store, StoreError};
 /// tick), or why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum HaError {
-    #[error("cannot start: the etcd credentials are unusable")]
+    #[error("cannot start: a file of the etcd credentials cannot be read")]
     Credentials(#[source] StoreError),
     #[error("the lease keeper stopped")]
     KeeperStopped,

@@ -67,8 +67,8 @@ pub struct ImageInputs {
     pub cache_root: PathBuf,
 }
 
-/// An ELF executable without a program interpreter (no `ld-linux` named in its first
-/// page, where the `.interp` section of a dynamic one sits).
+/// An ELF executable without a program interpreter (no glibc `ld-linux` or musl `ld-musl`
+/// named in its first page, where the `.interp` section of a dynamic one sits).
 fn is_static_elf(path: &Path) -> bool {
     use std::io::Read;
     let mut head = [0u8; 4096];
@@ -76,7 +76,7 @@ fn is_static_elf(path: &Path) -> bool {
         return false;
     };
     let head = &head[..n];
-    head.starts_with(b"\x7fELF") && !head.windows(8).any(|w| w == b"ld-linux")
+    head.starts_with(b"\x7fELF") && !head.windows(7).any(|w| w == b"ld-linu" || w == b"ld-musl")
 }
 
 impl ImageInputs {

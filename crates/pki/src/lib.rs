@@ -96,7 +96,7 @@ pub enum PkiError {
     },
     #[error("certificate generation failed")]
     Rcgen(#[from] rcgen::Error),
-    #[error("{} is not a readable PEM {what}: restore it, or create the zone CA again with `dczone pki init`", path.display())]
+    #[error("{} is not a readable PEM {what}: restore it from a copy (a new CA would orphan every certificate it signed)", path.display())]
     BadPem {
         what: &'static str,
         path: PathBuf,

@@ -382,8 +382,9 @@ impl Platform {
             {
                 return Err(VirtError::Exists(req.name.clone()));
             }
-            reg.vms.retain(|v| v.spec.name != req.name);
+            // A forwarding record's address stays taken: the VM may still use it elsewhere.
             let used: Vec<String> = reg.vms.iter().map(|v| v.spec.ip_cidr.clone()).collect();
+            reg.vms.retain(|v| v.spec.name != req.name);
             let site = h.site_index + 1;
             let block = h.vm_octets(self.placement.shared_registry());
             let n = block

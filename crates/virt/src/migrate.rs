@@ -511,17 +511,29 @@ impl Platform {
     /// The QEMU started for `vm` on `to` by a driver that died before it recorded it in
     /// the marker: found by its pid file in the destination's directory, and only if that
     /// pid is a QEMU named for this VM and not the VM's own.
-    fn unrecorded_destination(&self, vm: &VmRecord, to: &str) -> Option<i32> {
+    /// (A destination prepared by another host's agent is found the same way in a lab; on
+    /// real hosts it is on the other machine, where its agent's keepalive reaps it.)
+    fn unrecorded_destination(&self, vm: &VmRecord, to: &str) -> Option<Running> {
         if vm.host == to {
             return None;
         }
-        let pidfile = self.vm_dir(&vm.spec.name, to).join("qemu.pid");
-        let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+        let dir = self.vm_dir(&vm.spec.name, to);
+        let pid: i32 = std::fs::read_to_string(dir.join("qemu.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let named = format!("\0-name\0{}\0", vm.spec.name);
         let ours = cmdline.windows(named.len()).any(|w| w == named.as_bytes());
         let own = vm.running.as_ref().is_some_and(|r| r.pid == pid);
-        (is_qemu(pid) && ours && !own).then_some(pid)
+        (is_qemu(pid) && ours && !own).then(|| Running {
+            pid,
+            qmp: dir.join("qmp.sock"),
+            serial: dir.join("serial.log"),
+            tap: vm.spec.tap(),
+            namespace: self.placement().namespace(to).unwrap_or_default(),
+        })
     }
 
     /// A completed migration whose driver died: the source quits and the record follows
@@ -560,14 +572,34 @@ impl Platform {
                 flight.to
             ));
         }
-        let destination = flight.destination.clone().filter(|d| is_qemu(d.pid));
-        if destination.is_none() {
-            // A destination the driver launched but did not live to record.
-            if let Some(pid) = self.unrecorded_destination(vm, &flight.to) {
-                dczone_lab::sys::kill(pid, libc::SIGKILL);
-            }
-        }
+        let destination = match flight.destination.clone().filter(|d| is_qemu(d.pid)) {
+            Some(d) => Some(d),
+            // A destination the marker does not name: its driver died before recording it,
+            // or another host's agent prepared it. One that runs the VM took over (its
+            // `finish` answer was lost): it is rolled forward below, never killed; one that
+            // waits (incoming, or stopped before its `cont`) goes.
+            None => match self.unrecorded_destination(vm, &flight.to) {
+                Some(d) if runs(&d) => Some(d),
+                Some(d) => {
+                    hv::kill(&d);
+                    None
+                }
+                None => None,
+            },
+        };
         let Some(src) = vm.running.clone() else {
+            if let Some(d) = destination.clone().filter(runs) {
+                // The source is gone and the destination runs the VM: it is the VM now.
+                let mut moved = vm.clone();
+                moved.host = flight.to.clone();
+                moved.running = Some(d);
+                self.save_record(&moved)?;
+                return Ok(format!(
+                    "{name}: its source is gone and its destination on {} runs it; the record \
+                     follows it",
+                    flight.to
+                ));
+            }
             if let Some(d) = &destination {
                 hv::kill(d);
             }
@@ -1908,6 +1940,13 @@ fn write_marker(path: &std::path::Path, flight: &InFlight) -> std::io::Result<()
         serde_json::to_vec(flight).map_err(std::io::Error::other)?,
     )?;
     std::fs::rename(&tmp, path)
+}
+
+/// Does this QEMU run its guest (QMP `query-status`: `running`)? Unreachable counts as no.
+fn runs(d: &Running) -> bool {
+    Qmp::connect(&d.qmp, Duration::from_secs(2))
+        .and_then(|mut q| q.execute("query-status", json!({})))
+        .is_ok_and(|st| st["status"] == "running")
 }
 
 /// Is `pid` a live QEMU (not a recycled pid)?

@@ -3,7 +3,8 @@
 //! - [`Placement::Lab`]: the embedded lab. Every host is a network namespace of this
 //!   machine, and the lab's state directory (one VM registry) is shared by all of them.
 //! - [`Placement::Host`]: one real host, this machine. It keeps the records and runtime
-//!   files of its own VMs in its own directory, runs QEMU in its own network namespace, and
+//!   files of its own VMs in its own directory, runs QEMU in the network namespace it runs
+//!   in (the host's), and
 //!   knows the zone's other hosts (their sites and addresses) from its zone file: nothing
 //!   is shared with another host but the network.
 //!
