@@ -21,6 +21,12 @@ use serde_json::Value;
 use dczone_pki::tls::{client_config, ClientConfig, Identity};
 use dczone_virt::VmRecord;
 
+use dczone_virt::migrate::{
+    group_plan, migrate_plan, GroupMigration, Leg, Params, Progress, Strategy,
+};
+use dczone_virt::VirtError;
+
+use crate::leg::{AgentLeg, LegBody};
 use crate::{AgentClient, CallError};
 
 /// `zone.toml` of an access bundle.
@@ -57,6 +63,12 @@ pub enum AccessError {
     },
     #[error(transparent)]
     Tls(#[from] dczone_pki::tls::TlsError),
+    #[error("site '{site}' has no VM host in the access bundle; its sites are: {known}")]
+    UnknownSite { site: String, known: String },
+    #[error("the agents of {} did not answer: a group's VMs cannot all be found; retry when they do", .0.join(", "))]
+    Unreachable(Vec<String>),
+    #[error(transparent)]
+    Virt(#[from] dczone_virt::VirtError),
 }
 
 fn unreachable_note(hosts: &[String]) -> String {
@@ -181,6 +193,66 @@ impl Access {
         }
         vms.sort_by(|a, b| a.1.spec.name.cmp(&b.1.spec.name));
         (vms, unreachable)
+    }
+
+    /// Migrates every VM of `group` to site `to_site` (VM i to the site's VM host i mod n)
+    /// with `strategy`: this process coordinates, each VM's source host's agent does the
+    /// source half ([`crate::leg`]).
+    pub fn migrate_group(
+        &self,
+        group: &str,
+        to_site: &str,
+        strategy: Strategy,
+        params: &Params,
+        progress: &dyn Fn(&[Progress]),
+    ) -> Result<GroupMigration, AccessError> {
+        let hosts: Vec<String> = self
+            .bundle
+            .hosts
+            .iter()
+            .filter(|h| h.site == to_site && !h.id.contains("client"))
+            .map(|h| h.id.clone())
+            .collect();
+        if hosts.is_empty() {
+            let mut known: Vec<&str> = self.bundle.hosts.iter().map(|h| h.site.as_str()).collect();
+            known.dedup();
+            return Err(AccessError::UnknownSite {
+                site: to_site.into(),
+                known: known.join(", "),
+            });
+        }
+        let (vms, unreachable) = self.list();
+        if !unreachable.is_empty() {
+            return Err(AccessError::Unreachable(unreachable));
+        }
+        let plan = group_plan(group, vms.into_iter().map(|(_, v)| v).collect(), &hosts)?;
+        let postcopy = strategy == Strategy::Postcopy;
+        let open = |vm: &VmRecord, to: &str, port: u16| -> Result<Box<dyn Leg>, VirtError> {
+            let failed = |reason: String| VirtError::MigrationFailed {
+                vm: vm.spec.name.clone(),
+                source_host: vm.host.clone(),
+                reason,
+            };
+            let client = self.client(&vm.host).map_err(|e| failed(e.to_string()))?;
+            let body = LegBody {
+                to: to.into(),
+                agent: Some(
+                    self.agent_url(to)
+                        .map_err(|e| failed(e.to_string()))?
+                        .into(),
+                ),
+                port,
+                postcopy,
+                params: *params,
+            };
+            Ok(Box::new(AgentLeg::open(
+                client,
+                &vm.spec.name,
+                &vm.host,
+                &body,
+            )?))
+        };
+        Ok(migrate_plan(plan, strategy, params, progress, &open)?)
     }
 
     /// The host whose agent has VM `name`.

@@ -23,6 +23,8 @@
 //! | GET /v1/incoming/{name} | [`AgentRequest::IncomingAlive`] (host) |
 //! | POST /v1/incoming/{name}/finish | [`AgentRequest::IncomingFinish`] (host) |
 //! | DELETE /v1/incoming/{name} | [`AgentRequest::IncomingAbort`] (host) |
+//! | POST /v1/vms/{name}/leg | [`AgentRequest::OpenLeg`], body [`leg::LegBody`] |
+//! | POST /v1/vms/{name}/leg/step | [`AgentRequest::LegStep`], body [`leg::LegStep`] |
 //!
 //! Live migration is driven between two agents, in libvirt's phases: the source agent
 //! (`migrate`) asks the destination agent to *prepare* (`incoming`: QEMU waiting for the
@@ -36,6 +38,7 @@
 //! a blocking thread (QEMU and namespaces are driven synchronously by `dczone-virt`).
 
 pub mod access;
+pub mod leg;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -95,6 +98,12 @@ pub enum AgentRequest {
     IncomingFinish { name: String },
     /// Destination side: give up; kill the waiting QEMU.
     IncomingAbort { name: String },
+    /// Source side of a group migration: open the leg of a VM of this host (its lock, its
+    /// marker, its destination prepared through the destination's agent); a coordinator
+    /// drives it ([`leg`]).
+    OpenLeg { name: String, body: leg::LegBody },
+    /// One step of an open leg.
+    LegStep { name: String, step: leg::LegStep },
 }
 
 impl AgentRequest {
@@ -137,6 +146,10 @@ pub struct IncomingBody {
     /// The source asks for an encrypted stream (between sites).
     #[serde(default)]
     pub tls: bool,
+    /// Ready for post-copy: the capability set before the stream, and the guest runs as
+    /// soon as the source switches (not held until `finish`).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// Body of `POST /v1/vms`.
@@ -227,6 +240,8 @@ pub struct Agent {
     /// The zone's agents by host (a real host's, from its zone file); in the lab each is
     /// at its host's address, port [`AGENT_PORT`].
     endpoints: HashMap<String, String>,
+    /// Legs of group migrations from this host, driven by a coordinator.
+    legs: leg::Legs,
 }
 
 impl Agent {
@@ -243,6 +258,7 @@ impl Agent {
             incoming: Mutex::new(HashMap::new()),
             outgoing: Mutex::new(HashMap::new()),
             endpoints,
+            legs: leg::Legs::default(),
         };
         agent.recover_interrupted();
         agent.reap_strays();
@@ -294,6 +310,24 @@ impl Agent {
                 d.abort();
             }
         }
+    }
+
+    /// Drops the legs whose coordinator went silent ([`leg::Legs::reap`]).
+    pub fn reap_legs(&self) {
+        self.legs.reap();
+    }
+
+    /// `to`'s agent: as the caller named it, from the zone file, or (the lab) at its
+    /// host's address.
+    fn peer_url(&self, to: &str, given: Option<String>) -> Result<String, AgentError> {
+        Ok(match (given, self.endpoints.get(to)) {
+            (Some(u), _) => u,
+            (None, Some(u)) => u.clone(),
+            (None, None) => {
+                let h = self.platform.placement().host(to)?;
+                format!("https://{}:{AGENT_PORT}", h.ip)
+            }
+        })
     }
 
     fn here(&self, name: &str) -> Result<dczone_virt::VmRecord, AgentError> {
@@ -352,14 +386,7 @@ impl Agent {
             }
             AgentRequest::Migrate { name, body } => {
                 self.here(&name)?;
-                let url = match (body.agent, self.endpoints.get(&body.to)) {
-                    (Some(u), _) => u,
-                    (None, Some(u)) => u.clone(),
-                    (None, None) => {
-                        let h = self.platform.placement().host(&body.to)?;
-                        format!("https://{}:{AGENT_PORT}", h.ip)
-                    }
-                };
+                let url = self.peer_url(&body.to, body.agent)?;
                 let mut params = Params::default();
                 if let Some(ms) = body.downtime_limit_ms {
                     params.downtime_limit_ms = ms;
@@ -391,6 +418,7 @@ impl Agent {
                             vm,
                             port,
                             tls,
+                            false,
                         )?))
                     },
                 );
@@ -422,9 +450,14 @@ impl Agent {
                 if incoming.contains_key(&name) {
                     return Err(VirtError::Busy(name).into());
                 }
-                let d = self
-                    .platform
-                    .launch_incoming(&b.vm, &self.host, b.port, true, b.tls)?;
+                let d = self.platform.launch_incoming_with(
+                    &b.vm,
+                    &self.host,
+                    b.port,
+                    !b.postcopy,
+                    b.postcopy,
+                    b.tls,
+                )?;
                 let uri = d.uri();
                 incoming.insert(name, (d, Instant::now(), b.vm));
                 json!({ "uri": uri })
@@ -461,6 +494,43 @@ impl Agent {
                         return Err(e.into());
                     }
                 }
+            }
+            AgentRequest::OpenLeg { name, body } => {
+                let vm = self.here(&name)?;
+                if self.legs.contains(&name) {
+                    return Err(VirtError::Busy(name).into());
+                }
+                let url = self.peer_url(&body.to, body.agent.clone())?;
+                let peers = self.peers.clone();
+                let session = self.platform.open_leg(
+                    &vm,
+                    &body.to,
+                    body.port,
+                    &body.params,
+                    &|vm, _to, port, tls| {
+                        Ok(Box::new(RemoteDestination::prepare(
+                            &url,
+                            peers.clone(),
+                            vm,
+                            port,
+                            tls,
+                            body.postcopy,
+                        )?))
+                    },
+                )?;
+                let view = self.legs.insert(&name, session, body.params);
+                serde_json::to_value(leg::LegAnswer {
+                    view: Some(view),
+                    ..Default::default()
+                })
+                .unwrap_or(Value::Null)
+            }
+            AgentRequest::LegStep { name, step } => {
+                let answer = self
+                    .legs
+                    .step(&name, step)?
+                    .ok_or(AgentError::NoMigration(name))?;
+                serde_json::to_value(answer).unwrap_or(Value::Null)
             }
             AgentRequest::IncomingAbort { name } => {
                 if let Some((mut d, ..)) = self.incoming.lock().expect("not poisoned").remove(&name)
@@ -601,6 +671,28 @@ pub fn router(agent: Shared) -> Router {
             ),
         )
         .route(
+            "/v1/vms/{name}/leg",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(name): UrlPath<String>,
+                 Json(body): Json<leg::LegBody>| {
+                    dispatch(a, h, AgentRequest::OpenLeg { name, body })
+                },
+            ),
+        )
+        .route(
+            "/v1/vms/{name}/leg/step",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(name): UrlPath<String>,
+                 Json(step): Json<leg::LegStep>| {
+                    dispatch(a, h, AgentRequest::LegStep { name, step })
+                },
+            ),
+        )
+        .route(
             "/v1/vms/{name}/serial",
             get(
                 |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
@@ -721,6 +813,7 @@ impl RemoteDestination {
         vm: &VmRecord,
         port: u16,
         tls: bool,
+        postcopy: bool,
     ) -> Result<RemoteDestination, VirtError> {
         let mut d = RemoteDestination {
             client: AgentClient::new(url, peers),
@@ -733,6 +826,7 @@ impl RemoteDestination {
             vm: vm.clone(),
             port,
             tls,
+            postcopy,
         })
         .unwrap_or(Value::Null);
         let v = d
@@ -912,6 +1006,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || loop {
             std::thread::sleep(Duration::from_millis(500));
             reaper.reap_abandoned();
+            reaper.reap_legs();
             reaper.recover_interrupted();
         })?;
     let rt = tokio::runtime::Runtime::new()?;

@@ -410,9 +410,10 @@ pub fn print_group(g: &GroupMigration) {
 }
 
 /// One VM: the source host's agent drives the migration with the destination's agent.
-/// A group: the CLI orchestrates every VM's pre-copy through QMP itself, because the
-/// coordinated strategy holds and releases VMs against each other; the source hosts'
-/// agents stand by to settle it should this process die.
+/// A group: this process coordinates (the coordinated strategy holds and releases VMs
+/// against each other). With `--access`, each VM's source half runs in its source host's
+/// agent ([`dczone_agent::leg`]); in the lab, here, over each VM's QMP socket, with the
+/// source hosts' agents standing by to settle it should this process die.
 pub fn migrate(
     lab: &Lab,
     exe: &Path,
@@ -485,10 +486,13 @@ pub fn migrate(
                 vms: vec![m],
             }
         }
-        (None, Some(_)) if access.is_some() => anyhow::bail!(
-            "group migration is coordinated next to the lab for now (issue 11); \
-             with --access, migrate one VM at a time"
-        ),
+        (None, Some(group)) if access.is_some() => {
+            let a = access.expect("checked");
+            let (multi, update) = progress_display(args.json);
+            let result = a.migrate_group(group, &args.to, args.strategy.into(), &params, &update);
+            let _ = multi.clear();
+            result?
+        }
         (None, Some(group)) => {
             let p = platform(lab, exe)?;
             // The source hosts' agents settle the migration (cancel, the sources run on) if

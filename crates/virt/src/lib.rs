@@ -119,8 +119,9 @@ pub enum VirtError {
     /// The destination took over, and the rest failed: the source host's agent completes
     /// the move from the in-flight marker.
     #[error(
-        "migration of VM '{vm}' ended unsettled ({reason}); its destination on {destination} \
-         runs it, and the agent of {source_host} completes the move"
+        "migration of VM '{vm}' ended unsettled ({reason}); the agent of {source_host} settles \
+         it: the move completes if its destination on {destination} runs it, else the VM \
+         resumes at {source_host}"
     )]
     Unsettled {
         vm: String,
@@ -138,6 +139,13 @@ pub enum VirtError {
         vm: String,
         source_host: String,
         destination: String,
+        reason: String,
+    },
+    /// A step of a VM's migration that its source host's agent refused or failed.
+    #[error("migration of VM '{vm}' through the agent {agent}: {reason}")]
+    Remote {
+        vm: String,
+        agent: String,
         reason: String,
     },
     #[error("{what} failed")]

@@ -103,7 +103,7 @@ enum Batch {
 }
 
 /// Tunables of a migration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Params {
     pub downtime_limit_ms: u64,
     pub max_bandwidth_bytes: u64,
@@ -695,7 +695,7 @@ impl Platform {
 
     /// [`Platform::launch_incoming`], ready for post-copy when `postcopy` (QEMU needs the
     /// capability on both sides before the stream starts).
-    fn launch_incoming_with(
+    pub fn launch_incoming_with(
         &self,
         vm: &VmRecord,
         to: &str,
@@ -783,7 +783,10 @@ impl Platform {
 }
 
 /// One VM's migration in flight.
-struct Session {
+pub struct Session {
+    platform: Platform,
+    /// The VM's migration lock, held while the session lives.
+    _lock: Option<std::fs::File>,
     vm: VmRecord,
     to: String,
     /// Its in-flight marker ([`InFlight`]), removed once the migration is settled here.
@@ -849,6 +852,7 @@ impl Session {
     /// Prepares the destination, waiting for the incoming stream.
     /// `tls`: the source's credentials directory, for an encrypted stream.
     fn prepare(
+        platform: &Platform,
         vm: &VmRecord,
         to: &str,
         port: u16,
@@ -898,6 +902,8 @@ impl Session {
         };
         match connect() {
             Ok(src) => Ok(Session {
+                platform: platform.clone(),
+                _lock: None,
                 vm: vm.clone(),
                 to: to.to_string(),
                 marker: None,
@@ -940,8 +946,9 @@ impl Session {
         }
     }
 
-    fn start(&mut self, hold: bool, params: &Params) -> Result<(), VirtError> {
+    fn start(&mut self, hold: bool, postcopy: bool, params: &Params) -> Result<(), VirtError> {
         let err = Self::qmp_err(&self.vm.spec.name);
+        self.postcopy = postcopy;
         if self.postcopy {
             let preempt = has_postcopy_preempt(&mut self.src);
             self.src
@@ -1305,14 +1312,17 @@ impl Session {
     /// After `completed`: the destination runs (or, if it cannot be confirmed, the source
     /// resumes and the destination is killed), the source quits, the record moves.
     ///
-    /// The frame keeper is handed back still running: it replays after the announce and
-    /// ends by itself; waiting for it here would delay the next VM's resume.
-    fn finish(mut self, p: &Platform) -> Result<(VmMigration, Option<FrameKeeper>), VirtError> {
+    /// The frame keeper keeps running: it replays after the announce and ends by itself
+    /// ([`Leg::keeper_report`] waits for it); waiting for it here would delay the next VM's
+    /// resume.
+    fn finish_here(&mut self) -> Result<VmMigration, VirtError> {
         let name = self.vm.spec.name.clone();
         let err = Self::qmp_err(&name);
         let (resume_us, dst_running) = match self.dst.finish() {
             Ok(r) => r,
-            Err(e) => return Err(self.abort(format!("the destination did not take over: {e}"))),
+            Err(e) => {
+                return Err(self.abort_here(format!("the destination did not take over: {e}")))
+            }
         };
         // The destination runs: whatever fails from here, the marker stays for the agent,
         // which rolls forward.
@@ -1334,8 +1344,7 @@ impl Session {
         for ev in self.src.take_events() {
             self.note(&ev);
         }
-        let keeper = self.keeper.take();
-        if let Some(k) = &keeper {
+        if let Some(k) = &self.keeper {
             if !self.switched {
                 k.replay_from(self.stop_us.or(self.completed_us).unwrap_or(resume_us));
             }
@@ -1383,9 +1392,9 @@ impl Session {
         let mut vm = self.vm.clone();
         vm.host = self.to.clone();
         vm.running = Some(dst_running);
-        p.save_record(&vm)?;
+        self.platform.save_record(&vm)?;
         self.settle();
-        Ok((record, keeper))
+        Ok(record)
     }
 
     /// Settled here: its marker goes.
@@ -1398,10 +1407,6 @@ impl Session {
 
     /// Cancels; the source keeps (or resumes) running and the destination is killed.
     /// Never after a post-copy switch: the destination then holds the newer state.
-    fn abort(mut self, reason: String) -> VirtError {
-        self.abort_here(reason)
-    }
-
     fn abort_here(&mut self, reason: String) -> VirtError {
         // Completed (pre-copy) before the batch gave up: its destination may already run
         // it, so it is rolled forward by the source host's agent, never rolled back here.
@@ -1452,12 +1457,476 @@ impl Session {
     }
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("vm", &self.vm.spec.name)
+            .field("from", &self.vm.host)
+            .field("to", &self.to)
+            .field("settled", &self.settled)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A session dropped unsettled (an early return, a panic unwinding) is aborted: the source
 /// runs on, the destination is killed. One past the point of no return keeps its marker.
 impl Drop for Session {
     fn drop(&mut self) {
         if !self.settled {
             let _ = self.abort_here("the migration's driver gave up on it".into());
+        }
+    }
+}
+
+/// What the coordinator of a batch sees of one VM's migration after each step: its leg
+/// ([`Leg`]) runs on the VM's source host, the decisions are the coordinator's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LegView {
+    pub vm: String,
+    /// Completed (the source sent everything; or after a post-copy switch, the destination
+    /// has every page).
+    pub done: bool,
+    /// Switched to post-copy: the VM never runs at its source again.
+    pub switched: bool,
+    /// The source VM stopped (QEMU converged by itself, or the common stop).
+    pub stopped: bool,
+    pub first_pass: bool,
+    pub first_pass_progress: f64,
+    pub dirty_set: u64,
+    /// How long ago its first pass ended, ms (`None` while in it).
+    pub since_first_pass_ms: Option<u64>,
+    pub progress: Progress,
+}
+
+/// A leg's word on its migration after a [`Leg::check`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    Running,
+    Done,
+    /// The migration cannot go on (the reason); the coordinator gives up the batch.
+    Failed(String),
+}
+
+/// The source half of one VM's migration, on the VM's source host: its QMP work, its
+/// marker, its migration lock and its frame keeper. A [`Session`] here, or one held by the
+/// source host's agent and driven over the network. The coordinator ([`migrate_plan`])
+/// only decides: when to pace, hold, stop or switch, and when to give up.
+///
+/// A leg dropped unsettled aborts (the source runs on) unless it is past the point of no
+/// return, when its marker stays for the source host's agent.
+pub trait Leg: Send {
+    fn view(&self) -> LegView;
+    /// Starts the stream; `hold`: keep it from converging until the coordinator switches.
+    fn start(&mut self, hold: bool, postcopy: bool, params: &Params) -> Result<(), VirtError>;
+    /// Polls the source and the destination (resuming a broken post-copy stream first).
+    fn check(&mut self, params: &Params) -> Result<Check, VirtError>;
+    fn pace(&mut self, pace: crate::switchover::Pace, params: &Params) -> Result<(), VirtError>;
+    /// Stops the source VM (the common stop of a coordinated batch).
+    fn stop(&mut self) -> Result<(), VirtError>;
+    /// After the common stop: what is left converges at full speed.
+    fn complete_stopped(&mut self, params: &Params) -> Result<(), VirtError>;
+    fn unthrottle(&mut self, params: &Params) -> Result<(), VirtError>;
+    /// `migrate-start-postcopy`.
+    fn switch(&mut self) -> Result<(), VirtError>;
+    fn note_switch(&mut self, reason: crate::switchover::SwitchReason);
+    /// After `completed`: the destination takes over, the source quits, the record moves.
+    fn finish(&mut self) -> Result<VmMigration, VirtError>;
+    /// After `finish`: waits for the frame keeper's replay and reports it.
+    fn keeper_report(&mut self) -> Option<KeeperReport>;
+    /// Gives up: the source keeps running (see [`Session`]'s rules).
+    fn abort(&mut self, reason: String) -> VirtError;
+}
+
+impl Leg for Session {
+    fn view(&self) -> LegView {
+        LegView {
+            vm: self.vm.spec.name.clone(),
+            done: self.done,
+            switched: self.switched,
+            stopped: self.stop_us.is_some(),
+            first_pass: self.first_pass(),
+            first_pass_progress: self.first_pass_progress(),
+            dirty_set: self.dirty_set,
+            since_first_pass_ms: self
+                .first_pass_ended
+                .map(|t| t.elapsed().as_millis() as u64),
+            progress: self.progress(),
+        }
+    }
+
+    fn start(&mut self, hold: bool, postcopy: bool, params: &Params) -> Result<(), VirtError> {
+        Session::start(self, hold, postcopy, params)
+    }
+
+    fn check(&mut self, params: &Params) -> Result<Check, VirtError> {
+        if self.done {
+            // Completed, waiting for the batch: asking after the destination keeps it
+            // (an agent kills a destination nobody asks after, INCOMING_KEEPALIVE).
+            self.dst.alive();
+            return Ok(Check::Done);
+        }
+        let status = self.poll();
+        if self.switched
+            && (self.progressed_at.elapsed() > POSTCOPY_STALL
+                || status.as_deref().is_ok_and(|st| st == "postcopy-paused"))
+        {
+            // Post-copy cannot go back: the stream is resumed once the path is.
+            self.recover(Instant::now() + params.timeout)?;
+            return Ok(Check::Running);
+        }
+        let name = self.vm.spec.name.clone();
+        let mut failure = None;
+        match status {
+            Ok(st) if st == "completed" => self.done = true,
+            Ok(st) if st == "failed" || st == "cancelled" => {
+                // After a post-copy switch the destination decides: a source that lost
+                // its return path while completing has sent every page, and a destination
+                // that received them all has completed.
+                let dst = match self.switched {
+                    true => self.dst.incoming_status().ok(),
+                    false => None,
+                };
+                if dst.as_deref() == Some("completed") {
+                    self.done = true;
+                } else {
+                    failure = Some(format!(
+                        "{name} reported {st}{}{}",
+                        self.last["error-desc"]
+                            .as_str()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default(),
+                        dst.map(|d| format!(" (its destination: {d})"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => failure = Some(e.to_string()),
+        }
+        if !self.done && !self.dst.alive() {
+            failure = Some(format!(
+                "the destination of {name} is gone or unreachable (its QEMU, its host agent or the path to it)"
+            ));
+        }
+        if !self.done && self.progressed_at.elapsed() > STALL {
+            failure = Some(format!(
+                "the stream of {name} moved no data for {} s (link cut or peer host down?)",
+                STALL.as_secs()
+            ));
+        }
+        if !self.first_pass() {
+            self.first_pass_ended.get_or_insert_with(Instant::now);
+        }
+        Ok(match failure {
+            Some(reason) => Check::Failed(reason),
+            None if self.done => Check::Done,
+            None => Check::Running,
+        })
+    }
+
+    fn pace(&mut self, pace: crate::switchover::Pace, params: &Params) -> Result<(), VirtError> {
+        use crate::switchover::Pace;
+        match pace {
+            Pace::Full => Session::pace(self, false, params),
+            Pace::Throttle => Session::pace(self, true, params),
+            Pace::Drain => self.steer(params),
+            Pace::Hold => self.hold(params),
+            Pace::Done => Ok(()),
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), VirtError> {
+        Session::stop(self)
+    }
+
+    fn complete_stopped(&mut self, params: &Params) -> Result<(), VirtError> {
+        Session::complete_stopped(self, params)
+    }
+
+    fn unthrottle(&mut self, params: &Params) -> Result<(), VirtError> {
+        Session::unthrottle(self, params)
+    }
+
+    fn switch(&mut self) -> Result<(), VirtError> {
+        Session::switch(self)
+    }
+
+    fn note_switch(&mut self, reason: crate::switchover::SwitchReason) {
+        self.switch_reason = Some(reason);
+    }
+
+    fn finish(&mut self) -> Result<VmMigration, VirtError> {
+        self.finish_here()
+    }
+
+    fn keeper_report(&mut self) -> Option<KeeperReport> {
+        self.keeper.take().map(FrameKeeper::wait)
+    }
+
+    fn abort(&mut self, reason: String) -> VirtError {
+        if self.settled {
+            return VirtError::MigrationFailed {
+                vm: self.vm.spec.name.clone(),
+                source_host: self.vm.host.clone(),
+                reason: format!("{reason} (already settled)"),
+            };
+        }
+        self.abort_here(reason)
+    }
+}
+
+/// Opens the leg of `vm`'s migration to `to` on `port` (here, or through the VM's source
+/// host's agent).
+pub type OpenLeg<'a> = &'a dyn Fn(&VmRecord, &str, u16) -> Result<Box<dyn Leg>, VirtError>;
+
+/// Which VM of a group goes where: VM i to the site's host i mod n (`hosts`: the site's
+/// VM hosts, in the zone's order).
+pub fn group_plan(
+    group: &str,
+    vms: Vec<VmRecord>,
+    hosts: &[String],
+) -> Result<Vec<(VmRecord, String)>, VirtError> {
+    let vms: Vec<VmRecord> = vms
+        .into_iter()
+        .filter(|v| v.group.as_deref() == Some(group))
+        .collect();
+    if vms.is_empty() || hosts.is_empty() {
+        return Err(VirtError::EmptyGroup(group.into()));
+    }
+    Ok(vms
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (v, hosts[i % hosts.len()].clone()))
+        .collect())
+}
+
+/// The coordinator: migrates `plan` as `strategy` says, each VM through the leg `open`
+/// gives it. Nothing here touches a host: the legs do.
+pub fn migrate_plan(
+    plan: Vec<(VmRecord, String)>,
+    strategy: Strategy,
+    params: &Params,
+    progress: &dyn Fn(&[Progress]),
+    open: OpenLeg<'_>,
+) -> Result<GroupMigration, VirtError> {
+    let mut done = Vec::new();
+    match strategy {
+        Strategy::Sequential => {
+            for (i, (vm, to)) in plan.into_iter().enumerate() {
+                done.extend(run_batch(
+                    vec![(vm, to)],
+                    i as u16,
+                    Batch::Free,
+                    params,
+                    progress,
+                    open,
+                )?);
+            }
+        }
+        Strategy::Parallel => done = run_batch(plan, 0, Batch::Free, params, progress, open)?,
+        Strategy::Coordinated => done = run_batch(plan, 0, Batch::Held, params, progress, open)?,
+        Strategy::Postcopy => done = run_batch(plan, 0, Batch::Postcopy, params, progress, open)?,
+    }
+    let t2: Vec<Interval> = done.iter().map(|m| m.t2).collect();
+    let t1: Vec<Interval> = done.iter().map(|m| m.t1).collect();
+    Ok(GroupMigration {
+        strategy,
+        svc_t2_ms: span_us(&t2) as f64 / 1e3,
+        svc_t2_union_ms: union_us(&t2) as f64 / 1e3,
+        svc_t1_ms: span_us(&t1) as f64 / 1e3,
+        switch_reason: done.iter().find_map(|m| m.switch_reason),
+        vms: done,
+    })
+}
+
+/// Migrates a batch concurrently, as `batch` says.
+fn run_batch(
+    plan: Vec<(VmRecord, String)>,
+    port_offset: u16,
+    batch: Batch,
+    params: &Params,
+    progress: &dyn Fn(&[Progress]),
+    open: OpenLeg<'_>,
+) -> Result<Vec<VmMigration>, VirtError> {
+    // Every way out of this function settles every leg: finished, aborted, or (an early
+    // return) aborted when dropped; a leg that cannot be settled here (switched to
+    // post-copy, or its destination asked to take over) keeps its marker for the source
+    // host's agent.
+    let mut legs: Vec<Box<dyn Leg>> = Vec::new();
+    for (i, (vm, to)) in plan.iter().enumerate() {
+        legs.push(open(vm, to, MIGRATION_PORT_BASE + port_offset + i as u16)?);
+    }
+    fail::fail_point!("migrate-after-prepare", |_| Err(VirtError::Injected(
+        "migrate-after-prepare"
+    )));
+    let hold = batch != Batch::Free;
+    for l in legs.iter_mut() {
+        l.start(hold, batch == Batch::Postcopy, params)?;
+    }
+    fail::fail_point!("migrate-after-start", |_| Err(VirtError::Injected(
+        "migrate-after-start"
+    )));
+    let started = Instant::now();
+    let mut released = false;
+    let mut views: Vec<LegView> = legs.iter().map(|l| l.view()).collect();
+    loop {
+        let mut failure = None;
+        for (l, v) in legs.iter_mut().zip(views.iter_mut()) {
+            // A completed leg is checked too: it keeps its destination's keepalive.
+            if let Check::Failed(reason) = l.check(params)? {
+                failure = Some(reason);
+            }
+            *v = l.view();
+        }
+        if failure.is_none()
+            && started.elapsed() > params.timeout
+            && !views.iter().any(|v| v.switched)
+        {
+            failure = Some(format!("no completion within {:?}", params.timeout));
+        }
+        if let Some(reason) = failure {
+            // Completed VMs stay migrated; the others keep running at their source.
+            let mut first_err = None;
+            let mut moved = Vec::new();
+            for (mut l, v) in legs.into_iter().zip(views) {
+                if v.done {
+                    if l.finish().is_ok() {
+                        moved.push(l);
+                    }
+                } else {
+                    let e = l.abort(reason.clone());
+                    first_err.get_or_insert(e);
+                }
+            }
+            // The replays of the VMs that moved go on; wait for them last.
+            for mut l in moved {
+                l.keeper_report();
+            }
+            return Err(first_err.unwrap_or(VirtError::MigrationFailed {
+                vm: "?".into(),
+                source_host: "?".into(),
+                reason,
+            }));
+        }
+        progress(&views.iter().map(|v| v.progress.clone()).collect::<Vec<_>>());
+        if hold && !released {
+            released = switch_step(&mut legs, &mut views, started.elapsed(), params, batch)?;
+            if released && batch == Batch::Held {
+                fail::fail_point!("migrate-after-common-stop", |_| Err(VirtError::Injected(
+                    "migrate-after-common-stop"
+                )));
+            }
+        }
+        if views.iter().all(|v| v.done) {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    // Every leg is finished, whatever happens to the others: one that is dropped unfinished
+    // would leave its source paused after `completed` and its destination waiting, the VM
+    // running nowhere (seen here: one destination that did not take over left the next
+    // VM's destination QEMU behind).
+    let mut finished = Vec::new();
+    let mut first_err = None;
+    for mut l in legs {
+        match l.finish() {
+            Ok(m) => finished.push((m, l)),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let done: Vec<VmMigration> = finished
+        .into_iter()
+        .map(|(mut m, mut l)| {
+            m.keeper = l.keeper_report();
+            m
+        })
+        .collect();
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
+}
+
+/// Phase 1 of a coordinated or post-copy batch ([`crate::switchover`]): pace, steer,
+/// hold, or switch every VM at once: `migrate-start-postcopy` (post-copy), or a common
+/// stop of every source VM after which each migration completes with its VM stopped
+/// (coordinated pre-copy). Returns true once switched (or nothing is left to switch).
+fn switch_step(
+    legs: &mut [Box<dyn Leg>],
+    views: &mut [LegView],
+    elapsed: Duration,
+    params: &Params,
+    batch: Batch,
+) -> Result<bool, VirtError> {
+    use crate::switchover::{decide, Drain, Step, VmView};
+    let seen: Vec<VmView> = views
+        .iter()
+        .map(|v| VmView {
+            done: v.done,
+            first_pass: v.first_pass,
+            progress: v.first_pass_progress,
+            dirty_set: v.dirty_set,
+            stopped: v.stopped,
+            since_first_pass: v.since_first_pass_ms.map(Duration::from_millis),
+        })
+        .collect();
+    let drain = (batch == Batch::Held).then_some(Drain {
+        target: DRAIN_TARGET_BYTES,
+        max: params.max_drain,
+    });
+    match decide(&seen, elapsed, params.max_hold, drain) {
+        Step::Finished => Ok(true),
+        Step::Pace(paces) => {
+            for (l, pace) in legs.iter_mut().zip(paces) {
+                l.pace(pace, params)?;
+            }
+            Ok(false)
+        }
+        Step::Switch(reason) => {
+            for l in legs.iter_mut() {
+                l.note_switch(reason);
+            }
+            switch_all(legs, views, params, batch)
+        }
+    }
+}
+
+/// Switches every live VM of the batch at once.
+fn switch_all(
+    legs: &mut [Box<dyn Leg>],
+    views: &mut [LegView],
+    params: &Params,
+    batch: Batch,
+) -> Result<bool, VirtError> {
+    let live: Vec<usize> = (0..legs.len())
+        .filter(|&i| !views[i].done && !views[i].stopped)
+        .collect();
+    match batch {
+        Batch::Postcopy => {
+            // Bandwidth first, then the switches back to back: the stops fall within a few
+            // round trips of each other.
+            for &i in &live {
+                legs[i].unthrottle(params)?;
+            }
+            for &i in &live {
+                legs[i].switch()?;
+                views[i] = legs[i].view();
+            }
+            Ok(true)
+        }
+        _ => {
+            // The stops first, back to back; then each migration completes with what its
+            // VM left, at full speed.
+            for &i in &live {
+                legs[i].stop()?;
+            }
+            for i in (0..legs.len()).filter(|&i| !views[i].done) {
+                legs[i].complete_stopped(params)?;
+            }
+            Ok(true)
         }
     }
 }
@@ -1487,17 +1956,18 @@ impl Platform {
         prepare: Prepare<'_>,
     ) -> Result<VmMigration, VirtError> {
         let record = self.get(vm)?;
-        let g = self.migrate_records(
+        let g = migrate_plan(
             vec![(record, to.to_string())],
             Strategy::Parallel,
             params,
             progress,
-            prepare,
+            &|vm, to, port| Ok(Box::new(self.open_leg(vm, to, port, params, prepare)?)),
         )?;
         Ok(g.vms.into_iter().next().expect("one VM migrated"))
     }
 
-    /// Migrates every VM of `group` to `to_site` (VM i goes to the site's host i mod n).
+    /// Migrates every VM of `group` to `to_site` (VM i goes to the site's host i mod n),
+    /// every leg driven from this process (the lab).
     pub fn migrate_group(
         &self,
         group: &str,
@@ -1514,265 +1984,67 @@ impl Platform {
             .filter(|h| !h.contains("client"))
             .cloned()
             .collect();
-        let vms: Vec<VmRecord> = self
-            .list()?
-            .into_iter()
-            .filter(|v| v.group.as_deref() == Some(group))
-            .collect();
-        if vms.is_empty() || hosts.is_empty() {
-            return Err(VirtError::EmptyGroup(group.into()));
-        }
-        let plan = vms
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| (v, hosts[i % hosts.len()].clone()))
-            .collect();
+        let plan = group_plan(group, self.list()?, &hosts)?;
         let postcopy = strategy == Strategy::Postcopy;
-        self.migrate_records(plan, strategy, params, progress, &|vm, to, port, tls| {
+        let prepare: Prepare<'_> = &|vm, to, port, tls| {
             Ok(Box::new(self.launch_incoming_with(
                 vm, to, port, false, postcopy, tls,
             )?))
+        };
+        migrate_plan(plan, strategy, params, progress, &|vm, to, port| {
+            Ok(Box::new(self.open_leg(vm, to, port, params, prepare)?))
         })
     }
 
-    fn migrate_records(
+    /// The source half of `vm`'s migration to `to`, here: takes the VM's migration lock,
+    /// writes its in-flight marker, prepares the destination with `prepare`, connects to
+    /// the source QEMU and starts its frame keeper.
+    pub fn open_leg(
         &self,
-        plan: Vec<(VmRecord, String)>,
-        strategy: Strategy,
+        vm: &VmRecord,
+        to: &str,
+        port: u16,
         params: &Params,
-        progress: &dyn Fn(&[Progress]),
         prepare: Prepare<'_>,
-    ) -> Result<GroupMigration, VirtError> {
-        let _locks = plan
-            .iter()
-            .map(|(v, _)| self.migration_lock(&v.spec.name))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut done = Vec::new();
-        match strategy {
-            Strategy::Sequential => {
-                for (i, (vm, to)) in plan.into_iter().enumerate() {
-                    done.extend(self.run_batch(
-                        vec![(vm, to)],
-                        i as u16,
-                        Batch::Free,
-                        params,
-                        progress,
-                        prepare,
-                    )?);
-                }
+    ) -> Result<Session, VirtError> {
+        let lock = self.migration_lock(&vm.spec.name)?;
+        let tls = if self.migration_tls(&vm.host, to, params)? {
+            Some(self.qemu_tls_dir(&vm.host)?)
+        } else {
+            None
+        };
+        // The marker goes down before the destination exists: a driver killed while the
+        // destination starts leaves a marker, and the source host's agent kills what it
+        // finds of that destination ([`Platform::unrecorded_destination`]).
+        let path = self.in_flight_path(&vm.spec.name);
+        let mut flight = InFlight {
+            from: vm.host.clone(),
+            to: to.to_string(),
+            destination: None,
+            taken_over: false,
+        };
+        write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
+        let mut s = match Session::prepare(self, vm, to, port, prepare, tls) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
             }
-            Strategy::Parallel => {
-                done = self.run_batch(plan, 0, Batch::Free, params, progress, prepare)?
-            }
-            Strategy::Coordinated => {
-                done = self.run_batch(plan, 0, Batch::Held, params, progress, prepare)?
-            }
-            Strategy::Postcopy => {
-                done = self.run_batch(plan, 0, Batch::Postcopy, params, progress, prepare)?
-            }
-        }
-        let t2: Vec<Interval> = done.iter().map(|m| m.t2).collect();
-        let t1: Vec<Interval> = done.iter().map(|m| m.t1).collect();
-        Ok(GroupMigration {
-            strategy,
-            svc_t2_ms: span_us(&t2) as f64 / 1e3,
-            svc_t2_union_ms: union_us(&t2) as f64 / 1e3,
-            svc_t1_ms: span_us(&t1) as f64 / 1e3,
-            switch_reason: done.iter().find_map(|m| m.switch_reason),
-            vms: done,
-        })
-    }
-
-    /// Migrates a batch concurrently, as `batch` says.
-    fn run_batch(
-        &self,
-        plan: Vec<(VmRecord, String)>,
-        port_offset: u16,
-        batch: Batch,
-        params: &Params,
-        progress: &dyn Fn(&[Progress]),
-        prepare: Prepare<'_>,
-    ) -> Result<Vec<VmMigration>, VirtError> {
-        // Every way out of this function settles every session: finished, aborted, or
-        // (an early return) aborted by its `Drop`; a session that cannot be settled here
-        // (switched to post-copy, or its destination asked to take over) keeps its marker
-        // for the source host's agent.
-        let mut sessions: Vec<Session> = Vec::new();
-        for (i, (vm, to)) in plan.iter().enumerate() {
-            let port = MIGRATION_PORT_BASE + port_offset + i as u16;
-            let tls = if self.migration_tls(&vm.host, to, params)? {
-                Some(self.qemu_tls_dir(&vm.host)?)
-            } else {
-                None
-            };
-            // The marker goes down before the destination exists: a driver killed while
-            // the destination starts leaves a marker, and the source host's agent kills
-            // what it finds of that destination ([`Platform::unrecorded_destination`]).
-            let path = self.in_flight_path(&vm.spec.name);
-            let mut flight = InFlight {
-                from: vm.host.clone(),
-                to: to.clone(),
-                destination: None,
-                taken_over: false,
-            };
-            write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
-            let mut s = match Session::prepare(vm, to, port, prepare, tls) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e);
-                }
-            };
-            s.marker = Some(path.clone());
-            fail::fail_point!("migrate-after-destination", |_| Err(VirtError::Injected(
-                "migrate-after-destination"
-            )));
-            flight.destination = s.dst.running();
-            write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
-            if params.keep_frames {
-                match self.frame_keeper(&s.vm) {
-                    Ok(k) => s.keeper = Some(k),
-                    Err(e) => s.keeper_error = Some(error_chain(&e)),
-                }
-            }
-            sessions.push(s);
-        }
-        fail::fail_point!("migrate-after-prepare", |_| Err(VirtError::Injected(
-            "migrate-after-prepare"
+        };
+        s._lock = Some(lock);
+        s.marker = Some(path.clone());
+        fail::fail_point!("migrate-after-destination", |_| Err(VirtError::Injected(
+            "migrate-after-destination"
         )));
-        let hold = batch != Batch::Free;
-        for s in sessions.iter_mut() {
-            s.postcopy = batch == Batch::Postcopy;
-            s.start(hold, params)?;
-        }
-        fail::fail_point!("migrate-after-start", |_| Err(VirtError::Injected(
-            "migrate-after-start"
-        )));
-        let started = Instant::now();
-        let mut released = false;
-        loop {
-            let mut failure = None;
-            for s in sessions.iter_mut().filter(|s| !s.done) {
-                let status = s.poll();
-                if s.switched
-                    && (s.progressed_at.elapsed() > POSTCOPY_STALL
-                        || status.as_deref().is_ok_and(|st| st == "postcopy-paused"))
-                {
-                    // Post-copy cannot go back: the stream is resumed once the path is.
-                    s.recover(Instant::now() + params.timeout)?;
-                    continue;
-                }
-                match status {
-                    Ok(st) if st == "completed" => s.done = true,
-                    Ok(st) if st == "failed" || st == "cancelled" => {
-                        // After a post-copy switch the destination decides: a source that
-                        // lost its return path while completing has sent every page, and
-                        // a destination that received them all has completed.
-                        let dst = match s.switched {
-                            true => s.dst.incoming_status().ok(),
-                            false => None,
-                        };
-                        if dst.as_deref() == Some("completed") {
-                            s.done = true;
-                        } else {
-                            failure = Some(format!(
-                                "{} reported {st}{}{}",
-                                s.vm.spec.name,
-                                s.last["error-desc"]
-                                    .as_str()
-                                    .map(|e| format!(": {e}"))
-                                    .unwrap_or_default(),
-                                dst.map(|d| format!(" (its destination: {d})"))
-                                    .unwrap_or_default()
-                            ));
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => failure = Some(e.to_string()),
-                }
-                if !s.done && !s.dst.alive() {
-                    failure = Some(format!(
-                        "the destination of {} is gone or unreachable (its QEMU, its host agent or the path to it)",
-                        s.vm.spec.name
-                    ));
-                }
-                if !s.done && s.progressed_at.elapsed() > STALL {
-                    failure = Some(format!(
-                        "the stream of {} moved no data for {} s (link cut or peer host down?)",
-                        s.vm.spec.name,
-                        STALL.as_secs()
-                    ));
-                }
-            }
-            if failure.is_none()
-                && started.elapsed() > params.timeout
-                && !sessions.iter().any(|s| s.switched)
-            {
-                failure = Some(format!("no completion within {:?}", params.timeout));
-            }
-            if let Some(reason) = failure {
-                // Completed VMs stay migrated; the others keep running at their source.
-                let mut first_err = None;
-                let mut keepers = Vec::new();
-                for s in sessions {
-                    if s.done {
-                        if let Ok((_, keeper)) = s.finish(self) {
-                            keepers.extend(keeper);
-                        }
-                    } else {
-                        let e = s.abort(reason.clone());
-                        first_err.get_or_insert(e);
-                    }
-                }
-                // The replays of the VMs that moved go on; wait for them last.
-                for k in keepers {
-                    k.wait();
-                }
-                return Err(first_err.unwrap_or(VirtError::MigrationFailed {
-                    vm: "?".into(),
-                    source_host: "?".into(),
-                    reason,
-                }));
-            }
-            progress(&sessions.iter().map(Session::progress).collect::<Vec<_>>());
-            if hold && !released {
-                released = Self::switch_step(&mut sessions, started.elapsed(), params, batch)?;
-                if released && batch == Batch::Held {
-                    fail::fail_point!("migrate-after-common-stop", |_| Err(VirtError::Injected(
-                        "migrate-after-common-stop"
-                    )));
-                }
-            }
-            if sessions.iter().all(|s| s.done) {
-                break;
-            }
-            std::thread::sleep(POLL);
-        }
-        // Every session is finished, whatever happens to the others: one that is dropped
-        // unfinished would leave its source paused after `completed` and its destination
-        // waiting, the VM running nowhere (seen here: one destination that did not take
-        // over left the next VM's destination QEMU behind).
-        let mut finished = Vec::new();
-        let mut first_err = None;
-        for s in sessions {
-            match s.finish(self) {
-                Ok(f) => finished.push(f),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
+        flight.destination = s.dst.running();
+        write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
+        if params.keep_frames {
+            match self.frame_keeper(&s.vm) {
+                Ok(k) => s.keeper = Some(k),
+                Err(e) => s.keeper_error = Some(error_chain(&e)),
             }
         }
-        let done: Vec<VmMigration> = finished
-            .into_iter()
-            .map(|(mut m, keeper)| {
-                m.keeper = keeper.map(FrameKeeper::wait);
-                m
-            })
-            .collect();
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(done),
-        }
+        Ok(s)
     }
 
     /// Starts the frame keeper of `vm` on its source host (in the lab: in the host's
@@ -1792,97 +2064,6 @@ impl Platform {
             },
         )
         .map_err(Self::io("start the frame keeper"))
-    }
-
-    /// Phase 1 of a coordinated or post-copy batch ([`crate::switchover`]): pace, steer,
-    /// hold, or switch every VM at once: `migrate-start-postcopy` (post-copy), or a common
-    /// stop of every source VM after which each migration completes with its VM stopped
-    /// (coordinated pre-copy). Returns true once switched (or nothing is left to switch).
-    fn switch_step(
-        sessions: &mut [Session],
-        elapsed: Duration,
-        params: &Params,
-        batch: Batch,
-    ) -> Result<bool, VirtError> {
-        use crate::switchover::{decide, Drain, Pace, Step, VmView};
-        let views: Vec<VmView> = sessions
-            .iter_mut()
-            .map(|s| {
-                let first_pass = s.first_pass();
-                if !first_pass {
-                    s.first_pass_ended.get_or_insert_with(Instant::now);
-                }
-                VmView {
-                    done: s.done,
-                    first_pass,
-                    progress: s.first_pass_progress(),
-                    dirty_set: s.dirty_set,
-                    stopped: s.stop_us.is_some(),
-                    since_first_pass: s.first_pass_ended.map(|t| t.elapsed()),
-                }
-            })
-            .collect();
-        let drain = (batch == Batch::Held).then_some(Drain {
-            target: DRAIN_TARGET_BYTES,
-            max: params.max_drain,
-        });
-        match decide(&views, elapsed, params.max_hold, drain) {
-            Step::Finished => Ok(true),
-            Step::Pace(paces) => {
-                for (s, pace) in sessions.iter_mut().zip(paces) {
-                    match pace {
-                        Pace::Full => s.pace(false, params)?,
-                        Pace::Throttle => s.pace(true, params)?,
-                        Pace::Drain => s.steer(params)?,
-                        Pace::Hold => s.hold(params)?,
-                        Pace::Done => {}
-                    }
-                }
-                Ok(false)
-            }
-            Step::Switch(reason) => {
-                for s in sessions.iter_mut() {
-                    s.switch_reason = Some(reason);
-                }
-                Self::switch_all(sessions, params, batch)
-            }
-        }
-    }
-
-    /// Switches every live VM of the batch at once.
-    fn switch_all(
-        sessions: &mut [Session],
-        params: &Params,
-        batch: Batch,
-    ) -> Result<bool, VirtError> {
-        match batch {
-            Batch::Postcopy => {
-                // Bandwidth first, then the switches back to back: the stops fall within
-                // a few QMP round trips of each other.
-                let live = |s: &&mut Session| !s.done && s.stop_us.is_none();
-                for s in sessions.iter_mut().filter(live) {
-                    s.unthrottle(params)?;
-                }
-                for s in sessions.iter_mut().filter(live) {
-                    s.switch()?;
-                }
-                Ok(true)
-            }
-            _ => {
-                // The stops first, back to back; then each migration completes with what
-                // its VM left, at full speed.
-                for s in sessions
-                    .iter_mut()
-                    .filter(|s| !s.done && s.stop_us.is_none())
-                {
-                    s.stop()?;
-                }
-                for s in sessions.iter_mut().filter(|s| !s.done) {
-                    s.complete_stopped(params)?;
-                }
-                Ok(true)
-            }
-        }
     }
 }
 

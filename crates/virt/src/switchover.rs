@@ -66,7 +66,8 @@ pub struct Drain {
 }
 
 /// What to do with one VM during phase 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Pace {
     /// Full bandwidth.
     Full,

@@ -1,0 +1,361 @@
+//! Group migration across hosts: the source half of each VM's migration (its *leg*) runs
+//! in the VM's source host's agent, and one coordinator ([`dczone_virt::migrate::migrate_plan`],
+//! in the operator's `dczone`) takes the decisions: pace, hold, the common stop, the
+//! post-copy switch, and giving up.
+//!
+//! ```text
+//!  coordinator (dczone --access)     source agent (host A)           destination agent (B)
+//!   POST /v1/vms/{vm}/leg ---------> lock, marker, prepare ------> POST /v1/incoming
+//!                                    QMP connect, frame keeper
+//!   POST /v1/vms/{vm}/leg/step ----> start | check | pace | stop | complete_stopped |
+//!        (every 10 ms: check)          unthrottle | switch | finish | keeper | abort
+//!                                    finish ---------------------> POST .../finish
+//! ```
+//!
+//! Every step answers with the leg's [`LegView`], which is all the coordinator knows of it.
+//! The source agent holds the VM's migration lock and its in-flight marker for the leg's
+//! whole life. A leg whose coordinator goes silent for [`LEG_KEEPALIVE`] is dropped: it
+//! aborts (the source runs on, the destination is killed) unless it is past the point of
+//! no return, and then its marker stays and the agent settles it as for any driver that
+//! died.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use dczone_virt::keeper::KeeperReport;
+use dczone_virt::migrate::{Check, Leg, LegView, Params, Session, VmMigration};
+use dczone_virt::switchover::{Pace, SwitchReason};
+use dczone_virt::VirtError;
+
+use crate::{AgentClient, CallError};
+
+/// A leg whose coordinator has not taken a step for this long is dropped (and so aborted).
+/// The coordinator checks every leg every 10 ms while it migrates.
+pub const LEG_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Body of `POST /v1/vms/{name}/leg`: open the source half of the VM's migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegBody {
+    /// The destination host.
+    pub to: String,
+    /// The destination agent's URL; by default the source agent's own knowledge of it.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// The destination's migration port.
+    pub port: u16,
+    /// Prepare the destination for post-copy.
+    #[serde(default)]
+    pub postcopy: bool,
+    pub params: Params,
+}
+
+/// Body of `POST /v1/vms/{name}/leg/step`: one step of the leg ([`Leg`]'s methods).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LegStep {
+    Start {
+        hold: bool,
+        postcopy: bool,
+    },
+    Check,
+    Pace {
+        pace: Pace,
+    },
+    Stop,
+    CompleteStopped,
+    Unthrottle,
+    Switch,
+    NoteSwitch {
+        reason: SwitchReason,
+    },
+    Finish,
+    /// After `finish`: waits for the frame keeper; the leg is closed.
+    Keeper,
+    /// Gives up; the leg is closed.
+    Abort {
+        reason: String,
+    },
+}
+
+/// The answer to every step.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LegAnswer {
+    pub view: Option<LegView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<VmMigration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keeper: Option<KeeperReport>,
+    /// `abort`'s account of how the VM was left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<String>,
+}
+
+/// One open leg in its source agent.
+struct Open {
+    session: Arc<Mutex<Session>>,
+    params: Params,
+    seen: Instant,
+}
+
+/// The legs a source agent holds, by VM name.
+#[derive(Default)]
+pub struct Legs {
+    open: Mutex<HashMap<String, Open>>,
+}
+
+impl std::fmt::Debug for Legs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .open
+            .lock()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        f.debug_struct("Legs").field("open", &names).finish()
+    }
+}
+
+impl Legs {
+    /// Holds a newly opened leg.
+    pub fn insert(&self, name: &str, session: Session, params: Params) -> LegView {
+        let view = session.view();
+        let old = self.open.lock().expect("not poisoned").insert(
+            name.to_string(),
+            Open {
+                session: Arc::new(Mutex::new(session)),
+                params,
+                seen: Instant::now(),
+            },
+        );
+        drop(old);
+        view
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.open.lock().expect("not poisoned").contains_key(name)
+    }
+
+    /// Takes one step of `name`'s leg. Steps of one leg run one at a time; those of
+    /// different legs at once.
+    pub fn step(&self, name: &str, step: LegStep) -> Result<Option<LegAnswer>, VirtError> {
+        let (session, params) = {
+            let mut open = self.open.lock().expect("not poisoned");
+            let Some(o) = open.get_mut(name) else {
+                return Ok(None);
+            };
+            o.seen = Instant::now();
+            (o.session.clone(), o.params)
+        };
+        let closes = matches!(step, LegStep::Keeper | LegStep::Abort { .. });
+        let answer = {
+            let mut s = session.lock().expect("not poisoned");
+            let mut a = LegAnswer::default();
+            match step {
+                LegStep::Start { hold, postcopy } => s.start(hold, postcopy, &params)?,
+                LegStep::Check => a.check = Some(s.check(&params)?),
+                LegStep::Pace { pace } => s.pace(pace, &params)?,
+                LegStep::Stop => Leg::stop(&mut *s)?,
+                LegStep::CompleteStopped => Leg::complete_stopped(&mut *s, &params)?,
+                LegStep::Unthrottle => Leg::unthrottle(&mut *s, &params)?,
+                LegStep::Switch => Leg::switch(&mut *s)?,
+                LegStep::NoteSwitch { reason } => s.note_switch(reason),
+                LegStep::Finish => a.migration = Some(s.finish()?),
+                LegStep::Keeper => a.keeper = s.keeper_report(),
+                LegStep::Abort { reason } => {
+                    a.aborted = Some(dczone_lab::error_chain(&s.abort(reason)))
+                }
+            }
+            a.view = Some(s.view());
+            a
+        };
+        let mut open = self.open.lock().expect("not poisoned");
+        if closes {
+            open.remove(name);
+        } else if let Some(o) = open.get_mut(name) {
+            o.seen = Instant::now();
+        }
+        Ok(Some(answer))
+    }
+
+    /// Drops every leg whose coordinator went silent for [`LEG_KEEPALIVE`] and that no
+    /// step is using: dropped, a leg aborts, or leaves its marker to the agent's settling.
+    pub fn reap(&self) {
+        let stale: Vec<(String, Open)> = {
+            let mut open = self.open.lock().expect("not poisoned");
+            let names: Vec<String> = open
+                .iter()
+                .filter(|(_, o)| o.seen.elapsed() > LEG_KEEPALIVE && o.session.try_lock().is_ok())
+                .map(|(n, _)| n.clone())
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| open.remove(&n).map(|o| (n, o)))
+                .collect()
+        };
+        for (name, o) in stale {
+            eprintln!("dczoned: the coordinator of {name}'s migration went silent; giving it up");
+            drop(o);
+        }
+    }
+}
+
+/// A leg driven through its source host's agent: what the coordinator holds.
+#[derive(Debug)]
+pub struct AgentLeg {
+    client: AgentClient,
+    vm: String,
+    view: LegView,
+    /// Finished or aborted: nothing is left for `Drop` to do.
+    settled: bool,
+}
+
+impl AgentLeg {
+    /// Opens the leg of `vm` in its source host's agent (`client`).
+    pub fn open(
+        client: AgentClient,
+        vm: &str,
+        source_host: &str,
+        body: &LegBody,
+    ) -> Result<AgentLeg, VirtError> {
+        let v = client
+            .call(
+                "POST",
+                &format!("/v1/vms/{vm}/leg"),
+                Some(serde_json::to_value(body).unwrap_or(Value::Null)),
+                Duration::from_secs(60),
+            )
+            .map_err(|e| VirtError::MigrationFailed {
+                vm: vm.into(),
+                source_host: source_host.into(),
+                reason: format!("its source agent could not open the migration: {e}"),
+            })?;
+        let a: LegAnswer = serde_json::from_value(v).map_err(|e| unreadable(vm, e))?;
+        Ok(AgentLeg {
+            client,
+            vm: vm.into(),
+            view: a.view.ok_or_else(|| unreadable(vm, "no view"))?,
+            settled: false,
+        })
+    }
+
+    fn step(&mut self, step: LegStep, timeout: Duration) -> Result<LegAnswer, VirtError> {
+        let path = format!("/v1/vms/{}/leg/step", self.vm);
+        let body = serde_json::to_value(&step).unwrap_or(Value::Null);
+        let v = self
+            .client
+            .call("POST", &path, Some(body), timeout)
+            .map_err(|e| VirtError::Remote {
+                vm: self.vm.clone(),
+                agent: self.client.url().into(),
+                reason: match e {
+                    CallError::Refused { message, .. } => message,
+                    e => e.to_string(),
+                },
+            })?;
+        let a: LegAnswer = serde_json::from_value(v).map_err(|e| unreadable(&self.vm, e))?;
+        if let Some(view) = &a.view {
+            self.view = view.clone();
+        }
+        Ok(a)
+    }
+}
+
+fn unreadable(vm: &str, e: impl std::fmt::Display) -> VirtError {
+    VirtError::Io {
+        what: format!("read the source agent's answer on {vm}'s migration"),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// A step that does one QMP command or two.
+const SHORT: Duration = Duration::from_secs(30);
+
+impl Leg for AgentLeg {
+    fn view(&self) -> LegView {
+        self.view.clone()
+    }
+
+    fn start(&mut self, hold: bool, postcopy: bool, _params: &Params) -> Result<(), VirtError> {
+        self.step(LegStep::Start { hold, postcopy }, SHORT)
+            .map(drop)
+    }
+
+    fn check(&mut self, params: &Params) -> Result<Check, VirtError> {
+        // A check may resume a broken post-copy stream, for up to the migration's timeout.
+        let a = self.step(LegStep::Check, params.timeout + SHORT)?;
+        Ok(a.check.unwrap_or(Check::Running))
+    }
+
+    fn pace(&mut self, pace: Pace, _params: &Params) -> Result<(), VirtError> {
+        if pace == Pace::Done {
+            return Ok(());
+        }
+        self.step(LegStep::Pace { pace }, SHORT).map(drop)
+    }
+
+    fn stop(&mut self) -> Result<(), VirtError> {
+        self.step(LegStep::Stop, SHORT).map(drop)
+    }
+
+    fn complete_stopped(&mut self, _params: &Params) -> Result<(), VirtError> {
+        self.step(LegStep::CompleteStopped, SHORT).map(drop)
+    }
+
+    fn unthrottle(&mut self, _params: &Params) -> Result<(), VirtError> {
+        self.step(LegStep::Unthrottle, SHORT).map(drop)
+    }
+
+    fn switch(&mut self) -> Result<(), VirtError> {
+        self.step(LegStep::Switch, SHORT).map(drop)
+    }
+
+    fn note_switch(&mut self, reason: SwitchReason) {
+        let _ = self.step(LegStep::NoteSwitch { reason }, SHORT);
+    }
+
+    fn finish(&mut self) -> Result<VmMigration, VirtError> {
+        // Longer than the destination's finish may take (see RemoteDestination::finish).
+        let a = self.step(LegStep::Finish, Duration::from_secs(120));
+        // Whatever the answer, the source agent settled it or holds its marker.
+        self.settled = a.is_ok();
+        a?.migration
+            .ok_or_else(|| unreadable(&self.vm, "no migration record"))
+    }
+
+    fn keeper_report(&mut self) -> Option<KeeperReport> {
+        self.step(LegStep::Keeper, SHORT)
+            .ok()
+            .and_then(|a| a.keeper)
+    }
+
+    fn abort(&mut self, reason: String) -> VirtError {
+        self.settled = true;
+        match self.step(
+            LegStep::Abort {
+                reason: reason.clone(),
+            },
+            SHORT,
+        ) {
+            Ok(a) => VirtError::Remote {
+                vm: self.vm.clone(),
+                agent: self.client.url().into(),
+                reason: a.aborted.unwrap_or(reason),
+            },
+            Err(e) => e,
+        }
+    }
+}
+
+impl Drop for AgentLeg {
+    fn drop(&mut self) {
+        if !self.settled {
+            let _ = self.abort("the migration's coordinator gave up on it".into());
+        }
+    }
+}
