@@ -35,7 +35,7 @@ use crate::{AgentClient, CallError};
 
 /// A leg whose coordinator has not taken a step for this long is dropped (and so aborted).
 /// The coordinator checks every leg every 10 ms while it migrates.
-pub const LEG_KEEPALIVE: Duration = Duration::from_secs(10);
+pub const LEG_KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// Body of `POST /v1/vms/{name}/leg`: open the source half of the VM's migration.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -952,6 +952,8 @@ pub fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // The e2e tests of the migration's failure paths inject faults into a leg here.
+    let _failpoints = dczone_virt::failpoints_from_env();
     let exe = std::env::current_exe()?;
     let identity = Identity::host(&args.pki, &args.host);
     let server_tls = dczone_pki::tls::server_config(&identity)?;

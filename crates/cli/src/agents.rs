@@ -149,6 +149,38 @@ impl HostAgents {
         Ok(dir)
     }
 
+    /// Migrates every VM of `group` to `to_site` through the agents, as an operator with the
+    /// access bundle would ([`Access::migrate_group`]): every agent is made sure to run,
+    /// and the coordinator runs in `dc1.1-client`'s namespace, where the agents' addresses
+    /// are reachable. `progress` is called on this thread.
+    pub fn migrate_group(
+        &self,
+        group: &str,
+        to_site: &str,
+        strategy: dczone_virt::migrate::Strategy,
+        params: &dczone_virt::migrate::Params,
+        progress: &dyn Fn(&[dczone_virt::migrate::Progress]),
+    ) -> anyhow::Result<dczone_virt::migrate::GroupMigration> {
+        let dir = self.start_all()?;
+        let (_, ns) = self.lab.host("dc1.1-client")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (group, to_site, params) = (group.to_string(), to_site.to_string(), *params);
+        let coordinator = sys::in_namespace(&ns, move || -> anyhow::Result<_> {
+            let access = Access::open(&dir)?;
+            Ok(
+                access.migrate_group(&group, &to_site, strategy, &params, &|p| {
+                    let _ = tx.send(p.to_vec());
+                })?,
+            )
+        })?;
+        for p in rx {
+            progress(&p);
+        }
+        coordinator
+            .join()
+            .map_err(|_| anyhow!("the migration's coordinator panicked"))?
+    }
+
     /// Holds an exclusive lock on `host`'s agent slot while it lives.
     fn lock(&self, host: &str) -> anyhow::Result<std::fs::File> {
         std::fs::create_dir_all(self.dir())?;

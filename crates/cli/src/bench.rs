@@ -207,6 +207,7 @@ pub fn run(
             intra_region(
                 lab,
                 exe,
+                state_dir,
                 strategies,
                 &frame_replay.modes(),
                 &tls.modes(),
@@ -426,6 +427,7 @@ impl StrategyRuns {
 pub fn intra_region(
     lab: &dczone_lab::Lab,
     exe: &Path,
+    state_dir: &Path,
     strategies: Vec<Strategy>,
     replay_modes: &[bool],
     tls_modes: &[bool],
@@ -433,6 +435,8 @@ pub fn intra_region(
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let p = reference_platform(lab, exe)?;
+    // The group moves through the hosts' agents, as on real hosts.
+    let agents = crate::agents::HostAgents::new(lab, exe, state_dir)?;
     for (name, ..) in POC_VMS {
         if p.get(name).is_ok() {
             p.destroy(name)?;
@@ -506,7 +510,7 @@ pub fn intra_region(
             std::thread::sleep(std::time::Duration::from_secs(2));
             let (multi, update) = crate::vm_cmd::progress_display(false);
             let t0 = dczone_workload::now_us();
-            let g = p.migrate_group(POC_GROUP, to_site, strategy, &params, &update);
+            let g = agents.migrate_group(POC_GROUP, to_site, strategy, &params, &update);
             let t1 = dczone_workload::now_us();
             let _ = multi.clear();
             std::thread::sleep(std::time::Duration::from_secs(2));

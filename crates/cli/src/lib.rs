@@ -172,6 +172,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let result = bench::intra_region(
                 &lab,
                 &exe,
+                &cli.state_dir,
                 vec![dczone_virt::migrate::Strategy::Coordinated],
                 &[true],
                 &[true],

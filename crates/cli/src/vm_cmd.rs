@@ -411,9 +411,9 @@ pub fn print_group(g: &GroupMigration) {
 
 /// One VM: the source host's agent drives the migration with the destination's agent.
 /// A group: this process coordinates (the coordinated strategy holds and releases VMs
-/// against each other). With `--access`, each VM's source half runs in its source host's
-/// agent ([`dczone_agent::leg`]); in the lab, here, over each VM's QMP socket, with the
-/// source hosts' agents standing by to settle it should this process die.
+/// against each other); each VM's source half runs in its source host's agent
+/// ([`dczone_agent::leg`]). In the lab, through the lab's own access bundle from
+/// `dc1.1-client`.
 pub fn migrate(
     lab: &Lab,
     exe: &Path,
@@ -494,23 +494,10 @@ pub fn migrate(
             result?
         }
         (None, Some(group)) => {
-            let p = platform(lab, exe)?;
-            // The source hosts' agents settle the migration (cancel, the sources run on) if
-            // this command dies half-way, e.g. with VMs held in pre-copy or switched to post-copy.
             let agents = HostAgents::new(lab, exe, state_dir)?;
-            let mut sources: Vec<String> = p
-                .list()?
-                .into_iter()
-                .filter(|v| v.group.as_deref() == Some(group.as_str()))
-                .map(|v| v.host)
-                .collect();
-            sources.sort();
-            sources.dedup();
-            for host in &sources {
-                agents.call(host, "GET", "/v1/health", None, Duration::from_secs(30))?;
-            }
             let (multi, update) = progress_display(args.json);
-            let result = p.migrate_group(group, &args.to, args.strategy.into(), &params, &update);
+            let result =
+                agents.migrate_group(group, &args.to, args.strategy.into(), &params, &update);
             let _ = multi.clear();
             result?
         }

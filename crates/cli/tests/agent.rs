@@ -135,31 +135,10 @@ fn http_from(
 
 struct Agent(Child);
 
-/// Kills the agents of `host`: the one `lab up` started (with the lab's own PKI), which
-/// holds the agent's port, or one this test started.
-fn kill_agents(lab: &TestLab, host: &str) {
-    for pid in sys::pids_in_namespace(&lab.ns(host)) {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "dczoned" {
-            sys::kill(pid, libc::SIGKILL);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sys::pids_in_namespace(&lab.ns(host)).iter().any(|p| {
-        std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "dczoned")
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "the agent of {host} does not die"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Starts `dczoned` for `host` with the PKI in `pki` (in place of the lab's agent) and
 /// waits until it answers at `ip`.
 fn start_agent(lab: &TestLab, host: &str, ip: Ipv4Addr, pki: &Path, op: &Cred) -> Agent {
-    kill_agents(lab, host);
+    lab.kill_agent(host);
     let agent = Agent(
         lab.command()
             .args(["lab", "exec", host, "--", env!("CARGO_BIN_EXE_dczoned")])

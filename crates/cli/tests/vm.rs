@@ -380,13 +380,15 @@ fn a_killed_group_migration_is_settled_and_the_sources_serve() {
     let ip = |name: &str| vm_ip(&lab, name);
     let ips: Vec<Ipv4Addr> = vms.iter().map(|v| ip(v.0)).collect();
 
-    // Kill the command (as Ctrl-C or a crash would) while both VMs are being sent: the
-    // coordinated strategy holds them for seconds, so neither can have finished.
+    // Kill the command, the coordinator (as Ctrl-C or a crash would), while both VMs are
+    // being sent: the coordinated strategy holds them for seconds, so neither can have
+    // finished. The source hosts' agents give the silent coordinator's legs up.
     kill_migration_and_settle(&lab, &vms, &ips, None, |lab| {
         !lab.qemus("dc1.2-h1").is_empty() && !lab.qemus("dc1.2-h2").is_empty()
     });
-    // Kill it again just after it started a destination, before it recorded that
-    // destination (a QEMU nobody would own if the source's agent looked only at the record).
+    // Kill the legs' drivers, the source hosts' agents, just after they started a
+    // destination, before they recorded it (a QEMU nobody would own if the restarted agent
+    // looked only at the record).
     kill_migration_and_settle(
         &lab,
         &vms,
@@ -408,9 +410,10 @@ fn a_killed_group_migration_is_settled_and_the_sources_serve() {
     assert_eq!(g["vms"].as_array().unwrap().len(), 2, "{g}");
 }
 
-/// Starts a coordinated migration of group `k` to DC1.2 (with `failpoints`), kills the
-/// command 1 s after `started` holds, and checks that the source hosts' agents settle it:
-/// each VM runs once, at its source, serving, and no destination QEMU is left.
+/// Starts a coordinated migration of group `k` to DC1.2 and kills the command 1 s after
+/// `started` holds; with `failpoints`, the source hosts' agents run with them (restarted by
+/// the command) and are killed too. Then checks that it is settled: each VM runs once, at
+/// its source, serving, and no destination QEMU is left.
 fn kill_migration_and_settle(
     lab: &TestLab,
     vms: &[(&str, &str, &str)],
@@ -430,8 +433,12 @@ fn kill_migration_and_settle(
     ])
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
+    let sources: Vec<&str> = vms.iter().map(|v| v.1).collect();
     if let Some(f) = failpoints {
         cmd.env("FAILPOINTS", f);
+        for host in &sources {
+            lab.kill_agent(host);
+        }
     }
     let mut child = cmd.spawn().unwrap();
     let t = Instant::now();
@@ -445,6 +452,11 @@ fn kill_migration_and_settle(
     std::thread::sleep(Duration::from_millis(1000));
     child.kill().unwrap();
     child.wait().unwrap();
+    if failpoints.is_some() {
+        for host in &sources {
+            lab.kill_agent(host);
+        }
+    }
 
     let t = Instant::now();
     let settled = || {
@@ -453,7 +465,8 @@ fn kill_migration_and_settle(
             && lab.qemus("dc1.1-h1").len() == 1
             && lab.qemus("dc1.1-h2").len() == 1
     };
-    while !settled() && t.elapsed() < Duration::from_secs(15) {
+    // Legs given up after LEG_KEEPALIVE (5 s), destinations after INCOMING_KEEPALIVE (5 s).
+    while !settled() && t.elapsed() < Duration::from_secs(25) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let hosts = ["dc1.1-h1", "dc1.1-h2", "dc1.2-h1", "dc1.2-h2"];
@@ -871,6 +884,11 @@ fn a_failure_at_each_step_of_a_group_migration_leaves_every_vm_running_exactly_o
         ("migrate-after-common-stop", false),
         ("migrate-after-takeover", true),
     ] {
+        // The command restarts the source hosts' agents with its FAILPOINTS: a leg's own
+        // steps (the takeover) fail there.
+        for v in &vms {
+            lab.kill_agent(v.1);
+        }
         let out = lab
             .command()
             .args(["migrate", "--group", "f", "--to", "dc1.2"])

@@ -1966,36 +1966,6 @@ impl Platform {
         Ok(g.vms.into_iter().next().expect("one VM migrated"))
     }
 
-    /// Migrates every VM of `group` to `to_site` (VM i goes to the site's host i mod n),
-    /// every leg driven from this process (the lab).
-    pub fn migrate_group(
-        &self,
-        group: &str,
-        to_site: &str,
-        strategy: Strategy,
-        params: &Params,
-        progress: &dyn Fn(&[Progress]),
-    ) -> Result<GroupMigration, VirtError> {
-        let zone = self.placement().lab("group migration")?.state()?.zone()?;
-        let site = dczone_lab::Lab::site(&zone, to_site)?;
-        let hosts: Vec<String> = zone.sites[site]
-            .hosts
-            .iter()
-            .filter(|h| !h.contains("client"))
-            .cloned()
-            .collect();
-        let plan = group_plan(group, self.list()?, &hosts)?;
-        let postcopy = strategy == Strategy::Postcopy;
-        let prepare: Prepare<'_> = &|vm, to, port, tls| {
-            Ok(Box::new(self.launch_incoming_with(
-                vm, to, port, false, postcopy, tls,
-            )?))
-        };
-        migrate_plan(plan, strategy, params, progress, &|vm, to, port| {
-            Ok(Box::new(self.open_leg(vm, to, port, params, prepare)?))
-        })
-    }
-
     /// The source half of `vm`'s migration to `to`, here: takes the VM's migration lock,
     /// writes its in-flight marker, prepares the destination with `prepare`, connects to
     /// the source QEMU and starts its frame keeper.

@@ -103,6 +103,29 @@ impl TestLab {
             .collect()
     }
 
+    /// Kills `host`'s agent (`dczoned`) and waits until it is gone. The next command that
+    /// needs it starts it again, with that command's environment (e.g. `FAILPOINTS`).
+    pub fn kill_agent(&self, host: &str) {
+        use dczone_lab::sys;
+        let is_agent = |p: &i32| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "dczoned")
+        };
+        for pid in sys::pids_in_namespace(&self.ns(host))
+            .iter()
+            .filter(|p| is_agent(p))
+        {
+            sys::kill(*pid, libc::SIGKILL);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sys::pids_in_namespace(&self.ns(host)).iter().any(is_agent) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent of {host} does not die"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn ns(&self, host: &str) -> String {
         format!("{}-{host}", self.name)
     }
