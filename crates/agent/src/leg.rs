@@ -14,12 +14,15 @@
 //!
 //! Every step answers with the leg's [`LegView`], which is all the coordinator knows of it.
 //! The source agent holds the VM's migration lock and its in-flight marker for the leg's
-//! whole life. A leg whose coordinator goes silent for [`LEG_KEEPALIVE`] is dropped: it
-//! aborts (the source runs on, the destination is killed) unless it is past the point of
-//! no return, and then its marker stays and the agent settles it as for any driver that
-//! died.
+//! whole life. The coordinator's [`AgentLeg`] sends a keepalive every second from a thread
+//! of its own, also while the coordinator is busy with another leg (a finish or an abort
+//! may take seconds). A leg whose coordinator goes silent for [`LEG_KEEPALIVE`] is dropped:
+//! it aborts (the source runs on, the destination is killed) unless it is past the point
+//! of no return, and then its marker stays and the agent settles it as for any driver
+//! that died.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,9 +36,10 @@ use dczone_virt::VirtError;
 
 use crate::{AgentClient, CallError};
 
-/// A leg whose coordinator has not taken a step for this long is dropped (and so aborted).
-/// The coordinator checks every leg every 10 ms while it migrates.
+/// A leg whose coordinator has not been heard of for this long is dropped (and so
+/// aborted). The coordinator sends a keepalive every [`HEARTBEAT`].
 pub const LEG_KEEPALIVE: Duration = Duration::from_secs(5);
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Body of `POST /v1/vms/{name}/leg`: open the source half of the VM's migration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +62,8 @@ pub struct LegBody {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LegStep {
+    /// The coordinator lives (no effect on the leg; it may be busy with another step).
+    Keepalive,
     Start {
         hold: bool,
         postcopy: bool,
@@ -150,6 +156,9 @@ impl Legs {
                 return Ok(None);
             };
             o.seen = Instant::now();
+            if matches!(step, LegStep::Keepalive) {
+                return Ok(Some(LegAnswer::default()));
+            }
             (o.session.clone(), o.params)
         };
         let closes = matches!(step, LegStep::Keeper | LegStep::Abort { .. });
@@ -157,6 +166,7 @@ impl Legs {
             let mut s = session.lock().expect("not poisoned");
             let mut a = LegAnswer::default();
             match step {
+                LegStep::Keepalive => {}
                 LegStep::Start { hold, postcopy } => s.start(hold, postcopy, &params)?,
                 LegStep::Check => a.check = Some(s.check(&params)?),
                 LegStep::Pace { pace } => s.pace(pace, &params)?,
@@ -213,6 +223,8 @@ pub struct AgentLeg {
     view: LegView,
     /// Finished or aborted: nothing is left for `Drop` to do.
     settled: bool,
+    /// Stops the keepalive thread.
+    alive: Arc<AtomicBool>,
 }
 
 impl AgentLeg {
@@ -236,12 +248,30 @@ impl AgentLeg {
                 reason: format!("its source agent could not open the migration: {e}"),
             })?;
         let a: LegAnswer = serde_json::from_value(v).map_err(|e| unreadable(vm, e))?;
-        Ok(AgentLeg {
-            client,
+        let alive = Arc::new(AtomicBool::new(true));
+        let leg = AgentLeg {
+            client: client.clone(),
             vm: vm.into(),
             view: a.view.ok_or_else(|| unreadable(vm, "no view"))?,
             settled: false,
-        })
+            alive: alive.clone(),
+        };
+        // The thread is born in this thread's network namespace (the lab's client host).
+        let path = format!("/v1/vms/{vm}/leg/step");
+        let body = serde_json::to_value(LegStep::Keepalive).unwrap_or(Value::Null);
+        let _ = std::thread::Builder::new()
+            .name(format!("keepalive-{vm}"))
+            .spawn(move || {
+                while alive.load(Ordering::SeqCst) {
+                    std::thread::sleep(HEARTBEAT);
+                    if let Err(CallError::Refused { code: 404, .. }) =
+                        client.call("POST", &path, Some(body.clone()), HEARTBEAT)
+                    {
+                        break;
+                    }
+                }
+            });
+        Ok(leg)
     }
 
     fn step(&mut self, step: LegStep, timeout: Duration) -> Result<LegAnswer, VirtError> {
@@ -287,9 +317,20 @@ impl Leg for AgentLeg {
     }
 
     fn check(&mut self, params: &Params) -> Result<Check, VirtError> {
-        // A check may resume a broken post-copy stream, for up to the migration's timeout.
-        let a = self.step(LegStep::Check, params.timeout + SHORT)?;
-        Ok(a.check.unwrap_or(Check::Running))
+        // After a post-copy switch a check may resume a broken stream, for up to the
+        // migration's timeout; before, it is two QMP commands (10 s each at most, a QEMU
+        // whose lock a blocked stream holds) and a call to the destination's agent, and a
+        // source agent that does not answer within 30 s is as good as gone.
+        let timeout = match self.view.switched {
+            true => params.timeout + SHORT,
+            false => SHORT,
+        };
+        // A leg that cannot be asked fails the batch as any failed leg does: every leg is
+        // then aborted (this one too, as far as its agent can be reached).
+        Ok(match self.step(LegStep::Check, timeout) {
+            Ok(a) => a.check.unwrap_or(Check::Running),
+            Err(e) => Check::Failed(dczone_lab::error_chain(&e)),
+        })
     }
 
     fn pace(&mut self, pace: Pace, _params: &Params) -> Result<(), VirtError> {
@@ -354,6 +395,7 @@ impl Leg for AgentLeg {
 
 impl Drop for AgentLeg {
     fn drop(&mut self) {
+        self.alive.store(false, Ordering::SeqCst);
         if !self.settled {
             let _ = self.abort("the migration's coordinator gave up on it".into());
         }

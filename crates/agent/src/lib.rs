@@ -23,6 +23,8 @@
 //! | GET /v1/incoming/{name} | [`AgentRequest::IncomingAlive`] (host) |
 //! | POST /v1/incoming/{name}/finish | [`AgentRequest::IncomingFinish`] (host) |
 //! | DELETE /v1/incoming/{name} | [`AgentRequest::IncomingAbort`] (host) |
+//! | GET /v1/incoming/{name}/status | [`AgentRequest::IncomingStatus`] (host) |
+//! | POST /v1/incoming/{name}/recover | [`AgentRequest::IncomingRecover`], body [`RecoverBody`] (host) |
 //! | POST /v1/vms/{name}/leg | [`AgentRequest::OpenLeg`], body [`leg::LegBody`] |
 //! | POST /v1/vms/{name}/leg/step | [`AgentRequest::LegStep`], body [`leg::LegStep`] |
 //!
@@ -98,6 +100,10 @@ pub enum AgentRequest {
     IncomingFinish { name: String },
     /// Destination side: give up; kill the waiting QEMU.
     IncomingAbort { name: String },
+    /// Destination side, post-copy: the incoming migration's status (from its events).
+    IncomingStatus { name: String },
+    /// Destination side, post-copy: one step of resuming a broken stream (pause, listen).
+    IncomingRecover { name: String, body: RecoverBody },
     /// Source side of a group migration: open the leg of a VM of this host (its lock, its
     /// marker, its destination prepared through the destination's agent); a coordinator
     /// drives it ([`leg`]).
@@ -114,7 +120,9 @@ impl AgentRequest {
             AgentRequest::Incoming(_)
             | AgentRequest::IncomingAlive { .. }
             | AgentRequest::IncomingFinish { .. }
-            | AgentRequest::IncomingAbort { .. } => Role::Host,
+            | AgentRequest::IncomingAbort { .. }
+            | AgentRequest::IncomingStatus { .. }
+            | AgentRequest::IncomingRecover { .. } => Role::Host,
             _ => Role::Operator,
         }
     }
@@ -150,6 +158,17 @@ pub struct IncomingBody {
     /// soon as the source switches (not held until `finish`).
     #[serde(default)]
     pub postcopy: bool,
+}
+
+/// Body of `POST /v1/incoming/{name}/recover`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverBody {
+    /// Where the destination listens for the resumed stream.
+    pub uri: String,
+    /// The handshake hangs: break it off.
+    #[serde(default)]
+    pub unstick: bool,
 }
 
 /// Body of `POST /v1/vms`.
@@ -303,6 +322,19 @@ impl Agent {
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
+            // After a post-copy switch the VM runs here and holds the newer state: a silent
+            // source (a cut path) is waited for, never killed for.
+            let Some((d, seen, _)) = incoming.get_mut(&name) else {
+                continue;
+            };
+            if d.incoming_status().is_ok_and(|s| s.starts_with("postcopy")) {
+                eprintln!(
+                    "dczoned: the source of {name}'s post-copy migration is silent; the VM runs \
+                     here and waits for its pages"
+                );
+                *seen = Instant::now();
+                continue;
+            }
             if let Some((mut d, ..)) = incoming.remove(&name) {
                 eprintln!(
                     "dczoned: the source of {name}'s migration went silent; killing the destination"
@@ -497,6 +529,13 @@ impl Agent {
             }
             AgentRequest::OpenLeg { name, body } => {
                 let vm = self.here(&name)?;
+                if body.port < 1024 {
+                    return Err(VirtError::BadSpec(format!(
+                        "migration port {} is privileged; give one of 1024-65535",
+                        body.port
+                    ))
+                    .into());
+                }
                 if self.legs.contains(&name) {
                     return Err(VirtError::Busy(name).into());
                 }
@@ -531,6 +570,22 @@ impl Agent {
                     .step(&name, step)?
                     .ok_or(AgentError::NoMigration(name))?;
                 serde_json::to_value(answer).unwrap_or(Value::Null)
+            }
+            AgentRequest::IncomingStatus { name } => {
+                let mut incoming = self.incoming.lock().expect("not poisoned");
+                let (d, seen, _) = incoming
+                    .get_mut(&name)
+                    .ok_or(AgentError::NoIncoming(name.clone()))?;
+                *seen = Instant::now();
+                json!({ "status": d.incoming_status()? })
+            }
+            AgentRequest::IncomingRecover { name, body } => {
+                let mut incoming = self.incoming.lock().expect("not poisoned");
+                let (d, seen, _) = incoming
+                    .get_mut(&name)
+                    .ok_or(AgentError::NoIncoming(name.clone()))?;
+                *seen = Instant::now();
+                json!({ "status": d.recover_step(&body.uri, body.unstick)? })
             }
             AgentRequest::IncomingAbort { name } => {
                 if let Some((mut d, ..)) = self.incoming.lock().expect("not poisoned").remove(&name)
@@ -659,6 +714,25 @@ pub fn router(agent: Shared) -> Router {
             .delete(
                 |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::IncomingAbort { name })
+                },
+            ),
+        )
+        .route(
+            "/v1/incoming/{name}/status",
+            get(
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::IncomingStatus { name })
+                },
+            ),
+        )
+        .route(
+            "/v1/incoming/{name}/recover",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(name): UrlPath<String>,
+                 Json(body): Json<RecoverBody>| {
+                    dispatch(a, h, AgentRequest::IncomingRecover { name, body })
                 },
             ),
         )
@@ -894,6 +968,36 @@ impl Destination for RemoteDestination {
     fn abort(&mut self) {
         let path = format!("/v1/incoming/{}", self.vm);
         let _ = self.call("DELETE", &path, None, Duration::from_secs(5));
+    }
+
+    fn incoming_status(&mut self) -> Result<String, VirtError> {
+        let path = format!("/v1/incoming/{}/status", self.vm);
+        let v = self
+            .call("GET", &path, None, Duration::from_secs(2))
+            .map_err(|reason| self.unanswered("its status", reason))?;
+        Ok(v["status"].as_str().unwrap_or_default().to_string())
+    }
+
+    fn recover_step(&mut self, uri: &str, unstick: bool) -> Result<String, VirtError> {
+        let path = format!("/v1/incoming/{}/recover", self.vm);
+        let body = serde_json::to_value(RecoverBody {
+            uri: uri.into(),
+            unstick,
+        })
+        .unwrap_or(Value::Null);
+        let v = self
+            .call("POST", &path, Some(body), Duration::from_secs(2))
+            .map_err(|reason| self.unanswered("a recovery step", reason))?;
+        Ok(v["status"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+impl RemoteDestination {
+    fn unanswered(&self, what: &str, reason: String) -> VirtError {
+        VirtError::Io {
+            what: format!("{what} from the destination agent {}", self.client.url()),
+            source: std::io::Error::other(reason),
+        }
     }
 }
 

@@ -151,8 +151,9 @@ impl HostAgents {
 
     /// Migrates every VM of `group` to `to_site` through the agents, as an operator with the
     /// access bundle would ([`Access::migrate_group`]): every agent is made sure to run,
-    /// and the coordinator runs in `dc1.1-client`'s namespace, where the agents' addresses
-    /// are reachable. `progress` is called on this thread.
+    /// and the coordinator runs in the zone's first client host's namespace (`dc1.1-client`
+    /// in the reference zone), where the agents' addresses are reachable. `progress` is
+    /// called on this thread.
     pub fn migrate_group(
         &self,
         group: &str,
@@ -162,7 +163,13 @@ impl HostAgents {
         progress: &dyn Fn(&[dczone_virt::migrate::Progress]),
     ) -> anyhow::Result<dczone_virt::migrate::GroupMigration> {
         let dir = self.start_all()?;
-        let (_, ns) = self.lab.host("dc1.1-client")?;
+        let zone = self.lab.state()?.zone()?;
+        let client = zone
+            .hosts()
+            .into_iter()
+            .find(|h| h.id.ends_with("-client"))
+            .ok_or_else(|| anyhow!("the zone has no client host to coordinate from"))?;
+        let (_, ns) = self.lab.host(&client.id)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let (group, to_site, params) = (group.to_string(), to_site.to_string(), *params);
         let coordinator = sys::in_namespace(&ns, move || -> anyhow::Result<_> {

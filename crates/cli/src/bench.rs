@@ -424,6 +424,8 @@ impl StrategyRuns {
     }
 }
 
+// The scenario's options become one typed struct when it moves into a library (issue 11).
+#[allow(clippy::too_many_arguments)]
 pub fn intra_region(
     lab: &dczone_lab::Lab,
     exe: &Path,

@@ -38,7 +38,7 @@ pub struct Cli {
     pub state_dir: PathBuf,
     /// Drive a zone through its agents with only this access bundle (`zone.toml`, the zone
     /// CA, the operator's certificate; `lab up` writes one to <state-dir>/<lab>/access):
-    /// no namespace entry, no shared file. For `vm` and single-VM `migrate`.
+    /// no namespace entry, no shared file. For `vm` and `migrate` (one VM or a group).
     #[arg(long, global = true, env = "DCZONE_ACCESS")]
     pub access: Option<PathBuf>,
     #[command(subcommand)]

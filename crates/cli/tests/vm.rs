@@ -927,3 +927,87 @@ fn a_failure_at_each_step_of_a_group_migration_leaves_every_vm_running_exactly_o
         }
     }
 }
+
+/// A source host's agent lost in the middle of a group migration (its control plane gone,
+/// the host itself fine): the coordinator fails the migration and names the agent; every
+/// VM runs exactly once, at its source, without a restart (the destination waiting for the
+/// lost agent's VM is reaped by its own agent's keepalive); once the agent is back it
+/// settles what it left, and the group migrates.
+#[test]
+fn a_source_agent_lost_mid_group_migration_fails_it_and_every_vm_runs_once() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2elost");
+    lab.ok(&["lab", "up"]);
+    let vms = [("la", "dc1.1-h1", "1"), ("lb", "dc1.1-h2", "4")];
+    create_group(&lab, &vms, "l");
+    let ips: Vec<Ipv4Addr> = vms.iter().map(|v| vm_ip(&lab, v.0)).collect();
+    let boots: Vec<String> = ips
+        .iter()
+        .map(|&a| field(&ledger(&lab, a, &["S"])[0], "boot").to_string())
+        .collect();
+    let child = lab
+        .command()
+        .args(["migrate", "--group", "l", "--to", "dc1.2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while (lab.qemus("dc1.2-h1").is_empty() || lab.qemus("dc1.2-h2").is_empty())
+        && t.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "the destinations never started"
+    );
+    // Both VMs are being sent, held by the coordinated strategy.
+    std::thread::sleep(Duration::from_millis(1000));
+    lab.kill_agent("dc1.1-h2");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the migration succeeded without its agent"
+    );
+    assert!(
+        err.contains("10.77.1.12:7070"),
+        "the lost agent is not named: {err}"
+    );
+
+    let runs_once_at_source = || {
+        vms.iter()
+            .all(|&(name, host, _)| vm_qemu_hosts(&lab, name) == [host.to_string()])
+    };
+    let t = Instant::now();
+    while !runs_once_at_source() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for &(name, host, _) in &vms {
+        assert_eq!(
+            vm_qemu_hosts(&lab, name),
+            [host.to_string()],
+            "{name} does not run exactly once at its source{}",
+            lab.agent_log_tail(&["dc1.1-h1", "dc1.1-h2", "dc1.2-h1", "dc1.2-h2"])
+        );
+    }
+    for ((v, &a), boot) in vms.iter().zip(&ips).zip(&boots) {
+        let s = &ledger(&lab, a, &["S"])[0];
+        assert_eq!(field(s, "boot"), boot, "{} rebooted", v.0);
+    }
+    // The agent comes back with the next command, settles its marker, and the group moves.
+    let g = lab.json(&[
+        "migrate",
+        "--group",
+        "l",
+        "--to",
+        "dc1.2",
+        "--strategy",
+        "parallel",
+        "--json",
+    ]);
+    assert_eq!(g["vms"].as_array().unwrap().len(), 2, "{g}");
+}

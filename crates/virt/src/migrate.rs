@@ -1604,7 +1604,9 @@ impl Leg for Session {
             Ok(_) => {}
             Err(e) => failure = Some(e.to_string()),
         }
-        if !self.done && !self.dst.alive() {
+        // After a post-copy switch an unreachable destination (a cut path, its agent
+        // across it) is waited for: the stall above resumes the stream once the path is back.
+        if !self.done && !self.switched && !self.dst.alive() {
             failure = Some(format!(
                 "the destination of {name} is gone or unreachable (its QEMU, its host agent or the path to it)"
             ));
@@ -1786,17 +1788,42 @@ fn run_batch(
             failure = Some(format!("no completion within {:?}", params.timeout));
         }
         if let Some(reason) = failure {
-            // Completed VMs stay migrated; the others keep running at their source.
+            // Completed VMs stay migrated; the others keep running at their source. Every
+            // leg at once: an abort that waits for an unreachable destination (seconds)
+            // must not keep the next source stopped.
+            let ended: Vec<Result<Option<Box<dyn Leg>>, VirtError>> = std::thread::scope(|s| {
+                let reason = &reason;
+                let ending: Vec<_> = legs
+                    .into_iter()
+                    .zip(views)
+                    .map(|(mut l, v)| {
+                        s.spawn(move || match v.done {
+                            true => Ok(l.finish().is_ok().then_some(l)),
+                            false => Err(l.abort(reason.clone())),
+                        })
+                    })
+                    .collect();
+                ending
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(VirtError::MigrationFailed {
+                                vm: "?".into(),
+                                source_host: "?".into(),
+                                reason: "a leg's abort panicked".into(),
+                            })
+                        })
+                    })
+                    .collect()
+            });
             let mut first_err = None;
             let mut moved = Vec::new();
-            for (mut l, v) in legs.into_iter().zip(views) {
-                if v.done {
-                    if l.finish().is_ok() {
-                        moved.push(l);
+            for e in ended {
+                match e {
+                    Ok(l) => moved.extend(l),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
                     }
-                } else {
-                    let e = l.abort(reason.clone());
-                    first_err.get_or_insert(e);
                 }
             }
             // The replays of the VMs that moved go on; wait for them last.
