@@ -108,6 +108,14 @@ struct Open {
     session: Arc<Mutex<Session>>,
     params: Params,
     seen: Instant,
+    /// Set while the leg is open: its destination keepalive thread runs.
+    open: Arc<AtomicBool>,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.open.store(false, Ordering::SeqCst);
+    }
 }
 
 /// The legs a source agent holds, by VM name.
@@ -128,15 +136,36 @@ impl std::fmt::Debug for Legs {
 }
 
 impl Legs {
-    /// Holds a newly opened leg.
-    pub fn insert(&self, name: &str, session: Session, params: Params) -> LegView {
+    /// Holds a newly opened leg. `destination` is its destination's agent: this agent
+    /// asks it after the destination every [`HEARTBEAT`] while the leg is open, whatever
+    /// its coordinator does (that is the destination's keepalive, as between libvirt's
+    /// daemons; a leg's own checks ask too).
+    pub fn insert(
+        &self,
+        name: &str,
+        session: Session,
+        params: Params,
+        destination: AgentClient,
+    ) -> LegView {
         let view = session.view();
+        let open = Arc::new(AtomicBool::new(true));
+        let path = format!("/v1/incoming/{name}");
+        let running = open.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("dst-keepalive-{name}"))
+            .spawn(move || {
+                while running.load(Ordering::SeqCst) {
+                    let _ = destination.call("GET", &path, None, HEARTBEAT);
+                    std::thread::sleep(HEARTBEAT);
+                }
+            });
         let old = self.open.lock().expect("not poisoned").insert(
             name.to_string(),
             Open {
                 session: Arc::new(Mutex::new(session)),
                 params,
                 seen: Instant::now(),
+                open,
             },
         );
         drop(old);
@@ -163,7 +192,8 @@ impl Legs {
         };
         let closes = matches!(step, LegStep::Keeper | LegStep::Abort { .. });
         let answer = {
-            let mut s = session.lock().expect("not poisoned");
+            // A step that panicked leaves the session as it was; it can still be aborted.
+            let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
             let mut a = LegAnswer::default();
             match step {
                 LegStep::Keepalive => {}
@@ -200,7 +230,13 @@ impl Legs {
             let mut open = self.open.lock().expect("not poisoned");
             let names: Vec<String> = open
                 .iter()
-                .filter(|(_, o)| o.seen.elapsed() > LEG_KEEPALIVE && o.session.try_lock().is_ok())
+                .filter(|(_, o)| {
+                    o.seen.elapsed() > LEG_KEEPALIVE
+                        && !matches!(
+                            o.session.try_lock(),
+                            Err(std::sync::TryLockError::WouldBlock)
+                        )
+                })
                 .map(|(n, _)| n.clone())
                 .collect();
             names
@@ -225,6 +261,8 @@ pub struct AgentLeg {
     settled: bool,
     /// Stops the keepalive thread.
     alive: Arc<AtomicBool>,
+    /// The last pace sent: `Full` and `Throttle` are states, sent once.
+    paced: Option<Pace>,
 }
 
 impl AgentLeg {
@@ -255,6 +293,7 @@ impl AgentLeg {
             view: a.view.ok_or_else(|| unreadable(vm, "no view"))?,
             settled: false,
             alive: alive.clone(),
+            paced: None,
         };
         // The thread is born in this thread's network namespace (the lab's client host).
         let path = format!("/v1/vms/{vm}/leg/step");
@@ -334,10 +373,14 @@ impl Leg for AgentLeg {
     }
 
     fn pace(&mut self, pace: Pace, _params: &Params) -> Result<(), VirtError> {
-        if pace == Pace::Done {
+        // Drain and Hold follow the leg's dirty rate: sent every time.
+        let state = matches!(pace, Pace::Full | Pace::Throttle | Pace::Done);
+        if pace == Pace::Done || (state && self.paced == Some(pace)) {
             return Ok(());
         }
-        self.step(LegStep::Pace { pace }, SHORT).map(drop)
+        self.step(LegStep::Pace { pace }, SHORT)?;
+        self.paced = Some(pace);
+        Ok(())
     }
 
     fn stop(&mut self) -> Result<(), VirtError> {

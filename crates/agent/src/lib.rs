@@ -327,7 +327,8 @@ impl Agent {
             let Some((d, seen, _)) = incoming.get_mut(&name) else {
                 continue;
             };
-            if d.incoming_status().is_ok_and(|s| s.starts_with("postcopy")) {
+            let status = d.incoming_status().unwrap_or_default();
+            if status.starts_with("postcopy") || (d.runs_by_itself() && status == "completed") {
                 eprintln!(
                     "dczoned: the source of {name}'s post-copy migration is silent; the VM runs \
                      here and waits for its pages"
@@ -529,6 +530,15 @@ impl Agent {
             }
             AgentRequest::OpenLeg { name, body } => {
                 let vm = self.here(&name)?;
+                if body.params.timeout > Duration::from_secs(24 * 3600)
+                    || body.params.max_hold > Duration::from_secs(24 * 3600)
+                    || body.params.max_drain > Duration::from_secs(24 * 3600)
+                {
+                    return Err(VirtError::BadSpec(
+                        "a migration's timeout, max hold and max drain are at most 24 h".into(),
+                    )
+                    .into());
+                }
                 if body.port < 1024 {
                     return Err(VirtError::BadSpec(format!(
                         "migration port {} is privileged; give one of 1024-65535",
@@ -557,7 +567,8 @@ impl Agent {
                         )?))
                     },
                 )?;
-                let view = self.legs.insert(&name, session, body.params);
+                let destination = AgentClient::new(&url, self.peers.clone());
+                let view = self.legs.insert(&name, session, body.params, destination);
                 serde_json::to_value(leg::LegAnswer {
                     view: Some(view),
                     ..Default::default()

@@ -163,6 +163,10 @@ const PINNED_SWITCHOVER_BYTES_PER_S: u64 = 4096;
 /// The downtime-limit once the VMs are stopped: they converge at once, whatever is left.
 const STOPPED_DOWNTIME_MS: u64 = 10_000;
 const POLL: Duration = Duration::from_millis(10);
+/// While a held batch waits for its switch: a decision 50 ms later moves no stop apart
+/// (they are back to back whenever they come), and a leg driven through its agent costs
+/// an HTTPS round trip and a QMP command per poll, CPU the guests need.
+const HELD_POLL: Duration = Duration::from_millis(50);
 /// First self-announce after the switchover, and the spacing of the following ones, ms
 /// (QEMU defaults: 50 and 100).
 const ANNOUNCE_INITIAL_MS: u64 = 1;
@@ -333,6 +337,12 @@ pub struct LocalDestination {
 impl LocalDestination {
     pub fn running(&self) -> &Running {
         &self.running
+    }
+
+    /// Started without `-S`: it runs the VM as soon as the stream lets it (post-copy),
+    /// not only at `finish`.
+    pub fn runs_by_itself(&self) -> bool {
+        !self.paused
     }
 }
 
@@ -948,6 +958,9 @@ impl Session {
 
     fn start(&mut self, hold: bool, postcopy: bool, params: &Params) -> Result<(), VirtError> {
         let err = Self::qmp_err(&self.vm.spec.name);
+        if self.started_us != 0 {
+            return Err(VirtError::Busy(self.vm.spec.name.clone()));
+        }
         self.postcopy = postcopy;
         if self.postcopy {
             let preempt = has_postcopy_preempt(&mut self.src);
@@ -1317,6 +1330,16 @@ impl Session {
     /// resume.
     fn finish_here(&mut self) -> Result<VmMigration, VirtError> {
         let name = self.vm.spec.name.clone();
+        if !self.done || self.settled {
+            // Nothing happens: a finish before `completed` would quit a source that still
+            // holds pages (post-copy) or the VM's only copy.
+            return Err(VirtError::MigrationFailed {
+                vm: name,
+                source_host: self.vm.host.clone(),
+                reason: "finish asked before the migration completed (or after it was settled)"
+                    .into(),
+            });
+        }
         let err = Self::qmp_err(&name);
         let (resume_us, dst_running) = match self.dst.finish() {
             Ok(r) => r,
@@ -1848,7 +1871,7 @@ fn run_batch(
         if views.iter().all(|v| v.done) {
             break;
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(if hold && !released { HELD_POLL } else { POLL });
     }
     // Every leg is finished, whatever happens to the others: one that is dropped unfinished
     // would leave its source paused after `completed` and its destination waiting, the VM
