@@ -196,7 +196,10 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
                 &url,
             ],
         );
-        assert!(!ok && text.contains("bad certificate"), "{cert}: {text}");
+        // etcd refuses the certificate with an alert, or (seen once, under load) closes the
+        // handshake before curl reads it: "getpeername() failed with errno 107".
+        let refused = text.contains("bad certificate") || text.contains("errno 107");
+        assert!(!ok && refused, "{cert}: {text}");
     }
     let (cert, key) = (
         path("pki/consensus/operator.crt"),
