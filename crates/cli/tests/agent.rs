@@ -533,6 +533,16 @@ fn remote(ns: &str, access: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Copies an access bundle's four files from `bundle` into a fresh directory `to`, as an
+/// operator takes it away from the lab.
+fn copy_bundle(bundle: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["zone.toml", "ca.crt", "operator.crt", "operator.key"] {
+        std::fs::copy(bundle.join(f), to.join(f)).unwrap();
+    }
+}
+
 #[test]
 fn an_operator_with_only_the_access_bundle_drives_vms_from_a_client_host() {
     if !e2e_enabled() {
@@ -544,11 +554,7 @@ fn an_operator_with_only_the_access_bundle_drives_vms_from_a_client_host() {
     let up = lab.json(&["lab", "up", "--json"]);
     let bundle = PathBuf::from(up["access"].as_str().unwrap());
     let mine = lab.state_dir.join("operator-laptop");
-    let _ = std::fs::remove_dir_all(&mine);
-    std::fs::create_dir_all(&mine).unwrap();
-    for f in ["zone.toml", "ca.crt", "operator.crt", "operator.key"] {
-        std::fs::copy(bundle.join(f), mine.join(f)).unwrap();
-    }
+    copy_bundle(&bundle, &mine);
     let zone = std::fs::read_to_string(mine.join("zone.toml")).unwrap();
     assert!(
         zone.contains("agent = \"https://10.77.1.11:7070\""),
@@ -803,11 +809,7 @@ fn a_group_moves_with_each_strategy_through_the_agents_from_a_client_host() {
     let up = lab.json(&["lab", "up", "--json"]);
     let bundle = PathBuf::from(up["access"].as_str().unwrap());
     let mine = std::env::temp_dir().join(format!("dczone-operator-{}", lab.name));
-    let _ = std::fs::remove_dir_all(&mine);
-    std::fs::create_dir_all(&mine).unwrap();
-    for f in ["zone.toml", "ca.crt", "operator.crt", "operator.key"] {
-        std::fs::copy(bundle.join(f), mine.join(f)).unwrap();
-    }
+    copy_bundle(&bundle, &mine);
     let ns = lab.ns("dc1.1-client");
     let state_dir = lab.state_dir.clone();
     let run = |args: &[&str]| isolated(&ns, &state_dir, &mine, args);
