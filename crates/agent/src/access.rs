@@ -6,6 +6,7 @@
 //! <dir>/ca.crt         the zone CA certificate
 //! <dir>/operator.crt   the operator's certificate
 //! <dir>/operator.key   its key (0600)
+//! <dir>/pgpass         the database's password (libpq's format, 0600; `db up` adds it)
 //! ```
 //!
 //! `dczone --access DIR` (env `DCZONE_ACCESS`) reads it and calls the agents directly.
@@ -36,6 +37,31 @@ pub struct Bundle {
     /// The zone's name.
     pub zone: String,
     pub hosts: Vec<BundleHost>,
+    /// The zone's replicated database, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<BundleDatabase>,
+}
+
+/// The database platform as an operator reaches it: its members, in the zone's order.
+/// The state and switchovers go through the members' hosts' agents (to the HA agents);
+/// clients connect to PostgreSQL directly, with the bundle's `pgpass` and `ca.crt`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleDatabase {
+    /// The zone file's replication policy (a tier), until `db policy` sets another.
+    pub tier: String,
+    pub members: Vec<BundleMember>,
+}
+
+/// One PostgreSQL member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleMember {
+    pub site: String,
+    /// The host it runs on (its agent is in `hosts`).
+    pub host: String,
+    /// The address PostgreSQL listens on (its port is the platform's, 5432).
+    pub address: std::net::Ipv4Addr,
 }
 
 /// One host of the zone and its agent.

@@ -27,6 +27,13 @@
 //! | POST /v1/incoming/{name}/recover | [`AgentRequest::IncomingRecover`], body [`RecoverBody`] (host) |
 //! | POST /v1/vms/{name}/leg | [`AgentRequest::OpenLeg`], body [`leg::LegBody`] |
 //! | POST /v1/vms/{name}/leg/step | [`AgentRequest::LegStep`], body [`leg::LegStep`] |
+//! | GET /v1/db/{site}/state | [`AgentRequest::DbState`] |
+//! | POST /v1/db/{site}/switchover | [`AgentRequest::DbSwitchover`], body [`dczone_ha::decide::Switchover`] |
+//! | DELETE /v1/db/{site}/switchover | [`AgentRequest::DbSwitchoverClear`] |
+//!
+//! The `db` calls go to the HA agent of a database member on this host, over its local
+//! control socket ([`dczone_ha::control`]): the operator reads the platform's state and
+//! files a switchover without holding etcd credentials, which only HA agents hold.
 //!
 //! Live migration is driven between two agents, in libvirt's phases: the source agent
 //! (`migrate`) asks the destination agent to *prepare* (`incoming`: QEMU waiting for the
@@ -110,6 +117,15 @@ pub enum AgentRequest {
     OpenLeg { name: String, body: leg::LegBody },
     /// One step of an open leg.
     LegStep { name: String, step: leg::LegStep },
+    /// The database platform's state, as the HA agent of `site` on this host reads it.
+    DbState { site: String },
+    /// File a planned switchover through the HA agent of `site` on this host.
+    DbSwitchover {
+        site: String,
+        request: dczone_ha::decide::Switchover,
+    },
+    /// Withdraw a switchover request through the HA agent of `site` on this host.
+    DbSwitchoverClear { site: String },
 }
 
 impl AgentRequest {
@@ -209,6 +225,14 @@ pub enum AgentError {
     NoIncoming(String),
     #[error("no migration of VM '{0}' in progress on this host")]
     NoMigration(String),
+    #[error("no HA agent of database site '{site}' runs on this host ({host}): {reason}")]
+    NoHaAgent {
+        site: String,
+        host: String,
+        reason: String,
+    },
+    #[error("the HA agent of '{site}' on this host: {reason}")]
+    Ha { site: String, reason: String },
     #[error(transparent)]
     Virt(#[from] VirtError),
 }
@@ -218,10 +242,12 @@ impl AgentError {
         match self {
             AgentError::Forbidden { .. } => StatusCode::FORBIDDEN,
             AgentError::NotHere { .. }
+            | AgentError::NoHaAgent { .. }
             | AgentError::NoIncoming(_)
             | AgentError::NoMigration(_)
             | AgentError::Virt(VirtError::UnknownVm { .. }) => StatusCode::NOT_FOUND,
             AgentError::Virt(VirtError::Exists(_)) => StatusCode::CONFLICT,
+            AgentError::Ha { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Virt(VirtError::BadSpec(_) | VirtError::NoMemory { .. }) => {
                 StatusCode::BAD_REQUEST
             }
@@ -261,6 +287,9 @@ pub struct Agent {
     endpoints: HashMap<String, String>,
     /// Legs of group migrations from this host, driven by a coordinator.
     legs: leg::Legs,
+    /// Where the database members of this host keep their directories (`<site>/`, each
+    /// with its HA agent's control socket).
+    db_dir: PathBuf,
 }
 
 impl Agent {
@@ -269,8 +298,10 @@ impl Agent {
         host: String,
         peers: Arc<rustls::ClientConfig>,
         endpoints: HashMap<String, String>,
+        db_dir: PathBuf,
     ) -> Agent {
         let agent = Agent {
+            db_dir,
             platform,
             host,
             peers,
@@ -372,6 +403,41 @@ impl Agent {
             });
         }
         Ok(vm)
+    }
+
+    /// Asks the HA agent of database site `site` on this host.
+    fn ha(&self, site: &str, req: dczone_ha::control::ControlRequest) -> Result<Value, AgentError> {
+        let valid = !site.is_empty()
+            && site.len() <= 64
+            && !site.starts_with('.')
+            && site
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !valid {
+            return Err(VirtError::BadSpec(format!(
+                "'{site}' is not a site name (letters, digits, '.', '-', '_')"
+            ))
+            .into());
+        }
+        let socket = dczone_ha::control::socket_path(&self.db_dir.join(site));
+        if !socket.exists() {
+            return Err(AgentError::NoHaAgent {
+                site: site.into(),
+                host: self.host.clone(),
+                reason: format!("{} does not exist", socket.display()),
+            });
+        }
+        dczone_ha::control::ask(&socket, &req, Duration::from_secs(10)).map_err(|e| match e {
+            dczone_ha::control::ControlError::Unreachable { reason, .. } => AgentError::NoHaAgent {
+                site: site.into(),
+                host: self.host.clone(),
+                reason,
+            },
+            dczone_ha::control::ControlError::Refused(reason) => AgentError::Ha {
+                site: site.into(),
+                reason,
+            },
+        })
     }
 
     /// Carries out one request.
@@ -582,6 +648,20 @@ impl Agent {
                     .ok_or(AgentError::NoMigration(name))?;
                 serde_json::to_value(answer).unwrap_or(Value::Null)
             }
+            AgentRequest::DbState { site } => {
+                self.ha(&site, dczone_ha::control::ControlRequest::Snapshot)?
+            }
+            AgentRequest::DbSwitchover { site, request } => {
+                self.ha(
+                    &site,
+                    dczone_ha::control::ControlRequest::RequestSwitchover { request },
+                )?;
+                json!({ "requested": true })
+            }
+            AgentRequest::DbSwitchoverClear { site } => {
+                self.ha(&site, dczone_ha::control::ControlRequest::ClearSwitchover)?;
+                json!({ "cleared": true })
+            }
             AgentRequest::IncomingStatus { name } => {
                 let mut incoming = self.incoming.lock().expect("not poisoned");
                 let (d, seen, _) = incoming
@@ -774,6 +854,30 @@ pub fn router(agent: Shared) -> Router {
                  UrlPath(name): UrlPath<String>,
                  Json(step): Json<leg::LegStep>| {
                     dispatch(a, h, AgentRequest::LegStep { name, step })
+                },
+            ),
+        )
+        .route(
+            "/v1/db/{site}/state",
+            get(
+                |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::DbState { site })
+                },
+            ),
+        )
+        .route(
+            "/v1/db/{site}/switchover",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(site): UrlPath<String>,
+                 Json(request): Json<dczone_ha::decide::Switchover>| {
+                    dispatch(a, h, AgentRequest::DbSwitchover { site, request })
+                },
+            )
+            .delete(
+                |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::DbSwitchoverClear { site })
                 },
             ),
         )
@@ -1074,7 +1178,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let server_tls = dczone_pki::tls::server_config(&identity)?;
     let peers = dczone_pki::tls::client_config(&identity.ca, Some(&identity))?;
     let inputs = dczone_image::ImageInputs::for_executable(&exe);
-    let (platform, default_listen, endpoints) = match &args.zone {
+    let (platform, default_listen, endpoints, db_dir) = match &args.zone {
         Some(file) => {
             let bundle = access::Bundle::read(file)?;
             let hosts: Vec<_> = bundle
@@ -1100,14 +1204,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .map(|h| (h.id.clone(), h.agent.clone()))
                 .collect();
             let platform = Platform::on_host(placement, args.pki.clone(), &inputs)?;
-            (platform, me, endpoints)
+            (platform, me, endpoints, args.data_dir.join("db"))
         }
         None => {
             let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
             let (host, _) = lab.host(&args.host)?;
+            let db_dir = lab.dir().join("db");
             let platform = Platform::open(lab, &inputs)?.with_pki(args.pki.clone());
             let listen = SocketAddr::from((host.ip(), AGENT_PORT));
-            (platform, Some(listen), HashMap::new())
+            (platform, Some(listen), HashMap::new(), db_dir)
         }
     };
     let listen = args.listen.or(default_listen).ok_or_else(|| {
@@ -1116,7 +1221,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             args.host
         )
     })?;
-    let agent = Arc::new(Agent::new(platform, args.host.clone(), peers, endpoints));
+    let agent = Arc::new(Agent::new(
+        platform,
+        args.host.clone(),
+        peers,
+        endpoints,
+        db_dir,
+    ));
     let reaper = agent.clone();
     std::thread::Builder::new()
         .name("incoming-reaper".into())

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use serde_json::Value;
 
-use dczone_agent::access::{Access, Bundle, BundleHost};
+use dczone_agent::access::{Access, Bundle, BundleDatabase, BundleHost, BundleMember};
 use dczone_agent::{AgentClient, CallError, AGENT_PORT};
 use dczone_lab::{sys, Lab};
 use dczone_pki::tls::{self, ClientConfig, Identity};
@@ -149,6 +149,23 @@ impl HostAgents {
                     agent: format!("https://{}:{AGENT_PORT}", h.ip()),
                 })
                 .collect(),
+            database: zone.database.as_ref().map(|plan| BundleDatabase {
+                tier: plan.tier.clone(),
+                members: plan
+                    .members()
+                    .iter()
+                    .filter_map(|site| {
+                        let idx = zone.site_index(site)?;
+                        let host = zone.sites[idx].hosts.get(plan.host_index)?;
+                        let ip = zone.host(host)?.ip();
+                        Some(BundleMember {
+                            site: site.clone(),
+                            host: host.clone(),
+                            address: ip,
+                        })
+                    })
+                    .collect(),
+            }),
         };
         let dir = self.access_dir();
         bundle.write(&dir)?;

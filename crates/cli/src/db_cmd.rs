@@ -9,6 +9,9 @@ use anyhow::bail;
 use clap::Subcommand;
 use serde::Serialize;
 
+use dczone_agent::access::Access;
+use dczone_database::operator::{self, Reach};
+use dczone_database::remote::Remote;
 use dczone_database::{Database, DegradedStatus};
 use dczone_ha::decide::Switchover;
 use dczone_ha::keys::Snapshot;
@@ -177,10 +180,13 @@ struct StatusView {
     switchover: Option<Switchover>,
 }
 
-fn status_view(p: &Database, snap: &Snapshot) -> StatusView {
+fn status_view(default_tier: &str, snap: &Snapshot) -> StatusView {
     StatusView {
         leader: snap.leader.as_ref().map(|l| l.site.clone()),
-        policy: snap.tier.clone().unwrap_or_else(|| p.plan.tier.clone()),
+        policy: snap
+            .tier
+            .clone()
+            .unwrap_or_else(|| default_tier.to_string()),
         replication: snap
             .sync
             .as_ref()
@@ -271,7 +277,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
         DbCommand::Up { timeout, json } => {
             let client = p.client_host(None)?;
             let primary = p.up_within(exe, state_dir, &client, Duration::from_secs(timeout))?;
-            let v = status_view(&p, &p.snapshot(&client)?);
+            let v = status_view(&p.plan.tier, &p.snapshot(&client)?);
             if json {
                 print_json(&v);
             } else {
@@ -290,14 +296,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
         DbCommand::Status { json } => {
             let host = p.client_host(None)?;
             match p.snapshot(&host) {
-                Ok(snap) => {
-                    let v = status_view(&p, &snap);
-                    if json {
-                        print_json(&v);
-                    } else {
-                        print_status(&v);
-                    }
-                }
+                Ok(snap) => show_status(&status_view(&p.plan.tier, &snap), json),
                 Err(e) => {
                     let d = p.degraded_status(&host, format!("{e:#}"))?;
                     if json {
@@ -329,15 +328,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             }
         }
         DbCommand::Switchover { to, timeout, json } => {
-            let r = p.switchover(&to, Duration::from_secs(timeout))?;
-            if json {
-                print_json(&r);
-            } else {
-                println!(
-                    "switchover {} -> {}: leader key moved after {:.0} ms, first commit on {} after {:.0} ms, {} streaming again after {:.0} ms",
-                    r.from, r.to, r.leader_ms, r.to, r.first_commit_ms, r.from, r.rejoined_ms
-                );
-            }
+            show_switchover(&p.switchover(&to, Duration::from_secs(timeout))?, json);
         }
         DbCommand::Failover {
             to,
@@ -398,32 +389,10 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             client,
             json,
         } => {
-            if clients == 0 || !(seconds.is_finite() && seconds > 0.0) {
-                bail!("--clients must be at least 1 and --seconds positive");
-            }
             let host = p.client_host(client)?;
-            let opts = LoadOptions {
-                hosts: p.hosts_for(&host),
-                clients,
-                duration: Duration::from_secs_f64(seconds),
-                request_timeout: Duration::from_secs(1),
-                run_id: format!("r{}", dczone_ledger::unix_us()),
-            };
-            let r = p.load(&host, opts)?;
+            let r = p.load(&host, load_options(p.hosts_for(&host), clients, seconds)?)?;
             p.record(&r)?;
-            if json {
-                print_json(&r);
-            } else {
-                println!(
-                    "{} acknowledged, {} indeterminate, {} errors; Ptrx {:.0}/s, TATrxn p50 {:.2} ms p99 {:.2} ms",
-                    r.acknowledged.len(),
-                    r.indeterminate.len(),
-                    r.errors,
-                    r.ptrx,
-                    r.tatrxn_p50_ms,
-                    r.tatrxn_p99_ms
-                );
-            }
+            show_load(&r, json);
         }
         DbCommand::Conninfo { client, json } => {
             let host = p.client_host(client)?;
@@ -436,16 +405,138 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
         }
         DbCommand::Audit { client, json } => {
             let (acked, ind) = p.recorded();
-            let a = p.audit(&p.client_host(client)?, acked, ind)?;
+            return Ok(show_audit(
+                &p.audit(&p.client_host(client)?, acked, ind)?,
+                json,
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_status(v: &StatusView, json: bool) {
+    if json {
+        print_json(v);
+    } else {
+        print_status(v);
+    }
+}
+
+fn show_switchover(r: &dczone_database::SwitchoverReport, json: bool) {
+    if json {
+        print_json(r);
+    } else {
+        println!(
+            "switchover {} -> {}: leader key moved after {:.0} ms, first commit on {} after {:.0} ms, {} streaming again after {:.0} ms",
+            r.from, r.to, r.leader_ms, r.to, r.first_commit_ms, r.from, r.rejoined_ms
+        );
+    }
+}
+
+fn load_options(
+    hosts: Vec<std::net::Ipv4Addr>,
+    clients: usize,
+    seconds: f64,
+) -> anyhow::Result<LoadOptions> {
+    if clients == 0 || !(seconds.is_finite() && seconds > 0.0) {
+        bail!("--clients must be at least 1 and --seconds positive");
+    }
+    Ok(LoadOptions {
+        hosts,
+        clients,
+        duration: Duration::from_secs_f64(seconds),
+        request_timeout: Duration::from_secs(1),
+        run_id: format!("r{}", dczone_ledger::unix_us()),
+    })
+}
+
+fn show_load(r: &dczone_ledger::LoadResult, json: bool) {
+    if json {
+        print_json(r);
+    } else {
+        println!(
+            "{} acknowledged, {} indeterminate, {} errors; Ptrx {:.0}/s, TATrxn p50 {:.2} ms p99 {:.2} ms",
+            r.acknowledged.len(),
+            r.indeterminate.len(),
+            r.errors,
+            r.ptrx,
+            r.tatrxn_p50_ms,
+            r.tatrxn_p99_ms
+        );
+    }
+}
+
+/// Prints an audit; the exit code is a failure unless RPO = 0 and the balances hold.
+fn show_audit(a: &Audit, json: bool) -> ExitCode {
+    if json {
+        print_json(a);
+    } else {
+        print_audit(a);
+    }
+    if !a.rpo_zero || !a.balances_conserved || !a.balances_match_transfers {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `dczone --access DIR db ...`: the commands an operator runs from anywhere, through
+/// the agents ([`Remote`]). Bringing the platform up or down, the policy and the manual
+/// failover still run next to the lab.
+pub fn run_remote(access: &Access, cmd: DbCommand) -> anyhow::Result<ExitCode> {
+    let r = Remote::open(access)?;
+    let here = |client: Option<String>| {
+        if let Some(c) = client {
+            bail!(
+                "with --access the clients run in this process, not on '{c}': drop --client \
+                 (or run the command on that host)"
+            );
+        }
+        Ok(())
+    };
+    match cmd {
+        DbCommand::Status { json } => show_status(&status_view(&r.plan.tier, &r.snapshot()?), json),
+        DbCommand::Switchover { to, timeout, json } => {
+            r.require_password()?;
+            show_switchover(
+                &operator::switchover(&r, &to, Duration::from_secs(timeout))?,
+                json,
+            )
+        }
+        DbCommand::Load {
+            clients,
+            seconds,
+            client,
+            json,
+        } => {
+            here(client)?;
+            r.require_password()?;
+            let result = r.load(load_options(r.hosts(), clients, seconds)?)?;
+            r.audit_log().record(&result)?;
+            show_load(&result, json);
+        }
+        DbCommand::Conninfo { client, json } => {
+            here(client)?;
+            let conninfo = r.conninfo();
             if json {
-                print_json(&a);
+                print_json(&serde_json::json!({"client": "this process", "conninfo": conninfo}));
             } else {
-                print_audit(&a);
-            }
-            if !a.rpo_zero || !a.balances_conserved || !a.balances_match_transfers {
-                return Ok(ExitCode::FAILURE);
+                println!("{conninfo}");
             }
         }
+        DbCommand::Audit { client, json } => {
+            here(client)?;
+            r.require_password()?;
+            let (acked, ind) = r.audit_log().recorded();
+            return Ok(show_audit(&operator::audit(&r, acked, ind)?, json));
+        }
+        DbCommand::Up { .. }
+        | DbCommand::Down { .. }
+        | DbCommand::Policy { .. }
+        | DbCommand::Failover { .. } => bail!(
+            "with --access, `db` offers status, switchover, load, conninfo and audit; `db up`, \
+             `down`, `policy` and `failover` still run next to the lab (issue 11)"
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }

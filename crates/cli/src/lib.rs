@@ -37,8 +37,9 @@ pub struct Cli {
     )]
     pub state_dir: PathBuf,
     /// Drive a zone through its agents with only this access bundle (`zone.toml`, the zone
-    /// CA, the operator's certificate; `lab up` writes one to <state-dir>/<lab>/access):
-    /// no namespace entry, no shared file. For `vm` and `migrate` (one VM or a group).
+    /// CA, the operator's certificate, the database's password; `lab up` writes one to
+    /// <state-dir>/<lab>/access): no namespace entry, no shared file. For `vm`, `migrate`
+    /// (one VM or a group) and `db` (status, switchover, load, conninfo, audit).
     #[arg(long, global = true, env = "DCZONE_ACCESS")]
     pub access: Option<PathBuf>,
     #[command(subcommand)]
@@ -129,36 +130,41 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe()?;
     let lab = dczone_lab::Lab::new(&cli.lab, &cli.state_dir, &exe)?;
+    let access = match &cli.access {
+        None => None,
+        Some(dir) => {
+            if !matches!(
+                cli.command,
+                Command::Vm { .. } | Command::Migrate(_) | Command::Db { .. }
+            ) {
+                anyhow::bail!(
+                    "--access drives `vm`, `migrate` and `db` through the agents; the other \
+                     commands run next to the lab for now (issue 11)"
+                );
+            }
+            Some(dczone_agent::access::Access::open(dir)?)
+        }
+    };
     // libpq's conventions, for our clients and the psql or pgbench an operator runs
-    // through `lab exec`: the lab's database password and CA, and TLS verified against it.
-    // Set before any thread starts; an operator's own settings win.
+    // through `lab exec`: the database password and CA (the lab's, or the access
+    // bundle's), and TLS verified against it. Set before any thread starts; an operator's
+    // own settings win.
+    let (passfile, ca) = match &access {
+        Some(a) => (a.dir.join("pgpass"), a.dir.join("ca.crt")),
+        None => (
+            dczone_database::passfile(&lab),
+            dczone_database::ca_file(&lab),
+        ),
+    };
     for (var, value) in [
-        (
-            "PGPASSFILE",
-            dczone_database::passfile(&lab).into_os_string(),
-        ),
-        (
-            "PGSSLROOTCERT",
-            dczone_database::ca_file(&lab).into_os_string(),
-        ),
+        ("PGPASSFILE", passfile.into_os_string()),
+        ("PGSSLROOTCERT", ca.into_os_string()),
         ("PGSSLMODE", "verify-full".into()),
     ] {
         if std::env::var_os(var).is_none() {
             std::env::set_var(var, value);
         }
     }
-    let access = match &cli.access {
-        None => None,
-        Some(dir) => {
-            if !matches!(cli.command, Command::Vm { .. } | Command::Migrate(_)) {
-                anyhow::bail!(
-                    "--access drives `vm` and `migrate` through the agents; the other commands \
-                     run next to the lab for now (issue 11)"
-                );
-            }
-            Some(dczone_agent::access::Access::open(dir)?)
-        }
-    };
     match cli.command {
         Command::Lab { command } => lab_cmd::run(&lab, &exe, &cli.state_dir, command),
         Command::Demo { json } => {
@@ -226,7 +232,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(args) => {
             vm_cmd::migrate(&lab, &exe, &cli.state_dir, access.as_ref(), args)
         }
-        Command::Db { command } => db_cmd::run(&lab, &exe, &cli.state_dir, command),
+        Command::Db { command } => match &access {
+            Some(a) => db_cmd::run_remote(a, command),
+            None => db_cmd::run(&lab, &exe, &cli.state_dir, command),
+        },
         Command::HaAgent { site } => db_cmd::agent(&lab, &site),
         Command::Bench { command } => bench::run(&lab, &cli.state_dir, &exe, command),
         Command::ApnRun { config } => {

@@ -9,6 +9,9 @@
 //! one named exception to "only HA agents hold etcd credentials"); routing it through the
 //! HA agents is open (issue 11, item 1).
 
+pub mod operator;
+pub mod remote;
+
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -25,9 +28,6 @@ use dczone_lab::{sys, Lab};
 use dczone_ledger::{Audit, LoadOptions, LoadResult};
 use dczone_zone::database::DatabasePlan;
 use dczone_zone::Zone;
-
-/// How long `audit` waits for a member that accepts writes.
-const AUDIT_PRIMARY_WAIT: Duration = Duration::from_secs(30);
 
 /// The lab's database password file (libpq's format; see [`dczone_db::ensure_passfile`]):
 /// every member names it, and `dczone` points `PGPASSFILE` at it for its own clients.
@@ -177,16 +177,7 @@ impl Database {
     /// libpq tries them in order and skips standbys; `connect_timeout` (libpq's minimum is
     /// 2 s) bounds what an unreachable member costs.
     pub fn conninfo(&self, client: &str) -> String {
-        let hosts: Vec<String> = self
-            .hosts_for(client)
-            .iter()
-            .map(|ip| format!("{ip}:{}", dczone_db::PORT))
-            .collect();
-        format!(
-            "postgresql://postgres@{}/{}?target_session_attrs=read-write&connect_timeout=2&application_name=dczone-client",
-            hosts.join(","),
-            dczone_db::DATABASE
-        )
+        conninfo_for(&self.hosts_for(client))
     }
 
     /// An agent talks to its own site's etcd members only: if its site is cut off, its
@@ -242,6 +233,20 @@ impl Database {
             members: self.hosts(),
             clients,
         }
+    }
+
+    /// Puts the database's password into the lab's access bundle (`access/pgpass`, 0600):
+    /// an operator's clients need it to reach PostgreSQL from anywhere.
+    fn share_password(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.lab.dir().join("access");
+        std::fs::create_dir_all(&dir)?;
+        let (to, tmp) = (dir.join("pgpass"), dir.join("pgpass.tmp"));
+        std::fs::copy(passfile(&self.lab), &tmp)
+            .with_context(|| format!("copy the database password to {}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, &to)?;
+        Ok(())
     }
 
     /// Gives every member its host's zone certificate (issued by the lab's CA on first
@@ -397,128 +402,18 @@ impl Database {
         .context("write to etcd")
     }
 
-    /// Planned switchover to the standby of `to`; returns once the old primary streams from
-    /// the new one.
-    pub fn switchover(&self, to: &str, timeout: Duration) -> anyhow::Result<SwitchoverReport> {
-        let host = self.client_host(None)?;
-        let snap = self.snapshot(&host)?;
-        let Some(leader) = snap.leader.as_ref().map(|l| l.site.clone()) else {
-            bail!("no primary holds the leader key; see `dczone db status`");
-        };
-        if self.member(to).is_err() {
-            bail!(
-                "unknown database site '{to}'; the members are {}",
-                self.members
-                    .iter()
-                    .map(|m| m.site.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+    /// The operator's commands as run from inside `host` ([`operator::Reach`]).
+    pub fn at(&self, host: &str) -> AtHost<'_> {
+        AtHost {
+            db: self,
+            host: host.to_string(),
         }
-        if to == leader {
-            bail!("{to} is already the primary");
-        }
-        let now = dczone_ha::agent::unix_ms();
-        let fresh = dczone_ha::decide::fresh_standbys(&snap.members, now, 2_000);
-        if !fresh.iter().any(|r| r.site == to) {
-            bail!("{to} is not a running standby now; see `dczone db status` (it must stream from {leader})");
-        }
-        if snap
-            .switchover
-            .as_ref()
-            .is_some_and(|r| r.handing_over(now))
-        {
-            bail!("a switchover is already in progress");
-        }
-        let t0 = Instant::now();
-        let req = Switchover {
-            from: leader.clone(),
-            to: to.to_string(),
-            requested_ms: now,
-            final_lsn: None,
-            handed_over_ms: None,
-            refused: None,
-        };
-        self.put_key(&host, |k| k.switchover(), req)?;
-        let deadline = t0 + timeout;
-        let leader_ms = loop {
-            if Instant::now() > deadline {
-                bail!("{to} did not take over within {timeout:?}; see `dczone db status`");
-            }
-            // etcd answers "leader changed" while the new primary pulls its raft leadership
-            // over; only the deadline ends the wait.
-            let Ok(s) = self.snapshot(&host) else {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            };
-            if let Some(why) = s.switchover.as_ref().and_then(|r| r.refused.clone()) {
-                self.delete_key(&host, |k| k.switchover())?;
-                bail!("{leader} refused the switchover: {why}");
-            }
-            match s.leader.as_ref().map(|l| l.site.as_str()) {
-                Some(l) if l == to => break t0.elapsed().as_secs_f64() * 1e3,
-                Some(l) if l != leader => {
-                    bail!(
-                        "the handover did not complete; the ordinary election made {l} the primary"
-                    )
-                }
-                _ => {}
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let first_commit_ms = self.first_commit(&host, to, t0, deadline)?.ok_or_else(|| {
-            anyhow!("{to} holds the leader key but accepted no commit within {timeout:?}")
-        })?;
-        let rejoined_ms = loop {
-            if Instant::now() > deadline {
-                bail!("{to} is the primary, but {leader} did not rejoin as its standby within {timeout:?}; `dczone db up` brings it back");
-            }
-            let back = self.snapshot(&host).is_ok_and(|s| {
-                s.members
-                    .iter()
-                    .any(|m| m.site == leader && m.pg_up && m.in_recovery && !m.fenced)
-            });
-            if back {
-                break t0.elapsed().as_secs_f64() * 1e3;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        Ok(SwitchoverReport {
-            from: leader,
-            to: to.to_string(),
-            leader_ms,
-            first_commit_ms,
-            rejoined_ms,
-        })
     }
 
-    /// Milliseconds from `t0` until `site` acknowledges a commit to a client on `host`
-    /// (None if not before `deadline`).
-    fn first_commit(
-        &self,
-        host: &str,
-        site: &str,
-        t0: Instant,
-        deadline: Instant,
-    ) -> anyhow::Result<Option<f64>> {
-        let ip = self.member(site)?.ip;
-        let hosts = self.hosts_for(host);
-        self.in_host(host, move || async move {
-            while Instant::now() < deadline {
-                if let Ok((c, at)) = dczone_ledger::connect_primary(&hosts, "dczone-probe").await {
-                    let wrote = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        c.batch_execute("SELECT txid_current()"),
-                    )
-                    .await;
-                    if at == ip && matches!(wrote, Ok(Ok(()))) {
-                        return Some(t0.elapsed().as_secs_f64() * 1e3);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            None
-        })
+    /// Planned switchover to the standby of `to` ([`operator::switchover`]), from the
+    /// default client host.
+    pub fn switchover(&self, to: &str, timeout: Duration) -> anyhow::Result<SwitchoverReport> {
+        operator::switchover(&self.at(&self.client_host(None)?), to, timeout)
     }
 
     pub fn delete_key(
@@ -607,63 +502,21 @@ impl Database {
         acked: Vec<String>,
         indeterminate: Vec<String>,
     ) -> anyhow::Result<Audit> {
-        let hosts = self.hosts();
-        self.in_host(host, move || async move {
-            // The primary may be moving (an election, or the return to the preferred site
-            // after a restore): the auditor waits for one, as the ledger's clients do.
-            let deadline = std::time::Instant::now() + AUDIT_PRIMARY_WAIT;
-            loop {
-                match dczone_ledger::audit(&hosts, &acked, &indeterminate).await {
-                    Err(dczone_ledger::LedgerError::NoPrimary { .. })
-                        if std::time::Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(500)).await
-                    }
-                    r => return r,
-                }
-            }
-        })?
-        .map_err(|e| anyhow!("audit: {e}"))
+        operator::audit(&self.at(host), acked, indeterminate)
     }
 
-    fn log_path(&self, which: &str) -> PathBuf {
-        self.lab.dir().join("db").join(format!("{which}.log"))
+    /// The lab's audit logs ([`operator::AuditLog`]).
+    pub fn audit_log(&self) -> operator::AuditLog {
+        operator::AuditLog::new(&self.lab.dir().join("db"))
     }
 
     /// Appends ids to the audit logs that `db audit` reads.
     pub fn record(&self, result: &LoadResult) -> anyhow::Result<()> {
-        use std::io::Write;
-        for (which, ids) in [
-            ("acknowledged", &result.acknowledged),
-            ("indeterminate", &result.indeterminate),
-        ] {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.log_path(which))?;
-            for id in ids {
-                writeln!(f, "{id}")?;
-            }
-        }
-        Ok(())
+        self.audit_log().record(result)
     }
 
     pub fn recorded(&self) -> (Vec<String>, Vec<String>) {
-        let read = |w: &str| -> Vec<String> {
-            std::fs::read_to_string(self.log_path(w))
-                .unwrap_or_default()
-                .lines()
-                .map(str::to_string)
-                .collect()
-        };
-        let acked = read("acknowledged");
-        let acked_set: std::collections::HashSet<&String> = acked.iter().collect();
-        // An id retried to success is acknowledged, not indeterminate.
-        let ind = read("indeterminate")
-            .into_iter()
-            .filter(|i| !acked_set.contains(i))
-            .collect();
-        (acked, ind)
+        self.audit_log().recorded()
     }
 
     /// Brings the platform up (idempotent); returns the primary's site.
@@ -685,6 +538,7 @@ impl Database {
         self.rejoin_consensus(client)?;
         std::fs::create_dir_all(self.lab.dir().join("db"))?;
         dczone_db::ensure_passfile(&passfile(&self.lab))?;
+        self.share_password()?;
         self.install_tls()?;
         for m in &self.members {
             self.start_agent(exe, state_dir, &m.site)?;
@@ -756,6 +610,63 @@ fn postmaster_alive(m: &Member) -> bool {
         .ok()
         .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
         .is_some_and(sys::alive)
+}
+
+/// A libpq connection string that reaches whichever of `hosts` accepts writes:
+/// `target_session_attrs=read-write`, tried in order. libpq skips standbys;
+/// `connect_timeout` (libpq's minimum is 2 s) bounds what an unreachable member costs.
+pub fn conninfo_for(hosts: &[Ipv4Addr]) -> String {
+    let hosts: Vec<String> = hosts
+        .iter()
+        .map(|ip| format!("{ip}:{}", dczone_db::PORT))
+        .collect();
+    format!(
+        "postgresql://postgres@{}/{}?target_session_attrs=read-write&connect_timeout=2&application_name=dczone-client",
+        hosts.join(","),
+        dczone_db::DATABASE
+    )
+}
+
+/// The lab's platform as seen from inside one host: what [`operator`]'s commands need.
+#[derive(Debug)]
+pub struct AtHost<'a> {
+    db: &'a Database,
+    host: String,
+}
+
+impl operator::Reach for AtHost<'_> {
+    fn members(&self) -> Vec<(String, Ipv4Addr)> {
+        let order = self.db.hosts_for(&self.host);
+        order
+            .into_iter()
+            .filter_map(|ip| {
+                let m = self.db.members.iter().find(|m| m.ip == ip)?;
+                Some((m.site.clone(), ip))
+            })
+            .collect()
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        self.db.snapshot(&self.host)
+    }
+
+    fn request_switchover(&self, request: &Switchover) -> anyhow::Result<()> {
+        self.db
+            .put_key(&self.host, |k| k.switchover(), request.clone())
+    }
+
+    fn clear_switchover(&self) -> anyhow::Result<()> {
+        self.db.delete_key(&self.host, |k| k.switchover())
+    }
+
+    fn in_client<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        self.db.in_host(&self.host, f)
+    }
 }
 
 /// What `db switchover` measured, each from the request.
@@ -1067,8 +978,7 @@ impl Database {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let first_commit_ms = self
-            .first_commit(&host, to, t0, deadline)?
+        let first_commit_ms = operator::first_commit(&self.at(&host), to, t0, deadline)?
             .ok_or_else(|| anyhow!("{to} leads but accepted no commit within {timeout:?}"))?;
         Ok(FailoverReport {
             to: to.to_string(),

@@ -319,6 +319,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), HaError> {
             }
         }
     };
+    // The host's agent reads the state and files switchovers through this agent.
+    let socket = crate::control::socket_path(&cfg.me().dir);
+    let (control, control_site) = (store.clone(), site.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::control::serve(socket.clone(), control).await {
+            log(
+                &control_site,
+                &format!("control socket {} failed: {e}", socket.display()),
+            );
+        }
+    });
     let ttl_ms = cfg.plan.ha.lease_ttl_ms;
     let shared = Arc::new(Shared {
         started: Instant::now(),

@@ -117,7 +117,7 @@ pub struct AuditEntry {
 }
 
 /// Everything under the platform's prefix, read at once.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     pub leader: Option<Leader>,
     pub sync: Option<SyncState>,

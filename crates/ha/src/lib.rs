@@ -2,6 +2,7 @@
 //! its decisions are pure functions in [`decide`].
 
 pub mod agent;
+pub mod control;
 pub mod decide;
 pub mod keys;
 pub mod manual;

@@ -1,0 +1,134 @@
+//! The database platform as an operator with an access bundle reaches it (`dczone --access
+//! DIR db ...`): the platform's state and switchover requests go to a member host's agent,
+//! which asks its HA agent (the only holder of etcd credentials); the ledger's clients,
+//! the first-commit probe and the audit connect to PostgreSQL directly with the bundle's
+//! `pgpass` and `ca.crt`. The audit logs are the operator's own, in `<bundle>/db/`.
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use serde_json::Value;
+
+use dczone_agent::access::{Access, BundleDatabase};
+use dczone_ha::decide::Switchover;
+use dczone_ha::keys::Snapshot;
+use dczone_ledger::{LoadOptions, LoadResult};
+
+use crate::operator::{on_own_runtime, AuditLog, Reach};
+
+/// How long one member's agent may take to answer (its HA agent waits up to 10 s for etcd).
+const CALL_TIMEOUT: Duration = Duration::from_secs(12);
+
+/// The platform of a zone, through its agents.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub access: Access,
+    pub plan: BundleDatabase,
+}
+
+impl Remote {
+    pub fn open(access: &Access) -> anyhow::Result<Remote> {
+        let plan = access.bundle.database.clone().ok_or_else(|| {
+            anyhow!(
+                "the access bundle {} describes no database ([database] in zone.toml); the \
+                 zone has none, or the bundle predates it: take a fresh one from `dczone lab up`",
+                access.dir.display()
+            )
+        })?;
+        Ok(Remote {
+            access: access.clone(),
+            plan,
+        })
+    }
+
+    /// The database's password must be where libpq looks (`PGPASSFILE`; `dczone` points it
+    /// at the bundle's `pgpass` unless the operator set it): without it every member
+    /// refuses the clients, and the error should say so before any of them tries.
+    pub fn require_password(&self) -> anyhow::Result<()> {
+        if dczone_db::client_password().is_some() {
+            return Ok(());
+        }
+        let file = std::env::var_os("PGPASSFILE")
+            .map_or_else(|| self.access.dir.join("pgpass"), std::path::PathBuf::from);
+        Err(anyhow!(
+            "no database password in {}: `dczone db up` writes it to the lab's access bundle \
+             (<state-dir>/<lab>/access/pgpass); copy it next to zone.toml (mode 0600), or set \
+             PGPASSFILE",
+            file.display()
+        ))
+    }
+
+    /// The operator's audit logs, beside the bundle.
+    pub fn audit_log(&self) -> AuditLog {
+        AuditLog::new(&self.access.dir.join("db"))
+    }
+
+    /// Asks the members' hosts' agents in turn until one answers: a member whose site is
+    /// cut off cannot reach an etcd quorum, another can.
+    fn ask(&self, method: &str, what: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut failures = Vec::new();
+        for m in &self.plan.members {
+            let client = self.access.client(&m.host)?;
+            let path = format!("/v1/db/{}/{what}", m.site);
+            match client.call(method, &path, body.clone(), CALL_TIMEOUT) {
+                Ok(v) => return Ok(v),
+                Err(e) => failures.push(format!("{} (on {}): {e}", m.site, m.host)),
+            }
+        }
+        Err(anyhow!(
+            "no database member's agent could answer: {}",
+            failures.join("; ")
+        ))
+    }
+
+    /// A libpq connection string that reaches whichever member accepts writes.
+    pub fn conninfo(&self) -> String {
+        crate::conninfo_for(&self.hosts())
+    }
+
+    /// Runs the ledger's workload from this process.
+    pub fn load(&self, opts: LoadOptions) -> anyhow::Result<LoadResult> {
+        self.in_client(move || dczone_ledger::run(opts))
+    }
+}
+
+impl Reach for Remote {
+    fn members(&self) -> Vec<(String, Ipv4Addr)> {
+        self.plan
+            .members
+            .iter()
+            .map(|m| (m.site.clone(), m.address))
+            .collect()
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let v = self
+            .ask("GET", "state", None)
+            .context("read the platform's state through the agents")?;
+        serde_json::from_value(v).context("read the platform's state: unreadable answer")
+    }
+
+    fn request_switchover(&self, request: &Switchover) -> anyhow::Result<()> {
+        let body = serde_json::to_value(request)?;
+        self.ask("POST", "switchover", Some(body))
+            .context("file the switchover through the agents")?;
+        Ok(())
+    }
+
+    fn clear_switchover(&self) -> anyhow::Result<()> {
+        self.ask("DELETE", "switchover", None)
+            .context("withdraw the switchover through the agents")?;
+        Ok(())
+    }
+
+    fn in_client<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        on_own_runtime(f)
+    }
+}
