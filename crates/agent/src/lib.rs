@@ -30,6 +30,7 @@
 //! | GET /v1/db/{site}/state | [`AgentRequest::DbState`] |
 //! | POST /v1/db/{site}/switchover | [`AgentRequest::DbSwitchover`], body [`dczone_ha::decide::Switchover`] |
 //! | DELETE /v1/db/{site}/switchover | [`AgentRequest::DbSwitchoverClear`] |
+//! | PUT /v1/db/{site}/policy | [`AgentRequest::DbPolicy`], body [`PolicyBody`] |
 //!
 //! The `db` calls go to the HA agent of a database member on this host, over its local
 //! control socket ([`dczone_ha::control`]): the operator reads the platform's state and
@@ -58,7 +59,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Extension;
 use axum::{Json, Router};
 use clap::Parser;
@@ -126,6 +127,16 @@ pub enum AgentRequest {
     },
     /// Withdraw a switchover request through the HA agent of `site` on this host.
     DbSwitchoverClear { site: String },
+    /// Set the replication policy through the HA agent of `site` on this host.
+    DbPolicy { site: String, body: PolicyBody },
+}
+
+/// Body of `PUT /v1/db/{site}/policy`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    /// One of the zone's tiers (`[database.policies]`).
+    pub tier: String,
 }
 
 impl AgentRequest {
@@ -662,6 +673,14 @@ impl Agent {
                 self.ha(&site, dczone_ha::control::ControlRequest::ClearSwitchover)?;
                 json!({ "cleared": true })
             }
+            AgentRequest::DbPolicy { site, body } => {
+                let tier = body.tier;
+                self.ha(
+                    &site,
+                    dczone_ha::control::ControlRequest::SetPolicy { tier: tier.clone() },
+                )?;
+                json!({ "policy": tier })
+            }
             AgentRequest::IncomingStatus { name } => {
                 let mut incoming = self.incoming.lock().expect("not poisoned");
                 let (d, seen, _) = incoming
@@ -878,6 +897,17 @@ pub fn router(agent: Shared) -> Router {
             .delete(
                 |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::DbSwitchoverClear { site })
+                },
+            ),
+        )
+        .route(
+            "/v1/db/{site}/policy",
+            put(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(site): UrlPath<String>,
+                 Json(body): Json<PolicyBody>| {
+                    dispatch(a, h, AgentRequest::DbPolicy { site, body })
                 },
             ),
         )

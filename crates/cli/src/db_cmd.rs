@@ -321,11 +321,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
                 );
             }
             p.put_key(&p.client_host(None)?, |k| k.tier(), tier.clone())?;
-            if json {
-                print_json(&serde_json::json!({"policy": tier}));
-            } else {
-                println!("policy {tier} requested; the primary applies it within one HA loop");
-            }
+            show_policy(&tier, json);
         }
         DbCommand::Switchover { to, timeout, json } => {
             show_switchover(&p.switchover(&to, Duration::from_secs(timeout))?, json);
@@ -419,6 +415,14 @@ fn show_status(v: &StatusView, json: bool) {
         print_json(v);
     } else {
         print_status(v);
+    }
+}
+
+fn show_policy(tier: &str, json: bool) {
+    if json {
+        print_json(&serde_json::json!({"policy": tier}));
+    } else {
+        println!("policy {tier} requested; the primary applies it within one HA loop");
     }
 }
 
@@ -530,12 +534,13 @@ pub fn run_remote(access: &Access, cmd: DbCommand) -> anyhow::Result<ExitCode> {
             let (acked, ind) = r.audit_log().recorded();
             return Ok(show_audit(&operator::audit(&r, acked, ind)?, json));
         }
-        DbCommand::Up { .. }
-        | DbCommand::Down { .. }
-        | DbCommand::Policy { .. }
-        | DbCommand::Failover { .. } => bail!(
-            "with --access, `db` offers status, switchover, load, conninfo and audit; `db up`, \
-             `down`, `policy` and `failover` still run next to the lab (issue 11)"
+        DbCommand::Policy { tier, json } => {
+            r.set_policy(&tier)?;
+            show_policy(&tier, json);
+        }
+        DbCommand::Up { .. } | DbCommand::Down { .. } | DbCommand::Failover { .. } => bail!(
+            "with --access, `db` offers status, policy, switchover, load, conninfo and audit; \
+             `db up`, `down` and `failover` still run next to the lab (issue 11)"
         ),
     }
     Ok(ExitCode::SUCCESS)

@@ -108,11 +108,12 @@ pub enum Command {
 
 /// Entry point of the binary: runs the command and prints the whole error chain on failure.
 pub fn main() -> ExitCode {
-    // Behave like a Unix tool when piped into `head`: exit quietly on a closed pipe.
-    // SAFETY: setting a signal disposition to its default before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default), never SIG_DFL: the HA agent, the emulator and
+    // the benchmarks hold TLS connections to etcd and the agents, and rustls writes with
+    // writev(2), which has no MSG_NOSIGNAL. With SIG_DFL a peer that died (an etcd member
+    // killed by a rebuild) killed the HA agent silently on its next write (seen in
+    // `db::manual_failover_...`: the target's agent died 0.3 s before consensus was
+    // rebuilt on its site).
     let cli = Cli::parse();
     let _failpoints = dczone_virt::failpoints_from_env();
     match run(cli) {

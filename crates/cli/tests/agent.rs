@@ -1020,6 +1020,25 @@ fn the_database_is_operated_through_the_agents_from_a_client_host() {
         assert_eq!(s["leader"], to, "{s}");
         load();
     }
+    // The policy at run time, validated by the HA agents against the zone's tiers.
+    for (tier, mode) in [("tier2", "async"), ("tier1", "sync")] {
+        assert_eq!(ok(&["db", "policy", tier, "--json"])["policy"], tier);
+        let t = std::time::Instant::now();
+        loop {
+            let s = ok(&["db", "status", "--json"]);
+            if s["policy"] == tier && s["replication"] == mode {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "{tier}: {s}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let out = run(&["db", "policy", "tier9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown policy 'tier9'; the zone defines"),
+        "{err}"
+    );
     let a = ok(&["db", "audit", "--json"]);
     assert_eq!(a["rpo_zero"], true, "{a}");
     assert_eq!(a["acknowledged"], acked, "{a}");

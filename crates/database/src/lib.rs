@@ -546,10 +546,24 @@ impl Database {
         // The primary first (the standbys copy it once it leads), then the ledger.
         self.wait_ready(client, &[], timeout)?;
         let hosts = self.hosts();
+        // A primary that just took the lead may miss one connect's 500 ms under load (seen
+        // once in CI): retried until the same deadline as the wait.
+        let deadline = Instant::now() + timeout;
         self.in_host(client, move || async move {
-            let (_, ip) =
-                dczone_ledger::connect_primary_db(&hosts, "dczone-setup", "postgres").await?;
-            dczone_ledger::create_schema(ip).await
+            loop {
+                let created = async {
+                    let (_, ip) =
+                        dczone_ledger::connect_primary_db(&hosts, "dczone-setup", "postgres")
+                            .await?;
+                    dczone_ledger::create_schema(ip).await
+                };
+                match created.await {
+                    Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(250)).await
+                    }
+                    r => return r,
+                }
+            }
         })?
         .map_err(|e| anyhow!("create the ledger: {e}"))?;
         let primary = self.wait_ready(client, &self.plan.members(), timeout)?;

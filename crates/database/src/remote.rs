@@ -83,6 +83,15 @@ impl Remote {
         ))
     }
 
+    /// Switches the replication policy to `tier` (validated by the HA agent against the
+    /// zone's tiers); the primary applies it within one HA loop.
+    pub fn set_policy(&self, tier: &str) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "tier": tier });
+        self.ask("PUT", "policy", Some(body))
+            .context("set the policy through the agents")?;
+        Ok(())
+    }
+
     /// A libpq connection string that reaches whichever member accepts writes.
     pub fn conninfo(&self) -> String {
         crate::conninfo_for(&self.hosts())

@@ -322,8 +322,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), HaError> {
     // The host's agent reads the state and files switchovers through this agent.
     let socket = crate::control::socket_path(&cfg.me().dir);
     let (control, control_site) = (store.clone(), site.clone());
+    let policies = cfg.plan.policies.keys().cloned().collect();
     tokio::spawn(async move {
-        if let Err(e) = crate::control::serve(socket.clone(), control).await {
+        if let Err(e) = crate::control::serve(socket.clone(), control, policies).await {
             log(
                 &control_site,
                 &format!("control socket {} failed: {e}", socket.display()),

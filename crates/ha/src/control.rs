@@ -32,6 +32,8 @@ pub enum ControlRequest {
     RequestSwitchover { request: Switchover },
     /// Withdraw a switchover request (refused or done).
     ClearSwitchover,
+    /// Switch the replication policy at run time (`db policy`): one of the zone's tiers.
+    SetPolicy { tier: String },
 }
 
 /// Why asking the control socket failed.
@@ -44,14 +46,14 @@ pub enum ControlError {
 }
 
 /// Serves the control socket until the agent exits. A stale socket of a previous agent
-/// is replaced.
-pub async fn serve(path: PathBuf, store: Store) -> std::io::Result<()> {
+/// is replaced. `policies` are the zone's tiers, the only values `SetPolicy` takes.
+pub async fn serve(path: PathBuf, store: Store, policies: Vec<String>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     loop {
         let (mut conn, _) = listener.accept().await?;
-        let store = store.clone();
+        let (store, policies) = (store.clone(), policies.clone());
         tokio::spawn(async move {
             let mut text = Vec::new();
             // A request is small; a client that sends more is not ours.
@@ -62,7 +64,7 @@ pub async fn serve(path: PathBuf, store: Store) -> std::io::Result<()> {
             .await;
             let answer = match read {
                 Ok(Ok(_)) => match serde_json::from_slice::<ControlRequest>(&text) {
-                    Ok(req) => match answer(&store, req).await {
+                    Ok(req) => match answer(&store, &policies, req).await {
                         Ok(v) => json!({ "ok": v }),
                         Err(e) => json!({ "error": e }),
                     },
@@ -76,7 +78,7 @@ pub async fn serve(path: PathBuf, store: Store) -> std::io::Result<()> {
     }
 }
 
-async fn answer(store: &Store, req: ControlRequest) -> Result<Value, String> {
+async fn answer(store: &Store, policies: &[String], req: ControlRequest) -> Result<Value, String> {
     let e = |e: crate::keys::StoreError| e.to_string();
     Ok(match req {
         ControlRequest::Snapshot => {
@@ -102,6 +104,19 @@ async fn answer(store: &Store, req: ControlRequest) -> Result<Value, String> {
         }
         ControlRequest::ClearSwitchover => {
             store.delete(&store.keys.switchover()).await.map_err(e)?;
+            Value::Null
+        }
+        ControlRequest::SetPolicy { tier } => {
+            if !policies.contains(&tier) {
+                return Err(format!(
+                    "unknown policy '{tier}'; the zone defines {}",
+                    policies.join(", ")
+                ));
+            }
+            store
+                .put_json(&store.keys.tier(), &tier, None)
+                .await
+                .map_err(e)?;
             Value::Null
         }
     })
