@@ -345,6 +345,12 @@ fn unreadable(vm: &str, e: impl std::fmt::Display) -> VirtError {
 /// A step that does one QMP command or two.
 const SHORT: Duration = Duration::from_secs(30);
 
+/// An abort: up to three QMP commands (10 s each while a blocked stream holds QEMU's lock)
+/// and the destination agent's (5 s), after the step in progress on the same leg (seen:
+/// an abort after a cut path took more than 30 s, and the command then reported the
+/// source agent unreachable instead of the VM running on at its source).
+const ABORT: Duration = Duration::from_secs(90);
+
 impl Leg for AgentLeg {
     fn view(&self) -> LegView {
         self.view.clone()
@@ -424,7 +430,7 @@ impl Leg for AgentLeg {
             LegStep::Abort {
                 reason: reason.clone(),
             },
-            SHORT,
+            ABORT,
         ) {
             Ok(a) => VirtError::Remote {
                 vm: self.vm.clone(),

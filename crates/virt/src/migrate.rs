@@ -1780,14 +1780,24 @@ fn run_batch(
     // host's agent.
     let mut legs: Vec<Box<dyn Leg>> = Vec::new();
     for (i, (vm, to)) in plan.iter().enumerate() {
-        legs.push(open(vm, to, MIGRATION_PORT_BASE + port_offset + i as u16)?);
+        match open(vm, to, MIGRATION_PORT_BASE + port_offset + i as u16) {
+            Ok(l) => legs.push(l),
+            Err(e) => return Err(abort_all(legs, e)),
+        }
     }
     fail::fail_point!("migrate-after-prepare", |_| Err(VirtError::Injected(
         "migrate-after-prepare"
     )));
     let hold = batch != Batch::Free;
+    let mut begun = Ok(());
     for l in legs.iter_mut() {
-        l.start(hold, batch == Batch::Postcopy, params)?;
+        begun = l.start(hold, batch == Batch::Postcopy, params);
+        if begun.is_err() {
+            break;
+        }
+    }
+    if let Err(e) = begun {
+        return Err(abort_all(legs, e));
     }
     fail::fail_point!("migrate-after-start", |_| Err(VirtError::Injected(
         "migrate-after-start"
@@ -1797,12 +1807,21 @@ fn run_batch(
     let mut views: Vec<LegView> = legs.iter().map(|l| l.view()).collect();
     loop {
         let mut failure = None;
+        let mut broken = None;
         for (l, v) in legs.iter_mut().zip(views.iter_mut()) {
             // A completed leg is checked too: it keeps its destination's keepalive.
-            if let Check::Failed(reason) = l.check(params)? {
-                failure = Some(reason);
+            match l.check(params) {
+                Ok(Check::Failed(reason)) => failure = Some(reason),
+                Ok(_) => {}
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
             }
             *v = l.view();
+        }
+        if let Some(e) = broken {
+            return Err(abort_all(legs, e));
         }
         if failure.is_none()
             && started.elapsed() > params.timeout
@@ -1861,7 +1880,10 @@ fn run_batch(
         }
         progress(&views.iter().map(|v| v.progress.clone()).collect::<Vec<_>>());
         if hold && !released {
-            released = switch_step(&mut legs, &mut views, started.elapsed(), params, batch)?;
+            released = match switch_step(&mut legs, &mut views, started.elapsed(), params, batch) {
+                Ok(r) => r,
+                Err(e) => return Err(abort_all(legs, e)),
+            };
             if released && batch == Batch::Held {
                 fail::fail_point!("migrate-after-common-stop", |_| Err(VirtError::Injected(
                     "migrate-after-common-stop"
@@ -1904,6 +1926,23 @@ fn run_batch(
 /// hold, or switch every VM at once: `migrate-start-postcopy` (post-copy), or a common
 /// stop of every source VM after which each migration completes with its VM stopped
 /// (coordinated pre-copy). Returns true once switched (or nothing is left to switch).
+/// Aborts every leg at once after `error` ended the batch early, and returns `error`: an
+/// abort that waits for an unreachable destination (seconds) must not hold up the next
+/// leg's, whose source may be stopped. A leg that cannot be settled here keeps its marker
+/// for its source host's agent ([`Leg::abort`]).
+fn abort_all(legs: Vec<Box<dyn Leg>>, error: VirtError) -> VirtError {
+    let reason = dczone_lab::error_chain(&error);
+    std::thread::scope(|s| {
+        for mut l in legs {
+            let reason = reason.clone();
+            s.spawn(move || {
+                l.abort(reason);
+            });
+        }
+    });
+    error
+}
+
 fn switch_step(
     legs: &mut [Box<dyn Leg>],
     views: &mut [LegView],
