@@ -322,6 +322,12 @@ struct StrategyRun {
     /// What the group sent over SVC-T1, Mbit/s (lab rate; the path's is 390.6).
     throughput_mbit_s: f64,
     client_gap_ms: f64,
+    /// Where the longest service gap began, ms from the migration's start (negative:
+    /// before it; past `svc_t1_ms`: after the switchover).
+    client_gap_at_ms: f64,
+    /// The migration's start and end, on the clock of `load.service_gaps`.
+    migration_started_us: u64,
+    migration_ended_us: u64,
     /// Standard TCP, no application retry: a long-lived connection, a new connection.
     tcp_gap_pool_ms: f64,
     tcp_gap_new_ms: f64,
@@ -538,9 +544,14 @@ pub fn intra_region(
                 })
                 .collect();
             crate::vm_cmd::print_group(&g);
+            let gap_at_ms = report
+                .service_gaps
+                .iter()
+                .max_by_key(|i| i.end_us - i.start_us)
+                .map_or(0.0, |i| (i.start_us as f64 - t0 as f64) / 1e3);
             println!(
-            "client: {} ok / {} sent, {} errors; longest service gap {:.1} ms; TPS before/during/after {:.0}/{:.0}/{:.0}; p99 {:.1}/{:.1}/{:.1} ms",
-            report.ok, report.sent, report.errors, report.client_gap_ms,
+            "client: {} ok / {} sent, {} errors; longest service gap {:.1} ms (from {:+.1} s of the migration); TPS before/during/after {:.0}/{:.0}/{:.0}; p99 {:.1}/{:.1}/{:.1} ms",
+            report.ok, report.sent, report.errors, report.client_gap_ms, gap_at_ms / 1e3,
             report.before.tps, report.during.tps, report.after.tps,
             report.before.p99_ms, report.during.p99_ms, report.after.p99_ms
         );
@@ -578,6 +589,9 @@ pub fn intra_region(
                 svc_t1_ms: g.svc_t1_ms,
                 sent_mib,
                 client_gap_ms: report.client_gap_ms,
+                client_gap_at_ms: gap_at_ms,
+                migration_started_us: t0,
+                migration_ended_us: t1,
                 tcp_gap_pool_ms: report.tcp_gap_pool_ms,
                 tcp_gap_new_ms: report.tcp_gap_new_ms,
                 kr1_1_pass: g.svc_t2_ms < 1000.0,
