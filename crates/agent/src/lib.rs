@@ -31,6 +31,8 @@
 //! | POST /v1/db/{site}/switchover | [`AgentRequest::DbSwitchover`], body [`dczone_ha::decide::Switchover`] |
 //! | DELETE /v1/db/{site}/switchover | [`AgentRequest::DbSwitchoverClear`] |
 //! | PUT /v1/db/{site}/policy | [`AgentRequest::DbPolicy`], body [`PolicyBody`] |
+//! | POST /v1/db/{site}/ha-agent | [`AgentRequest::HaStart`] |
+//! | DELETE /v1/db/{site}/ha-agent | [`AgentRequest::HaStop`] |
 //!
 //! The `db` calls go to the HA agent of a database member on this host, over its local
 //! control socket ([`dczone_ha::control`]): the operator reads the platform's state and
@@ -129,6 +131,11 @@ pub enum AgentRequest {
     DbSwitchoverClear { site: String },
     /// Set the replication policy through the HA agent of `site` on this host.
     DbPolicy { site: String, body: PolicyBody },
+    /// Start the HA agent of database site `site`, whose member is on this host (it then
+    /// runs its PostgreSQL); nothing if it runs.
+    HaStart { site: String },
+    /// Stop the HA agent of `site` on this host (its PostgreSQL dies with it).
+    HaStop { site: String },
 }
 
 /// Body of `PUT /v1/db/{site}/policy`.
@@ -301,6 +308,18 @@ pub struct Agent {
     /// Where the database members of this host keep their directories (`<site>/`, each
     /// with its HA agent's control socket).
     db_dir: PathBuf,
+    /// How this agent starts HA agents: in a lab, `dczone ha-agent` beside `dczoned`
+    /// (`None` on a real host: not yet, issue 11).
+    ha_launcher: Option<HaLauncher>,
+}
+
+/// What a lab's agent needs to start its host's HA agents.
+#[derive(Debug, Clone)]
+pub struct HaLauncher {
+    pub lab: dczone_lab::Lab,
+    pub state_dir: PathBuf,
+    /// `dczone`, whose hidden `ha-agent` command is the HA agent.
+    pub exe: PathBuf,
 }
 
 impl Agent {
@@ -310,9 +329,11 @@ impl Agent {
         peers: Arc<rustls::ClientConfig>,
         endpoints: HashMap<String, String>,
         db_dir: PathBuf,
+        ha_launcher: Option<HaLauncher>,
     ) -> Agent {
         let agent = Agent {
             db_dir,
+            ha_launcher,
             platform,
             host,
             peers,
@@ -416,8 +437,8 @@ impl Agent {
         Ok(vm)
     }
 
-    /// Asks the HA agent of database site `site` on this host.
-    fn ha(&self, site: &str, req: dczone_ha::control::ControlRequest) -> Result<Value, AgentError> {
+    /// A site name from a request, checked before it becomes part of a path.
+    fn site_name(site: &str) -> Result<(), AgentError> {
         let valid = !site.is_empty()
             && site.len() <= 64
             && !site.starts_with('.')
@@ -430,6 +451,114 @@ impl Agent {
             ))
             .into());
         }
+        Ok(())
+    }
+
+    /// The pid of `site`'s HA agent on this host, if it runs.
+    fn ha_pid(&self, site: &str) -> Option<i32> {
+        std::fs::read_to_string(self.db_dir.join(site).join("agent.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .filter(|&p| dczone_lab::sys::alive(p))
+    }
+
+    /// Refuses a site whose database member is not on this host. A lab's hosts share one
+    /// filesystem, so the member directory alone does not say whose it is; a real host's
+    /// holds only its own.
+    fn own_member(&self, site: &str) -> Result<(), AgentError> {
+        Self::site_name(site)?;
+        let Some(l) = &self.ha_launcher else {
+            return Ok(());
+        };
+        let zone = l
+            .lab
+            .state()
+            .and_then(|s| s.zone())
+            .map_err(|e| AgentError::Ha {
+                site: site.into(),
+                reason: format!("read the lab's zone: {}", dczone_lab::error_chain(&e)),
+            })?;
+        let member_host = zone.database.as_ref().and_then(|plan| {
+            plan.members().contains(&site.to_string()).then_some(())?;
+            let idx = zone.site_index(site)?;
+            zone.sites[idx].hosts.get(plan.host_index).cloned()
+        });
+        if member_host.as_deref() != Some(self.host.as_str()) {
+            return Err(AgentError::NoHaAgent {
+                site: site.into(),
+                host: self.host.clone(),
+                reason: match member_host {
+                    Some(h) => format!("its member runs on {h}"),
+                    None => "it is not a database site of the zone".into(),
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts the HA agent of `site` (a database member of this host), unless it runs.
+    fn ha_start(&self, site: &str) -> Result<Value, AgentError> {
+        self.own_member(site)?;
+        if let Some(pid) = self.ha_pid(site) {
+            return Ok(json!({ "site": site, "pid": pid, "started": false }));
+        }
+        let Some(l) = &self.ha_launcher else {
+            return Err(VirtError::BadSpec(
+                "this agent runs on a real host: starting HA agents through it is not built \
+                 yet (issue 11); run `dczone ha-agent --site SITE` as a service"
+                    .into(),
+            )
+            .into());
+        };
+        let dir = self.db_dir.join(site);
+        let io = |what: String| move |source| AgentError::Virt(VirtError::Io { what, source });
+        std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+        let state_dir = l.state_dir.display().to_string();
+        let pid = l
+            .lab
+            .spawn_daemon(
+                &l.lab.host_namespace(&self.host),
+                &l.exe,
+                &[
+                    "--lab",
+                    l.lab.name(),
+                    "--state-dir",
+                    &state_dir,
+                    "ha-agent",
+                    "--site",
+                    site,
+                ],
+                &dir.join("agent.log"),
+                "the HA agent",
+            )
+            .map_err(|e| AgentError::Ha {
+                site: site.into(),
+                reason: dczone_lab::error_chain(&e),
+            })?;
+        let pid_file = dir.join("agent.pid");
+        std::fs::write(&pid_file, pid.to_string())
+            .map_err(io(format!("write {}", pid_file.display())))?;
+        Ok(json!({ "site": site, "pid": pid, "started": true }))
+    }
+
+    /// Stops the HA agent of `site` on this host; its PostgreSQL dies with it.
+    fn ha_stop(&self, site: &str) -> Result<Value, AgentError> {
+        self.own_member(site)?;
+        let Some(pid) = self.ha_pid(site) else {
+            return Ok(json!({ "site": site, "stopped": false }));
+        };
+        dczone_lab::sys::kill(pid, libc::SIGKILL);
+        let t = Instant::now();
+        while dczone_lab::sys::alive(pid) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(self.db_dir.join(site).join("agent.pid"));
+        Ok(json!({ "site": site, "stopped": true }))
+    }
+
+    /// Asks the HA agent of database site `site` on this host.
+    fn ha(&self, site: &str, req: dczone_ha::control::ControlRequest) -> Result<Value, AgentError> {
+        self.own_member(site)?;
         let socket = dczone_ha::control::socket_path(&self.db_dir.join(site));
         if !socket.exists() {
             return Err(AgentError::NoHaAgent {
@@ -673,6 +802,8 @@ impl Agent {
                 self.ha(&site, dczone_ha::control::ControlRequest::ClearSwitchover)?;
                 json!({ "cleared": true })
             }
+            AgentRequest::HaStart { site } => self.ha_start(&site)?,
+            AgentRequest::HaStop { site } => self.ha_stop(&site)?,
             AgentRequest::DbPolicy { site, body } => {
                 let tier = body.tier;
                 self.ha(
@@ -897,6 +1028,19 @@ pub fn router(agent: Shared) -> Router {
             .delete(
                 |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::DbSwitchoverClear { site })
+                },
+            ),
+        )
+        .route(
+            "/v1/db/{site}/ha-agent",
+            post(
+                |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::HaStart { site })
+                },
+            )
+            .delete(
+                |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::HaStop { site })
                 },
             ),
         )
@@ -1208,7 +1352,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let server_tls = dczone_pki::tls::server_config(&identity)?;
     let peers = dczone_pki::tls::client_config(&identity.ca, Some(&identity))?;
     let inputs = dczone_image::ImageInputs::for_executable(&exe);
-    let (platform, default_listen, endpoints, db_dir) = match &args.zone {
+    let (platform, default_listen, endpoints, db_dir, ha_launcher) = match &args.zone {
         Some(file) => {
             let bundle = access::Bundle::read(file)?;
             let hosts: Vec<_> = bundle
@@ -1234,15 +1378,26 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .map(|h| (h.id.clone(), h.agent.clone()))
                 .collect();
             let platform = Platform::on_host(placement, args.pki.clone(), &inputs)?;
-            (platform, me, endpoints, args.data_dir.join("db"))
+            (platform, me, endpoints, args.data_dir.join("db"), None)
         }
         None => {
             let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
             let (host, _) = lab.host(&args.host)?;
             let db_dir = lab.dir().join("db");
+            let launcher = HaLauncher {
+                lab: lab.clone(),
+                state_dir: args.state_dir.clone(),
+                exe: exe.with_file_name("dczone"),
+            };
             let platform = Platform::open(lab, &inputs)?.with_pki(args.pki.clone());
             let listen = SocketAddr::from((host.ip(), AGENT_PORT));
-            (platform, Some(listen), HashMap::new(), db_dir)
+            (
+                platform,
+                Some(listen),
+                HashMap::new(),
+                db_dir,
+                Some(launcher),
+            )
         }
     };
     let listen = args.listen.or(default_listen).ok_or_else(|| {
@@ -1257,6 +1412,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         peers,
         endpoints,
         db_dir,
+        ha_launcher,
     ));
     let reaper = agent.clone();
     std::thread::Builder::new()

@@ -122,7 +122,7 @@ impl HostAgents {
 
     /// [`HostAgents::start_all`] without the image and accelerator checks: every agent runs
     /// (a health call each when they do) and the bundle is written.
-    fn ensure_all(&self) -> anyhow::Result<PathBuf> {
+    pub fn ensure_all(&self) -> anyhow::Result<PathBuf> {
         let zone = self.lab.state()?.zone()?;
         let hosts: Vec<_> = zone
             .hosts()
@@ -464,6 +464,19 @@ impl ZoneAgents for Access {
     fn agent_url(&self, host: &str) -> Option<String> {
         Access::agent_url(self, host).ok().map(str::to_string)
     }
+}
+
+/// `db up`: makes sure every host's agent runs (each starts its host's HA agents), then
+/// brings the database platform up ([`Database::up_within`]); returns the primary's site.
+pub fn db_up(
+    p: &dczone_database::Database,
+    exe: &Path,
+    state_dir: &Path,
+    client: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    HostAgents::new(&p.lab, exe, state_dir)?.ensure_all()?;
+    p.up_within(client, timeout)
 }
 
 #[cfg(test)]

@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long `db up` may take in a benchmark (as the command's default).
+pub const UP_TIMEOUT: Duration = Duration::from_secs(90);
+
 use anyhow::{anyhow, Context};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -739,7 +742,7 @@ fn disaster(
         .unwrap_or_else(|| "none".into());
     // Bring the lost site back: its member rejoins as a standby (rewound).
     p.lab.site_isolate(&old, false)?;
-    p.up(exe, state_dir, &probe)
+    crate::agents::db_up(p, exe, state_dir, &probe, UP_TIMEOUT)
         .with_context(|| format!("{old} did not rejoin after the disaster"))?;
     Ok(Disaster {
         old_primary: old,
@@ -870,7 +873,7 @@ pub(crate) fn fresh_platform(
     bar.enable_steady_tick(Duration::from_millis(200));
     bar.set_message("database platform: fresh start");
     p.down()?;
-    p.up(exe, state_dir, &p.client_host(None)?)?;
+    crate::agents::db_up(&p, exe, state_dir, &p.client_host(None)?, UP_TIMEOUT)?;
     Ok((p, bar))
 }
 

@@ -276,7 +276,8 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
     match cmd {
         DbCommand::Up { timeout, json } => {
             let client = p.client_host(None)?;
-            let primary = p.up_within(exe, state_dir, &client, Duration::from_secs(timeout))?;
+            let primary =
+                crate::agents::db_up(&p, exe, state_dir, &client, Duration::from_secs(timeout))?;
             let v = status_view(&p.plan.tier, &p.snapshot(&client)?);
             if json {
                 print_json(&v);

@@ -268,8 +268,14 @@ fn one(
         }
         if Instant::now() > deadline {
             // `db up` restarts whatever did not come back by itself.
-            p.up(exe, state_dir, OUTSIDE_CLIENT)
-                .with_context(|| "region 1 did not rejoin within 90 s".to_string())?;
+            crate::agents::db_up(
+                p,
+                exe,
+                state_dir,
+                OUTSIDE_CLIENT,
+                crate::db_bench::UP_TIMEOUT,
+            )
+            .with_context(|| "region 1 did not rejoin within 90 s".to_string())?;
             break t1.elapsed().as_secs_f64() * 1e3;
         }
         std::thread::sleep(Duration::from_millis(100));

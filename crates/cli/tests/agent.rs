@@ -993,6 +993,34 @@ fn the_database_is_operated_through_the_agents_from_a_client_host() {
     assert_eq!(s["leader"], "dc1.1", "{s}");
     assert_eq!(s["replication"], "sync", "{s}");
     assert_eq!(s["members"].as_array().unwrap().len(), 3, "{s}");
+    // `db up` started each HA agent through its host's agent; an agent starts only its
+    // own host's members, and a site name that would leave the member directory is refused.
+    let op = client_config(&mine.join("ca.crt"), Some(&Identity::operator(&mine))).unwrap();
+    let ha = |site: &str| {
+        http_from(
+            &ns,
+            HOST_IP,
+            "POST",
+            &format!("/v1/db/{site}/ha-agent"),
+            &op,
+            "",
+        )
+    };
+    let (code, body) = ha("dc1.1");
+    assert!(
+        code == 200 && body.contains("\"started\":false"),
+        "{code} {body}"
+    );
+    let (code, body) = ha("dc1.2");
+    assert!(
+        code == 404 && body.contains("its member runs on dc1.2-h1"),
+        "{code} {body}"
+    );
+    let (code, body) = ha("..%2Fx");
+    assert!(
+        code == 400 && body.contains("is not a site name"),
+        "{code} {body}"
+    );
     let c = ok(&["db", "conninfo", "--json"]);
     assert!(
         c["conninfo"]

@@ -14,7 +14,7 @@ pub mod remote;
 
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -279,30 +279,42 @@ impl Database {
             .filter(|&p| sys::alive(p))
     }
 
-    /// Starts the HA agent of `site` unless it runs.
-    pub fn start_agent(&self, exe: &Path, state_dir: &Path, site: &str) -> anyhow::Result<()> {
+    /// Calls `host`'s agent from inside `host`, with the lab's access bundle (the
+    /// operator's certificate).
+    fn host_agent(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let bundle = self.lab.dir().join("access");
+        let access = dczone_agent::access::Access::open(&bundle)
+            .context("open the lab's access bundle (`dczone lab up` writes it)")?;
+        let client = access.client(host)?;
+        let (_, ns) = self.lab.host(host)?;
+        let (method, path) = (method.to_string(), path.to_string());
+        let call = sys::in_namespace(&ns, move || {
+            client.call(&method, &path, None, Duration::from_secs(30))
+        })?;
+        call.join()
+            .map_err(|_| anyhow!("the call to {host}'s agent panicked"))?
+            .map_err(|e| match e {
+                dczone_agent::CallError::Down { .. } => {
+                    anyhow!("{e}; `dczone lab up` starts the lab's agents again")
+                }
+                e => anyhow!("{host}'s agent: {e}"),
+            })
+    }
+
+    /// Starts the HA agent of `site` unless it runs, through its host's agent (which runs
+    /// it beside itself; the HA agent then runs its PostgreSQL).
+    pub fn start_agent(&self, site: &str) -> anyhow::Result<()> {
         let m = self.member(site)?;
         if self.agent_pid(m).is_some() {
             return Ok(());
         }
-        std::fs::create_dir_all(&m.dir).with_context(|| format!("create {}", m.dir.display()))?;
-        let state_dir = state_dir.display().to_string();
-        let pid = self.lab.spawn_daemon(
-            &m.namespace,
-            exe,
-            &[
-                "--lab",
-                self.lab.name(),
-                "--state-dir",
-                &state_dir,
-                "ha-agent",
-                "--site",
-                site,
-            ],
-            &m.dir.join("agent.log"),
-            "the HA agent",
-        )?;
-        std::fs::write(self.agent_pid_file(m), pid.to_string())?;
+        self.host_agent(&m.host, "POST", &format!("/v1/db/{site}/ha-agent"))
+            .with_context(|| format!("start the HA agent of {site}"))?;
         Ok(())
     }
 
@@ -519,18 +531,9 @@ impl Database {
         self.audit_log().recorded()
     }
 
-    /// Brings the platform up (idempotent); returns the primary's site.
-    pub fn up(&self, exe: &Path, state_dir: &Path, client: &str) -> anyhow::Result<String> {
-        self.up_within(exe, state_dir, client, Duration::from_secs(90))
-    }
-
-    pub fn up_within(
-        &self,
-        exe: &Path,
-        state_dir: &Path,
-        client: &str,
-        timeout: Duration,
-    ) -> anyhow::Result<String> {
+    /// Brings the platform up (idempotent); returns the primary's site. The hosts' agents
+    /// must run: they start the HA agents.
+    pub fn up_within(&self, client: &str, timeout: Duration) -> anyhow::Result<String> {
         dczone_db::as_postgres("postgres")?;
         self.lab.etcd_up(&self.zone)?;
         // After a manual failover rebuilt consensus on survivors: the members that are
@@ -541,7 +544,7 @@ impl Database {
         self.share_password()?;
         self.install_tls()?;
         for m in &self.members {
-            self.start_agent(exe, state_dir, &m.site)?;
+            self.start_agent(&m.site)?;
         }
         // The primary first (the standbys copy it once it leads), then the ledger.
         self.wait_ready(client, &[], timeout)?;
