@@ -28,7 +28,7 @@
 //! | POST /v1/vms/{name}/leg | [`AgentRequest::OpenLeg`], body [`leg::LegBody`] |
 //! | POST /v1/vms/{name}/leg/step | [`AgentRequest::LegStep`], body [`leg::LegStep`] |
 //! | GET /v1/db/{site}/state | [`AgentRequest::DbState`] |
-//! | POST /v1/db/{site}/switchover | [`AgentRequest::DbSwitchover`], body [`dczone_ha::decide::Switchover`] |
+//! | POST /v1/db/{site}/switchover | [`AgentRequest::DbSwitchover`], body [`SwitchoverBody`] |
 //! | DELETE /v1/db/{site}/switchover | [`AgentRequest::DbSwitchoverClear`] |
 //! | PUT /v1/db/{site}/policy | [`AgentRequest::DbPolicy`], body [`PolicyBody`] |
 //! | POST /v1/db/{site}/ha-agent | [`AgentRequest::HaStart`] |
@@ -123,10 +123,7 @@ pub enum AgentRequest {
     /// The database platform's state, as the HA agent of `site` on this host reads it.
     DbState { site: String },
     /// File a planned switchover through the HA agent of `site` on this host.
-    DbSwitchover {
-        site: String,
-        request: dczone_ha::decide::Switchover,
-    },
+    DbSwitchover { site: String, body: SwitchoverBody },
     /// Withdraw a switchover request through the HA agent of `site` on this host.
     DbSwitchoverClear { site: String },
     /// Set the replication policy through the HA agent of `site` on this host.
@@ -136,6 +133,15 @@ pub enum AgentRequest {
     HaStart { site: String },
     /// Stop the HA agent of `site` on this host (its PostgreSQL dies with it).
     HaStop { site: String },
+}
+
+/// Body of `POST /v1/db/{site}/switchover`: the primary the operator saw, and the standby
+/// that takes over. The HA agent stamps the request with its own clock.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverBody {
+    pub from: String,
+    pub to: String,
 }
 
 /// Body of `PUT /v1/db/{site}/policy`.
@@ -311,6 +317,8 @@ pub struct Agent {
     /// How this agent starts HA agents: in a lab, `dczone ha-agent` beside `dczoned`
     /// (`None` on a real host: not yet, issue 11).
     ha_launcher: Option<HaLauncher>,
+    /// Held while an HA agent starts: two calls at once start one.
+    ha_starting: Mutex<()>,
 }
 
 /// What a lab's agent needs to start its host's HA agents.
@@ -334,6 +342,7 @@ impl Agent {
         let agent = Agent {
             db_dir,
             ha_launcher,
+            ha_starting: Mutex::new(()),
             platform,
             host,
             peers,
@@ -499,6 +508,7 @@ impl Agent {
     /// Starts the HA agent of `site` (a database member of this host), unless it runs.
     fn ha_start(&self, site: &str) -> Result<Value, AgentError> {
         self.own_member(site)?;
+        let _one_at_a_time = self.ha_starting.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pid) = self.ha_pid(site) {
             return Ok(json!({ "site": site, "pid": pid, "started": false }));
         }
@@ -573,7 +583,10 @@ impl Agent {
                 host: self.host.clone(),
                 reason,
             },
-            dczone_ha::control::ControlError::Refused(reason) => AgentError::Ha {
+            dczone_ha::control::ControlError::Invalid(reason) => {
+                AgentError::Virt(VirtError::BadSpec(reason))
+            }
+            dczone_ha::control::ControlError::Unavailable(reason) => AgentError::Ha {
                 site: site.into(),
                 reason,
             },
@@ -791,10 +804,13 @@ impl Agent {
             AgentRequest::DbState { site } => {
                 self.ha(&site, dczone_ha::control::ControlRequest::Snapshot)?
             }
-            AgentRequest::DbSwitchover { site, request } => {
+            AgentRequest::DbSwitchover { site, body } => {
                 self.ha(
                     &site,
-                    dczone_ha::control::ControlRequest::RequestSwitchover { request },
+                    dczone_ha::control::ControlRequest::RequestSwitchover {
+                        from: body.from,
+                        to: body.to,
+                    },
                 )?;
                 json!({ "requested": true })
             }
@@ -1021,8 +1037,8 @@ pub fn router(agent: Shared) -> Router {
                 |State(a): State<Shared>,
                  h: By,
                  UrlPath(site): UrlPath<String>,
-                 Json(request): Json<dczone_ha::decide::Switchover>| {
-                    dispatch(a, h, AgentRequest::DbSwitchover { site, request })
+                 Json(body): Json<SwitchoverBody>| {
+                    dispatch(a, h, AgentRequest::DbSwitchover { site, body })
                 },
             )
             .delete(

@@ -323,8 +323,8 @@ struct StrategyRun {
     throughput_mbit_s: f64,
     client_gap_ms: f64,
     /// Where the longest service gap began, ms from the migration's start (negative:
-    /// before it; past `svc_t1_ms`: after the switchover).
-    client_gap_at_ms: f64,
+    /// before it; past `svc_t1_ms`: after the switchover); none without a gap.
+    client_gap_at_ms: Option<f64>,
     /// The migration's start and end, on the clock of `load.service_gaps`.
     migration_started_us: u64,
     migration_ended_us: u64,
@@ -548,10 +548,10 @@ pub fn intra_region(
                 .service_gaps
                 .iter()
                 .max_by_key(|i| i.end_us - i.start_us)
-                .map_or(0.0, |i| (i.start_us as f64 - t0 as f64) / 1e3);
+                .map(|i| (i.start_us as f64 - t0 as f64) / 1e3);
             println!(
-            "client: {} ok / {} sent, {} errors; longest service gap {:.1} ms (from {:+.1} s of the migration); TPS before/during/after {:.0}/{:.0}/{:.0}; p99 {:.1}/{:.1}/{:.1} ms",
-            report.ok, report.sent, report.errors, report.client_gap_ms, gap_at_ms / 1e3,
+            "client: {} ok / {} sent, {} errors; longest service gap {:.1} ms{}; TPS before/during/after {:.0}/{:.0}/{:.0}; p99 {:.1}/{:.1}/{:.1} ms",
+            report.ok, report.sent, report.errors, report.client_gap_ms, gap_at_ms.map_or(String::new(), |ms| format!(" (from {:+.1} s of the migration)", ms / 1e3)),
             report.before.tps, report.during.tps, report.after.tps,
             report.before.p99_ms, report.during.p99_ms, report.after.p99_ms
         );

@@ -486,8 +486,8 @@ fn show_audit(a: &Audit, json: bool) -> ExitCode {
 }
 
 /// `dczone --access DIR db ...`: the commands an operator runs from anywhere, through
-/// the agents ([`Remote`]). Bringing the platform up or down, the policy and the manual
-/// failover still run next to the lab.
+/// the agents ([`Remote`]). Bringing the platform up or down and the manual failover
+/// still run next to the lab.
 pub fn run_remote(access: &Access, cmd: DbCommand) -> anyhow::Result<ExitCode> {
     let r = Remote::open(access)?;
     let here = |client: Option<String>| {

@@ -1021,6 +1021,17 @@ fn the_database_is_operated_through_the_agents_from_a_client_host() {
         code == 400 && body.contains("is not a site name"),
         "{code} {body}"
     );
+    // A switchover request carries only who hands over to whom: what only the primary
+    // may set (its final WAL position, the handover) cannot be sent.
+    let (code, body) = http_from(
+        &ns,
+        HOST_IP,
+        "POST",
+        "/v1/db/dc1.1/switchover",
+        &op,
+        r#"{"from":"dc1.1","to":"dc1.2","final_lsn":0,"handed_over_ms":1}"#,
+    );
+    assert_eq!(code, 422, "{body}");
     let c = ok(&["db", "conninfo", "--json"]);
     assert!(
         c["conninfo"]

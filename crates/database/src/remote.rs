@@ -12,6 +12,7 @@ use anyhow::{anyhow, Context};
 use serde_json::Value;
 
 use dczone_agent::access::{Access, BundleDatabase};
+use dczone_agent::CallError;
 use dczone_ha::decide::Switchover;
 use dczone_ha::keys::Snapshot;
 use dczone_ledger::{LoadOptions, LoadResult};
@@ -74,6 +75,11 @@ impl Remote {
             let path = format!("/v1/db/{}/{what}", m.site);
             match client.call(method, &path, body.clone(), CALL_TIMEOUT) {
                 Ok(v) => return Ok(v),
+                // A wrong request or certificate is wrong everywhere: no point asking on.
+                Err(CallError::Refused {
+                    code: 400 | 403 | 409,
+                    message,
+                }) => return Err(anyhow!("{message}")),
                 Err(e) => failures.push(format!("{} (on {}): {e}", m.site, m.host)),
             }
         }
@@ -120,7 +126,8 @@ impl Reach for Remote {
     }
 
     fn request_switchover(&self, request: &Switchover) -> anyhow::Result<()> {
-        let body = serde_json::to_value(request)?;
+        // The HA agent stamps it with its own clock; the rest is the primary's to set.
+        let body = serde_json::json!({ "from": request.from, "to": request.to });
         self.ask("POST", "switchover", Some(body))
             .context("file the switchover through the agents")?;
         Ok(())

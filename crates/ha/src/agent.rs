@@ -38,6 +38,12 @@ pub enum HaError {
     Credentials(#[source] StoreError),
     #[error("the lease keeper stopped")]
     KeeperStopped,
+    #[error("cannot open the control socket {}", path.display())]
+    Control {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("etcd: {what}")]
     Etcd {
         what: String,
@@ -321,16 +327,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), HaError> {
     };
     // The host's agent reads the state and files switchovers through this agent.
     let socket = crate::control::socket_path(&cfg.me().dir);
-    let (control, control_site) = (store.clone(), site.clone());
-    let policies = cfg.plan.policies.keys().cloned().collect();
-    tokio::spawn(async move {
-        if let Err(e) = crate::control::serve(socket.clone(), control, policies).await {
-            log(
-                &control_site,
-                &format!("control socket {} failed: {e}", socket.display()),
-            );
-        }
-    });
+    let listener = crate::control::bind(&socket).map_err(|source| HaError::Control {
+        path: socket.clone(),
+        source,
+    })?;
     let ttl_ms = cfg.plan.ha.lease_ttl_ms;
     let shared = Arc::new(Shared {
         started: Instant::now(),
@@ -341,6 +341,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), HaError> {
         ttl_ms,
         store: std::sync::Mutex::new(store.clone()),
     });
+    let current = shared.clone();
+    tokio::spawn(crate::control::serve(
+        listener,
+        Arc::new(move || current.store()),
+        cfg.plan.policies.keys().cloned().collect(),
+    ));
     let pg = Supervisor::new();
     spawn_watchdog(shared.clone(), pg.pid.clone(), site.clone());
     let mut agent = Agent {

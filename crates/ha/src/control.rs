@@ -17,6 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::decide::Switchover;
 use crate::keys::Store;
 
+/// The HA agent's current etcd client (it replaces its client when calls keep failing).
+pub type CurrentStore = std::sync::Arc<dyn Fn() -> Store + Send + Sync>;
+
 /// The control socket of the HA agent whose member directory is `dir`.
 pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join("ha.sock")
@@ -24,12 +27,14 @@ pub fn socket_path(dir: &Path) -> PathBuf {
 
 /// What the host's agent may ask.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
     /// Everything under the platform's prefix ([`crate::keys::Snapshot`]).
     Snapshot,
-    /// File a planned switchover (`db switchover`); the primary's agent carries it out.
-    RequestSwitchover { request: Switchover },
+    /// File a planned switchover from the primary `from` to the standby `to` (`db
+    /// switchover`); the primary's agent carries it out. The HA agent stamps it with its
+    /// own clock, and the fields only the primary sets start empty.
+    RequestSwitchover { from: String, to: String },
     /// Withdraw a switchover request (refused or done).
     ClearSwitchover,
     /// Switch the replication policy at run time (`db policy`): one of the zone's tiers.
@@ -41,19 +46,42 @@ pub enum ControlRequest {
 pub enum ControlError {
     #[error("no HA agent answers on {}: {reason}", path.display())]
     Unreachable { path: PathBuf, reason: String },
-    #[error("the HA agent refused: {0}")]
-    Refused(String),
+    /// The request is wrong (e.g. an unknown policy): asking elsewhere gives the same.
+    #[error("{0}")]
+    Invalid(String),
+    /// The HA agent could not carry it out now (e.g. etcd has no quorum from here).
+    #[error("the HA agent could not: {0}")]
+    Unavailable(String),
 }
 
-/// Serves the control socket until the agent exits. A stale socket of a previous agent
-/// is replaced. `policies` are the zone's tiers, the only values `SetPolicy` takes.
-pub async fn serve(path: PathBuf, store: Store, policies: Vec<String>) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+/// Why the HA agent did not carry out a request.
+enum Failure {
+    Invalid(String),
+    Unavailable(String),
+}
+
+/// Binds the control socket at `path` (mode 0600; a stale socket of a previous agent is
+/// replaced). Binding is separate from [`serve`] so that a failure stops the agent.
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the control socket until the agent exits, each request with the agent's
+/// current etcd client. `policies` are the zone's tiers, the only values `SetPolicy` takes.
+pub async fn serve(listener: tokio::net::UnixListener, store: CurrentStore, policies: Vec<String>) {
     loop {
-        let (mut conn, _) = listener.accept().await?;
-        let (store, policies) = (store.clone(), policies.clone());
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(_) => {
+                // Out of descriptors, say: the socket stays; try again shortly.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (store, policies) = (store(), policies.clone());
         tokio::spawn(async move {
             let mut text = Vec::new();
             // A request is small; a client that sends more is not ours.
@@ -66,9 +94,12 @@ pub async fn serve(path: PathBuf, store: Store, policies: Vec<String>) -> std::i
                 Ok(Ok(_)) => match serde_json::from_slice::<ControlRequest>(&text) {
                     Ok(req) => match answer(&store, &policies, req).await {
                         Ok(v) => json!({ "ok": v }),
-                        Err(e) => json!({ "error": e }),
+                        Err(Failure::Invalid(e)) => json!({ "error": e, "invalid": true }),
+                        Err(Failure::Unavailable(e)) => json!({ "error": e }),
                     },
-                    Err(e) => json!({ "error": format!("unreadable request: {e}") }),
+                    Err(e) => {
+                        json!({ "error": format!("unreadable request: {e}"), "invalid": true })
+                    }
                 },
                 _ => return,
             };
@@ -78,8 +109,8 @@ pub async fn serve(path: PathBuf, store: Store, policies: Vec<String>) -> std::i
     }
 }
 
-async fn answer(store: &Store, policies: &[String], req: ControlRequest) -> Result<Value, String> {
-    let e = |e: crate::keys::StoreError| e.to_string();
+async fn answer(store: &Store, policies: &[String], req: ControlRequest) -> Result<Value, Failure> {
+    let e = |e: crate::keys::StoreError| Failure::Unavailable(e.to_string());
     Ok(match req {
         ControlRequest::Snapshot => {
             // etcd answers "leader changed" for a moment while its raft leadership moves.
@@ -93,9 +124,17 @@ async fn answer(store: &Store, policies: &[String], req: ControlRequest) -> Resu
                     r => break r.map_err(e)?,
                 }
             };
-            serde_json::to_value(snap).map_err(|err| err.to_string())?
+            serde_json::to_value(snap).map_err(|err| Failure::Unavailable(err.to_string()))?
         }
-        ControlRequest::RequestSwitchover { request } => {
+        ControlRequest::RequestSwitchover { from, to } => {
+            let request = Switchover {
+                from,
+                to,
+                requested_ms: crate::agent::unix_ms(),
+                final_lsn: None,
+                handed_over_ms: None,
+                refused: None,
+            };
             store
                 .put_json(&store.keys.switchover(), &request, None)
                 .await
@@ -108,10 +147,10 @@ async fn answer(store: &Store, policies: &[String], req: ControlRequest) -> Resu
         }
         ControlRequest::SetPolicy { tier } => {
             if !policies.contains(&tier) {
-                return Err(format!(
+                return Err(Failure::Invalid(format!(
                     "unknown policy '{tier}'; the zone defines {}",
                     policies.join(", ")
-                ));
+                )));
             }
             store
                 .put_json(&store.keys.tier(), &tier, None)
@@ -143,7 +182,8 @@ pub fn ask(path: &Path, req: &ControlRequest, timeout: Duration) -> Result<Value
     let v: Value = serde_json::from_slice(&text)
         .map_err(|e| unreachable(format!("unreadable answer: {e}")))?;
     match v.get("error").and_then(Value::as_str) {
-        Some(why) => Err(ControlError::Refused(why.to_string())),
+        Some(why) if v["invalid"] == true => Err(ControlError::Invalid(why.to_string())),
+        Some(why) => Err(ControlError::Unavailable(why.to_string())),
         None => Ok(v["ok"].clone()),
     }
 }
@@ -159,11 +199,14 @@ mod tests {
         let text = serde_json::to_string(&ControlRequest::ClearSwitchover).unwrap();
         assert_eq!(text, r#"{"op":"clear_switchover"}"#);
         let back: ControlRequest =
-            serde_json::from_str(r#"{"op":"request_switchover","request":{"from":"dc1.1","to":"dc1.2","requested_ms":1,"final_lsn":null,"handed_over_ms":null,"refused":null}}"#)
+            serde_json::from_str(r#"{"op":"request_switchover","from":"dc1.1","to":"dc1.2"}"#)
                 .unwrap();
-        assert!(
-            matches!(back, ControlRequest::RequestSwitchover { request } if request.to == "dc1.2")
+        assert!(matches!(back, ControlRequest::RequestSwitchover { to, .. } if to == "dc1.2"));
+        // What only the primary may set cannot be sent.
+        let forged = serde_json::from_str::<ControlRequest>(
+            r#"{"op":"request_switchover","from":"dc1.1","to":"dc1.2","final_lsn":0}"#,
         );
+        assert!(forged.is_err(), "{forged:?}");
     }
 
     #[test]

@@ -1922,10 +1922,6 @@ fn run_batch(
     }
 }
 
-/// Phase 1 of a coordinated or post-copy batch ([`crate::switchover`]): pace, steer,
-/// hold, or switch every VM at once: `migrate-start-postcopy` (post-copy), or a common
-/// stop of every source VM after which each migration completes with its VM stopped
-/// (coordinated pre-copy). Returns true once switched (or nothing is left to switch).
 /// Aborts every leg at once after `error` ended the batch early, and returns `error`: an
 /// abort that waits for an unreachable destination (seconds) must not hold up the next
 /// leg's, whose source may be stopped. A leg that cannot be settled here keeps its marker
@@ -1943,6 +1939,10 @@ fn abort_all(legs: Vec<Box<dyn Leg>>, error: VirtError) -> VirtError {
     error
 }
 
+/// Phase 1 of a coordinated or post-copy batch ([`crate::switchover`]): pace, steer,
+/// hold, or switch every VM at once: `migrate-start-postcopy` (post-copy), or a common
+/// stop of every source VM after which each migration completes with its VM stopped
+/// (coordinated pre-copy). Returns true once switched (or nothing is left to switch).
 fn switch_step(
     legs: &mut [Box<dyn Leg>],
     views: &mut [LegView],
