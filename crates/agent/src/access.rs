@@ -50,6 +50,9 @@ pub struct Bundle {
 pub struct BundleDatabase {
     /// The zone file's replication policy (a tier), until `db policy` sets another.
     pub tier: String,
+    /// How that tier's commits reach the standbys: what `db up` waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<dczone_zone::database::Replication>,
     pub members: Vec<BundleMember>,
 }
 

@@ -33,6 +33,8 @@
 //! | PUT /v1/db/{site}/policy | [`AgentRequest::DbPolicy`], body [`PolicyBody`] |
 //! | POST /v1/db/{site}/ha-agent | [`AgentRequest::HaStart`] |
 //! | DELETE /v1/db/{site}/ha-agent | [`AgentRequest::HaStop`] |
+//! | GET /v1/db/{site}/credentials | [`AgentRequest::DbCredentials`] |
+//! | POST /v1/etcd | [`AgentRequest::EtcdStart`] |
 //!
 //! The `db` calls go to the HA agent of a database member on this host, over its local
 //! control socket ([`dczone_ha::control`]): the operator reads the platform's state and
@@ -133,6 +135,12 @@ pub enum AgentRequest {
     HaStart { site: String },
     /// Stop the HA agent of `site` on this host (its PostgreSQL dies with it).
     HaStop { site: String },
+    /// The platform's `postgres` password (a libpq password file), as `site`'s member on
+    /// this host holds it: the operator is the platform's superuser.
+    DbCredentials { site: String },
+    /// Start this host's etcd members that are not running (nothing waits for them: a
+    /// new cluster answers once a majority runs).
+    EtcdStart,
 }
 
 /// Body of `POST /v1/db/{site}/switchover`: the primary the operator saw, and the standby
@@ -257,6 +265,8 @@ pub enum AgentError {
     },
     #[error("the HA agent of '{site}' on this host: {reason}")]
     Ha { site: String, reason: String },
+    #[error("the etcd members of {host}: {reason}")]
+    Etcd { host: String, reason: String },
     #[error(transparent)]
     Virt(#[from] VirtError),
 }
@@ -271,7 +281,7 @@ impl AgentError {
             | AgentError::NoMigration(_)
             | AgentError::Virt(VirtError::UnknownVm { .. }) => StatusCode::NOT_FOUND,
             AgentError::Virt(VirtError::Exists(_)) => StatusCode::CONFLICT,
-            AgentError::Ha { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Ha { .. } | AgentError::Etcd { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Virt(VirtError::BadSpec(_) | VirtError::NoMemory { .. }) => {
                 StatusCode::BAD_REQUEST
             }
@@ -463,12 +473,17 @@ impl Agent {
         Ok(())
     }
 
-    /// The pid of `site`'s HA agent on this host, if it runs.
+    /// The pid of `site`'s HA agent on this host, if it runs: the pid file's process, if
+    /// it is still an HA agent (a pid may have been reused since).
     fn ha_pid(&self, site: &str) -> Option<i32> {
         std::fs::read_to_string(self.db_dir.join(site).join("agent.pid"))
             .ok()
             .and_then(|p| p.trim().parse().ok())
             .filter(|&p| dczone_lab::sys::alive(p))
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"ha-agent"))
+            })
     }
 
     /// Refuses a site whose database member is not on this host. A lab's hosts share one
@@ -563,7 +578,61 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = std::fs::remove_file(self.db_dir.join(site).join("agent.pid"));
+        // PostgreSQL dies with its HA agent: give the postmaster a moment to go, so that
+        // whoever fenced it may read its WAL.
+        let postmaster =
+            std::fs::read_to_string(self.db_dir.join(site).join("data/postmaster.pid"))
+                .ok()
+                .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+        if let Some(pm) = postmaster {
+            let t = Instant::now();
+            while dczone_lab::sys::alive(pm) && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         Ok(json!({ "site": site, "stopped": true }))
+    }
+
+    /// Starts this host's etcd members that are not running.
+    fn etcd_start(&self) -> Result<Value, AgentError> {
+        let Some(l) = &self.ha_launcher else {
+            return Err(VirtError::BadSpec(
+                "this agent runs on a real host: starting etcd through it is not built yet \
+                 (issue 11); run etcd as a service"
+                    .into(),
+            )
+            .into());
+        };
+        let fail = |e: dczone_lab::LabError| AgentError::Etcd {
+            host: self.host.clone(),
+            reason: dczone_lab::error_chain(&e),
+        };
+        let zone = l.lab.state().and_then(|s| s.zone()).map_err(fail)?;
+        let started = l.lab.etcd_start_host(&zone, &self.host).map_err(fail)?;
+        Ok(json!({ "host": self.host, "started": started }))
+    }
+
+    /// The password file `site`'s member was set up with (its HA agent makes it as it
+    /// starts: `<db dir>/pgpass`).
+    fn db_credentials(&self, site: &str) -> Result<Value, AgentError> {
+        self.own_member(site)?;
+        let file = self.db_dir.join("pgpass");
+        match std::fs::read_to_string(&file) {
+            Ok(text) => Ok(json!({ "site": site, "pgpass": text })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(AgentError::NoHaAgent {
+                site: site.into(),
+                host: self.host.clone(),
+                reason: format!(
+                    "{} does not exist: the member has not been set up (`dczone db up`)",
+                    file.display()
+                ),
+            }),
+            Err(source) => Err(VirtError::Io {
+                what: format!("read {}", file.display()),
+                source,
+            }
+            .into()),
+        }
     }
 
     /// Asks the HA agent of database site `site` on this host.
@@ -820,6 +889,8 @@ impl Agent {
             }
             AgentRequest::HaStart { site } => self.ha_start(&site)?,
             AgentRequest::HaStop { site } => self.ha_stop(&site)?,
+            AgentRequest::DbCredentials { site } => self.db_credentials(&site)?,
+            AgentRequest::EtcdStart => self.etcd_start()?,
             AgentRequest::DbPolicy { site, body } => {
                 let tier = body.tier;
                 self.ha(
@@ -1057,6 +1128,18 @@ pub fn router(agent: Shared) -> Router {
             .delete(
                 |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::HaStop { site })
+                },
+            ),
+        )
+        .route(
+            "/v1/etcd",
+            post(|State(a): State<Shared>, h: By| dispatch(a, h, AgentRequest::EtcdStart)),
+        )
+        .route(
+            "/v1/db/{site}/credentials",
+            get(
+                |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::DbCredentials { site })
                 },
             ),
         )

@@ -151,6 +151,7 @@ impl HostAgents {
                 .collect(),
             database: zone.database.as_ref().map(|plan| BundleDatabase {
                 tier: plan.tier.clone(),
+                replication: Some(plan.policy().replication),
                 members: plan
                     .members()
                     .iter()
@@ -477,6 +478,17 @@ pub fn db_up(
 ) -> anyhow::Result<String> {
     HostAgents::new(&p.lab, exe, state_dir)?.ensure_all()?;
     p.up_within(client, timeout)
+}
+
+/// Stops the platform's HA agents through the hosts' agents (started first, should one be
+/// gone) and clears its state.
+pub fn db_down(
+    p: &dczone_database::Database,
+    exe: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<usize> {
+    HostAgents::new(&p.lab, exe, state_dir)?.ensure_all()?;
+    p.down()
 }
 
 #[cfg(test)]

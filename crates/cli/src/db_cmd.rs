@@ -287,7 +287,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             }
         }
         DbCommand::Down { json } => {
-            let n = p.down()?;
+            let n = crate::agents::db_down(&p, exe, state_dir)?;
             if json {
                 print_json(&serde_json::json!({"agents_stopped": n}));
             } else {
@@ -539,9 +539,19 @@ pub fn run_remote(access: &Access, cmd: DbCommand) -> anyhow::Result<ExitCode> {
             r.set_policy(&tier)?;
             show_policy(&tier, json);
         }
-        DbCommand::Up { .. } | DbCommand::Down { .. } | DbCommand::Failover { .. } => bail!(
-            "with --access, `db` offers status, policy, switchover, load, conninfo and audit; \
-             `db up`, `down` and `failover` still run next to the lab (issue 11)"
+        DbCommand::Up { timeout, json } => {
+            let primary = r.up(Duration::from_secs(timeout))?;
+            let v = status_view(&r.plan.tier, &r.snapshot()?);
+            if json {
+                print_json(&v);
+            } else {
+                println!("database platform up: primary {primary}");
+                print_status(&v);
+            }
+        }
+        DbCommand::Down { .. } | DbCommand::Failover { .. } => bail!(
+            "with --access, `db` offers up, status, policy, switchover, load, conninfo and \
+             audit; `db down` and `failover` still run next to the lab (issue 11)"
         ),
     }
     Ok(ExitCode::SUCCESS)
@@ -613,6 +623,7 @@ pub fn print_audit(a: &Audit) {
 /// `dczone ha-agent --site S`: runs one HA agent (started by `db up` in the site's namespace).
 pub fn agent(lab: &Lab, site: &str) -> anyhow::Result<ExitCode> {
     let p = Database::open(lab)?;
+    p.prepare_member(site)?;
     let cfg = p.agent_config(site)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -158,6 +158,12 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: LabCommand) -> anyhow::
             // The lab only makes hosts; from here on, everything goes through their agents.
             spinner.set_message("starting the host agents");
             let access = crate::agents::HostAgents::new(lab, exe, state_dir)?.start_all()?;
+            // The database platform's consensus store, if the zone has one and etcd is
+            // installed (`db up` insists on it), started by its hosts' agents.
+            if z.database.is_some() && dczone_lab::etcd::installed() {
+                spinner.set_message("starting etcd");
+                dczone_database::Database::open(lab)?.etcd_up()?;
+            }
             spinner.finish_and_clear();
             let status = lab.status()?;
             if json {

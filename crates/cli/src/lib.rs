@@ -113,7 +113,21 @@ pub fn main() -> ExitCode {
     // writev(2), which has no MSG_NOSIGNAL. With SIG_DFL a peer that died (an etcd member
     // killed by a rebuild) killed the HA agent silently on its next write (seen in
     // `db::manual_failover_...`: the target's agent died 0.3 s before consensus was
-    // rebuilt on its site).
+    // rebuilt on its site). A reader of stdout that went away (`dczone ... | head`) ends
+    // the command quietly instead, with the status a shell gives a SIGPIPE (141).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     let _failpoints = dczone_virt::failpoints_from_env();
     match run(cli) {

@@ -249,34 +249,27 @@ impl Database {
         Ok(())
     }
 
-    /// Gives every member its host's zone certificate (issued by the lab's CA on first
-    /// use, as for the host agents) and the CA for `postgres` to read.
-    fn install_tls(&self) -> anyhow::Result<()> {
+    /// Readies `site`'s member directory for its HA agent, which calls this as it starts:
+    /// the platform's password (made by the first member to start, never replaced), the
+    /// zone CA for `postgres` to read, and the member's host certificate (issued by the
+    /// lab's CA on first use, as for the host agents).
+    pub fn prepare_member(&self, site: &str) -> anyhow::Result<()> {
+        let m = self.member(site)?;
+        std::fs::create_dir_all(self.lab.dir().join("db"))?;
+        dczone_db::ensure_passfile(&passfile(&self.lab))?;
         let pki = dczone_pki::Pki::open_or_init(&self.lab.dir().join("pki"), self.lab.name())?;
         let ca = ca_file(&self.lab);
         if !ca.exists() {
-            let tmp = ca.with_extension("tmp");
+            // Per process: members start at once.
+            let tmp = ca.with_extension(format!("tmp.{}", std::process::id()));
             std::fs::copy(pki.ca_cert(), &tmp)?;
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
             std::fs::rename(&tmp, &ca)?;
         }
-        for m in &self.members {
-            let (cert, key) = pki.ensure(dczone_pki::Role::Host, &m.host, &[m.ip.into()], 825)?;
-            m.install_tls(&cert, &key)?;
-        }
+        let (cert, key) = pki.ensure(dczone_pki::Role::Host, &m.host, &[m.ip.into()], 825)?;
+        m.install_tls(&cert, &key)?;
         Ok(())
-    }
-
-    fn agent_pid_file(&self, m: &Member) -> PathBuf {
-        m.dir.join("agent.pid")
-    }
-
-    pub fn agent_pid(&self, m: &Member) -> Option<i32> {
-        std::fs::read_to_string(self.agent_pid_file(m))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-            .filter(|&p| sys::alive(p))
     }
 
     /// Calls `host`'s agent from inside `host`, with the lab's access bundle (the
@@ -306,33 +299,40 @@ impl Database {
             })
     }
 
+    /// Starts the etcd members that are not running (idempotent), each through its host's
+    /// agent, and waits until those not cut off answer.
+    pub fn etcd_up(&self) -> anyhow::Result<()> {
+        let mut hosts: Vec<String> = Vec::new();
+        for m in self.lab.etcd_members(&self.zone) {
+            if !hosts.contains(&m.host) {
+                hosts.push(m.host);
+            }
+        }
+        for host in &hosts {
+            self.host_agent(host, "POST", "/v1/etcd")
+                .with_context(|| format!("start the etcd members of {host}"))?;
+        }
+        Ok(self.lab.etcd_wait_up(&self.zone)?)
+    }
+
     /// Starts the HA agent of `site` unless it runs, through its host's agent (which runs
     /// it beside itself; the HA agent then runs its PostgreSQL).
     pub fn start_agent(&self, site: &str) -> anyhow::Result<()> {
         let m = self.member(site)?;
-        if self.agent_pid(m).is_some() {
-            return Ok(());
-        }
         self.host_agent(&m.host, "POST", &format!("/v1/db/{site}/ha-agent"))
             .with_context(|| format!("start the HA agent of {site}"))?;
         Ok(())
     }
 
-    /// Kills the HA agent of `site` (its PostgreSQL dies with it).
+    /// Stops the HA agent of `site` through its host's agent (its PostgreSQL dies with
+    /// it); whether one ran. The call runs inside the member's host, so a site cut off
+    /// from the rest is still fenced.
     pub fn kill_agent(&self, site: &str) -> anyhow::Result<bool> {
         let m = self.member(site)?;
-        match self.agent_pid(m) {
-            Some(pid) => {
-                sys::kill(pid, libc::SIGKILL);
-                let t = Instant::now();
-                while sys::alive(pid) && t.elapsed() < Duration::from_secs(5) {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                let _ = std::fs::remove_file(self.agent_pid_file(m));
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        let v = self
+            .host_agent(&m.host, "DELETE", &format!("/v1/db/{site}/ha-agent"))
+            .with_context(|| format!("stop the HA agent of {site}"))?;
+        Ok(v["stopped"].as_bool().unwrap_or(false))
     }
 
     /// The last lines of a member's agent log, for error messages.
@@ -447,50 +447,7 @@ impl Database {
         standbys: &[String],
         timeout: Duration,
     ) -> anyhow::Result<String> {
-        let hosts = self.hosts();
-        let apps: Vec<String> = standbys.iter().map(|s| dczone_db::app_name(s)).collect();
-        let ip_to_site: Vec<(Ipv4Addr, String)> = self
-            .members
-            .iter()
-            .map(|m| (m.ip, m.site.clone()))
-            .collect();
-        let r = self.in_host(host, move || async move {
-            let deadline = Instant::now() + timeout;
-            let mut last = String::from("no member accepts writes");
-            while Instant::now() < deadline {
-                if let Ok((c, ip)) =
-                    dczone_ledger::connect_primary_db(&hosts, "dczone-wait", "postgres").await
-                {
-                    let rows = c
-                        .query(
-                            "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
-                            &[],
-                        )
-                        .await
-                        .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
-                        .unwrap_or_default();
-                    let site = ip_to_site
-                        .iter()
-                        .find(|(i, _)| *i == ip)
-                        .map(|(_, s)| s.clone())
-                        .unwrap_or_default();
-                    let own = dczone_db::app_name(&site);
-                    let missing: Vec<&String> = apps
-                        .iter()
-                        .filter(|a| !rows.contains(a) && **a != own)
-                        .collect();
-                    if missing.is_empty() {
-                        return Ok(site);
-                    }
-                    last = format!(
-                        "standby {} is not streaming from {site}",
-                        missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(last)
-        })?;
+        let r = operator::wait_streaming(&self.at(host), standbys, timeout)?;
         r.map_err(|why| {
             let tails: Vec<String> = standbys
                 .iter()
@@ -535,40 +492,19 @@ impl Database {
     /// must run: they start the HA agents.
     pub fn up_within(&self, client: &str, timeout: Duration) -> anyhow::Result<String> {
         dczone_db::as_postgres("postgres")?;
-        self.lab.etcd_up(&self.zone)?;
+        self.etcd_up()?;
         // After a manual failover rebuilt consensus on survivors: the members that are
         // back rejoin it.
         self.rejoin_consensus(client)?;
         std::fs::create_dir_all(self.lab.dir().join("db"))?;
         dczone_db::ensure_passfile(&passfile(&self.lab))?;
         self.share_password()?;
-        self.install_tls()?;
         for m in &self.members {
             self.start_agent(&m.site)?;
         }
         // The primary first (the standbys copy it once it leads), then the ledger.
         self.wait_ready(client, &[], timeout)?;
-        let hosts = self.hosts();
-        // A primary that just took the lead may miss one connect's 500 ms under load (seen
-        // once in CI): retried until the same deadline as the wait.
-        let deadline = Instant::now() + timeout;
-        self.in_host(client, move || async move {
-            loop {
-                let created = async {
-                    let (_, ip) =
-                        dczone_ledger::connect_primary_db(&hosts, "dczone-setup", "postgres")
-                            .await?;
-                    dczone_ledger::create_schema(ip).await
-                };
-                match created.await {
-                    Err(_) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(250)).await
-                    }
-                    r => return r,
-                }
-            }
-        })?
-        .map_err(|e| anyhow!("create the ledger: {e}"))?;
+        operator::create_ledger(&self.at(client), timeout)?;
         let primary = self.wait_ready(client, &self.plan.members(), timeout)?;
         self.wait_mode(client, self.plan.policy().replication, timeout)?;
         Ok(primary)
@@ -581,21 +517,7 @@ impl Database {
         mode: dczone_zone::database::Replication,
         timeout: Duration,
     ) -> anyhow::Result<Snapshot> {
-        let t = Instant::now();
-        loop {
-            let snap = self.snapshot(client)?;
-            if snap.sync.as_ref().is_some_and(|s| s.mode == mode) {
-                return Ok(snap);
-            }
-            if t.elapsed() > timeout {
-                bail!(
-                    "replication did not reach {mode:?} within {} s (now: {:?})",
-                    timeout.as_secs(),
-                    snap.sync.map(|s| (s.mode, s.reason))
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        operator::wait_mode(&self.at(client), mode, timeout)
     }
 
     pub fn down(&self) -> anyhow::Result<usize> {
@@ -605,28 +527,11 @@ impl Database {
                 n += 1;
             }
         }
-        // PostgreSQL dies with its agent; give the postmasters a moment to go.
-        let t = Instant::now();
-        while self
-            .members
-            .iter()
-            .any(|m| m.data().join("postmaster.pid").exists() && postmaster_alive(m))
-            && t.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
         let host = self.members[0].host.clone();
         let _ = self.with_store(&host, |store| async move { store.delete_prefix().await });
         let _ = std::fs::remove_dir_all(self.lab.dir().join("db"));
         Ok(n)
     }
-}
-
-fn postmaster_alive(m: &Member) -> bool {
-    std::fs::read_to_string(m.data().join("postmaster.pid"))
-        .ok()
-        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
-        .is_some_and(sys::alive)
 }
 
 /// A libpq connection string that reaches whichever of `hosts` accepts writes:

@@ -59,6 +59,107 @@ where
     .map_err(|_| anyhow!("the database client thread panicked"))
 }
 
+/// Waits until a member accepts writes and every site of `standbys` streams from it;
+/// returns the primary's site, or what was still missing at the deadline.
+pub fn wait_streaming(
+    reach: &impl Reach,
+    standbys: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Result<String, String>> {
+    let members = reach.members();
+    let hosts: Vec<Ipv4Addr> = members.iter().map(|(_, ip)| *ip).collect();
+    let apps: Vec<String> = standbys.iter().map(|s| dczone_db::app_name(s)).collect();
+    reach.in_client(move || async move {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no member accepts writes");
+        while Instant::now() < deadline {
+            if let Ok((c, ip)) =
+                dczone_ledger::connect_primary_db(&hosts, "dczone-wait", "postgres").await
+            {
+                let rows = c
+                    .query(
+                        "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
+                        &[],
+                    )
+                    .await
+                    .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                let site = members
+                    .iter()
+                    .find(|(_, i)| *i == ip)
+                    .map(|(s, _)| s.clone())
+                    .unwrap_or_default();
+                let own = dczone_db::app_name(&site);
+                let missing: Vec<&String> = apps
+                    .iter()
+                    .filter(|a| !rows.contains(a) && **a != own)
+                    .collect();
+                if missing.is_empty() {
+                    return Ok(site);
+                }
+                last = format!(
+                    "standby {} is not streaming from {site}",
+                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(last)
+    })
+}
+
+/// Creates the ledger's schema on the primary (idempotent). A primary that just took the
+/// lead may miss one connect's 500 ms under load (seen once in CI): retried until
+/// `timeout`.
+pub fn create_ledger(reach: &impl Reach, timeout: Duration) -> anyhow::Result<()> {
+    let hosts = reach.hosts();
+    let deadline = Instant::now() + timeout;
+    reach
+        .in_client(move || async move {
+            loop {
+                let created = async {
+                    let (_, ip) =
+                        dczone_ledger::connect_primary_db(&hosts, "dczone-setup", "postgres")
+                            .await?;
+                    dczone_ledger::create_schema(ip).await
+                };
+                match created.await {
+                    Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(250)).await
+                    }
+                    r => return r,
+                }
+            }
+        })?
+        .map_err(|e| anyhow!("create the ledger: {e}"))
+}
+
+/// Waits until the leader records `mode` (e.g. back to sync once the standbys caught up).
+pub fn wait_mode(
+    reach: &impl Reach,
+    mode: dczone_zone::database::Replication,
+    timeout: Duration,
+) -> anyhow::Result<Snapshot> {
+    let t = Instant::now();
+    loop {
+        // etcd may answer "leader changed" for a moment while the primary settles.
+        let snap = reach.snapshot();
+        if let Ok(snap) = &snap {
+            if snap.sync.as_ref().is_some_and(|s| s.mode == mode) {
+                return Ok(snap.clone());
+            }
+        }
+        if t.elapsed() > timeout {
+            let now = snap?.sync.map(|s| (s.mode, s.reason));
+            bail!(
+                "replication did not reach {mode:?} within {} s (now: {now:?})",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Planned switchover to the standby of `to`; returns once the old primary streams from
 /// the new one.
 pub fn switchover(

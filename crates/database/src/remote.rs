@@ -17,7 +17,7 @@ use dczone_ha::decide::Switchover;
 use dczone_ha::keys::Snapshot;
 use dczone_ledger::{LoadOptions, LoadResult};
 
-use crate::operator::{on_own_runtime, AuditLog, Reach};
+use crate::operator::{self, on_own_runtime, AuditLog, Reach};
 
 /// How long one member's agent may take to answer (its HA agent waits up to 10 s for etcd).
 const CALL_TIMEOUT: Duration = Duration::from_secs(12);
@@ -51,8 +51,7 @@ impl Remote {
         if dczone_db::client_password().is_some() {
             return Ok(());
         }
-        let file = std::env::var_os("PGPASSFILE")
-            .map_or_else(|| self.access.dir.join("pgpass"), std::path::PathBuf::from);
+        let file = self.passfile();
         Err(anyhow!(
             "no database password in {}: `dczone db up` writes it to the lab's access bundle \
              (<state-dir>/<lab>/access/pgpass); copy it next to zone.toml (mode 0600), or set \
@@ -87,6 +86,84 @@ impl Remote {
             "no database member's agent could answer: {}",
             failures.join("; ")
         ))
+    }
+
+    /// Brings the platform up through the agents (idempotent); returns the primary's site.
+    /// Each member's host agent starts its HA agent (which readies the member and runs its
+    /// PostgreSQL); the platform's password comes from a member's agent into the bundle
+    /// (`pgpass`, 0600) unless libpq already has one; then the ledger, once a primary
+    /// leads, and the wait for every standby and the tier's replication mode. etcd is the
+    /// zone's: it must run (in a lab, `lab up` starts it).
+    pub fn up(&self, timeout: Duration) -> anyhow::Result<String> {
+        for m in &self.plan.members {
+            self.access
+                .client(&m.host)?
+                .call(
+                    "POST",
+                    &format!("/v1/db/{}/ha-agent", m.site),
+                    None,
+                    CALL_TIMEOUT,
+                )
+                .map_err(|e| anyhow!("start the HA agent of {} on {}: {e}", m.site, m.host))?;
+        }
+        self.fetch_password(timeout)?;
+        let sites: Vec<String> = self.plan.members.iter().map(|m| m.site.clone()).collect();
+        let not_ready = |why: String| {
+            anyhow!(
+                "the database platform is not ready after {} s: {why}; the members' HA agents \
+                 log to <db dir>/SITE/agent.log on their hosts",
+                timeout.as_secs()
+            )
+        };
+        operator::wait_streaming(self, &[], timeout)?.map_err(not_ready)?;
+        operator::create_ledger(self, timeout)?;
+        let primary = operator::wait_streaming(self, &sites, timeout)?.map_err(not_ready)?;
+        if let Some(mode) = self.plan.replication {
+            operator::wait_mode(self, mode, timeout)?;
+        }
+        Ok(primary)
+    }
+
+    /// Where this process's libpq clients read the password: `PGPASSFILE` (which `dczone`
+    /// points at the bundle's `pgpass` unless the operator set it).
+    fn passfile(&self) -> std::path::PathBuf {
+        std::env::var_os("PGPASSFILE")
+            .map_or_else(|| self.access.dir.join("pgpass"), std::path::PathBuf::from)
+    }
+
+    /// Writes the platform's password where this process's clients read it, from the
+    /// first member's agent that has it (a starting HA agent makes it within moments).
+    fn fetch_password(&self, timeout: Duration) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if dczone_db::client_password().is_some() {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let v = loop {
+            match self.ask("GET", "credentials", None) {
+                Ok(v) => break v,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Err(e) => return Err(e.context("fetch the database password from the agents")),
+            }
+        };
+        let text = v["pgpass"]
+            .as_str()
+            .ok_or_else(|| anyhow!("fetch the database password: unreadable answer"))?;
+        let file = self.passfile();
+        let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("create {}", tmp.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &file).with_context(|| format!("create {}", file.display()))?;
+        Ok(())
     }
 
     /// Switches the replication policy to `tier` (validated by the HA agent against the

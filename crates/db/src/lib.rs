@@ -117,7 +117,8 @@ pub fn ensure_passfile(path: &Path) -> Result<(), DbError> {
     )
     .map_err(io("read /dev/urandom".into()))?;
     let password: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = path.with_extension("tmp");
+    // Per process: members start at once.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     {
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()

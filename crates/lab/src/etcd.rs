@@ -286,29 +286,44 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts every member of the cluster that is not running (idempotent) and waits until
-    /// they answer. A member whose site is isolated is started but not waited for. After a
-    /// rebuild on survivors (`etcd_force_new_cluster`), only the current members start;
-    /// the others rejoin through `etcd_rejoin`.
-    pub fn etcd_up(&self, zone: &Zone) -> Result<Vec<EtcdMember>, LabError> {
-        let members = self.etcd_members(zone);
-        if members.is_empty() {
-            return Ok(members);
-        }
-        let current: Vec<&EtcdMember> = match self.etcd_membership() {
+    /// The members that make up the cluster now: after a rebuild on survivors
+    /// (`etcd_force_new_cluster`) only those, else the zone's placement.
+    fn etcd_current<'a>(&self, members: &'a [EtcdMember]) -> Vec<&'a EtcdMember> {
+        match self.etcd_membership() {
             Some(names) => members.iter().filter(|m| names.contains(&m.name)).collect(),
             None => members.iter().collect(),
-        };
-        for m in &current {
+        }
+    }
+
+    /// Starts `host`'s members of the cluster that are not running (idempotent), without
+    /// waiting for them: a new cluster answers only once a majority runs. Its host's agent
+    /// calls this (`POST /v1/etcd`). Members out of the cluster after a rebuild rejoin
+    /// through `etcd_rejoin` instead. Returns the names of those it started.
+    pub fn etcd_start_host(&self, zone: &Zone, host: &str) -> Result<Vec<String>, LabError> {
+        let members = self.etcd_members(zone);
+        let current = self.etcd_current(&members);
+        let mut started = Vec::new();
+        for m in current.iter().filter(|m| m.host == host) {
             if self.etcd_pid(m).is_none() {
                 self.etcd_start(m, &current, "new", &[])?;
+                started.push(m.name.clone());
             }
         }
+        Ok(started)
+    }
+
+    /// Waits until every member of the cluster answers, but those whose site is isolated.
+    pub fn etcd_wait_up(&self, zone: &Zone) -> Result<(), LabError> {
+        let members = self.etcd_members(zone);
         let isolated = self.state().map(|s| s.isolated).unwrap_or_default();
-        for m in current.iter().filter(|m| !isolated.contains(&m.site)) {
+        for m in self
+            .etcd_current(&members)
+            .iter()
+            .filter(|m| !isolated.contains(&m.site))
+        {
             self.etcd_wait_healthy(m, Duration::from_secs(30))?;
         }
-        Ok(members)
+        Ok(())
     }
 
     /// Disaster recovery of the consensus store (etcd's documented procedure): restarts the
@@ -326,7 +341,7 @@ impl Lab {
                 reason: format!("no member named '{keep}'"),
             })?;
         self.etcd_stop(m);
-        // Only this start carries --force-new-cluster; `etcd_up` restarts it plainly.
+        // Only this start carries --force-new-cluster; `etcd_start_host` restarts it plainly.
         self.etcd_start(m, &[m], "new", &["--force-new-cluster"])?;
         self.set_etcd_membership(std::slice::from_ref(&m.name))?;
         self.etcd_wait_healthy(m, Duration::from_secs(30))
@@ -372,7 +387,7 @@ impl Lab {
         }
     }
 
-    /// Kills every etcd member of one site (a fault to inject); `etcd_up` restarts them.
+    /// Kills every etcd member of one site (a fault to inject); `db up` restarts them.
     pub fn etcd_kill(&self, zone: &Zone, site: &str) -> Result<(), LabError> {
         let members = self.etcd_members(zone);
         let mine: Vec<&EtcdMember> = members.iter().filter(|m| m.site == site).collect();

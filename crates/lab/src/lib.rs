@@ -305,11 +305,6 @@ impl Lab {
         if built {
             self.calibrate(&|_, _, _| {})?;
         }
-        // The consensus store of the database platform, if the zone has one and etcd is
-        // installed (`db up` insists on it).
-        if zone.database.is_some() && etcd::installed() {
-            self.etcd_up(zone)?;
-        }
         Ok(built)
     }
 
