@@ -189,13 +189,7 @@ impl HostAgents {
         // Not start_all: its accelerator probe and image check take seconds of CPU that the
         // guests under load need (measured: a 9-11 s service gap before the first move).
         let dir = self.ensure_all()?;
-        let zone = self.lab.state()?.zone()?;
-        let client = zone
-            .hosts()
-            .into_iter()
-            .find(|h| h.id.ends_with("-client"))
-            .ok_or_else(|| anyhow!("the zone has no client host to coordinate from"))?;
-        let (_, ns) = self.lab.host(&client.id)?;
+        let ns = self.client_namespace()?;
         let (tx, rx) = std::sync::mpsc::channel();
         let (group, to_site, params) = (group.to_string(), to_site.to_string(), *params);
         let coordinator = sys::in_namespace(&ns, move || -> anyhow::Result<_> {
@@ -212,6 +206,33 @@ impl HostAgents {
         coordinator
             .join()
             .map_err(|_| anyhow!("the migration's coordinator panicked"))?
+    }
+
+    /// The namespace of the zone's first client host (`dc1.1-client` in the reference
+    /// zone), from where an operator reaches every agent's address.
+    fn client_namespace(&self) -> anyhow::Result<String> {
+        let zone = self.lab.state()?.zone()?;
+        let client = zone
+            .hosts()
+            .into_iter()
+            .find(|h| h.id.ends_with("-client"))
+            .ok_or_else(|| anyhow!("the zone has no client host to reach the agents from"))?;
+        Ok(self.lab.host(&client.id)?.1)
+    }
+
+    /// Runs `f` with the lab's access bundle from the zone's first client host, as an
+    /// operator would; every agent is made sure to run first.
+    pub fn as_operator<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Access) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let dir = self.ensure_all()?;
+        let ns = self.client_namespace()?;
+        sys::in_namespace(&ns, move || -> anyhow::Result<T> {
+            Ok(f(&Access::open(&dir)?))
+        })?
+        .join()
+        .map_err(|_| anyhow!("the operator's thread panicked"))?
     }
 
     /// Holds an exclusive lock on `host`'s agent slot while it lives.
@@ -380,9 +401,9 @@ pub trait ZoneAgents {
     fn agent_url(&self, host: &str) -> Option<String>;
 }
 
-/// The lab's agents, with its registry as the index of VMs.
+/// The lab's agents: VMs are found by asking them all, from the zone's client host with
+/// the lab's access bundle, as with [`Access`].
 pub struct LabAgents {
-    pub platform: dczone_virt::Platform,
     pub agents: HostAgents,
 }
 
@@ -407,10 +428,11 @@ impl ZoneAgents for LabAgents {
         self.agents.watch(host, path, stop, f)
     }
     fn host_of(&self, name: &str) -> anyhow::Result<String> {
-        Ok(self.platform.get(name)?.host)
+        let name = name.to_string();
+        Ok(self.agents.as_operator(move |a| a.find(&name))??.0)
     }
     fn list(&self) -> anyhow::Result<Vec<dczone_virt::VmRecord>> {
-        Ok(self.platform.list()?)
+        self.agents.as_operator(ZoneAgents::list)?
     }
     fn check_host(&self, host: &str) -> anyhow::Result<()> {
         self.agents.lab.host(host)?;

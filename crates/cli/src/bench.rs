@@ -2,13 +2,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::Subcommand;
 use indicatif::ProgressBar;
 
 use dczone_virt::migrate::{Params, Strategy};
 use dczone_virt::Platform;
 
+use crate::agents::ZoneAgents;
 use crate::table::render;
 
 /// The network a database benchmark runs on (SPEC.md section 9).
@@ -139,7 +142,7 @@ pub fn run(
     cmd: BenchCommand,
 ) -> anyhow::Result<ExitCode> {
     match cmd {
-        BenchCommand::MigrationSweep { json, svg } => sweep(lab, exe, json, svg),
+        BenchCommand::MigrationSweep { json, svg } => sweep(lab, exe, state_dir, json, svg),
         BenchCommand::InterRegion {
             distances,
             clients,
@@ -442,37 +445,29 @@ pub fn intra_region(
     runs_per_strategy: usize,
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let p = reference_platform(lab, exe)?;
-    // The group moves through the hosts' agents, as on real hosts.
-    let agents = crate::agents::HostAgents::new(lab, exe, state_dir)?;
+    // Everything through the hosts' agents, as on real hosts: the VMs' lifecycle and the
+    // group's moves.
+    let zone_agents = reference_agents(lab, exe, state_dir)?;
+    let agents = &zone_agents.agents;
     for (name, ..) in POC_VMS {
-        if p.get(name).is_ok() {
-            p.destroy(name)?;
-        }
+        destroy_if_present(&zone_agents, name)?;
     }
-    // Boot the cluster in parallel: under TCG each guest takes seconds to boot.
-    let boots: Vec<_> = POC_VMS
+    let cluster: Vec<dczone_virt::CreateVm> = POC_VMS
         .iter()
         .map(|&(name, host, mem, dirty, area)| {
             println!("booting {name} on {host} ({mem} MiB, dirtying {dirty} MB/s)");
-            let p = p.clone();
-            std::thread::spawn(move || {
-                p.create(&dczone_virt::CreateVm {
-                    name: name.into(),
-                    host: host.into(),
-                    memory_mib: mem,
-                    dirty_mbps: dirty,
-                    dirty_mib: area,
-                    resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
-                    group: Some(POC_GROUP.into()),
-                })
-            })
+            dczone_virt::CreateVm {
+                name: name.into(),
+                host: host.into(),
+                memory_mib: mem,
+                dirty_mbps: dirty,
+                dirty_mib: area,
+                resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
+                group: Some(POC_GROUP.into()),
+            }
         })
         .collect();
-    for b in boots {
-        b.join()
-            .map_err(|_| anyhow::anyhow!("VM creation thread panicked"))??;
-    }
+    create_all(&zone_agents, &cluster)?;
     let client = lab.host_namespace("dc1.1-client");
     let mut summaries = Vec::new();
     let plan: Vec<(Strategy, bool, bool)> = strategies
@@ -495,7 +490,7 @@ pub fn intra_region(
             if runs_per_strategy > 1 {
                 println!("{label} run {}/{}", run + 1, runs_per_strategy);
             }
-            let vms = p
+            let vms = zone_agents
                 .list()?
                 .into_iter()
                 .filter(|v| v.group.as_deref() == Some(POC_GROUP))
@@ -725,12 +720,71 @@ fn print_runs(summaries: &[StrategyRuns]) {
 }
 
 /// Brings the lab up on the reference zone (a no-op if it already is) and returns its
-/// virtualization platform.
-fn reference_platform(lab: &dczone_lab::Lab, exe: &Path) -> anyhow::Result<Platform> {
+/// hosts' agents (started, should one be gone).
+fn reference_agents(
+    lab: &dczone_lab::Lab,
+    exe: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<crate::agents::LabAgents> {
     let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
     lab.up(&zone, &source, &text)?;
-    crate::vm_cmd::platform(lab, exe)
+    let agents = crate::vm_cmd::lab_agents(lab, exe, state_dir)?;
+    agents.agents.ensure_all()?;
+    Ok(agents)
 }
+
+/// Creates and boots `vms` at once (under TCG each guest takes seconds to boot), each
+/// through its host's agent, as `dczone vm create` does.
+fn create_all(
+    agents: &(dyn ZoneAgents + Sync),
+    vms: &[dczone_virt::CreateVm],
+) -> anyhow::Result<()> {
+    std::thread::scope(|s| {
+        let boots: Vec<_> = vms
+            .iter()
+            .map(|vm| {
+                s.spawn(move || {
+                    let body = serde_json::json!({
+                        "name": vm.name,
+                        "memory_mib": vm.memory_mib,
+                        "dirty_mbps": vm.dirty_mbps,
+                        "dirty_mib": vm.dirty_mib,
+                        "resident_pct": vm.resident_pct,
+                        "group": vm.group,
+                    });
+                    agents
+                        .call(&vm.host, "POST", "/v1/vms", Some(body), BOOT_TIMEOUT)
+                        .with_context(|| format!("create {} on {}", vm.name, vm.host))
+                })
+            })
+            .collect();
+        for b in boots {
+            b.join()
+                .map_err(|_| anyhow::anyhow!("VM creation thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// Destroys `name` through its host's agent, if the zone has it.
+fn destroy_if_present(agents: &dyn ZoneAgents, name: &str) -> anyhow::Result<()> {
+    let Some(vm) = agents.list()?.into_iter().find(|v| v.spec.name == name) else {
+        return Ok(());
+    };
+    agents
+        .call(
+            &vm.host,
+            "DELETE",
+            &format!("/v1/vms/{name}"),
+            None,
+            Duration::from_secs(30),
+        )
+        .with_context(|| format!("destroy {name} on {}", vm.host))?;
+    Ok(())
+}
+
+/// How long a VM may take to boot under TCG on a busy host.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The lab rate between two sites of `zone` with every link up, Mbit/s.
 fn site_path_mbit_s(zone: &dczone_zone::Zone, a: &str, b: &str) -> f64 {
@@ -767,10 +821,11 @@ struct SweepPoint {
 pub fn sweep(
     lab: &dczone_lab::Lab,
     exe: &Path,
+    state_dir: &Path,
     json: Option<PathBuf>,
     svg: PathBuf,
 ) -> anyhow::Result<ExitCode> {
-    let p = reference_platform(lab, exe)?;
+    let agents = reference_agents(lab, exe, state_dir)?;
     let (zone, ..) = crate::lab_cmd::load_zone(None)?;
     let path_mbit_s = site_path_mbit_s(&zone, "dc1.1", "dc1.2");
     let mut points = Vec::new();
@@ -779,34 +834,42 @@ pub fn sweep(
             .iter()
             .map(|d| format!("sw-{mem}-{d}"))
             .collect();
-        let boots: Vec<_> = names
+        for name in &names {
+            destroy_if_present(&agents, name)?;
+        }
+        let vms: Vec<dczone_virt::CreateVm> = names
             .iter()
             .zip(SWEEP_DIRTY_MBPS)
-            .map(|(name, dirty)| {
-                let (p, name) = (p.clone(), name.clone());
-                if p.get(&name).is_ok() {
-                    let _ = p.destroy(&name);
-                }
-                std::thread::spawn(move || {
-                    p.create(&dczone_virt::CreateVm {
-                        name,
-                        host: "dc1.1-h1".into(),
-                        memory_mib: mem,
-                        dirty_mbps: dirty,
-                        dirty_mib: (mem / 4).min(128),
-                        resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
-                        group: None,
-                    })
-                })
+            .map(|(name, dirty)| dczone_virt::CreateVm {
+                name: name.clone(),
+                host: "dc1.1-h1".into(),
+                memory_mib: mem,
+                dirty_mbps: dirty,
+                dirty_mib: (mem / 4).min(128),
+                resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
+                group: None,
             })
             .collect();
-        for b in boots {
-            b.join()
-                .map_err(|_| anyhow::anyhow!("VM creation thread panicked"))??;
-        }
+        create_all(&agents, &vms)?;
         for (name, dirty) in names.iter().zip(SWEEP_DIRTY_MBPS) {
-            let resident_mib = p.get(name)?.spec.resident_mib();
-            let m = p.migrate(name, "dc1.2-h1", &Params::default(), &|_| {})?;
+            let record: dczone_virt::VmRecord = serde_json::from_value(agents.call(
+                "dc1.1-h1",
+                "GET",
+                &format!("/v1/vms/{name}"),
+                None,
+                Duration::from_secs(30),
+            )?)?;
+            let resident_mib = record.spec.resident_mib();
+            // One VM's migration is driven by its source host's agent with the
+            // destination's, as `dczone migrate VM` does.
+            let body = serde_json::json!({ "to": "dc1.2-h1" });
+            let m: dczone_virt::migrate::VmMigration = serde_json::from_value(agents.call(
+                "dc1.1-h1",
+                "POST",
+                &format!("/v1/vms/{name}/migrate"),
+                Some(body),
+                Duration::from_secs(600),
+            )?)?;
             let total_ms = m.t1_ms + m.t2_ms;
             let throughput_mbit_s = m.bytes_sent as f64 * 8.0 / 1e3 / total_ms;
             println!(
@@ -831,7 +894,7 @@ pub fn sweep(
                 bytes_sent: m.bytes_sent,
                 iterations: m.iterations,
             });
-            p.destroy(name)?;
+            destroy_if_present(&agents, name)?;
         }
     }
     let series = |f: fn(&SweepPoint) -> f64| -> Vec<crate::plot::Series> {

@@ -130,8 +130,8 @@ pub fn platform(lab: &Lab, exe: &Path) -> anyhow::Result<Platform> {
 /// The lab's agents: the guest image is built (and the accelerator probed) before an agent
 /// needs it.
 pub fn lab_agents(lab: &Lab, exe: &Path, state_dir: &Path) -> anyhow::Result<LabAgents> {
+    platform(lab, exe)?;
     Ok(LabAgents {
-        platform: platform(lab, exe)?,
         agents: HostAgents::new(lab, exe, state_dir)?,
     })
 }

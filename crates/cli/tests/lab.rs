@@ -428,3 +428,20 @@ fn bulk_transfers_have_a_lane_of_their_own_on_the_apn_and_share_a_conventional_w
     let links = lab.status()["links"].as_array().unwrap().clone();
     assert!(links.iter().all(|l| l["deterministic"] == true));
 }
+
+/// `dczone ... | head`: a reader that went away ends the command with a shell's SIGPIPE
+/// status (141) and nothing on stderr, not a panic (Rust ignores SIGPIPE, and dczone keeps
+/// it so for its TLS connections).
+#[test]
+fn a_reader_that_went_away_ends_the_command_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_dczone"))
+        .args(["zone", "show"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(err.is_empty(), "{err}");
+}
