@@ -85,7 +85,7 @@ pub enum AccessError {
     Bad { path: PathBuf, reason: String },
     #[error("host '{host}' is not in the access bundle; its hosts are: {known}")]
     UnknownHost { host: String, known: String },
-    #[error("no agent of the zone knows VM '{vm}'{}", unreachable_note(.unreachable))]
+    #[error("unknown VM '{vm}': no agent of the zone knows it{}", unreachable_note(.unreachable))]
     UnknownVm {
         vm: String,
         unreachable: Vec<String>,
@@ -146,7 +146,15 @@ impl Bundle {
             "# dczone access bundle: the zone's hosts and their agents\n{}",
             toml::to_string(self).map_err(std::io::Error::other)?
         );
-        std::fs::write(dir.join("zone.toml"), text)
+        // Unchanged: left alone. Changed: replaced at once (another command may be
+        // reading it).
+        let file = dir.join("zone.toml");
+        if std::fs::read_to_string(&file).is_ok_and(|old| old == text) {
+            return Ok(());
+        }
+        let tmp = dir.join(format!("zone.toml.tmp.{}", std::process::id()));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &file)
     }
 }
 

@@ -327,8 +327,10 @@ pub struct Agent {
     /// How this agent starts HA agents: in a lab, `dczone ha-agent` beside `dczoned`
     /// (`None` on a real host: not yet, issue 11).
     ha_launcher: Option<HaLauncher>,
-    /// Held while an HA agent starts: two calls at once start one.
+    /// Held while an HA agent starts or stops: two calls at once start one.
     ha_starting: Mutex<()>,
+    /// Held while this host's etcd members start: two calls at once start each once.
+    etcd_starting: Mutex<()>,
 }
 
 /// What a lab's agent needs to start its host's HA agents.
@@ -353,6 +355,7 @@ impl Agent {
             db_dir,
             ha_launcher,
             ha_starting: Mutex::new(()),
+            etcd_starting: Mutex::new(()),
             platform,
             host,
             peers,
@@ -481,8 +484,10 @@ impl Agent {
             .and_then(|p| p.trim().parse().ok())
             .filter(|&p| dczone_lab::sys::alive(p))
             .filter(|p| {
-                std::fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"ha-agent"))
+                // Empty for a moment while `ip netns exec` execs the HA agent: still ours.
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                    c.is_empty() || c.split(|&b| b == 0).any(|arg| arg == b"ha-agent")
+                })
             })
     }
 
@@ -567,30 +572,50 @@ impl Agent {
     }
 
     /// Stops the HA agent of `site` on this host; its PostgreSQL dies with it.
+    ///
+    /// This is also the fence of a manual failover, which then reads the member's WAL: it
+    /// answers only once the postmaster is gone too (killed if it outlives its agent by
+    /// 5 s), or fails saying so.
     fn ha_stop(&self, site: &str) -> Result<Value, AgentError> {
         self.own_member(site)?;
-        let Some(pid) = self.ha_pid(site) else {
-            return Ok(json!({ "site": site, "stopped": false }));
+        let _one_at_a_time = self.ha_starting.lock().unwrap_or_else(|e| e.into_inner());
+        let gone = |pid: i32, within: Duration| {
+            let t = Instant::now();
+            while dczone_lab::sys::alive(pid) && t.elapsed() < within {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            !dczone_lab::sys::alive(pid)
         };
-        dczone_lab::sys::kill(pid, libc::SIGKILL);
-        let t = Instant::now();
-        while dczone_lab::sys::alive(pid) && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = std::fs::remove_file(self.db_dir.join(site).join("agent.pid"));
-        // PostgreSQL dies with its HA agent: give the postmaster a moment to go, so that
-        // whoever fenced it may read its WAL.
+        let stopped = match self.ha_pid(site) {
+            Some(pid) => {
+                dczone_lab::sys::kill(pid, libc::SIGKILL);
+                gone(pid, Duration::from_secs(5));
+                let _ = std::fs::remove_file(self.db_dir.join(site).join("agent.pid"));
+                true
+            }
+            None => false,
+        };
+        // PostgreSQL dies with its HA agent (an orphan one is stopped all the same).
         let postmaster =
             std::fs::read_to_string(self.db_dir.join(site).join("data/postmaster.pid"))
                 .ok()
-                .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+                .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+                .filter(|pm| {
+                    std::fs::read(format!("/proc/{pm}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("postgres"))
+                });
         if let Some(pm) = postmaster {
-            let t = Instant::now();
-            while dczone_lab::sys::alive(pm) && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
+            if !gone(pm, Duration::from_secs(5)) {
+                dczone_lab::sys::kill(pm, libc::SIGKILL);
+                if !gone(pm, Duration::from_secs(5)) {
+                    return Err(AgentError::Ha {
+                        site: site.into(),
+                        reason: format!("its postmaster (pid {pm}) survives SIGKILL"),
+                    });
+                }
             }
         }
-        Ok(json!({ "site": site, "stopped": true }))
+        Ok(json!({ "site": site, "stopped": stopped }))
     }
 
     /// Starts this host's etcd members that are not running.
@@ -603,6 +628,7 @@ impl Agent {
             )
             .into());
         };
+        let _one_at_a_time = self.etcd_starting.lock().unwrap_or_else(|e| e.into_inner());
         let fail = |e: dczone_lab::LabError| AgentError::Etcd {
             host: self.host.clone(),
             reason: dczone_lab::error_chain(&e),

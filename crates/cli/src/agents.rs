@@ -407,6 +407,28 @@ pub struct LabAgents {
     pub agents: HostAgents,
 }
 
+impl LabAgents {
+    /// Every agent's VMs, asked from the client host as an operator would; an agent that
+    /// host cannot reach (its site cut off) is asked from inside its own host. Also the
+    /// hosts whose agents did not answer either way.
+    fn list_all(&self) -> anyhow::Result<(Vec<dczone_agent::access::Found>, Vec<String>)> {
+        let (mut vms, cut_off) = self.agents.as_operator(|a| a.list())?;
+        let mut unreachable = Vec::new();
+        for host in cut_off {
+            match self
+                .agents
+                .call(&host, "GET", "/v1/vms", None, Duration::from_secs(5))
+                .and_then(|v| Ok(serde_json::from_value::<Vec<dczone_virt::VmRecord>>(v)?))
+            {
+                Ok(list) => vms.extend(list.into_iter().map(|v| (host.clone(), v))),
+                Err(_) => unreachable.push(host),
+            }
+        }
+        vms.sort_by(|a, b| a.1.spec.name.cmp(&b.1.spec.name));
+        Ok((vms, unreachable))
+    }
+}
+
 impl ZoneAgents for LabAgents {
     fn call(
         &self,
@@ -428,11 +450,25 @@ impl ZoneAgents for LabAgents {
         self.agents.watch(host, path, stop, f)
     }
     fn host_of(&self, name: &str) -> anyhow::Result<String> {
-        let name = name.to_string();
-        Ok(self.agents.as_operator(move |a| a.find(&name))??.0)
+        let (vms, unreachable) = self.list_all()?;
+        match vms.into_iter().find(|(_, v)| v.spec.name == name) {
+            Some((host, _)) => Ok(host),
+            None => Err(dczone_agent::access::AccessError::UnknownVm {
+                vm: name.into(),
+                unreachable,
+            }
+            .into()),
+        }
     }
     fn list(&self) -> anyhow::Result<Vec<dczone_virt::VmRecord>> {
-        self.agents.as_operator(ZoneAgents::list)?
+        let (vms, unreachable) = self.list_all()?;
+        if !unreachable.is_empty() {
+            eprintln!(
+                "warning: the agents of {} did not answer; their VMs are not listed",
+                unreachable.join(", ")
+            );
+        }
+        Ok(vms.into_iter().map(|(_, v)| v).collect())
     }
     fn check_host(&self, host: &str) -> anyhow::Result<()> {
         self.agents.lab.host(host)?;
@@ -503,14 +539,29 @@ pub fn db_up(
 }
 
 /// Stops the platform's HA agents through the hosts' agents (started first, should one be
-/// gone) and clears its state.
+/// gone) and clears its state in etcd (whose members they start, should one be gone).
 pub fn db_down(
     p: &dczone_database::Database,
     exe: &Path,
     state_dir: &Path,
 ) -> anyhow::Result<usize> {
     HostAgents::new(&p.lab, exe, state_dir)?.ensure_all()?;
+    p.etcd_up()?;
     p.down()
+}
+
+/// `db failover`: every host's agent is made sure to run first (each from inside its
+/// host, so a cut-off site's too), so that fencing cannot stop half-way for want of one.
+pub fn db_failover(
+    p: &dczone_database::Database,
+    exe: &Path,
+    state_dir: &Path,
+    to: &str,
+    accept_data_loss: bool,
+    timeout: Duration,
+) -> anyhow::Result<dczone_database::FailoverReport> {
+    HostAgents::new(&p.lab, exe, state_dir)?.ensure_all()?;
+    p.failover(to, accept_data_loss, timeout)
 }
 
 #[cfg(test)]

@@ -872,7 +872,7 @@ pub(crate) fn fresh_platform(
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(200));
     bar.set_message("database platform: fresh start");
-    p.down()?;
+    crate::agents::db_down(&p, exe, state_dir)?;
     crate::agents::db_up(&p, exe, state_dir, &p.client_host(None)?, UP_TIMEOUT)?;
     Ok((p, bar))
 }

@@ -333,7 +333,14 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             timeout,
             json,
         } => {
-            let r = p.failover(&to, accept_data_loss, Duration::from_secs(timeout))?;
+            let r = crate::agents::db_failover(
+                &p,
+                exe,
+                state_dir,
+                &to,
+                accept_data_loss,
+                Duration::from_secs(timeout),
+            )?;
             if json {
                 print_json(&r);
             } else {

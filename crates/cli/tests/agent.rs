@@ -218,6 +218,15 @@ fn agent_requires_an_operator_certificate_and_manages_its_hosts_vms() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("an operator's certificate"), "{body}");
     assert!(body.contains("host certificate of 'dc1.2-h1'"), "{body}");
+    // The database's password and its processes are the operator's too.
+    for (method, path) in [
+        ("GET", "/v1/db/dc1.1/credentials"),
+        ("POST", "/v1/db/dc1.1/ha-agent"),
+        ("POST", "/v1/etcd"),
+    ] {
+        let (status, body) = http(&lab, method, path, &host, "");
+        assert_eq!(status, 403, "{path}: {body}");
+    }
     // The agent listens on its host address only: not on the host's loopback.
     let on_host = lab.ns("dc1.1-h1");
     let (status, _) = http_from(&on_host, Ipv4Addr::LOCALHOST, "GET", "/v1/health", &op, "");
@@ -995,6 +1004,16 @@ fn operate_the_database(lab: &TestLab, mine: &Path) {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    // A stale password in the bundle (another platform's) is replaced by `db up`, which
+    // is idempotent.
+    let pgpass = std::fs::read_to_string(mine.join("pgpass")).unwrap();
+    std::fs::write(mine.join("pgpass"), "*:*:*:postgres:stale\n").unwrap();
+    let s = ok(&["db", "up", "--timeout", "60", "--json"]);
+    assert_eq!(s["leader"], "dc1.1", "{s}");
+    assert_eq!(
+        std::fs::read_to_string(mine.join("pgpass")).unwrap(),
+        pgpass
+    );
     let s = ok(&["db", "status", "--json"]);
     assert_eq!(s["leader"], "dc1.1", "{s}");
     assert_eq!(s["replication"], "sync", "{s}");

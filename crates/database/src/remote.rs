@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 
 use dczone_agent::access::{Access, BundleDatabase};
@@ -53,8 +53,8 @@ impl Remote {
         }
         let file = self.passfile();
         Err(anyhow!(
-            "no database password in {}: `dczone db up` writes it to the lab's access bundle \
-             (<state-dir>/<lab>/access/pgpass); copy it next to zone.toml (mode 0600), or set \
+            "no database password in {}: `dczone --access DIR db up` fetches it from a member's \
+             agent into DIR/pgpass (mode 0600; the lab's bundle gets it from `db up`), or set \
              PGPASSFILE",
             file.display()
         ))
@@ -95,16 +95,24 @@ impl Remote {
     /// leads, and the wait for every standby and the tier's replication mode. etcd is the
     /// zone's: it must run (in a lab, `lab up` starts it).
     pub fn up(&self, timeout: Duration) -> anyhow::Result<String> {
+        // Every member's host is asked: one cut off must not keep the others down.
+        let mut failures = Vec::new();
         for m in &self.plan.members {
-            self.access
-                .client(&m.host)?
-                .call(
-                    "POST",
-                    &format!("/v1/db/{}/ha-agent", m.site),
-                    None,
-                    CALL_TIMEOUT,
-                )
-                .map_err(|e| anyhow!("start the HA agent of {} on {}: {e}", m.site, m.host))?;
+            let started = self.access.client(&m.host)?.call(
+                "POST",
+                &format!("/v1/db/{}/ha-agent", m.site),
+                None,
+                CALL_TIMEOUT,
+            );
+            if let Err(e) = started {
+                failures.push(format!("{} (on {}): {e}", m.site, m.host));
+            }
+        }
+        if failures.len() == self.plan.members.len() {
+            bail!("no HA agent could be started: {}", failures.join("; "));
+        }
+        for f in &failures {
+            eprintln!("warning: the HA agent of {f}; the platform comes up without it");
         }
         self.fetch_password(timeout)?;
         let sites: Vec<String> = self.plan.members.iter().map(|m| m.site.clone()).collect();
@@ -118,8 +126,13 @@ impl Remote {
         operator::wait_streaming(self, &[], timeout)?.map_err(not_ready)?;
         operator::create_ledger(self, timeout)?;
         let primary = operator::wait_streaming(self, &sites, timeout)?.map_err(not_ready)?;
+        // The zone file's tier, unless `db policy` set another at run time (whose mode
+        // the bundle does not know).
+        let tier_now = self.snapshot().ok().and_then(|s| s.tier);
         if let Some(mode) = self.plan.replication {
-            operator::wait_mode(self, mode, timeout)?;
+            if tier_now.is_none_or(|t| t == self.plan.tier) {
+                operator::wait_mode(self, mode, timeout)?;
+            }
         }
         Ok(primary)
     }
@@ -133,13 +146,15 @@ impl Remote {
 
     /// Writes the platform's password where this process's clients read it, from the
     /// first member's agent that has it (a starting HA agent makes it within moments).
+    ///
+    /// A password already there is kept if it is the platform's; a stale one (another
+    /// platform's, before this one was rebuilt) is replaced in the bundle, and refused if
+    /// the operator's own `PGPASSFILE` holds it, since libpq would fail with it.
     fn fetch_password(&self, timeout: Duration) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
-        if dczone_db::client_password().is_some() {
-            return Ok(());
-        }
         let deadline = std::time::Instant::now() + timeout;
         let v = loop {
+            // 404 until a starting HA agent has made it; 403 is final (`ask` stops on it).
             match self.ask("GET", "credentials", None) {
                 Ok(v) => break v,
                 Err(_) if std::time::Instant::now() < deadline => {
@@ -150,8 +165,23 @@ impl Remote {
         };
         let text = v["pgpass"]
             .as_str()
+            .filter(|t| dczone_db::password_in(t).is_some())
             .ok_or_else(|| anyhow!("fetch the database password: unreadable answer"))?;
         let file = self.passfile();
+        let platform = dczone_db::password_in(text);
+        if dczone_db::client_password() == platform {
+            return Ok(());
+        }
+        // Only the bundle's own file is ever written; an operator's own is theirs.
+        if file != self.access.dir.join("pgpass") {
+            bail!(
+                "PGPASSFILE ({}) holds no line for user postgres with the database platform's \
+                 password: add the line from a member host's <db dir>/pgpass, or unset \
+                 PGPASSFILE to use the bundle's ({})",
+                file.display(),
+                self.access.dir.join("pgpass").display()
+            );
+        }
         let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
             .write(true)

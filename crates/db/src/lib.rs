@@ -148,16 +148,18 @@ pub fn read_password(path: &Path) -> Result<String, DbError> {
         what: format!("read the database password file {}", path.display()),
         source,
     })?;
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let f: Vec<&str> = l.splitn(5, ':').collect();
-            (f.len() == 5 && (f[3] == "postgres" || f[3] == "*")).then(|| f[4].to_string())
-        })
-        .ok_or_else(|| DbError::Step {
-            what: format!("read the database password file {}", path.display()),
-            detail: "no line for user postgres (expected *:*:*:postgres:PASSWORD)".into(),
-        })
+    password_in(&text).ok_or_else(|| DbError::Step {
+        what: format!("read the database password file {}", path.display()),
+        detail: "no line for user postgres (expected *:*:*:postgres:PASSWORD)".into(),
+    })
+}
+
+/// `postgres`'s password in the text of a libpq password file.
+pub fn password_in(text: &str) -> Option<String> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let f: Vec<&str> = l.splitn(5, ':').collect();
+        (f.len() == 5 && (f[3] == "postgres" || f[3] == "*")).then(|| f[4].to_string())
+    })
 }
 
 /// A TLS connector that trusts only the zone CA in `ca` (rustls verifies the member's
