@@ -151,7 +151,6 @@ impl Remote {
     /// platform's, before this one was rebuilt) is replaced in the bundle, and refused if
     /// the operator's own `PGPASSFILE` holds it, since libpq would fail with it.
     fn fetch_password(&self, timeout: Duration) -> anyhow::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
         let deadline = std::time::Instant::now() + timeout;
         let v = loop {
             // 404 until a starting HA agent has made it; 403 is final (`ask` stops on it).
@@ -183,15 +182,7 @@ impl Remote {
             );
         }
         let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("create {}", tmp.display()))?;
-        std::io::Write::write_all(&mut f, text.as_bytes())
-            .with_context(|| format!("write {}", tmp.display()))?;
+        dczone_db::write_private(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
         std::fs::rename(&tmp, &file).with_context(|| format!("create {}", file.display()))?;
         Ok(())
     }

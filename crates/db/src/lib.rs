@@ -119,18 +119,8 @@ pub fn ensure_passfile(path: &Path) -> Result<(), DbError> {
     let password: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     // Per process: members start at once.
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(format!("create {}", tmp.display())))?;
-        std::io::Write::write_all(&mut f, format!("*:*:*:postgres:{password}\n").as_bytes())
-            .map_err(io(format!("write {}", tmp.display())))?;
-    }
+    write_private(&tmp, &format!("*:*:*:postgres:{password}\n"))
+        .map_err(io(format!("write {}", tmp.display())))?;
     chown_postgres(&tmp)?;
     // Never replaces one a concurrent `db up` made first.
     match std::fs::hard_link(&tmp, path) {
@@ -152,6 +142,19 @@ pub fn read_password(path: &Path) -> Result<String, DbError> {
         what: format!("read the database password file {}", path.display()),
         detail: "no line for user postgres (expected *:*:*:postgres:PASSWORD)".into(),
     })
+}
+
+/// Writes `text` to a new file `path` readable by its owner only (mode 0600 from its
+/// creation: a password never sits in a file others could open).
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
 }
 
 /// `postgres`'s password in the text of a libpq password file.
