@@ -957,14 +957,15 @@ fn a_group_moves_with_each_strategy_through_the_agents_from_a_client_host() {
         .collect();
     assert_eq!(boots, after, "a guest restarted");
 
-    // The database, from the same process's view: `db up` from a bundle taken before
-    // the database existed, status, switchovers, the audit.
-    operate_the_database(&lab, &mine);
-
     for &(name, ..) in &vms {
         ok(&["vm", "destroy", name]);
     }
     assert_eq!(ok(&["vm", "list", "--json"]), serde_json::json!([]));
+
+    // The database, from the same process's view: `db up` from a bundle taken before
+    // the database existed, status, switchovers, the audit. After the VMs are gone: three
+    // TCG guests take both cores, and the database part's timing is not what this tests.
+    operate_the_database(&lab, &mine);
     let _ = std::fs::remove_dir_all(&mine);
 }
 
