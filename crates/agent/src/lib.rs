@@ -324,8 +324,8 @@ pub struct Agent {
     /// Where the database members of this host keep their directories (`<site>/`, each
     /// with its HA agent's control socket).
     db_dir: PathBuf,
-    /// How this agent starts HA agents: in a lab, `dczone ha-agent` beside `dczoned`
-    /// (`None` on a real host: not yet, issue 11).
+    /// How this agent starts HA agents (`dczone ha-agent` beside `dczoned`) and its host's
+    /// etcd members: in a lab only (`None` on a real host: not yet, issue 11).
     ha_launcher: Option<HaLauncher>,
     /// Held while an HA agent starts or stops: two calls at once start one.
     ha_starting: Mutex<()>,
@@ -333,7 +333,7 @@ pub struct Agent {
     etcd_starting: Mutex<()>,
 }
 
-/// What a lab's agent needs to start its host's HA agents.
+/// What a lab's agent needs to start its host's HA agents and etcd members.
 #[derive(Debug, Clone)]
 pub struct HaLauncher {
     pub lab: dczone_lab::Lab,

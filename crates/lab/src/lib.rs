@@ -300,6 +300,8 @@ impl Lab {
 
     /// Builds the lab for `zone`. Idempotent: a healthy lab of the same zone is left alone;
     /// anything else of this lab's is torn down first. Returns `false` if it was already up.
+    /// Only hosts and the network: etcd starts through the hosts' agents
+    /// (`etcd_start_host`).
     pub fn up(&self, zone: &Zone, source: &str, toml: &str) -> Result<bool, LabError> {
         let built = self.build_if_needed(zone, source, toml)?;
         if built {
