@@ -277,7 +277,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
         DbCommand::Up { timeout, json } => {
             let client = p.client_host(None)?;
             let primary =
-                crate::agents::db_up(&p, exe, state_dir, &client, Duration::from_secs(timeout))?;
+                dczone_control::db_up(&p, exe, state_dir, &client, Duration::from_secs(timeout))?;
             let v = status_view(&p.plan.tier, &p.snapshot(&client)?);
             if json {
                 print_json(&v);
@@ -287,7 +287,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             }
         }
         DbCommand::Down { json } => {
-            let n = crate::agents::db_down(&p, exe, state_dir)?;
+            let n = dczone_control::db_down(&p, exe, state_dir)?;
             if json {
                 print_json(&serde_json::json!({"agents_stopped": n}));
             } else {
@@ -333,7 +333,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             timeout,
             json,
         } => {
-            let r = crate::agents::db_failover(
+            let r = dczone_control::db_failover(
                 &p,
                 exe,
                 state_dir,

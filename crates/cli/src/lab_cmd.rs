@@ -157,7 +157,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: LabCommand) -> anyhow::
             let built = lab.up(&z, &source, &text)?;
             // The lab only makes hosts; from here on, everything goes through their agents.
             spinner.set_message("starting the host agents");
-            let access = crate::agents::HostAgents::new(lab, exe, state_dir)?.start_all()?;
+            let access = dczone_control::HostAgents::new(lab, exe, state_dir)?.start_all()?;
             // The database platform's consensus store, if the zone has one and etcd is
             // installed (`db up` insists on it), started by its hosts' agents.
             if z.database.is_some() && dczone_lab::etcd::installed() {

@@ -1,15 +1,13 @@
 //! The `dczone` command line: one module per command family, each translating arguments
 //! into library calls and results into a table (people) or JSON (`--json`, machines).
 
-mod agents;
 mod bench;
-mod db_bench;
+mod bench_report;
 mod db_cmd;
 mod image_cmd;
 mod lab_cmd;
 mod pki_cmd;
 mod plot;
-mod region_bench;
 mod table;
 mod vm_cmd;
 
@@ -190,49 +188,58 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
             };
             let (db_json, switchover_json) = (beside("inter-region"), beside("switchover"));
-            let result = bench::intra_region(
-                &lab,
-                &exe,
-                &cli.state_dir,
-                vec![dczone_virt::migrate::Strategy::Coordinated],
-                &[true],
-                &[true],
-                1,
-                json,
-            )
-            .and_then(|_| {
-                println!();
-                // The second headline, short: sync vs async at 500 km, DC2.1 lost and back,
-                // one disaster of DC1.1 with its RPO audit.
-                db_bench::inter_region(
+            // Each part runs even if one before it missed a key requirement; the demo
+            // fails if any did.
+            let result = (|| {
+                let migration = bench::intra_region(
                     &lab,
                     &exe,
                     &cli.state_dir,
-                    db_bench::InterRegionOptions {
+                    &dczone_bench::migration::IntraRegionOptions {
+                        strategies: vec![dczone_virt::migrate::Strategy::Coordinated],
+                        frame_replay: vec![true],
+                        tls: vec![true],
+                        runs: 1,
+                    },
+                    json.as_deref(),
+                )?;
+                println!();
+                // The second headline, short: sync vs async at 500 km, DC2.1 lost and back,
+                // one disaster of DC1.1 with its RPO audit.
+                let database = bench::inter_region(
+                    &lab,
+                    &exe,
+                    &cli.state_dir,
+                    &dczone_bench::inter_region::InterRegionOptions {
                         distances_km: vec![500.0],
                         clients: 32,
                         seconds: 5.0,
                         rounds: 2,
                         injections: 1,
-                        json: db_json,
-                        network: db_bench::NetworkOptions::default(),
+                        network: dczone_bench::inter_region::NetworkOptions::default(),
                         saturation: false,
                     },
-                )
-            })
-            .and_then(|_| {
+                    db_json.as_deref(),
+                )?;
                 println!();
                 // Planned switchovers under load: DC1.1 -> DC1.2, then across regions to
                 // DC2.1, each audited.
-                db_bench::switchover_bench(
+                let switchovers = bench::switchover(
                     &lab,
                     &exe,
                     &cli.state_dir,
                     2,
                     16,
                     switchover_json.as_deref(),
+                )?;
+                Ok::<_, anyhow::Error>(
+                    if [migration, database, switchovers].contains(&ExitCode::FAILURE) {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    },
                 )
-            });
+            })();
             lab.down()?;
             println!("lab '{}' is down", lab.name());
             result
@@ -242,7 +249,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image { command } => image_cmd::run(&exe, command),
         Command::Vm { command } => match &access {
             Some(a) => vm_cmd::run(a, command),
-            None => vm_cmd::run(&vm_cmd::lab_agents(&lab, &exe, &cli.state_dir)?, command),
+            None => vm_cmd::run(
+                &dczone_control::lab_agents(&lab, &exe, &cli.state_dir)?,
+                command,
+            ),
         },
         Command::Migrate(args) => {
             vm_cmd::migrate(&lab, &exe, &cli.state_dir, access.as_ref(), args)

@@ -12,10 +12,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use dczone_lab::Lab;
 use dczone_virt::migrate::{GroupMigration, Params, Progress, Strategy, VmMigration};
 use dczone_virt::switchover::SwitchReason;
-use dczone_virt::{Platform, VmRecord};
+use dczone_virt::VmRecord;
 
-use crate::agents::{HostAgents, LabAgents, ZoneAgents};
 use dczone_agent::access::Access;
+use dczone_control::{lab_agents, HostAgents, LabAgents, ZoneAgents};
 
 use crate::print_json;
 use crate::table::render;
@@ -120,20 +120,6 @@ impl From<StrategyArg> for Strategy {
             StrategyArg::Postcopy => Strategy::Postcopy,
         }
     }
-}
-
-/// The lab's platform with the guest image and the probed accelerator.
-pub fn platform(lab: &Lab, exe: &Path) -> anyhow::Result<Platform> {
-    Ok(Platform::open(lab.clone(), &crate::image_cmd::inputs(exe))?)
-}
-
-/// The lab's agents: the guest image is built (and the accelerator probed) before an agent
-/// needs it.
-pub fn lab_agents(lab: &Lab, exe: &Path, state_dir: &Path) -> anyhow::Result<LabAgents> {
-    platform(lab, exe)?;
-    Ok(LabAgents {
-        agents: HostAgents::new(lab, exe, state_dir)?,
-    })
 }
 
 /// A VM command through the host agent of the VM's host: `create` names it, the zone's

@@ -317,7 +317,7 @@ impl Database {
 
     /// Starts the HA agent of `site` unless it runs, through its host's agent (which runs
     /// it beside itself; the HA agent then runs its PostgreSQL).
-    pub fn start_agent(&self, site: &str) -> anyhow::Result<()> {
+    pub fn start_ha_agent(&self, site: &str) -> anyhow::Result<()> {
         let m = self.member(site)?;
         self.host_agent(&m.host, "POST", &format!("/v1/db/{site}/ha-agent"))
             .with_context(|| format!("start the HA agent of {site}"))?;
@@ -327,7 +327,7 @@ impl Database {
     /// Stops the HA agent of `site` through its host's agent (its PostgreSQL dies with
     /// it); whether one ran. The call runs inside the member's host, so a site cut off
     /// from the rest is still fenced.
-    pub fn kill_agent(&self, site: &str) -> anyhow::Result<bool> {
+    pub fn stop_ha_agent(&self, site: &str) -> anyhow::Result<bool> {
         let m = self.member(site)?;
         let v = self
             .host_agent(&m.host, "DELETE", &format!("/v1/db/{site}/ha-agent"))
@@ -500,7 +500,7 @@ impl Database {
         dczone_db::ensure_passfile(&passfile(&self.lab))?;
         self.share_password()?;
         for m in &self.members {
-            self.start_agent(&m.site)?;
+            self.start_ha_agent(&m.site)?;
         }
         // The primary first (the standbys copy it once it leads), then the ledger.
         self.wait_ready(client, &[], timeout)?;
@@ -523,7 +523,7 @@ impl Database {
     pub fn down(&self) -> anyhow::Result<usize> {
         let mut n = 0;
         for m in &self.members {
-            if self.kill_agent(&m.site)? {
+            if self.stop_ha_agent(&m.site)? {
                 n += 1;
             }
         }
@@ -786,7 +786,7 @@ impl Database {
                 }),
                 _ if answers => {
                     // Fence first: its agent (and PostgreSQL) stop before its WAL is read.
-                    self.kill_agent(&m.site)?;
+                    self.stop_ha_agent(&m.site)?;
                     if m.data().join("standby.signal").exists() {
                         None
                     } else {
@@ -823,7 +823,7 @@ impl Database {
         // Fence everything reachable but the target.
         let mut fenced = Vec::new();
         for site in &reachable {
-            self.kill_agent(site)?;
+            self.stop_ha_agent(site)?;
             fenced.push(site.clone());
         }
         // Rebuild consensus on a surviving member, in the target's site if one answers.

@@ -1,11 +1,10 @@
-//! `dczone bench inter-region`: UC2 on the default zone. Sync and async replication at each
+//! UC2 on the reference zone. Sync and async replication at each
 //! distance (TATrxn, Ptrx, TATrsync, TATrasync, grey data), then a DC2.1 failure under sync
 //! with availability-first (write stall, unprotected window, return to sync), then disasters
 //! of the primary's site (RTO, audit), the first one deterministic and the rest at random
 //! moments.
 
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,16 +13,15 @@ use std::time::{Duration, Instant};
 pub const UP_TIMEOUT: Duration = Duration::from_secs(90);
 
 use anyhow::{anyhow, Context};
-use indicatif::ProgressBar;
 use serde::Serialize;
 
 use dczone_lab::{Lab, LinkChange};
 use dczone_ledger::{unix_us, LoadOptions, LoadResult};
 use dczone_zone::database::Replication;
 
-use crate::print_json;
-use crate::table::{render, yes_no};
 use dczone_database::Database;
+
+use crate::{Header, Observer};
 
 /// How far behind a distance's standby (DC2.1) lies from the others, for `--distances`.
 const REMOTE_SITE: &str = "dc2.1";
@@ -36,7 +34,6 @@ pub struct InterRegionOptions {
     /// Rounds of sync and async at each distance, `seconds` each, alternating.
     pub rounds: usize,
     pub injections: usize,
-    pub json: Option<PathBuf>,
     pub network: NetworkOptions,
     /// Sweep the clients at the default distance until Ptrx stops growing.
     pub saturation: bool,
@@ -173,7 +170,8 @@ pub struct Disaster {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct InterRegionReport {
-    pub git_rev: String,
+    #[serde(flatten)]
+    pub header: Header,
     pub network: NetworkOptions,
     /// What the bulk cross traffic moved, when there was some.
     pub cross_traffic: Option<dczone_lab::cross::CrossReport>,
@@ -202,6 +200,10 @@ pub struct InterRegionReport {
     pub sync_ptrx_ratio_pass: bool,
     pub stall_pass: bool,
     pub rto_pass: bool,
+}
+
+impl InterRegionReport {
+    pub const VERSION: u32 = 2;
 }
 
 fn set_distance(lab: &Lab, p: &Database, km: f64) -> anyhow::Result<()> {
@@ -371,7 +373,7 @@ fn measure_pair(
     clients: usize,
     seconds: f64,
     rounds: usize,
-    bar: &ProgressBar,
+    obs: &dyn Observer,
 ) -> anyhow::Result<DistanceResult> {
     let (mut syncs, mut asyncs, mut order) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds.max(1) {
@@ -385,7 +387,7 @@ fn measure_pair(
                 Replication::Sync => ("tier1", "sync", &mut syncs),
                 Replication::Async => ("tier2", "async", &mut asyncs),
             };
-            bar.set_message(format!("{km} km: {name}, round {}/{}", round + 1, rounds));
+            obs.step(&format!("{km} km: {name}, round {}/{}", round + 1, rounds));
             runs.push(run_mode(p, tier, mode, clients, seconds)?);
         }
         order.push(PtrxRound {
@@ -558,9 +560,9 @@ fn back_to_tier1(p: &Database) -> anyhow::Result<(String, String)> {
     Ok((primary, client))
 }
 
-fn fallback(p: &Database, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::Result<Fallback> {
+fn fallback(p: &Database, o: &InterRegionOptions, obs: &dyn Observer) -> anyhow::Result<Fallback> {
     let (_, client) = back_to_tier1(p)?;
-    bar.set_message(format!(
+    obs.step(&format!(
         "{REMOTE_SITE} failure under sync, availability-first"
     ));
     let lab = p.lab.clone();
@@ -574,7 +576,7 @@ fn fallback(p: &Database, o: &InterRegionOptions, bar: &ProgressBar) -> anyhow::
     )?;
     let t0 = t0.expect("injected");
     let stall_ms = stall_after(&r, t0);
-    bar.set_message(format!(
+    obs.step(&format!(
         "{REMOTE_SITE} back: waiting for the return to sync"
     ));
     let restored = Instant::now();
@@ -602,10 +604,10 @@ const BULK_SCALE: u32 = 5;
 const BULK_CLIENTS: usize = 4;
 
 /// Tier 1 ledger commits while `pgbench -i` fills the primary: DC2.1 falls behind but lives.
-fn bulk_load(p: &Database, bar: &ProgressBar) -> anyhow::Result<BulkLoad> {
+fn bulk_load(p: &Database, obs: &dyn Observer) -> anyhow::Result<BulkLoad> {
     let (primary, client) = back_to_tier1(p)?;
     let pg_ip = p.member(&primary)?.ip;
-    bar.set_message(format!(
+    obs.step(&format!(
         "bulk load on {primary} (pgbench -i -s {BULK_SCALE}) under Tier 1"
     ));
     let ns = p.lab.host_namespace(&client);
@@ -729,7 +731,7 @@ fn disaster(
         Some(after),
         move || {
             lab.site_isolate(&victim, true)?;
-            pc.kill_agent(&victim)?;
+            pc.stop_ha_agent(&victim)?;
             Ok(())
         },
     )?;
@@ -742,7 +744,7 @@ fn disaster(
         .unwrap_or_else(|| "none".into());
     // Bring the lost site back: its member rejoins as a standby (rewound).
     p.lab.site_isolate(&old, false)?;
-    crate::agents::db_up(p, exe, state_dir, &probe, UP_TIMEOUT)
+    dczone_control::db_up(p, exe, state_dir, &probe, UP_TIMEOUT)
         .with_context(|| format!("{old} did not rejoin after the disaster"))?;
     Ok(Disaster {
         old_primary: old,
@@ -830,12 +832,12 @@ fn saturate(
     mode: Replication,
     km: f64,
     seconds: f64,
-    bar: &ProgressBar,
+    obs: &dyn Observer,
 ) -> anyhow::Result<(Vec<SaturationPoint>, f64)> {
     let mut out: Vec<SaturationPoint> = Vec::new();
     let mut clients = 1;
     while clients <= SATURATION_MAX_CLIENTS {
-        bar.set_message(format!("saturation: {tier} with {clients} clients"));
+        obs.step(&format!("saturation: {tier} with {clients} clients"));
         let m = measure_mode(p, tier, mode, km, clients, seconds)?;
         let grew = out
             .last()
@@ -865,24 +867,30 @@ pub(crate) fn fresh_platform(
     lab: &Lab,
     exe: &Path,
     state_dir: &Path,
-) -> anyhow::Result<(Database, ProgressBar)> {
-    let (zone, source, text) = crate::lab_cmd::load_zone(None)?;
-    lab.up(&zone, &source, &text)?;
+    obs: &dyn Observer,
+) -> anyhow::Result<Database> {
+    lab.up(
+        &dczone_zone::Zone::reference(),
+        "<built-in reference zone>",
+        dczone_zone::DEFAULT_ZONE_TOML,
+    )?;
     let p = Database::open(lab)?;
-    let bar = ProgressBar::new_spinner();
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar.set_message("database platform: fresh start");
-    crate::agents::db_down(&p, exe, state_dir)?;
-    crate::agents::db_up(&p, exe, state_dir, &p.client_host(None)?, UP_TIMEOUT)?;
-    Ok((p, bar))
+    obs.step("database platform: fresh start");
+    dczone_control::db_down(&p, exe, state_dir)?;
+    dczone_control::db_up(&p, exe, state_dir, &p.client_host(None)?, UP_TIMEOUT)?;
+    Ok(p)
 }
 
+/// UC2 on the lab's reference zone (brought up if it is not), on a fresh database
+/// platform: see the module's documentation. The zone is left as declared (distances,
+/// tier, the APN).
 pub fn inter_region(
     lab: &Lab,
     exe: &Path,
     state_dir: &Path,
-    o: InterRegionOptions,
-) -> anyhow::Result<ExitCode> {
+    o: &InterRegionOptions,
+    obs: &dyn Observer,
+) -> anyhow::Result<InterRegionReport> {
     let positive = |x: f64| x.is_finite() && x > 0.0;
     if o.clients == 0
         || o.rounds == 0
@@ -896,33 +904,33 @@ pub fn inter_region(
             "--clients and --rounds must be >= 1, --seconds positive and --distances >= 0 km"
         );
     }
-    let (p, bar) = fresh_platform(lab, exe, state_dir)?;
+    let p = fresh_platform(lab, exe, state_dir, obs)?;
     let conditions = Conditions::start(lab, &p, o.network)?;
     let default_km = 500.0;
     let mut distances = Vec::new();
     let mut result = (|| -> anyhow::Result<InterRegionReport> {
         for &km in &o.distances_km {
             set_distance(lab, &p, km)?;
-            distances.push(measure_pair(&p, km, o.clients, o.seconds, o.rounds, &bar)?);
+            distances.push(measure_pair(&p, km, o.clients, o.seconds, o.rounds, obs)?);
         }
         set_distance(lab, &p, default_km)?;
         let at_default = match distances.iter().find(|d| d.distance_km == default_km) {
             Some(d) => d.clone(),
-            None => measure_pair(&p, default_km, o.clients, o.seconds, o.rounds, &bar)?,
+            None => measure_pair(&p, default_km, o.clients, o.seconds, o.rounds, obs)?,
         };
         let (mut saturation, mut sync_sat, mut async_sat) = (Vec::new(), None, None);
         if o.saturation {
             let (steps, best) =
-                saturate(&p, "tier1", Replication::Sync, default_km, o.seconds, &bar)?;
+                saturate(&p, "tier1", Replication::Sync, default_km, o.seconds, obs)?;
             saturation.extend(steps);
             sync_sat = Some(best);
             let (steps, best) =
-                saturate(&p, "tier2", Replication::Async, default_km, o.seconds, &bar)?;
+                saturate(&p, "tier2", Replication::Async, default_km, o.seconds, obs)?;
             saturation.extend(steps);
             async_sat = Some(best);
         }
-        let bulk = bulk_load(&p, &bar)?;
-        let fb = fallback(&p, &o, &bar)?;
+        let bulk = bulk_load(&p, obs)?;
+        let fb = fallback(&p, o, obs)?;
         let mut disasters = Vec::new();
         let mut seed = unix_us() | 1;
         for i in 0..o.injections.max(1) {
@@ -934,13 +942,13 @@ pub fn inter_region(
                 seed ^= seed << 17;
                 Duration::from_millis(1000 + seed % 4000)
             };
-            bar.set_message(format!(
+            obs.step(&format!(
                 "disaster {}/{} at {:.1} s into the load",
                 i + 1,
                 o.injections.max(1),
                 after.as_secs_f64()
             ));
-            disasters.push(disaster(&p, exe, state_dir, &o, after)?);
+            disasters.push(disaster(&p, exe, state_dir, o, after)?);
         }
         let lost: usize = disasters.iter().map(|d| d.lost).sum::<usize>() + fb.lost + bulk.lost;
         let indeterminate = disasters.iter().map(|d| d.indeterminate).sum();
@@ -951,7 +959,7 @@ pub fn inter_region(
             .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
         let all_recovered = rtos.len() == disasters.len();
         Ok(InterRegionReport {
-            git_rev: dczone_lab::wan_bench::git_rev(),
+            header: Header::new("inter-region", InterRegionReport::VERSION),
             network: o.network,
             cross_traffic: None,
             saturation,
@@ -976,7 +984,6 @@ pub fn inter_region(
             disasters,
         })
     })();
-    bar.finish_and_clear();
     let cross = conditions.end(lab);
     if let Ok(r) = result.as_mut() {
         r.cross_traffic = cross;
@@ -986,279 +993,7 @@ pub fn inter_region(
     if let Ok(client) = p.client_host(None) {
         let _ = p.put_key(&client, |k| k.tier(), p.plan.tier.clone());
     }
-    let report = result.as_mut().map_err(|e| anyhow!("{e:#}"))?.clone();
-    print_report(&report);
-    if let Some(path) = &o.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-        println!("wrote {}", path.display());
-    }
-    if std::env::var_os("DCZONE_PRINT_JSON").is_some() {
-        print_json(&report);
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn opt(v: Option<f64>) -> String {
-    v.map_or("-".into(), |x| format!("{x:.1}"))
-}
-
-/// Where TATrsync goes at each distance, and the saturation sweep.
-fn print_sync_cost(r: &InterRegionReport) {
-    let rows: Vec<Vec<String>> = r
-        .distances
-        .iter()
-        .filter_map(|d| d.sync.sync_cost.as_ref().map(|c| (d, c)))
-        .map(|(d, c)| {
-            vec![
-                format!("{:.0}", d.distance_km),
-                format!("{:.2}", c.rtt_nominal_ms),
-                opt2(c.network_excess_ms),
-                opt2(c.standby_receive_ms),
-                format!("{:.2}", c.standby_flush_ms),
-                opt2(d.sync.tatrsync_excess_ms),
-                opt2(d.sync.tatrsync_p99_ms),
-            ]
-        })
-        .collect();
-    if !rows.is_empty() {
-        println!("where TATrsync goes (sync, means of 100 ms samples):");
-        print!(
-            "{}",
-            render(
-                &[
-                    "km",
-                    "fibre RTT ms",
-                    "+ network ms",
-                    "+ standby receive ms",
-                    "+ standby flush ms",
-                    "= excess ms",
-                    "TATrsync p99 ms"
-                ],
-                &rows
-            )
-        );
-    }
-    if !r.saturation.is_empty() {
-        let rows: Vec<Vec<String>> = r
-            .saturation
-            .iter()
-            .map(|s| {
-                vec![
-                    s.mode.clone(),
-                    s.clients.to_string(),
-                    format!("{:.0}", s.ptrx),
-                    format!("{:.2}", s.tatrxn_p50_ms),
-                    opt2(s.tatrsync_excess_ms),
-                ]
-            })
-            .collect();
-        println!("saturation sweep at 500 km:");
-        print!(
-            "{}",
-            render(
-                &["mode", "clients", "Ptrx/s", "TATrxn p50 ms", "excess ms"],
-                &rows
-            )
-        );
-        if let (Some(s), Some(a)) = (r.sync_ptrx_saturated, r.async_ptrx_saturated) {
-            println!(
-                "Ptrx at saturation: sync {s:.0}/s, async {a:.0}/s, ratio {:.2}",
-                s / a.max(1e-9)
-            );
-        }
-    }
-}
-
-fn opt2(v: Option<f64>) -> String {
-    v.map_or("-".into(), |x| format!("{x:.2}"))
-}
-
-fn print_report(r: &InterRegionReport) {
-    println!(
-        "UC2 inter-region replication, {} clients (ledger transfers), {} WAN{}",
-        r.clients,
-        r.network.wan,
-        match &r.cross_traffic {
-            Some(c) => format!(
-                ", bulk cross traffic {} -> {} ({} flows, {:.0} lab Mbit/s)",
-                c.from, c.to, c.flows, c.lab_mbit
-            ),
-            None => String::new(),
-        }
-    );
-    let mut rows = Vec::new();
-    for d in &r.distances {
-        for (name, m) in [("sync", &d.sync), ("async", &d.asynch)] {
-            rows.push(vec![
-                format!("{:.0}", d.distance_km),
-                name.to_string(),
-                format!("{:.0}", m.ptrx),
-                format!("{:.2}", m.tatrxn_p50_ms),
-                format!("{:.2}", m.tatrxn_p99_ms),
-                opt(m.tatrsync_ms),
-                opt(m.tatrsync_excess_ms),
-                opt(m.tatrasync_ms),
-                m.grey_data_transactions
-                    .map_or("-".into(), |g| format!("{g:.1}")),
-            ]);
-        }
-    }
-    print!(
-        "{}",
-        render(
-            &[
-                "km",
-                "mode",
-                "Ptrx/s",
-                "TATrxn p50 ms",
-                "p99 ms",
-                "TATrsync ms",
-                "- RTT ms",
-                "TATrasync ms",
-                "grey data (txn)"
-            ],
-            &rows
-        )
-    );
-    let rounds: Vec<Vec<String>> = r
-        .distances
-        .iter()
-        .flat_map(|d| {
-            d.rounds.iter().enumerate().map(move |(i, x)| {
-                vec![
-                    format!("{:.0}", d.distance_km),
-                    (i + 1).to_string(),
-                    format!("{:.0}", x.sync_ptrx),
-                    format!("{:.0}", x.async_ptrx),
-                    format!("{:.2}", x.sync_over_async_ptrx),
-                ]
-            })
-        })
-        .collect();
-    println!("rounds (sync and async alternate; the figures above are over all of them):");
-    print!(
-        "{}",
-        render(
-            &["km", "round", "sync Ptrx/s", "async Ptrx/s", "sync / async"],
-            &rounds
-        )
-    );
-    print_sync_cost(r);
-    let f = &r.fallback;
-    let rows = vec![
-        vec![
-            "sync Ptrx / async Ptrx at 500 km".into(),
-            format!("{:.2}", r.sync.ptrx / r.asynch.ptrx.max(1e-9)),
-            ">= 0.7".into(),
-            yes_no(r.sync_ptrx_ratio_pass),
-        ],
-        vec![
-            "write stall when DC2.1 is lost (ms)".into(),
-            format!("{:.0}", f.stall_ms),
-            "<= 1000".into(),
-            yes_no(r.stall_pass),
-        ],
-        vec![
-            format!(
-                "unprotected windows opened by a bulk load (pgbench -i -s {}, {:.0} ms)",
-                r.bulk_load.pgbench_scale, r.bulk_load.pgbench_ms
-            ),
-            r.bulk_load.unprotected_windows.to_string(),
-            "0".into(),
-            yes_no(r.bulk_load.unprotected_windows == 0),
-        ],
-        vec![
-            "ledger TATrxn p99 / longest stall during the bulk load (ms)".into(),
-            format!(
-                "{:.0} / {:.0}",
-                r.bulk_load.tatrxn_p99_ms, r.bulk_load.stall_ms
-            ),
-            "slow, not dead".into(),
-            String::new(),
-        ],
-        vec![
-            "unprotected window (ms)".into(),
-            opt(f.unprotected_window_ms),
-            "audited".into(),
-            String::new(),
-        ],
-        vec![
-            "return to sync after DC2.1 is back (ms)".into(),
-            format!("{:.0}", f.return_to_sync_ms),
-            String::new(),
-            String::new(),
-        ],
-        vec![
-            "failover RTO, first disaster (ms)".into(),
-            opt(r.failover_rto_ms),
-            "<= 15000".into(),
-            yes_no(r.rto_pass),
-        ],
-        vec![
-            format!("worst RTO of {} disasters (ms)", r.disasters.len()),
-            opt(r.rto_max_ms),
-            String::new(),
-            String::new(),
-        ],
-        vec![
-            "acknowledged transactions lost".into(),
-            r.rpo_lost_transactions.to_string(),
-            "0".into(),
-            yes_no(r.rpo_lost_transactions == 0),
-        ],
-        vec![
-            "indeterminate transactions (listed)".into(),
-            r.indeterminate_transactions.to_string(),
-            String::new(),
-            String::new(),
-        ],
-        vec![
-            "KR2.1 RPO = 0 (Tier 1)".into(),
-            String::new(),
-            String::new(),
-            yes_no(r.kr2_1_pass),
-        ],
-        vec![
-            "KR2.2 RTO < 30 min (Tier 1)".into(),
-            String::new(),
-            String::new(),
-            yes_no(r.kr2_2_tier1_pass),
-        ],
-    ];
-    print!(
-        "{}",
-        render(&["metric", "value", "target", "verdict"], &rows)
-    );
-    let rows: Vec<Vec<String>> = r
-        .disasters
-        .iter()
-        .map(|d| {
-            vec![
-                format!("{:.1}", d.injected_after_ms / 1000.0),
-                format!("{} -> {}", d.old_primary, d.new_primary),
-                opt(d.rto_ms),
-                d.acknowledged.to_string(),
-                d.lost.to_string(),
-                format!("{} ({} applied)", d.indeterminate, d.indeterminate_applied),
-                yes_no(d.rpo_zero && d.balances_conserved),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        render(
-            &[
-                "at s",
-                "failover",
-                "RTO ms",
-                "acked",
-                "lost",
-                "indeterminate",
-                "audit"
-            ],
-            &rows
-        )
-    );
+    result.map_err(|e| anyhow!("{e:#}"))
 }
 
 /// One planned switchover under load.
@@ -1280,8 +1015,9 @@ pub struct SwitchoverRound {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct SwitchoverBenchReport {
-    pub git_rev: String,
+pub struct SwitchoverReport {
+    #[serde(flatten)]
+    pub header: Header,
     pub clients: usize,
     pub rounds: Vec<SwitchoverRound>,
     pub client_stall_ms_median: f64,
@@ -1289,20 +1025,24 @@ pub struct SwitchoverBenchReport {
     pub rpo_lost_transactions: usize,
 }
 
+impl SwitchoverReport {
+    pub const VERSION: u32 = 2;
+}
+
 /// Planned switchovers under load around the database sites (DC1.1 -> DC1.2 -> DC2.1 ->
 /// DC1.1 ...), each audited.
-pub fn switchover_bench(
+pub fn switchover(
     lab: &Lab,
     exe: &Path,
     state_dir: &Path,
     rounds: usize,
     clients: usize,
-    json: Option<&Path>,
-) -> anyhow::Result<ExitCode> {
+    obs: &dyn Observer,
+) -> anyhow::Result<SwitchoverReport> {
     if rounds == 0 || clients == 0 {
-        anyhow::bail!("--rounds and --clients must be at least 1");
+        anyhow::bail!("at least one round and one client are needed");
     }
-    let (p, bar) = fresh_platform(lab, exe, state_dir)?;
+    let p = fresh_platform(lab, exe, state_dir, obs)?;
     let probe = p.client_host(None)?;
     let sites: Vec<String> = p.members.iter().map(|m| m.site.clone()).collect();
     let client = client_near(&p, &p.plan.primary);
@@ -1316,7 +1056,7 @@ pub fn switchover_bench(
                 .ok_or_else(|| anyhow!("no primary before switchover {}", i + 1))?;
             let pos = sites.iter().position(|s| *s == from).unwrap_or(0);
             let to = sites[(pos + 1) % sites.len()].clone();
-            bar.set_message(format!("switchover {}/{rounds}: {from} -> {to}", i + 1));
+            obs.step(&format!("switchover {}/{rounds}: {from} -> {to}", i + 1));
             let pc = p.clone();
             let target = to.clone();
             let report = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -1353,61 +1093,15 @@ pub fn switchover_bench(
         }
         Ok(out)
     })();
-    bar.finish_and_clear();
     let rounds = result.map_err(|e| anyhow!("{e:#}"))?;
     let mut stalls: Vec<f64> = rounds.iter().map(|r| r.client_stall_ms).collect();
     stalls.sort_by(f64::total_cmp);
-    let report = SwitchoverBenchReport {
-        git_rev: dczone_lab::wan_bench::git_rev(),
+    Ok(SwitchoverReport {
+        header: Header::new("switchover", SwitchoverReport::VERSION),
         clients,
         client_stall_ms_median: stalls[(stalls.len() - 1) / 2],
         client_stall_ms_max: stalls[stalls.len() - 1],
         rpo_lost_transactions: rounds.iter().map(|r| r.lost).sum(),
         rounds,
-    };
-    let rows: Vec<Vec<String>> = report
-        .rounds
-        .iter()
-        .map(|r| {
-            vec![
-                format!("{} -> {}", r.from, r.to),
-                format!("{:.0}", r.leader_ms),
-                format!("{:.0}", r.first_commit_ms),
-                format!("{:.0}", r.rejoined_ms),
-                format!("{:.0}", r.client_stall_ms),
-                r.acknowledged.to_string(),
-                r.lost.to_string(),
-                r.indeterminate.to_string(),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        render(
-            &[
-                "SWITCHOVER",
-                "LEADER_MS",
-                "FIRST_COMMIT_MS",
-                "REJOINED_MS",
-                "CLIENT_STALL_MS",
-                "ACKED",
-                "LOST",
-                "INDETERMINATE"
-            ],
-            &rows
-        )
-    );
-    println!(
-        "client stall median {:.0} ms, worst {:.0} ms; acknowledged transactions lost: {}",
-        report.client_stall_ms_median, report.client_stall_ms_max, report.rpo_lost_transactions
-    );
-    if let Some(path) = json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-        println!("wrote {}", path.display());
-    }
-    Ok(if report.rpo_lost_transactions == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     })
 }

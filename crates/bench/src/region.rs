@@ -1,4 +1,4 @@
-//! `dczone bench region-disaster`: the disaster the reference is written for. Region 1 (both
+//! The disaster the reference is written for. Region 1 (both
 //! DC1 sites) is cut off at a random moment under Tier 1 load from a client outside it
 //! (DC2.1), while a second client inside region 1 keeps trying to write to whatever it can
 //! still reach there. Each injection then:
@@ -14,8 +14,7 @@
 //! acknowledged (what a bank sees), and `leader_ms` to the failover entry in the HA audit log
 //! (what the platform controls).
 
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -25,9 +24,10 @@ use dczone_lab::Lab;
 use dczone_ledger::unix_us;
 use dczone_zone::database::Replication;
 
-use crate::db_bench::{first_ack_after, fresh_platform, load_opts};
-use crate::table::{render, yes_no};
 use dczone_database::Database;
+
+use crate::inter_region::{first_ack_after, fresh_platform, load_opts, Conditions, NetworkOptions};
+use crate::{Header, Observer};
 
 /// The reference's regional disaster: every database site of this region is cut off.
 const LOST_REGION: &str = "region-1";
@@ -41,8 +41,7 @@ const IN_FLIGHT_US: u64 = 50_000;
 pub struct RegionDisasterOptions {
     pub injections: usize,
     pub clients: usize,
-    pub json: Option<PathBuf>,
-    pub network: crate::db_bench::NetworkOptions,
+    pub network: NetworkOptions,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,8 +82,9 @@ pub struct PlacementCost {
 
 #[derive(Debug, Serialize)]
 pub struct RegionDisasterReport {
-    pub git_rev: String,
-    pub network: crate::db_bench::NetworkOptions,
+    #[serde(flatten)]
+    pub header: Header,
+    pub network: NetworkOptions,
     pub cross_traffic: Option<dczone_lab::cross::CrossReport>,
     pub clients: usize,
     pub injections: Vec<RegionInjection>,
@@ -268,12 +268,12 @@ fn one(
         }
         if Instant::now() > deadline {
             // `db up` restarts whatever did not come back by itself.
-            crate::agents::db_up(
+            dczone_control::db_up(
                 p,
                 exe,
                 state_dir,
                 OUTSIDE_CLIENT,
-                crate::db_bench::UP_TIMEOUT,
+                crate::inter_region::UP_TIMEOUT,
             )
             .with_context(|| "region 1 did not rejoin within 90 s".to_string())?;
             break t1.elapsed().as_secs_f64() * 1e3;
@@ -312,23 +312,35 @@ fn one(
     })
 }
 
+impl RegionDisasterReport {
+    pub const VERSION: u32 = 2;
+
+    /// KR2.1 held, the regional RTO goal was met and no write was acknowledged twice.
+    pub fn pass(&self) -> bool {
+        self.kr2_1_pass && self.rto_pass && !self.split_brain
+    }
+}
+
+/// The regional disaster `o.injections` times on a fresh platform of the lab's reference
+/// zone (brought up if it is not); see the module's documentation.
 pub fn region_disaster(
     lab: &Lab,
     exe: &Path,
     state_dir: &Path,
-    o: RegionDisasterOptions,
-) -> anyhow::Result<ExitCode> {
+    o: &RegionDisasterOptions,
+    obs: &dyn Observer,
+) -> anyhow::Result<RegionDisasterReport> {
     if o.injections == 0 || o.clients == 0 {
-        bail!("--injections and --clients must be at least 1");
+        bail!("at least one injection and one client are needed");
     }
-    let (p, bar) = fresh_platform(lab, exe, state_dir)?;
+    let p = fresh_platform(lab, exe, state_dir, obs)?;
     if p.plan.policy().replication != Replication::Sync {
         bail!("the zone's database tier is not synchronous; the benchmark needs Tier 1 sync");
     }
     if region_sites(&p).is_empty() {
         bail!("the zone has no database site in {LOST_REGION}");
     }
-    let conditions = crate::db_bench::Conditions::start(lab, &p, o.network)?;
+    let conditions = Conditions::start(lab, &p, o.network)?;
     let result = (|| -> anyhow::Result<Vec<RegionInjection>> {
         let mut out = Vec::new();
         let mut seed = unix_us() | 1;
@@ -337,19 +349,18 @@ pub fn region_disaster(
             seed ^= seed >> 7;
             seed ^= seed << 17;
             let after = Duration::from_millis(2000 + seed % 4000);
-            bar.set_message(format!(
+            obs.step(&format!(
                 "regional disaster {}/{} at {:.1} s into the load",
                 i + 1,
                 o.injections,
                 after.as_secs_f64()
             ));
-            out.push(one(&p, exe, state_dir, &o, after)?);
+            out.push(one(&p, exe, state_dir, o, after)?);
         }
-        bar.set_message("what the consensus placement costs");
+        obs.step("what the consensus placement costs");
         Ok(out)
     })();
     let cost = result.as_ref().ok().map(|_| placement_cost(&p));
-    bar.finish_and_clear();
     let cross_traffic = conditions.end(lab);
     let injections = result.map_err(|e| anyhow!("{e:#}"))?;
     let placement_cost = cost.transpose()?.unwrap_or_default();
@@ -359,8 +370,8 @@ pub fn region_disaster(
     leaders.sort_by(f64::total_cmp);
     let all_recovered = rtos.len() == injections.len();
     let lost: usize = injections.iter().map(|i| i.lost).sum();
-    let report = RegionDisasterReport {
-        git_rev: dczone_lab::wan_bench::git_rev(),
+    Ok(RegionDisasterReport {
+        header: Header::new("region-disaster", RegionDisasterReport::VERSION),
         network: o.network,
         cross_traffic,
         clients: o.clients,
@@ -378,110 +389,5 @@ pub fn region_disaster(
         kr2_1_pass: lost == 0 && injections.iter().all(|i| i.balances_conserved),
         injections,
         placement_cost,
-    };
-    println!(
-        "regional disasters on the {} WAN{}",
-        report.network.wan,
-        match &report.cross_traffic {
-            Some(c) => format!(
-                ", bulk cross traffic {} -> {} ({} flows, {:.0} lab Mbit/s)",
-                c.from, c.to, c.flows, c.lab_mbit
-            ),
-            None => String::new(),
-        }
-    );
-    let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
-    let rows: Vec<Vec<String>> = report
-        .injections
-        .iter()
-        .map(|i| {
-            vec![
-                format!("{:.1}", i.injected_after_ms / 1000.0),
-                format!("{} -> {}", i.old_primary, i.new_primary),
-                f(i.leader_ms),
-                f(i.rto_ms),
-                i.acknowledged.to_string(),
-                i.inside_acknowledged.to_string(),
-                i.lost.to_string(),
-                format!("{} ({})", i.indeterminate, i.indeterminate_applied),
-                yes_no(!i.split_brain),
-                format!("{:.0}", i.rejoin_ms),
-                format!("{:.0}", i.switch_back_ms),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        render(
-            &[
-                "AT_S",
-                "FAILOVER",
-                "LEADER_MS",
-                "RTO_MS",
-                "ACKED",
-                "INSIDE_ACKED",
-                "LOST",
-                "INDETERMINATE (APPLIED)",
-                "NO_SPLIT_BRAIN",
-                "REJOIN_MS",
-                "SWITCH_BACK_MS",
-            ],
-            &rows
-        )
-    );
-    println!(
-        "regional RTO median {} ms, p95 {} ms, worst {} ms (goal: worst <= 15000, median <= 5000): {}",
-        f(report.region_rto_median_ms),
-        f(report.region_rto_p95_ms),
-        f(report.region_rto_ms),
-        yes_no(report.rto_pass)
-    );
-    println!(
-        "KR2.1 RPO = 0: {} lost of {} acknowledged: {}; split brain: {}",
-        report.rpo_lost_transactions,
-        report
-            .injections
-            .iter()
-            .map(|i| i.acknowledged + i.inside_acknowledged)
-            .sum::<usize>(),
-        yes_no(report.kr2_1_pass),
-        if report.split_brain { "YES" } else { "none" }
-    );
-    let rows: Vec<Vec<String>> = report
-        .placement_cost
-        .iter()
-        .map(|c| {
-            vec![
-                c.raft_leader_at.clone(),
-                format!("{:.2}", c.lease_renew_ms_p50),
-                format!("{:.2}", c.lease_renew_ms_p99),
-                format!("{:.2}", c.leader_write_ms_p50),
-                format!("{:.2}", c.leader_write_ms_p99),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        render(
-            &[
-                "RAFT LEADER AT",
-                "LEASE_RENEW_P50_MS",
-                "P99",
-                "LEADER_WRITE_P50_MS",
-                "P99"
-            ],
-            &rows
-        )
-    );
-    if let Some(path) = &o.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-        println!("wrote {}", path.display());
-    }
-    Ok(
-        if report.kr2_1_pass && report.rto_pass && !report.split_brain {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
+    })
 }

@@ -1,4 +1,8 @@
-//! The lab's host agents as the CLI sees them: `dczoned` is started on demand in a host's
+//! The operator's side of the control plane. [`ZoneAgents`] is one interface over a zone's
+//! host agents, with two implementations: [`Access`] (an access bundle: real hosts, or a
+//! lab driven from outside) and [`LabAgents`] (the lab's, started on demand).
+//!
+//! The lab's host agents: `dczoned` is started on demand in a host's
 //! namespace (one per host, with a host certificate of the lab's zone CA), and every call
 //! is made over mutual TLS with the operator's certificate from a thread inside that
 //! namespace, where the host's lab address is reachable. On real hosts the agents run as
@@ -23,6 +27,7 @@ use dczone_lab::{sys, Lab};
 use dczone_pki::tls::{self, ClientConfig, Identity};
 use dczone_pki::{Pki, Role};
 
+#[derive(Debug)]
 pub struct HostAgents {
     pub lab: Lab,
     daemon: PathBuf,
@@ -116,7 +121,7 @@ impl HostAgents {
     pub fn start_all(&self) -> anyhow::Result<PathBuf> {
         // The guest image and the accelerator probe first, once, rather than by every
         // agent at once.
-        crate::vm_cmd::platform(&self.lab, &self.daemon)?;
+        platform(&self.lab, &self.daemon)?;
         self.ensure_all()
     }
 
@@ -403,6 +408,7 @@ pub trait ZoneAgents {
 
 /// The lab's agents: VMs are found by asking them all, from the zone's client host with
 /// the lab's access bundle, as with [`Access`].
+#[derive(Debug)]
 pub struct LabAgents {
     pub agents: HostAgents,
 }
@@ -562,6 +568,24 @@ pub fn db_failover(
 ) -> anyhow::Result<dczone_database::FailoverReport> {
     HostAgents::new(&p.lab, exe, state_dir)?.ensure_all()?;
     p.failover(to, accept_data_loss, timeout)
+}
+
+/// The lab's VM platform: the guest image built for `exe` (`dczone` or `dczoned`, the
+/// image's inputs are found beside it) and the accelerator probed.
+pub fn platform(lab: &Lab, exe: &Path) -> anyhow::Result<dczone_virt::Platform> {
+    Ok(dczone_virt::Platform::open(
+        lab.clone(),
+        &dczone_image::ImageInputs::for_executable(exe),
+    )?)
+}
+
+/// The lab's agents: the guest image is built (and the accelerator probed) before an agent
+/// needs it.
+pub fn lab_agents(lab: &Lab, exe: &Path, state_dir: &Path) -> anyhow::Result<LabAgents> {
+    platform(lab, exe)?;
+    Ok(LabAgents {
+        agents: HostAgents::new(lab, exe, state_dir)?,
+    })
 }
 
 #[cfg(test)]
