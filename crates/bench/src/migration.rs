@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use serde::Serialize;
 
+use dczone_control::vms::{self, destroy_if_present};
 use dczone_control::{LabAgents, ZoneAgents};
 use dczone_virt::migrate::{GroupMigration, Params, Strategy, VmMigration};
 use dczone_virt::Platform;
@@ -238,7 +238,7 @@ pub fn intra_region(
             }
         })
         .collect();
-    create_all(agents, &cluster)?;
+    vms::boot_all(agents, &cluster)?;
     let client = lab.host_namespace("dc1.1-client");
     let mut variants = Vec::new();
     let plan: Vec<(Strategy, bool, bool)> = o
@@ -424,57 +424,6 @@ pub fn reference_agents(
     agents.agents.ensure_all()?;
     Ok(agents)
 }
-fn create_all(
-    agents: &(dyn ZoneAgents + Sync),
-    vms: &[dczone_virt::CreateVm],
-) -> anyhow::Result<()> {
-    std::thread::scope(|s| {
-        let boots: Vec<_> = vms
-            .iter()
-            .map(|vm| {
-                s.spawn(move || {
-                    let body = serde_json::json!({
-                        "name": vm.name,
-                        "memory_mib": vm.memory_mib,
-                        "dirty_mbps": vm.dirty_mbps,
-                        "dirty_mib": vm.dirty_mib,
-                        "resident_pct": vm.resident_pct,
-                        "group": vm.group,
-                    });
-                    agents
-                        .call(&vm.host, "POST", "/v1/vms", Some(body), BOOT_TIMEOUT)
-                        .with_context(|| format!("create {} on {}", vm.name, vm.host))
-                })
-            })
-            .collect();
-        for b in boots {
-            b.join()
-                .map_err(|_| anyhow::anyhow!("VM creation thread panicked"))??;
-        }
-        Ok(())
-    })
-}
-
-/// Destroys `name` through its host's agent, if the zone has it.
-fn destroy_if_present(agents: &dyn ZoneAgents, name: &str) -> anyhow::Result<()> {
-    let Some(vm) = agents.list()?.into_iter().find(|v| v.spec.name == name) else {
-        return Ok(());
-    };
-    agents
-        .call(
-            &vm.host,
-            "DELETE",
-            &format!("/v1/vms/{name}"),
-            None,
-            Duration::from_secs(30),
-        )
-        .with_context(|| format!("destroy {name} on {}", vm.host))?;
-    Ok(())
-}
-
-/// How long a VM may take to boot under TCG on a busy host.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
 /// The lab rate between two sites of `zone` with every link up, Mbit/s.
 fn site_path_mbit_s(zone: &dczone_zone::Zone, a: &str, b: &str) -> f64 {
     let (Some(a), Some(b)) = (zone.site_index(a), zone.site_index(b)) else {
@@ -547,7 +496,7 @@ pub fn sweep(agents: &LabAgents, observer: &dyn Observer) -> anyhow::Result<Swee
             })
             .collect();
         observer.step(&format!("booting {} VMs of {mem} MiB", vms.len()));
-        create_all(agents, &vms)?;
+        vms::boot_all(agents, &vms)?;
         for (name, dirty) in names.iter().zip(SWEEP_DIRTY_MBPS) {
             observer.step(&format!("{name}: migrating to dc1.2-h1"));
             let record: dczone_virt::VmRecord = serde_json::from_value(agents.call(

@@ -12,10 +12,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use dczone_lab::Lab;
 use dczone_virt::migrate::{GroupMigration, Params, Progress, Strategy, VmMigration};
 use dczone_virt::switchover::SwitchReason;
-use dczone_virt::VmRecord;
 
 use dczone_agent::access::Access;
-use dczone_control::{lab_agents, HostAgents, LabAgents, ZoneAgents};
+use dczone_control::{lab_agents, vms, HostAgents, LabAgents, ZoneAgents};
 
 use crate::print_json;
 use crate::table::render;
@@ -125,26 +124,6 @@ impl From<StrategyArg> for Strategy {
 /// A VM command through the host agent of the VM's host: `create` names it, the zone's
 /// agents say where a VM is.
 pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> {
-    let record =
-        |v: serde_json::Value| -> anyhow::Result<VmRecord> { Ok(serde_json::from_value(v)?) };
-    let short = Duration::from_secs(30);
-    // Calls the agent of `name`'s host. Once more if the record moved meanwhile: an agent
-    // that starts settles a migration its host's VM was left in, which may move it.
-    let on_vm = |name: &str, method: &str, path: &str, timeout: Duration| {
-        let host = agents.host_of(name)?;
-        match agents.call(&host, method, path, None, timeout) {
-            Ok(v) => Ok((host, v)),
-            Err(e) => {
-                let now = agents.host_of(name)?;
-                if now == host {
-                    return Err(e);
-                }
-                agents
-                    .call(&now, method, path, None, timeout)
-                    .map(|v| (now, v))
-            }
-        }
-    };
     match cmd {
         VmCommand::Create {
             name,
@@ -156,41 +135,18 @@ pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> 
             group,
             json,
         } => {
-            agents.check_host(&host)?;
-            // A name is the VM's in the whole zone, not only on one host: every agent must
-            // have answered that it does not know it.
-            match agents.host_of(&name) {
-                Ok(on) => anyhow::bail!("VM '{name}' already exists (on {on}); pick another name"),
-                Err(e) => {
-                    if let Some(dczone_agent::access::AccessError::UnknownVm {
-                        unreachable, ..
-                    }) = e.downcast_ref()
-                    {
-                        if !unreachable.is_empty() {
-                            anyhow::bail!(
-                                "cannot tell whether the name '{name}' is free: the agents of {} \
-                                 did not answer",
-                                unreachable.join(", ")
-                            );
-                        }
-                    }
-                }
-            }
-            let body = serde_json::json!({
-                "name": name,
-                "memory_mib": memory,
-                "dirty_mbps": dirty_mbps,
-                "dirty_mib": dirty_mib,
-                "resident_pct": resident_pct,
-                "group": group,
-            });
-            let vm = record(agents.call(
-                &host,
-                "POST",
-                "/v1/vms",
-                Some(body),
-                Duration::from_secs(180),
-            )?)?;
+            let vm = vms::create(
+                agents,
+                &dczone_virt::CreateVm {
+                    name,
+                    host,
+                    memory_mib: memory,
+                    dirty_mbps,
+                    dirty_mib,
+                    resident_pct,
+                    group,
+                },
+            )?;
             if json {
                 print_json(&vm);
             } else {
@@ -206,16 +162,15 @@ pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> 
             }
         }
         VmCommand::Start { name } => {
-            let path = format!("/v1/vms/{name}/start");
-            let vm = record(on_vm(&name, "POST", &path, Duration::from_secs(180))?.1)?;
+            let vm = vms::start(agents, &name)?;
             println!("VM {} runs on {}", vm.spec.name, vm.host);
         }
         VmCommand::Stop { name } => {
-            on_vm(&name, "POST", &format!("/v1/vms/{name}/stop"), short)?;
+            vms::stop(agents, &name)?;
             println!("VM {name} stopped");
         }
         VmCommand::Destroy { name } => {
-            on_vm(&name, "DELETE", &format!("/v1/vms/{name}"), short)?;
+            vms::destroy(agents, &name)?;
             println!("VM {name} destroyed");
         }
         VmCommand::List { json } => {
@@ -264,25 +219,14 @@ pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> 
             }
         }
         VmCommand::Show { name, json } => {
-            let (host, vm) = on_vm(&name, "GET", &format!("/v1/vms/{name}"), short)?;
-            let vm = record(vm)?;
+            let (host, vm) = vms::show(agents, &name)?;
             if json {
                 print_json(&vm);
             } else {
                 println!("{}", serde_json::to_string_pretty(&vm)?);
                 if vm.running.is_some() {
-                    let path = format!("/v1/vms/{name}/serial");
-                    let log = agents.call(&host, "GET", &path, None, short)?;
-                    let log = log["serial"].as_str().unwrap_or_default();
                     println!("--- serial log (last lines) ---");
-                    for l in log
-                        .lines()
-                        .rev()
-                        .take(10)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                    {
+                    for l in vms::serial(agents, &host, &name, 10)? {
                         println!("{l}");
                     }
                 }

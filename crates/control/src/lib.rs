@@ -12,6 +12,8 @@
 //! certificate, issued when its agent first starts) and the access bundle `<lab>/access`
 //! (`ca.crt`, `operator.crt`, `operator.key`).
 
+pub mod vms;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
