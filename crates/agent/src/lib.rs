@@ -24,6 +24,7 @@
 //! | POST /v1/incoming/{name}/finish | [`AgentRequest::IncomingFinish`] (host) |
 //! | DELETE /v1/incoming/{name} | [`AgentRequest::IncomingAbort`] (host) |
 //! | GET /v1/incoming/{name}/status | [`AgentRequest::IncomingStatus`] (host) |
+//! | GET /v1/incoming/{name}/outcome | [`AgentRequest::IncomingOutcome`] (host) |
 //! | POST /v1/incoming/{name}/recover | [`AgentRequest::IncomingRecover`], body [`RecoverBody`] (host) |
 //! | POST /v1/vms/{name}/leg | [`AgentRequest::OpenLeg`], body [`leg::LegBody`] |
 //! | POST /v1/vms/{name}/leg/step | [`AgentRequest::LegStep`], body [`leg::LegStep`] |
@@ -114,6 +115,10 @@ pub enum AgentRequest {
     IncomingAbort { name: String },
     /// Destination side, post-copy: the incoming migration's status (from its events).
     IncomingStatus { name: String },
+    /// Destination side, for the source host's agent settling a migration whose driver
+    /// died: `runs` (this host runs the VM: its finish went through), `waiting` (a
+    /// destination waits for a finish) or `none`.
+    IncomingOutcome { name: String },
     /// Destination side, post-copy: one step of resuming a broken stream (pause, listen).
     IncomingRecover { name: String, body: RecoverBody },
     /// Source side of a group migration: open the leg of a VM of this host (its lock, its
@@ -170,6 +175,7 @@ impl AgentRequest {
             | AgentRequest::IncomingFinish { .. }
             | AgentRequest::IncomingAbort { .. }
             | AgentRequest::IncomingStatus { .. }
+            | AgentRequest::IncomingOutcome { .. }
             | AgentRequest::IncomingRecover { .. } => Role::Host,
             _ => Role::Operator,
         }
@@ -310,10 +316,11 @@ pub struct Agent {
     host: String,
     /// How this host calls its peers' agents: its own certificate, the zone CA.
     peers: Arc<rustls::ClientConfig>,
-    /// Destination QEMUs waiting for (or receiving) a stream, by VM name.
-    /// Each with when its source agent last asked after it (the migration's keepalive), and
-    /// the VM's record as the source sent it.
-    incoming: Mutex<HashMap<String, (LocalDestination, Instant, VmRecord)>>,
+    /// Destination QEMUs waiting for (or receiving) a stream, by VM name; `None` while one
+    /// starts (its name is taken). The map's lock is only held to find or change an entry:
+    /// QMP calls hold their entry's own lock, so one slow destination QEMU (launched,
+    /// queried, finished) never holds up another VM's keepalive.
+    incoming: Mutex<HashMap<String, Option<Slot>>>,
     /// Outgoing migrations in flight: their latest progress, by VM name.
     outgoing: Mutex<HashMap<String, Progress>>,
     /// The zone's agents by host (a real host's, from its zone file); in the lab each is
@@ -331,6 +338,64 @@ pub struct Agent {
     ha_starting: Mutex<()>,
     /// Held while this host's etcd members start: two calls at once start each once.
     etcd_starting: Mutex<()>,
+}
+
+/// A destination QEMU waiting for (or receiving) a stream: when its source agent last asked
+/// after it (the migration's keepalive), and the VM's record as the source sent it.
+#[derive(Debug)]
+struct Incoming {
+    dest: LocalDestination,
+    seen: Instant,
+    record: VmRecord,
+}
+
+/// One incoming migration; empty once it was finished or aborted.
+type Slot = Arc<Mutex<Option<Incoming>>>;
+
+/// Takes a VM's name in the incoming map while its destination QEMU starts; gives it back
+/// unless [`Reservation::fill`] put the destination in its place.
+struct Reservation<'a> {
+    map: &'a Mutex<HashMap<String, Option<Slot>>>,
+    name: String,
+    filled: bool,
+}
+
+impl Reservation<'_> {
+    fn fill(mut self, incoming: Incoming) {
+        self.filled = true;
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            self.name.clone(),
+            Some(Arc::new(Mutex::new(Some(incoming)))),
+        );
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.filled {
+            self.map
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.name);
+        }
+    }
+}
+
+/// Removes a finished incoming migration's entry from the map when dropped (if it is
+/// still that entry).
+struct Departure<'a> {
+    map: &'a Mutex<HashMap<String, Option<Slot>>>,
+    name: &'a str,
+    slot: &'a Slot,
+}
+
+impl Drop for Departure<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(map.get(self.name), Some(Some(s)) if Arc::ptr_eq(s, self.slot)) {
+            map.remove(self.name);
+        }
+    }
 }
 
 /// What a lab's agent needs to start its host's HA agents and etcd members.
@@ -372,8 +437,33 @@ impl Agent {
     /// Settles the migrations from this host whose driver died (see
     /// [`Platform::recover_interrupted`]): a source VM never stays paused for want of one.
     pub fn recover_interrupted(&self) {
-        for line in self.platform.recover_interrupted(&self.host) {
+        let ask = |url: &str, vm: &str| self.destination_fate(url, vm);
+        for line in self.platform.recover_interrupted(&self.host, &ask) {
             eprintln!("dczoned: {line}");
+        }
+    }
+
+    /// What became of `vm` at the destination whose agent is at `url`, for settling its
+    /// migration here: a destination still waiting there is aborted first.
+    fn destination_fate(&self, url: &str, vm: &str) -> dczone_virt::migrate::DestinationFate {
+        use dczone_virt::migrate::DestinationFate;
+        let client = AgentClient::new(url, self.peers.clone());
+        let timeout = Duration::from_secs(10);
+        let outcome = client.call("GET", &format!("/v1/incoming/{vm}/outcome"), None, timeout);
+        match outcome
+            .as_ref()
+            .map(|v| v["state"].as_str().unwrap_or_default())
+        {
+            Ok("runs") => DestinationFate::Runs,
+            Ok("none") => DestinationFate::NotThere,
+            Ok("waiting") => {
+                match client.call("DELETE", &format!("/v1/incoming/{vm}"), None, timeout) {
+                    Ok(_) => DestinationFate::NotThere,
+                    Err(e) => DestinationFate::Unknown(e.to_string()),
+                }
+            }
+            Ok(other) => DestinationFate::Unknown(format!("unexpected outcome '{other}'")),
+            Err(e) => DestinationFate::Unknown(e.to_string()),
         }
     }
 
@@ -400,34 +490,93 @@ impl Agent {
     /// [`INCOMING_KEEPALIVE`] (libvirt's keepalive does the same between its daemons): the
     /// source or the path to it is gone, and nobody else would clean it up.
     pub fn reap_abandoned(&self) {
-        let mut incoming = self.incoming.lock().expect("not poisoned");
-        let stale: Vec<String> = incoming
+        let slots: Vec<(String, Slot)> = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, (_, seen, _))| seen.elapsed() > INCOMING_KEEPALIVE)
-            .map(|(name, _)| name.clone())
+            .filter_map(|(name, slot)| Some((name.clone(), slot.clone()?)))
             .collect();
-        for name in stale {
-            // After a post-copy switch the VM runs here and holds the newer state: a silent
-            // source (a cut path) is waited for, never killed for.
-            let Some((d, seen, _)) = incoming.get_mut(&name) else {
+        for (name, slot) in slots {
+            // An entry in use (a call of its source's, a QMP query) is not abandoned.
+            let Ok(mut entry) = slot.try_lock() else {
                 continue;
             };
-            let status = d.incoming_status().unwrap_or_default();
-            if status.starts_with("postcopy") || (d.runs_by_itself() && status == "completed") {
+            let Some(inc) = entry.as_mut() else {
+                continue;
+            };
+            if inc.seen.elapsed() <= INCOMING_KEEPALIVE {
+                continue;
+            }
+            // After a post-copy switch the VM runs here and holds the newer state: a silent
+            // source (a cut path) is waited for, never killed for.
+            let status = inc.dest.incoming_status().unwrap_or_default();
+            if status.starts_with("postcopy")
+                || (inc.dest.runs_by_itself() && status == "completed")
+            {
                 eprintln!(
                     "dczoned: the source of {name}'s post-copy migration is silent; the VM runs \
                      here and waits for its pages"
                 );
-                *seen = Instant::now();
+                inc.seen = Instant::now();
                 continue;
             }
-            if let Some((mut d, ..)) = incoming.remove(&name) {
-                eprintln!(
-                    "dczoned: the source of {name}'s migration went silent; killing the destination"
-                );
-                d.abort();
+            let Some(mut inc) = entry.take() else {
+                continue;
+            };
+            drop(entry);
+            {
+                let mut map = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+                if matches!(map.get(&name), Some(Some(s)) if Arc::ptr_eq(s, &slot)) {
+                    map.remove(&name);
+                }
             }
+            eprintln!(
+                "dczoned: the source of {name}'s migration went silent; killing the destination"
+            );
+            inc.dest.abort();
         }
+    }
+
+    /// The incoming migration of `name`, to be locked for one call.
+    fn incoming_slot(&self, name: &str) -> Result<Slot, AgentError> {
+        self.incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .flatten()
+            .ok_or(AgentError::NoIncoming(name.to_string()))
+    }
+
+    /// Calls `f` on the incoming migration of `name` (holding its lock, not the map's), as
+    /// a call of its source's: the keepalive is renewed.
+    fn with_incoming<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut LocalDestination) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        let slot = self.incoming_slot(name)?;
+        let mut entry = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let inc = entry
+            .as_mut()
+            .ok_or(AgentError::NoIncoming(name.to_string()))?;
+        inc.seen = Instant::now();
+        f(&mut inc.dest)
+    }
+
+    /// Removes the incoming migration of `name` from the map and returns it, once no call
+    /// holds it any more. One still starting stays: its source gave up, so the keepalive
+    /// reaps it.
+    fn take_incoming(&self, name: &str) -> Option<Incoming> {
+        let slot = {
+            let mut map = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = map.get(name)?.clone()?;
+            map.remove(name);
+            slot
+        };
+        let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        taken
     }
 
     /// Drops the legs whose coordinator went silent ([`leg::Legs::reap`]).
@@ -793,10 +942,18 @@ impl Agent {
                     .into());
                 }
                 let name = b.vm.spec.name.clone();
-                let mut incoming = self.incoming.lock().expect("not poisoned");
-                if incoming.contains_key(&name) {
-                    return Err(VirtError::Busy(name).into());
-                }
+                let reservation = {
+                    let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+                    if incoming.contains_key(&name) {
+                        return Err(VirtError::Busy(name).into());
+                    }
+                    incoming.insert(name.clone(), None);
+                    Reservation {
+                        map: &self.incoming,
+                        name,
+                        filled: false,
+                    }
+                };
                 let d = self.platform.launch_incoming_with(
                     &b.vm,
                     &self.host,
@@ -806,24 +963,32 @@ impl Agent {
                     b.tls,
                 )?;
                 let uri = d.uri();
-                incoming.insert(name, (d, Instant::now(), b.vm));
+                reservation.fill(Incoming {
+                    dest: d,
+                    seen: Instant::now(),
+                    record: b.vm,
+                });
                 json!({ "uri": uri })
             }
             AgentRequest::IncomingAlive { name } => {
-                let mut incoming = self.incoming.lock().expect("not poisoned");
-                let (d, seen, _) = incoming
-                    .get_mut(&name)
-                    .ok_or(AgentError::NoIncoming(name.clone()))?;
-                *seen = Instant::now();
-                json!({ "alive": d.alive() })
+                let alive = self.with_incoming(&name, |d| Ok(d.alive()))?;
+                json!({ "alive": alive })
             }
             AgentRequest::IncomingFinish { name } => {
-                let (mut d, _, record) = self
-                    .incoming
-                    .lock()
-                    .expect("not poisoned")
-                    .remove(&name)
-                    .ok_or(AgentError::NoIncoming(name.clone()))?;
+                // The entry stays in the map, locked, until the VM runs here and its record
+                // says so: an `outcome` asked meanwhile waits for the answer.
+                let slot = self.incoming_slot(&name)?;
+                let mut entry = slot.lock().unwrap_or_else(|e| e.into_inner());
+                let Incoming {
+                    dest: mut d,
+                    record,
+                    ..
+                } = entry.take().ok_or(AgentError::NoIncoming(name.clone()))?;
+                let _gone = Departure {
+                    map: &self.incoming,
+                    name: &name,
+                    slot: &slot,
+                };
                 match d.finish() {
                     Ok((resume_us, running)) => {
                         if let Err(e) = self.platform.adopt(&record, &self.host, &running) {
@@ -925,26 +1090,26 @@ impl Agent {
                 )?;
                 json!({ "policy": tier })
             }
+            AgentRequest::IncomingOutcome { name } => {
+                let waiting = self.incoming_slot(&name).ok().is_some_and(|slot| {
+                    // Blocks while a finish holds it: its answer is then final.
+                    slot.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+                });
+                let runs = self.here(&name).is_ok_and(|v| v.running.is_some());
+                json!({ "state": if runs { "runs" } else if waiting { "waiting" } else { "none" } })
+            }
             AgentRequest::IncomingStatus { name } => {
-                let mut incoming = self.incoming.lock().expect("not poisoned");
-                let (d, seen, _) = incoming
-                    .get_mut(&name)
-                    .ok_or(AgentError::NoIncoming(name.clone()))?;
-                *seen = Instant::now();
-                json!({ "status": d.incoming_status()? })
+                let status = self.with_incoming(&name, |d| Ok(d.incoming_status()?))?;
+                json!({ "status": status })
             }
             AgentRequest::IncomingRecover { name, body } => {
-                let mut incoming = self.incoming.lock().expect("not poisoned");
-                let (d, seen, _) = incoming
-                    .get_mut(&name)
-                    .ok_or(AgentError::NoIncoming(name.clone()))?;
-                *seen = Instant::now();
-                json!({ "status": d.recover_step(&body.uri, body.unstick)? })
+                let status =
+                    self.with_incoming(&name, |d| Ok(d.recover_step(&body.uri, body.unstick)?))?;
+                json!({ "status": status })
             }
             AgentRequest::IncomingAbort { name } => {
-                if let Some((mut d, ..)) = self.incoming.lock().expect("not poisoned").remove(&name)
-                {
-                    d.abort();
+                if let Some(mut inc) = self.take_incoming(&name) {
+                    inc.dest.abort();
                 }
                 json!({ "aborted": name })
             }
@@ -1076,6 +1241,14 @@ pub fn router(agent: Shared) -> Router {
             get(
                 |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::IncomingStatus { name })
+                },
+            ),
+        )
+        .route(
+            "/v1/incoming/{name}/outcome",
+            get(
+                |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::IncomingOutcome { name })
                 },
             ),
         )
@@ -1332,6 +1505,10 @@ impl RemoteDestination {
 impl Destination for RemoteDestination {
     fn uri(&self) -> String {
         self.uri.clone()
+    }
+
+    fn agent(&self) -> Option<String> {
+        Some(self.client.url().to_string())
     }
 
     fn alive(&mut self) -> bool {

@@ -886,11 +886,16 @@ fn a_failure_at_each_step_of_a_group_migration_leaves_every_vm_running_exactly_o
         .map(|&a| field(&ledger(&lab, a, &["S"])[0], "boot").to_string())
         .collect();
     // Before the point of no return the sources run on; after the destination took over,
-    // the source hosts' agents move the records to where the VMs run.
+    // the source hosts' agents move the records to where the VMs run. Between the two (the
+    // streams complete, the destinations' agents not yet told to finish, or told but not
+    // yet recorded), the source hosts' agents ask the destinations' what became of each VM,
+    // as they must on real hosts, where no file of the other host can be read.
     for (point, moves) in [
         ("migrate-after-prepare", false),
         ("migrate-after-start", false),
         ("migrate-after-common-stop", false),
+        ("migrate-before-finish", false),
+        ("migrate-before-takeover-record", true),
         ("migrate-after-takeover", true),
     ] {
         // The command restarts the source hosts' agents with its FAILPOINTS: a leg's own

@@ -17,6 +17,12 @@ use dczone_ha::decide::Switchover;
 use dczone_ha::keys::Snapshot;
 use dczone_ledger::{LoadOptions, LoadResult};
 
+/// An agent refused the request itself (400, 403, 409: a wrong request or certificate):
+/// asking again, or another agent, gets the same answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 use crate::operator::{self, on_own_runtime, AuditLog, Reach};
 
 /// How long one member's agent may take to answer (its HA agent waits up to 10 s for etcd).
@@ -66,7 +72,8 @@ impl Remote {
     }
 
     /// Asks the members' hosts' agents in turn until one answers: a member whose site is
-    /// cut off cannot reach an etcd quorum, another can.
+    /// cut off cannot reach an etcd quorum, another can. An agent's refusal of the request
+    /// itself ([`Refused`]) ends it.
     fn ask(&self, method: &str, what: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let mut failures = Vec::new();
         for m in &self.plan.members {
@@ -78,7 +85,7 @@ impl Remote {
                 Err(CallError::Refused {
                     code: 400 | 403 | 409,
                     message,
-                }) => return Err(anyhow!("{message}")),
+                }) => return Err(Refused(message).into()),
                 Err(e) => failures.push(format!("{} (on {}): {e}", m.site, m.host)),
             }
         }
@@ -153,10 +160,13 @@ impl Remote {
     fn fetch_password(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + timeout;
         let v = loop {
-            // 404 until a starting HA agent has made it; 403 is final (`ask` stops on it).
+            // 404 until a starting HA agent has made it; a refusal (403) is final.
             match self.ask("GET", "credentials", None) {
                 Ok(v) => break v,
-                Err(_) if std::time::Instant::now() < deadline => {
+                Err(e)
+                    if e.downcast_ref::<Refused>().is_none()
+                        && std::time::Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(200))
                 }
                 Err(e) => return Err(e.context("fetch the database password from the agents")),

@@ -290,6 +290,11 @@ pub trait Destination: Send {
     fn running(&self) -> Option<Running> {
         None
     }
+    /// The agent that holds the destination, when another host's agent prepared it (for
+    /// [`InFlight`]: the source host's agent asks it what became of the VM).
+    fn agent(&self) -> Option<String> {
+        None
+    }
     /// One step of post-copy recovery, called until the source's stream is back: while the
     /// destination still uses the broken stream (`postcopy-active`, or a handshake that
     /// hangs), stop it (`migrate-pause`); once it is `postcopy-paused`, listen on `uri` for
@@ -452,6 +457,21 @@ struct InFlight {
     /// the VM): the source must never run again, the record follows the VM.
     #[serde(default)]
     taken_over: bool,
+    /// The agent that prepared the destination (another host's): asked by the source
+    /// host's agent what became of the VM ([`DestinationFate`]).
+    #[serde(default)]
+    destination_agent: Option<String>,
+}
+
+/// What the destination host's agent says of a VM whose migration's driver died after the
+/// stream completed: it runs there (its `finish` went through), or it does not (no
+/// destination is left there: the agent aborted any that waited), or the agent could not
+/// say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestinationFate {
+    Runs,
+    NotThere,
+    Unknown(String),
 }
 
 /// QEMU statuses in which a migration is still under way.
@@ -487,7 +507,16 @@ impl Platform {
     /// cancel, kill the destination, the source runs on. Completed with a destination that
     /// has run (it holds the newer state): roll forward, the record follows the VM there and
     /// the source quits. Returns one line per VM settled.
-    pub fn recover_interrupted(&self, host: &str) -> Vec<String> {
+    ///
+    /// A destination another host's agent prepared is asked after through `ask` (its
+    /// agent's URL, the VM): a completed stream whose destination may run is rolled forward
+    /// if it runs, rolled back if it does not, and left alone (the source stopped, the
+    /// marker kept for the next try) while nobody can say: the two must never both run.
+    pub fn recover_interrupted(
+        &self,
+        host: &str,
+        ask: &dyn Fn(&str, &str) -> DestinationFate,
+    ) -> Vec<String> {
         let Ok(vms) = self.list() else {
             return Vec::new();
         };
@@ -507,10 +536,14 @@ impl Platform {
             };
             if let Ok(flight) = serde_json::from_str::<InFlight>(&text) {
                 if vm.host == flight.from {
-                    out.push(match self.settle(&vm, &flight) {
-                        Ok(line) => line,
-                        Err(e) => format!("{name}: settling its interrupted migration failed: {e}"),
-                    });
+                    match self.settle(&vm, &flight, ask) {
+                        Ok(Some(line)) => out.push(line),
+                        // Not settled yet: the marker stays for the next try.
+                        Ok(None) => continue,
+                        Err(e) => out.push(format!(
+                            "{name}: settling its interrupted migration failed: {e}"
+                        )),
+                    }
                 }
             }
             let _ = std::fs::remove_file(&path);
@@ -564,7 +597,12 @@ impl Platform {
         self.save_record(&moved)
     }
 
-    fn settle(&self, vm: &VmRecord, flight: &InFlight) -> Result<String, VirtError> {
+    fn settle(
+        &self,
+        vm: &VmRecord,
+        flight: &InFlight,
+        ask: &dyn Fn(&str, &str) -> DestinationFate,
+    ) -> Result<Option<String>, VirtError> {
         let name = vm.spec.name.as_str();
         let err = Session::qmp_err(name);
         if let (true, Some(d)) = (flight.taken_over, &flight.destination) {
@@ -577,10 +615,10 @@ impl Platform {
             moved.host = flight.to.clone();
             moved.running = Some(d.clone());
             self.save_record(&moved)?;
-            return Ok(format!(
+            return Ok(Some(format!(
                 "{name}: its destination on {} had taken over when its driver died; the record follows it",
                 flight.to
-            ));
+            )));
         }
         let destination = match flight.destination.clone().filter(|d| is_qemu(d.pid)) {
             Some(d) => Some(d),
@@ -588,6 +626,9 @@ impl Platform {
             // or another host's agent prepared it. One that runs the VM took over (its
             // `finish` answer was lost): it is rolled forward below, never killed; one that
             // waits (incoming, or stopped before its `cont`) goes.
+            // Another host's agent holds the destination: it is asked below, never guessed
+            // at from this host's files.
+            None if flight.destination_agent.is_some() => None,
             None => match self.unrecorded_destination(vm, &flight.to) {
                 Some(d) if runs(&d) => Some(d),
                 Some(d) => {
@@ -604,19 +645,19 @@ impl Platform {
                 moved.host = flight.to.clone();
                 moved.running = Some(d);
                 self.save_record(&moved)?;
-                return Ok(format!(
+                return Ok(Some(format!(
                     "{name}: its source is gone and its destination on {} runs it; the record \
                      follows it",
                     flight.to
-                ));
+                )));
             }
             if let Some(d) = &destination {
                 hv::kill(d);
             }
-            return Ok(format!(
+            return Ok(Some(format!(
                 "{name}: its migration to {} was interrupted and its source is gone",
                 flight.to
-            ));
+            )));
         };
         let mut qmp = Qmp::connect(&src.qmp, Duration::from_secs(5)).map_err(&err)?;
         let info = qmp.execute("query-migrate", json!({})).map_err(&err)?;
@@ -632,33 +673,59 @@ impl Platform {
                 st = info["status"].as_str().unwrap_or("none").to_string();
             }
             if st != "completed" {
-                return Ok(format!(
+                return Ok(Some(format!(
                     "{name}: its driver died after its post-copy switch to {} ({st}); the VM \
                      runs there and its source is left stopped, not resumed",
                     flight.to
-                ));
+                )));
             }
             if let Some(d) = destination {
                 self.roll_forward(vm, &mut qmp, &src, d, &flight.to)?;
-                return Ok(format!(
+                return Ok(Some(format!(
                     "{name}: its post-copy migration to {} completed after its driver died; \
                      the VM runs there",
                     flight.to
-                ));
+                )));
             }
-            return Ok(format!(
+            return Ok(Some(format!(
                 "{name}: its post-copy migration to {} completed after its driver died; its \
                  source is left stopped, not resumed",
                 flight.to
-            ));
+            )));
         }
         if status == "completed" {
             if let Some(d) = destination {
                 self.roll_forward(vm, &mut qmp, &src, d, &flight.to)?;
-                return Ok(format!(
+                return Ok(Some(format!(
                     "{name}: its migration to {} had completed when its driver died; the VM runs there",
                     flight.to
-                ));
+                )));
+            }
+            if let Some(agent) = &flight.destination_agent {
+                match ask(agent, name) {
+                    DestinationFate::Runs => {
+                        let _ = qmp.execute("quit", json!({}));
+                        hv::kill(&src);
+                        // A lab's registry is shared: the destination's agent moved the
+                        // record already. A real host's copy follows the VM (out of this
+                        // host's list).
+                        if self.get(name).is_ok_and(|r| r.host == flight.from) {
+                            let mut moved = vm.clone();
+                            moved.host = flight.to.clone();
+                            moved.running = None;
+                            self.save_record(&moved)?;
+                        }
+                        return Ok(Some(format!(
+                            "{name}: its migration to {} had completed when its driver died and \
+                             the destination's agent runs it; the source quit",
+                            flight.to
+                        )));
+                    }
+                    // No destination is left there: the source resumes below.
+                    DestinationFate::NotThere => {}
+                    // The source stays stopped until the destination's agent answers.
+                    DestinationFate::Unknown(_) => return Ok(None),
+                }
             }
         } else if UNDER_WAY.contains(&status.as_str()) {
             // (QEMU also kicks a migration paused at pre-switchover out of its pause.)
@@ -680,10 +747,10 @@ impl Platform {
         if st["running"] == false {
             qmp.execute("cont", json!({})).map_err(&err)?;
         }
-        Ok(format!(
+        Ok(Some(format!(
             "{name}: its migration to {} was interrupted ({status}); cancelled, the VM runs on {}",
             flight.to, vm.host
-        ))
+        )))
     }
 }
 
@@ -1341,6 +1408,9 @@ impl Session {
             });
         }
         let err = Self::qmp_err(&name);
+        fail::fail_point!("migrate-before-finish", |_| Err(
+            self.abort_here(VirtError::Injected("migrate-before-finish").to_string())
+        ));
         let (resume_us, dst_running) = match self.dst.finish() {
             Ok(r) => r,
             Err(e) => {
@@ -1350,12 +1420,16 @@ impl Session {
         // The destination runs: whatever fails from here, the marker stays for the agent,
         // which rolls forward.
         self.finishing = true;
+        fail::fail_point!("migrate-before-takeover-record", |_| Err(
+            self.abort_here(VirtError::Injected("migrate-before-takeover-record").to_string())
+        ));
         if let Some(path) = &self.marker {
             let flight = InFlight {
                 from: self.vm.host.clone(),
                 to: self.to.clone(),
                 destination: Some(dst_running.clone()),
                 taken_over: true,
+                destination_agent: self.dst.agent(),
             };
             let _ = write_marker(path, &flight);
         }
@@ -2081,6 +2155,7 @@ impl Platform {
             to: to.to_string(),
             destination: None,
             taken_over: false,
+            destination_agent: None,
         };
         write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
         let mut s = match Session::prepare(self, vm, to, port, prepare, tls) {
@@ -2096,6 +2171,7 @@ impl Platform {
             "migrate-after-destination"
         )));
         flight.destination = s.dst.running();
+        flight.destination_agent = s.dst.agent();
         write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
         if params.keep_frames {
             match self.frame_keeper(&s.vm) {
