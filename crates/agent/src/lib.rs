@@ -334,6 +334,8 @@ pub struct Agent {
     /// How this agent starts HA agents (`dczone ha-agent` beside `dczoned`) and its host's
     /// etcd members: in a lab only (`None` on a real host: not yet, issue 11).
     ha_launcher: Option<HaLauncher>,
+    /// VMs that run here after a finish whose record could not be saved, for `outcome`.
+    unrecorded: Mutex<HashMap<String, dczone_hypervisor::Running>>,
     /// Held while an HA agent starts or stops: two calls at once start one.
     ha_starting: Mutex<()>,
     /// Held while this host's etcd members start: two calls at once start each once.
@@ -420,6 +422,7 @@ impl Agent {
             db_dir,
             ha_launcher,
             ha_starting: Mutex::new(()),
+            unrecorded: Mutex::new(HashMap::new()),
             etcd_starting: Mutex::new(()),
             platform,
             host,
@@ -429,18 +432,19 @@ impl Agent {
             endpoints,
             legs: leg::Legs::default(),
         };
-        agent.recover_interrupted();
+        for line in agent.recover_interrupted() {
+            eprintln!("dczoned: {line}");
+        }
         agent.reap_strays();
         agent
     }
 
     /// Settles the migrations from this host whose driver died (see
     /// [`Platform::recover_interrupted`]): a source VM never stays paused for want of one.
-    pub fn recover_interrupted(&self) {
+    /// Returns one line per migration settled, or tried.
+    pub fn recover_interrupted(&self) -> Vec<String> {
         let ask = |url: &str, vm: &str| self.destination_fate(url, vm);
-        for line in self.platform.recover_interrupted(&self.host, &ask) {
-            eprintln!("dczoned: {line}");
-        }
+        self.platform.recover_interrupted(&self.host, &ask)
     }
 
     /// What became of `vm` at the destination whose agent is at `url`, for settling its
@@ -448,22 +452,32 @@ impl Agent {
     fn destination_fate(&self, url: &str, vm: &str) -> dczone_virt::migrate::DestinationFate {
         use dczone_virt::migrate::DestinationFate;
         let client = AgentClient::new(url, self.peers.clone());
-        let timeout = Duration::from_secs(10);
-        let outcome = client.call("GET", &format!("/v1/incoming/{vm}/outcome"), None, timeout);
-        match outcome
-            .as_ref()
-            .map(|v| v["state"].as_str().unwrap_or_default())
-        {
-            Ok("runs") => DestinationFate::Runs,
-            Ok("none") => DestinationFate::NotThere,
-            Ok("waiting") => {
-                match client.call("DELETE", &format!("/v1/incoming/{vm}"), None, timeout) {
-                    Ok(_) => DestinationFate::NotThere,
-                    Err(e) => DestinationFate::Unknown(e.to_string()),
+        let timeout = Duration::from_secs(3);
+        let outcome = || -> Result<(String, Value), String> {
+            let v = client
+                .call("GET", &format!("/v1/incoming/{vm}/outcome"), None, timeout)
+                .map_err(|e| e.to_string())?;
+            Ok((v["state"].as_str().unwrap_or_default().to_string(), v))
+        };
+        let fate = |state: &str, v: &Value| match state {
+            "runs" => DestinationFate::Runs(serde_json::from_value(v["running"].clone()).ok()),
+            "none" => DestinationFate::NotThere,
+            other => DestinationFate::Unknown(format!("the destination is {other}")),
+        };
+        match outcome() {
+            Ok((state, _)) if state == "waiting" => {
+                if let Err(e) = client.call("DELETE", &format!("/v1/incoming/{vm}"), None, timeout)
+                {
+                    return DestinationFate::Unknown(e.to_string());
+                }
+                // Asked again: a finish may have come in between.
+                match outcome() {
+                    Ok((state, v)) => fate(&state, &v),
+                    Err(e) => DestinationFate::Unknown(e),
                 }
             }
-            Ok(other) => DestinationFate::Unknown(format!("unexpected outcome '{other}'")),
-            Err(e) => DestinationFate::Unknown(e.to_string()),
+            Ok((state, v)) => fate(&state, &v),
+            Err(e) => DestinationFate::Unknown(e),
         }
     }
 
@@ -992,6 +1006,10 @@ impl Agent {
                 match d.finish() {
                     Ok((resume_us, running)) => {
                         if let Err(e) = self.platform.adopt(&record, &self.host, &running) {
+                            self.unrecorded
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(name.clone(), running.clone());
                             eprintln!(
                                 "dczoned: {name} runs here (pid {}), but its record could not be \
                                  saved: {}",
@@ -1091,12 +1109,39 @@ impl Agent {
                 json!({ "policy": tier })
             }
             AgentRequest::IncomingOutcome { name } => {
-                let waiting = self.incoming_slot(&name).ok().is_some_and(|slot| {
-                    // Blocks while a finish holds it: its answer is then final.
-                    slot.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+                // A destination still in the map: waiting for its finish, or running the VM
+                // by itself (post-copy, or started without -S), which holds the newer state.
+                // Locking it waits for a finish under way: its answer is then final.
+                let incoming = self.incoming_slot(&name).ok().and_then(|slot| {
+                    let mut entry = slot.lock().unwrap_or_else(|e| e.into_inner());
+                    let state = entry.as_mut().map(|inc| {
+                        let by_itself = inc.dest.runs_by_itself()
+                            || inc
+                                .dest
+                                .incoming_status()
+                                .is_ok_and(|st| st.starts_with("postcopy"));
+                        (by_itself, inc.dest.running().clone())
+                    });
+                    state
                 });
-                let runs = self.here(&name).is_ok_and(|v| v.running.is_some());
-                json!({ "state": if runs { "runs" } else if waiting { "waiting" } else { "none" } })
+                match incoming {
+                    Some((true, running)) => json!({ "state": "runs", "running": running }),
+                    Some((false, _)) => json!({ "state": "waiting" }),
+                    // Finished: the VM runs here, as its record says (a real host's), or as
+                    // its QEMU shows (a lab's record moves with the source's side), or as
+                    // this agent saw it finish when the record could not be saved.
+                    None => match self.platform.running_here(&name, &self.host).or_else(|| {
+                        self.unrecorded
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&name)
+                            .filter(|r| dczone_lab::sys::alive(r.pid))
+                            .cloned()
+                    }) {
+                        Some(running) => json!({ "state": "runs", "running": running }),
+                        None => json!({ "state": "none" }),
+                    },
+                }
             }
             AgentRequest::IncomingStatus { name } => {
                 let status = self.with_incoming(&name, |d| Ok(d.incoming_status()?))?;
@@ -1723,7 +1768,22 @@ fn run(args: Args) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(500));
             reaper.reap_abandoned();
             reaper.reap_legs();
-            reaper.recover_interrupted();
+        })?;
+    // Settling may wait on another host's agent: on a thread of its own, so that it never
+    // holds up the keepalives above. A line is logged once.
+    let settler = agent.clone();
+    std::thread::Builder::new()
+        .name("settler".into())
+        .spawn(move || {
+            let mut logged = std::collections::HashSet::new();
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                for line in settler.recover_interrupted() {
+                    if logged.insert(line.clone()) {
+                        eprintln!("dczoned: {line}");
+                    }
+                }
+            }
         })?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

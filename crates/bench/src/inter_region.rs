@@ -760,8 +760,6 @@ fn disaster(
     })
 }
 
-/// The reference zone's lab up and a fresh database platform (the primary in its declared
-/// site, an empty ledger), with a spinner for what follows.
 /// The network a benchmark runs on (SPEC.md section 9): the APN or a conventional WAN,
 /// with or without bulk cross traffic from the primary's site to DC2.1.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -813,11 +811,15 @@ impl Conditions {
     }
 
     /// Stops the cross traffic and restores the APN; returns what the traffic moved.
-    pub(crate) fn end(self, lab: &Lab) -> Option<dczone_lab::cross::CrossReport> {
+    pub(crate) fn end(
+        self,
+        lab: &Lab,
+        obs: &dyn Observer,
+    ) -> Option<dczone_lab::cross::CrossReport> {
         let report = self.cross.map(|c| c.stop());
         if self.wan != dczone_zone::Wan::Apn {
             if let Err(e) = lab.set_wan(dczone_zone::Wan::Apn) {
-                eprintln!("warning: could not put the links back on the APN: {e}");
+                obs.warn(&format!("could not put the links back on the APN: {e}"));
             }
         }
         report
@@ -863,6 +865,8 @@ fn saturate(
     Ok((out, best))
 }
 
+/// The reference zone's lab up (brought up if it is not) and a fresh database platform
+/// (the primary in its declared site, an empty ledger).
 pub(crate) fn fresh_platform(
     lab: &Lab,
     exe: &Path,
@@ -984,7 +988,7 @@ pub fn inter_region(
             disasters,
         })
     })();
-    let cross = conditions.end(lab);
+    let cross = conditions.end(lab, obs);
     if let Ok(r) = result.as_mut() {
         r.cross_traffic = cross;
     }

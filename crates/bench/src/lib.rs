@@ -41,6 +41,8 @@ impl Header {
 pub trait Observer: Sync {
     /// The step under way, in a few words ("500 km: sync, round 1/2").
     fn step(&self, _text: &str) {}
+    /// Something went wrong that does not end the scenario (the zone may need a hand).
+    fn warn(&self, _text: &str) {}
     /// A group migration's progress, VM by VM, while it runs.
     fn migration(&self, _progress: &[dczone_virt::migrate::Progress]) {}
     /// The group migration that [`Observer::migration`] followed has ended.

@@ -197,12 +197,14 @@ pub struct IntraRegionReport {
 impl IntraRegionReport {
     pub const VERSION: u32 = 2;
 
-    /// Whether every run of every variant met KR1.1 and kept every guest's state.
+    /// Whether every run kept every guest's state, and every run of the strategies that
+    /// stop a cluster together (coordinated, post-copy) met KR1.1. Sequential and parallel
+    /// are there to be compared with: they miss KR1.1 by design (SVC-T2 spans the moves).
     pub fn pass(&self) -> bool {
-        self.variants
-            .iter()
-            .flat_map(|v| &v.runs)
-            .all(|r| r.kr1_1_pass && r.continuity_ok)
+        self.variants.iter().flat_map(|v| &v.runs).all(|r| {
+            r.continuity_ok
+                && (r.kr1_1_pass || !matches!(r.strategy.as_str(), "coordinated" | "postcopy"))
+        })
     }
 }
 

@@ -361,7 +361,7 @@ pub fn region_disaster(
         Ok(out)
     })();
     let cost = result.as_ref().ok().map(|_| placement_cost(&p));
-    let cross_traffic = conditions.end(lab);
+    let cross_traffic = conditions.end(lab, obs);
     let injections = result.map_err(|e| anyhow!("{e:#}"))?;
     let placement_cost = cost.transpose()?.unwrap_or_default();
     let mut rtos: Vec<f64> = injections.iter().filter_map(|i| i.rto_ms).collect();

@@ -187,6 +187,13 @@ impl Observer for Terminal {
         }
     }
 
+    fn warn(&self, text: &str) {
+        match &self.spinner {
+            Some(bar) => bar.suspend(|| eprintln!("warning: {text}")),
+            None => eprintln!("warning: {text}"),
+        }
+    }
+
     fn migration(&self, progress: &[Progress]) {
         let mut bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
         let (_, update) = bars.get_or_insert_with(|| {

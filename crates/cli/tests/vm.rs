@@ -898,21 +898,36 @@ fn a_failure_at_each_step_of_a_group_migration_leaves_every_vm_running_exactly_o
         ("migrate-before-takeover-record", true),
         ("migrate-after-takeover", true),
     ] {
-        // The command restarts the source hosts' agents with its FAILPOINTS: a leg's own
-        // steps (the takeover) fail there.
-        for v in &vms {
-            lab.kill_agent(v.1);
+        // The group moves from where it is to the other DC1 site. The command restarts the
+        // source hosts' agents with its FAILPOINTS: a leg's own steps (the takeover) fail
+        // there.
+        let sources: Vec<String> = vms
+            .iter()
+            .map(|v| {
+                lab.json(&["vm", "show", v.0, "--json"])["host"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let (from, to) = if sources.iter().all(|h| h.starts_with("dc1.1")) {
+            ("dc1.1", "dc1.2")
+        } else {
+            ("dc1.2", "dc1.1")
+        };
+        for host in &sources {
+            lab.kill_agent(host);
         }
         let out = lab
             .command()
-            .args(["migrate", "--group", "f", "--to", "dc1.2"])
+            .args(["migrate", "--group", "f", "--to", to])
             .env("FAILPOINTS", format!("{point}=return"))
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{point}: the migration succeeded");
         assert!(err.contains(point), "{point}: {err}");
-        let want = if moves { "dc1.2" } else { "dc1.1" };
+        let want = if moves { to } else { from };
         let t = Instant::now();
         let settled = |v: &str| {
             let host = lab.json(&["vm", "show", v, "--json"])["host"]

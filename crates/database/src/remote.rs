@@ -17,13 +17,13 @@ use dczone_ha::decide::Switchover;
 use dczone_ha::keys::Snapshot;
 use dczone_ledger::{LoadOptions, LoadResult};
 
+use crate::operator::{self, on_own_runtime, AuditLog, Reach};
+
 /// An agent refused the request itself (400, 403, 409: a wrong request or certificate):
 /// asking again, or another agent, gets the same answer.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub String);
-
-use crate::operator::{self, on_own_runtime, AuditLog, Reach};
 
 /// How long one member's agent may take to answer (its HA agent waits up to 10 s for etcd).
 const CALL_TIMEOUT: Duration = Duration::from_secs(12);

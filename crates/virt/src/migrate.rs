@@ -464,12 +464,13 @@ struct InFlight {
 }
 
 /// What the destination host's agent says of a VM whose migration's driver died after the
-/// stream completed: it runs there (its `finish` went through), or it does not (no
-/// destination is left there: the agent aborted any that waited), or the agent could not
-/// say.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// stream completed: it runs there (its `finish` went through, or it runs by itself), or
+/// it does not (no destination is left there: the agent aborted any that waited), or the
+/// agent could not say.
+#[derive(Debug, Clone)]
 pub enum DestinationFate {
-    Runs,
+    /// It runs there, as this QEMU when the agent could say.
+    Runs(Option<Running>),
     NotThere,
     Unknown(String),
 }
@@ -540,9 +541,14 @@ impl Platform {
                         Ok(Some(line)) => out.push(line),
                         // Not settled yet: the marker stays for the next try.
                         Ok(None) => continue,
-                        Err(e) => out.push(format!(
-                            "{name}: settling its interrupted migration failed: {e}"
-                        )),
+                        // The marker stays: the next try may get further.
+                        Err(e) => {
+                            out.push(format!(
+                                "{name}: settling its interrupted migration failed (to be tried \
+                                 again): {e}"
+                            ));
+                            continue;
+                        }
                     }
                 }
             }
@@ -577,6 +583,20 @@ impl Platform {
             tap: vm.spec.tap(),
             namespace: self.placement().namespace(to).unwrap_or_default(),
         })
+    }
+
+    /// The QEMU of `name` on `host` (this host) that runs the VM, whatever the record
+    /// says: the record's own when it names `host`, else one found by its pid file (a
+    /// destination whose record has not followed it yet, as in a lab, whose registry is
+    /// shared and moved by the source's side).
+    pub fn running_here(&self, name: &str, host: &str) -> Option<Running> {
+        let vm = self.get(name).ok()?;
+        let qemu = if vm.host == host {
+            vm.running.filter(|r| is_qemu(r.pid))
+        } else {
+            self.unrecorded_destination(&vm, host)
+        }?;
+        runs(&qemu).then_some(qemu)
     }
 
     /// A completed migration whose driver died: the source quits and the record follows
@@ -703,12 +723,19 @@ impl Platform {
             }
             if let Some(agent) = &flight.destination_agent {
                 match ask(agent, name) {
-                    DestinationFate::Runs => {
+                    DestinationFate::Runs(Some(d)) => {
+                        // The record follows the VM (on a real host, this host's copy is a
+                        // forwarding record that no listing shows).
+                        self.roll_forward(vm, &mut qmp, &src, d, &flight.to)?;
+                        return Ok(Some(format!(
+                            "{name}: its migration to {} had completed when its driver died and \
+                             the destination's agent runs it; the source quit",
+                            flight.to
+                        )));
+                    }
+                    DestinationFate::Runs(None) => {
                         let _ = qmp.execute("quit", json!({}));
                         hv::kill(&src);
-                        // A lab's registry is shared: the destination's agent moved the
-                        // record already. A real host's copy follows the VM (out of this
-                        // host's list).
                         if self.get(name).is_ok_and(|r| r.host == flight.from) {
                             let mut moved = vm.clone();
                             moved.host = flight.to.clone();
@@ -1420,9 +1447,9 @@ impl Session {
         // The destination runs: whatever fails from here, the marker stays for the agent,
         // which rolls forward.
         self.finishing = true;
-        fail::fail_point!("migrate-before-takeover-record", |_| Err(
-            self.abort_here(VirtError::Injected("migrate-before-takeover-record").to_string())
-        ));
+        fail::fail_point!("migrate-before-takeover-record", |_| Err(self.abort_here(
+            VirtError::Injected("migrate-before-takeover-record").to_string()
+        )));
         if let Some(path) = &self.marker {
             let flight = InFlight {
                 from: self.vm.host.clone(),
