@@ -470,13 +470,7 @@ impl ZoneAgents for LabAgents {
     }
     fn list(&self) -> anyhow::Result<Vec<dczone_virt::VmRecord>> {
         let (vms, unreachable) = self.list_all()?;
-        if !unreachable.is_empty() {
-            eprintln!(
-                "warning: the agents of {} did not answer; their VMs are not listed",
-                unreachable.join(", ")
-            );
-        }
-        Ok(vms.into_iter().map(|(_, v)| v).collect())
+        Ok(records(vms, &unreachable))
     }
     fn check_host(&self, host: &str) -> anyhow::Result<()> {
         self.agents.lab.host(host)?;
@@ -485,6 +479,20 @@ impl ZoneAgents for LabAgents {
     fn agent_url(&self, _host: &str) -> Option<String> {
         None
     }
+}
+
+/// The records of a listing, with a warning naming the agents that did not answer.
+fn records(
+    vms: Vec<dczone_agent::access::Found>,
+    unreachable: &[String],
+) -> Vec<dczone_virt::VmRecord> {
+    if !unreachable.is_empty() {
+        eprintln!(
+            "warning: the agents of {} did not answer; their VMs are not listed",
+            unreachable.join(", ")
+        );
+    }
+    vms.into_iter().map(|(_, v)| v).collect()
 }
 
 impl ZoneAgents for Access {
@@ -516,13 +524,7 @@ impl ZoneAgents for Access {
     }
     fn list(&self) -> anyhow::Result<Vec<dczone_virt::VmRecord>> {
         let (vms, unreachable) = Access::list(self);
-        if !unreachable.is_empty() {
-            eprintln!(
-                "warning: the agents of {} did not answer; their VMs are not listed",
-                unreachable.join(", ")
-            );
-        }
-        Ok(vms.into_iter().map(|(_, v)| v).collect())
+        Ok(records(vms, &unreachable))
     }
     fn check_host(&self, host: &str) -> anyhow::Result<()> {
         Access::agent_url(self, host)?;
