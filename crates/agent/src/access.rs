@@ -54,6 +54,10 @@ pub struct BundleDatabase {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<dczone_zone::database::Replication>,
     pub members: Vec<BundleMember>,
+    /// The hosts that run the zone's etcd members (one each), in the zone's order: a
+    /// manual failover asks and rebuilds consensus through their agents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consensus: Vec<String>,
 }
 
 /// One PostgreSQL member.

@@ -35,7 +35,13 @@
 //! | POST /v1/db/{site}/ha-agent | [`AgentRequest::HaStart`] |
 //! | DELETE /v1/db/{site}/ha-agent | [`AgentRequest::HaStop`] |
 //! | GET /v1/db/{site}/credentials | [`AgentRequest::DbCredentials`] |
+//! | POST /v1/db/{site}/fence | [`AgentRequest::DbFence`], body [`recovery::FenceBody`] |
+//! | DELETE /v1/db/{site} | [`AgentRequest::DbPurge`] |
 //! | POST /v1/etcd | [`AgentRequest::EtcdStart`] |
+//! | GET /v1/etcd | [`AgentRequest::EtcdStatus`] |
+//! | POST /v1/etcd/rebuild | [`AgentRequest::EtcdRebuild`], body [`recovery::RebuildBody`] |
+//! | POST /v1/etcd/rejoin | [`AgentRequest::EtcdRejoin`] |
+//! | DELETE /v1/etcd/keys | [`AgentRequest::EtcdClear`] |
 //!
 //! The `db` calls go to the HA agent of a database member on this host, over its local
 //! control socket ([`dczone_ha::control`]): the operator reads the platform's state and
@@ -54,6 +60,7 @@
 
 pub mod access;
 pub mod leg;
+pub mod recovery;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -64,7 +71,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Extension;
 use axum::{Json, Router};
 use clap::Parser;
@@ -146,6 +153,22 @@ pub enum AgentRequest {
     /// Start this host's etcd members that are not running (nothing waits for them: a
     /// new cluster answers once a majority runs).
     EtcdStart,
+    /// A manual failover's fence: stop `site`'s member on this host, then read how far its
+    /// WAL reaches ([`recovery`]).
+    DbFence {
+        site: String,
+        body: recovery::FenceBody,
+    },
+    /// Stop `site`'s member on this host and remove its directory (`db down`).
+    DbPurge { site: String },
+    /// This host's etcd members, each asked alone whether it follows a raft leader.
+    EtcdStatus,
+    /// Rebuild the consensus store on this host's member, with a failover order in it.
+    EtcdRebuild(recovery::RebuildBody),
+    /// Re-add this host's etcd members that are out of the cluster after a rebuild.
+    EtcdRejoin,
+    /// Delete the database platform's keys (`db down`).
+    EtcdClear,
 }
 
 /// Body of `POST /v1/db/{site}/switchover`: the primary the operator saw, and the standby
@@ -1100,6 +1123,12 @@ impl Agent {
             AgentRequest::HaStop { site } => self.ha_stop(&site)?,
             AgentRequest::DbCredentials { site } => self.db_credentials(&site)?,
             AgentRequest::EtcdStart => self.etcd_start()?,
+            AgentRequest::DbFence { site, body } => self.db_fence(&site, body.after_lsn)?,
+            AgentRequest::DbPurge { site } => self.db_purge(&site)?,
+            AgentRequest::EtcdStatus => self.etcd_status()?,
+            AgentRequest::EtcdRebuild(body) => self.etcd_rebuild(body.order)?,
+            AgentRequest::EtcdRejoin => self.etcd_rejoin()?,
+            AgentRequest::EtcdClear => self.etcd_clear()?,
             AgentRequest::DbPolicy { site, body } => {
                 let tier = body.tier;
                 self.ha(
@@ -1377,7 +1406,43 @@ pub fn router(agent: Shared) -> Router {
         )
         .route(
             "/v1/etcd",
-            post(|State(a): State<Shared>, h: By| dispatch(a, h, AgentRequest::EtcdStart)),
+            post(|State(a): State<Shared>, h: By| dispatch(a, h, AgentRequest::EtcdStart))
+                .get(|State(a): State<Shared>, h: By| dispatch(a, h, AgentRequest::EtcdStatus)),
+        )
+        .route(
+            "/v1/etcd/rebuild",
+            post(
+                |State(a): State<Shared>, h: By, Json(body): Json<recovery::RebuildBody>| {
+                    dispatch(a, h, AgentRequest::EtcdRebuild(body))
+                },
+            ),
+        )
+        .route(
+            "/v1/etcd/rejoin",
+            post(|State(a): State<Shared>, h: By| dispatch(a, h, AgentRequest::EtcdRejoin)),
+        )
+        .route(
+            "/v1/etcd/keys",
+            delete(|State(a): State<Shared>, h: By| dispatch(a, h, AgentRequest::EtcdClear)),
+        )
+        .route(
+            "/v1/db/{site}/fence",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(site): UrlPath<String>,
+                 Json(body): Json<recovery::FenceBody>| {
+                    dispatch(a, h, AgentRequest::DbFence { site, body })
+                },
+            ),
+        )
+        .route(
+            "/v1/db/{site}",
+            delete(
+                |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::DbPurge { site })
+                },
+            ),
         )
         .route(
             "/v1/db/{site}/credentials",
@@ -1409,6 +1474,10 @@ pub fn router(agent: Shared) -> Router {
         .with_state(agent)
 }
 
+/// How long a TCP connection to an agent may take: two SYN retransmissions (1 s, then
+/// 2 s more) on a lossy path, and a margin.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A client of one agent's API (blocking; callers in a lab run it on a thread inside a
 /// namespace that reaches the agent).
 #[derive(Debug, Clone)]
@@ -1434,10 +1503,16 @@ pub enum CallError {
 impl AgentClient {
     /// A client of the agent at `url` (`https://IP:PORT`), authenticated by the
     /// certificate in `tls` (see [`dczone_pki::tls::client_config`]).
+    ///
+    /// A connection not made within [`CONNECT_TIMEOUT`] fails the call whatever its own
+    /// timeout: a cut-off host costs a caller that tries several agents no more.
     pub fn new(url: &str, tls: Arc<rustls::ClientConfig>) -> AgentClient {
         AgentClient {
             url: url.trim_end_matches('/').to_string(),
-            http: ureq::AgentBuilder::new().tls_config(tls).build(),
+            http: ureq::AgentBuilder::new()
+                .tls_config(tls)
+                .timeout_connect(CONNECT_TIMEOUT)
+                .build(),
         }
     }
 

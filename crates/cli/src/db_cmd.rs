@@ -286,14 +286,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
                 print_status(&v);
             }
         }
-        DbCommand::Down { json } => {
-            let n = dczone_control::db_down(&p, exe, state_dir)?;
-            if json {
-                print_json(&serde_json::json!({"agents_stopped": n}));
-            } else {
-                println!("database platform down ({n} agents stopped)");
-            }
-        }
+        DbCommand::Down { json } => show_down(&dczone_control::db_down(&p, exe, state_dir)?, json),
         DbCommand::Status { json } => {
             let host = p.client_host(None)?;
             match p.snapshot(&host) {
@@ -341,51 +334,7 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
                 accept_data_loss,
                 Duration::from_secs(timeout),
             )?;
-            if json {
-                print_json(&r);
-            } else {
-                println!(
-                    "failover to {}: {}; leader key after {:.0} ms, first commit after {:.0} ms",
-                    r.to,
-                    if r.proven {
-                        format!("proven, {} holds every acknowledged commit", r.to)
-                    } else {
-                        format!(
-                            "DATA MAY BE LOST after {}{}{}{}",
-                            r.lost_from_lsn.as_deref().unwrap_or("-"),
-                            r.lost_to_lsn
-                                .as_deref()
-                                .map(|l| format!(" up to {l}"))
-                                .unwrap_or_default(),
-                            r.transactions_at_most
-                                .map(|n| format!(", at most {n} transactions"))
-                                .unwrap_or_default(),
-                            if r.unknown.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" (unreadable: {})", r.unknown.join(", "))
-                            }
-                        )
-                    },
-                    r.leader_ms,
-                    r.first_commit_ms
-                );
-                println!(
-                    "fenced: {}; consensus rebuilt on {} (rejoined: {}); run `dczone db up` \
-                     once the lost sites are back",
-                    if r.fenced.is_empty() {
-                        "none reachable".into()
-                    } else {
-                        r.fenced.join(", ")
-                    },
-                    r.consensus_rebuilt_on,
-                    if r.consensus_rejoined.is_empty() {
-                        "none".into()
-                    } else {
-                        r.consensus_rejoined.join(", ")
-                    }
-                );
-            }
+            show_failover(&r, json);
         }
         DbCommand::Load {
             clients,
@@ -556,12 +505,88 @@ pub fn run_remote(access: &Access, cmd: DbCommand) -> anyhow::Result<ExitCode> {
                 print_status(&v);
             }
         }
-        DbCommand::Down { .. } | DbCommand::Failover { .. } => bail!(
-            "with --access, `db` offers up, status, policy, switchover, load, conninfo and \
-             audit; `db down` and `failover` still run next to the lab (issue 11)"
-        ),
+        DbCommand::Down { json } => show_down(&dczone_database::recovery::down(&r)?, json),
+        DbCommand::Failover {
+            to,
+            accept_data_loss,
+            timeout,
+            json,
+        } => {
+            r.require_password()?;
+            let report = dczone_database::recovery::failover(
+                &r,
+                &to,
+                accept_data_loss,
+                Duration::from_secs(timeout),
+            )?;
+            show_failover(&report, json);
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `db failover`'s report.
+fn show_failover(r: &dczone_database::FailoverReport, json: bool) {
+    if json {
+        print_json(r);
+    } else {
+        println!(
+            "failover to {}: {}; leader key after {:.0} ms, first commit after {:.0} ms",
+            r.to,
+            if r.proven {
+                format!("proven, {} holds every acknowledged commit", r.to)
+            } else {
+                format!(
+                    "DATA MAY BE LOST after {}{}{}{}",
+                    r.lost_from_lsn.as_deref().unwrap_or("-"),
+                    r.lost_to_lsn
+                        .as_deref()
+                        .map(|l| format!(" up to {l}"))
+                        .unwrap_or_default(),
+                    r.transactions_at_most
+                        .map(|n| format!(", at most {n} transactions"))
+                        .unwrap_or_default(),
+                    if r.unknown.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (unreadable: {})", r.unknown.join(", "))
+                    }
+                )
+            },
+            r.leader_ms,
+            r.first_commit_ms
+        );
+        println!(
+            "fenced: {}; consensus rebuilt on {} (rejoined: {}); run `dczone db up` \
+             once the lost sites are back",
+            if r.fenced.is_empty() {
+                "none reachable".into()
+            } else {
+                r.fenced.join(", ")
+            },
+            r.consensus_rebuilt_on,
+            if r.consensus_rejoined.is_empty() {
+                "none".into()
+            } else {
+                r.consensus_rejoined.join(", ")
+            }
+        );
+    }
+}
+
+/// `db down`'s report.
+fn show_down(d: &dczone_database::recovery::Down, json: bool) {
+    if json {
+        print_json(d);
+    } else {
+        println!("database platform down ({} HA agents stopped)", d.stopped);
+        if !d.keys_cleared {
+            println!(
+                "warning: no etcd member took the deletion of the platform's keys; the next \
+                 `db up` finds them"
+            );
+        }
+    }
 }
 
 pub fn print_audit(a: &Audit) {

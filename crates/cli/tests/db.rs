@@ -6,7 +6,7 @@ mod common;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{e2e_enabled, TestLab};
+use common::{e2e_enabled, remote, TestLab};
 use serde_json::Value;
 
 const DC11: &str = "10.77.1.11";
@@ -706,15 +706,28 @@ fn manual_failover_is_refused_without_proof_and_with_the_flag_rebuilds_consensus
         Some(1),
         "still no consensus after the refusal"
     );
-    // With the flag: consensus rebuilt on DC2.1's members, DC2.1 primary, the exposure said.
-    let r = lab.json(&[
-        "db",
-        "failover",
-        "--to",
-        "dc2.1",
-        "--accept-data-loss",
-        "--json",
-    ]);
+    // With the flag, by an operator at DC2.1 with only the access bundle (every step
+    // through the agents): consensus rebuilt on DC2.1's members, DC2.1 primary, the
+    // exposure said.
+    let bundle = lab.state_dir.join(&lab.name).join("access");
+    let out = remote(
+        &lab.ns("dc2.1-h2"),
+        &bundle,
+        &[
+            "db",
+            "failover",
+            "--to",
+            "dc2.1",
+            "--accept-data-loss",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "db failover --access: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["proven"], false, "{r}");
     assert!(r["unknown"].to_string().contains("dc1.1"), "{r}");
     assert_eq!(r["consensus_rebuilt_on"], "dc2_1_h1", "{r}");

@@ -173,6 +173,11 @@ impl HostAgents {
                         })
                     })
                     .collect(),
+                consensus: zone
+                    .consensus
+                    .as_ref()
+                    .map(|c| c.hosts.clone())
+                    .unwrap_or_default(),
             }),
         };
         let dir = self.access_dir();
@@ -554,7 +559,7 @@ pub fn db_down(
     p: &dczone_database::Database,
     exe: &Path,
     state_dir: &Path,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<dczone_database::recovery::Down> {
     HostAgents::new(&p.lab, exe, state_dir)?.ensure_all()?;
     p.etcd_up()?;
     p.down()

@@ -10,12 +10,15 @@
 //! HA agents is open (issue 11, item 1).
 
 pub mod operator;
+pub mod recovery;
 pub mod remote;
+
+pub use recovery::FailoverReport;
 
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
@@ -280,22 +283,34 @@ impl Database {
         method: &str,
         path: &str,
     ) -> anyhow::Result<serde_json::Value> {
+        self.agent_call(host, host, method, path, None, Duration::from_secs(30))
+    }
+
+    /// Calls `to`'s agent from inside host `from`, with the lab's access bundle (the
+    /// operator's certificate).
+    fn agent_call(
+        &self,
+        from: &str,
+        to: &str,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
         let bundle = self.lab.dir().join("access");
         let access = dczone_agent::access::Access::open(&bundle)
             .context("open the lab's access bundle (`dczone lab up` writes it)")?;
-        let client = access.client(host)?;
-        let (_, ns) = self.lab.host(host)?;
+        let client = access.client(to)?;
+        let (_, ns) = self.lab.host(from)?;
         let (method, path) = (method.to_string(), path.to_string());
-        let call = sys::in_namespace(&ns, move || {
-            client.call(&method, &path, None, Duration::from_secs(30))
-        })?;
+        let call = sys::in_namespace(&ns, move || client.call(&method, &path, body, timeout))?;
         call.join()
-            .map_err(|_| anyhow!("the call to {host}'s agent panicked"))?
+            .map_err(|_| anyhow!("the call to {to}'s agent panicked"))?
             .map_err(|e| match e {
                 dczone_agent::CallError::Down { .. } => {
                     anyhow!("{e}; `dczone lab up` starts the lab's agents again")
                 }
-                e => anyhow!("{host}'s agent: {e}"),
+                e => anyhow!("{to}'s agent: {e}"),
             })
     }
 
@@ -495,7 +510,7 @@ impl Database {
         self.etcd_up()?;
         // After a manual failover rebuilt consensus on survivors: the members that are
         // back rejoin it.
-        self.rejoin_consensus(client)?;
+        recovery::rejoin_consensus(&self.at(client))?;
         std::fs::create_dir_all(self.lab.dir().join("db"))?;
         dczone_db::ensure_passfile(&passfile(&self.lab))?;
         self.share_password()?;
@@ -520,17 +535,28 @@ impl Database {
         operator::wait_mode(&self.at(client), mode, timeout)
     }
 
-    pub fn down(&self) -> anyhow::Result<usize> {
-        let mut n = 0;
-        for m in &self.members {
-            if self.stop_ha_agent(&m.site)? {
-                n += 1;
-            }
-        }
-        let host = self.members[0].host.clone();
-        let _ = self.with_store(&host, |store| async move { store.delete_prefix().await });
+    /// `db down` ([`recovery::down`]) from the default client host, then the lab's
+    /// database directory (its password and CA copy) goes too.
+    pub fn down(&self) -> anyhow::Result<recovery::Down> {
+        let d = recovery::down(&self.at(&self.client_host(None)?))?;
         let _ = std::fs::remove_dir_all(self.lab.dir().join("db"));
-        Ok(n)
+        Ok(d)
+    }
+
+    /// `db failover` ([`recovery::failover`]) from the default client host.
+    pub fn failover(
+        &self,
+        to: &str,
+        accept_data_loss: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<FailoverReport> {
+        self.member(to)?;
+        recovery::failover(
+            &self.at(&self.client_host(None)?),
+            to,
+            accept_data_loss,
+            timeout,
+        )
     }
 }
 
@@ -591,6 +617,63 @@ impl operator::Reach for AtHost<'_> {
     }
 }
 
+/// The lab reaches a host's agent from inside that host (so that a cut-off site is still
+/// fenced and stopped), and tells whether the agent answers from the client host, where
+/// the operator stands.
+impl recovery::Hosts for AtHost<'_> {
+    fn call(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.db.agent_call(host, host, method, path, body, timeout)
+    }
+
+    fn answers(&self, host: &str) -> bool {
+        self.db
+            .agent_call(
+                &self.host,
+                host,
+                "GET",
+                "/v1/health",
+                None,
+                Duration::from_secs(2),
+            )
+            .is_ok()
+    }
+
+    fn member_hosts(&self) -> Vec<(String, String)> {
+        self.db
+            .members
+            .iter()
+            .map(|m| (m.site.clone(), m.host.clone()))
+            .collect()
+    }
+
+    fn consensus_hosts(&self) -> Vec<(String, String)> {
+        let mut hosts: Vec<(String, String)> = Vec::new();
+        for m in self.db.lab.etcd_members(&self.db.zone) {
+            if !hosts.iter().any(|(h, _)| *h == m.host) {
+                hosts.push((m.host, m.site));
+            }
+        }
+        hosts
+    }
+
+    fn direct_views(&self) -> anyhow::Result<Vec<dczone_db::DirectView>> {
+        let members = self.db.members.clone();
+        self.db.in_host(&self.host, move || async move {
+            let reads = members
+                .iter()
+                .map(|m| dczone_db::direct_view(m, Duration::from_millis(700)));
+            futures_util::future::join_all(reads).await
+        })
+    }
+}
+
 /// What `db switchover` measured, each from the request.
 #[derive(Debug, Serialize)]
 pub struct SwitchoverReport {
@@ -602,322 +685,6 @@ pub struct SwitchoverReport {
     pub first_commit_ms: f64,
     /// Until the old primary was a running standby again.
     pub rejoined_ms: f64,
-}
-
-/// What `db failover` did.
-#[derive(Debug, Serialize)]
-pub struct FailoverReport {
-    pub to: String,
-    /// The target provably held every acknowledged commit.
-    pub proven: bool,
-    pub target_lsn: String,
-    /// What may be lost (only with --accept-data-loss): from the target's WAL end to the
-    /// furthest WAL end read elsewhere.
-    pub lost_from_lsn: Option<String>,
-    pub lost_to_lsn: Option<String>,
-    pub transactions_at_most: Option<u64>,
-    /// Members whose WAL could not be read: what they acknowledged past the target is unknown.
-    pub unknown: Vec<String>,
-    pub wal_ends: Vec<dczone_ha::manual::WalEnd>,
-    /// Members whose HA agent (and PostgreSQL with it) was stopped.
-    pub fenced: Vec<String>,
-    /// The etcd member the consensus store was rebuilt on, and those that rejoined it.
-    pub consensus_rebuilt_on: String,
-    pub consensus_rejoined: Vec<String>,
-    pub leader_ms: f64,
-    pub first_commit_ms: f64,
-}
-
-impl Database {
-    /// Can `host` open TCP to `ip`'s PostgreSQL port (a refusal counts: the host answers)?
-    fn host_answers(&self, host: &str, ip: Ipv4Addr) -> bool {
-        self.in_host(host, move || async move {
-            let addr = std::net::SocketAddr::from((ip, dczone_db::PORT));
-            match tokio::time::timeout(
-                Duration::from_millis(700),
-                tokio::net::TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(Ok(_)) => true,
-                Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
-                Err(_) => false,
-            }
-        })
-        .unwrap_or(false)
-    }
-
-    /// Re-adds the zone's etcd members that are out of the cluster (after a rebuild) and
-    /// whose hosts `host` reaches, one at a time; returns their names.
-    pub fn rejoin_consensus(&self, host: &str) -> anyhow::Result<Vec<String>> {
-        let mut done = Vec::new();
-        for m in self.lab.etcd_missing(&self.zone) {
-            if !self.host_answers(host, m.ip) {
-                continue;
-            }
-            let current: Vec<String> = self
-                .lab
-                .etcd_members(&self.zone)
-                .iter()
-                .filter(|x| {
-                    self.lab
-                        .etcd_membership()
-                        .is_some_and(|names| names.contains(&x.name))
-                })
-                .map(|x| x.client_url())
-                .collect();
-            let (lab, peer, tls) = (
-                self.lab.name().to_string(),
-                m.peer_url(),
-                self.etcd_tls.clone(),
-            );
-            self.in_host(host, move || async move {
-                let store = Store::connect(&lab, &current, &tls).await?;
-                // etcd refuses a reconfiguration ("unhealthy cluster") until every member
-                // has been connected for 5 s: a member that just rejoined delays the next.
-                let deadline = Instant::now() + Duration::from_secs(30);
-                loop {
-                    let added = async {
-                        if !store.member_peer_urls().await?.contains(&peer) {
-                            store.member_add(&peer).await?;
-                        }
-                        Ok::<_, dczone_ha::keys::StoreError>(())
-                    };
-                    match added.await {
-                        Err(_) if Instant::now() < deadline => {
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                        r => return r,
-                    }
-                }
-            })?
-            .with_context(|| format!("add etcd member {} back to the cluster", m.name))?;
-            self.lab.etcd_rejoin(&self.zone, &m.name)?;
-            done.push(m.name.clone());
-        }
-        Ok(done)
-    }
-
-    /// `db failover --to SITE [--accept-data-loss]`: the guarded manual failover when
-    /// consensus is lost; refused while consensus answers (the HA agents act then).
-    pub fn failover(
-        &self,
-        to: &str,
-        accept_data_loss: bool,
-        timeout: Duration,
-    ) -> anyhow::Result<FailoverReport> {
-        use dczone_ha::manual::{lsn_text, verdict, Verdict, WalEnd};
-        let target = self.member(to)?.clone();
-        let host = self.client_host(None)?;
-        match self.snapshot(&host) {
-            Ok(snap) => bail!(
-                "consensus answers (primary: {}): the HA agents fail over by themselves when a \
-                 primary is lost, under the RPO rule; for a planned move use `dczone db \
-                 switchover --to {to}`",
-                snap.leader.map_or("none".into(), |l| l.site)
-            ),
-            // Our own credentials failing says nothing about consensus: never fence on it.
-            Err(e)
-                if e.chain().any(|c| {
-                    matches!(
-                        c.downcast_ref::<dczone_ha::keys::StoreError>(),
-                        Some(dczone_ha::keys::StoreError::Credential { .. })
-                    )
-                }) =>
-            {
-                return Err(e.context(
-                    "cannot tell whether consensus is lost: this command's etcd credentials \
-                     are unreadable; nothing was fenced",
-                ));
-            }
-            Err(_) => {}
-        }
-        let t0 = Instant::now();
-        let members = self.members.clone();
-        let views = self.in_host(&host, move || async move {
-            let reads = members
-                .iter()
-                .map(|m| dczone_db::direct_view(m, Duration::from_millis(700)));
-            futures_util::future::join_all(reads).await
-        })?;
-        let view = |site: &str| {
-            views
-                .iter()
-                .find(|v| v.site == site)
-                .expect("one per member")
-        };
-        let tv = view(to);
-        if tv.role != "standby" {
-            bail!(
-                "{to} is not a running standby ({}{}); a failover needs one as its target",
-                tv.role,
-                tv.error
-                    .as_ref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            );
-        }
-        let target_lsn = tv.lsn.unwrap_or(0);
-        let target_end = WalEnd {
-            site: to.to_string(),
-            lsn: tv.lsn,
-            next_xid: tv.next_xid,
-            commits_after_target: None,
-            source: "online".into(),
-        };
-        // Every other member's WAL end: a running standby answers; a stopped member whose
-        // host answers is read from its data directory (a stopped standby was not primary
-        // and holds nothing its primary did not write); the rest are unknown.
-        let mut ends = Vec::new();
-        let mut reachable = Vec::new();
-        for m in self.members.iter().filter(|m| m.site != to) {
-            let v = view(&m.site);
-            let answers = v.reachable() || self.host_answers(&host, m.ip);
-            if answers {
-                reachable.push(m.site.clone());
-            }
-            let end = match v.role.as_str() {
-                "standby" => Some(WalEnd {
-                    site: m.site.clone(),
-                    lsn: v.lsn,
-                    next_xid: v.next_xid,
-                    commits_after_target: None,
-                    source: "online".into(),
-                }),
-                _ if answers => {
-                    // Fence first: its agent (and PostgreSQL) stop before its WAL is read.
-                    self.stop_ha_agent(&m.site)?;
-                    if m.data().join("standby.signal").exists() {
-                        None
-                    } else {
-                        let tail = m
-                            .wal_tail(target_lsn)
-                            .with_context(|| format!("read the WAL of {}", m.site))?;
-                        Some(WalEnd {
-                            site: m.site.clone(),
-                            lsn: Some(tail.last_commit_end.unwrap_or(target_lsn).max(
-                                // Commits before the target's end are on the target.
-                                target_lsn.min(tail.end_lsn),
-                            )),
-                            next_xid: None,
-                            commits_after_target: Some(tail.commits_after),
-                            source: "offline".into(),
-                        })
-                    }
-                }
-                _ => Some(WalEnd {
-                    site: m.site.clone(),
-                    lsn: None,
-                    next_xid: None,
-                    commits_after_target: None,
-                    source: "unreachable".into(),
-                }),
-            };
-            ends.extend(end);
-        }
-        let exposure = match verdict(&target_end, &ends, accept_data_loss) {
-            Verdict::Refused(why) => bail!("{why}"),
-            Verdict::Proven => None,
-            Verdict::DataLossAccepted(e) => Some(e),
-        };
-        // Fence everything reachable but the target.
-        let mut fenced = Vec::new();
-        for site in &reachable {
-            self.stop_ha_agent(site)?;
-            fenced.push(site.clone());
-        }
-        // Rebuild consensus on a surviving member, in the target's site if one answers.
-        let etcd = self.lab.etcd_members(&self.zone);
-        let mut survivors = Vec::new();
-        for m in &etcd {
-            if self.host_answers(&host, m.ip) {
-                survivors.push(m.clone());
-            }
-        }
-        survivors.sort_by_key(|m| m.site != to);
-        let keep = survivors
-            .first()
-            .ok_or_else(|| anyhow!("no etcd member's host answers; nothing to rebuild on"))?
-            .clone();
-        self.lab.etcd_force_new_cluster(&self.zone, &keep.name)?;
-        let reason = match &exposure {
-            None => format!(
-                "manual failover: {to} holds every acknowledged commit (WAL {} reaches every \
-                 other member's)",
-                lsn_text(target_lsn)
-            ),
-            Some(e) => format!(
-                "manual failover with accepted data loss: WAL after {} may be lost{}{}{}",
-                lsn_text(e.from_lsn),
-                e.to_lsn
-                    .map(|l| format!(" (up to {})", lsn_text(l)))
-                    .unwrap_or_default(),
-                e.transactions_at_most
-                    .map(|n| format!(", at most {n} transactions"))
-                    .unwrap_or_default(),
-                if e.unknown.is_empty() {
-                    String::new()
-                } else {
-                    format!("; unknown: {}", e.unknown.join(", "))
-                }
-            ),
-        };
-        let order = dczone_ha::decide::ManualFailover {
-            to: to.to_string(),
-            requested_ms: dczone_ha::agent::unix_ms(),
-            reason,
-        };
-        let (lab, url, tls) = (
-            self.lab.name().to_string(),
-            keep.client_url(),
-            self.etcd_tls.clone(),
-        );
-        self.in_host(&host, move || async move {
-            let store = Store::connect(&lab, &[url], &tls).await?;
-            store.put_json(&store.keys.failover(), &order, None).await?;
-            store.delete(&store.keys.leader()).await
-        })?
-        .context("write the failover order to the rebuilt consensus store")?;
-        // Only now the other survivors: the order is in place before the old leader key
-        // can expire on the rebuilt store (whose replication record may be stale: the
-        // survivor need not have applied the last writes its old majority committed).
-        let rejoined = self.rejoin_consensus(&host)?;
-        let deadline = t0 + timeout;
-        let leader_ms = loop {
-            if Instant::now() > deadline {
-                bail!(
-                    "{to} did not take the leader key within {timeout:?}; see `dczone db \
-                     status` and {} (last lines: {})",
-                    target.dir.join("agent.log").display(),
-                    self.agent_log_tail(to)
-                );
-            }
-            if self
-                .snapshot(&host)
-                .is_ok_and(|s| s.leader.is_some_and(|l| l.site == to))
-            {
-                break t0.elapsed().as_secs_f64() * 1e3;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let first_commit_ms = operator::first_commit(&self.at(&host), to, t0, deadline)?
-            .ok_or_else(|| anyhow!("{to} leads but accepted no commit within {timeout:?}"))?;
-        Ok(FailoverReport {
-            to: to.to_string(),
-            proven: exposure.is_none(),
-            target_lsn: lsn_text(target_lsn),
-            lost_from_lsn: exposure.as_ref().map(|e| lsn_text(e.from_lsn)),
-            lost_to_lsn: exposure.as_ref().and_then(|e| e.to_lsn).map(lsn_text),
-            transactions_at_most: exposure.as_ref().and_then(|e| e.transactions_at_most),
-            unknown: exposure.map(|e| e.unknown).unwrap_or_default(),
-            wal_ends: ends,
-            fenced,
-            consensus_rebuilt_on: keep.name,
-            consensus_rejoined: rejoined,
-            leader_ms,
-            first_commit_ms,
-        })
-    }
 }
 
 /// One etcd member as the operator's host sees it.

@@ -102,6 +102,9 @@ impl Remote {
     /// leads, and the wait for every standby and the tier's replication mode. etcd is the
     /// zone's: it must run (in a lab, `lab up` starts it).
     pub fn up(&self, timeout: Duration) -> anyhow::Result<String> {
+        // After a manual failover rebuilt consensus on survivors: the etcd members that
+        // are back rejoin it first.
+        crate::recovery::rejoin_consensus(self)?;
         // Every member's host is asked: one cut off must not keep the others down.
         let mut failures = Vec::new();
         for m in &self.plan.members {
@@ -254,5 +257,71 @@ impl Reach for Remote {
         Fut: Future<Output = T>,
     {
         on_own_runtime(f)
+    }
+}
+
+impl crate::recovery::Hosts for Remote {
+    fn call(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        self.access
+            .client(host)?
+            .call(method, path, body, timeout)
+            .map_err(|e| anyhow!("{host}'s agent: {e}"))
+    }
+
+    fn member_hosts(&self) -> Vec<(String, String)> {
+        self.plan
+            .members
+            .iter()
+            .map(|m| (m.site.clone(), m.host.clone()))
+            .collect()
+    }
+
+    fn consensus_hosts(&self) -> Vec<(String, String)> {
+        self.plan
+            .consensus
+            .iter()
+            .map(|h| {
+                let site = self
+                    .access
+                    .bundle
+                    .hosts
+                    .iter()
+                    .find(|x| x.id == *h)
+                    .map(|x| x.site.clone())
+                    .unwrap_or_default();
+                (h.clone(), site)
+            })
+            .collect()
+    }
+
+    fn direct_views(&self) -> anyhow::Result<Vec<dczone_db::DirectView>> {
+        let members: Vec<dczone_db::Member> = self
+            .plan
+            .members
+            .iter()
+            .map(|m| dczone_db::Member {
+                app: dczone_db::app_name(&m.site),
+                site: m.site.clone(),
+                host: m.host.clone(),
+                namespace: String::new(),
+                ip: m.address,
+                dir: std::path::PathBuf::new(),
+                passfile: self.passfile(),
+                ca: self.access.dir.join("ca.crt"),
+            })
+            .collect();
+        on_own_runtime(move || async move {
+            let reads = members
+                .iter()
+                .map(|m| dczone_db::direct_view(m, Duration::from_millis(700)));
+            futures_util::future::join_all(reads).await
+        })
     }
 }

@@ -512,47 +512,7 @@ impl Member {
     /// WAL the member kept is read from its latest checkpoint's REDO point instead
     /// (`complete` then says the count may be short).
     pub fn wal_tail(&self, from_lsn: u64) -> Result<WalTail, DbError> {
-        let control = run(
-            &format!("pg_controldata of {}", self.site),
-            as_postgres("pg_controldata")?.arg("-D").arg(self.data()),
-        )?;
-        let field = |name: &str| {
-            control
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split(':').nth(1).map(|v| v.trim().to_string()))
-        };
-        let timeline = field("Latest checkpoint's TimeLineID").unwrap_or_else(|| "1".into());
-        let redo = field("Latest checkpoint's REDO location")
-            .map(|v| parse_lsn(&v))
-            .unwrap_or(0);
-        let dump = |start: u64| -> Result<String, DbError> {
-            let out = as_postgres("pg_waldump")?
-                .arg("-p")
-                .arg(self.data().join("pg_wal"))
-                .args(["-t", &timeline, "-s", &lsn_text(start)])
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|source| DbError::Io {
-                    what: format!("pg_waldump of {}", self.site),
-                    source,
-                })?;
-            // pg_waldump always ends with an error at the end of the WAL; no record at all
-            // means the start was not readable.
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            if text.trim().is_empty() {
-                return Err(DbError::Step {
-                    what: format!("pg_waldump of {} from {}", self.site, lsn_text(start)),
-                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
-            Ok(text)
-        };
-        let (text, complete) = match dump(from_lsn) {
-            Ok(t) => (t, true),
-            Err(_) => (dump(redo.max(from_lsn.min(redo)))?, from_lsn >= redo),
-        };
-        Ok(parse_waldump(&text, from_lsn, complete))
+        wal_tail(&self.site, &self.data(), from_lsn)
     }
 
     /// The timelines whose history files are in this member's `pg_wal`.
@@ -759,8 +719,54 @@ pub struct ReplicaState {
     pub reply_age_ms: Option<f64>,
 }
 
+/// Reads the *stopped* member's WAL in `data` (its data directory) from `from_lsn` to its
+/// end with `pg_waldump` (see [`Member::wal_tail`]); `site` names it in errors.
+pub fn wal_tail(site: &str, data: &Path, from_lsn: u64) -> Result<WalTail, DbError> {
+    let control = run(
+        &format!("pg_controldata of {}", site),
+        as_postgres("pg_controldata")?.arg("-D").arg(data),
+    )?;
+    let field = |name: &str| {
+        control
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split(':').nth(1).map(|v| v.trim().to_string()))
+    };
+    let timeline = field("Latest checkpoint's TimeLineID").unwrap_or_else(|| "1".into());
+    let redo = field("Latest checkpoint's REDO location")
+        .map(|v| parse_lsn(&v))
+        .unwrap_or(0);
+    let dump = |start: u64| -> Result<String, DbError> {
+        let out = as_postgres("pg_waldump")?
+            .arg("-p")
+            .arg(data.join("pg_wal"))
+            .args(["-t", &timeline, "-s", &lsn_text(start)])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| DbError::Io {
+                what: format!("pg_waldump of {}", site),
+                source,
+            })?;
+        // pg_waldump always ends with an error at the end of the WAL; no record at all
+        // means the start was not readable.
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.trim().is_empty() {
+            return Err(DbError::Step {
+                what: format!("pg_waldump of {} from {}", site, lsn_text(start)),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(text)
+    };
+    let (text, complete) = match dump(from_lsn) {
+        Ok(t) => (t, true),
+        Err(_) => (dump(redo.max(from_lsn.min(redo)))?, from_lsn >= redo),
+    };
+    Ok(parse_waldump(&text, from_lsn, complete))
+}
+
 /// What a stopped member's WAL holds past a point (see [`Member::wal_tail`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct WalTail {
     /// Where the last record ends.
     pub end_lsn: u64,

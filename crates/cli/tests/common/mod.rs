@@ -45,6 +45,24 @@ fn outside_ci_a_missing_e2e_switch_skips_and_the_switch_runs() {
     assert!(e2e_decision(true, true));
 }
 
+/// Runs `dczone ARGS...` inside namespace `ns` with only the access bundle `access` and an
+/// empty state directory: nothing of the lab's files is used.
+pub fn remote(ns: &str, access: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            env!("CARGO_BIN_EXE_dczone"),
+            "--access",
+        ])
+        .arg(access)
+        .args(["--state-dir", "/nonexistent/dczone-remote"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// One lab per test, with its own name and state directory.
 pub struct TestLab {
     pub name: String,
