@@ -53,7 +53,7 @@ pub struct RebuildBody {
     pub order: ManualFailover,
 }
 
-/// One etcd member of this host asked alone (`GET /v1/etcd`).
+/// One etcd member asked alone (`GET /v1/etcd` answers with this host's).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct EtcdMemberView {
     pub name: String,

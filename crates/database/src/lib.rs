@@ -13,6 +13,7 @@ pub mod operator;
 pub mod recovery;
 pub mod remote;
 
+pub use dczone_agent::recovery::EtcdMemberView;
 pub use recovery::FailoverReport;
 
 use std::future::Future;
@@ -687,25 +688,13 @@ pub struct SwitchoverReport {
     pub rejoined_ms: f64,
 }
 
-/// One etcd member as the operator's host sees it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConsensusMemberView {
-    pub name: String,
-    pub site: String,
-    pub url: String,
-    pub reachable: bool,
-    /// It answers and follows a raft leader.
-    pub has_leader: bool,
-    pub error: Option<String>,
-}
-
 /// `db status` when the consensus store cannot be read: which members do not answer, and
 /// what every PostgreSQL member says about itself.
 #[derive(Debug, Clone, Serialize)]
 pub struct DegradedStatus {
     pub error: String,
     pub consensus_quorum: bool,
-    pub consensus: Vec<ConsensusMemberView>,
+    pub consensus: Vec<EtcdMemberView>,
     pub unreachable_consensus_members: Vec<String>,
     pub members: Vec<dczone_db::DirectView>,
 }
@@ -725,7 +714,7 @@ impl Database {
             let tls = &tls;
             let asks = etcd.into_iter().map(|(name, site, url)| async move {
                 let r = Store::member_status(&url, tls).await;
-                ConsensusMemberView {
+                EtcdMemberView {
                     name,
                     site,
                     url,

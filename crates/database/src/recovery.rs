@@ -253,15 +253,7 @@ pub fn failover(
     // Fence everything reachable but the target.
     let mut fenced = Vec::new();
     for (site, host) in &reachable {
-        reach
-            .call(
-                host,
-                "DELETE",
-                &format!("/v1/db/{site}/ha-agent"),
-                None,
-                RECOVERY_CALL,
-            )
-            .with_context(|| format!("stop the HA agent of {site}"))?;
+        stop_member(reach, site, host)?;
         fenced.push(site.clone());
     }
     let reason = match &exposure {
@@ -355,6 +347,20 @@ pub fn failover(
     })
 }
 
+/// Stops `site`'s HA agent (and its PostgreSQL) through its host's agent; whether one ran.
+fn stop_member(reach: &impl Hosts, site: &str, host: &str) -> anyhow::Result<bool> {
+    let v = reach
+        .call(
+            host,
+            "DELETE",
+            &format!("/v1/db/{site}/ha-agent"),
+            None,
+            RECOVERY_CALL,
+        )
+        .with_context(|| format!("stop the HA agent of {site}"))?;
+    Ok(v["stopped"].as_bool().unwrap_or(false))
+}
+
 /// Re-adds `host`'s etcd members that are out of the cluster after a rebuild, through its
 /// agent; their names.
 fn rejoin_host(reach: &impl Hosts, host: &str) -> anyhow::Result<Vec<String>> {
@@ -393,16 +399,7 @@ pub fn down(reach: &impl Hosts) -> anyhow::Result<Down> {
     let members = reach.member_hosts();
     let mut stopped = 0;
     for (site, host) in &members {
-        let v = reach
-            .call(
-                host,
-                "DELETE",
-                &format!("/v1/db/{site}/ha-agent"),
-                None,
-                RECOVERY_CALL,
-            )
-            .with_context(|| format!("stop the HA agent of {site}"))?;
-        if v["stopped"].as_bool().unwrap_or(false) {
+        if stop_member(reach, site, host)? {
             stopped += 1;
         }
     }
