@@ -355,8 +355,10 @@ pub struct Agent {
     /// with its HA agent's control socket).
     db_dir: PathBuf,
     /// How this agent starts HA agents (`dczone ha-agent` beside `dczoned`) and its host's
-    /// etcd members: in a lab only (`None` on a real host: not yet, issue 11).
+    /// etcd members in a lab (`None` on a real host).
     ha_launcher: Option<HaLauncher>,
+    /// On a real host: its zone, for its etcd members (`None` in a lab).
+    host_zone: Option<HostZone>,
     /// VMs that run here after a finish whose record could not be saved, for `outcome`.
     unrecorded: Mutex<HashMap<String, dczone_hypervisor::Running>>,
     /// Held while an HA agent starts or stops: two calls at once start one.
@@ -423,6 +425,15 @@ impl Drop for Departure<'_> {
     }
 }
 
+/// What a real host's agent knows of its zone (`dczoned --zone`): the zone file, the
+/// certificates installed on the host, and its data directory.
+#[derive(Debug, Clone)]
+pub struct HostZone {
+    pub bundle: access::Bundle,
+    pub pki: PathBuf,
+    pub data_dir: PathBuf,
+}
+
 /// What a lab's agent needs to start its host's HA agents and etcd members.
 #[derive(Debug, Clone)]
 pub struct HaLauncher {
@@ -440,10 +451,12 @@ impl Agent {
         endpoints: HashMap<String, String>,
         db_dir: PathBuf,
         ha_launcher: Option<HaLauncher>,
+        host_zone: Option<HostZone>,
     ) -> Agent {
         let agent = Agent {
             db_dir,
             ha_launcher,
+            host_zone,
             ha_starting: Mutex::new(()),
             unrecorded: Mutex::new(HashMap::new()),
             etcd_starting: Mutex::new(()),
@@ -802,26 +815,6 @@ impl Agent {
             }
         }
         Ok(json!({ "site": site, "stopped": stopped }))
-    }
-
-    /// Starts this host's etcd members that are not running.
-    fn etcd_start(&self) -> Result<Value, AgentError> {
-        let Some(l) = &self.ha_launcher else {
-            return Err(VirtError::BadSpec(
-                "this agent runs on a real host: starting etcd through it is not built yet \
-                 (issue 11); run etcd as a service"
-                    .into(),
-            )
-            .into());
-        };
-        let _one_at_a_time = self.etcd_starting.lock().unwrap_or_else(|e| e.into_inner());
-        let fail = |e: dczone_lab::LabError| AgentError::Etcd {
-            host: self.host.clone(),
-            reason: dczone_lab::error_chain(&e),
-        };
-        let zone = l.lab.state().and_then(|s| s.zone()).map_err(fail)?;
-        let started = l.lab.etcd_start_host(&zone, &self.host).map_err(fail)?;
-        Ok(json!({ "host": self.host, "started": started }))
     }
 
     /// The password file `site`'s member was set up with (its HA agent makes it as it
@@ -1774,7 +1767,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let server_tls = dczone_pki::tls::server_config(&identity)?;
     let peers = dczone_pki::tls::client_config(&identity.ca, Some(&identity))?;
     let inputs = dczone_image::ImageInputs::for_executable(&exe);
-    let (platform, default_listen, endpoints, db_dir, ha_launcher) = match &args.zone {
+    let (platform, default_listen, endpoints, db_dir, ha_launcher, host_zone) = match &args.zone {
         Some(file) => {
             let bundle = access::Bundle::read(file)?;
             let hosts: Vec<_> = bundle
@@ -1800,7 +1793,19 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .map(|h| (h.id.clone(), h.agent.clone()))
                 .collect();
             let platform = Platform::on_host(placement, args.pki.clone(), &inputs)?;
-            (platform, me, endpoints, args.data_dir.join("db"), None)
+            let host_zone = HostZone {
+                bundle,
+                pki: args.pki.clone(),
+                data_dir: args.data_dir.clone(),
+            };
+            (
+                platform,
+                me,
+                endpoints,
+                args.data_dir.join("db"),
+                None,
+                Some(host_zone),
+            )
         }
         None => {
             let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
@@ -1819,6 +1824,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 HashMap::new(),
                 db_dir,
                 Some(launcher),
+                None,
             )
         }
     };
@@ -1835,6 +1841,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         endpoints,
         db_dir,
         ha_launcher,
+        host_zone,
     ));
     let reaper = agent.clone();
     std::thread::Builder::new()

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use dczone_ha::decide::ManualFailover;
 use dczone_ha::keys::{Credentials, Store, StoreError};
-use dczone_lab::etcd::EtcdMember;
+use dczone_lab::etcd::{EtcdCluster, EtcdMember, Placement};
 use dczone_virt::VirtError;
 
 use crate::{Agent, AgentError};
@@ -101,32 +101,110 @@ impl Agent {
         }
     }
 
-    /// The lab behind this agent: the consensus steps are built for a lab's hosts only.
-    fn recovery_lab(&self, what: &str) -> Result<&dczone_lab::Lab, AgentError> {
-        self.ha_launcher.as_ref().map(|l| &l.lab).ok_or_else(|| {
-            VirtError::BadSpec(format!(
-                "this agent runs on a real host: {what} through it is not built yet (issue \
-                 11); use etcdctl on the host"
-            ))
-            .into()
+    /// The zone's etcd cluster as this host manages its members: a lab's (its zone, its
+    /// PKI), or, on a real host, the zone file's `[database] consensus` hosts with the
+    /// consensus certificate installed here (`<pki>/consensus/<host>.crt`), files in
+    /// `<data dir>/etcd`.
+    pub(crate) fn etcd_cluster(&self) -> Result<EtcdCluster, AgentError> {
+        if let Some(l) = &self.ha_launcher {
+            let zone = l
+                .lab
+                .state()
+                .and_then(|s| s.zone())
+                .map_err(|e| self.etcd_error(dczone_lab::error_chain(&e)))?;
+            return Ok(l.lab.etcd(&zone));
+        }
+        let Some(h) = &self.host_zone else {
+            return Err(self.etcd_error("this agent knows no zone"));
+        };
+        let hosts = h
+            .bundle
+            .database
+            .as_ref()
+            .map(|d| d.consensus.clone())
+            .unwrap_or_default();
+        if hosts.is_empty() {
+            return Err(VirtError::BadSpec(
+                "the zone file names no etcd hosts: add `consensus = [\"HOST\", ...]` (an odd \
+                 number, one member each) to its [database] section"
+                    .into(),
+            )
+            .into());
+        }
+        let mut members = Vec::new();
+        for id in &hosts {
+            let bh = h.bundle.hosts.iter().find(|x| x.id == *id);
+            let ip = bh.and_then(|x| match x.address()?.ip() {
+                std::net::IpAddr::V4(ip) => Some(ip),
+                std::net::IpAddr::V6(_) => None,
+            });
+            let (Some(bh), Some(ip)) = (bh, ip) else {
+                return Err(VirtError::BadSpec(format!(
+                    "etcd host '{id}' of the zone file's [database] consensus is not one of \
+                     its [[hosts]] with an IPv4 agent address"
+                ))
+                .into());
+            };
+            members.push(EtcdMember {
+                name: dczone_zone::database::app_name(id),
+                site: bh.site.clone(),
+                host: id.clone(),
+                namespace: String::new(),
+                ip,
+            });
+        }
+        let consensus = h.pki.join("consensus");
+        Ok(EtcdCluster {
+            dir: h.data_dir.join("etcd"),
+            token: h.bundle.zone.clone(),
+            members,
+            place: Placement::Host {
+                identity: dczone_pki::tls::Identity {
+                    ca: h.pki.join("ca.crt"),
+                    certificate: consensus.join(format!("{}.crt", self.host)),
+                    key: consensus.join(format!("{}.key", self.host)),
+                },
+            },
         })
     }
 
-    /// The zone's etcd members and this host's consensus credentials.
-    fn consensus(&self, what: &str) -> Result<(Vec<EtcdMember>, Credentials), AgentError> {
-        let lab = self.recovery_lab(what)?;
-        let fail = |e: dczone_lab::LabError| self.etcd_error(dczone_lab::error_chain(&e));
-        let zone = lab.state().and_then(|s| s.zone()).map_err(fail)?;
-        let ip = zone.host(&self.host).map(|h| h.ip());
-        let id = lab.consensus_identity(&self.host, ip).map_err(fail)?;
-        Ok((
-            lab.etcd_members(&zone),
-            Credentials {
-                ca: id.ca,
-                cert: id.certificate,
-                key: id.key,
-            },
-        ))
+    /// The cluster, this host's member of it, and the credentials of this host's
+    /// consensus parties.
+    fn own_etcd_member(&self) -> Result<(EtcdCluster, EtcdMember, Credentials), AgentError> {
+        let cluster = self.etcd_cluster()?;
+        let m = cluster
+            .members
+            .iter()
+            .find(|m| m.host == self.host)
+            .cloned()
+            .ok_or_else(|| self.etcd_error("no etcd member of the zone runs on this host"))?;
+        let creds = self.credentials(&cluster, &m)?;
+        Ok((cluster, m, creds))
+    }
+
+    fn credentials(
+        &self,
+        cluster: &EtcdCluster,
+        m: &EtcdMember,
+    ) -> Result<Credentials, AgentError> {
+        let id = cluster
+            .identity(m)
+            .map_err(|e| self.etcd_error(dczone_lab::error_chain(&e)))?;
+        Ok(Credentials {
+            ca: id.ca,
+            cert: id.certificate,
+            key: id.key,
+        })
+    }
+
+    /// Starts this host's etcd members that are not running.
+    pub(crate) fn etcd_start(&self) -> Result<Value, AgentError> {
+        let cluster = self.etcd_cluster()?;
+        let _one_at_a_time = self.etcd_starting.lock().unwrap_or_else(|e| e.into_inner());
+        let started = cluster
+            .start_host(&self.host)
+            .map_err(|e| self.etcd_error(dczone_lab::error_chain(&e)))?;
+        Ok(json!({ "host": self.host, "started": started }))
     }
 
     /// Fences `site`'s member (its HA agent and PostgreSQL stop: [`Agent::ha_stop`]), then
@@ -174,30 +252,24 @@ impl Agent {
 
     /// This host's etcd members, each asked alone for its status.
     pub(crate) fn etcd_status(&self) -> Result<Value, AgentError> {
-        let (members, creds) = self.consensus("reading etcd")?;
-        let mine: Vec<EtcdMember> = members
-            .into_iter()
-            .filter(|m| m.host == self.host)
-            .collect();
+        let cluster = self.etcd_cluster()?;
+        let mut asks = Vec::new();
+        for m in cluster.members.iter().filter(|m| m.host == self.host) {
+            asks.push((m.clone(), self.credentials(&cluster, m)?));
+        }
         let views = on_own_runtime(move || async move {
-            let asks = mine.into_iter().map(|m| {
-                let creds = creds.clone();
-                async move {
-                    let url = m.client_url();
-                    let r = Store::member_status(&url, &creds).await;
-                    EtcdMemberView {
-                        name: m.name,
-                        site: m.site,
-                        url,
-                        reachable: r.is_ok(),
-                        has_leader: r.as_ref().is_ok_and(|s| s.raft_leader != 0),
-                        error: r.err().map(|e| e.to_string()),
-                    }
-                }
-            });
             let mut views = Vec::new();
-            for a in asks {
-                views.push(a.await);
+            for (m, creds) in asks {
+                let url = m.client_url();
+                let r = Store::member_status(&url, &creds).await;
+                views.push(EtcdMemberView {
+                    name: m.name,
+                    site: m.site,
+                    url,
+                    reachable: r.is_ok(),
+                    has_leader: r.as_ref().is_ok_and(|s| s.raft_leader != 0),
+                    error: r.err().map(|e| e.to_string()),
+                });
             }
             views
         })?;
@@ -209,19 +281,12 @@ impl Agent {
     /// failover order is written and the stale leader key deleted, before any other member
     /// can rejoin.
     pub(crate) fn etcd_rebuild(&self, order: ManualFailover) -> Result<Value, AgentError> {
-        let (members, creds) = self.consensus("rebuilding etcd")?;
-        let lab = self.recovery_lab("rebuilding etcd")?;
+        let (cluster, keep, creds) = self.own_etcd_member()?;
         let _one_at_a_time = self.etcd_starting.lock().unwrap_or_else(|e| e.into_inner());
-        let keep = members
-            .iter()
-            .find(|m| m.host == self.host)
-            .ok_or_else(|| self.etcd_error("no etcd member of the zone runs on this host"))?
-            .clone();
-        lab.state()
-            .and_then(|s| s.zone())
-            .and_then(|z| lab.etcd_force_new_cluster(&z, &keep.name))
+        cluster
+            .force_new_cluster(&keep.name)
             .map_err(|e| self.etcd_error(dczone_lab::error_chain(&e)))?;
-        let (prefix, url) = (lab.name().to_string(), keep.client_url());
+        let (prefix, url) = (cluster.token.clone(), keep.client_url());
         on_own_runtime(move || async move {
             let store = Store::connect(&prefix, &[url], &creds).await?;
             store.put_json(&store.keys.failover(), &order, None).await?;
@@ -240,23 +305,23 @@ impl Agent {
     /// etcd's `member add` through the members in it, then a fresh start. Nothing if none
     /// is out.
     pub(crate) fn etcd_rejoin(&self) -> Result<Value, AgentError> {
-        let (members, creds) = self.consensus("rejoining etcd")?;
-        let lab = self.recovery_lab("rejoining etcd")?;
+        let cluster = self.etcd_cluster()?;
         let _one_at_a_time = self.etcd_starting.lock().unwrap_or_else(|e| e.into_inner());
         let fail = |e: dczone_lab::LabError| self.etcd_error(dczone_lab::error_chain(&e));
-        let zone = lab.state().and_then(|s| s.zone()).map_err(fail)?;
         let mut rejoined = Vec::new();
-        for m in lab.etcd_missing(&zone) {
+        for m in cluster.missing() {
             if m.host != self.host {
                 continue;
             }
-            let names = lab.etcd_membership().unwrap_or_default();
-            let current: Vec<String> = members
+            let creds = self.credentials(&cluster, &m)?;
+            let names = cluster.membership().unwrap_or_default();
+            let current: Vec<String> = cluster
+                .members
                 .iter()
                 .filter(|x| names.contains(&x.name))
                 .map(|x| x.client_url())
                 .collect();
-            let (prefix, peer, creds) = (lab.name().to_string(), m.peer_url(), creds.clone());
+            let (prefix, peer) = (cluster.token.clone(), m.peer_url());
             on_own_runtime(move || async move {
                 let store = Store::connect(&prefix, &current, &creds).await?;
                 // etcd refuses a reconfiguration ("unhealthy cluster") until every member
@@ -284,7 +349,7 @@ impl Agent {
                     dczone_lab::error_chain(&e)
                 ))
             })?;
-            lab.etcd_rejoin(&zone, &m.name).map_err(fail)?;
+            cluster.rejoin(&m.name).map_err(fail)?;
             rejoined.push(m.name);
         }
         Ok(json!({ "host": self.host, "rejoined": rejoined }))
@@ -292,14 +357,8 @@ impl Agent {
 
     /// Deletes the platform's keys (`db down`), through this host's etcd member.
     pub(crate) fn etcd_clear(&self) -> Result<Value, AgentError> {
-        let (members, creds) = self.consensus("clearing etcd")?;
-        let lab = self.recovery_lab("clearing etcd")?;
-        let url = members
-            .iter()
-            .find(|m| m.host == self.host)
-            .map(|m| m.client_url())
-            .ok_or_else(|| self.etcd_error("no etcd member of the zone runs on this host"))?;
-        let prefix = lab.name().to_string();
+        let (cluster, m, creds) = self.own_etcd_member()?;
+        let (prefix, url) = (cluster.token.clone(), m.client_url());
         on_own_runtime(move || async move {
             let store = Store::connect(&prefix, &[url], &creds).await?;
             store.delete_prefix().await

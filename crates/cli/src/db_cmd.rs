@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use dczone_agent::access::Access;
 use dczone_database::operator::{self, Reach};
+use dczone_database::recovery;
 use dczone_database::remote::Remote;
 use dczone_database::{Database, DegradedStatus};
 use dczone_ha::decide::Switchover;
@@ -107,6 +108,16 @@ pub enum DbCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `db status` when consensus cannot be read: exit code 1.
+fn show_degraded(d: &DegradedStatus, json: bool) -> ExitCode {
+    if json {
+        print_json(d);
+    } else {
+        print_degraded(d);
+    }
+    ExitCode::FAILURE
 }
 
 fn print_degraded(d: &DegradedStatus) {
@@ -292,13 +303,8 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             match p.snapshot(&host) {
                 Ok(snap) => show_status(&status_view(&p.plan.tier, &snap), json),
                 Err(e) => {
-                    let d = p.degraded_status(&host, format!("{e:#}"))?;
-                    if json {
-                        print_json(&d);
-                    } else {
-                        print_degraded(&d);
-                    }
-                    return Ok(ExitCode::FAILURE);
+                    let d = recovery::degraded_status(&p.at(&host), format!("{e:#}"))?;
+                    return Ok(show_degraded(&d, json));
                 }
             }
         }
@@ -456,7 +462,13 @@ pub fn run_remote(access: &Access, cmd: DbCommand) -> anyhow::Result<ExitCode> {
         Ok(())
     };
     match cmd {
-        DbCommand::Status { json } => show_status(&status_view(&r.plan.tier, &r.snapshot()?), json),
+        DbCommand::Status { json } => match r.snapshot() {
+            Ok(snap) => show_status(&status_view(&r.plan.tier, &snap), json),
+            Err(e) => {
+                let d = recovery::degraded_status(&r, format!("{e:#}"))?;
+                return Ok(show_degraded(&d, json));
+            }
+        },
         DbCommand::Switchover { to, timeout, json } => {
             r.require_password()?;
             show_switchover(
@@ -505,7 +517,7 @@ pub fn run_remote(access: &Access, cmd: DbCommand) -> anyhow::Result<ExitCode> {
                 print_status(&v);
             }
         }
-        DbCommand::Down { json } => show_down(&dczone_database::recovery::down(&r)?, json),
+        DbCommand::Down { json } => show_down(&recovery::down(&r)?, json),
         DbCommand::Failover {
             to,
             accept_data_loss,
@@ -513,12 +525,8 @@ pub fn run_remote(access: &Access, cmd: DbCommand) -> anyhow::Result<ExitCode> {
             json,
         } => {
             r.require_password()?;
-            let report = dczone_database::recovery::failover(
-                &r,
-                &to,
-                accept_data_loss,
-                Duration::from_secs(timeout),
-            )?;
+            let report =
+                recovery::failover(&r, &to, accept_data_loss, Duration::from_secs(timeout))?;
             show_failover(&report, json);
         }
     }

@@ -633,7 +633,14 @@ fn agents_on_real_hosts_run_from_a_zone_file_and_their_own_certificates() {
     let hosts = [
         ("dc1.1-h1", "dc1.1", "10.77.1.11"),
         ("dc1.2-h1", "dc1.2", "10.77.2.11"),
+        // The zone's etcd hosts: not the lab's own etcd hosts, whose ports theirs would take.
+        ("dc1.1-h2", "dc1.1", "10.77.1.12"),
+        ("dc1.2-h2", "dc1.2", "10.77.2.12"),
+        ("cloud-h1", "cloud", "10.77.4.11"),
     ];
+    let etcd_hosts = ["dc1.1-h2", "dc1.2-h2", "cloud-h1"];
+    // The etcd members outlive their agents (as daemons do): stopped when the test ends.
+    let _etcd = KillEtcd(work.clone());
     // The agents listen beside the lab's own (port 7070): another port, another CA.
     let mut zone = String::from("zone = \"bank\"\n");
     for (id, site, ip) in hosts {
@@ -642,6 +649,14 @@ fn agents_on_real_hosts_run_from_a_zone_file_and_their_own_certificates() {
             "\n[[hosts]]\nid = \"{id}\"\nsite = \"{site}\"\nagent = \"https://{ip}:7171\"\n"
         ));
     }
+    for (id, _, ip) in hosts.iter().filter(|h| etcd_hosts.contains(&h.0)) {
+        lab.ok(&["pki", "issue", id, "--consensus", "--dir", ca_s, "--ip", ip]);
+    }
+    zone.push_str(
+        "\n[database]\ntier = \"tier1\"\n\
+         members = [{ site = \"dc1.1\", host = \"dc1.1-h2\", address = \"10.77.1.12\" }]\n\
+         consensus = [\"dc1.1-h2\", \"dc1.2-h2\", \"cloud-h1\"]\n",
+    );
     lab.ok(&["pki", "issue", "alice", "--operator", "--dir", ca_s]);
     let access = work.join("access");
     std::fs::create_dir_all(&access).unwrap();
@@ -659,6 +674,12 @@ fn agents_on_real_hosts_run_from_a_zone_file_and_their_own_certificates() {
         for ext in ["crt", "key"] {
             let f = format!("hosts/{id}.{ext}");
             std::fs::copy(ca.join(&f), pki.join(&f)).unwrap();
+            // An etcd host also gets its consensus certificate.
+            let f = format!("consensus/{id}.{ext}");
+            if ca.join(&f).exists() {
+                std::fs::create_dir_all(pki.join("consensus")).unwrap();
+                std::fs::copy(ca.join(&f), pki.join(&f)).unwrap();
+            }
         }
         let log = std::fs::File::create(work.join(format!("{id}.log"))).unwrap();
         agents.push(
@@ -754,9 +775,67 @@ fn agents_on_real_hosts_run_from_a_zone_file_and_their_own_certificates() {
     let again = ok(&["vm", "create", "real1", "--host", "dc1.1-h1", "--json"]);
     assert_eq!(again["host"], "dc1.1-h1", "{again}");
     ok(&["vm", "destroy", "real1"]);
+
+    // etcd on real hosts: `db up` starts the zone file's members through their hosts'
+    // agents, each with the consensus certificate installed on its host, and waits for a
+    // quorum. Starting HA agents on a real host is not built yet, and `db up` says so.
+    let out = run(&["db", "up", "--timeout", "60"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not built yet"),
+        "{err}"
+    );
+    // No HA agent answers, so `db status` shows the members asked alone: in quorum.
+    let out = run(&["db", "status", "--json"]);
+    assert!(!out.status.success());
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["consensus_quorum"], true, "{d}");
+    let names: Vec<&str> = d["consensus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["has_leader"] == true)
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dc1_1_h2", "dc1_2_h2", "cloud_h1"], "{d}");
+    for id in etcd_hosts {
+        let name = id.replace(['.', '-'], "_");
+        let member = work.join(id).join("data/etcd").join(name).join("member");
+        assert!(
+            member.is_dir(),
+            "{} holds the member's data",
+            member.display()
+        );
+    }
     for mut a in agents {
         let _ = a.kill();
         let _ = a.wait();
+    }
+}
+
+/// Kills the etcd members the real-host agents started under `0` (from their pid files).
+struct KillEtcd(PathBuf);
+
+impl Drop for KillEtcd {
+    fn drop(&mut self) {
+        let Ok(hosts) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for host in hosts.flatten() {
+            let Ok(files) = std::fs::read_dir(host.path().join("data/etcd")) else {
+                continue;
+            };
+            for f in files.flatten() {
+                if f.path().extension().is_some_and(|e| e == "pid") {
+                    if let Some(pid) = std::fs::read_to_string(f.path())
+                        .ok()
+                        .and_then(|p| p.trim().parse::<i32>().ok())
+                    {
+                        sys::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -14,7 +14,7 @@ pub mod recovery;
 pub mod remote;
 
 pub use dczone_agent::recovery::EtcdMemberView;
-pub use recovery::FailoverReport;
+pub use recovery::{DegradedStatus, FailoverReport};
 
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -686,62 +686,4 @@ pub struct SwitchoverReport {
     pub first_commit_ms: f64,
     /// Until the old primary was a running standby again.
     pub rejoined_ms: f64,
-}
-
-/// `db status` when the consensus store cannot be read: which members do not answer, and
-/// what every PostgreSQL member says about itself.
-#[derive(Debug, Clone, Serialize)]
-pub struct DegradedStatus {
-    pub error: String,
-    pub consensus_quorum: bool,
-    pub consensus: Vec<EtcdMemberView>,
-    pub unreachable_consensus_members: Vec<String>,
-    pub members: Vec<dczone_db::DirectView>,
-}
-
-impl Database {
-    /// Every etcd member asked alone, and every PostgreSQL member read directly, from `host`.
-    pub fn degraded_status(&self, host: &str, error: String) -> anyhow::Result<DegradedStatus> {
-        let etcd: Vec<(String, String, String)> = self
-            .lab
-            .etcd_members(&self.zone)
-            .iter()
-            .map(|m| (m.name.clone(), m.site.clone(), m.client_url()))
-            .collect();
-        let members = self.members.clone();
-        let tls = self.etcd_tls.clone();
-        let (consensus, direct) = self.in_host(host, move || async move {
-            let tls = &tls;
-            let asks = etcd.into_iter().map(|(name, site, url)| async move {
-                let r = Store::member_status(&url, tls).await;
-                EtcdMemberView {
-                    name,
-                    site,
-                    url,
-                    reachable: r.is_ok(),
-                    has_leader: r.as_ref().is_ok_and(|s| s.raft_leader != 0),
-                    error: r.err().map(|e| e.to_string()),
-                }
-            });
-            let reads = members
-                .iter()
-                .map(|m| dczone_db::direct_view(m, Duration::from_millis(700)));
-            tokio::join!(
-                futures_util::future::join_all(asks),
-                futures_util::future::join_all(reads)
-            )
-        })?;
-        let with_leader = consensus.iter().filter(|c| c.has_leader).count();
-        Ok(DegradedStatus {
-            error,
-            consensus_quorum: with_leader > consensus.len() / 2,
-            unreachable_consensus_members: consensus
-                .iter()
-                .filter(|c| !c.reachable)
-                .map(|c| format!("{} ({})", c.name, c.site))
-                .collect(),
-            consensus,
-            members: direct,
-        })
-    }
 }

@@ -370,6 +370,52 @@ fn rejoin_host(reach: &impl Hosts, host: &str) -> anyhow::Result<Vec<String>> {
     Ok(serde_json::from_value(v["rejoined"].clone()).unwrap_or_default())
 }
 
+/// Starts the zone's etcd members through their hosts' agents (those not running; a
+/// member left out by a rebuild waits for [`rejoin_consensus`]) and waits until a majority
+/// follows a raft leader. Returns the names of those started.
+pub fn consensus_up(reach: &impl Hosts, timeout: Duration) -> anyhow::Result<Vec<String>> {
+    let hosts = reach.consensus_hosts();
+    let mut started = Vec::new();
+    // A host cut off must not keep the others down: a majority is enough.
+    let mut failures = Vec::new();
+    for (host, _) in &hosts {
+        match reach.call(host, "POST", "/v1/etcd", None, Duration::from_secs(30)) {
+            Ok(v) => started.extend(
+                serde_json::from_value::<Vec<String>>(v["started"].clone()).unwrap_or_default(),
+            ),
+            Err(e) => failures.push(format!("{host}: {e:#}")),
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut following = 0;
+        for (host, _) in &hosts {
+            if let Ok(v) = reach.call(host, "GET", "/v1/etcd", None, Duration::from_secs(5)) {
+                let views: Vec<EtcdMemberView> =
+                    serde_json::from_value(v["members"].clone()).unwrap_or_default();
+                following += views.iter().filter(|m| m.has_leader).count();
+            }
+        }
+        if following > hosts.len() / 2 {
+            return Ok(started);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "etcd has no quorum after {} s: {following} of {} members follow a leader{}; \
+                 their logs are in <data dir>/etcd/ on their hosts",
+                timeout.as_secs(),
+                hosts.len(),
+                if failures.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (not started: {})", failures.join("; "))
+                }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// Re-adds the etcd members that are out of the cluster (after a manual failover rebuilt
 /// it) and whose hosts' agents answer, one host at a time; returns their names.
 pub fn rejoin_consensus(reach: &impl Hosts) -> anyhow::Result<Vec<String>> {
@@ -429,5 +475,53 @@ pub fn down(reach: &impl Hosts) -> anyhow::Result<Down> {
     Ok(Down {
         stopped,
         keys_cleared: cleared,
+    })
+}
+
+/// `db status` when the consensus store cannot be read: which etcd members do not answer,
+/// and what every PostgreSQL member says about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct DegradedStatus {
+    pub error: String,
+    pub consensus_quorum: bool,
+    pub consensus: Vec<EtcdMemberView>,
+    pub unreachable_consensus_members: Vec<String>,
+    pub members: Vec<DirectView>,
+}
+
+/// Every etcd member asked alone through its host's agent (one whose agent does not answer
+/// from here counts as unreachable), and every PostgreSQL member read directly.
+pub fn degraded_status(reach: &impl Hosts, error: String) -> anyhow::Result<DegradedStatus> {
+    let mut consensus = Vec::new();
+    for (host, site) in reach.consensus_hosts() {
+        let views = reach
+            .answers(&host)
+            .then(|| reach.call(&host, "GET", "/v1/etcd", None, Duration::from_secs(5)))
+            .and_then(|r| r.ok())
+            .and_then(|v| serde_json::from_value::<Vec<EtcdMemberView>>(v["members"].clone()).ok());
+        match views {
+            Some(v) => consensus.extend(v),
+            None => consensus.push(EtcdMemberView {
+                name: dczone_db::app_name(&host),
+                site,
+                url: String::new(),
+                reachable: false,
+                has_leader: false,
+                error: Some(format!("the agent of {host} does not answer from here")),
+            }),
+        }
+    }
+    let members = reach.direct_views()?;
+    let with_leader = consensus.iter().filter(|c| c.has_leader).count();
+    Ok(DegradedStatus {
+        error,
+        consensus_quorum: with_leader > consensus.len() / 2,
+        unreachable_consensus_members: consensus
+            .iter()
+            .filter(|c| !c.reachable)
+            .map(|c| format!("{} ({})", c.name, c.site))
+            .collect(),
+        consensus,
+        members,
     })
 }

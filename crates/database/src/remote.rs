@@ -99,11 +99,12 @@ impl Remote {
     /// Each member's host agent starts its HA agent (which readies the member and runs its
     /// PostgreSQL); the platform's password comes from a member's agent into the bundle
     /// (`pgpass`, 0600) unless libpq already has one; then the ledger, once a primary
-    /// leads, and the wait for every standby and the tier's replication mode. etcd is the
-    /// zone's: it must run (in a lab, `lab up` starts it).
+    /// leads, and the wait for every standby and the tier's replication mode. The zone's
+    /// etcd members start first, through their hosts' agents.
     pub fn up(&self, timeout: Duration) -> anyhow::Result<String> {
-        // After a manual failover rebuilt consensus on survivors: the etcd members that
-        // are back rejoin it first.
+        // etcd first: its members start through their hosts' agents; after a manual
+        // failover rebuilt it on survivors, those that are back rejoin it.
+        crate::recovery::consensus_up(self, timeout)?;
         crate::recovery::rejoin_consensus(self)?;
         // Every member's host is asked: one cut off must not keep the others down.
         let mut failures = Vec::new();

@@ -21,17 +21,19 @@ use dczone_pki::{Pki, Role};
 use dczone_zone::Zone;
 use serde::Serialize;
 
-use crate::{sys, Lab, LabError};
+use crate::{spawn_detached, sys, Lab, LabError};
 
 pub const CLIENT_PORT: u16 = 2379;
 pub const PEER_PORT: u16 = 2380;
 
-/// One etcd member of the lab.
+/// One etcd member of the zone.
 #[derive(Debug, Clone, Serialize)]
 pub struct EtcdMember {
     pub name: String,
     pub site: String,
     pub host: String,
+    /// The network namespace it runs in: its host's in a lab, empty on a real host (the
+    /// agent's own).
     pub namespace: String,
     pub ip: Ipv4Addr,
 }
@@ -88,6 +90,9 @@ fn healthy(member: &EtcdMember, tls: Arc<tls::ClientConfig>) -> bool {
         let _ = s.read_to_string(&mut body);
         body.contains("\"health\":\"true\"")
     };
+    if member.namespace.is_empty() {
+        return probe();
+    }
     match sys::in_namespace(&member.namespace, probe) {
         Ok(h) => h.join().unwrap_or(false),
         Err(_) => false,
@@ -139,22 +144,134 @@ impl Lab {
             .collect()
     }
 
-    fn etcd_pid_file(&self, m: &EtcdMember) -> PathBuf {
-        self.dir().join("etcd").join(format!("{}.pid", m.name))
-    }
-
-    fn membership_file(&self) -> PathBuf {
-        self.dir().join("etcd").join("membership.json")
+    /// The lab's etcd cluster: its members in their hosts' namespaces, with the lab's
+    /// consensus certificates, their files in `<lab>/etcd`.
+    pub fn etcd(&self, zone: &Zone) -> EtcdCluster {
+        EtcdCluster {
+            dir: self.dir().join("etcd"),
+            token: self.name().to_string(),
+            members: self.etcd_members(zone),
+            place: Placement::Lab(self.clone()),
+        }
     }
 
     /// The names of the members in the cluster, if it was rebuilt on survivors (`None`: the
     /// zone's placement, as first started).
     pub fn etcd_membership(&self) -> Option<Vec<String>> {
-        let text = std::fs::read_to_string(self.membership_file()).ok()?;
-        serde_json::from_str(&text).ok()
+        membership(&self.dir().join("etcd"))
     }
 
-    fn set_etcd_membership(&self, names: &[String]) -> Result<(), LabError> {
+    /// See [`EtcdCluster::start_host`].
+    pub fn etcd_start_host(&self, zone: &Zone, host: &str) -> Result<Vec<String>, LabError> {
+        self.etcd(zone).start_host(host)
+    }
+
+    /// Waits until every member of the cluster answers, but those whose site is isolated.
+    pub fn etcd_wait_up(&self, zone: &Zone) -> Result<(), LabError> {
+        let cluster = self.etcd(zone);
+        let isolated = self.state().map(|s| s.isolated).unwrap_or_default();
+        for m in cluster
+            .current()
+            .into_iter()
+            .filter(|m| !isolated.contains(&m.site))
+        {
+            cluster.wait_healthy(m, Duration::from_secs(30))?;
+        }
+        Ok(())
+    }
+
+    /// See [`EtcdCluster::force_new_cluster`].
+    pub fn etcd_force_new_cluster(&self, zone: &Zone, keep: &str) -> Result<(), LabError> {
+        self.etcd(zone).force_new_cluster(keep)
+    }
+
+    /// See [`EtcdCluster::missing`].
+    pub fn etcd_missing(&self, zone: &Zone) -> Vec<EtcdMember> {
+        self.etcd(zone).missing()
+    }
+
+    /// See [`EtcdCluster::rejoin`].
+    pub fn etcd_rejoin(&self, zone: &Zone, name: &str) -> Result<(), LabError> {
+        self.etcd(zone).rejoin(name)
+    }
+
+    /// Kills every etcd member of one site (a fault to inject); `db up` restarts them.
+    pub fn etcd_kill(&self, zone: &Zone, site: &str) -> Result<(), LabError> {
+        let cluster = self.etcd(zone);
+        let mine: Vec<&EtcdMember> = cluster.members.iter().filter(|m| m.site == site).collect();
+        if mine.is_empty() {
+            let mut known: Vec<String> = cluster.members.iter().map(|m| m.site.clone()).collect();
+            known.dedup();
+            return Err(LabError::UnknownSite {
+                site: site.into(),
+                known: known.join(", "),
+            });
+        }
+        for m in mine {
+            if let Some(pid) = std::fs::read_to_string(cluster.pid_file(m))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                sys::kill(pid, libc::SIGKILL);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where an etcd cluster's members run, and with which certificates.
+#[derive(Debug, Clone)]
+pub enum Placement {
+    /// A lab's hosts: each member in its host's namespace, with the lab's consensus
+    /// certificate for it.
+    Lab(Lab),
+    /// One real host, whose agent starts its own members in its own namespace with the
+    /// consensus certificate installed on it (`dczone pki issue HOST --consensus`).
+    Host { identity: Identity },
+}
+
+/// A zone's etcd cluster as one host (or the lab) manages its members: their data
+/// directories, logs and pid files under `dir`, and `membership.json` after a rebuild.
+#[derive(Debug, Clone)]
+pub struct EtcdCluster {
+    pub dir: PathBuf,
+    /// `--initial-cluster-token`: the zone's (or the lab's) name.
+    pub token: String,
+    /// The zone's placement, in its order.
+    pub members: Vec<EtcdMember>,
+    pub place: Placement,
+}
+
+fn membership(dir: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(dir.join("membership.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+impl EtcdCluster {
+    /// The consensus certificate member `m` serves with (its host's), which its host's
+    /// parties also show etcd as clients.
+    pub fn identity(&self, m: &EtcdMember) -> Result<Identity, LabError> {
+        match &self.place {
+            Placement::Lab(lab) => lab.consensus_identity(&m.host, Some(m.ip)),
+            Placement::Host { identity } => Ok(identity.clone()),
+        }
+    }
+
+    fn pid_file(&self, m: &EtcdMember) -> PathBuf {
+        self.dir.join(format!("{}.pid", m.name))
+    }
+
+    fn membership_file(&self) -> PathBuf {
+        self.dir.join("membership.json")
+    }
+
+    /// The names of the members in the cluster, if it was rebuilt on survivors (`None`: the
+    /// zone's placement, as first started).
+    pub fn membership(&self) -> Option<Vec<String>> {
+        membership(&self.dir)
+    }
+
+    fn set_membership(&self, names: &[String]) -> Result<(), LabError> {
         let path = self.membership_file();
         std::fs::write(&path, serde_json::to_vec(names).expect("names serialize")).map_err(
             |source| LabError::Io {
@@ -164,15 +281,15 @@ impl Lab {
         )
     }
 
-    fn etcd_pid(&self, m: &EtcdMember) -> Option<i32> {
-        std::fs::read_to_string(self.etcd_pid_file(m))
+    fn pid(&self, m: &EtcdMember) -> Option<i32> {
+        std::fs::read_to_string(self.pid_file(m))
             .ok()
             .and_then(|p| p.trim().parse::<i32>().ok())
             .filter(|&p| sys::alive(p))
     }
 
-    fn etcd_stop(&self, m: &EtcdMember) {
-        if let Some(pid) = self.etcd_pid(m) {
+    fn stop(&self, m: &EtcdMember) {
+        if let Some(pid) = self.pid(m) {
             sys::kill(pid, libc::SIGKILL);
             let t = Instant::now();
             while sys::alive(pid) && t.elapsed() < Duration::from_secs(5) {
@@ -183,7 +300,7 @@ impl Lab {
 
     /// Starts one member. `cluster` lists the members it starts with; `state` is etcd's
     /// `--initial-cluster-state` (both are ignored once the data directory exists).
-    fn etcd_start(
+    fn start(
         &self,
         m: &EtcdMember,
         cluster: &[&EtcdMember],
@@ -197,12 +314,12 @@ impl Lab {
             .collect();
         let cluster = cluster.join(",");
         let io = |what: String| move |source| LabError::Io { what, source };
-        let data = self.dir().join("etcd").join(&m.name);
+        let data = self.dir.join(&m.name);
         std::fs::create_dir_all(&data).map_err(io(format!("create {}", data.display())))?;
         let peer = m.peer_url();
         let client = m.client_url();
         let data_arg = data.display().to_string();
-        let id = self.consensus_identity(&m.host, Some(m.ip))?;
+        let id = self.identity(m)?;
         let (ca, cert, key) = (
             id.ca.display().to_string(),
             id.certificate.display().to_string(),
@@ -244,7 +361,7 @@ impl Lab {
             "--initial-cluster-state",
             state,
             "--initial-cluster-token",
-            self.name(),
+            &self.token,
             // A member that was cut off must not disrupt the cluster when it returns.
             "--pre-vote",
             // Faster than the defaults (100/1000 ms): the longest lab RTT is 25 ms.
@@ -256,15 +373,16 @@ impl Lab {
             "warn",
         ];
         args.extend_from_slice(extra);
-        let log = self.dir().join("etcd").join(format!("{}.log", m.name));
-        let pid = self.spawn_daemon(&m.namespace, &binary, &args, &log, "etcd")?;
-        let pid_file = self.etcd_pid_file(m);
+        let log = self.dir.clone().join(format!("{}.log", m.name));
+        let ns = (!m.namespace.is_empty()).then_some(m.namespace.as_str());
+        let pid = spawn_detached(ns, &binary, &args, &log, "etcd")?;
+        let pid_file = self.pid_file(m);
         std::fs::write(&pid_file, pid.to_string())
             .map_err(io(format!("write {}", pid_file.display())))
     }
 
-    fn etcd_wait_healthy(&self, m: &EtcdMember, within: Duration) -> Result<(), LabError> {
-        let id = self.consensus_identity(&m.host, Some(m.ip))?;
+    pub fn wait_healthy(&self, m: &EtcdMember, within: Duration) -> Result<(), LabError> {
+        let id = self.identity(m)?;
         let tls = tls::client_config(&id.ca, Some(&id))?;
         let deadline = Instant::now() + within;
         while !healthy(m, tls.clone()) {
@@ -274,10 +392,7 @@ impl Lab {
                     reason: format!(
                         "not healthy after {} s; see {}",
                         within.as_secs(),
-                        self.dir()
-                            .join("etcd")
-                            .join(format!("{}.log", m.name))
-                            .display()
+                        self.dir.join(format!("{}.log", m.name)).display()
                     ),
                 });
             }
@@ -287,82 +402,72 @@ impl Lab {
     }
 
     /// The members that make up the cluster now: after a rebuild on survivors
-    /// (`etcd_force_new_cluster`) only those, else the zone's placement.
-    fn etcd_current<'a>(&self, members: &'a [EtcdMember]) -> Vec<&'a EtcdMember> {
-        match self.etcd_membership() {
-            Some(names) => members.iter().filter(|m| names.contains(&m.name)).collect(),
-            None => members.iter().collect(),
+    /// ([`EtcdCluster::force_new_cluster`]) only those, else the zone's placement.
+    pub fn current(&self) -> Vec<&EtcdMember> {
+        match self.membership() {
+            Some(names) => self
+                .members
+                .iter()
+                .filter(|m| names.contains(&m.name))
+                .collect(),
+            None => self.members.iter().collect(),
         }
     }
 
     /// Starts `host`'s members of the cluster that are not running (idempotent), without
     /// waiting for them: a new cluster answers only once a majority runs. Its host's agent
     /// calls this (`POST /v1/etcd`). Members out of the cluster after a rebuild rejoin
-    /// through `etcd_rejoin` instead. Returns the names of those it started.
-    pub fn etcd_start_host(&self, zone: &Zone, host: &str) -> Result<Vec<String>, LabError> {
-        let members = self.etcd_members(zone);
-        let current = self.etcd_current(&members);
+    /// through [`EtcdCluster::rejoin`] instead. Returns the names of those it started.
+    pub fn start_host(&self, host: &str) -> Result<Vec<String>, LabError> {
+        let current = self.current();
         let mut started = Vec::new();
         for m in current.iter().filter(|m| m.host == host) {
-            if self.etcd_pid(m).is_none() {
-                self.etcd_start(m, &current, "new", &[])?;
+            if self.pid(m).is_none() {
+                self.start(m, &current, "new", &[])?;
                 started.push(m.name.clone());
             }
         }
         Ok(started)
     }
 
-    /// Waits until every member of the cluster answers, but those whose site is isolated.
-    pub fn etcd_wait_up(&self, zone: &Zone) -> Result<(), LabError> {
-        let members = self.etcd_members(zone);
-        let isolated = self.state().map(|s| s.isolated).unwrap_or_default();
-        for m in self
-            .etcd_current(&members)
-            .iter()
-            .filter(|m| !isolated.contains(&m.site))
-        {
-            self.etcd_wait_healthy(m, Duration::from_secs(30))?;
-        }
-        Ok(())
-    }
-
     /// Disaster recovery of the consensus store (etcd's documented procedure): restarts the
     /// surviving member `keep` with `--force-new-cluster`, which keeps its data and makes it
-    /// a cluster of one. The other members are out of the cluster until `etcd_rejoin`; a
+    /// a cluster of one. The other members are out of the cluster until [`EtcdCluster::rejoin`]; a
     /// cut-off member that still runs keeps the old cluster's identity and can never form a
     /// majority with it again.
-    pub fn etcd_force_new_cluster(&self, zone: &Zone, keep: &str) -> Result<(), LabError> {
-        let members = self.etcd_members(zone);
-        let m = members
+    pub fn force_new_cluster(&self, keep: &str) -> Result<(), LabError> {
+        let m = self
+            .members
             .iter()
             .find(|m| m.name == keep)
             .ok_or_else(|| LabError::BadValue {
                 field: "etcd member".into(),
                 reason: format!("no member named '{keep}'"),
             })?;
-        self.etcd_stop(m);
-        // Only this start carries --force-new-cluster; `etcd_start_host` restarts it plainly.
-        self.etcd_start(m, &[m], "new", &["--force-new-cluster"])?;
-        self.set_etcd_membership(std::slice::from_ref(&m.name))?;
-        self.etcd_wait_healthy(m, Duration::from_secs(30))
+        self.stop(m);
+        // Only this start carries --force-new-cluster; `start_host` restarts it plainly.
+        self.start(m, &[m], "new", &["--force-new-cluster"])?;
+        self.set_membership(std::slice::from_ref(&m.name))?;
+        self.wait_healthy(m, Duration::from_secs(30))
     }
 
     /// The zone's members that are not in the cluster (after a rebuild), in zone order.
-    pub fn etcd_missing(&self, zone: &Zone) -> Vec<EtcdMember> {
-        let Some(names) = self.etcd_membership() else {
+    pub fn missing(&self) -> Vec<EtcdMember> {
+        let Some(names) = self.membership() else {
             return Vec::new();
         };
-        self.etcd_members(zone)
-            .into_iter()
+        self.members
+            .iter()
             .filter(|m| !names.contains(&m.name))
+            .cloned()
             .collect()
     }
 
     /// Starts `name` afresh as a new member of the running cluster, once the caller has
     /// added it (etcd's `member add`): its old data (another cluster's) is removed.
-    pub fn etcd_rejoin(&self, zone: &Zone, name: &str) -> Result<(), LabError> {
-        let members = self.etcd_members(zone);
-        let mut names = self.etcd_membership().unwrap_or_default();
+    pub fn rejoin(&self, name: &str) -> Result<(), LabError> {
+        let members = &self.members;
+        let mut names = self.membership().unwrap_or_default();
         let m = members
             .iter()
             .find(|m| m.name == name)
@@ -370,43 +475,20 @@ impl Lab {
                 field: "etcd member".into(),
                 reason: format!("no member named '{name}'"),
             })?;
-        self.etcd_stop(m);
-        let data = self.dir().join("etcd").join(&m.name);
+        self.stop(m);
+        let data = self.dir.join(&m.name);
         let _ = std::fs::remove_dir_all(&data);
         names.push(m.name.clone());
         let cluster: Vec<&EtcdMember> =
             members.iter().filter(|x| names.contains(&x.name)).collect();
-        self.etcd_start(m, &cluster, "existing", &[])?;
-        self.etcd_wait_healthy(m, Duration::from_secs(30))?;
+        self.start(m, &cluster, "existing", &[])?;
+        self.wait_healthy(m, Duration::from_secs(30))?;
         if names.len() == members.len() {
             // Whole again: back to the zone's placement.
             let _ = std::fs::remove_file(self.membership_file());
             Ok(())
         } else {
-            self.set_etcd_membership(&names)
+            self.set_membership(&names)
         }
-    }
-
-    /// Kills every etcd member of one site (a fault to inject); `db up` restarts them.
-    pub fn etcd_kill(&self, zone: &Zone, site: &str) -> Result<(), LabError> {
-        let members = self.etcd_members(zone);
-        let mine: Vec<&EtcdMember> = members.iter().filter(|m| m.site == site).collect();
-        if mine.is_empty() {
-            let mut known: Vec<String> = members.iter().map(|m| m.site.clone()).collect();
-            known.dedup();
-            return Err(LabError::UnknownSite {
-                site: site.into(),
-                known: known.join(", "),
-            });
-        }
-        for m in mine {
-            if let Some(pid) = std::fs::read_to_string(self.etcd_pid_file(m))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-            {
-                sys::kill(pid, libc::SIGKILL);
-            }
-        }
-        Ok(())
     }
 }

@@ -494,10 +494,8 @@ impl Lab {
         }
     }
 
-    /// Starts `program args` detached (its own session) inside namespace `ns`, output to
-    /// `log`; returns its pid. `ip netns exec` execs in place, so the pid is the program's;
-    /// a thread reaps it so that it never lingers as a zombie while we run. `lab down` kills
-    /// it with everything else in the lab's namespaces.
+    /// Starts `program` detached (its own session) in namespace `ns`, its output to
+    /// `log`; returns its pid. See [`spawn_detached`].
     pub fn spawn_daemon(
         &self,
         ns: &str,
@@ -506,36 +504,7 @@ impl Lab {
         log: &Path,
         what: &str,
     ) -> Result<i32, LabError> {
-        let io = |what: String| move |source| LabError::Io { what, source };
-        let out = File::create(log).map_err(io(format!("create {}", log.display())))?;
-        let err = out
-            .try_clone()
-            .map_err(io(format!("create {}", log.display())))?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session so
-        // that a Ctrl-C of the command that started it does not kill it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            })
-        };
-        let child = cmd.spawn().map_err(|source| LabError::Spawn {
-            what: format!("{what} ({})", program.display()),
-            source,
-        })?;
-        let pid = child.id() as i32;
-        std::thread::spawn(move || {
-            let mut child = child;
-            let _ = child.wait();
-        });
-        Ok(pid)
+        spawn_detached(Some(ns), program, args, log, what)
     }
 
     /// Removes everything this lab created. Idempotent; works from the namespace list
@@ -845,4 +814,48 @@ impl Lab {
             Ok(())
         })
     }
+}
+
+/// Starts `program` detached from this process's session (a Ctrl-C of the command that
+/// started it does not kill it), in namespace `ns` (`ip netns exec`) or, with `None`, in
+/// this process's own, with stdout and stderr to `log`; returns its pid. A thread reaps
+/// it should it exit while this process runs.
+pub fn spawn_detached(
+    ns: Option<&str>,
+    program: &Path,
+    args: &[&str],
+    log: &Path,
+    what: &str,
+) -> Result<i32, LabError> {
+    let io = |what: String| move |source| LabError::Io { what, source };
+    let out = File::create(log).map_err(io(format!("create {}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(io(format!("create {}", log.display())))?;
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        })
+    };
+    let child = cmd.spawn().map_err(|source| LabError::Spawn {
+        what: format!("{what} ({})", program.display()),
+        source,
+    })?;
+    let pid = child.id() as i32;
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(pid)
 }
