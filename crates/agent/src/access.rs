@@ -58,6 +58,18 @@ pub struct BundleDatabase {
     /// manual failover asks and rebuilds consensus through their agents.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consensus: Vec<String>,
+    /// The site of the consensus store's tiebreaker (no data), if the zone has one: the
+    /// primary keeps etcd's raft leadership there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<String>,
+    /// Addresses of the database's clients besides the members, admitted by
+    /// `pg_hba.conf`; default: every host of the members' sites.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<std::net::Ipv4Addr>,
+    /// The platform's replication plan (primary, standbys, tiers, HA timings), which a real
+    /// host's HA agents run under (`[database.plan]`, as the lab's bundle shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<dczone_zone::database::DatabasePlan>,
 }
 
 /// One PostgreSQL member.

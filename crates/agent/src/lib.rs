@@ -35,6 +35,7 @@
 //! | POST /v1/db/{site}/ha-agent | [`AgentRequest::HaStart`] |
 //! | DELETE /v1/db/{site}/ha-agent | [`AgentRequest::HaStop`] |
 //! | GET /v1/db/{site}/credentials | [`AgentRequest::DbCredentials`] |
+//! | PUT /v1/db/{site}/credentials | [`AgentRequest::DbSetPassword`], body [`PasswordBody`] |
 //! | POST /v1/db/{site}/fence | [`AgentRequest::DbFence`], body [`recovery::FenceBody`] |
 //! | DELETE /v1/db/{site} | [`AgentRequest::DbPurge`] |
 //! | POST /v1/etcd | [`AgentRequest::EtcdStart`] |
@@ -59,12 +60,13 @@
 //! a blocking thread (QEMU and namespaces are driven synchronously by `dczone-virt`).
 
 pub mod access;
+pub mod host_db;
 pub mod leg;
 pub mod recovery;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -153,6 +155,10 @@ pub enum AgentRequest {
     /// Start this host's etcd members that are not running (nothing waits for them: a
     /// new cluster answers once a majority runs).
     EtcdStart,
+    /// Install the platform's password for `site`'s member on this host (unless it holds
+    /// it already; another one is refused): the operator's `db up` sends it before the HA
+    /// agents start, so that every member of a real zone has the same.
+    DbSetPassword { site: String, body: PasswordBody },
     /// A manual failover's fence: stop `site`'s member on this host, then read how far its
     /// WAL reaches ([`recovery`]).
     DbFence {
@@ -178,6 +184,14 @@ pub enum AgentRequest {
 pub struct SwitchoverBody {
     pub from: String,
     pub to: String,
+}
+
+/// Body of `PUT /v1/db/{site}/credentials`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordBody {
+    /// A libpq password file's text with a line for user `postgres`.
+    pub pgpass: String,
 }
 
 /// Body of `PUT /v1/db/{site}/policy`.
@@ -296,6 +310,9 @@ pub enum AgentError {
     Ha { site: String, reason: String },
     #[error("the etcd members of {host}: {reason}")]
     Etcd { host: String, reason: String },
+    /// The request contradicts what the host holds (and keeps).
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Virt(#[from] VirtError),
 }
@@ -309,7 +326,9 @@ impl AgentError {
             | AgentError::NoIncoming(_)
             | AgentError::NoMigration(_)
             | AgentError::Virt(VirtError::UnknownVm { .. }) => StatusCode::NOT_FOUND,
-            AgentError::Virt(VirtError::Exists(_)) => StatusCode::CONFLICT,
+            AgentError::Virt(VirtError::Exists(_)) | AgentError::Conflict(_) => {
+                StatusCode::CONFLICT
+            }
             AgentError::Ha { .. } | AgentError::Etcd { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Virt(VirtError::BadSpec(_) | VirtError::NoMemory { .. }) => {
                 StatusCode::BAD_REQUEST
@@ -429,6 +448,8 @@ impl Drop for Departure<'_> {
 /// certificates installed on the host, and its data directory.
 #[derive(Debug, Clone)]
 pub struct HostZone {
+    /// The zone file (`--zone`), as read at start.
+    pub file: PathBuf,
     pub bundle: access::Bundle,
     pub pki: PathBuf,
     pub data_dir: PathBuf,
@@ -684,8 +705,11 @@ impl Agent {
             .filter(|&p| dczone_lab::sys::alive(p))
             .filter(|p| {
                 // Empty for a moment while `ip netns exec` execs the HA agent: still ours.
+                // `dczone ha-agent` in a lab, `dczoned --ha-agent` on a real host.
                 std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
-                    c.is_empty() || c.split(|&b| b == 0).any(|arg| arg == b"ha-agent")
+                    c.is_empty()
+                        || c.split(|&b| b == 0)
+                            .any(|arg| arg == b"ha-agent" || arg == b"--ha-agent")
                 })
             })
     }
@@ -696,7 +720,16 @@ impl Agent {
     fn own_member(&self, site: &str) -> Result<(), AgentError> {
         Self::site_name(site)?;
         let Some(l) = &self.ha_launcher else {
-            return Ok(());
+            let Some(hz) = &self.host_zone else {
+                return Ok(());
+            };
+            return hz
+                .own_member(&self.host, site)
+                .map_err(|e| AgentError::NoHaAgent {
+                    site: site.into(),
+                    host: self.host.clone(),
+                    reason: e.to_string(),
+                });
         };
         let zone = l
             .lab
@@ -731,17 +764,12 @@ impl Agent {
         if let Some(pid) = self.ha_pid(site) {
             return Ok(json!({ "site": site, "pid": pid, "started": false }));
         }
-        let Some(l) = &self.ha_launcher else {
-            return Err(VirtError::BadSpec(
-                "this agent runs on a real host: starting HA agents through it is not built \
-                 yet (issue 11); run `dczone ha-agent --site SITE` as a service"
-                    .into(),
-            )
-            .into());
-        };
         let dir = self.db_dir.join(site);
         let io = |what: String| move |source| AgentError::Virt(VirtError::Io { what, source });
         std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+        let Some(l) = &self.ha_launcher else {
+            return self.ha_start_on_host(site);
+        };
         let state_dir = l.state_dir.display().to_string();
         let pid = l
             .lab
@@ -1115,6 +1143,9 @@ impl Agent {
             AgentRequest::HaStart { site } => self.ha_start(&site)?,
             AgentRequest::HaStop { site } => self.ha_stop(&site)?,
             AgentRequest::DbCredentials { site } => self.db_credentials(&site)?,
+            AgentRequest::DbSetPassword { site, body } => {
+                self.db_set_password(&site, &body.pgpass)?
+            }
             AgentRequest::EtcdStart => self.etcd_start()?,
             AgentRequest::DbFence { site, body } => self.db_fence(&site, body.after_lsn)?,
             AgentRequest::DbPurge { site } => self.db_purge(&site)?,
@@ -1443,6 +1474,14 @@ pub fn router(agent: Shared) -> Router {
                 |State(a): State<Shared>, h: By, UrlPath(site): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::DbCredentials { site })
                 },
+            )
+            .put(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(site): UrlPath<String>,
+                 Json(body): Json<PasswordBody>| {
+                    dispatch(a, h, AgentRequest::DbSetPassword { site, body })
+                },
             ),
         )
         .route(
@@ -1742,6 +1781,10 @@ pub struct Args {
     /// `hosts/<host>.key` (see `dczone pki issue`).
     #[arg(long)]
     pub pki: PathBuf,
+    /// Run the HA agent of this database site instead of the host agent (with --zone;
+    /// the host agent starts it so).
+    #[arg(long, hide = true, requires = "zone")]
+    pub ha_agent: Option<String>,
 }
 
 /// Entry point of `dczoned`.
@@ -1759,7 +1802,29 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// `dczoned --zone FILE --ha-agent SITE`: a real host's HA agent, readied and configured
+/// from the zone file ([`host_db`]).
+fn run_ha_agent(args: &Args, file: &Path, site: &str) -> anyhow::Result<()> {
+    let hz = HostZone {
+        file: file.to_path_buf(),
+        bundle: access::Bundle::read(file)?,
+        pki: args.pki.clone(),
+        data_dir: args.data_dir.clone(),
+    };
+    hz.prepare_member(&args.host, site)?;
+    let cfg = hz.ha_config(&args.host, site)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(dczone_ha::agent::run(cfg))?;
+    Ok(())
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
+    if let (Some(site), Some(file)) = (&args.ha_agent, &args.zone) {
+        return run_ha_agent(&args, file, site);
+    }
     // The e2e tests of the migration's failure paths inject faults into a leg here.
     let _failpoints = dczone_virt::failpoints_from_env();
     let exe = std::env::current_exe()?;
@@ -1794,6 +1859,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .collect();
             let platform = Platform::on_host(placement, args.pki.clone(), &inputs)?;
             let host_zone = HostZone {
+                file: file.clone(),
                 bundle,
                 pki: args.pki.clone(),
                 data_dir: args.data_dir.clone(),

@@ -117,52 +117,19 @@ impl Agent {
         let Some(h) = &self.host_zone else {
             return Err(self.etcd_error("this agent knows no zone"));
         };
-        let hosts = h
-            .bundle
-            .database
-            .as_ref()
-            .map(|d| d.consensus.clone())
-            .unwrap_or_default();
-        if hosts.is_empty() {
-            return Err(VirtError::BadSpec(
-                "the zone file names no etcd hosts: add `consensus = [\"HOST\", ...]` (an odd \
-                 number, one member each) to its [database] section"
-                    .into(),
-            )
-            .into());
-        }
-        let mut members = Vec::new();
-        for id in &hosts {
-            let bh = h.bundle.hosts.iter().find(|x| x.id == *id);
-            let ip = bh.and_then(|x| match x.address()?.ip() {
-                std::net::IpAddr::V4(ip) => Some(ip),
-                std::net::IpAddr::V6(_) => None,
-            });
-            let (Some(bh), Some(ip)) = (bh, ip) else {
-                return Err(VirtError::BadSpec(format!(
-                    "etcd host '{id}' of the zone file's [database] consensus is not one of \
-                     its [[hosts]] with an IPv4 agent address"
-                ))
-                .into());
-            };
-            members.push(EtcdMember {
-                name: dczone_zone::database::app_name(id),
-                site: bh.site.clone(),
-                host: id.clone(),
-                namespace: String::new(),
-                ip,
-            });
-        }
-        let consensus = h.pki.join("consensus");
+        let members = h
+            .etcd_members()
+            .map_err(|e| AgentError::Virt(VirtError::BadSpec(e.to_string())))?;
+        let creds = h.consensus_credentials(&self.host);
         Ok(EtcdCluster {
             dir: h.data_dir.join("etcd"),
             token: h.bundle.zone.clone(),
             members,
             place: Placement::Host {
                 identity: dczone_pki::tls::Identity {
-                    ca: h.pki.join("ca.crt"),
-                    certificate: consensus.join(format!("{}.crt", self.host)),
-                    key: consensus.join(format!("{}.key", self.host)),
+                    ca: creds.ca,
+                    certificate: creds.cert,
+                    key: creds.key,
                 },
             },
         })

@@ -652,10 +652,41 @@ fn agents_on_real_hosts_run_from_a_zone_file_and_their_own_certificates() {
     for (id, _, ip) in hosts.iter().filter(|h| etcd_hosts.contains(&h.0)) {
         lab.ok(&["pki", "issue", id, "--consensus", "--dir", ca_s, "--ip", ip]);
     }
+    // The database: a primary in DC1.1 and a synchronous standby in DC1.2, each on its
+    // site's etcd host; the tiebreaker etcd member in the cloud; the operator's host
+    // (dc1.1-client) admitted as a client.
     zone.push_str(
-        "\n[database]\ntier = \"tier1\"\n\
-         members = [{ site = \"dc1.1\", host = \"dc1.1-h2\", address = \"10.77.1.12\" }]\n\
-         consensus = [\"dc1.1-h2\", \"dc1.2-h2\", \"cloud-h1\"]\n",
+        r#"
+[database]
+tier = "tier1"
+replication = "sync"
+members = [
+  { site = "dc1.1", host = "dc1.1-h2", address = "10.77.1.12" },
+  { site = "dc1.2", host = "dc1.2-h2", address = "10.77.2.12" },
+]
+consensus = ["dc1.1-h2", "dc1.2-h2", "cloud-h1"]
+witness = "cloud"
+clients = ["10.77.1.13"]
+
+[database.plan]
+host_index = 0
+primary = "dc1.1"
+standbys = ["dc1.2"]
+tier = "tier1"
+
+[database.plan.policies.tier1]
+name = "tier1"
+replication = "sync"
+sync_standbys = ["dc1.2"]
+quorum = { method = "any", count = 1 }
+synchronous_commit = "on"
+standby_failure = "availability-first"
+failure_detect_ms = 300
+
+[database.plan.ha]
+lease_ttl_ms = 3000
+loop_ms = 100
+"#,
     );
     lab.ok(&["pki", "issue", "alice", "--operator", "--dir", ca_s]);
     let access = work.join("access");
@@ -776,37 +807,39 @@ fn agents_on_real_hosts_run_from_a_zone_file_and_their_own_certificates() {
     assert_eq!(again["host"], "dc1.1-h1", "{again}");
     ok(&["vm", "destroy", "real1"]);
 
-    // etcd on real hosts: `db up` starts the zone file's members through their hosts'
-    // agents, each with the consensus certificate installed on its host, and waits for a
-    // quorum. Starting HA agents on a real host is not built yet, and `db up` says so.
-    let out = run(&["db", "up", "--timeout", "60"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("not built yet"),
-        "{err}"
-    );
-    // No HA agent answers, so `db status` shows the members asked alone: in quorum.
+    // The database on real hosts: `db up` starts the zone file's etcd members through
+    // their hosts' agents (each with the consensus certificate installed on its host) and
+    // waits for a quorum, sends the platform's password to the members' hosts, and their
+    // agents start the HA agents, which run PostgreSQL from the zone file alone.
+    let s = ok(&["db", "up", "--timeout", "120", "--json"]);
+    assert_eq!(s["leader"], "dc1.1", "{s}");
+    assert_eq!(s["replication"], "sync", "{s}");
+    let member = |id: &str, site: &str, f: &str| work.join(id).join("data/db").join(site).join(f);
+    assert!(member("dc1.1-h2", "dc1.1", "data/PG_VERSION").exists());
+    assert!(member("dc1.2-h2", "dc1.2", "data/standby.signal").exists());
+    for id in etcd_hosts {
+        let name = id.replace(['.', '-'], "_");
+        let dir = work.join(id).join("data/etcd").join(name).join("member");
+        assert!(dir.is_dir(), "{} holds the member's data", dir.display());
+    }
+    let l = ok(&["db", "load", "--clients", "4", "--seconds", "2", "--json"]);
+    assert!(!l["acknowledged"].as_array().unwrap().is_empty(), "{l}");
+    let a = ok(&["db", "audit", "--json"]);
+    assert_eq!(a["rpo_zero"], true, "{a}");
+    // A planned switchover, through the HA agents on the real hosts.
+    let sw = ok(&["db", "switchover", "--to", "dc1.2", "--json"]);
+    assert_eq!(sw["to"], "dc1.2", "{sw}");
+    let a = ok(&["db", "audit", "--json"]);
+    assert_eq!(a["rpo_zero"], true, "{a}");
+    // Down: both members stopped and removed, through their hosts' agents.
+    let d = ok(&["db", "down", "--json"]);
+    assert_eq!(d["stopped"], 2, "{d}");
+    assert!(!member("dc1.1-h2", "dc1.1", "data").exists());
+    // With no HA agent, `db status` shows etcd's members asked alone: in quorum.
     let out = run(&["db", "status", "--json"]);
     assert!(!out.status.success());
     let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(d["consensus_quorum"], true, "{d}");
-    let names: Vec<&str> = d["consensus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["has_leader"] == true)
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["dc1_1_h2", "dc1_2_h2", "cloud_h1"], "{d}");
-    for id in etcd_hosts {
-        let name = id.replace(['.', '-'], "_");
-        let member = work.join(id).join("data/etcd").join(name).join("member");
-        assert!(
-            member.is_dir(),
-            "{} holds the member's data",
-            member.display()
-        );
-    }
     for mut a in agents {
         let _ = a.kill();
         let _ = a.wait();

@@ -178,6 +178,13 @@ impl HostAgents {
                     .as_ref()
                     .map(|c| c.hosts.clone())
                     .unwrap_or_default(),
+                witness: zone
+                    .sites
+                    .iter()
+                    .find(|s| s.kind == dczone_zone::SiteKind::Witness)
+                    .map(|s| s.id.clone()),
+                clients: Vec::new(),
+                plan: Some(plan.clone()),
             }),
         };
         let dir = self.access_dir();

@@ -108,13 +108,33 @@ impl Remote {
         crate::recovery::rejoin_consensus(self)?;
         // Every member's host is asked: one cut off must not keep the others down.
         let mut failures = Vec::new();
+        // Every member gets the same password before its HA agent starts (the operator's,
+        // or a new one); a member that holds another keeps it (409): it is the platform's,
+        // which `fetch_password` then brings here.
+        let password = match dczone_db::client_password() {
+            Some(p) => p,
+            None => dczone_db::random_password()?,
+        };
+        let body = serde_json::json!({ "pgpass": format!("*:*:*:postgres:{password}\n") });
         for m in &self.plan.members {
-            let started = self.access.client(&m.host)?.call(
-                "POST",
-                &format!("/v1/db/{}/ha-agent", m.site),
-                None,
+            let client = self.access.client(&m.host)?;
+            let put = client.call(
+                "PUT",
+                &format!("/v1/db/{}/credentials", m.site),
+                Some(body.clone()),
                 CALL_TIMEOUT,
             );
+            let started = match put {
+                Ok(_) | Err(CallError::Refused { code: 409, .. }) => client
+                    .call(
+                        "POST",
+                        &format!("/v1/db/{}/ha-agent", m.site),
+                        None,
+                        CALL_TIMEOUT,
+                    )
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
             if let Err(e) = started {
                 failures.push(format!("{} (on {}): {e}", m.site, m.host));
             }

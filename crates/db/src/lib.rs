@@ -103,33 +103,61 @@ impl Admitted {
 /// `postgres` (libpq refuses a file others can read; the server's walreceiver and
 /// `pg_basebackup` read it as `postgres`).
 pub fn ensure_passfile(path: &Path) -> Result<(), DbError> {
-    let io = |what: String| move |source| DbError::Io { what, source };
     if path.exists() {
         return Ok(());
     }
+    install_password(path, &random_password()?).map(|_| ())
+}
+
+/// A fresh random password (24 bytes from /dev/urandom, in hex).
+pub fn random_password() -> Result<String, DbError> {
+    let mut raw = [0u8; 24];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(|source| DbError::Io {
+            what: "open /dev/urandom".into(),
+            source,
+        })?,
+        &mut raw,
+    )
+    .map_err(|source| DbError::Io {
+        what: "read /dev/urandom".into(),
+        source,
+    })?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes the password file at `path` with `password` (as [`ensure_passfile`] does) unless
+/// one exists; whether it wrote it. An existing file is never replaced: if it holds another
+/// password, that is an error (a member must not change the platform's password).
+pub fn install_password(path: &Path, password: &str) -> Result<bool, DbError> {
+    let io = |what: String| move |source| DbError::Io { what, source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     }
-    let mut raw = [0u8; 24];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom").map_err(io("open /dev/urandom".into()))?,
-        &mut raw,
-    )
-    .map_err(io("read /dev/urandom".into()))?;
-    let password: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let existing = || match read_password(path) {
+        Ok(p) if p == password => Ok(false),
+        Ok(_) => Err(DbError::Step {
+            what: format!("install the database password in {}", path.display()),
+            detail: "it holds another password: the platform's, which is kept".into(),
+        }),
+        Err(e) => Err(e),
+    };
+    if path.exists() {
+        return existing();
+    }
     // Per process: members start at once.
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     write_private(&tmp, &format!("*:*:*:postgres:{password}\n"))
         .map_err(io(format!("write {}", tmp.display())))?;
     chown_postgres(&tmp)?;
     // Never replaces one a concurrent `db up` made first.
-    match std::fs::hard_link(&tmp, path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io(format!("create {}", path.display()))(e)),
-    }
+    let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
-    Ok(())
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => existing(),
+        Err(e) => Err(io(format!("create {}", path.display()))(e)),
+    }
 }
 
 /// `postgres`'s password from a libpq password file (the first line for user `postgres`).
