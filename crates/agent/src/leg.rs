@@ -6,13 +6,16 @@
 //! ```text
 //!  coordinator (dczone --access)     source agent (host A)           destination agent (B)
 //!   POST /v1/vms/{vm}/leg ---------> lock, marker, prepare ------> POST /v1/incoming
-//!                                    QMP connect, frame keeper
-//!   POST /v1/vms/{vm}/leg/step ----> start | check | pace | stop | complete_stopped |
+//!        (answers the leg's id)      QMP connect, frame keeper
+//!   POST /v1/vms/{vm}/leg/{id} ----> start | check | pace | stop | complete_stopped |
 //!        (every 10 ms: check)          unthrottle | switch | finish | keeper | abort
 //!                                    finish ---------------------> POST .../finish
 //! ```
 //!
 //! Every step answers with the leg's [`LegView`], which is all the coordinator knows of it.
+//! Steps name the leg's id, not only its VM: a coordinator whose leg was given up (it went
+//! silent) cannot step, nor keep alive, a leg another coordinator opened since for the
+//! same VM; it gets 404.
 //! The source agent holds the VM's migration lock and its in-flight marker for the leg's
 //! whole life. The coordinator's [`AgentLeg`] sends a keepalive every second from a thread
 //! of its own, also while the coordinator is busy with another leg (a finish or an abort
@@ -58,7 +61,7 @@ pub struct LegBody {
     pub params: Params,
 }
 
-/// Body of `POST /v1/vms/{name}/leg/step`: one step of the leg ([`Leg`]'s methods).
+/// Body of `POST /v1/vms/{name}/leg/{id}`: one step of the leg ([`Leg`]'s methods).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LegStep {
@@ -91,6 +94,9 @@ pub enum LegStep {
 /// The answer to every step.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LegAnswer {
+    /// The leg's id (in the answer to its opening): every step names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leg: Option<u64>,
     pub view: Option<LegView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
@@ -105,6 +111,7 @@ pub struct LegAnswer {
 
 /// One open leg in its source agent.
 struct Open {
+    id: u64,
     session: Arc<Mutex<Session>>,
     params: Params,
     seen: Instant,
@@ -122,6 +129,7 @@ impl Drop for Open {
 #[derive(Default)]
 pub struct Legs {
     open: Mutex<HashMap<String, Open>>,
+    opened: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Legs {
@@ -140,14 +148,25 @@ impl Legs {
     /// asks it after the destination every [`HEARTBEAT`] while the leg is open, whatever
     /// its coordinator does (that is the destination's keepalive, as between libvirt's
     /// daemons; a leg's own checks ask too).
+    /// Returns the leg's id (unique across this agent's restarts: the clock's nanoseconds
+    /// at its first leg, then counted) and view.
     pub fn insert(
         &self,
         name: &str,
         session: Session,
         params: Params,
         destination: AgentClient,
-    ) -> LegView {
+    ) -> (u64, LegView) {
         let view = session.view();
+        let _ = self.opened.compare_exchange(
+            0,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        let id = self.opened.fetch_add(1, Ordering::SeqCst);
         let open = Arc::new(AtomicBool::new(true));
         let path = format!("/v1/incoming/{name}");
         let running = open.clone();
@@ -162,6 +181,7 @@ impl Legs {
         let old = self.open.lock().expect("not poisoned").insert(
             name.to_string(),
             Open {
+                id,
                 session: Arc::new(Mutex::new(session)),
                 params,
                 seen: Instant::now(),
@@ -169,19 +189,19 @@ impl Legs {
             },
         );
         drop(old);
-        view
+        (id, view)
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.open.lock().expect("not poisoned").contains_key(name)
     }
 
-    /// Takes one step of `name`'s leg. Steps of one leg run one at a time; those of
-    /// different legs at once.
-    pub fn step(&self, name: &str, step: LegStep) -> Result<Option<LegAnswer>, VirtError> {
+    /// Takes one step of `name`'s leg `id` (`None`: no such leg open). Steps of one leg
+    /// run one at a time; those of different legs at once.
+    pub fn step(&self, name: &str, id: u64, step: LegStep) -> Result<Option<LegAnswer>, VirtError> {
         let (session, params) = {
             let mut open = self.open.lock().expect("not poisoned");
-            let Some(o) = open.get_mut(name) else {
+            let Some(o) = open.get_mut(name).filter(|o| o.id == id) else {
                 return Ok(None);
             };
             o.seen = Instant::now();
@@ -216,8 +236,10 @@ impl Legs {
         };
         let mut open = self.open.lock().expect("not poisoned");
         if closes {
-            open.remove(name);
-        } else if let Some(o) = open.get_mut(name) {
+            if open.get(name).is_some_and(|o| o.id == id) {
+                open.remove(name);
+            }
+        } else if let Some(o) = open.get_mut(name).filter(|o| o.id == id) {
             o.seen = Instant::now();
         }
         Ok(Some(answer))
@@ -256,6 +278,8 @@ impl Legs {
 pub struct AgentLeg {
     client: AgentClient,
     vm: String,
+    /// The leg's id in its source agent.
+    id: u64,
     view: LegView,
     /// Finished or aborted: nothing is left for `Drop` to do.
     settled: bool,
@@ -286,17 +310,19 @@ impl AgentLeg {
                 reason: format!("its source agent could not open the migration: {e}"),
             })?;
         let a: LegAnswer = serde_json::from_value(v).map_err(|e| unreadable(vm, e))?;
+        let id = a.leg.ok_or_else(|| unreadable(vm, "no leg id"))?;
         let alive = Arc::new(AtomicBool::new(true));
         let leg = AgentLeg {
             client: client.clone(),
             vm: vm.into(),
+            id,
             view: a.view.ok_or_else(|| unreadable(vm, "no view"))?,
             settled: false,
             alive: alive.clone(),
             paced: None,
         };
         // The thread is born in this thread's network namespace (the lab's client host).
-        let path = format!("/v1/vms/{vm}/leg/step");
+        let path = format!("/v1/vms/{vm}/leg/{id}");
         let body = serde_json::to_value(LegStep::Keepalive).unwrap_or(Value::Null);
         let _ = std::thread::Builder::new()
             .name(format!("keepalive-{vm}"))
@@ -314,7 +340,7 @@ impl AgentLeg {
     }
 
     fn step(&mut self, step: LegStep, timeout: Duration) -> Result<LegAnswer, VirtError> {
-        let path = format!("/v1/vms/{}/leg/step", self.vm);
+        let path = format!("/v1/vms/{}/leg/{}", self.vm, self.id);
         let body = serde_json::to_value(&step).unwrap_or(Value::Null);
         let v = self
             .client

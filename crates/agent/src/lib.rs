@@ -27,7 +27,7 @@
 //! | GET /v1/incoming/{name}/outcome | [`AgentRequest::IncomingOutcome`] (host) |
 //! | POST /v1/incoming/{name}/recover | [`AgentRequest::IncomingRecover`], body [`RecoverBody`] (host) |
 //! | POST /v1/vms/{name}/leg | [`AgentRequest::OpenLeg`], body [`leg::LegBody`] |
-//! | POST /v1/vms/{name}/leg/step | [`AgentRequest::LegStep`], body [`leg::LegStep`] |
+//! | POST /v1/vms/{name}/leg/{id} | [`AgentRequest::LegStep`], body [`leg::LegStep`] |
 //! | GET /v1/db/{site}/state | [`AgentRequest::DbState`] |
 //! | POST /v1/db/{site}/switchover | [`AgentRequest::DbSwitchover`], body [`SwitchoverBody`] |
 //! | DELETE /v1/db/{site}/switchover | [`AgentRequest::DbSwitchoverClear`] |
@@ -135,7 +135,11 @@ pub enum AgentRequest {
     /// drives it ([`leg`]).
     OpenLeg { name: String, body: leg::LegBody },
     /// One step of an open leg.
-    LegStep { name: String, step: leg::LegStep },
+    LegStep {
+        name: String,
+        id: u64,
+        step: leg::LegStep,
+    },
     /// The database platform's state, as the HA agent of `site` on this host reads it.
     DbState { site: String },
     /// File a planned switchover through the HA agent of `site` on this host.
@@ -1109,17 +1113,18 @@ impl Agent {
                     },
                 )?;
                 let destination = AgentClient::new(&url, self.peers.clone());
-                let view = self.legs.insert(&name, session, body.params, destination);
+                let (id, view) = self.legs.insert(&name, session, body.params, destination);
                 serde_json::to_value(leg::LegAnswer {
+                    leg: Some(id),
                     view: Some(view),
                     ..Default::default()
                 })
                 .unwrap_or(Value::Null)
             }
-            AgentRequest::LegStep { name, step } => {
+            AgentRequest::LegStep { name, id, step } => {
                 let answer = self
                     .legs
-                    .step(&name, step)?
+                    .step(&name, id, step)?
                     .ok_or(AgentError::NoMigration(name))?;
                 serde_json::to_value(answer).unwrap_or(Value::Null)
             }
@@ -1381,13 +1386,13 @@ pub fn router(agent: Shared) -> Router {
             ),
         )
         .route(
-            "/v1/vms/{name}/leg/step",
+            "/v1/vms/{name}/leg/{id}",
             post(
                 |State(a): State<Shared>,
                  h: By,
-                 UrlPath(name): UrlPath<String>,
+                 UrlPath((name, id)): UrlPath<(String, u64)>,
                  Json(step): Json<leg::LegStep>| {
-                    dispatch(a, h, AgentRequest::LegStep { name, step })
+                    dispatch(a, h, AgentRequest::LegStep { name, id, step })
                 },
             ),
         )

@@ -420,7 +420,7 @@ fn run_mode(
     seconds: f64,
 ) -> anyhow::Result<ModeRun> {
     let probe = p.client_host(None)?;
-    p.put_key(&probe, |k| k.tier(), tier.to_string())?;
+    p.set_policy(&probe, tier)?;
     let snap = p.wait_mode(&probe, mode, Duration::from_secs(30))?;
     // The application runs next to its primary (wherever the last failover put it).
     let primary = snap
@@ -550,7 +550,7 @@ pub(crate) fn first_ack_after(r: &LoadResult, t0: u64, margin_us: u64) -> Option
 /// site and the application's client host next to it.
 fn back_to_tier1(p: &Database) -> anyhow::Result<(String, String)> {
     let probe = p.client_host(None)?;
-    p.put_key(&probe, |k| k.tier(), p.plan.tier.clone())?;
+    p.set_policy(&probe, &p.plan.tier)?;
     let snap = p.wait_mode(&probe, Replication::Sync, Duration::from_secs(30))?;
     let primary = snap
         .leader
@@ -995,7 +995,7 @@ pub fn inter_region(
     // Leave the zone as it was declared.
     let _ = set_distance(lab, &p, default_km);
     if let Ok(client) = p.client_host(None) {
-        let _ = p.put_key(&client, |k| k.tier(), p.plan.tier.clone());
+        let _ = p.set_policy(&client, &p.plan.tier);
     }
     result.map_err(|e| anyhow!("{e:#}"))
 }

@@ -145,8 +145,15 @@ fn placement_cost(p: &Database) -> anyhow::Result<Vec<PlacementCost>> {
         .collect();
     places.push((format!("{} (primary's site)", home.site), own.clone()));
     let mut out = Vec::new();
+    // As the primary's HA agent calls etcd: with its host's consensus certificate.
+    let id = p.lab.consensus_identity(&home.host, Some(home.ip))?;
+    let creds = dczone_ha::keys::Credentials {
+        ca: id.ca,
+        cert: id.certificate,
+        key: id.key,
+    };
     for (name, urls) in places {
-        let (lab, own, tls) = (p.lab.name().to_string(), own.clone(), p.etcd_tls.clone());
+        let (lab, own, tls) = (p.lab.name().to_string(), own.clone(), creds.clone());
         let (renew, write) = p
             .in_host(&home.host, move || async move {
                 let store = dczone_ha::keys::Store::connect(&lab, &own, &tls).await?;

@@ -309,18 +309,8 @@ pub fn run(lab: &Lab, exe: &Path, state_dir: &Path, cmd: DbCommand) -> anyhow::R
             }
         }
         DbCommand::Policy { tier, json } => {
-            if !p.plan.policies.contains_key(&tier) {
-                bail!(
-                    "unknown policy '{tier}'; the zone defines {}",
-                    p.plan
-                        .policies
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            p.put_key(&p.client_host(None)?, |k| k.tier(), tier.clone())?;
+            // The HA agent checks the tier against the zone's.
+            p.set_policy(&p.client_host(None)?, &tier)?;
             show_policy(&tier, json);
         }
         DbCommand::Switchover { to, timeout, json } => {

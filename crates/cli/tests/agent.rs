@@ -293,6 +293,27 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
         .unwrap();
     let before = guest_status(&lab, ip);
 
+    // A leg is driven by its id: a step naming another id finds no leg (a coordinator that
+    // was given up cannot drive a leg opened since for the VM); the leg's own id does.
+    let open = serde_json::json!({
+        "to": "dc1.2-h1",
+        "port": 49152,
+        "params": dczone_virt::migrate::Params::default(),
+    });
+    let (status, answer) = http(&lab, "POST", "/v1/vms/amig1/leg", t, &open.to_string());
+    assert_eq!(status, 200, "{answer}");
+    let id = serde_json::from_str::<serde_json::Value>(&answer).unwrap()["leg"]
+        .as_u64()
+        .unwrap();
+    let step =
+        |id: u64, body: &str| http(&lab, "POST", &format!("/v1/vms/amig1/leg/{id}"), t, body);
+    let keepalive = r#"{"step":"keepalive"}"#;
+    assert_eq!(step(id + 1, keepalive).0, 404);
+    assert_eq!(step(id, keepalive).0, 200);
+    let (status, answer) = step(id, r#"{"step":"abort","reason":"a test"}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(step(id, keepalive).0, 404, "an aborted leg is closed");
+
     // Bad input first: same host, unknown host, a host's certificate on an operator call.
     let same = http(
         &lab,

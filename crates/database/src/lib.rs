@@ -27,7 +27,7 @@ use serde::Serialize;
 use dczone_db::Member;
 use dczone_ha::agent::AgentConfig;
 use dczone_ha::decide::Switchover;
-use dczone_ha::keys::{Credentials, Snapshot, Store, StoreError};
+use dczone_ha::keys::{Credentials, Snapshot};
 use dczone_lab::{sys, Lab};
 use dczone_ledger::{Audit, LoadOptions, LoadResult};
 use dczone_zone::database::DatabasePlan;
@@ -53,10 +53,6 @@ pub struct Database {
     pub plan: DatabasePlan,
     pub members: Vec<Member>,
     pub etcd: Vec<String>,
-    /// What the operator's `db` commands show etcd: the lab's consensus certificate
-    /// `operator` (lab mode only: it is not in the access bundle; the HA agents show their
-    /// hosts').
-    pub etcd_tls: Credentials,
 }
 
 /// A certificate of the zone PKI as etcd's client credentials.
@@ -104,7 +100,6 @@ impl Database {
             plan,
             members,
             etcd,
-            etcd_tls: credentials(&lab.consensus_identity("operator", None)?),
         })
     }
 
@@ -298,6 +293,26 @@ impl Database {
         body: Option<serde_json::Value>,
         timeout: Duration,
     ) -> anyhow::Result<serde_json::Value> {
+        self.agent_try(from, to, method, path, body, timeout)?
+            .map_err(|e| match e {
+                dczone_agent::CallError::Down { .. } => {
+                    anyhow!("{e}; `dczone lab up` starts the lab's agents again")
+                }
+                e => anyhow!("{to}'s agent: {e}"),
+            })
+    }
+
+    /// [`Database::agent_call`], with the call's own failure apart (the outer error: the
+    /// bundle or the namespace).
+    fn agent_try(
+        &self,
+        from: &str,
+        to: &str,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<Result<serde_json::Value, dczone_agent::CallError>> {
         let bundle = self.lab.dir().join("access");
         let access = dczone_agent::access::Access::open(&bundle)
             .context("open the lab's access bundle (`dczone lab up` writes it)")?;
@@ -306,13 +321,7 @@ impl Database {
         let (method, path) = (method.to_string(), path.to_string());
         let call = sys::in_namespace(&ns, move || client.call(&method, &path, body, timeout))?;
         call.join()
-            .map_err(|_| anyhow!("the call to {to}'s agent panicked"))?
-            .map_err(|e| match e {
-                dczone_agent::CallError::Down { .. } => {
-                    anyhow!("{e}; `dczone lab up` starts the lab's agents again")
-                }
-                e => anyhow!("{to}'s agent: {e}"),
-            })
+            .map_err(|_| anyhow!("the call to {to}'s agent panicked"))
     }
 
     /// Starts the etcd members that are not running (idempotent), each through its host's
@@ -380,54 +389,65 @@ impl Database {
             .map_err(|_| anyhow!("the thread in {host} panicked"))
     }
 
-    /// A snapshot of the platform's etcd keys, read from `host`. etcd answers "leader
-    /// changed" for a moment while its raft leadership moves (a site lost, a switchover):
-    /// the read is retried for up to a second.
+    /// The platform's state as the HA agents read it from etcd, asked from inside `host`
+    /// through the members' hosts' agents ([`Database::ask`]).
     pub fn snapshot(&self, host: &str) -> anyhow::Result<Snapshot> {
-        self.with_store(host, |store| async move {
-            let mut attempt = 0;
-            loop {
-                match store.snapshot().await {
-                    Err(e) if attempt < 4 && e.is_transient() => {
-                        attempt += 1;
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                    r => return r,
-                }
-            }
-        })
-        .context("read the platform's state from etcd")
+        let v = self
+            .ask(host, "GET", "state", None)
+            .context("read the platform's state through the agents")?;
+        serde_json::from_value(v).context("read the platform's state: unreadable answer")
     }
 
-    /// Runs `f` with an etcd client connected from inside `host` with this command's
-    /// credentials; a store error keeps its type (callers tell unreadable credentials
-    /// from a lost quorum).
-    fn with_store<T, F, Fut>(&self, host: &str, f: F) -> anyhow::Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(Store) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        let (lab, etcd, tls) = (
-            self.lab.name().to_string(),
-            self.etcd.clone(),
-            self.etcd_tls.clone(),
-        );
-        Ok(self.in_host(host, move || async move {
-            f(Store::connect(&lab, &etcd, &tls).await?).await
-        })??)
+    /// Sets the replication policy to `tier` through the agents, from inside `host` (the
+    /// HA agent checks it against the zone's tiers; the primary applies it within a loop).
+    pub fn set_policy(&self, host: &str, tier: &str) -> anyhow::Result<()> {
+        self.ask(
+            host,
+            "PUT",
+            "policy",
+            Some(serde_json::json!({ "tier": tier })),
+        )
+        .context("set the policy through the agents")?;
+        Ok(())
     }
 
-    pub fn put_key<T: Serialize + Send + 'static>(
+    /// Asks the members' hosts' agents in turn, nearest first, from inside `from` (where
+    /// the operator's command runs), until one answers `/v1/db/SITE/{what}`: each asks its
+    /// HA agent, the only holder of etcd credentials, so a member whose site is cut off
+    /// (in the minority) is passed over. An agent's refusal of the request itself ends it.
+    fn ask(
         &self,
-        host: &str,
-        key: fn(&dczone_ha::keys::Keys) -> String,
-        value: T,
-    ) -> anyhow::Result<()> {
-        self.with_store(host, move |store| async move {
-            store.put_json(&key(&store.keys), &value, None).await
-        })
-        .context("write to etcd")
+        from: &str,
+        method: &str,
+        what: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut failures = Vec::new();
+        for ip in self.hosts_for(from) {
+            let Some(m) = self.members.iter().find(|m| m.ip == ip) else {
+                continue;
+            };
+            let path = format!("/v1/db/{}/{what}", m.site);
+            match self.agent_try(
+                from,
+                &m.host,
+                method,
+                &path,
+                body.clone(),
+                Duration::from_secs(12),
+            )? {
+                Ok(v) => return Ok(v),
+                Err(dczone_agent::CallError::Refused {
+                    code: 400 | 403 | 409,
+                    message,
+                }) => return Err(remote::Refused(message).into()),
+                Err(e) => failures.push(format!("{} (on {}): {e}", m.site, m.host)),
+            }
+        }
+        bail!(
+            "no database member's agent could answer: {}",
+            failures.join("; ")
+        )
     }
 
     /// The operator's commands as run from inside `host` ([`operator::Reach`]).
@@ -442,17 +462,6 @@ impl Database {
     /// default client host.
     pub fn switchover(&self, to: &str, timeout: Duration) -> anyhow::Result<SwitchoverReport> {
         operator::switchover(&self.at(&self.client_host(None)?), to, timeout)
-    }
-
-    pub fn delete_key(
-        &self,
-        host: &str,
-        key: fn(&dczone_ha::keys::Keys) -> String,
-    ) -> anyhow::Result<()> {
-        self.with_store(host, move |store| async move {
-            store.delete(&key(&store.keys)).await
-        })
-        .context("delete from etcd")
     }
 
     /// Waits until a primary accepts writes and every listed member but the primary streams
@@ -600,12 +609,19 @@ impl operator::Reach for AtHost<'_> {
     }
 
     fn request_switchover(&self, request: &Switchover) -> anyhow::Result<()> {
+        // The HA agent stamps it with its own clock; the rest is the primary's to set.
+        let body = serde_json::json!({ "from": request.from, "to": request.to });
         self.db
-            .put_key(&self.host, |k| k.switchover(), request.clone())
+            .ask(&self.host, "POST", "switchover", Some(body))
+            .context("file the switchover through the agents")?;
+        Ok(())
     }
 
     fn clear_switchover(&self) -> anyhow::Result<()> {
-        self.db.delete_key(&self.host, |k| k.switchover())
+        self.db
+            .ask(&self.host, "DELETE", "switchover", None)
+            .context("withdraw the switchover through the agents")?;
+        Ok(())
     }
 
     fn in_client<T, F, Fut>(&self, f: F) -> anyhow::Result<T>

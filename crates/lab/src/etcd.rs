@@ -1,14 +1,17 @@
 //! The zone's consensus store: one etcd member per host of the zone's `[consensus]` placement
 //! (by default the database sites' hosts; the reference zone adds a second in DC2.1 and one
 //! at the witness), in that host's namespace, talking across the APN emulator like
-//! everything else.
+//! everything else. [`EtcdCluster`] manages the members (start, rebuild on a survivor,
+//! rejoin) for a lab's hosts and, with [`Placement::Host`], for a real host's agent.
 //!
 //! Every member serves its clients and its peers over TLS only, with its host's consensus
 //! certificate of the zone PKI, and requires from each of them a certificate of the zone CA
 //! that names the consensus store ([`dczone_pki::CONSENSUS_NAME`]): a guest, which holds no
 //! certificate, and a host or an operator, whose certificates open the agents, cannot read
-//! or write a key. Only the etcd members and the HA agents hold consensus certificates (and,
-//! in the lab, the `db` and `bench` commands, which do not go through the agents yet).
+//! or write a key. Only the etcd members, the HA agents and, for a manual failover's
+//! rebuild, their hosts' agents hold consensus certificates; the one named exception: in
+//! the lab, the `db status|policy|switchover` commands and the benchmarks, with the lab's
+//! `operator` consensus certificate.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -66,6 +69,28 @@ fn etcd_binary() -> Result<PathBuf, LabError> {
 
 pub fn installed() -> bool {
     etcd_binary().is_ok()
+}
+
+/// The etcd processes whose `--data-dir` is `data`.
+fn processes_serving(data: &Path) -> Vec<i32> {
+    let want = data.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"etcd"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"--data-dir" && w[1] == want)
+        })
+        .collect()
 }
 
 /// Asks a member's /health from inside its namespace, over TLS with `tls` (a client
@@ -288,13 +313,23 @@ impl EtcdCluster {
             .filter(|&p| sys::alive(p))
     }
 
+    /// Stops member `m`: its pid file's process, and any other etcd process serving its
+    /// data directory (a pid file can be stale: a start that failed to bind overwrites it),
+    /// each killed and waited for, so that the next start finds its ports free.
     fn stop(&self, m: &EtcdMember) {
-        if let Some(pid) = self.pid(m) {
-            sys::kill(pid, libc::SIGKILL);
-            let t = Instant::now();
-            while sys::alive(pid) && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(10));
+        let data = self.dir.join(&m.name);
+        let mut pids: Vec<i32> = self.pid(m).into_iter().collect();
+        for p in processes_serving(&data) {
+            if !pids.contains(&p) {
+                pids.push(p);
             }
+        }
+        for &pid in &pids {
+            sys::kill(pid, libc::SIGKILL);
+        }
+        let t = Instant::now();
+        while pids.iter().any(|&p| sys::alive(p)) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
