@@ -204,11 +204,18 @@ impl HostZone {
                 "no etcd host in site '{site}': its HA agent talks to its own site's members"
             )));
         }
-        let witness = db
-            .witness
-            .as_deref()
-            .map(|w| urls(&|s| s == w))
-            .unwrap_or_default();
+        let witness = match db.witness.as_deref() {
+            Some(w) => {
+                let at = urls(&|s| s == w);
+                if at.is_empty() {
+                    return Err(HostDbError::Bad(format!(
+                        "witness site '{w}' has no etcd host in `consensus`"
+                    )));
+                }
+                at
+            }
+            None => Vec::new(),
+        };
         Ok(AgentConfig {
             lab: self.bundle.zone.clone(),
             site: site.into(),
@@ -233,6 +240,7 @@ impl HostZone {
             site: site.into(),
             reason,
         };
+        self.own_member(host, site)?;
         let members = self.members()?;
         let m = members
             .iter()
@@ -278,9 +286,17 @@ impl crate::Agent {
             site: site.into(),
             reason,
         };
-        // Refused here rather than in the HA agent's log: no password, no plan.
+        // Refused here rather than in the HA agent's log: no plan, no password.
         hz.ha_config(&self.host, site)
             .map_err(|e| fail(e.to_string()))?;
+        let passfile = hz.db_dir().join("pgpass");
+        if !passfile.exists() {
+            return Err(fail(format!(
+                "{} does not exist: `dczone --access DIR db up` sends the platform's password \
+                 before it starts the HA agents",
+                passfile.display()
+            )));
+        }
         let exe = std::env::current_exe().map_err(|e| fail(format!("find this binary: {e}")))?;
         let dir = hz.db_dir().join(site);
         let (file, pki, data) = (

@@ -1,6 +1,6 @@
 //! The database platform's recovery steps that only a member's or an etcd member's own host
 //! can take, for an operator who drives them from anywhere
-//! (`dczone_database::operator::failover` and `down`):
+//! (`dczone_database::recovery::failover` and `down`):
 //! - a manual failover's fence: stop a member's HA agent and PostgreSQL, then read how far
 //!   its WAL reaches from its data directory;
 //! - the consensus store's rebuild on a surviving member (`--force-new-cluster`) with the
@@ -240,7 +240,9 @@ impl Agent {
             }
             views
         })?;
-        Ok(json!({ "host": self.host, "members": views }))
+        // Whether this agent can rebuild etcd on its member (a manual failover's step).
+        let rebuild = matches!(cluster.place, Placement::Lab(_));
+        Ok(json!({ "host": self.host, "members": views, "rebuild": rebuild }))
     }
 
     /// Disaster recovery of the consensus store on this host (etcd's documented procedure):
@@ -250,6 +252,28 @@ impl Agent {
     pub(crate) fn etcd_rebuild(&self, order: ManualFailover) -> Result<Value, AgentError> {
         let (cluster, keep, creds) = self.own_etcd_member()?;
         let _one_at_a_time = self.etcd_starting.lock().unwrap_or_else(|e| e.into_inner());
+        // Never fork a cluster that works: a member that follows a raft leader is refused.
+        let (url, asking) = (keep.client_url(), creds.clone());
+        let status =
+            on_own_runtime(move || async move { Store::member_status(&url, &asking).await })?;
+        if let Ok(st) = status {
+            if st.raft_leader != 0 {
+                return Err(AgentError::Conflict(format!(
+                    "etcd member {} follows a raft leader: consensus answers, and a rebuild \
+                     would fork it",
+                    keep.name
+                )));
+            }
+        }
+        if matches!(cluster.place, Placement::Host { .. }) {
+            return Err(VirtError::BadSpec(
+                "rebuilding etcd on a real host is not built yet: the members' list after a \
+                 rebuild lives on each host (issue 11); follow etcd's disaster recovery \
+                 (`--force-new-cluster`) by hand"
+                    .into(),
+            )
+            .into());
+        }
         cluster
             .force_new_cluster(&keep.name)
             .map_err(|e| self.etcd_error(dczone_lab::error_chain(&e)))?;

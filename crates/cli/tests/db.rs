@@ -170,7 +170,8 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
     // etcd serves TLS only and wants a consensus certificate of the zone: a guest's host,
     // which holds no certificate, gets no answer over HTTP and a refused handshake; the
     // operator's access bundle and a host's certificate, which open the agents, are
-    // refused too; the lab's consensus certificate gets an answer.
+    // refused too; a consensus certificate (DC1.1's host's, which its HA agent shows) gets
+    // an answer.
     let dir = lab.state_dir.join(&lab.name);
     let path = |p: &str| dir.join(p).to_str().unwrap().to_string();
     let ca = path("pki/ca.crt");
@@ -202,8 +203,8 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
         assert!(!ok && refused, "{cert}: {text}");
     }
     let (cert, key) = (
-        path("pki/consensus/operator.crt"),
-        path("pki/consensus/operator.key"),
+        path("pki/consensus/dc1.1-h1.crt"),
+        path("pki/consensus/dc1.1-h1.key"),
     );
     let (ok, text) = curl(
         &lab,

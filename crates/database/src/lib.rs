@@ -1,13 +1,12 @@
 //! The zone's replicated database platform, as the operator drives it: one PostgreSQL
-//! member per DC site (`dczone_db`), one HA agent beside each (`dczone_ha`), the consensus
-//! store's credentials, and the operations on the whole: bring up and down, wait for a
-//! mode, planned switchover, the guarded manual failover after a regional loss, the audit
-//! of every acknowledged transfer, and a degraded status when consensus is lost.
+//! member per DC site (`dczone_db`), one HA agent beside each (`dczone_ha`), and the
+//! operations on the whole: bring up and down, wait for a mode, planned switchover, the
+//! guarded manual failover after a regional loss ([`recovery`]), the audit of every
+//! acknowledged transfer, and a degraded status when consensus is lost.
 //!
-//! In the lab, everything here still reaches members and etcd from inside the hosts'
-//! namespaces with the lab's consensus certificate `operator` (see ARCHITECTURE.md, the
-//! one named exception to "only HA agents hold etcd credentials"); routing it through the
-//! HA agents is open (issue 11, item 1).
+//! The operator holds no etcd credential: the platform's state and requests go through
+//! the members' hosts' agents to their HA agents, in the lab ([`Database`], from inside a
+//! client host's namespace) as with an access bundle ([`remote::Remote`]).
 
 pub mod operator;
 pub mod recovery;

@@ -75,7 +75,7 @@ pub struct FailoverReport {
 /// Refuses a manual failover while consensus answers: the platform's state reads through
 /// the agents, or a majority of the etcd members, each asked alone through its host's
 /// agent, follows a raft leader (the HA agents decide then, under the RPO rule). Returns
-/// the consensus hosts whose agents answered.
+/// the consensus hosts whose agents answered and can rebuild etcd on their member.
 fn require_consensus_lost(reach: &impl Hosts, to: &str) -> anyhow::Result<Vec<(String, String)>> {
     match reach.snapshot() {
         Ok(snap) => bail!(
@@ -116,7 +116,9 @@ fn require_consensus_lost(reach: &impl Hosts, to: &str) -> anyhow::Result<Vec<(S
         let Ok(v) = reach.call(host, "GET", "/v1/etcd", None, Duration::from_secs(5)) else {
             continue;
         };
-        answering.push((host.clone(), site.clone()));
+        if v["rebuild"] == true {
+            answering.push((host.clone(), site.clone()));
+        }
         let members: Vec<EtcdMemberView> =
             serde_json::from_value(v["members"].clone()).unwrap_or_default();
         following.extend(members.into_iter().filter(|m| m.has_leader).map(|m| m.name));
@@ -165,7 +167,25 @@ pub fn failover(
             })
     };
     let target_host = host_of(to)?;
-    let survivors = require_consensus_lost(reach, to)?;
+    let mut survivors = require_consensus_lost(reach, to)?;
+    // Where consensus is rebuilt, chosen before anything is fenced: a surviving member in
+    // the target's site if one answers (the target's HA agent talks to its own site's).
+    survivors.sort_by_key(|(_, site)| site != to);
+    let (keep, keep_site) = survivors
+        .first()
+        .ok_or_else(|| {
+            anyhow!(
+                "no etcd member's host answers with a member it can rebuild the store on \
+                 (on real hosts that step is not built yet); nothing was fenced"
+            )
+        })?
+        .clone();
+    if keep_site != to {
+        bail!(
+            "no etcd member of {to} answers: its HA agent talks to its own site's members \
+             only, so it could not take the leader key; nothing was fenced"
+        );
+    }
     let t0 = Instant::now();
     let views = reach.direct_views()?;
     let view = |site: &str| views.iter().find(|v| v.site == site);
@@ -222,17 +242,31 @@ pub fn failover(
                         .with_context(|| format!("fence {site} and read its WAL"))?,
                 )
                 .with_context(|| format!("fence {site}: unreadable answer"))?;
-                fenced.tail.map(|tail| WalEnd {
-                    site: site.clone(),
-                    lsn: Some(
-                        tail.last_commit_end
-                            .unwrap_or(target_lsn)
-                            // Commits before the target's end are on the target.
-                            .max(target_lsn.min(tail.end_lsn)),
-                    ),
-                    next_xid: None,
-                    commits_after_target: Some(tail.commits_after),
-                    source: "offline".into(),
+                fenced.tail.map(|tail| {
+                    if tail.complete {
+                        WalEnd {
+                            site: site.clone(),
+                            lsn: Some(
+                                tail.last_commit_end
+                                    .unwrap_or(target_lsn)
+                                    // Commits before the target's end are on the target.
+                                    .max(target_lsn.min(tail.end_lsn)),
+                            ),
+                            next_xid: None,
+                            commits_after_target: Some(tail.commits_after),
+                            source: "offline".into(),
+                        }
+                    } else {
+                        // Its WAL from the target's end is gone (recycled after a later
+                        // checkpoint): it reaches past the target, with commits uncounted.
+                        WalEnd {
+                            site: site.clone(),
+                            lsn: Some(tail.end_lsn.max(target_lsn + 1)),
+                            next_xid: None,
+                            commits_after_target: None,
+                            source: "offline".into(),
+                        }
+                    }
                 })
             }
             _ => Some(WalEnd {
@@ -287,12 +321,6 @@ pub fn failover(
     // the order in it before any other member rejoins: the old leader key cannot expire
     // on the rebuilt store first (whose replication record may be stale: the survivor
     // need not have applied the last writes its old majority committed).
-    let mut survivors = survivors;
-    survivors.sort_by_key(|(_, site)| site != to);
-    let (keep, _) = survivors
-        .first()
-        .ok_or_else(|| anyhow!("no etcd member's host answers; nothing to rebuild on"))?
-        .clone();
     let rebuilt = reach
         .call(
             &keep,

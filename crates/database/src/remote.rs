@@ -108,10 +108,16 @@ impl Remote {
         crate::recovery::rejoin_consensus(self)?;
         // Every member's host is asked: one cut off must not keep the others down.
         let mut failures = Vec::new();
-        // Every member gets the same password before its HA agent starts (the operator's,
-        // or a new one); a member that holds another keeps it (409): it is the platform's,
-        // which `fetch_password` then brings here.
-        let password = match dczone_db::client_password() {
+        // Every member gets the same password before its HA agent starts (the platform's
+        // if a member has it, else the operator's, else a new one); a member that holds
+        // another keeps it (409), and `fetch_password` then brings the platform's here.
+        // A member that has one already (a platform that exists) gives it: members with
+        // two passwords could not replicate.
+        let existing = || {
+            let v = self.ask("GET", "credentials", None).ok()?;
+            dczone_db::password_in(v["pgpass"].as_str()?)
+        };
+        let password = match existing().or_else(dczone_db::client_password) {
             Some(p) => p,
             None => dczone_db::random_password()?,
         };

@@ -131,6 +131,12 @@ pub fn random_password() -> Result<String, DbError> {
 /// password, that is an error (a member must not change the platform's password).
 pub fn install_password(path: &Path, password: &str) -> Result<bool, DbError> {
     let io = |what: String| move |source| DbError::Io { what, source };
+    if password.is_empty() || password.contains(['\n', ':']) {
+        return Err(DbError::Step {
+            what: format!("install the database password in {}", path.display()),
+            detail: "a password must be non-empty, on one line, without ':'".into(),
+        });
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     }

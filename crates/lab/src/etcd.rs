@@ -9,9 +9,9 @@
 //! that names the consensus store ([`dczone_pki::CONSENSUS_NAME`]): a guest, which holds no
 //! certificate, and a host or an operator, whose certificates open the agents, cannot read
 //! or write a key. Only the etcd members, the HA agents and, for a manual failover's
-//! rebuild, their hosts' agents hold consensus certificates; the one named exception: in
-//! the lab, the `db status|policy|switchover` commands and the benchmarks, with the lab's
-//! `operator` consensus certificate.
+//! rebuild, their hosts' agents hold consensus certificates (the region benchmark's
+//! placement cost measures etcd's calls as the primary's HA agent makes them, with its
+//! host's).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -467,9 +467,11 @@ impl EtcdCluster {
 
     /// Disaster recovery of the consensus store (etcd's documented procedure): restarts the
     /// surviving member `keep` with `--force-new-cluster`, which keeps its data and makes it
-    /// a cluster of one. The other members are out of the cluster until [`EtcdCluster::rejoin`]; a
-    /// cut-off member that still runs keeps the old cluster's identity and can never form a
-    /// majority with it again.
+    /// a cluster of one. The other members are out of the cluster until
+    /// [`EtcdCluster::rejoin`]. A cut-off member that still runs keeps the old cluster's
+    /// identity: alone it never forms a majority again, but a majority of the old members
+    /// cut off together form the old cluster again once they reach each other, until
+    /// `rejoin` restarts them (see ARCHITECTURE.md, the manual failover).
     pub fn force_new_cluster(&self, keep: &str) -> Result<(), LabError> {
         let m = self
             .members
