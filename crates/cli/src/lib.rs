@@ -37,7 +37,7 @@ pub struct Cli {
     /// Drive a zone through its agents with only this access bundle (`zone.toml`, the zone
     /// CA, the operator's certificate, the database's password; `lab up` writes one to
     /// <state-dir>/<lab>/access): no namespace entry, no shared file. For `vm`, `migrate`
-    /// (one VM or a group) and `db` (status, policy, switchover, load, conninfo, audit).
+    /// (one VM or a group) and `db` (every command).
     #[arg(long, global = true, env = "DCZONE_ACCESS")]
     pub access: Option<PathBuf>,
     #[command(subcommand)]
