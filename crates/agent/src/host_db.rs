@@ -192,13 +192,7 @@ impl HostZone {
         let (db, plan) = self.database()?;
         let members = self.members()?;
         let etcd = self.etcd_members()?;
-        let urls = |keep: &dyn Fn(&str) -> bool| -> Vec<String> {
-            etcd.iter()
-                .filter(|m| keep(&m.site))
-                .map(|m| m.client_url())
-                .collect()
-        };
-        let own = urls(&|s| s == site);
+        let own = dczone_lab::etcd::client_urls(&etcd, |s| s == site);
         if own.is_empty() {
             return Err(HostDbError::Bad(format!(
                 "no etcd host in site '{site}': its HA agent talks to its own site's members"
@@ -206,7 +200,7 @@ impl HostZone {
         }
         let witness = match db.witness.as_deref() {
             Some(w) => {
-                let at = urls(&|s| s == w);
+                let at = dczone_lab::etcd::client_urls(&etcd, |s| s == w);
                 if at.is_empty() {
                     return Err(HostDbError::Bad(format!(
                         "witness site '{w}' has no etcd host in `consensus`"

@@ -51,7 +51,8 @@ pub struct Database {
     pub zone: Zone,
     pub plan: DatabasePlan,
     pub members: Vec<Member>,
-    pub etcd: Vec<String>,
+    /// The lab's access bundle, read once: every call to an agent uses it.
+    access: std::sync::OnceLock<dczone_agent::access::Access>,
 }
 
 /// A certificate of the zone PKI as etcd's client credentials.
@@ -88,17 +89,12 @@ impl Database {
                 site,
             });
         }
-        let etcd = lab
-            .etcd_members(&zone)
-            .iter()
-            .map(|m| m.client_url())
-            .collect();
         Ok(Database {
             lab: lab.clone(),
             zone,
             plan,
             members,
-            etcd,
+            access: std::sync::OnceLock::new(),
         })
     }
 
@@ -186,19 +182,13 @@ impl Database {
         let me = self.member(site)?;
         let etcd_credentials = credentials(&self.lab.consensus_identity(&me.host, Some(me.ip))?);
         let etcd = self.lab.etcd_members(&self.zone);
-        let urls = |keep: &dyn Fn(&str) -> bool| -> Vec<String> {
-            etcd.iter()
-                .filter(|m| keep(&m.site))
-                .map(|m| m.client_url())
-                .collect()
-        };
-        let own = urls(&|s| s == site);
+        let own = dczone_lab::etcd::client_urls(&etcd, |s| s == site);
         let is_witness = |s: &str| {
             self.zone
                 .site_index(s)
                 .is_some_and(|i| self.zone.sites[i].kind == dczone_zone::SiteKind::Witness)
         };
-        let witness = urls(&is_witness);
+        let witness = dczone_lab::etcd::client_urls(&etcd, is_witness);
         Ok(AgentConfig {
             lab: self.lab.name().to_string(),
             site: site.to_string(),
@@ -312,9 +302,15 @@ impl Database {
         body: Option<serde_json::Value>,
         timeout: Duration,
     ) -> anyhow::Result<Result<serde_json::Value, dczone_agent::CallError>> {
-        let bundle = self.lab.dir().join("access");
-        let access = dczone_agent::access::Access::open(&bundle)
-            .context("open the lab's access bundle (`dczone lab up` writes it)")?;
+        let access = match self.access.get() {
+            Some(a) => a,
+            None => {
+                let bundle = self.lab.dir().join("access");
+                let a = dczone_agent::access::Access::open(&bundle)
+                    .context("open the lab's access bundle (`dczone lab up` writes it)")?;
+                self.access.get_or_init(|| a)
+            }
+        };
         let client = access.client(to)?;
         let (_, ns) = self.lab.host(from)?;
         let (method, path) = (method.to_string(), path.to_string());

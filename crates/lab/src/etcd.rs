@@ -51,6 +51,16 @@ impl EtcdMember {
     }
 }
 
+/// The client URLs of the members in the sites `at` accepts, in `members`' order: an HA
+/// agent's own site's, or the witness's.
+pub fn client_urls(members: &[EtcdMember], at: impl Fn(&str) -> bool) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| at(&m.site))
+        .map(|m| m.client_url())
+        .collect()
+}
+
 /// The `etcd` binary (Debian's etcd-server), or a message saying how to get it.
 fn etcd_binary() -> Result<PathBuf, LabError> {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
