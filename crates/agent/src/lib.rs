@@ -63,6 +63,7 @@ pub mod access;
 pub mod host_db;
 pub mod leg;
 pub mod recovery;
+pub mod storage;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -179,6 +180,29 @@ pub enum AgentRequest {
     EtcdRejoin,
     /// Delete the database platform's keys (`db down`).
     EtcdClear,
+    /// Install storage cluster `cluster`'s plan and this host's keys ([`storage`]).
+    StorageInstall {
+        cluster: String,
+        body: dczone_storage::operator::InstallBody,
+    },
+    /// What this host holds of storage cluster `cluster`: its fsid and daemons.
+    StorageView { cluster: String },
+    /// Create (once) and start this host's daemons of `cluster` of the given kinds.
+    StorageStart {
+        cluster: String,
+        body: dczone_storage::operator::StartBody,
+    },
+    /// Stop this host's daemons of `cluster` (or one of them).
+    StorageStop {
+        cluster: String,
+        body: dczone_storage::operator::StopBody,
+    },
+    /// Pools, CRUSH rules and stretch mode of `cluster` (a monitor's host).
+    StorageSetup { cluster: String },
+    /// `cluster` as its monitors see it (a monitor's host).
+    StorageStatus { cluster: String },
+    /// Stop this host's daemons of `cluster` and remove its files.
+    StoragePurge { cluster: String },
 }
 
 /// Body of `POST /v1/db/{site}/switchover`: the primary the operator saw, and the standby
@@ -317,6 +341,8 @@ pub enum AgentError {
     /// The request contradicts what the host holds (and keeps).
     #[error("{0}")]
     Conflict(String),
+    #[error("storage: {0}")]
+    Storage(#[from] dczone_storage::StorageError),
     #[error(transparent)]
     Virt(#[from] VirtError),
 }
@@ -344,6 +370,7 @@ impl AgentError {
                 | VirtError::SameHost { .. },
             ) => StatusCode::CONFLICT,
             AgentError::Virt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Storage(e) => storage::status_code(e),
         }
     }
 }
@@ -388,6 +415,10 @@ pub struct Agent {
     ha_starting: Mutex<()>,
     /// Held while this host's etcd members start: two calls at once start each once.
     etcd_starting: Mutex<()>,
+    /// This host's part of the zone's storage clusters.
+    storage: dczone_storage::host::HostStorage,
+    /// Held while storage daemons are installed, started or stopped.
+    storage_busy: Mutex<()>,
 }
 
 /// A destination QEMU waiting for (or receiving) a stream: when its source agent last asked
@@ -477,8 +508,11 @@ impl Agent {
         db_dir: PathBuf,
         ha_launcher: Option<HaLauncher>,
         host_zone: Option<HostZone>,
+        storage_root: PathBuf,
     ) -> Agent {
         let agent = Agent {
+            storage: dczone_storage::host::HostStorage::new(storage_root, &host),
+            storage_busy: Mutex::new(()),
             db_dir,
             ha_launcher,
             host_zone,
@@ -1158,6 +1192,13 @@ impl Agent {
             AgentRequest::EtcdRebuild(body) => self.etcd_rebuild(body.order)?,
             AgentRequest::EtcdRejoin => self.etcd_rejoin()?,
             AgentRequest::EtcdClear => self.etcd_clear()?,
+            AgentRequest::StorageInstall { .. }
+            | AgentRequest::StorageView { .. }
+            | AgentRequest::StorageStart { .. }
+            | AgentRequest::StorageStop { .. }
+            | AgentRequest::StorageSetup { .. }
+            | AgentRequest::StorageStatus { .. }
+            | AgentRequest::StoragePurge { .. } => self.storage_request(req)?,
             AgentRequest::DbPolicy { site, body } => {
                 let tier = body.tier;
                 self.ha(
@@ -1501,6 +1542,65 @@ pub fn router(agent: Shared) -> Router {
             ),
         )
         .route(
+            "/v1/storage/{cluster}",
+            get(
+                |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::StorageView { cluster })
+                },
+            )
+            .put(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(cluster): UrlPath<String>,
+                 Json(body): Json<dczone_storage::operator::InstallBody>| {
+                    dispatch(a, h, AgentRequest::StorageInstall { cluster, body })
+                },
+            )
+            .delete(
+                |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::StoragePurge { cluster })
+                },
+            ),
+        )
+        .route(
+            "/v1/storage/{cluster}/start",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(cluster): UrlPath<String>,
+                 Json(body): Json<dczone_storage::operator::StartBody>| {
+                    dispatch(a, h, AgentRequest::StorageStart { cluster, body })
+                },
+            ),
+        )
+        .route(
+            "/v1/storage/{cluster}/stop",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(cluster): UrlPath<String>,
+                 Json(body): Json<dczone_storage::operator::StopBody>| {
+                    dispatch(a, h, AgentRequest::StorageStop { cluster, body })
+                },
+            ),
+        )
+        .route(
+            "/v1/storage/{cluster}/setup",
+            post(
+                |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::StorageSetup { cluster })
+                },
+            ),
+        )
+        .route(
+            "/v1/storage/{cluster}/status",
+            get(
+                |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::StorageStatus { cluster })
+                },
+            ),
+        )
+        .route(
             "/v1/vms/{name}/serial",
             get(
                 |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
@@ -1837,68 +1937,72 @@ fn run(args: Args) -> anyhow::Result<()> {
     let server_tls = dczone_pki::tls::server_config(&identity)?;
     let peers = dczone_pki::tls::client_config(&identity.ca, Some(&identity))?;
     let inputs = dczone_image::ImageInputs::for_executable(&exe);
-    let (platform, default_listen, endpoints, db_dir, ha_launcher, host_zone) = match &args.zone {
-        Some(file) => {
-            let bundle = access::Bundle::read(file)?;
-            let hosts: Vec<_> = bundle
-                .hosts
-                .iter()
-                .filter_map(|h| match h.address()?.ip() {
-                    std::net::IpAddr::V4(ip) => Some((h.id.clone(), h.site.clone(), ip)),
-                    std::net::IpAddr::V6(_) => None,
-                })
-                .collect();
-            let mut placement =
-                HostPlacement::new(&args.host, &bundle.zone, &args.data_dir, &hosts)?;
-            placement.bridge = args.bridge.clone();
-            placement.uplink = args.uplink.clone();
-            let me = bundle
-                .hosts
-                .iter()
-                .find(|h| h.id == args.host)
-                .and_then(|h| h.address());
-            let endpoints = bundle
-                .hosts
-                .iter()
-                .map(|h| (h.id.clone(), h.agent.clone()))
-                .collect();
-            let platform = Platform::on_host(placement, args.pki.clone(), &inputs)?;
-            let host_zone = HostZone {
-                file: file.clone(),
-                bundle,
-                pki: args.pki.clone(),
-                data_dir: args.data_dir.clone(),
-            };
-            (
-                platform,
-                me,
-                endpoints,
-                args.data_dir.join("db"),
-                None,
-                Some(host_zone),
-            )
-        }
-        None => {
-            let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
-            let (host, _) = lab.host(&args.host)?;
-            let db_dir = lab.dir().join("db");
-            let launcher = HaLauncher {
-                lab: lab.clone(),
-                state_dir: args.state_dir.clone(),
-                exe: exe.with_file_name("dczone"),
-            };
-            let platform = Platform::open(lab, &inputs)?.with_pki(args.pki.clone());
-            let listen = SocketAddr::from((host.ip(), AGENT_PORT));
-            (
-                platform,
-                Some(listen),
-                HashMap::new(),
-                db_dir,
-                Some(launcher),
-                None,
-            )
-        }
-    };
+    let (platform, default_listen, endpoints, db_dir, ha_launcher, host_zone, storage_root) =
+        match &args.zone {
+            Some(file) => {
+                let bundle = access::Bundle::read(file)?;
+                let hosts: Vec<_> = bundle
+                    .hosts
+                    .iter()
+                    .filter_map(|h| match h.address()?.ip() {
+                        std::net::IpAddr::V4(ip) => Some((h.id.clone(), h.site.clone(), ip)),
+                        std::net::IpAddr::V6(_) => None,
+                    })
+                    .collect();
+                let mut placement =
+                    HostPlacement::new(&args.host, &bundle.zone, &args.data_dir, &hosts)?;
+                placement.bridge = args.bridge.clone();
+                placement.uplink = args.uplink.clone();
+                let me = bundle
+                    .hosts
+                    .iter()
+                    .find(|h| h.id == args.host)
+                    .and_then(|h| h.address());
+                let endpoints = bundle
+                    .hosts
+                    .iter()
+                    .map(|h| (h.id.clone(), h.agent.clone()))
+                    .collect();
+                let platform = Platform::on_host(placement, args.pki.clone(), &inputs)?;
+                let host_zone = HostZone {
+                    file: file.clone(),
+                    bundle,
+                    pki: args.pki.clone(),
+                    data_dir: args.data_dir.clone(),
+                };
+                (
+                    platform,
+                    me,
+                    endpoints,
+                    args.data_dir.join("db"),
+                    None,
+                    Some(host_zone),
+                    args.data_dir.join("ceph"),
+                )
+            }
+            None => {
+                let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
+                let (host, _) = lab.host(&args.host)?;
+                let db_dir = lab.dir().join("db");
+                let storage_root = lab.dir().join("ceph").join(&args.host);
+                let launcher = HaLauncher {
+                    lab: lab.clone(),
+                    state_dir: args.state_dir.clone(),
+                    exe: exe.with_file_name("dczone"),
+                };
+                let platform = Platform::open(lab, &inputs)?.with_pki(args.pki.clone());
+                let listen = SocketAddr::from((host.ip(), AGENT_PORT));
+                (
+                    platform,
+                    Some(listen),
+                    HashMap::new(),
+                    db_dir,
+                    Some(launcher),
+                    None,
+                    storage_root,
+                )
+            }
+        };
     let listen = args.listen.or(default_listen).ok_or_else(|| {
         anyhow::anyhow!(
             "host {}'s agent endpoint in the zone file is not an IPv4 https://IP:PORT; give --listen",
@@ -1913,6 +2017,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         db_dir,
         ha_launcher,
         host_zone,
+        storage_root,
     ));
     let reaper = agent.clone();
     std::thread::Builder::new()

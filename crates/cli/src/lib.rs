@@ -8,6 +8,7 @@ mod image_cmd;
 mod lab_cmd;
 mod pki_cmd;
 mod plot;
+mod storage_cmd;
 mod table;
 mod vm_cmd;
 
@@ -84,6 +85,11 @@ pub enum Command {
     Db {
         #[command(subcommand)]
         command: db_cmd::DbCommand,
+    },
+    /// The zone's storage: Ceph clusters (region 1 stretched, DC2.1 its own).
+    Storage {
+        #[command(subcommand)]
+        command: storage_cmd::StorageCommand,
     },
     /// Runs one HA agent in the current namespace (started by `db up`).
     #[command(hide = true)]
@@ -261,6 +267,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Some(a) => db_cmd::run_remote(a, command),
             None => db_cmd::run(&lab, &exe, &cli.state_dir, command),
         },
+        Command::Storage { command } => {
+            let zone = lab.state()?.zone()?;
+            let agents = dczone_control::lab_agents(&lab, &exe, &cli.state_dir)?;
+            agents.agents.ensure_all()?;
+            storage_cmd::run(&agents, &zone, command)
+        }
         Command::HaAgent { site } => db_cmd::agent(&lab, &site),
         Command::Bench { command } => bench::run(&lab, &cli.state_dir, &exe, command),
         Command::ApnRun { config } => {

@@ -493,6 +493,20 @@ impl ZoneAgents for LabAgents {
     }
 }
 
+/// The storage commands reach the lab's agents from inside each host.
+impl dczone_storage::operator::Agents for LabAgents {
+    fn call(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        self.agents.call(host, method, path, body, timeout)
+    }
+}
+
 /// The records of a listing, with a warning naming the agents that did not answer.
 fn records(
     vms: Vec<dczone_agent::access::Found>,

@@ -550,6 +550,8 @@ impl Lab {
         // So did the database platform and its consensus store.
         let _ = std::fs::remove_dir_all(self.dir.join("etcd"));
         let _ = std::fs::remove_dir_all(self.dir.join("db"));
+        // And the storage clusters (their OSDs' sparse block files too).
+        let _ = std::fs::remove_dir_all(self.dir.join("ceph"));
         // The lab's zone CA, its hosts' certificates and the operator's access bundle are
         // the lab's: its hosts are gone, and the next lab makes its own.
         for d in ["pki", "access", "qemu-tls"] {
