@@ -499,19 +499,28 @@ pub struct HaLauncher {
     pub exe: PathBuf,
 }
 
+/// Where a host's agent keeps the services it runs besides VMs.
+#[derive(Debug, Clone)]
+pub struct HostDirs {
+    /// The database members' directories (`<site>/`).
+    pub db: PathBuf,
+    /// The storage clusters' directories (`<cluster>/`, [`storage`]).
+    pub storage: PathBuf,
+}
+
 impl Agent {
     pub fn new(
         platform: Platform,
         host: String,
         peers: Arc<rustls::ClientConfig>,
         endpoints: HashMap<String, String>,
-        db_dir: PathBuf,
+        dirs: HostDirs,
         ha_launcher: Option<HaLauncher>,
         host_zone: Option<HostZone>,
-        storage_root: PathBuf,
     ) -> Agent {
+        let db_dir = dirs.db;
         let agent = Agent {
-            storage: dczone_storage::host::HostStorage::new(storage_root, &host),
+            storage: dczone_storage::host::HostStorage::new(dirs.storage, &host),
             storage_busy: Mutex::new(()),
             db_dir,
             ha_launcher,
@@ -2014,10 +2023,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.host.clone(),
         peers,
         endpoints,
-        db_dir,
+        dirs,
         ha_launcher,
         host_zone,
-        storage_root,
     ));
     let reaper = agent.clone();
     std::thread::Builder::new()
