@@ -1946,72 +1946,71 @@ fn run(args: Args) -> anyhow::Result<()> {
     let server_tls = dczone_pki::tls::server_config(&identity)?;
     let peers = dczone_pki::tls::client_config(&identity.ca, Some(&identity))?;
     let inputs = dczone_image::ImageInputs::for_executable(&exe);
-    let (platform, default_listen, endpoints, db_dir, ha_launcher, host_zone, storage_root) =
-        match &args.zone {
-            Some(file) => {
-                let bundle = access::Bundle::read(file)?;
-                let hosts: Vec<_> = bundle
-                    .hosts
-                    .iter()
-                    .filter_map(|h| match h.address()?.ip() {
-                        std::net::IpAddr::V4(ip) => Some((h.id.clone(), h.site.clone(), ip)),
-                        std::net::IpAddr::V6(_) => None,
-                    })
-                    .collect();
-                let mut placement =
-                    HostPlacement::new(&args.host, &bundle.zone, &args.data_dir, &hosts)?;
-                placement.bridge = args.bridge.clone();
-                placement.uplink = args.uplink.clone();
-                let me = bundle
-                    .hosts
-                    .iter()
-                    .find(|h| h.id == args.host)
-                    .and_then(|h| h.address());
-                let endpoints = bundle
-                    .hosts
-                    .iter()
-                    .map(|h| (h.id.clone(), h.agent.clone()))
-                    .collect();
-                let platform = Platform::on_host(placement, args.pki.clone(), &inputs)?;
-                let host_zone = HostZone {
-                    file: file.clone(),
-                    bundle,
-                    pki: args.pki.clone(),
-                    data_dir: args.data_dir.clone(),
-                };
-                (
-                    platform,
-                    me,
-                    endpoints,
-                    args.data_dir.join("db"),
-                    None,
-                    Some(host_zone),
-                    args.data_dir.join("ceph"),
-                )
-            }
-            None => {
-                let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
-                let (host, _) = lab.host(&args.host)?;
-                let db_dir = lab.dir().join("db");
-                let storage_root = lab.dir().join("ceph").join(&args.host);
-                let launcher = HaLauncher {
-                    lab: lab.clone(),
-                    state_dir: args.state_dir.clone(),
-                    exe: exe.with_file_name("dczone"),
-                };
-                let platform = Platform::open(lab, &inputs)?.with_pki(args.pki.clone());
-                let listen = SocketAddr::from((host.ip(), AGENT_PORT));
-                (
-                    platform,
-                    Some(listen),
-                    HashMap::new(),
-                    db_dir,
-                    Some(launcher),
-                    None,
-                    storage_root,
-                )
-            }
-        };
+    let (platform, default_listen, endpoints, dirs, ha_launcher, host_zone) = match &args.zone {
+        Some(file) => {
+            let bundle = access::Bundle::read(file)?;
+            let hosts: Vec<_> = bundle
+                .hosts
+                .iter()
+                .filter_map(|h| match h.address()?.ip() {
+                    std::net::IpAddr::V4(ip) => Some((h.id.clone(), h.site.clone(), ip)),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .collect();
+            let mut placement =
+                HostPlacement::new(&args.host, &bundle.zone, &args.data_dir, &hosts)?;
+            placement.bridge = args.bridge.clone();
+            placement.uplink = args.uplink.clone();
+            let me = bundle
+                .hosts
+                .iter()
+                .find(|h| h.id == args.host)
+                .and_then(|h| h.address());
+            let endpoints = bundle
+                .hosts
+                .iter()
+                .map(|h| (h.id.clone(), h.agent.clone()))
+                .collect();
+            let platform = Platform::on_host(placement, args.pki.clone(), &inputs)?;
+            let host_zone = HostZone {
+                file: file.clone(),
+                bundle,
+                pki: args.pki.clone(),
+                data_dir: args.data_dir.clone(),
+            };
+            (
+                platform,
+                me,
+                endpoints,
+                args.data_dir.join("db"),
+                None,
+                Some(host_zone),
+                args.data_dir.join("ceph"),
+            )
+        }
+        None => {
+            let lab = dczone_lab::Lab::new(&args.lab, &args.state_dir, &exe)?;
+            let (host, _) = lab.host(&args.host)?;
+            let db_dir = lab.dir().join("db");
+            let storage_root = lab.dir().join("ceph").join(&args.host);
+            let launcher = HaLauncher {
+                lab: lab.clone(),
+                state_dir: args.state_dir.clone(),
+                exe: exe.with_file_name("dczone"),
+            };
+            let platform = Platform::open(lab, &inputs)?.with_pki(args.pki.clone());
+            let listen = SocketAddr::from((host.ip(), AGENT_PORT));
+            (
+                platform,
+                Some(listen),
+                HashMap::new(),
+                db_dir,
+                Some(launcher),
+                None,
+                storage_root,
+            )
+        }
+    };
     let listen = args.listen.or(default_listen).ok_or_else(|| {
         anyhow::anyhow!(
             "host {}'s agent endpoint in the zone file is not an IPv4 https://IP:PORT; give --listen",
