@@ -1982,10 +1982,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 platform,
                 me,
                 endpoints,
-                args.data_dir.join("db"),
+                HostDirs {
+                    db: args.data_dir.join("db"),
+                    storage: args.data_dir.join("ceph"),
+                },
                 None,
                 Some(host_zone),
-                args.data_dir.join("ceph"),
             )
         }
         None => {
@@ -2004,10 +2006,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 platform,
                 Some(listen),
                 HashMap::new(),
-                db_dir,
+                HostDirs {
+                    db: db_dir,
+                    storage: storage_root,
+                },
                 Some(launcher),
                 None,
-                storage_root,
             )
         }
     };
