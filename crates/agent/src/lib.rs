@@ -304,6 +304,9 @@ pub struct CreateBody {
     #[serde(default = "default_resident_pct")]
     pub resident_pct: u8,
     pub group: Option<String>,
+    /// A disk of this many MiB in the storage cluster of the host's site.
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
 }
 
 fn default_memory() -> u32 {
@@ -963,6 +966,7 @@ impl Agent {
                 dirty_mib: b.dirty_mib,
                 resident_pct: b.resident_pct,
                 group: b.group,
+                disk_mib: b.disk_mib,
             })?),
             AgentRequest::StartVm { name } => {
                 self.here(&name)?;

@@ -237,6 +237,7 @@ pub fn intra_region(
                 dirty_mib: area,
                 resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
                 group: Some(POC_GROUP.into()),
+                disk_mib: None,
             }
         })
         .collect();
@@ -495,6 +496,7 @@ pub fn sweep(agents: &LabAgents, observer: &dyn Observer) -> anyhow::Result<Swee
                 dirty_mib: (mem / 4).min(128),
                 resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
                 group: None,
+                disk_mib: None,
             })
             .collect();
         observer.step(&format!("booting {} VMs of {mem} MiB", vms.len()));

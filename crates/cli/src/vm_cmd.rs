@@ -41,6 +41,11 @@ pub enum VmCommand {
         /// Cluster (service) the VM belongs to.
         #[arg(long)]
         group: Option<String>,
+        /// Give it a disk of this size (e.g. 1536MiB, 2GiB; alone: 1.5 GiB, a 100 GB
+        /// reference disk at the lab's scale) in the storage cluster of the host's site,
+        /// attached with virtio-blk. Its ledger journals every acknowledged transfer there.
+        #[arg(long, num_args = 0..=1, default_missing_value = "1536MiB", value_parser = parse_mib)]
+        disk: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -121,6 +126,32 @@ impl From<StrategyArg> for Strategy {
     }
 }
 
+/// A size in MiB from `1536MiB`, `1536M`, `1.5GiB`, `2G` (binary units).
+fn parse_mib(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size such as 1536MiB or 1.5GiB"))?;
+    let mib = match unit.trim().to_ascii_lowercase().as_str() {
+        "m" | "mib" | "mb" => n,
+        "g" | "gib" | "gb" => n * 1024.0,
+        "t" | "tib" | "tb" => n * 1024.0 * 1024.0,
+        u => {
+            return Err(format!(
+                "unknown unit '{u}' in '{text}': use MiB, GiB or TiB"
+            ))
+        }
+    };
+    if mib < 1.0 || mib.fract() != 0.0 {
+        return Err(format!("'{text}' is not a whole number of MiB"));
+    }
+    Ok(mib as u64)
+}
+
 /// A VM command through the host agent of the VM's host: `create` names it, the zone's
 /// agents say where a VM is.
 pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> {
@@ -133,6 +164,7 @@ pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> 
             dirty_mib,
             resident_pct,
             group,
+            disk,
             json,
         } => {
             let vm = vms::create(
@@ -145,6 +177,7 @@ pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> 
                     dirty_mib,
                     resident_pct,
                     group,
+                    disk_mib: disk,
                 },
             )?;
             if json {

@@ -79,6 +79,7 @@ pub fn boot(agents: &dyn ZoneAgents, vm: &CreateVm) -> anyhow::Result<VmRecord> 
         "dirty_mib": vm.dirty_mib,
         "resident_pct": vm.resident_pct,
         "group": vm.group,
+        "disk_mib": vm.disk_mib,
     });
     record(
         agents

@@ -7,8 +7,24 @@
 //! T <id> <from> <to> <amount>   transfer; idempotent by <id>  -> "OK <id>" | "DUP <id>" | "ERR <why>"
 //! B <account>                   balance                       -> "<balance>"
 //! Z                             sum of all balances (conserved) -> "<sum>"
-//! S                             continuity and consistency    -> "processed=<n> uptime_ms=<ms> checksum=<hex> boot=<id> dirty_mbps=<r> resident_mib=<m>"
+//! S                             continuity and consistency    -> "processed=<n> uptime_ms=<ms> checksum=<hex> boot=<id> dirty_mbps=<r> resident_mib=<m> journal=<n> replayed=<n>"
+//! C                             checkpoint (a backup's sync point) -> "CP <journal position> <checksum>" | "ERR <why>"
 //! ```
+//!
+//! **The journal.** A VM with a disk (`/dev/vda`) journals every transfer it applies there
+//! and answers `OK` only once the record is durable (written and flushed: QEMU passes the
+//! flush to the storage cluster, which acknowledges it once every replica holds it). A
+//! writer thread commits the records of concurrent requests together (group commit). At
+//! boot the guest replays the journal, so a VM started from a copy of its disk holds every
+//! transfer acknowledged before the copy. `C` holds new transfers, waits until every
+//! applied one is durable, and answers the journal's position: a point that any later
+//! snapshot of the disk contains. Without a disk, `journal=0` and `C` answers `ERR`.
+//!
+//! Journal layout: from byte 4096 of the disk, one 32-byte record per applied transfer,
+//! little-endian: `id u64 | from u32 | to u32 | amount i64 | seq u32 | check u32`, where
+//! `seq` counts from 1 and `check` is FNV-1a (32 bits) of the first 28 bytes. Replay stops
+//! at the first record whose `seq` or `check` does not follow (a never-written, zeroed
+//! disk included).
 //!
 //! Parameters come from the kernel command line:
 //! - `dczone.resident_mib=R`: the working set. Before it serves, the guest fills R MiB with
@@ -20,9 +36,11 @@
 //! A migrated VM keeps all of this state; a rebooted one starts a new `boot`.
 
 use std::collections::HashSet;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 const ACCOUNTS: usize = 1000;
@@ -32,6 +50,184 @@ struct Ledger {
     balances: Vec<i64>,
     applied: HashSet<u64>,
     processed: u64,
+    /// Records replayed from the journal at boot.
+    replayed: u64,
+}
+
+/// The journal's device, its first record's offset, and a record's size.
+const JOURNAL_DEV: &str = "/dev/vda";
+const JOURNAL_START: u64 = 4096;
+const RECORD: usize = 32;
+
+fn fnv32(bytes: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in bytes {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+fn encode_record(seq: u32, id: u64, from: usize, to: usize, amount: i64) -> [u8; RECORD] {
+    let mut r = [0u8; RECORD];
+    r[0..8].copy_from_slice(&id.to_le_bytes());
+    r[8..12].copy_from_slice(&(from as u32).to_le_bytes());
+    r[12..16].copy_from_slice(&(to as u32).to_le_bytes());
+    r[16..24].copy_from_slice(&amount.to_le_bytes());
+    r[24..28].copy_from_slice(&seq.to_le_bytes());
+    let check = fnv32(&r[..28]);
+    r[28..32].copy_from_slice(&check.to_le_bytes());
+    r
+}
+
+/// A record's (id, from, to, amount) if it is record number `seq`.
+fn decode_record(r: &[u8], seq: u32) -> Option<(u64, usize, usize, i64)> {
+    let word = |a: usize| u32::from_le_bytes(r[a..a + 4].try_into().expect("4 bytes"));
+    if word(24) != seq || word(28) != fnv32(&r[..28]) {
+        return None;
+    }
+    let id = u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
+    let amount = i64::from_le_bytes(r[16..24].try_into().expect("8 bytes"));
+    Some((id, word(8) as usize, word(12) as usize, amount))
+}
+
+/// What the request threads and the journal's writer share.
+struct JournalState {
+    /// Records applied (and queued), and records durable on the disk.
+    appended: u64,
+    durable: u64,
+    /// Encoded records not yet written.
+    pending: Vec<u8>,
+    /// Set when a write or a flush failed: no transfer is acknowledged any more.
+    failed: Option<String>,
+}
+
+struct Journal {
+    state: Mutex<JournalState>,
+    /// Signals new records (to the writer) and new durable ones (to the requests).
+    changed: Condvar,
+}
+
+impl Journal {
+    fn lock(&self) -> std::sync::MutexGuard<'_, JournalState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues one applied transfer; its position.
+    fn append(&self, id: u64, from: usize, to: usize, amount: i64) -> u64 {
+        let mut s = self.lock();
+        s.appended += 1;
+        let rec = encode_record(s.appended as u32, id, from, to, amount);
+        s.pending.extend_from_slice(&rec);
+        self.changed.notify_all();
+        s.appended
+    }
+
+    /// Waits until record `pos` is durable.
+    fn wait_durable(&self, pos: u64) -> Result<(), String> {
+        let mut s = self.lock();
+        loop {
+            if let Some(e) = &s.failed {
+                return Err(e.clone());
+            }
+            if s.durable >= pos {
+                return Ok(());
+            }
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The writer: writes and flushes whatever is queued, as one commit.
+    fn write_loop(&self, disk: File, size: u64) {
+        loop {
+            let (bytes, first) = {
+                let mut s = self.lock();
+                while s.pending.is_empty() {
+                    s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+                }
+                (std::mem::take(&mut s.pending), s.durable)
+            };
+            let n = (bytes.len() / RECORD) as u64;
+            let at = JOURNAL_START + first * RECORD as u64;
+            let result = if at + bytes.len() as u64 > size {
+                Err(format!(
+                    "journal full: the disk holds {} records",
+                    (size - JOURNAL_START) / RECORD as u64
+                ))
+            } else {
+                disk.write_all_at(&bytes, at)
+                    .and_then(|()| disk.sync_data())
+                    .map_err(|e| format!("journal write: {e}"))
+            };
+            let mut s = self.lock();
+            match result {
+                Ok(()) => s.durable = first + n,
+                Err(e) => {
+                    println!("dczone-guest: {e}; no transfer is acknowledged any more");
+                    s.failed = Some(e);
+                }
+            }
+            self.changed.notify_all();
+            if s.failed.is_some() {
+                return;
+            }
+        }
+    }
+}
+
+/// Opens the disk and replays its journal into `ledger`; the journal (and its writer
+/// thread) if the VM has a disk.
+fn open_journal(ledger: &mut Ledger) -> Option<Arc<Journal>> {
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(JOURNAL_DEV)
+        .ok()?;
+    let size = {
+        use std::io::Seek;
+        let mut d = &disk;
+        d.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
+    };
+    let t = Instant::now();
+    let mut seq: u32 = 1;
+    let mut at = JOURNAL_START;
+    let mut chunk = vec![0u8; 1 << 20];
+    'read: while at < size {
+        let len = chunk.len().min((size - at) as usize);
+        if disk.read_exact_at(&mut chunk[..len], at).is_err() {
+            break;
+        }
+        for r in chunk[..len].chunks_exact(RECORD) {
+            let Some((id, from, to, amount)) = decode_record(r, seq) else {
+                break 'read;
+            };
+            if from < ACCOUNTS && to < ACCOUNTS && ledger.applied.insert(id) {
+                ledger.balances[from] -= amount;
+                ledger.balances[to] += amount;
+            }
+            seq += 1;
+        }
+        at += len as u64;
+    }
+    let records = u64::from(seq - 1);
+    ledger.replayed = records;
+    println!(
+        "dczone-guest: journal on {JOURNAL_DEV} ({} MiB): {records} transfers replayed in {} ms",
+        size >> 20,
+        t.elapsed().as_millis()
+    );
+    let journal = Arc::new(Journal {
+        state: Mutex::new(JournalState {
+            appended: records,
+            durable: records,
+            pending: Vec::new(),
+            failed: None,
+        }),
+        changed: Condvar::new(),
+    });
+    let writer = journal.clone();
+    std::thread::spawn(move || writer.write_loop(disk, size));
+    Some(journal)
 }
 
 impl Ledger {
@@ -117,7 +313,14 @@ struct Workload {
     resident_mib: u64,
 }
 
-fn serve(stream: TcpStream, ledger: Arc<Mutex<Ledger>>, started: Instant, boot: u64, w: Workload) {
+fn serve(
+    stream: TcpStream,
+    ledger: Arc<Mutex<Ledger>>,
+    journal: Option<Arc<Journal>>,
+    started: Instant,
+    boot: u64,
+    w: Workload,
+) {
     let _ = stream.set_nodelay(true);
     let Ok(read_half) = stream.try_clone() else {
         return;
@@ -126,6 +329,9 @@ fn serve(stream: TcpStream, ledger: Arc<Mutex<Ledger>>, started: Instant, boot: 
     for line in BufReader::new(read_half).lines() {
         let Ok(line) = line else { return };
         let parts: Vec<&str> = line.split_whitespace().collect();
+        // A transfer's answer waits (outside the ledger's lock) until its record, or the
+        // record of the transfer it repeats, is durable.
+        let mut durable_at = None;
         let answer = {
             let mut l = ledger.lock().unwrap_or_else(|e| e.into_inner());
             match parts.as_slice() {
@@ -136,29 +342,51 @@ fn serve(stream: TcpStream, ledger: Arc<Mutex<Ledger>>, started: Instant, boot: 
                             if l.applied.insert(id) {
                                 l.balances[f] -= a;
                                 l.balances[t] += a;
+                                durable_at = journal.as_ref().map(|j| j.append(id, f, t, a));
                                 format!("OK {id}")
                             } else {
+                                durable_at = journal.as_ref().map(|j| j.lock().appended);
                                 format!("DUP {id}")
                             }
                         }
                         _ => "ERR bad transfer".to_string(),
                     }
                 }
+                ["C"] => match &journal {
+                    // Held under the ledger's lock: no transfer is applied meanwhile.
+                    Some(j) => {
+                        let pos = j.lock().appended;
+                        match j.wait_durable(pos) {
+                            Ok(()) => format!("CP {pos} {:016x}", l.checksum()),
+                            Err(e) => format!("ERR {e}"),
+                        }
+                    }
+                    None => "ERR no disk: this VM has no journal".to_string(),
+                },
                 ["B", acct] => match acct.parse::<usize>() {
                     Ok(a) if a < ACCOUNTS => l.balances[a].to_string(),
                     _ => "ERR bad account".to_string(),
                 },
                 ["Z"] => l.balances.iter().sum::<i64>().to_string(),
                 ["S"] => format!(
-                    "processed={} uptime_ms={} checksum={:016x} boot={boot:016x} dirty_mbps={} resident_mib={}",
+                    "processed={} uptime_ms={} checksum={:016x} boot={boot:016x} dirty_mbps={} resident_mib={} journal={} replayed={}",
                     l.processed,
                     started.elapsed().as_millis(),
                     l.checksum(),
                     w.dirty_mbps,
                     w.resident_mib,
+                    journal.as_ref().map_or(0, |j| j.lock().durable),
+                    l.replayed,
                 ),
                 _ => "ERR unknown request".to_string(),
             }
+        };
+        let answer = match (durable_at, &journal) {
+            (Some(pos), Some(j)) => match j.wait_durable(pos) {
+                Ok(()) => answer,
+                Err(e) => format!("ERR {e}"),
+            },
+            _ => answer,
         };
         if writeln!(out, "{answer}").is_err() {
             return;
@@ -199,15 +427,35 @@ fn main() {
         let (dirty_area, _) = area.split_at_mut((dirty_mib as usize) << 20);
         std::thread::spawn(move || dirty_memory(dirty, dirty_area));
     }
-    let ledger = Arc::new(Mutex::new(Ledger {
+    let mut ledger = Ledger {
         balances: vec![INITIAL_BALANCE; ACCOUNTS],
         applied: HashSet::new(),
         processed: 0,
-    }));
+        replayed: 0,
+    };
+    let journal = open_journal(&mut ledger);
+    let ledger = Arc::new(Mutex::new(ledger));
     let listener = TcpListener::bind("0.0.0.0:7000").expect("bind port 7000");
     println!("dczone-guest: ledger listening on :7000 (dirty {dirty} MB/s over {dirty_mib} MiB)");
     for stream in listener.incoming().flatten() {
         let ledger = ledger.clone();
-        std::thread::spawn(move || serve(stream, ledger, started, boot, workload));
+        let journal = journal.clone();
+        std::thread::spawn(move || serve(stream, ledger, journal, started, boot, workload));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_decodes_only_as_the_record_it_is() {
+        let r = encode_record(7, 42, 3, 9, 150);
+        assert_eq!(decode_record(&r, 7), Some((42, 3, 9, 150)));
+        assert_eq!(decode_record(&r, 8), None, "out of sequence");
+        let mut bad = r;
+        bad[16] ^= 1;
+        assert_eq!(decode_record(&bad, 7), None, "a flipped bit");
+        assert_eq!(decode_record(&[0u8; RECORD], 1), None, "a zeroed disk");
     }
 }

@@ -43,7 +43,36 @@ pub struct VmSpec {
     /// its working set, as full as a real VM's. The dirty area lies inside it.
     #[serde(default)]
     pub resident_pct: u8,
+    /// Its disk, if it has one: an RBD image of the zone's storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskSpec>,
 }
+
+/// A VM's disk: an RBD image in the pool of a storage cluster of the zone. Each host opens
+/// it with its own copy of that cluster's configuration and client key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// The storage cluster (`region-1`).
+    pub cluster: String,
+    pub pool: String,
+    pub image: String,
+    pub size_mib: u64,
+}
+
+/// The smallest and largest disks, MiB.
+pub const DISK_MIB: std::ops::RangeInclusive<u64> = 64..=1 << 20;
+
+/// How a host opens a VM's RBD disk: the cluster's `ceph.conf` on this host and the client
+/// whose key it names.
+#[derive(Debug, Clone)]
+pub struct RbdAccess {
+    pub conf: PathBuf,
+    /// Ceph client id (`vm` for `client.vm`).
+    pub user: String,
+}
+
+/// QEMU's node name of a VM's disk.
+pub const DISK_NODE: &str = "disk0";
 
 impl VmSpec {
     /// Checks everything that becomes part of a path, a TAP name or QEMU's options (name,
@@ -92,6 +121,28 @@ impl VmSpec {
                 "resident working set {} % is over {MAX_RESIDENT_PCT} % of the memory: the guest's kernel needs the rest",
                 self.resident_pct
             ));
+        }
+        if let Some(d) = &self.disk {
+            let name_ok = |n: &str| {
+                !n.is_empty()
+                    && n.len() <= 64
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            };
+            if !(name_ok(&d.cluster) && name_ok(&d.pool) && name_ok(&d.image)) {
+                return Err(format!(
+                    "disk {}/{}/{} must name its cluster, pool and image with a-z, 0-9, '-', '_', '.'",
+                    d.cluster, d.pool, d.image
+                ));
+            }
+            if !DISK_MIB.contains(&d.size_mib) {
+                return Err(format!(
+                    "disk of {} MiB is outside {}-{} MiB",
+                    d.size_mib,
+                    DISK_MIB.start(),
+                    DISK_MIB.end()
+                ));
+            }
         }
         if self.dirty_mib >= self.memory_mib / 2 {
             return Err(format!(
@@ -155,6 +206,8 @@ pub enum HvError {
     },
     #[error("QEMU of VM {vm} did not write its pid file {}", pidfile.display())]
     NoPid { vm: String, pidfile: PathBuf },
+    #[error("VM {vm}'s disk is in storage cluster {cluster}, which this host has not installed (`dczone storage up`)")]
+    NoDiskAccess { vm: String, cluster: String },
     #[error(transparent)]
     Qmp(#[from] QmpError),
 }
@@ -178,6 +231,8 @@ pub struct Launch<'a> {
     pub paused: bool,
     /// The host bridge the TAP joins.
     pub bridge: &'a str,
+    /// How this host opens the VM's disk (required when the spec has one).
+    pub disk: Option<&'a RbdAccess>,
 }
 
 /// A running QEMU.
@@ -282,6 +337,31 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
     .arg(format!("file:{}", serial.display()))
     .args(["-display", "none", "-daemonize", "-pidfile"])
     .arg(&pidfile);
+    if let Some(d) = &s.disk {
+        let access = l.disk.ok_or_else(|| HvError::NoDiskAccess {
+            vm: s.name.clone(),
+            cluster: d.cluster.clone(),
+        })?;
+        // The disk as a raw node over QEMU's RBD driver (librbd, its writeback cache
+        // flushed on the guest's flushes): shared storage, so a migration within the
+        // cluster moves memory only.
+        let blockdev = serde_json::json!({
+            "driver": "raw",
+            "node-name": DISK_NODE,
+            "file": {
+                "driver": "rbd",
+                "node-name": "rbd0",
+                "pool": d.pool,
+                "image": d.image,
+                "conf": access.conf,
+                "user": access.user,
+            },
+        });
+        cmd.args(["-blockdev", &blockdev.to_string()]).args([
+            "-device",
+            &format!("virtio-blk-pci,drive={DISK_NODE},id=vd0"),
+        ]);
+    }
     if l.incoming {
         cmd.args(["-incoming", "defer"]);
     }
@@ -462,7 +542,26 @@ mod spec_tests {
             dirty_mbps: 1,
             dirty_mib: 32,
             resident_pct: 75,
+            disk: None,
         }
+    }
+
+    #[test]
+    fn a_disk_names_its_image_safely_and_has_a_sane_size() {
+        let mut s = spec();
+        s.disk = Some(super::DiskSpec {
+            cluster: "region-1".into(),
+            pool: "rbd".into(),
+            image: "vm-web".into(),
+            size_mib: 1536,
+        });
+        assert_eq!(s.validate(), Ok(()));
+        let mut bad = s.clone();
+        bad.disk.as_mut().unwrap().image = "x:conf=/etc/passwd".into();
+        assert!(bad.validate().unwrap_err().contains("must name"));
+        let mut small = s;
+        small.disk.as_mut().unwrap().size_mib = 1;
+        assert!(small.validate().unwrap_err().contains("outside"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The guest image: Debian's cloud kernel (fetched with `apt-get download`), and an
-//! uncompressed initramfs holding busybox, the virtio-net modules in dependency order, and
+//! uncompressed initramfs holding busybox, the virtio-net and virtio-blk modules in dependency order, and
 //! `dczone-guest` run as init's service.
 //!
 //! Images are cached under `<cache>/images/<key>/`, where the key hashes every input
@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump when the image layout changes.
-const BUILDER_VERSION: u32 = 1;
+const BUILDER_VERSION: u32 = 2;
 const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
-/// What the guest needs for virtio-net-pci.
-const WANTED_MODULES: [&str; 2] = ["virtio_pci", "virtio_net"];
+/// What the guest needs for virtio-net-pci and virtio-blk-pci (a VM's disk).
+const WANTED_MODULES: [&str; 3] = ["virtio_pci", "virtio_net", "virtio_blk"];
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin

@@ -757,3 +757,92 @@ fn uuid() -> Result<String, StorageError> {
 pub fn new_fsid() -> Result<String, StorageError> {
     uuid()
 }
+
+/// A lab host's storage directory: `<lab>/ceph/<host>` (a lab's hosts share one
+/// filesystem).
+pub fn lab_root(lab_dir: &Path, host: &str) -> PathBuf {
+    lab_dir.join("ceph").join(host)
+}
+
+/// A real host's storage directory: `<data dir>/ceph`.
+pub fn host_root(data_dir: &Path) -> PathBuf {
+    data_dir.join("ceph")
+}
+
+/// The client the hypervisors open disks as (`client.vm`), by its id.
+pub const VM_USER: &str = "vm";
+
+impl HostStorage {
+    /// The cluster installed here that stores the disks of `site`'s VMs.
+    pub fn cluster_for_site(&self, site: &str) -> Result<ClusterPlan, StorageError> {
+        for name in self.clusters() {
+            if let Some(p) = self.plan(&name)? {
+                if p.sites.iter().any(|s| s == site) {
+                    return Ok(p);
+                }
+            }
+        }
+        Err(StorageError::NoCluster {
+            site: site.into(),
+            host: self.host.clone(),
+        })
+    }
+
+    /// `cluster`'s `ceph.conf` on this host, if it is installed here.
+    pub fn conf_path(&self, cluster: &str) -> Option<PathBuf> {
+        let p = self.dir(cluster).join("ceph.conf");
+        p.is_file().then_some(p)
+    }
+
+    /// Runs `rbd` as the hypervisors' client; its stdout.
+    pub fn rbd(&self, cluster: &str, args: &[&str]) -> Result<String, StorageError> {
+        let conf = self
+            .conf_path(cluster)
+            .ok_or_else(|| StorageError::NotInstalled {
+                cluster: cluster.into(),
+                host: self.host.clone(),
+            })?;
+        let conf = conf.display().to_string();
+        let mut all = vec!["-c", &conf, "--id", VM_USER];
+        all.extend_from_slice(args);
+        run(&format!("rbd {}", args.join(" ")), "rbd", &all)
+    }
+
+    /// Creates image `pool/image` of `size_mib` in `cluster`. An image of that name must
+    /// not exist.
+    pub fn create_image(
+        &self,
+        cluster: &str,
+        pool: &str,
+        image: &str,
+        size_mib: u64,
+    ) -> Result<(), StorageError> {
+        let spec = format!("{pool}/{image}");
+        match self.rbd(
+            cluster,
+            &["create", "--size", &format!("{size_mib}M"), &spec],
+        ) {
+            Err(StorageError::Command { stderr, .. }) if stderr.contains("File exists") => {
+                Err(StorageError::Conflict(format!(
+                    "image {spec} exists in cluster {cluster}: another VM's disk, or one a \
+                     failed command left (`rbd rm {spec}` with the cluster's admin key)"
+                )))
+            }
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Removes image `pool/image` of `cluster` and its snapshots; nothing if it is gone.
+    pub fn remove_image(&self, cluster: &str, pool: &str, image: &str) -> Result<(), StorageError> {
+        let spec = format!("{pool}/{image}");
+        let gone = |e: &StorageError| matches!(e, StorageError::Command { stderr, .. } if stderr.contains("No such file"));
+        match self.rbd(cluster, &["snap", "purge", &spec]) {
+            Err(e) if gone(&e) => return Ok(()),
+            r => r.map(|_| ())?,
+        }
+        match self.rbd(cluster, &["rm", "--no-progress", &spec]) {
+            Err(e) if gone(&e) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+}

@@ -47,6 +47,8 @@ pub enum StorageError {
     Corrupt { what: String, reason: String },
     #[error("cluster {cluster} is not installed on {host}; `dczone storage up` installs it")]
     NotInstalled { cluster: String, host: String },
+    #[error("no storage cluster on {host} stores site {site}'s disks; `dczone storage up` installs them (on the site's storage hosts)")]
+    NoCluster { site: String, host: String },
     #[error("{host} holds no monitor of cluster {cluster}, so not its admin key")]
     NotAdmin { cluster: String, host: String },
     #[error("{0} is not installed; run scripts/deps (apt-get install ceph-mon ceph-mgr ceph-osd ceph-common)")]

@@ -52,6 +52,8 @@ pub struct CreateVm {
     /// Working set, percent of the memory (see `VmSpec::resident_pct`).
     pub resident_pct: u8,
     pub group: Option<String>,
+    /// A disk of this many MiB in the storage cluster of the host's site.
+    pub disk_mib: Option<u64>,
 }
 
 /// The guest image to boot.
@@ -77,6 +79,12 @@ pub enum VirtError {
     UnknownHost { host: String, known: String },
     #[error("{0} needs the embedded lab; a real host's agent cannot do it yet")]
     LabOnly(&'static str),
+    #[error("disk of VM '{vm}'")]
+    Disk {
+        vm: String,
+        #[source]
+        source: dczone_storage::StorageError,
+    },
     #[error("VM '{0}' is not running")]
     NotRunning(String),
     #[error("VM '{0}' is already running")]
@@ -411,9 +419,14 @@ impl Platform {
                 dirty_mbps: req.dirty_mbps,
                 dirty_mib: req.dirty_mib,
                 resident_pct: req.resident_pct,
+                disk: None,
             };
             spec.validate().map_err(VirtError::BadSpec)?;
             self.check_memory(&req.name, &req.host, req.memory_mib)?;
+            let mut spec = spec;
+            if let Some(mib) = req.disk_mib {
+                spec.disk = Some(self.create_disk(&req.name, &h, mib)?);
+            }
             let record = VmRecord {
                 spec,
                 host: req.host.clone(),
@@ -438,7 +451,9 @@ impl Platform {
         }
         let ns = self.placement.namespace(&vm.host);
         let dir = self.vm_dir(name, &vm.host);
+        let disk = self.rbd_access(&vm.host, &vm.spec);
         let running = hv::launch(&hv::Launch {
+            disk: disk.as_ref(),
             namespace: ns.as_deref(),
             dir: &dir,
             spec: &vm.spec,
@@ -476,11 +491,63 @@ impl Platform {
         Ok(vm)
     }
 
-    /// Stops a VM if it runs and forgets it.
+    /// A new disk for VM `name` on host `h`: an image in the pool of the storage cluster
+    /// of `h`'s site, made with the hypervisors' client key.
+    fn create_disk(
+        &self,
+        name: &str,
+        h: &placement::ZoneHost,
+        size_mib: u64,
+    ) -> Result<hv::DiskSpec, VirtError> {
+        let disk_err = |source| VirtError::Disk {
+            vm: name.into(),
+            source,
+        };
+        if !hv::DISK_MIB.contains(&size_mib) {
+            return Err(VirtError::BadSpec(format!(
+                "disk of {size_mib} MiB is outside {}-{} MiB",
+                hv::DISK_MIB.start(),
+                hv::DISK_MIB.end()
+            )));
+        }
+        let storage = self.placement.storage(&h.id);
+        let cluster = storage.cluster_for_site(&h.site).map_err(disk_err)?;
+        let disk = hv::DiskSpec {
+            cluster: cluster.name.clone(),
+            pool: cluster.pool.name.clone(),
+            image: format!("vm-{name}"),
+            size_mib,
+        };
+        storage
+            .create_image(&disk.cluster, &disk.pool, &disk.image, size_mib)
+            .map_err(disk_err)?;
+        Ok(disk)
+    }
+
+    /// How `host` opens `spec`'s disk (`None` without a disk, or where its cluster is not
+    /// installed: the launch then says so).
+    pub(crate) fn rbd_access(&self, host: &str, spec: &VmSpec) -> Option<hv::RbdAccess> {
+        let d = spec.disk.as_ref()?;
+        Some(hv::RbdAccess {
+            conf: self.placement.storage(host).conf_path(&d.cluster)?,
+            user: dczone_storage::host::VM_USER.into(),
+        })
+    }
+
+    /// Stops a VM if it runs and forgets it, its disk included.
     pub fn destroy(&self, name: &str) -> Result<(), VirtError> {
         let vm = self.get(name)?;
         if let Some(r) = &vm.running {
             hv::kill(r);
+        }
+        if let Some(d) = &vm.spec.disk {
+            self.placement
+                .storage(&vm.host)
+                .remove_image(&d.cluster, &d.pool, &d.image)
+                .map_err(|source| VirtError::Disk {
+                    vm: name.into(),
+                    source,
+                })?;
         }
         let _l = self.lock()?;
         let mut reg = self.load()?;

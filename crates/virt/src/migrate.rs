@@ -818,7 +818,9 @@ impl Platform {
         };
         let dir = self.vm_dir(name, to);
         let ns = self.placement().namespace(to);
+        let disk = self.rbd_access(to, &vm.spec);
         let running = hv::launch(&hv::Launch {
+            disk: disk.as_ref(),
             namespace: ns.as_deref(),
             dir: &dir,
             spec: &vm.spec,

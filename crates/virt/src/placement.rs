@@ -174,6 +174,16 @@ impl Placement {
         }
     }
 
+    /// `host`'s storage directory, where the storage clusters it takes part in are
+    /// installed ([`dczone_storage::host`]); the agent runs them there.
+    pub fn storage(&self, host: &str) -> dczone_storage::host::HostStorage {
+        let root = match self {
+            Placement::Lab(lab) => dczone_storage::host::lab_root(lab.dir(), host),
+            Placement::Host(h) => dczone_storage::host::host_root(&h.dir),
+        };
+        dczone_storage::host::HostStorage::new(root, host)
+    }
+
     /// The bridge VMs' TAPs join (the lab's `br0` in every host namespace).
     pub fn bridge(&self) -> &str {
         match self {
