@@ -833,6 +833,7 @@ impl HostStorage {
     }
 
     /// Removes image `pool/image` of `cluster` and its snapshots; nothing if it is gone.
+    /// Its user must be gone: a watcher left by a dead client is cut off first.
     pub fn remove_image(&self, cluster: &str, pool: &str, image: &str) -> Result<(), StorageError> {
         let spec = format!("{pool}/{image}");
         let gone = |e: &StorageError| matches!(e, StorageError::Command { stderr, .. } if stderr.contains("No such file"));
@@ -840,8 +841,43 @@ impl HostStorage {
             Err(e) if gone(&e) => return Ok(()),
             r => r.map(|_| ())?,
         }
+        let watched = |e: &StorageError| matches!(e, StorageError::Command { stderr, .. } if stderr.contains("has watchers"));
         match self.rbd(cluster, &["rm", "--no-progress", &spec]) {
             Err(e) if gone(&e) => Ok(()),
+            Err(e) if watched(&e) => {
+                // A client that died (a killed QEMU) keeps its watch for 30 s: it is cut
+                // off from the cluster (blocklisted, as `rbd lock break` does), then the
+                // image goes.
+                let status = self.rbd(cluster, &["status", "--format", "json", &spec])?;
+                let v: Value =
+                    serde_json::from_str(&status).map_err(|e| StorageError::Corrupt {
+                        what: format!("rbd status {spec}"),
+                        reason: e.to_string(),
+                    })?;
+                let conf = self.conf(cluster);
+                for w in v["watchers"].as_array().into_iter().flatten() {
+                    if let Some(addr) = w["address"].as_str() {
+                        run(
+                            &format!("blocklist the dead watcher {addr} of {spec}"),
+                            "ceph",
+                            &[
+                                "-c",
+                                &conf,
+                                "--id",
+                                VM_USER,
+                                "--connect-timeout",
+                                CONNECT_TIMEOUT_S,
+                                "osd",
+                                "blocklist",
+                                "add",
+                                addr,
+                            ],
+                        )?;
+                    }
+                }
+                self.rbd(cluster, &["rm", "--no-progress", &spec])
+                    .map(|_| ())
+            }
             r => r.map(|_| ()),
         }
     }

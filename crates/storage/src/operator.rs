@@ -275,6 +275,33 @@ pub fn up_cluster(
         Ok(started.into_iter().flatten().collect())
     };
     let mon_hosts: Vec<String> = plan.admin_hosts();
+    if !created {
+        // A cluster that runs whole, set up and active, needs nothing more.
+        let all_run = views
+            .iter()
+            .all(|v| !v.daemons.is_empty() && v.daemons.iter().all(|d| d.running));
+        if all_run {
+            if let Ok(status) = cluster_status(agents, &plan) {
+                if status.all_active()
+                    && status.mgr_available
+                    && status.stretch_mode == plan.stretch.is_some()
+                    && status.osds_up == plan.osds.len() as u64
+                    && status.pgs >= u64::from(plan.pool.pg_num)
+                {
+                    progress(&format!("{}: runs ({})", plan.name, status.health));
+                    return Ok(UpReport {
+                        cluster: plan.name.clone(),
+                        fsid: plan.fsid.clone(),
+                        created,
+                        started: Vec::new(),
+                        setup: Vec::new(),
+                        ms: t.elapsed().as_secs_f64() * 1e3,
+                        status,
+                    });
+                }
+            }
+        }
+    }
     let mut started = start(&[Kind::Mon], &mon_hosts)?;
     progress(&format!(
         "{}: monitors started, waiting for their quorum",

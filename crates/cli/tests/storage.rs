@@ -1,0 +1,285 @@
+//! End-to-end tests of the zone's storage: real Ceph clusters brought up through the lab
+//! hosts' agents, and VMs whose disks are RBD images in them. Gated by `DCZONE_E2E=1`;
+//! need `scripts/build` and `scripts/deps` (Ceph).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dczone_lab::sys;
+
+mod common;
+
+use common::{e2e_enabled, TestLab};
+
+/// One connection to a guest's ledger from `host`.
+struct Client {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn connect(ip: Ipv4Addr) -> Client {
+        let s = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(10))
+            .expect("connect to the guest ledger");
+        // A write waits for its replicas: an OSD's loss stalls it until the OSD is marked
+        // down (seconds), and a restarted VM first takes its image's lock from the dead one.
+        s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+        Client {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        }
+    }
+
+    fn ask(&mut self, req: &str) -> String {
+        writeln!(self.w, "{req}").unwrap_or_else(|e| panic!("send {req}: {e}"));
+        let mut line = String::new();
+        self.r
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("answer to {req}: {e}"));
+        line.trim().to_string()
+    }
+}
+
+fn ask_from(lab: &TestLab, host: &str, ip: Ipv4Addr, requests: Vec<String>) -> Vec<String> {
+    sys::in_namespace(&lab.ns(host), move || {
+        let mut c = Client::connect(ip);
+        requests.iter().map(|r| c.ask(r)).collect::<Vec<_>>()
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+}
+
+fn field<'a>(stats: &'a str, key: &str) -> &'a str {
+    stats
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {stats}"))
+}
+
+fn checksum(balances: &[i64]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in balances.iter().flat_map(|b| b.to_le_bytes()) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn stderr_of(lab: &TestLab, args: &[&str]) -> String {
+    let out = lab.run(args);
+    assert!(!out.status.success(), "dczone {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_restart() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("e2esto");
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
+    lab.up();
+    step("lab up");
+
+    // Both clusters through the agents: region 1 stretched with its tiebreaker at the
+    // witness, DC2.1 on its own.
+    let up = lab.json(&["storage", "up", "--json"]);
+    let up = up.as_array().unwrap();
+    assert_eq!(up.len(), 2);
+    let r1 = &up[0];
+    assert_eq!(r1["cluster"], "region-1");
+    assert_eq!(r1["created"], true);
+    assert_eq!(r1["status"]["stretch_mode"], true, "{r1}");
+    assert_eq!(r1["status"]["quorum"].as_array().unwrap().len(), 5);
+    assert_eq!(r1["status"]["osds_up"], 4);
+    assert_eq!(up[1]["cluster"], "region-2");
+    assert_eq!(up[1]["status"]["osds_up"], 2);
+    step("storage up");
+    // Run again, it finds both and starts nothing.
+    let again = lab.json(&["storage", "up", "--json"]);
+    for c in again.as_array().unwrap() {
+        assert_eq!(c["created"], false);
+        assert_eq!(c["started"].as_array().unwrap().len(), 0, "{c}");
+    }
+
+    step("storage up again");
+    // Bad input.
+    let small = stderr_of(
+        &lab,
+        &[
+            "vm", "create", "tiny", "--host", "dc1.1-h1", "--disk", "5MiB",
+        ],
+    );
+    assert!(small.contains("outside 64-"), "{small}");
+    let unit = stderr_of(
+        &lab,
+        &[
+            "vm", "create", "tiny", "--host", "dc1.1-h1", "--disk", "5XB",
+        ],
+    );
+    assert!(unit.contains("unknown unit"), "{unit}");
+    let nowhere = stderr_of(
+        &lab,
+        &["vm", "create", "tiny", "--host", "dc1.1-client", "--disk"],
+    );
+    assert!(
+        nowhere.contains("no storage cluster on dc1.1-client"),
+        "{nowhere}"
+    );
+    let bad_daemon = stderr_of(&lab, &["storage", "stop", "osd.9", "--cluster", "region-1"]);
+    assert!(bad_daemon.contains("has no osd.9"), "{bad_daemon}");
+
+    let vm = lab.json(&[
+        "vm", "create", "ledger", "--host", "dc1.1-h1", "--disk", "--json",
+    ]);
+    assert_eq!(vm["spec"]["disk"]["cluster"], "region-1");
+    assert_eq!(vm["spec"]["disk"]["size_mib"], 1536);
+    let ip: Ipv4Addr = vm["spec"]["ip_cidr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let first = ask_from(&lab, "dc1.1-client", ip, vec!["S".into()]);
+    let boot = field(&first[0], "boot").to_string();
+    assert_eq!(field(&first[0], "journal"), "0");
+
+    // A client sends transfers back to back while one OSD of DC1.1 dies, then while the VM
+    // moves to DC1.2 (its disk is shared: memory only). Every transfer is answered OK.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        sys::in_namespace(&lab.ns("dc1.1-client"), move || {
+            let mut c = Client::connect(ip);
+            let mut acked = Vec::new();
+            for id in 100u64.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (from, to, amount) = ((id % 10) as usize, ((id * 7 + 3) % 10) as usize, id % 5);
+                let answer = c.ask(&format!("T {id} {from} {to} {amount}"));
+                assert_eq!(answer, format!("OK {id}"), "transfer {id}");
+                acked.push((id, from, to, amount as i64));
+            }
+            acked
+        })
+        .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    step("VM up, load running");
+    lab.ok(&["storage", "stop", "osd.0", "--cluster", "region-1"]);
+    let t = Instant::now();
+    let degraded = loop {
+        let s = lab.json(&["storage", "status", "--json"]);
+        let r1 = s[0]["status"].clone();
+        if r1["osds_up"] == 3 {
+            break r1;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "osd.0 never marked down: {s}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(degraded["osds"], 4);
+    step("osd.0 down");
+    std::thread::sleep(Duration::from_secs(2));
+    let m = lab.json(&["migrate", "ledger", "--to", "dc1.2-h1", "--json"]);
+    let t2 = m["vms"][0]["t2_ms"].as_f64().unwrap();
+    assert!(t2 > 0.0 && t2 < 1000.0, "downtime {t2} ms");
+    step("migrated");
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let acked = load.join().expect("every transfer was answered OK");
+    assert!(acked.len() >= 50, "only {} transfers", acked.len());
+
+    let mut balances = vec![1000i64; 1000];
+    for &(_, from, to, amount) in &acked {
+        balances[from] -= amount;
+        balances[to] += amount;
+    }
+    let after = ask_from(&lab, "dc1.1-client", ip, vec!["C".into(), "S".into()]);
+    assert_eq!(field(&after[1], "boot"), boot, "the guest rebooted");
+    assert_eq!(field(&after[1], "checksum"), checksum(&balances));
+    assert_eq!(
+        after[0],
+        format!("CP {} {}", acked.len(), checksum(&balances)),
+        "the checkpoint's journal position and state"
+    );
+
+    // Powered off and on again (a crash: QEMU killed), the VM replays its journal: every
+    // acknowledged transfer is there, and a retried one is not applied twice.
+    step("checkpoint");
+    lab.ok(&["vm", "stop", "ledger"]);
+    lab.ok(&["vm", "start", "ledger"]);
+    let mut retry: Vec<String> = vec!["S".into()];
+    retry.extend(
+        acked
+            .iter()
+            .map(|&(id, from, to, amount)| format!("T {id} {from} {to} {amount}")),
+    );
+    retry.push("S".into());
+    let t = Instant::now();
+    let replayed = loop {
+        let reachable = sys::in_namespace(&lab.ns("dc1.1-client"), move || {
+            TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(2))
+                .is_ok()
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        if reachable {
+            break ask_from(&lab, "dc1.1-client", ip, retry);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the restarted VM never served"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_ne!(field(&replayed[0], "boot"), boot, "it did restart");
+    assert_eq!(field(&replayed[0], "replayed"), acked.len().to_string());
+    assert_eq!(field(&replayed[0], "checksum"), checksum(&balances));
+    for (answer, &(id, ..)) in replayed[1..].iter().zip(&acked) {
+        assert_eq!(*answer, format!("DUP {id}"), "transfer {id} was lost");
+    }
+    assert_eq!(
+        field(replayed.last().unwrap(), "checksum"),
+        checksum(&balances)
+    );
+
+    step("replayed and retried");
+    // Down: the VM's image goes with the VM, then every daemon and file with the clusters.
+    lab.ok(&["vm", "destroy", "ledger"]);
+    let down = lab.json(&["storage", "down", "--json"]);
+    for l in down.as_array().unwrap() {
+        assert!(l["error"].is_null(), "{l}");
+    }
+    let ceph = lab.state_dir.join(&lab.name).join("ceph");
+    let left: Vec<_> = std::fs::read_dir(&ceph)
+        .map(|d| {
+            d.flatten()
+                .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let pids = sys::pids_in_namespace(&lab.ns("dc1.1-h1"));
+    let cephs: Vec<_> = pids
+        .iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("ceph-"))
+        })
+        .collect();
+    assert!(cephs.is_empty(), "ceph daemons left on dc1.1-h1: {cephs:?}");
+    step("storage down");
+    lab.ok(&["lab", "down"]);
+}
