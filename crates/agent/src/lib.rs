@@ -203,6 +203,42 @@ pub enum AgentRequest {
     StorageStatus { cluster: String },
     /// Stop this host's daemons of `cluster` and remove its files.
     StoragePurge { cluster: String },
+    /// Requests to the ledger of a VM of this host, from this host.
+    Ledger {
+        name: String,
+        body: storage::LedgerBody,
+    },
+    /// Back up the disk of a VM of this host to a store ([`storage`]).
+    Backup {
+        name: String,
+        body: storage::BackupBody,
+    },
+    /// The store's side, from a source host: one chunk of backup `id`, checked against
+    /// its SHA-256 and kept.
+    BackupChunk {
+        cluster: String,
+        id: String,
+        n: u32,
+        sha256: String,
+        bytes: Vec<u8>,
+        arrived_unix_ms: u64,
+    },
+    /// The store's side, from a source host: the manifest that makes backup `id` exist.
+    BackupCommit {
+        cluster: String,
+        manifest: dczone_storage::backup::Manifest,
+    },
+    /// The backups in this host's store of `cluster`.
+    BackupList { cluster: String },
+    /// Check every chunk of backup `id`.
+    BackupVerify { cluster: String, id: String },
+    /// Remove backup `id` (and the chunks of a cut transfer of that id).
+    BackupDelete { cluster: String, id: String },
+    /// Restore a chain of backups into a new image of `cluster`.
+    BackupRestore {
+        cluster: String,
+        body: storage::RestoreBody,
+    },
 }
 
 /// Body of `POST /v1/db/{site}/switchover`: the primary the operator saw, and the standby
@@ -241,7 +277,9 @@ impl AgentRequest {
             | AgentRequest::IncomingAbort { .. }
             | AgentRequest::IncomingStatus { .. }
             | AgentRequest::IncomingOutcome { .. }
-            | AgentRequest::IncomingRecover { .. } => Role::Host,
+            | AgentRequest::IncomingRecover { .. }
+            | AgentRequest::BackupChunk { .. }
+            | AgentRequest::BackupCommit { .. } => Role::Host,
             _ => Role::Operator,
         }
     }
@@ -307,6 +345,9 @@ pub struct CreateBody {
     /// A disk of this many MiB in the storage cluster of the host's site.
     #[serde(default)]
     pub disk_mib: Option<u64>,
+    /// Or an existing image of that cluster (a restored backup).
+    #[serde(default)]
+    pub disk_image: Option<String>,
 }
 
 fn default_memory() -> u32 {
@@ -967,6 +1008,7 @@ impl Agent {
                 resident_pct: b.resident_pct,
                 group: b.group,
                 disk_mib: b.disk_mib,
+                disk_image: b.disk_image,
             })?),
             AgentRequest::StartVm { name } => {
                 self.here(&name)?;
@@ -1211,7 +1253,15 @@ impl Agent {
             | AgentRequest::StorageStop { .. }
             | AgentRequest::StorageSetup { .. }
             | AgentRequest::StorageStatus { .. }
-            | AgentRequest::StoragePurge { .. } => self.storage_request(req)?,
+            | AgentRequest::StoragePurge { .. }
+            | AgentRequest::Backup { .. }
+            | AgentRequest::Ledger { .. }
+            | AgentRequest::BackupChunk { .. }
+            | AgentRequest::BackupCommit { .. }
+            | AgentRequest::BackupList { .. }
+            | AgentRequest::BackupVerify { .. }
+            | AgentRequest::BackupDelete { .. }
+            | AgentRequest::BackupRestore { .. } => self.storage_request(req)?,
             AgentRequest::DbPolicy { site, body } => {
                 let tier = body.tier;
                 self.ha(
@@ -1614,6 +1664,108 @@ pub fn router(agent: Shared) -> Router {
             ),
         )
         .route(
+            "/v1/vms/{name}/ledger",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(name): UrlPath<String>,
+                 Json(body): Json<storage::LedgerBody>| {
+                    dispatch(a, h, AgentRequest::Ledger { name, body })
+                },
+            ),
+        )
+        .route(
+            "/v1/vms/{name}/backup",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(name): UrlPath<String>,
+                 Json(body): Json<storage::BackupBody>| {
+                    dispatch(a, h, AgentRequest::Backup { name, body })
+                },
+            ),
+        )
+        .route(
+            "/v1/backup-store/{cluster}",
+            get(
+                |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::BackupList { cluster })
+                },
+            ),
+        )
+        .route(
+            "/v1/backup-store/{cluster}/restore",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(cluster): UrlPath<String>,
+                 Json(body): Json<storage::RestoreBody>| {
+                    dispatch(a, h, AgentRequest::BackupRestore { cluster, body })
+                },
+            ),
+        )
+        .route(
+            "/v1/backup-store/{cluster}/{id}",
+            put(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath((cluster, _id)): UrlPath<(String, String)>,
+                 Json(manifest): Json<dczone_storage::backup::Manifest>| {
+                    dispatch(a, h, AgentRequest::BackupCommit { cluster, manifest })
+                },
+            )
+            .delete(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath((cluster, id)): UrlPath<(String, String)>| {
+                    dispatch(a, h, AgentRequest::BackupDelete { cluster, id })
+                },
+            ),
+        )
+        .route(
+            "/v1/backup-store/{cluster}/{id}/verify",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath((cluster, id)): UrlPath<(String, String)>| {
+                    dispatch(a, h, AgentRequest::BackupVerify { cluster, id })
+                },
+            ),
+        )
+        .route(
+            "/v1/backup-store/{cluster}/{id}/{n}",
+            put(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath((cluster, id, n)): UrlPath<(String, String, u32)>,
+                 headers: axum::http::HeaderMap,
+                 body: axum::body::Bytes| {
+                    let arrived_unix_ms = dczone_storage::backup::unix_ms();
+                    let sha256 = headers
+                        .get(SHA256_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    dispatch(
+                        a,
+                        h,
+                        AgentRequest::BackupChunk {
+                            cluster,
+                            id,
+                            n,
+                            sha256,
+                            bytes: body.to_vec(),
+                            arrived_unix_ms,
+                        },
+                    )
+                },
+            )
+            // A chunk is up to 4 MiB (axum's default limit is 2 MiB).
+            .layer(axum::extract::DefaultBodyLimit::max(
+                dczone_storage::backup::CHUNK + (1 << 20),
+            )),
+        )
+        .route(
             "/v1/vms/{name}/serial",
             get(
                 |State(a): State<Shared>, h: By, UrlPath(name): UrlPath<String>| {
@@ -1623,6 +1775,9 @@ pub fn router(agent: Shared) -> Router {
         )
         .with_state(agent)
 }
+
+/// The header a backup chunk's SHA-256 travels in.
+pub const SHA256_HEADER: &str = "x-dczone-sha256";
 
 /// How long a TCP connection to an agent may take: two SYN retransmissions (1 s, then
 /// 2 s more) on a lossy path, and a margin.
@@ -1685,6 +1840,28 @@ impl AgentClient {
             Some(b) => req.send_json(b),
             None => req.call(),
         };
+        self.answer(resp)
+    }
+
+    /// `PUT`s raw bytes (a backup chunk) with their SHA-256 in [`SHA256_HEADER`].
+    pub fn put_bytes(
+        &self,
+        path: &str,
+        sha256: &str,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<Value, CallError> {
+        let resp = self
+            .http
+            .request("PUT", &format!("{}{path}", self.url))
+            .timeout(timeout)
+            .set(SHA256_HEADER, sha256)
+            .set("content-type", "application/octet-stream")
+            .send_bytes(bytes);
+        self.answer(resp)
+    }
+
+    fn answer(&self, resp: Result<ureq::Response, ureq::Error>) -> Result<Value, CallError> {
         match resp {
             Ok(r) => r.into_json::<Value>().map_err(|e| CallError::Unreachable {
                 url: self.url.clone(),

@@ -90,7 +90,338 @@ impl Agent {
                 let _g = busy();
                 json!(s.purge(&cluster)?)
             }
+            AgentRequest::Backup { name, body } => self.backup(&name, body)?,
+            AgentRequest::Ledger { name, body } => {
+                let vm = self.here(&name)?;
+                let ip = dczone_virt::Platform::guest_ip(&vm);
+                json!(ledger_requests(ip, &body.requests)?)
+            }
+            AgentRequest::BackupChunk {
+                cluster,
+                id,
+                n,
+                sha256,
+                bytes,
+                arrived_unix_ms,
+            } => {
+                check_name(&cluster)?;
+                json!(s.store_chunk(&cluster, &id, n, &sha256, &bytes, arrived_unix_ms)?)
+            }
+            AgentRequest::BackupCommit { cluster, manifest } => {
+                check_name(&cluster)?;
+                s.store_manifest(&cluster, &manifest)?;
+                json!({ "id": manifest.id })
+            }
+            AgentRequest::BackupList { cluster } => {
+                check_name(&cluster)?;
+                json!(s.manifests(&cluster)?)
+            }
+            AgentRequest::BackupVerify { cluster, id } => {
+                check_name(&cluster)?;
+                json!({ "bytes": s.verify(&cluster, &id)? })
+            }
+            AgentRequest::BackupDelete { cluster, id } => {
+                check_name(&cluster)?;
+                json!({ "objects": s.delete_backup(&cluster, &id)? })
+            }
+            AgentRequest::BackupRestore { cluster, body } => {
+                check_name(&cluster)?;
+                let plan = s
+                    .plan(&cluster)?
+                    .ok_or_else(|| StorageError::NotInstalled {
+                        cluster: cluster.clone(),
+                        host: self.host.clone(),
+                    })?;
+                let (check_ms, import_ms) =
+                    s.restore_chain(&cluster, &body.chain, &plan.pool.name, &body.image)?;
+                json!({ "check_ms": check_ms, "import_ms": import_ms, "pool": plan.pool.name })
+            }
             other => unreachable!("not a storage request: {other:?}"),
         })
     }
+}
+
+/// Body of `POST /v1/vms/{name}/backup`: where the backup goes, and the backup it may be
+/// a diff from.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupBody {
+    pub id: String,
+    /// The latest backup of the VM in the store: the new one is a diff from it if its
+    /// snapshot is still on the VM's image (else it is full).
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// The store: its cluster and its host's agent.
+    pub store_cluster: String,
+    pub store_host: String,
+    #[serde(default)]
+    pub store_agent: Option<String>,
+    /// Chunks in flight at once.
+    #[serde(default = "default_streams")]
+    pub streams: usize,
+}
+
+fn default_streams() -> usize {
+    4
+}
+
+/// One chunk's journey, each time from the transfer's start (the store's arrival on its
+/// own clock, taken against the source's unix start time).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct ChunkTiming {
+    pub n: u32,
+    pub bytes: u64,
+    pub sent_ms: f64,
+    pub arrived_ms: f64,
+    pub stored_ms: f64,
+}
+
+/// What a backup took at its source.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct BackupDone {
+    pub manifest: dczone_storage::backup::Manifest,
+    pub checkpoint_ms: f64,
+    pub snapshot_ms: f64,
+    /// From the first chunk's read to the last chunk stored.
+    pub transfer_ms: f64,
+    /// Writing the manifest: the backup exists.
+    pub commit_ms: f64,
+    pub chunks: Vec<ChunkTiming>,
+}
+
+/// Body of `POST /v1/vms/{name}/ledger`: requests to the guest's ledger, sent in order on
+/// one connection from the VM's host (a restore's replay of logged transfers).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerBody {
+    pub requests: Vec<String>,
+}
+
+/// Body of `POST /v1/backup-store/{cluster}/restore`.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBody {
+    /// A full backup's id, then each incremental after it.
+    pub chain: Vec<String>,
+    /// The new image, in the cluster's pool.
+    pub image: String,
+}
+
+impl Agent {
+    /// `POST /v1/vms/{name}/backup`: checkpoint, snapshot, then the diff to the store in
+    /// chunks, several at once, and the manifest last. A failure removes the new
+    /// snapshot: the previous backup stays the base of the next.
+    pub(crate) fn backup(&self, name: &str, b: BackupBody) -> Result<Value, AgentError> {
+        use dczone_storage::backup::{self, Chunk, Manifest};
+        backup::check_id(&b.id)?;
+        let vm = self.here(name)?;
+        let Some(disk) = vm.spec.disk.clone() else {
+            return Err(StorageError::Conflict(format!(
+                "VM '{name}' has no disk to back up (`vm create --disk`)"
+            ))
+            .into());
+        };
+        if vm.running.is_none() {
+            return Err(AgentError::Virt(dczone_virt::VirtError::NotRunning(
+                name.into(),
+            )));
+        }
+        let s = &self.storage;
+        let t = std::time::Instant::now();
+        let ip = dczone_virt::Platform::guest_ip(&vm);
+        let checkpoint = backup::checkpoint(ip, std::time::Duration::from_secs(30))?;
+        let checkpoint_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = std::time::Instant::now();
+        s.snapshot(&disk.cluster, &disk.pool, &disk.image, &b.id)?;
+        let snapshot_ms = t.elapsed().as_secs_f64() * 1e3;
+        let parent = b.parent.clone().filter(|p| {
+            s.rbd(
+                &disk.cluster,
+                &[
+                    "snap",
+                    "ls",
+                    "--format",
+                    "json",
+                    &format!("{}/{}", disk.pool, disk.image),
+                ],
+            )
+            .ok()
+            .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+            .is_some_and(|v| {
+                v.as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["name"].as_str() == Some(p.as_str())))
+            })
+        });
+        let url = self.peer_url(&b.store_host, b.store_agent.clone())?;
+        let client = crate::AgentClient::new(&url, self.peers.clone());
+        let start_unix = dczone_storage::backup::unix_ms();
+        let t = std::time::Instant::now();
+        let result = (|| -> Result<(Vec<Chunk>, Vec<ChunkTiming>), AgentError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>, f64)>(b.streams.max(1));
+            let rx = std::sync::Mutex::new(rx);
+            let chunks = std::sync::Mutex::new(Vec::new());
+            let timings = std::sync::Mutex::new(Vec::new());
+            let failure = std::sync::Mutex::new(None::<String>);
+            std::thread::scope(|scope| -> Result<(), AgentError> {
+                for _ in 0..b.streams.max(1) {
+                    scope.spawn(|| loop {
+                        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((n, bytes, sent_ms)) = next else {
+                            return;
+                        };
+                        if failure.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                            continue;
+                        }
+                        let sha = backup::sha256_hex(&bytes);
+                        let path = format!("/v1/backup-store/{}/{}/{n}", b.store_cluster, b.id);
+                        match client.put_bytes(
+                            &path,
+                            &sha,
+                            &bytes,
+                            std::time::Duration::from_secs(120),
+                        ) {
+                            Ok(v) => {
+                                let stored_ms = t.elapsed().as_secs_f64() * 1e3;
+                                let arrived = v["arrived_unix_ms"].as_u64().unwrap_or(0);
+                                timings.lock().unwrap_or_else(|e| e.into_inner()).push(
+                                    ChunkTiming {
+                                        n,
+                                        bytes: bytes.len() as u64,
+                                        sent_ms,
+                                        arrived_ms: arrived.saturating_sub(start_unix) as f64,
+                                        stored_ms,
+                                    },
+                                );
+                                chunks
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push(Chunk {
+                                        n,
+                                        bytes: bytes.len() as u64,
+                                        sha256: sha,
+                                    });
+                            }
+                            Err(e) => {
+                                *failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    Some(format!("chunk {n} to {}: {e}", b.store_host));
+                            }
+                        }
+                    });
+                }
+                let exported = s.export_diff(
+                    &disk.cluster,
+                    &disk.pool,
+                    &disk.image,
+                    &b.id,
+                    parent.as_deref(),
+                    |n, bytes| {
+                        if let Some(f) = failure.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                            return Err(StorageError::Conflict(f));
+                        }
+                        tx.send((n, bytes, t.elapsed().as_secs_f64() * 1e3))
+                            .map_err(|_| StorageError::Conflict("the senders stopped".into()))
+                    },
+                );
+                drop(tx);
+                exported.map_err(AgentError::from)
+            })?;
+            if let Some(f) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                return Err(
+                    StorageError::Conflict(format!("backup {} transfer cut: {f}", b.id)).into(),
+                );
+            }
+            let mut chunks = chunks.into_inner().unwrap_or_else(|e| e.into_inner());
+            chunks.sort_by_key(|c| c.n);
+            let mut timings = timings.into_inner().unwrap_or_else(|e| e.into_inner());
+            timings.sort_by_key(|c| c.n);
+            Ok((chunks, timings))
+        })();
+        let (chunks, timings) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = s.remove_snapshot(&disk.cluster, &disk.pool, &disk.image, &b.id);
+                return Err(e);
+            }
+        };
+        let transfer_ms = t.elapsed().as_secs_f64() * 1e3;
+        let manifest = Manifest {
+            id: b.id.clone(),
+            vm: name.into(),
+            cluster: disk.cluster.clone(),
+            pool: disk.pool.clone(),
+            image: disk.image.clone(),
+            size_mib: disk.size_mib,
+            parent: parent.clone(),
+            checkpoint,
+            created_unix_ms: start_unix,
+            bytes: chunks.iter().map(|c| c.bytes).sum(),
+            chunks,
+        };
+        let t = std::time::Instant::now();
+        let committed = client.call(
+            "PUT",
+            &format!("/v1/backup-store/{}/{}", b.store_cluster, b.id),
+            Some(json!(manifest)),
+            std::time::Duration::from_secs(60),
+        );
+        if let Err(e) = committed {
+            let _ = s.remove_snapshot(&disk.cluster, &disk.pool, &disk.image, &b.id);
+            return Err(StorageError::Conflict(format!(
+                "backup {}: the store did not take its manifest: {e}",
+                b.id
+            ))
+            .into());
+        }
+        let commit_ms = t.elapsed().as_secs_f64() * 1e3;
+        // The new snapshot is the base of the next backup; the parent's is done with.
+        if let Some(p) = &parent {
+            let _ = s.remove_snapshot(&disk.cluster, &disk.pool, &disk.image, p);
+        }
+        Ok(json!(BackupDone {
+            manifest,
+            checkpoint_ms,
+            snapshot_ms,
+            transfer_ms,
+            commit_ms,
+            chunks: timings,
+        }))
+    }
+}
+
+/// Sends `requests` to the guest ledger at `ip` on one connection; its answers.
+fn ledger_requests(ip: std::net::Ipv4Addr, requests: &[String]) -> Result<Vec<String>, AgentError> {
+    use std::io::{BufRead, Write};
+    let io = |what: &'static str| {
+        move |e: std::io::Error| StorageError::Io {
+            what: what.into(),
+            source: e,
+        }
+    };
+    let s = std::net::TcpStream::connect_timeout(
+        &(ip, 7000).into(),
+        std::time::Duration::from_secs(10),
+    )
+    .map_err(io("connect to the guest's ledger"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .map_err(io("set a timeout"))?;
+    let mut w = std::io::BufWriter::new(s.try_clone().map_err(io("clone a socket"))?);
+    let mut r = std::io::BufReader::new(s);
+    let mut answers = Vec::with_capacity(requests.len());
+    // Pipelined: every request is sent, then every answer read (in order).
+    for req in requests {
+        if req.contains('\n') {
+            return Err(
+                StorageError::Conflict(format!("a ledger request is one line: {req:?}")).into(),
+            );
+        }
+        writeln!(w, "{req}").map_err(io("send to the guest's ledger"))?;
+    }
+    w.flush().map_err(io("send to the guest's ledger"))?;
+    for _ in requests {
+        let mut line = String::new();
+        r.read_line(&mut line)
+            .map_err(io("read the guest ledger's answer"))?;
+        answers.push(line.trim().to_string());
+    }
+    Ok(answers)
 }

@@ -238,6 +238,7 @@ pub fn intra_region(
                 resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
                 group: Some(POC_GROUP.into()),
                 disk_mib: None,
+                disk_image: None,
             }
         })
         .collect();
@@ -497,6 +498,7 @@ pub fn sweep(agents: &LabAgents, observer: &dyn Observer) -> anyhow::Result<Swee
                 resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
                 group: None,
                 disk_mib: None,
+                disk_image: None,
             })
             .collect();
         observer.step(&format!("booting {} VMs of {mem} MiB", vms.len()));

@@ -1,6 +1,7 @@
 //! The `dczone` command line: one module per command family, each translating arguments
 //! into library calls and results into a table (people) or JSON (`--json`, machines).
 
+mod backup_cmd;
 mod bench;
 mod bench_report;
 mod db_cmd;
@@ -90,6 +91,11 @@ pub enum Command {
     Storage {
         #[command(subcommand)]
         command: storage_cmd::StorageCommand,
+    },
+    /// Snapshot backups of VM disks to another site, and recovery from them.
+    Backup {
+        #[command(subcommand)]
+        command: backup_cmd::BackupCommand,
     },
     /// Runs one HA agent in the current namespace (started by `db up`).
     #[command(hide = true)]
@@ -272,6 +278,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let agents = dczone_control::lab_agents(&lab, &exe, &cli.state_dir)?;
             agents.agents.ensure_all()?;
             storage_cmd::run(&agents, &zone, command)
+        }
+        Command::Backup { command } => {
+            let zone = lab.state()?.zone()?;
+            let agents = dczone_control::lab_agents(&lab, &exe, &cli.state_dir)?;
+            backup_cmd::run(&agents, &zone, command)
         }
         Command::HaAgent { site } => db_cmd::agent(&lab, &site),
         Command::Bench { command } => bench::run(&lab, &cli.state_dir, &exe, command),

@@ -178,6 +178,7 @@ pub fn run(agents: &dyn ZoneAgents, cmd: VmCommand) -> anyhow::Result<ExitCode> 
                     resident_pct,
                     group,
                     disk_mib: disk,
+                    disk_image: None,
                 },
             )?;
             if json {

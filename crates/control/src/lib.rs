@@ -12,6 +12,7 @@
 //! certificate, issued when its agent first starts) and the access bundle `<lab>/access`
 //! (`ca.crt`, `operator.crt`, `operator.key`).
 
+pub mod backup;
 pub mod vms;
 
 use std::path::{Path, PathBuf};

@@ -80,6 +80,7 @@ pub fn boot(agents: &dyn ZoneAgents, vm: &CreateVm) -> anyhow::Result<VmRecord> 
         "resident_pct": vm.resident_pct,
         "group": vm.group,
         "disk_mib": vm.disk_mib,
+        "disk_image": vm.disk_image,
     });
     record(
         agents

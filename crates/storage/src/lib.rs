@@ -20,6 +20,7 @@
 //! its host's cluster directory; daemons run detached from the agent, so that an agent's
 //! restart leaves them running.
 
+pub mod backup;
 pub mod conf;
 pub mod host;
 pub mod keys;
@@ -55,6 +56,12 @@ pub enum StorageError {
     NotInstalledBinary(String),
     #[error("start {daemon}: {reason}")]
     Start { daemon: String, reason: String },
+    #[error("backup {backup} is damaged at chunk {chunk}: {reason}")]
+    Damaged {
+        backup: String,
+        chunk: u32,
+        reason: String,
+    },
     /// The request contradicts what the host holds.
     #[error("{0}")]
     Conflict(String),

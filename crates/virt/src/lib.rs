@@ -54,6 +54,8 @@ pub struct CreateVm {
     pub group: Option<String>,
     /// A disk of this many MiB in the storage cluster of the host's site.
     pub disk_mib: Option<u64>,
+    /// Or an image that exists in that cluster's pool (a restored backup) as its disk.
+    pub disk_image: Option<String>,
 }
 
 /// The guest image to boot.
@@ -424,7 +426,9 @@ impl Platform {
             spec.validate().map_err(VirtError::BadSpec)?;
             self.check_memory(&req.name, &req.host, req.memory_mib)?;
             let mut spec = spec;
-            if let Some(mib) = req.disk_mib {
+            if let Some(image) = &req.disk_image {
+                spec.disk = Some(self.adopt_disk(&req.name, &h, image)?);
+            } else if let Some(mib) = req.disk_mib {
                 spec.disk = Some(self.create_disk(&req.name, &h, mib)?);
             }
             let record = VmRecord {
@@ -522,6 +526,42 @@ impl Platform {
             .create_image(&disk.cluster, &disk.pool, &disk.image, size_mib)
             .map_err(disk_err)?;
         Ok(disk)
+    }
+
+    /// An existing image of the storage cluster of `h`'s site as VM `name`'s disk.
+    fn adopt_disk(
+        &self,
+        name: &str,
+        h: &placement::ZoneHost,
+        image: &str,
+    ) -> Result<hv::DiskSpec, VirtError> {
+        let disk_err = |source| VirtError::Disk {
+            vm: name.into(),
+            source,
+        };
+        let storage = self.placement.storage(&h.id);
+        let cluster = storage.cluster_for_site(&h.site).map_err(disk_err)?;
+        let info = storage
+            .rbd(
+                &cluster.name,
+                &[
+                    "info",
+                    "--format",
+                    "json",
+                    &format!("{}/{image}", cluster.pool.name),
+                ],
+            )
+            .map_err(disk_err)?;
+        let size = serde_json::from_str::<serde_json::Value>(&info)
+            .ok()
+            .and_then(|v| v["size"].as_u64())
+            .ok_or_else(|| VirtError::BadSpec(format!("image {image}: unreadable `rbd info`")))?;
+        Ok(hv::DiskSpec {
+            cluster: cluster.name.clone(),
+            pool: cluster.pool.name.clone(),
+            image: image.to_string(),
+            size_mib: size >> 20,
+        })
     }
 
     /// How `host` opens `spec`'s disk (`None` without a disk, or where its cluster is not

@@ -1,0 +1,587 @@
+//! Snapshot backups of VM disks to another site's cluster, and recovery from them.
+//!
+//! A backup is the `rbd export-diff` of one snapshot of a VM's image (from the previous
+//! backup's snapshot, or from nothing: a full backup), cut into [`CHUNK`]-byte chunks. The
+//! source host's agent sends the chunks to the backup store, several at once; the store
+//! checks each chunk's SHA-256 on arrival, writes it as a RADOS object of the destination
+//! cluster's `backups` pool (replicated: durable once written), and records when it
+//! arrived. The manifest, written last, makes the backup exist:
+//!
+//! ```text
+//! source agent                                  store agent (DC2.1)
+//!   checkpoint (guest `C`), rbd snap create
+//!   rbd export-diff ──chunks, N at once──PUT──▶  SHA-256 check, rados put, arrival time
+//!                   ──manifest──────────PUT──▶  rados put (the backup now exists)
+//! ```
+//!
+//! A backup whose transfer was cut has no manifest: it does not exist, the previous one is
+//! untouched, and its chunks are removed by the next run (or `backup delete`). Restore reads
+//! a chain (a full backup and the incrementals after it), checks every chunk first, and only
+//! then imports it: a corrupted backup is refused, naming the chunk, before any image is
+//! made.
+//!
+//! Objects: `<id>.manifest` and `<id>.<n>` (n from 0) in pool [`POOL`].
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::host::HostStorage;
+use crate::keys;
+use crate::StorageError;
+
+/// The pool backups are kept in.
+pub const POOL: &str = "backups";
+/// A chunk's size: 4 MiB, RBD's object size.
+pub const CHUNK: usize = 4 << 20;
+
+/// One chunk of a backup, as the store received it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Chunk {
+    pub n: u32,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// What makes a backup: written last, to the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// `<vm>-<unix ms>`: sorts by time for one VM.
+    pub id: String,
+    pub vm: String,
+    /// The source image (`pool/image` in `cluster`) and its snapshot (named as the id).
+    pub cluster: String,
+    pub pool: String,
+    pub image: String,
+    pub size_mib: u64,
+    /// The backup this one is a diff from (`None`: a full backup).
+    pub parent: Option<String>,
+    /// The guest's journal position at the checkpoint (`None`: it had no journal).
+    pub checkpoint: Option<u64>,
+    pub created_unix_ms: u64,
+    pub chunks: Vec<Chunk>,
+    pub bytes: u64,
+}
+
+/// What the store answers for one chunk: whether it was new, and when the last byte of it
+/// arrived (unix ms, the store's clock).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stored {
+    pub arrived_unix_ms: u64,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// A backup id or VM name that is safe as a RADOS object name's part.
+pub fn check_id(id: &str) -> Result<(), StorageError> {
+    let ok = !id.is_empty()
+        && id.len() <= 80
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::Conflict(format!(
+            "'{id}' is not a backup id (letters, digits, '-', '_')"
+        )))
+    }
+}
+
+impl HostStorage {
+    /// Runs `rados` on `pool` of `cluster` with the admin key (a monitor's host: the store),
+    /// with `input` on its stdin; its stdout.
+    fn rados(
+        &self,
+        cluster: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+    ) -> Result<Vec<u8>, StorageError> {
+        let dir = self.dir(cluster);
+        let keyring = dir.join(format!("keyring.{}", keys::ADMIN));
+        if !keyring.is_file() {
+            return Err(StorageError::NotAdmin {
+                cluster: cluster.into(),
+                host: self.host.clone(),
+            });
+        }
+        let conf = dir.join("ceph.conf");
+        let what = format!("rados {}", args.join(" "));
+        let mut child = Command::new("rados")
+            .arg("-c")
+            .arg(&conf)
+            .args(["-n", keys::ADMIN, "-k"])
+            .arg(&keyring)
+            .args(["-p", POOL])
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| StorageError::Io {
+                what: what.clone(),
+                source,
+            })?;
+        if let Some(bytes) = input {
+            let mut stdin = child.stdin.take().expect("piped");
+            let bytes = bytes.to_vec();
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&bytes);
+            });
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|source| StorageError::Io {
+                what: what.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(StorageError::Command {
+                what,
+                status: out.status.code().unwrap_or(-1),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    /// Makes the `backups` pool, once.
+    pub fn ensure_backup_pool(&self, cluster: &str) -> Result<(), StorageError> {
+        let pools = self.ceph(cluster, &["osd", "pool", "ls"])?;
+        if pools.lines().any(|l| l.trim() == POOL) {
+            return Ok(());
+        }
+        self.ceph(
+            cluster,
+            &["osd", "pool", "create", POOL, "8", "8", "replicated"],
+        )?;
+        self.ceph(
+            cluster,
+            &[
+                "osd",
+                "pool",
+                "application",
+                "enable",
+                POOL,
+                "dczone-backup",
+                "--yes-i-really-mean-it",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Stores one chunk after checking it against `sha256`; when its last byte arrived.
+    pub fn store_chunk(
+        &self,
+        cluster: &str,
+        id: &str,
+        n: u32,
+        sha256: &str,
+        bytes: &[u8],
+        arrived_unix_ms: u64,
+    ) -> Result<Stored, StorageError> {
+        check_id(id)?;
+        let got = sha256_hex(bytes);
+        if got != sha256 {
+            return Err(StorageError::Conflict(format!(
+                "chunk {n} of backup {id} arrived damaged: SHA-256 {got}, sent as {sha256}"
+            )));
+        }
+        self.rados(cluster, &["put", &format!("{id}.{n}"), "-"], Some(bytes))?;
+        Ok(Stored { arrived_unix_ms })
+    }
+
+    /// Writes a backup's manifest: the backup exists from now on. Every chunk it names
+    /// must be stored with its size.
+    pub fn store_manifest(&self, cluster: &str, m: &Manifest) -> Result<(), StorageError> {
+        check_id(&m.id)?;
+        let listed = self.objects(cluster)?;
+        for c in &m.chunks {
+            if !listed.contains(&format!("{}.{}", m.id, c.n)) {
+                return Err(StorageError::Conflict(format!(
+                    "backup {}: chunk {} never arrived",
+                    m.id, c.n
+                )));
+            }
+        }
+        let text = serde_json::to_vec_pretty(m).expect("a manifest serializes");
+        self.rados(
+            cluster,
+            &["put", &format!("{}.manifest", m.id), "-"],
+            Some(&text),
+        )?;
+        Ok(())
+    }
+
+    fn objects(&self, cluster: &str) -> Result<Vec<String>, StorageError> {
+        let out = self.rados(cluster, &["ls"], None)?;
+        Ok(String::from_utf8_lossy(&out)
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Every backup in the store, oldest first.
+    pub fn manifests(&self, cluster: &str) -> Result<Vec<Manifest>, StorageError> {
+        self.ensure_backup_pool(cluster)?;
+        let mut ids: Vec<String> = self
+            .objects(cluster)?
+            .into_iter()
+            .filter_map(|o| o.strip_suffix(".manifest").map(str::to_string))
+            .collect();
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            out.push(self.manifest(cluster, &id)?);
+        }
+        out.sort_by_key(|m| m.created_unix_ms);
+        Ok(out)
+    }
+
+    pub fn manifest(&self, cluster: &str, id: &str) -> Result<Manifest, StorageError> {
+        check_id(id)?;
+        let bytes = self
+            .rados(cluster, &["get", &format!("{id}.manifest"), "-"], None)
+            .map_err(|e| match e {
+                StorageError::Command { stderr, .. } if stderr.contains("No such file") => {
+                    StorageError::Conflict(format!("no backup {id} in the store"))
+                }
+                e => e,
+            })?;
+        serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+            what: format!("the manifest of backup {id}"),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Reads chunk `n` of backup `id` and checks it against the manifest.
+    fn read_chunk(&self, cluster: &str, m: &Manifest, c: &Chunk) -> Result<Vec<u8>, StorageError> {
+        let bytes = self.rados(cluster, &["get", &format!("{}.{}", m.id, c.n), "-"], None)?;
+        let got = sha256_hex(&bytes);
+        if got != c.sha256 || bytes.len() as u64 != c.bytes {
+            return Err(StorageError::Damaged {
+                backup: m.id.clone(),
+                chunk: c.n,
+                reason: format!(
+                    "{} bytes with SHA-256 {got}; the manifest says {} bytes, {}",
+                    bytes.len(),
+                    c.bytes,
+                    c.sha256
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Checks every chunk of backup `id`; the bytes checked.
+    pub fn verify(&self, cluster: &str, id: &str) -> Result<u64, StorageError> {
+        let m = self.manifest(cluster, id)?;
+        let mut total = 0;
+        for c in &m.chunks {
+            total += self.read_chunk(cluster, &m, c)?.len() as u64;
+        }
+        Ok(total)
+    }
+
+    /// Removes backup `id`: its manifest first (it no longer exists), then its chunks. Also
+    /// removes chunks that no manifest names (a cut transfer's).
+    pub fn delete_backup(&self, cluster: &str, id: &str) -> Result<u32, StorageError> {
+        check_id(id)?;
+        let _ = self.rados(cluster, &["rm", &format!("{id}.manifest")], None);
+        let prefix = format!("{id}.");
+        let mut removed = 0;
+        for o in self.objects(cluster)? {
+            if o.starts_with(&prefix) {
+                self.rados(cluster, &["rm", &o], None)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Restores the chain of backups `chain` (a full backup first, then each incremental
+    /// in order) into a new image `pool/image` of `cluster`, this store's: every chunk is
+    /// checked before the image is made. Returns (check ms, import ms).
+    pub fn restore_chain(
+        &self,
+        cluster: &str,
+        chain: &[String],
+        pool: &str,
+        image: &str,
+    ) -> Result<(f64, f64), StorageError> {
+        let t = Instant::now();
+        let manifests: Vec<Manifest> = chain
+            .iter()
+            .map(|id| self.manifest(cluster, id))
+            .collect::<Result<_, _>>()?;
+        let Some(first) = manifests.first() else {
+            return Err(StorageError::Conflict("no backup to restore".into()));
+        };
+        if first.parent.is_some() {
+            return Err(StorageError::Conflict(format!(
+                "backup {} is incremental: a chain starts with a full backup",
+                first.id
+            )));
+        }
+        for w in manifests.windows(2) {
+            if w[1].parent.as_deref() != Some(w[0].id.as_str()) {
+                return Err(StorageError::Conflict(format!(
+                    "backup {} does not follow {}",
+                    w[1].id, w[0].id
+                )));
+            }
+        }
+        let mut data: Vec<Vec<Vec<u8>>> = Vec::new();
+        for m in &manifests {
+            let mut chunks = Vec::new();
+            for c in &m.chunks {
+                chunks.push(self.read_chunk(cluster, m, c)?);
+            }
+            data.push(chunks);
+        }
+        let checked = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let last = manifests.last().expect("one");
+        self.create_image(cluster, pool, image, last.size_mib)?;
+        let spec = format!("{pool}/{image}");
+        let result = (|| {
+            for (m, chunks) in manifests.iter().zip(&data) {
+                self.import_diff(cluster, &spec, chunks)
+                    .map_err(|e| StorageError::Conflict(format!("import backup {}: {e}", m.id)))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = self.remove_image(cluster, pool, image);
+            return Err(e);
+        }
+        Ok((checked, t.elapsed().as_secs_f64() * 1e3))
+    }
+
+    fn import_diff(
+        &self,
+        cluster: &str,
+        spec: &str,
+        chunks: &[Vec<u8>],
+    ) -> Result<(), StorageError> {
+        let conf = self.dir(cluster).join("ceph.conf");
+        let mut child = Command::new("rbd")
+            .arg("-c")
+            .arg(&conf)
+            .args([
+                "--id",
+                crate::host::VM_USER,
+                "import-diff",
+                "--no-progress",
+                "-",
+                spec,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| StorageError::Io {
+                what: "run rbd import-diff".into(),
+                source,
+            })?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut write_err = None;
+        for c in chunks {
+            if let Err(e) = stdin.write_all(c) {
+                write_err = Some(e);
+                break;
+            }
+        }
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .map_err(|source| StorageError::Io {
+                what: "rbd import-diff".into(),
+                source,
+            })?;
+        if !out.status.success() || write_err.is_some() {
+            return Err(StorageError::Command {
+                what: format!("rbd import-diff into {spec}"),
+                status: out.status.code().unwrap_or(-1),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Snapshot `snap` of `pool/image` (for a backup).
+    pub fn snapshot(
+        &self,
+        cluster: &str,
+        pool: &str,
+        image: &str,
+        snap: &str,
+    ) -> Result<(), StorageError> {
+        self.rbd(
+            cluster,
+            &["snap", "create", &format!("{pool}/{image}@{snap}")],
+        )
+        .map(|_| ())
+    }
+
+    /// Removes snapshot `snap` of `pool/image`, if it is there.
+    pub fn remove_snapshot(
+        &self,
+        cluster: &str,
+        pool: &str,
+        image: &str,
+        snap: &str,
+    ) -> Result<(), StorageError> {
+        match self.rbd(
+            cluster,
+            &[
+                "snap",
+                "rm",
+                "--no-progress",
+                &format!("{pool}/{image}@{snap}"),
+            ],
+        ) {
+            Err(StorageError::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Streams `rbd export-diff` of `pool/image@snap` (from `from`, or everything) to
+    /// `each`, one chunk of up to [`CHUNK`] bytes at a time, in order.
+    pub fn export_diff(
+        &self,
+        cluster: &str,
+        pool: &str,
+        image: &str,
+        snap: &str,
+        from: Option<&str>,
+        mut each: impl FnMut(u32, Vec<u8>) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        let conf = self
+            .conf_path(cluster)
+            .ok_or_else(|| StorageError::NotInstalled {
+                cluster: cluster.into(),
+                host: self.host.clone(),
+            })?;
+        let mut cmd = Command::new("rbd");
+        cmd.arg("-c").arg(&conf).args([
+            "--id",
+            crate::host::VM_USER,
+            "export-diff",
+            "--no-progress",
+        ]);
+        if let Some(f) = from {
+            cmd.args(["--from-snap", f]);
+        }
+        let mut child = cmd
+            .arg(format!("{pool}/{image}@{snap}"))
+            .arg("-")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| StorageError::Io {
+                what: "run rbd export-diff".into(),
+                source,
+            })?;
+        let mut out = child.stdout.take().expect("piped");
+        let mut n = 0u32;
+        let mut failed = None;
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let mut filled = 0;
+            while filled < CHUNK {
+                match out.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(k) => filled += k,
+                    Err(e) => {
+                        failed = Some(StorageError::Io {
+                            what: "read rbd export-diff".into(),
+                            source: e,
+                        });
+                        break;
+                    }
+                }
+            }
+            if failed.is_some() || filled == 0 {
+                break;
+            }
+            buf.truncate(filled);
+            if let Err(e) = each(n, buf) {
+                failed = Some(e);
+                break;
+            }
+            n += 1;
+            if filled < CHUNK {
+                break;
+            }
+        }
+        drop(out);
+        if failed.is_some() {
+            let _ = child.kill();
+        }
+        let status = child
+            .wait_with_output()
+            .map_err(|source| StorageError::Io {
+                what: "rbd export-diff".into(),
+                source,
+            })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if !status.status.success() {
+            return Err(StorageError::Command {
+                what: format!("rbd export-diff {pool}/{image}@{snap}"),
+                status: status.status.code().unwrap_or(-1),
+                stderr: String::from_utf8_lossy(&status.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Asks the guest ledger at `ip` for a checkpoint (`C`): its journal position, or `None`
+/// if it has no disk.
+pub fn checkpoint(ip: std::net::Ipv4Addr, timeout: Duration) -> Result<Option<u64>, StorageError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| StorageError::Io { what, source }
+    };
+    let s = std::net::TcpStream::connect_timeout(&(ip, 7000).into(), timeout)
+        .map_err(io("connect to the guest's ledger for its checkpoint"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(io("set a timeout"))?;
+    let mut w = s.try_clone().map_err(io("clone a socket"))?;
+    w.write_all(b"C\n").map_err(io("ask for a checkpoint"))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line)
+        .map_err(io("read the checkpoint"))?;
+    let line = line.trim();
+    if line.starts_with("ERR no disk") {
+        return Ok(None);
+    }
+    line.strip_prefix("CP ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .map(Some)
+        .ok_or_else(|| StorageError::Conflict(format!("the guest refused the checkpoint: {line}")))
+}
