@@ -230,6 +230,8 @@ pub enum AgentRequest {
     },
     /// The backups in this host's store of `cluster`.
     BackupList { cluster: String },
+    /// Backups of this host's store whose transfer was cut (chunks without a manifest).
+    BackupOrphans { cluster: String },
     /// Check every chunk of backup `id`.
     BackupVerify { cluster: String, id: String },
     /// Remove backup `id` (and the chunks of a cut transfer of that id).
@@ -1259,6 +1261,7 @@ impl Agent {
             | AgentRequest::BackupChunk { .. }
             | AgentRequest::BackupCommit { .. }
             | AgentRequest::BackupList { .. }
+            | AgentRequest::BackupOrphans { .. }
             | AgentRequest::BackupVerify { .. }
             | AgentRequest::BackupDelete { .. }
             | AgentRequest::BackupRestore { .. } => self.storage_request(req)?,
@@ -1690,6 +1693,14 @@ pub fn router(agent: Shared) -> Router {
             get(
                 |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::BackupList { cluster })
+                },
+            ),
+        )
+        .route(
+            "/v1/backup-store/{cluster}/orphans",
+            get(
+                |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::BackupOrphans { cluster })
                 },
             ),
         )

@@ -116,6 +116,10 @@ impl Agent {
                 check_name(&cluster)?;
                 json!(s.manifests(&cluster)?)
             }
+            AgentRequest::BackupOrphans { cluster } => {
+                check_name(&cluster)?;
+                json!(s.orphans(&cluster)?)
+            }
             AgentRequest::BackupVerify { cluster, id } => {
                 check_name(&cluster)?;
                 json!({ "bytes": s.verify(&cluster, &id)? })
@@ -274,12 +278,7 @@ impl Agent {
                         }
                         let sha = backup::sha256_hex(&bytes);
                         let path = format!("/v1/backup-store/{}/{}/{n}", b.store_cluster, b.id);
-                        match client.put_bytes(
-                            &path,
-                            &sha,
-                            &bytes,
-                            std::time::Duration::from_secs(120),
-                        ) {
+                        match client.put_bytes(&path, &sha, &bytes, CHUNK_TIMEOUT) {
                             Ok(v) => {
                                 let stored_ms = t.elapsed().as_secs_f64() * 1e3;
                                 let arrived = v["arrived_unix_ms"].as_u64().unwrap_or(0);
@@ -425,3 +424,7 @@ fn ledger_requests(ip: std::net::Ipv4Addr, requests: &[String]) -> Result<Vec<St
     }
     Ok(answers)
 }
+
+/// How long one chunk may take to reach the store and be kept there: a 4 MiB chunk needs
+/// this long only below about 2 Mbit/s, so a cut path fails the backup within it.
+const CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);

@@ -95,6 +95,28 @@ pub fn create(
 ) -> anyhow::Result<BackupReport> {
     let (c, store_host) = store_of(zone, to)?;
     let host = agents.host_of(vm)?;
+    // A transfer of this VM that was cut left chunks and no manifest: gone first, so that
+    // the store holds only whole backups.
+    let orphans = agents.call(
+        &store_host,
+        "GET",
+        &format!("/v1/backup-store/{}/orphans", c.name),
+        None,
+        CALL,
+    )?;
+    for id in orphans
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+    {
+        if id
+            .strip_prefix(vm)
+            .is_some_and(|rest| rest.starts_with('-'))
+        {
+            delete(agents, zone, to, id)?;
+        }
+    }
     let parent = list(agents, zone, to)?
         .into_iter()
         .filter(|m| m.vm == vm)

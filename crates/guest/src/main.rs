@@ -9,6 +9,8 @@
 //! Z                             sum of all balances (conserved) -> "<sum>"
 //! S                             continuity and consistency    -> "processed=<n> uptime_ms=<ms> checksum=<hex> boot=<id> dirty_mbps=<r> resident_mib=<m> journal=<n> replayed=<n>"
 //! C                             checkpoint (a backup's sync point) -> "CP <journal position> <checksum>" | "ERR <why>"
+//! F <mib>                       write <mib> MiB of data to the disk's second half (the data at rest a
+//!                               backup or a migration moves), flushed -> "FILLED <mib>" | "ERR <why>"
 //! ```
 //!
 //! **The journal.** A VM with a disk (`/dev/vda`) journals every transfer it applies there
@@ -173,6 +175,41 @@ impl Journal {
             }
         }
     }
+}
+
+/// Writes `mib` MiB of incompressible data from the middle of the disk and flushes it.
+fn fill_disk(mib: u64) -> Result<String, String> {
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(JOURNAL_DEV)
+        .map_err(|e| format!("open {JOURNAL_DEV}: {e}"))?;
+    let size = {
+        use std::io::Seek;
+        let mut d = &disk;
+        d.seek(std::io::SeekFrom::End(0))
+            .map_err(|e| e.to_string())?
+    };
+    let start = size / 2;
+    if start + (mib << 20) > size {
+        return Err(format!(
+            "the disk's second half holds {} MiB",
+            (size - start) >> 20
+        ));
+    }
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()) ^ mib;
+    let mut block = vec![0u8; 1 << 20];
+    for i in 0..mib {
+        for word in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        disk.write_all_at(&block, start + (i << 20))
+            .map_err(|e| format!("write: {e}"))?;
+    }
+    disk.sync_data().map_err(|e| format!("flush: {e}"))?;
+    Ok(format!("FILLED {mib}"))
 }
 
 /// Opens the disk and replays its journal into `ledger`; the journal (and its writer
@@ -368,6 +405,11 @@ fn serve(
                     _ => "ERR bad account".to_string(),
                 },
                 ["Z"] => l.balances.iter().sum::<i64>().to_string(),
+                ["F", mib] => match (mib.parse::<u64>(), &journal) {
+                    (Ok(mib), Some(_)) => fill_disk(mib).unwrap_or_else(|e| format!("ERR {e}")),
+                    (Err(_), _) => "ERR bad size".to_string(),
+                    (_, None) => "ERR no disk".to_string(),
+                },
                 ["S"] => format!(
                     "processed={} uptime_ms={} checksum={:016x} boot={boot:016x} dirty_mbps={} resident_mib={} journal={} replayed={}",
                     l.processed,

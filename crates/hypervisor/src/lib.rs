@@ -398,6 +398,19 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
     Ok(running)
 }
 
+/// Quits a QEMU through QMP, so that it closes its disks (an RBD image's watch goes with
+/// it, where a killed client's stays 30 s), then kills it if it is still there after 5 s.
+pub fn quit(r: &Running) {
+    if let Ok(mut q) = Qmp::connect(&r.qmp, Duration::from_secs(2)) {
+        let _ = q.execute("quit", serde_json::json!({}));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(r.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    kill(r);
+}
+
 /// Kills a QEMU (its TAP disappears with it).
 pub fn kill(r: &Running) {
     if alive(r.pid) {

@@ -302,6 +302,20 @@ impl HostStorage {
         Ok(total)
     }
 
+    /// Backups whose transfer was cut: chunks that no manifest names, by id.
+    pub fn orphans(&self, cluster: &str) -> Result<Vec<String>, StorageError> {
+        self.ensure_backup_pool(cluster)?;
+        let objects = self.objects(cluster)?;
+        let mut ids: Vec<String> = objects
+            .iter()
+            .filter_map(|o| o.rsplit_once('.').map(|(id, _)| id.to_string()))
+            .filter(|id| !objects.contains(&format!("{id}.manifest")))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
     /// Removes backup `id`: its manifest first (it no longer exists), then its chunks. Also
     /// removes chunks that no manifest names (a cut transfer's).
     pub fn delete_backup(&self, cluster: &str, id: &str) -> Result<u32, StorageError> {

@@ -578,7 +578,11 @@ impl Platform {
     pub fn destroy(&self, name: &str) -> Result<(), VirtError> {
         let vm = self.get(name)?;
         if let Some(r) = &vm.running {
-            hv::kill(r);
+            if vm.spec.disk.is_some() {
+                hv::quit(r);
+            } else {
+                hv::kill(r);
+            }
         }
         if let Some(d) = &vm.spec.disk {
             self.placement
