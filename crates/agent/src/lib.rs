@@ -198,7 +198,10 @@ pub enum AgentRequest {
         body: dczone_storage::operator::StopBody,
     },
     /// Pools, CRUSH rules and stretch mode of `cluster` (a monitor's host).
-    StorageSetup { cluster: String },
+    StorageSetup {
+        cluster: String,
+        body: dczone_storage::operator::SetupBody,
+    },
     /// `cluster` as its monitors see it (a monitor's host).
     StorageStatus { cluster: String },
     /// Stop this host's daemons of `cluster` and remove its files.
@@ -1653,8 +1656,11 @@ pub fn router(agent: Shared) -> Router {
         .route(
             "/v1/storage/{cluster}/setup",
             post(
-                |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
-                    dispatch(a, h, AgentRequest::StorageSetup { cluster })
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(cluster): UrlPath<String>,
+                 Json(body): Json<dczone_storage::operator::SetupBody>| {
+                    dispatch(a, h, AgentRequest::StorageSetup { cluster, body })
                 },
             ),
         )

@@ -76,10 +76,14 @@ impl Agent {
                 let _g = busy();
                 json!(s.stop(&cluster, body.daemon.as_deref())?)
             }
-            AgentRequest::StorageSetup { cluster } => {
+            AgentRequest::StorageSetup { cluster, body } => {
                 check_name(&cluster)?;
-                let _g = busy();
-                json!(s.setup(&cluster)?)
+                if body.monitors_only {
+                    json!(s.locate_monitors(&cluster)?)
+                } else {
+                    let _g = busy();
+                    json!(s.setup(&cluster)?)
+                }
             }
             AgentRequest::StorageStatus { cluster } => {
                 check_name(&cluster)?;

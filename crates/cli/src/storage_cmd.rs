@@ -49,7 +49,13 @@ pub fn run(agents: &LabAgents, zone: &Zone, command: StorageCommand) -> anyhow::
             let bar = ProgressBar::new_spinner();
             bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
-            let say = |m: &str| bar.println(m);
+            let say = |m: &str| {
+                if bar.is_hidden() {
+                    eprintln!("{m}");
+                } else {
+                    bar.println(m);
+                }
+            };
             let reports = operator::up(agents, zone, &say);
             bar.finish_and_clear();
             let reports = reports?;

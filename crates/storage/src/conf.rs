@@ -52,6 +52,7 @@ err_to_stderr = true
 
 [mon]
 auth_allow_insecure_global_id_reclaim = false
+{election}
 mgr_initial_modules = iostat
 
 [osd]
@@ -79,6 +80,11 @@ keyring = {d}/keyring.client.admin
         size = plan.pool.size,
         min_size = plan.pool.min_size,
         block = u64::from(plan.osd_gib) << 30,
+        election = if plan.stretch.is_some() {
+            "# Stretch mode's elections (connectivity) from the start: one election fewer.\nmon_election_default_strategy = 3\n"
+        } else {
+            ""
+        },
     );
     for m in plan.on_host(Kind::Mon, host) {
         let _ = write!(

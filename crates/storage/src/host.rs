@@ -531,9 +531,44 @@ impl HostStorage {
 
     /// Pools, CRUSH rule and stretch mode, each step once (run again, it does what is
     /// left). Every OSD must be up: stretch mode checks both sites' CRUSH weights.
-    pub fn setup(&self, cluster: &str) -> Result<Vec<String>, StorageError> {
+    /// A stretched cluster's monitors told their sites (each change is a monitor
+    /// election, a few seconds: `storage up` runs this while the OSDs are made). Only
+    /// the monitors not located yet.
+    pub fn locate_monitors(&self, cluster: &str) -> Result<Vec<String>, StorageError> {
         let plan = self.require_plan(cluster)?;
         let mut done = Vec::new();
+        if plan.stretch.is_none() {
+            return Ok(done);
+        }
+        let mon = self.ceph_json(cluster, &["mon", "dump"])?;
+        if mon["election_strategy"].as_u64() != Some(3) {
+            self.ceph(
+                cluster,
+                &["mon", "set", "election_strategy", "connectivity"],
+            )?;
+            done.push("connectivity elections".into());
+        }
+        for m in &plan.mons {
+            let want = format!("datacenter={}", m.site);
+            let located = mon["mons"].as_array().is_some_and(|a| {
+                a.iter().any(|x| {
+                    x["name"].as_str() == Some(m.id.as_str())
+                        && x["crush_location"]
+                            .as_str()
+                            .is_some_and(|l| l.contains(&want))
+                })
+            });
+            if !located {
+                self.ceph(cluster, &["mon", "set_location", &m.id, &want])?;
+                done.push(format!("mon.{} in {}", m.id, m.site));
+            }
+        }
+        Ok(done)
+    }
+
+    pub fn setup(&self, cluster: &str) -> Result<Vec<String>, StorageError> {
+        let plan = self.require_plan(cluster)?;
+        let mut done = self.locate_monitors(cluster)?;
         self.ceph(
             cluster,
             &[
@@ -557,15 +592,6 @@ impl HostStorage {
         let pg = plan.pool.pg_num.to_string();
         let pool = plan.pool.name.as_str();
         if let Some(stretch) = &plan.stretch {
-            self.ceph(
-                cluster,
-                &["mon", "set", "election_strategy", "connectivity"],
-            )?;
-            for m in &plan.mons {
-                let loc = format!("datacenter={}", m.site);
-                self.ceph(cluster, &["mon", "set_location", &m.id, &loc])?;
-            }
-            done.push("monitors located, connectivity elections".to_string());
             if !has_rule("stretch_rule") {
                 self.add_stretch_rule(cluster, &stretch.sites)?;
                 done.push("CRUSH rule stretch_rule".into());

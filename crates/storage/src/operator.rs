@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use dczone_zone::Zone;
 
@@ -61,6 +61,14 @@ pub struct StartBody {
 pub struct StopBody {
     #[serde(default)]
     pub daemon: Option<String>,
+}
+
+/// Body of `POST /v1/storage/C/setup`: everything, or only the monitors' sites.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetupBody {
+    #[serde(default)]
+    pub monitors_only: bool,
 }
 
 /// What one host holds of a cluster.
@@ -319,6 +327,10 @@ pub fn up_cluster(
         "{}: quorum; creating and starting managers and OSDs",
         plan.name
     ));
+    let admin = &mon_hosts[0];
+    // (Locating the monitors while the OSDs are made was tried: each location is a
+    // monitor election, which holds up every OSD's registration; no faster, and the
+    // monitors logged slow ops.)
     started.extend(start(&[Kind::Mgr, Kind::Osd], &hosts)?);
     let n_osds = plan.osds.len() as u64;
     wait_for(
@@ -329,9 +341,14 @@ pub fn up_cluster(
         |s| s.osds == n_osds && s.osds_up == n_osds,
     )?;
     progress(&format!("{}: OSDs up; pools and CRUSH rules", plan.name));
-    let admin = &mon_hosts[0];
     let v = agents
-        .call(admin, "POST", &path(&plan.name, "/setup"), None, START_CALL)
+        .call(
+            admin,
+            "POST",
+            &path(&plan.name, "/setup"),
+            Some(json!({})),
+            START_CALL,
+        )
         .with_context(|| format!("set up cluster {} on {admin}", plan.name))?;
     let setup: Vec<String> = serde_json::from_value(v)?;
     let status = wait_for(
