@@ -229,6 +229,7 @@ pub enum AgentRequest {
     /// The store's side, from a source host: the manifest that makes backup `id` exist.
     BackupCommit {
         cluster: String,
+        id: String,
         manifest: dczone_storage::backup::Manifest,
     },
     /// The backups in this host's store of `cluster`.
@@ -1726,9 +1727,17 @@ pub fn router(agent: Shared) -> Router {
             put(
                 |State(a): State<Shared>,
                  h: By,
-                 UrlPath((cluster, _id)): UrlPath<(String, String)>,
+                 UrlPath((cluster, id)): UrlPath<(String, String)>,
                  Json(manifest): Json<dczone_storage::backup::Manifest>| {
-                    dispatch(a, h, AgentRequest::BackupCommit { cluster, manifest })
+                    dispatch(
+                        a,
+                        h,
+                        AgentRequest::BackupCommit {
+                            cluster,
+                            id,
+                            manifest,
+                        },
+                    )
                 },
             )
             .delete(

@@ -111,8 +111,19 @@ impl Agent {
                 check_name(&cluster)?;
                 json!(s.store_chunk(&cluster, &id, n, &sha256, &bytes, arrived_unix_ms)?)
             }
-            AgentRequest::BackupCommit { cluster, manifest } => {
+            AgentRequest::BackupCommit {
+                cluster,
+                id,
+                manifest,
+            } => {
                 check_name(&cluster)?;
+                if id != manifest.id {
+                    return Err(StorageError::Conflict(format!(
+                        "the manifest is of backup {}, not {id}",
+                        manifest.id
+                    ))
+                    .into());
+                }
                 s.store_manifest(&cluster, &manifest)?;
                 json!({ "id": manifest.id })
             }
@@ -134,6 +145,7 @@ impl Agent {
             }
             AgentRequest::BackupRestore { cluster, body } => {
                 check_name(&cluster)?;
+                dczone_storage::backup::check_id(&body.image)?;
                 let plan = s
                     .plan(&cluster)?
                     .ok_or_else(|| StorageError::NotInstalled {
@@ -222,6 +234,7 @@ impl Agent {
     pub(crate) fn backup(&self, name: &str, b: BackupBody) -> Result<Value, AgentError> {
         use dczone_storage::backup::{self, Chunk, Manifest};
         backup::check_id(&b.id)?;
+        check_name(&b.store_cluster)?;
         let vm = self.here(name)?;
         let Some(disk) = vm.spec.disk.clone() else {
             return Err(StorageError::Conflict(format!(
@@ -265,13 +278,14 @@ impl Agent {
         let start_unix = dczone_storage::backup::unix_ms();
         let t = std::time::Instant::now();
         let result = (|| -> Result<(Vec<Chunk>, Vec<ChunkTiming>), AgentError> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>, f64)>(b.streams.max(1));
+            let (tx, rx) =
+                std::sync::mpsc::sync_channel::<(u32, Vec<u8>, f64)>(b.streams.clamp(1, 32));
             let rx = std::sync::Mutex::new(rx);
             let chunks = std::sync::Mutex::new(Vec::new());
             let timings = std::sync::Mutex::new(Vec::new());
             let failure = std::sync::Mutex::new(None::<String>);
             std::thread::scope(|scope| -> Result<(), AgentError> {
-                for _ in 0..b.streams.max(1) {
+                for _ in 0..b.streams.clamp(1, 32) {
                     scope.spawn(|| loop {
                         let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         let Ok((n, bytes, sent_ms)) = next else {

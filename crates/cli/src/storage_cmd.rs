@@ -26,8 +26,11 @@ pub enum StorageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Stop every storage daemon and remove the clusters' files (their data too).
+    /// Stop every storage daemon and remove the clusters' files (their data too: VM
+    /// disks and the backup store). Refused while a VM has a disk, unless --force.
     Down {
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -139,7 +142,21 @@ pub fn run(agents: &LabAgents, zone: &Zone, command: StorageCommand) -> anyhow::
             }
             Ok(ExitCode::SUCCESS)
         }
-        StorageCommand::Down { json } => {
+        StorageCommand::Down { force, json } => {
+            if !force {
+                let with_disks: Vec<String> = dczone_control::ZoneAgents::list(agents)?
+                    .into_iter()
+                    .filter(|v| v.spec.disk.is_some())
+                    .map(|v| v.spec.name)
+                    .collect();
+                if !with_disks.is_empty() {
+                    anyhow::bail!(
+                        "VMs {} have disks in the clusters: destroy them first, or --force \
+                         (their disks and the backups go with the clusters)",
+                        with_disks.join(", ")
+                    );
+                }
+            }
             let lines = operator::down(agents, zone);
             let failed = lines.iter().any(|l| l.error.is_some());
             if json {

@@ -400,10 +400,6 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
         ids,
         [full["id"].as_str().unwrap(), incr["id"].as_str().unwrap()]
     );
-    let next = lab.json(&["backup", "create", "ledger", "--to", "dc2.1", "--json"]);
-    assert_eq!(next["parent"], incr["id"], "{next}");
-    assert!(next["chunks"].as_u64().unwrap() >= 1, "{next}");
-    // No chunk of the cut transfer is left in the store.
     let store = lab.state_dir.join(&lab.name).join("ceph/dc2.1-h1/region-2");
     let rados = |args: &[&str]| {
         std::process::Command::new("ip")
@@ -416,6 +412,28 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
             .output()
             .unwrap()
     };
+    // What a transfer cut half-way leaves: chunks without a manifest. The next backup of
+    // the VM removes them; another VM's are not its to touch.
+    assert!(rados(&["put", "ledger-1.0", "/etc/hostname"])
+        .status
+        .success());
+    assert!(rados(&["put", "ledger2x-1.0", "/etc/hostname"])
+        .status
+        .success());
+    let next = lab.json(&["backup", "create", "ledger", "--to", "dc2.1", "--json"]);
+    assert_eq!(next["parent"], incr["id"], "{next}");
+    assert!(next["chunks"].as_u64().unwrap() >= 1, "{next}");
+    // No chunk of the cut transfer is left in the store.
+    let objects = String::from_utf8(rados(&["ls"]).stdout).unwrap();
+    assert!(
+        !objects.lines().any(|o| o == "ledger-1.0"),
+        "the orphan stayed"
+    );
+    assert!(
+        objects.lines().any(|o| o == "ledger2x-1.0"),
+        "another VM's orphan went"
+    );
+    assert!(rados(&["rm", "ledger2x-1.0"]).status.success());
     let objects = String::from_utf8(rados(&["ls"]).stdout).unwrap();
     for o in objects.lines() {
         let id = o.rsplit_once('.').unwrap().0;
@@ -445,6 +463,16 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
     assert!(r.contains("damaged at chunk 0"), "{r}");
     step("a damaged backup refused");
     assert!(lab.run(&["vm", "show", "ledger2"]).status.code() != Some(0));
+    let no_image = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("dc2.1-h1"), "rbd", "-c"])
+        .arg(store.join("ceph.conf"))
+        .args(["--id", "vm", "info", "rbd/vm-ledger2"])
+        .output()
+        .unwrap();
+    assert!(
+        !no_image.status.success(),
+        "a refused restore made an image"
+    );
     lab.ok(&["backup", "delete", damaged, "--at", "dc2.1"]);
 
     // Recovery at DC2.1 from the incremental backup, then the clients' log replayed:

@@ -110,10 +110,11 @@ pub fn create(
         .flatten()
         .filter_map(|v| v.as_str())
     {
-        if id
+        let ours = id
             .strip_prefix(vm)
-            .is_some_and(|rest| rest.starts_with('-'))
-        {
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|ms| !ms.is_empty() && ms.chars().all(|c| c.is_ascii_digit()));
+        if ours {
             delete(agents, zone, to, id)?;
         }
     }
@@ -265,6 +266,17 @@ pub fn restore(
             .ok_or_else(|| anyhow!("site {at} has no storage host to run VM {name}"))?,
     };
     agents.check_host(&host)?;
+    let site = zone
+        .host(&host)
+        .map(|h| zone.sites[h.site].id.clone())
+        .unwrap_or_default();
+    if !c.sites.contains(&site) {
+        bail!(
+            "host {host} is in site {site}, outside cluster {} ({}): restore to a host of {at}",
+            c.name,
+            c.sites.join(", ")
+        );
+    }
     if let Ok(on) = agents.host_of(name) {
         bail!(
             "VM '{name}' exists (on {on}): restore it under another name (--as), or destroy it first"

@@ -215,16 +215,27 @@ fn fill_disk(mib: u64) -> Result<String, String> {
 /// Opens the disk and replays its journal into `ledger`; the journal (and its writer
 /// thread) if the VM has a disk.
 fn open_journal(ledger: &mut Ledger) -> Option<Arc<Journal>> {
-    let disk = std::fs::OpenOptions::new()
+    let disk = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(JOURNAL_DEV)
-        .ok()?;
+    {
+        Ok(d) => d,
+        // A VM given a disk (`dczone.disk=1`) never serves without its journal: it would
+        // acknowledge transfers that no copy of its disk holds.
+        Err(e) if cmdline_param("dczone.disk") == Some(1) => {
+            println!("dczone-guest: the VM has a disk but {JOURNAL_DEV} does not open: {e}");
+            std::process::exit(1);
+        }
+        Err(_) => return None,
+    };
     let size = {
         use std::io::Seek;
         let mut d = &disk;
         d.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
     };
+    // The journal has the disk's first half; `F` writes data at rest in the second.
+    let size = size / 2;
     let t = Instant::now();
     let mut seq: u32 = 1;
     let mut at = JOURNAL_START;
@@ -248,6 +259,19 @@ fn open_journal(ledger: &mut Ledger) -> Option<Arc<Journal>> {
     }
     let records = u64::from(seq - 1);
     ledger.replayed = records;
+    // A commit cut short by a crash may have left records of its group past the first
+    // damaged one: zeroed (1 MiB, more than any group), so that a later replay cannot
+    // take them as following the records written from now on.
+    let end = JOURNAL_START + records * RECORD as u64;
+    let len = (1u64 << 20).min(size.saturating_sub(end));
+    if disk
+        .write_all_at(&vec![0u8; len as usize], end)
+        .and_then(|()| disk.sync_data())
+        .is_err()
+    {
+        println!("dczone-guest: cannot clear the journal's tail; serving without a journal would lose acknowledged transfers");
+        std::process::exit(1);
+    }
     println!(
         "dczone-guest: journal on {JOURNAL_DEV} ({} MiB): {records} transfers replayed in {} ms",
         size >> 20,

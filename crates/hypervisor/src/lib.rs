@@ -302,6 +302,12 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
         s.resident_mib(),
         std::env::var("DCZONE_GUEST_APPEND").unwrap_or_default()
     );
+    // A guest with a disk journals to it, and must not serve without it.
+    let append = if s.disk.is_some() {
+        format!("{append} dczone.disk=1")
+    } else {
+        append
+    };
     let mut cmd = match l.namespace {
         Some(ns) => {
             let mut c = Command::new("ip");

@@ -200,6 +200,11 @@ impl HostStorage {
         arrived_unix_ms: u64,
     ) -> Result<Stored, StorageError> {
         check_id(id)?;
+        if self.has_manifest(cluster, id)? {
+            return Err(StorageError::Conflict(format!(
+                "backup {id} exists: its chunks are not written again"
+            )));
+        }
         let got = sha256_hex(bytes);
         if got != sha256 {
             return Err(StorageError::Conflict(format!(
@@ -215,6 +220,9 @@ impl HostStorage {
     pub fn store_manifest(&self, cluster: &str, m: &Manifest) -> Result<(), StorageError> {
         check_id(&m.id)?;
         let listed = self.objects(cluster)?;
+        if listed.contains(&format!("{}.manifest", m.id)) {
+            return Err(StorageError::Conflict(format!("backup {} exists", m.id)));
+        }
         for c in &m.chunks {
             if !listed.contains(&format!("{}.{}", m.id, c.n)) {
                 return Err(StorageError::Conflict(format!(
@@ -230,6 +238,16 @@ impl HostStorage {
             Some(&text),
         )?;
         Ok(())
+    }
+
+    fn has_manifest(&self, cluster: &str, id: &str) -> Result<bool, StorageError> {
+        match self.rados(cluster, &["stat", &format!("{id}.manifest")], None) {
+            Ok(_) => Ok(true),
+            Err(StorageError::Command { stderr, .. }) if stderr.contains("No such file") => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn objects(&self, cluster: &str) -> Result<Vec<String>, StorageError> {
@@ -320,6 +338,18 @@ impl HostStorage {
     /// removes chunks that no manifest names (a cut transfer's).
     pub fn delete_backup(&self, cluster: &str, id: &str) -> Result<u32, StorageError> {
         check_id(id)?;
+        let children: Vec<String> = self
+            .manifests(cluster)?
+            .into_iter()
+            .filter(|m| m.parent.as_deref() == Some(id))
+            .map(|m| m.id)
+            .collect();
+        if !children.is_empty() {
+            return Err(StorageError::Conflict(format!(
+                "backup {id} is the base of {}: delete those first",
+                children.join(", ")
+            )));
+        }
         let _ = self.rados(cluster, &["rm", &format!("{id}.manifest")], None);
         let prefix = format!("{id}.");
         let mut removed = 0;

@@ -553,9 +553,7 @@ impl HostStorage {
             let located = mon["mons"].as_array().is_some_and(|a| {
                 a.iter().any(|x| {
                     x["name"].as_str() == Some(m.id.as_str())
-                        && x["crush_location"]
-                            .as_str()
-                            .is_some_and(|l| l.contains(&want))
+                        && x["crush_location"].as_str() == Some(format!("{{{want}}}").as_str())
                 })
             });
             if !located {
@@ -881,8 +879,23 @@ impl HostStorage {
                         reason: e.to_string(),
                     })?;
                 let conf = self.conf(cluster);
+                // Only a client of this host (the VM's, whose QEMU is gone): a watcher
+                // elsewhere is a live user of the image, and the image stays.
+                let plan = self.require_plan(cluster)?;
+                let mine = plan
+                    .osds
+                    .iter()
+                    .chain(&plan.mons)
+                    .find(|p| p.host == self.host)
+                    .map(|p| format!("{}:", p.ip));
                 for w in v["watchers"].as_array().into_iter().flatten() {
                     if let Some(addr) = w["address"].as_str() {
+                        if mine.as_deref().is_none_or(|m| !addr.starts_with(m)) {
+                            return Err(StorageError::Conflict(format!(
+                                "image {spec} is in use by {addr}, not a client of {}: it stays",
+                                self.host
+                            )));
+                        }
                         run(
                             &format!("blocklist the dead watcher {addr} of {spec}"),
                             "ceph",

@@ -443,7 +443,8 @@ impl Platform {
             record
         };
         self.start(&record.spec.name).inspect_err(|_| {
-            let _ = self.destroy(&record.spec.name);
+            // An adopted image (a restored backup) outlives a failed start; a new one goes.
+            let _ = self.remove(&record.spec.name, req.disk_image.is_none());
         })
     }
 
@@ -574,8 +575,17 @@ impl Platform {
         })
     }
 
-    /// Stops a VM if it runs and forgets it, its disk included.
+    /// Stops a VM if it runs and forgets it, its disk included. Refused while the VM
+    /// migrates: its destination may run on the same disk.
     pub fn destroy(&self, name: &str) -> Result<(), VirtError> {
+        self.remove(name, true)
+    }
+
+    fn remove(&self, name: &str, with_disk: bool) -> Result<(), VirtError> {
+        let _migrating = self.migration_lock(name)?;
+        if self.vms_dir().join(name).join("migrating.json").exists() {
+            return Err(VirtError::Busy(name.into()));
+        }
         let vm = self.get(name)?;
         if let Some(r) = &vm.running {
             if vm.spec.disk.is_some() {
@@ -584,7 +594,7 @@ impl Platform {
                 hv::kill(r);
             }
         }
-        if let Some(d) = &vm.spec.disk {
+        if let Some(d) = vm.spec.disk.as_ref().filter(|_| with_disk) {
             self.placement
                 .storage(&vm.host)
                 .remove_image(&d.cluster, &d.pool, &d.image)
