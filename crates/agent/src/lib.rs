@@ -83,7 +83,7 @@ use serde_json::{json, Value};
 
 use dczone_pki::tls::{Identity, Peer};
 use dczone_pki::Role;
-use dczone_virt::migrate::{Destination, LocalDestination, Params, Progress};
+use dczone_virt::migrate::{Destination, DiskCopy, LocalDestination, Params, Progress};
 use dczone_virt::{CreateVm, HostPlacement, Platform, VirtError, VmRecord};
 
 /// The port every agent listens on (on its host's lab address).
@@ -1120,12 +1120,18 @@ impl Agent {
                     b.tls,
                 )?;
                 let uri = d.uri();
+                let copy = d.disk_copy();
+                let mut record = b.vm;
+                if let Some(c) = &copy {
+                    // It runs here on its disk's copy in this host's cluster.
+                    record.spec.disk = Some(c.disk.clone());
+                }
                 reservation.fill(Incoming {
                     dest: d,
                     seen: Instant::now(),
-                    record: b.vm,
+                    record,
                 });
-                json!({ "uri": uri })
+                json!({ "uri": uri, "disk_copy": copy })
             }
             AgentRequest::IncomingAlive { name } => {
                 let alive = self.with_incoming(&name, |d| Ok(d.alive()))?;
@@ -1923,6 +1929,8 @@ struct RemoteDestination {
     checked: Option<(Instant, bool)>,
     /// When the agent last said its destination was alive.
     answered: Instant,
+    /// Its export of the disk's copy, when the disk goes along.
+    copy: Option<DiskCopy>,
 }
 
 /// A destination agent that does not answer for this long counts as gone.
@@ -1955,6 +1963,7 @@ impl RemoteDestination {
             uri: String::new(),
             checked: None,
             answered: Instant::now(),
+            copy: None,
         };
         let body = serde_json::to_value(IncomingBody {
             vm: vm.clone(),
@@ -1971,6 +1980,7 @@ impl RemoteDestination {
                 reason: format!("the destination agent {url} refused to prepare: {reason}"),
             })?;
         d.uri = v["uri"].as_str().unwrap_or_default().to_string();
+        d.copy = serde_json::from_value(v["disk_copy"].clone()).unwrap_or(None);
         Ok(d)
     }
 }
@@ -1982,6 +1992,10 @@ impl Destination for RemoteDestination {
 
     fn agent(&self) -> Option<String> {
         Some(self.client.url().to_string())
+    }
+
+    fn disk_copy(&self) -> Option<DiskCopy> {
+        self.copy.clone()
     }
 
     fn alive(&mut self) -> bool {

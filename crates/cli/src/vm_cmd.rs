@@ -371,6 +371,25 @@ pub fn print_group(g: &GroupMigration) {
         g.svc_t2_union_ms,
         g.svc_t1_ms
     );
+    for m in &g.vms {
+        if let Some(d) = &m.disk {
+            println!(
+                "{}: disk taken along from {} to {} as {}: {:.1} MiB mirrored, in sync after \
+                 {:.0} ms (part of T1), completed in {:.0} ms (part of T2); {}",
+                m.vm,
+                d.from_cluster,
+                d.to_cluster,
+                d.image,
+                d.mirrored_bytes as f64 / 1048576.0,
+                d.copy_ms,
+                d.completion_ms,
+                match &d.source_remove_error {
+                    None => "the source's image was removed".to_string(),
+                    Some(e) => format!("the source's image is left: {e}"),
+                }
+            );
+        }
+    }
 }
 
 /// One VM: the source host's agent drives the migration with the destination's agent.

@@ -530,6 +530,133 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
     step("checked");
     lab.ok(&["vm", "destroy", "ledger2"]);
     step("restored at DC2.1 with the log replayed");
+
+    // Across regions the disk goes along (DC2.1 is another cluster): mirrored over NBD
+    // into a new image there while the VM runs. A path cut during the copy leaves the VM
+    // at its source, and no copy behind.
+    let rbd_info = |host: &str, cluster: &str, image: &str| {
+        let dir = lab
+            .state_dir
+            .join(&lab.name)
+            .join("ceph")
+            .join(host)
+            .join(cluster);
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns(host), "rbd", "-c"])
+            .arg(dir.join("ceph.conf"))
+            .args(["--id", "vm", "info"])
+            .arg(format!("rbd/{image}"))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert_eq!(
+        ask_from(&lab, client, ip, vec!["F 200".into()])[0],
+        "FILLED 200"
+    );
+    let cut = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(4));
+            lab.ok(&["lab", "site", "isolate", "dc2.1"]);
+        });
+        stderr_of(&lab, &["migrate", "ledger", "--to", "dc2.1-h1"])
+    });
+    lab.ok(&["lab", "site", "restore", "dc2.1"]);
+    assert!(cut.contains("keeps running"), "{cut}");
+    assert_eq!(
+        lab.json(&["vm", "show", "ledger", "--json"])["host"],
+        "dc1.1-h1"
+    );
+    let serving = ask_from(&lab, client, ip, vec!["S".into()]);
+    assert_eq!(field(&serving[0], "checksum"), checksum(&all));
+    let t = Instant::now();
+    while rbd_info("dc2.1-h1", "region-2", "vm-ledger") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the aborted copy's image stayed in region-2"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    step("a cut inter-region migration: the VM stays, no copy is left");
+
+    // Then it moves, under a client's load, with its journal.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        sys::in_namespace(&lab.ns(client), move || {
+            let mut c = Client::connect(ip);
+            let mut acked = Vec::new();
+            for id in 7000u64.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let answer = c.ask(&format!("T {id} 5 6 1"));
+                assert_eq!(answer, format!("OK {id}"), "transfer {id}");
+                acked.push(id);
+            }
+            acked
+        })
+        .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let m = lab.json(&["migrate", "ledger", "--to", "dc2.1-h1", "--json"]);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let moved = load.join().expect("every transfer was answered OK");
+    let rec = &m["vms"][0];
+    step(&format!(
+        "inter-region: T1 {} ms, T2 {} ms, disk {}",
+        rec["t1_ms"], rec["t2_ms"], rec["disk"]
+    ));
+    assert_eq!(rec["disk"]["from_cluster"], "region-1", "{rec}");
+    assert_eq!(rec["disk"]["to_cluster"], "region-2", "{rec}");
+    assert_eq!(rec["disk"]["source_removed"], true, "{rec}");
+    assert!(rec["disk"]["copy_ms"].as_f64().unwrap() > 0.0, "{rec}");
+    assert!(
+        rec["t1_ms"].as_f64().unwrap() >= rec["disk"]["copy_ms"].as_f64().unwrap(),
+        "T1 counts the copy: {rec}"
+    );
+    assert!(rec["t2_ms"].as_f64().unwrap() < 1000.0, "{rec}");
+    assert_eq!(rec["tls"], true, "{rec}");
+    assert!(moved.len() >= 10, "only {} transfers", moved.len());
+    let vm = lab.json(&["vm", "show", "ledger", "--json"]);
+    assert_eq!(vm["host"], "dc2.1-h1");
+    assert_eq!(vm["spec"]["disk"]["cluster"], "region-2");
+    assert!(rbd_info("dc2.1-h1", "region-2", "vm-ledger"));
+    assert!(
+        !rbd_info("dc1.1-h1", "region-1", "vm-ledger"),
+        "the source's image stayed"
+    );
+    all[5] -= moved.len() as i64;
+    all[6] += moved.len() as i64;
+    // Its disk at DC2.1 holds every acknowledged transfer: a crash there replays them all.
+    lab.ok(&["vm", "stop", "ledger"]);
+    lab.ok(&["vm", "start", "ledger"]);
+    let t = Instant::now();
+    let after = loop {
+        let reachable = sys::in_namespace(&lab.ns(client), move || {
+            TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(2))
+                .is_ok()
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        if reachable {
+            break ask_from(&lab, client, ip, vec!["S".into()]);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the VM never served again at DC2.1"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        field(&after[0], "checksum"),
+        checksum(&all),
+        "a transfer acknowledged before or during the migration is missing at DC2.1"
+    );
+    step("moved to DC2.1 with its disk, restarted there with every transfer");
     // Down: the VM's image goes with the VM, then every daemon and file with the clusters.
     lab.ok(&["vm", "destroy", "ledger"]);
     step("destroyed");

@@ -185,6 +185,52 @@ const RESUME_RETRY: Duration = Duration::from_secs(1);
 /// A post-copy stream that moves nothing for this long is paused and resumed (a VM waiting
 /// for a page cannot wait [`STALL`]).
 const POSTCOPY_STALL: Duration = Duration::from_secs(2);
+/// A VM whose disk is in another cluster than its destination's (another region) takes its
+/// disk along, as libvirt's `--copy-storage-all` does: the destination QEMU exports a new,
+/// empty image of its cluster over NBD, the source mirrors its disk into it
+/// (`blockdev-mirror`, sync full) while the VM runs, RAM pre-copy starts once the mirror is
+/// in sync (READY), and the switchover waits for the mirror's completion with the source
+/// stopped (`pause-before-switchover`). The job, the source's NBD client node and the
+/// destination's export:
+const MIRROR_JOB: &str = "dczone-mirror";
+const MIRROR_TARGET: &str = "dczone-mirror-target";
+const DISK_EXPORT: &str = "dczone-disk";
+/// The destination's NBD server listens this far above the migration's port.
+const NBD_PORT_OFFSET: u16 = 200;
+/// The source's mirror completion at the switchover (its last writes) may take this long.
+const MIRROR_COMPLETION: Duration = Duration::from_secs(30);
+
+/// A disk copied to the destination's cluster during a migration: where the destination's
+/// NBD export of the new image listens, and the VM's disk once it runs there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskCopy {
+    pub host: String,
+    pub port: u16,
+    pub export: String,
+    pub disk: hv::DiskSpec,
+}
+
+/// What taking a disk along measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskCopyReport {
+    pub from_cluster: String,
+    pub to_cluster: String,
+    pub image: String,
+    /// The mirror job's progress counter at READY: the disk's size plus what the guest
+    /// rewrote during the copy. Regions never written travel as NBD write-zeroes requests
+    /// (a header each), not as data.
+    pub mirrored_bytes: u64,
+    /// From the mirror's start until it was in sync (READY), ms: the part of T1 before RAM
+    /// pre-copy.
+    pub copy_ms: f64,
+    /// The mirror's completion with the source stopped (inside T2), ms.
+    pub completion_ms: f64,
+    /// The source's image was removed once the destination ran (false: it is left in its
+    /// cluster, and the error says why).
+    pub source_removed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_remove_error: Option<String>,
+}
 
 /// What one VM's migration measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,6 +282,9 @@ pub struct VmMigration {
     /// The stream was TLS, both QEMUs holding their host's certificate ([`crate::tls`]).
     #[serde(default)]
     pub tls: bool,
+    /// The disk went along to the destination's cluster (another region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskCopyReport>,
 }
 
 /// A cluster's migration.
@@ -295,6 +344,11 @@ pub trait Destination: Send {
     fn agent(&self) -> Option<String> {
         None
     }
+    /// The disk's copy, when the destination is in another cluster than the VM's disk:
+    /// its NBD export waits for the source's mirror.
+    fn disk_copy(&self) -> Option<DiskCopy> {
+        None
+    }
     /// One step of post-copy recovery, called until the source's stream is back: while the
     /// destination still uses the broken stream (`postcopy-active`, or a handshake that
     /// hangs), stop it (`migrate-pause`); once it is `postcopy-paused`, listen on `uri` for
@@ -337,6 +391,9 @@ pub struct LocalDestination {
     /// The incoming migration's status as its MIGRATION events tell it, during a
     /// post-copy recovery.
     status: String,
+    /// The new disk this destination exports for the source's mirror, and the platform
+    /// and host that remove it when the destination is aborted.
+    copy: Option<(DiskCopy, Platform, String)>,
 }
 
 impl LocalDestination {
@@ -381,6 +438,14 @@ impl Destination for LocalDestination {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
+        if self.copy.is_some() {
+            // The source completed its mirror before it let the stream finish: the export
+            // has no more use (libvirt's Finish phase stops it too).
+            let _ = self
+                .qmp
+                .execute("block-export-del", json!({ "id": DISK_EXPORT }));
+            let _ = self.qmp.execute("nbd-server-stop", json!({}));
+        }
         if self.paused || status == "paused" {
             self.qmp.execute("cont", json!({})).map_err(&err)?;
         }
@@ -392,11 +457,43 @@ impl Destination for LocalDestination {
     }
 
     fn abort(&mut self) {
+        if self.copy.is_some() {
+            // Closed cleanly, the copy's image has no watcher left and goes at once; a
+            // killed QEMU's watch holds it for minutes. (Never post-copy: a copy is
+            // refused with it, so this QEMU waits and cannot run the VM meanwhile.)
+            let _ = self.qmp.execute("quit", json!({}));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while hv::alive(self.running.pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         hv::kill(&self.running);
+        if let Some((copy, platform, host)) = self.copy.take() {
+            // The copy never ran anything: its image goes with it.
+            let d = &copy.disk;
+            if let Err(e) = platform
+                .placement()
+                .storage(&host)
+                .remove_image(&d.cluster, &d.pool, &d.image)
+            {
+                eprintln!(
+                    "the aborted copy of {}'s disk ({}/{} in {}) could not be removed: {}",
+                    self.vm,
+                    d.pool,
+                    d.image,
+                    d.cluster,
+                    error_chain(&e)
+                );
+            }
+        }
     }
 
     fn running(&self) -> Option<Running> {
         Some(self.running.clone())
+    }
+
+    fn disk_copy(&self) -> Option<DiskCopy> {
+        self.copy.as_ref().map(|(c, ..)| c.clone())
     }
 
     fn incoming_status(&mut self) -> Result<String, VirtError> {
@@ -461,6 +558,23 @@ struct InFlight {
     /// host's agent what became of the VM ([`DestinationFate`]).
     #[serde(default)]
     destination_agent: Option<String>,
+    /// The disk's copy in the destination's cluster, when it went along: the record names
+    /// it once the VM runs there.
+    #[serde(default)]
+    disk: Option<hv::DiskSpec>,
+}
+
+impl InFlight {
+    /// `vm`'s record once it runs at the destination.
+    fn moved(&self, vm: &VmRecord, running: Option<Running>) -> VmRecord {
+        let mut moved = vm.clone();
+        moved.host = self.to.clone();
+        moved.running = running;
+        if let Some(d) = &self.disk {
+            moved.spec.disk = Some(d.clone());
+        }
+        moved
+    }
 }
 
 /// What the destination host's agent says of a VM whose migration's driver died after the
@@ -607,14 +721,11 @@ impl Platform {
         qmp: &mut Qmp,
         src: &Running,
         destination: Running,
-        to: &str,
+        flight: &InFlight,
     ) -> Result<(), VirtError> {
         let _ = qmp.execute("quit", json!({}));
         hv::kill(src);
-        let mut moved = vm.clone();
-        moved.host = to.to_string();
-        moved.running = Some(destination);
-        self.save_record(&moved)
+        self.save_record(&flight.moved(vm, Some(destination)))
     }
 
     fn settle(
@@ -631,10 +742,7 @@ impl Platform {
             if let Some(src) = vm.running.as_ref().filter(|s| is_qemu(s.pid)) {
                 hv::kill(src);
             }
-            let mut moved = vm.clone();
-            moved.host = flight.to.clone();
-            moved.running = Some(d.clone());
-            self.save_record(&moved)?;
+            self.save_record(&flight.moved(vm, Some(d.clone())))?;
             return Ok(Some(format!(
                 "{name}: its destination on {} had taken over when its driver died; the record follows it",
                 flight.to
@@ -661,10 +769,7 @@ impl Platform {
         let Some(src) = vm.running.clone() else {
             if let Some(d) = destination.clone().filter(runs) {
                 // The source is gone and the destination runs the VM: it is the VM now.
-                let mut moved = vm.clone();
-                moved.host = flight.to.clone();
-                moved.running = Some(d);
-                self.save_record(&moved)?;
+                self.save_record(&flight.moved(vm, Some(d)))?;
                 return Ok(Some(format!(
                     "{name}: its source is gone and its destination on {} runs it; the record \
                      follows it",
@@ -700,7 +805,7 @@ impl Platform {
                 )));
             }
             if let Some(d) = destination {
-                self.roll_forward(vm, &mut qmp, &src, d, &flight.to)?;
+                self.roll_forward(vm, &mut qmp, &src, d, flight)?;
                 return Ok(Some(format!(
                     "{name}: its post-copy migration to {} completed after its driver died; \
                      the VM runs there",
@@ -715,7 +820,7 @@ impl Platform {
         }
         if status == "completed" {
             if let Some(d) = destination {
-                self.roll_forward(vm, &mut qmp, &src, d, &flight.to)?;
+                self.roll_forward(vm, &mut qmp, &src, d, flight)?;
                 return Ok(Some(format!(
                     "{name}: its migration to {} had completed when its driver died; the VM runs there",
                     flight.to
@@ -726,7 +831,7 @@ impl Platform {
                     DestinationFate::Runs(Some(d)) => {
                         // The record follows the VM (on a real host, this host's copy is a
                         // forwarding record that no listing shows).
-                        self.roll_forward(vm, &mut qmp, &src, d, &flight.to)?;
+                        self.roll_forward(vm, &mut qmp, &src, d, flight)?;
                         return Ok(Some(format!(
                             "{name}: its migration to {} had completed when its driver died and \
                              the destination's agent runs it; the source quit",
@@ -737,10 +842,7 @@ impl Platform {
                         let _ = qmp.execute("quit", json!({}));
                         hv::kill(&src);
                         if self.get(name).is_ok_and(|r| r.host == flight.from) {
-                            let mut moved = vm.clone();
-                            moved.host = flight.to.clone();
-                            moved.running = None;
-                            self.save_record(&moved)?;
+                            self.save_record(&flight.moved(vm, None))?;
                         }
                         return Ok(Some(format!(
                             "{name}: its migration to {} had completed when its driver died and \
@@ -818,12 +920,51 @@ impl Platform {
         };
         let dir = self.vm_dir(name, to);
         let ns = self.placement().namespace(to);
-        let disk = self.rbd_access(to, &vm.spec);
+        // A disk in another cluster (another region) goes along: the destination starts
+        // on a new image of its own cluster, which it exports for the source's mirror.
+        let copy = match &vm.spec.disk {
+            Some(d) if postcopy => {
+                let cluster = self.destination_cluster(name, &dest_host)?;
+                if cluster != d.cluster {
+                    return Err(VirtError::BadSpec(format!(
+                        "post-copy cannot take VM {name}'s disk from cluster {} to {cluster}: \
+                         the VM would run at {to} before its disk is there; use a pre-copy \
+                         strategy (coordinated, parallel or sequential)",
+                        d.cluster
+                    )));
+                }
+                None
+            }
+            Some(d) if self.destination_cluster(name, &dest_host)? != d.cluster => {
+                let disk = self.create_disk(name, &dest_host, d.size_mib)?;
+                Some(DiskCopy {
+                    host: dest_host.ip.to_string(),
+                    port: port + NBD_PORT_OFFSET,
+                    export: DISK_EXPORT.into(),
+                    disk,
+                })
+            }
+            _ => None,
+        };
+        let remove_copy = || {
+            if let Some(c) = &copy {
+                let d = &c.disk;
+                let _ = self
+                    .placement()
+                    .storage(to)
+                    .remove_image(&d.cluster, &d.pool, &d.image);
+            }
+        };
+        let mut spec = vm.spec.clone();
+        if let Some(c) = &copy {
+            spec.disk = Some(c.disk.clone());
+        }
+        let disk = self.rbd_access(to, &spec);
         let running = hv::launch(&hv::Launch {
             disk: disk.as_ref(),
             namespace: ns.as_deref(),
             dir: &dir,
-            spec: &vm.spec,
+            spec: &spec,
             kernel: &self.image().kernel,
             initramfs: &self.image().initramfs,
             accel: vm.accel,
@@ -831,9 +972,12 @@ impl Platform {
             paused,
             bridge: self.placement().bridge(),
         })
-        .map_err(|source| VirtError::Hypervisor {
-            vm: name.into(),
-            source,
+        .map_err(|source| {
+            remove_copy();
+            VirtError::Hypervisor {
+                vm: name.into(),
+                source,
+            }
         })?;
         let uri = format!("tcp:{}:{port}", dest_host.ip);
         let setup = || -> Result<Qmp, VirtError> {
@@ -868,6 +1012,31 @@ impl Platform {
             }
             dst.execute("migrate-incoming", json!({ "uri": uri }))
                 .map_err(&err)?;
+            if let Some(c) = &copy {
+                // The new image, activated and writable for the source's mirror before the
+                // stream ends (QEMU activates an exported node of an incoming VM), over TLS
+                // with the host's certificate when the stream is.
+                // (nbd-server-start still takes QEMU's legacy socket address.)
+                let mut server = json!({"addr": {
+                    "type": "inet",
+                    "data": {"host": c.host, "port": c.port.to_string()},
+                }});
+                if tls_dir.is_some() {
+                    server["tls-creds"] = json!(crate::tls::SERVER_CREDS);
+                }
+                dst.execute("nbd-server-start", server).map_err(&err)?;
+                dst.execute(
+                    "block-export-add",
+                    json!({
+                        "type": "nbd",
+                        "id": DISK_EXPORT,
+                        "node-name": hv::DISK_NODE,
+                        "name": c.export,
+                        "writable": true,
+                    }),
+                )
+                .map_err(&err)?;
+            }
             Ok(dst)
         };
         match setup() {
@@ -879,12 +1048,32 @@ impl Platform {
                 paused,
                 listening: false,
                 status: "postcopy-active".into(),
+                copy: copy.clone().map(|c| (c, self.clone(), to.to_string())),
             }),
             Err(e) => {
                 hv::kill(&running);
+                remove_copy();
                 Err(e)
             }
         }
+    }
+}
+
+impl Platform {
+    /// The storage cluster a VM's disk lives in at host `h`.
+    fn destination_cluster(
+        &self,
+        vm: &str,
+        h: &crate::placement::ZoneHost,
+    ) -> Result<String, VirtError> {
+        self.placement()
+            .storage(&h.id)
+            .cluster_for_site(&h.site)
+            .map(|c| c.name.clone())
+            .map_err(|source| VirtError::Disk {
+                vm: vm.into(),
+                source,
+            })
     }
 }
 
@@ -945,6 +1134,24 @@ pub struct Session {
     pin_threshold: bool,
     /// The stream is TLS.
     tls: bool,
+    /// The disk goes along to the destination's cluster ([`DiskCopy`]).
+    copy: Option<DiskCopy>,
+    mirror: Mirror,
+}
+
+/// The source's side of a disk copy ([`DiskCopy`]).
+#[derive(Debug, Default)]
+struct Mirror {
+    started_us: u64,
+    /// When the mirror was first in sync (its BLOCK_JOB_READY, or `ready` in its poll).
+    ready_us: Option<u64>,
+    offset: u64,
+    len: u64,
+    /// The job ended: `Ok` completed in sync, `Err` why not.
+    ended: Option<Result<(), String>>,
+    completion_ms: f64,
+    /// RAM pre-copy was asked for and waits for READY.
+    deferred: bool,
 }
 
 impl Session {
@@ -981,9 +1188,15 @@ impl Session {
         let connect = || -> Result<Qmp, VirtError> {
             let err = Self::qmp_err(name);
             let mut src = Qmp::connect(&src_running.qmp, Duration::from_secs(10)).map_err(&err)?;
+            let copy = dst.disk_copy();
+            // Set either way: a QEMU that once took its disk along must not pause before
+            // the switchover of a later migration that does not.
             src.execute(
                 "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "events", "state": true}]}),
+                json!({"capabilities": [
+                    {"capability": "events", "state": true},
+                    {"capability": "pause-before-switchover", "state": copy.is_some()},
+                ]}),
             )
             .map_err(&err)?;
             match &tls {
@@ -1004,8 +1217,16 @@ impl Session {
                 }
                 None => crate::tls::disable(&mut src).map_err(&err)?,
             }
+            if let Some(c) = &copy {
+                start_mirror(&mut src, c, tls.is_some()).map_err(&err)?;
+            }
             Ok(src)
         };
+        let mirror = Mirror {
+            started_us: now_us(),
+            ..Mirror::default()
+        };
+        let copy = dst.disk_copy();
         match connect() {
             Ok(src) => Ok(Session {
                 platform: platform.clone(),
@@ -1044,6 +1265,8 @@ impl Session {
                 own_rate: 0,
                 pin_threshold: false,
                 tls: encrypted,
+                copy,
+                mirror,
             }),
             Err(e) => {
                 dst.abort();
@@ -1087,6 +1310,13 @@ impl Session {
         if hold && !self.postcopy {
             self.pin_threshold = pin_switchover_threshold(&mut self.src, true);
         }
+        if self.copy.is_some() {
+            // T1 counts from the disk copy's start; RAM pre-copy follows once it is in
+            // sync ([`Session::poll`]).
+            self.started_us = self.mirror.started_us;
+            self.mirror.deferred = true;
+            return Ok(());
+        }
         self.started_us = now_us();
         self.src
             .execute("migrate", json!({ "uri": self.dst.uri() }))
@@ -1094,8 +1324,111 @@ impl Session {
         Ok(())
     }
 
+    /// A disk copy in its first pass: follows the mirror, and sends the deferred
+    /// `migrate` once it is in sync. Returns whether RAM pre-copy has started.
+    fn poll_mirror(&mut self) -> Result<bool, VirtError> {
+        let name = self.vm.spec.name.clone();
+        let jobs = self
+            .src
+            .execute("query-block-jobs", json!({}))
+            .map_err(Self::qmp_err(&name))?;
+        for ev in self.src.take_events() {
+            self.note(&ev);
+        }
+        if let Some(j) = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["device"] == MIRROR_JOB))
+        {
+            let offset = j["offset"].as_u64().unwrap_or(0);
+            if offset != self.mirror.offset {
+                self.mirror.offset = offset;
+                self.progressed_at = Instant::now();
+            }
+            self.mirror.len = j["len"].as_u64().unwrap_or(0);
+            if j["ready"] == true && self.mirror.ready_us.is_none() {
+                self.mirror.ready_us = Some(now_us());
+            }
+        }
+        self.last = json!({"status": "disk-copy", "ram": {
+            "transferred": self.mirror.offset,
+            "remaining": self.mirror.len.saturating_sub(self.mirror.offset),
+        }});
+        if self.mirror.ready_us.is_none() || !self.mirror.deferred {
+            return Ok(!self.mirror.deferred);
+        }
+        self.mirror.deferred = false;
+        self.progressed_at = Instant::now();
+        self.src
+            .execute("migrate", json!({ "uri": self.dst.uri() }))
+            .map_err(Self::qmp_err(&name))?;
+        Ok(true)
+    }
+
+    /// At `pre-switchover` (the source stopped, its RAM sent): the mirror completes, its
+    /// last writes in the destination's image, and the stream goes on to the switchover.
+    fn complete_mirror(&mut self) -> Result<(), VirtError> {
+        let name = self.vm.spec.name.clone();
+        let owned = name.clone();
+        let err = Self::qmp_err(&owned);
+        let t = Instant::now();
+        if self.mirror.ended.is_none() {
+            // A mirror in sync, cancelled without force, completes: its target holds the
+            // whole disk (QEMU's "soft cancel" of a READY job).
+            self.src
+                .execute("block-job-cancel", json!({ "device": MIRROR_JOB }))
+                .map_err(&err)?;
+        }
+        while self.mirror.ended.is_none() && t.elapsed() < MIRROR_COMPLETION {
+            self.src
+                .poll_events(Duration::from_millis(5))
+                .map_err(&err)?;
+            for ev in self.src.take_events() {
+                self.note(&ev);
+            }
+        }
+        self.mirror.completion_ms = t.elapsed().as_secs_f64() * 1e3;
+        match self.mirror.ended.clone() {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                return Err(VirtError::MigrationFailed {
+                    vm: name,
+                    source_host: self.vm.host.clone(),
+                    reason: format!("its disk's copy to {} failed: {e}", self.to),
+                })
+            }
+            None => {
+                return Err(VirtError::MigrationFailed {
+                    vm: name,
+                    source_host: self.vm.host.clone(),
+                    reason: format!(
+                        "its disk's copy to {} did not complete within {} s",
+                        self.to,
+                        MIRROR_COMPLETION.as_secs()
+                    ),
+                })
+            }
+        }
+        let _ = self
+            .src
+            .execute("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
+        self.src
+            .execute("migrate-continue", json!({ "state": "pre-switchover" }))
+            .map_err(&err)?;
+        Ok(())
+    }
+
     /// Polls the source; returns the migration status.
     fn poll(&mut self) -> Result<String, VirtError> {
+        if self.copy.is_some() && self.mirror.deferred && !self.poll_mirror()? {
+            return Ok("disk-copy".into());
+        }
+        if let (Some(_), Some(Err(e))) = (&self.copy, &self.mirror.ended) {
+            return Err(VirtError::MigrationFailed {
+                vm: self.vm.spec.name.clone(),
+                source_host: self.vm.host.clone(),
+                reason: format!("its disk's copy to {} failed: {e}", self.to),
+            });
+        }
         let info = self
             .src
             .execute("query-migrate", json!({}))
@@ -1104,6 +1437,9 @@ impl Session {
             self.note(&ev);
         }
         let status = info["status"].as_str().unwrap_or("none").to_string();
+        if status == "pre-switchover" {
+            self.complete_mirror()?;
+        }
         if status == "completed" && self.completed_us.is_none() {
             self.completed_us = Some(now_us());
         }
@@ -1142,6 +1478,32 @@ impl Session {
         }
         if ev.name == "MIGRATION" && ev.data["status"] == "completed" {
             self.sent_us = Some(ev.timestamp_us);
+        }
+        if ev.data["device"] == MIRROR_JOB {
+            match ev.name.as_str() {
+                "BLOCK_JOB_READY" => {
+                    self.mirror.ready_us.get_or_insert(ev.timestamp_us);
+                }
+                "BLOCK_JOB_COMPLETED" => {
+                    self.mirror.ended = Some(match ev.data["error"].as_str() {
+                        Some(e) => Err(e.to_string()),
+                        None if self.mirror.ready_us.is_none() => {
+                            Err("the mirror ended before it was in sync".into())
+                        }
+                        None => Ok(()),
+                    });
+                }
+                "BLOCK_JOB_CANCELLED" => {
+                    self.mirror.ended = Some(Err("the mirror was cancelled".into()));
+                }
+                "BLOCK_JOB_ERROR" => {
+                    self.mirror.ended = Some(Err(format!(
+                        "{} error on the copy",
+                        ev.data["operation"].as_str().unwrap_or("an I/O")
+                    )));
+                }
+                _ => {}
+            }
         }
     }
 
@@ -1459,6 +1821,7 @@ impl Session {
                 destination: Some(dst_running.clone()),
                 taken_over: true,
                 destination_agent: self.dst.agent(),
+                disk: self.copy.as_ref().map(|c| c.disk.clone()),
             };
             let _ = write_marker(path, &flight);
         }
@@ -1483,6 +1846,7 @@ impl Session {
             }
             hv::kill(old);
         }
+        let disk = self.copy.as_ref().map(|c| self.drop_source_disk(c));
         let stop = self.stop_us.unwrap_or(resume_us);
         let t1 = Interval::new(self.started_us, stop);
         let t2 = Interval::new(stop, resume_us);
@@ -1513,14 +1877,48 @@ impl Session {
             keeper_error: self.keeper_error.take(),
             switch_reason: self.switch_reason,
             tls: self.tls,
+            disk,
         };
         let record = with_t2_parts(record, self.sent_us, self.switched);
         let mut vm = self.vm.clone();
         vm.host = self.to.clone();
         vm.running = Some(dst_running);
+        if let Some(c) = &self.copy {
+            vm.spec.disk = Some(c.disk.clone());
+        }
         self.platform.save_record(&vm)?;
         self.settle();
         Ok(record)
+    }
+
+    /// The VM runs at its destination on its disk's copy: the source's image goes (its
+    /// QEMU has quit), and what the copy measured.
+    fn drop_source_disk(&self, copy: &DiskCopy) -> DiskCopyReport {
+        let mut report = DiskCopyReport {
+            from_cluster: String::new(),
+            to_cluster: copy.disk.cluster.clone(),
+            image: copy.disk.image.clone(),
+            mirrored_bytes: self.mirror.offset.max(self.mirror.len),
+            copy_ms: self.mirror.ready_us.map_or(0.0, |r| {
+                r.saturating_sub(self.mirror.started_us) as f64 / 1e3
+            }),
+            completion_ms: self.mirror.completion_ms,
+            source_removed: false,
+            source_remove_error: None,
+        };
+        if let Some(d) = &self.vm.spec.disk {
+            report.from_cluster = d.cluster.clone();
+            match self
+                .platform
+                .placement()
+                .storage(&self.vm.host)
+                .remove_image(&d.cluster, &d.pool, &d.image)
+            {
+                Ok(()) => report.source_removed = true,
+                Err(e) => report.source_remove_error = Some(error_chain(&e)),
+            }
+        }
+        report
     }
 
     /// Settled here: its marker goes.
@@ -1560,6 +1958,26 @@ impl Session {
             k.discard();
         }
         let _ = self.src.execute("migrate_cancel", json!({}));
+        if self.copy.is_some() {
+            // The source keeps its own disk: the copy is dropped, never pivoted to. A job
+            // that waits on a dead connection ends only when TCP gives up on it; its
+            // target is then removed by the next attempt ([`start_mirror`]).
+            let _ = self.src.execute(
+                "block-job-cancel",
+                json!({ "device": MIRROR_JOB, "force": true }),
+            );
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                let jobs = self.src.execute("query-block-jobs", json!({}));
+                if jobs.is_ok_and(|j| !j.as_array().is_some_and(|a| !a.is_empty())) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self
+                .src
+                .execute("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
+        }
         // The destination goes first: the two must never run at once (a migration may have
         // completed since the last poll, and a destination started without -S then runs).
         self.dst.abort();
@@ -2185,6 +2603,7 @@ impl Platform {
             destination: None,
             taken_over: false,
             destination_agent: None,
+            disk: None,
         };
         write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
         let mut s = match Session::prepare(self, vm, to, port, prepare, tls) {
@@ -2201,6 +2620,7 @@ impl Platform {
         )));
         flight.destination = s.dst.running();
         flight.destination_agent = s.dst.agent();
+        flight.disk = s.copy.as_ref().map(|c| c.disk.clone());
         write_marker(&path, &flight).map_err(Self::io("record the migration in flight"))?;
         if params.keep_frames {
             match self.frame_keeper(&s.vm) {
@@ -2229,6 +2649,42 @@ impl Platform {
         )
         .map_err(Self::io("start the frame keeper"))
     }
+}
+
+/// Starts mirroring the source's disk into the destination's NBD export of its copy.
+fn start_mirror(src: &mut Qmp, copy: &DiskCopy, tls: bool) -> Result<(), hv::QmpError> {
+    // A target an earlier attempt could not remove would hold the name.
+    let _ = src.execute("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
+    let mut target = json!({
+        "driver": "nbd",
+        "node-name": MIRROR_TARGET,
+        "server": {
+            "type": "inet",
+            "host": copy.host,
+            "port": copy.port.to_string(),
+        },
+        "export": copy.export,
+    });
+    if tls {
+        // The destination's certificate must name the address the export listens on.
+        target["tls-creds"] = json!(crate::tls::CLIENT_CREDS);
+        target["tls-hostname"] = json!(copy.host);
+    }
+    src.execute("blockdev-add", target)?;
+    let mirror = src.execute(
+        "blockdev-mirror",
+        json!({
+            "job-id": MIRROR_JOB,
+            "device": hv::DISK_NODE,
+            "target": MIRROR_TARGET,
+            "sync": "full",
+        }),
+    );
+    if let Err(e) = mirror {
+        let _ = src.execute("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Pins QEMU's convergence threshold (`avail-switchover-bandwidth` x `downtime-limit`) at a
