@@ -1969,7 +1969,7 @@ impl Session {
             let deadline = Instant::now() + Duration::from_secs(2);
             while Instant::now() < deadline {
                 let jobs = self.src.execute("query-block-jobs", json!({}));
-                if jobs.is_ok_and(|j| !j.as_array().is_some_and(|a| !a.is_empty())) {
+                if jobs.is_ok_and(|j| j.as_array().is_none_or(|a| a.is_empty())) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
