@@ -2796,6 +2796,7 @@ mod tests {
             keeper_error: None,
             switch_reason: None,
             tls: false,
+            disk: None,
         }
     }
 
