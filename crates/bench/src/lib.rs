@@ -6,7 +6,9 @@
 //! - [`inter_region::inter_region`]: UC2, sync and async replication per distance, the
 //!   fallback to async and back, disasters of the primary's site (RTO, RPO audit);
 //! - [`inter_region::switchover`]: planned switchovers under load, each audited;
-//! - [`region::region_disaster`]: region 1 lost under Tier 1 load, audited and restored.
+//! - [`region::region_disaster`]: region 1 lost under Tier 1 load, audited and restored;
+//! - [`storage::storage`]: stretched against local write latency, and a VM with a disk
+//!   live-migrated between the regions under load (T1, T2, Ptrx before and during).
 //!
 //! Scenarios say what they are doing through an [`Observer`]; they print nothing. The
 //! command line renders their reports as tables, or writes them as JSON.
@@ -14,6 +16,7 @@
 pub mod inter_region;
 pub mod migration;
 pub mod region;
+pub mod storage;
 
 use serde::Serialize;
 

@@ -87,7 +87,7 @@ fn query_retry(ns: &str, ip: std::net::Ipv4Addr, req: &str) -> Option<String> {
     })
 }
 
-fn guest_stats(ns: &str, ip: std::net::Ipv4Addr) -> (String, u64, i64) {
+pub(crate) fn guest_stats(ns: &str, ip: std::net::Ipv4Addr) -> (String, u64, i64) {
     let s = query_retry(ns, ip, "S").unwrap_or_default();
     let z = query_retry(ns, ip, "Z")
         .and_then(|z| z.parse().ok())

@@ -121,6 +121,16 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Issue 12's storage scenario: stretched against local write latency, then a VM with
+    /// a disk live-migrated between the regions under a saturating client, back and forth
+    /// (its disk mirrored into the other cluster): T1, T2, Ptrx before and during.
+    Storage {
+        /// Inter-region migrations (alternating DC1.1 -> DC2.1 and back).
+        #[arg(long, default_value_t = 4)]
+        runs: u32,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Planned switchovers under load around the database sites, each audited.
     Switchover {
         #[arg(long, default_value_t = 6)]
@@ -345,6 +355,21 @@ pub fn run(
             clients,
             json,
         } => switchover(lab, exe, state_dir, rounds, clients, json.as_deref()),
+        BenchCommand::Storage { runs, json } => {
+            if runs == 0 {
+                anyhow::bail!("--runs must be at least 1");
+            }
+            let agents = dczone_bench::migration::reference_agents(lab, exe, state_dir)?;
+            let report = dczone_bench::storage::storage(
+                lab,
+                &agents,
+                &dczone_bench::storage::StorageOptions { runs },
+                &Terminal::spinner(),
+            )?;
+            print_storage(&report);
+            write_json(json.as_deref(), &report)?;
+            Ok(verdict(report.pass()))
+        }
         BenchCommand::IntraRegion {
             strategy,
             compare,
@@ -469,6 +494,75 @@ pub fn switchover(
     print_switchover(&report);
     write_json(json, &report)?;
     Ok(verdict(report.rpo_lost_transactions == 0))
+}
+
+fn print_storage(r: &dczone_bench::storage::StorageReport) {
+    let lat = |w: &dczone_bench::storage::WriteLatency| {
+        vec![
+            w.cluster.clone(),
+            w.host.clone(),
+            format!("{:.2}", w.write_p50_ms),
+            format!("{:.2}", w.write_p95_ms),
+            format!("{:.2}", w.write_worst_ms),
+        ]
+    };
+    print!(
+        "{}",
+        render(
+            &["CLUSTER", "FROM", "4K_WRITE_P50_MS", "P95_MS", "WORST_MS"],
+            &[lat(&r.stretch), lat(&r.local)]
+        )
+    );
+    let rows: Vec<Vec<String>> = r
+        .migration_runs
+        .iter()
+        .map(|m| {
+            vec![
+                format!("{}->{}", m.from, m.to),
+                format!("{:.0}", m.t1_ms),
+                format!("{:.1}", m.t2_ms),
+                format!("{:.0}/{:.0}", m.copy_ms, m.completion_ms),
+                format!("{:.0}/{:.0}", m.mirrored_mib, m.memory_mib),
+                format!("{:.0}/{:.0}", m.ptrx_before, m.ptrx_during),
+                format!("{:.2}", m.ptrx_ratio),
+                format!("{:.0}", m.client_gap_ms),
+                format!("{:.0}", m.tcp_gap_pool_ms),
+                if m.continuity_ok { "ok" } else { "BROKEN" }.into(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                "MOVE",
+                "T1_MS",
+                "T2_MS",
+                "COPY/COMPLETION_MS",
+                "DISK/MEM_MIB",
+                "PTRX BEFORE/DURING",
+                "RATIO",
+                "GAP_MS",
+                "TCP_GAP_MS",
+                "STATE",
+            ],
+            &rows
+        )
+    );
+    let m = &r.migration;
+    println!(
+        "{} runs: T2 median {:.1} ms, p95 {:.1}, worst {:.1}; Ptrx during/before median {:.2}, worst {:.2}",
+        m.runs, m.t2_ms, m.t2_p95_ms, m.t2_worst_ms, m.ptrx_ratio, m.ptrx_ratio_worst
+    );
+    let v = &r.verdicts;
+    let pf = |b: bool| if b { "PASS" } else { "FAIL" };
+    println!(
+        "stretched write <= local + RTT(100 km) + 1 ms: {}; T2 < 1 s every run: {}; Ptrx during >= 0.8 x before every run: {}; state kept, source image removed: {}",
+        pf(v.stretch_latency),
+        pf(v.migration_t2),
+        pf(v.migration_ptrx),
+        pf(v.continuity)
+    );
 }
 
 fn print_intra_region(report: &IntraRegionReport) {

@@ -1,0 +1,356 @@
+//! Issue 12's storage scenarios on the reference zone, through the hosts' agents:
+//! - the write latency of region 1's stretched cluster (two copies in DC1.1, two in DC1.2,
+//!   100 km apart) against DC2.1's local one: 4 KiB random writes, one at a time, with
+//!   `rbd bench` from a hypervisor host of each, in batches;
+//! - a VM with a disk live-migrated between the regions under a saturating client (the
+//!   disk mirrored into the other cluster, then memory), N runs back and forth: T1, T2,
+//!   the disk copy, and the Tier 1 service's Ptrx before and during the migration, as the
+//!   client sees them.
+//!
+//! Backup and restore are not in it yet (their figures come from `backup create|restore
+//! --json`, see BENCHMARKS.md).
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use dczone_control::vms::{self, destroy_if_present};
+use dczone_control::{LabAgents, ZoneAgents};
+use dczone_virt::migrate::{Params, Strategy, VmMigration};
+use dczone_virt::Platform;
+
+use crate::migration::guest_stats;
+use crate::{quantile, Header, Observer};
+
+const VM: &str = "sto-ledger";
+const GROUP: &str = "sto";
+/// The guest's data at rest before the runs, MiB: the disk copy carries it each time.
+const DATA_MIB: u32 = 64;
+/// Requests per second asked of the client stream: more than a disk-backed guest serves
+/// under TCG, so the stream is closed-loop and its rate is the service's Ptrx.
+const SATURATING_RATE: u32 = 1000;
+const TOTAL_BALANCE: i64 = 1_000_000;
+/// Write-latency batches per cluster, and 4 KiB writes per batch.
+const LATENCY_BATCHES: usize = 10;
+const WRITES_PER_BATCH: u64 = 128;
+/// The one-way delay between DC1.1 and DC1.2 in the reference zone (100 km), ms.
+const STRETCH_RTT_MS: f64 = 1.0;
+
+#[derive(Debug, Clone, Copy)]
+pub struct StorageOptions {
+    pub runs: u32,
+}
+
+/// 4 KiB random writes, one at a time, from `host` to `cluster`: each batch's mean write
+/// time (`rbd bench`'s elapsed time over its writes).
+#[derive(Debug, Serialize)]
+pub struct WriteLatency {
+    pub cluster: String,
+    pub host: String,
+    pub batches_ms: Vec<f64>,
+    /// Median, p95 and worst of the batches' means, ms.
+    pub write_p50_ms: f64,
+    pub write_p95_ms: f64,
+    pub write_worst_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MigrationRun {
+    pub from: String,
+    pub to: String,
+    pub t1_ms: f64,
+    pub t2_ms: f64,
+    /// The disk copy until in sync (part of T1), its completion (part of T2), ms.
+    pub copy_ms: f64,
+    pub completion_ms: f64,
+    pub mirrored_mib: f64,
+    pub memory_mib: f64,
+    /// Transfers per second the client got before (2 s) and during the migration.
+    pub ptrx_before: f64,
+    pub ptrx_during: f64,
+    pub ptrx_ratio: f64,
+    pub tat_before_p50_ms: f64,
+    pub tat_during_p50_ms: f64,
+    /// The longest time without an answer, with the client's 100 ms retry, and on a plain
+    /// long-lived TCP connection without any.
+    pub client_gap_ms: f64,
+    pub tcp_gap_pool_ms: f64,
+    /// Same boot, no transfer lost, balances conserved.
+    pub continuity_ok: bool,
+    pub source_removed: bool,
+    pub vm: VmMigration,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MigrationSummary {
+    pub runs: usize,
+    pub t1_ms: f64,
+    pub t2_ms: f64,
+    pub t2_p95_ms: f64,
+    pub t2_worst_ms: f64,
+    pub ptrx_before: f64,
+    pub ptrx_during: f64,
+    /// Ptrx during over before: median and the worst run.
+    pub ptrx_ratio: f64,
+    pub ptrx_ratio_worst: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Verdicts {
+    /// Stretched p50 <= local p50 + RTT(100 km) + 1 ms.
+    pub stretch_latency: bool,
+    /// Every run's T2 < 1 s (KR1.1 across regions).
+    pub migration_t2: bool,
+    /// Every run's Ptrx during >= 0.8 x before.
+    pub migration_ptrx: bool,
+    /// Every run kept the guest's state and removed the source's image.
+    pub continuity: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StorageReport {
+    #[serde(flatten)]
+    pub header: Header,
+    pub stretch: WriteLatency,
+    pub local: WriteLatency,
+    pub migration: MigrationSummary,
+    pub migration_runs: Vec<MigrationRun>,
+    pub verdicts: Verdicts,
+}
+
+impl StorageReport {
+    pub const VERSION: u32 = 1;
+
+    pub fn pass(&self) -> bool {
+        let v = &self.verdicts;
+        v.stretch_latency && v.migration_t2 && v.migration_ptrx && v.continuity
+    }
+}
+
+/// Runs the scenario on the lab's reference zone (brought up, with its storage, if it is
+/// not), and leaves the lab and its storage up.
+pub fn storage(
+    lab: &dczone_lab::Lab,
+    agents: &LabAgents,
+    o: &StorageOptions,
+    observer: &dyn Observer,
+) -> anyhow::Result<StorageReport> {
+    if o.runs == 0 {
+        anyhow::bail!("at least one migration run is needed");
+    }
+    let zone = lab.state()?.zone()?;
+    observer.step("storage up");
+    dczone_storage::operator::up(agents, &zone, &|m: &str| observer.step(m))?;
+
+    observer.step("write latency: region 1 (stretched) from dc1.1-h1");
+    let stretch = write_latency(lab, "dc1.1-h1", "region-1")?;
+    observer.step("write latency: region 2 (local) from dc2.1-h1");
+    let local = write_latency(lab, "dc2.1-h1", "region-2")?;
+
+    destroy_if_present(agents, VM)?;
+    observer.step(&format!("booting {VM} on dc1.1-h1 with a disk"));
+    vms::boot_all(
+        agents,
+        &[dczone_virt::CreateVm {
+            name: VM.into(),
+            host: "dc1.1-h1".into(),
+            memory_mib: 256,
+            dirty_mbps: 1,
+            dirty_mib: 16,
+            resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
+            group: Some(GROUP.into()),
+            disk_mib: Some(1536),
+            disk_image: None,
+        }],
+    )?;
+    let client = lab.host_namespace("dc1.1-client");
+    let vm = agents
+        .list()?
+        .into_iter()
+        .find(|v| v.spec.name == VM)
+        .ok_or_else(|| anyhow::anyhow!("{VM} was not created"))?;
+    let ip = Platform::guest_ip(&vm);
+    let filled = dczone_workload::query(&client, ip, &format!("F {DATA_MIB}"))?;
+    if !filled.starts_with("FILLED") {
+        anyhow::bail!("{VM} did not write its data: {filled}");
+    }
+    let mut runs = Vec::new();
+    for run in 0..o.runs {
+        let at = agents.host_of(VM)?;
+        let to_site = if at.starts_with("dc1.") {
+            "dc2.1"
+        } else {
+            "dc1.1"
+        };
+        observer.step(&format!(
+            "run {}/{}: {VM} {at} -> {to_site} with its disk",
+            run + 1,
+            o.runs
+        ));
+        runs.push(one_migration(agents, &client, ip, &at, to_site, observer)?);
+    }
+    // The VM goes with its disk; the clusters stay for the next scenario.
+    destroy_if_present(agents, VM)?;
+
+    let f = |sel: fn(&MigrationRun) -> f64| runs.iter().map(sel).collect::<Vec<f64>>();
+    let (t2, ratio) = (f(|r| r.t2_ms), f(|r| r.ptrx_ratio));
+    let migration = MigrationSummary {
+        runs: runs.len(),
+        t1_ms: quantile(&f(|r| r.t1_ms), 0.5),
+        t2_ms: quantile(&t2, 0.5),
+        t2_p95_ms: quantile(&t2, 0.95),
+        t2_worst_ms: t2.iter().copied().fold(0.0, f64::max),
+        ptrx_before: quantile(&f(|r| r.ptrx_before), 0.5),
+        ptrx_during: quantile(&f(|r| r.ptrx_during), 0.5),
+        ptrx_ratio: quantile(&ratio, 0.5),
+        ptrx_ratio_worst: ratio.iter().copied().fold(f64::INFINITY, f64::min),
+    };
+    let verdicts = Verdicts {
+        stretch_latency: stretch.write_p50_ms <= local.write_p50_ms + STRETCH_RTT_MS * 2.0 + 1.0,
+        migration_t2: runs.iter().all(|r| r.t2_ms < 1000.0),
+        migration_ptrx: runs.iter().all(|r| r.ptrx_ratio >= 0.8),
+        continuity: runs.iter().all(|r| r.continuity_ok && r.source_removed),
+    };
+    Ok(StorageReport {
+        header: Header::new("storage", StorageReport::VERSION),
+        stretch,
+        local,
+        migration,
+        migration_runs: runs,
+        verdicts,
+    })
+}
+
+/// `rbd bench` batches on a scratch image of `cluster`, from `host`'s namespace with the
+/// hypervisors' client (what a VM's QEMU uses).
+fn write_latency(lab: &dczone_lab::Lab, host: &str, cluster: &str) -> anyhow::Result<WriteLatency> {
+    let ns = lab.host_namespace(host);
+    let conf = dczone_storage::host::lab_root(lab.dir(), host)
+        .join(cluster)
+        .join("ceph.conf");
+    let image = "rbd/bench-latency";
+    let rbd = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "timeout", "120", "rbd", "-c"])
+            .arg(&conf)
+            .args(["--id", dczone_storage::host::VM_USER])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "rbd {} on {host} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let _ = rbd(&["rm", "--no-progress", image]);
+    rbd(&["create", "--size", "256M", image])?;
+    let total = format!("{}K", WRITES_PER_BATCH * 4);
+    let mut batches_ms = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        for _ in 0..LATENCY_BATCHES {
+            let t = std::time::Instant::now();
+            rbd(&[
+                "bench",
+                image,
+                "--io-type",
+                "write",
+                "--io-size",
+                "4K",
+                "--io-threads",
+                "1",
+                "--io-total",
+                &total,
+                "--io-pattern",
+                "rand",
+            ])
+            .map(|out| {
+                // "elapsed: 0.41  ops: 128  ops/sec: 312.2  bytes/sec: ..."
+                let elapsed = out
+                    .lines()
+                    .rev()
+                    .find_map(|l| l.split_whitespace().skip_while(|w| *w != "elapsed:").nth(1))
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .unwrap_or_else(|| t.elapsed().as_secs_f64());
+                batches_ms.push(elapsed * 1e3 / WRITES_PER_BATCH as f64);
+            })?;
+        }
+        Ok(())
+    })();
+    let _ = rbd(&["rm", "--no-progress", image]);
+    result?;
+    Ok(WriteLatency {
+        cluster: cluster.into(),
+        host: host.into(),
+        write_p50_ms: quantile(&batches_ms, 0.5),
+        write_p95_ms: quantile(&batches_ms, 0.95),
+        write_worst_ms: batches_ms.iter().copied().fold(0.0, f64::max),
+        batches_ms,
+    })
+}
+
+fn one_migration(
+    agents: &LabAgents,
+    client: &str,
+    ip: std::net::Ipv4Addr,
+    from: &str,
+    to_site: &str,
+    observer: &dyn Observer,
+) -> anyhow::Result<MigrationRun> {
+    let (boot0, proc0, _) = guest_stats(client, ip);
+    let started = dczone_workload::now_us();
+    let load = dczone_workload::start(client, &[(VM.to_string(), ip)], SATURATING_RATE)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = dczone_workload::now_us();
+    let g = agents.agents.migrate_group(
+        GROUP,
+        to_site,
+        Strategy::Coordinated,
+        &Params::default(),
+        &|p| observer.migration(p),
+    );
+    let t1 = dczone_workload::now_us();
+    observer.migration_ended();
+    std::thread::sleep(Duration::from_secs(1));
+    let report = load.finish(started, dczone_measure::Interval::new(t0, t1));
+    let g = g?;
+    let m = g
+        .vms
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the migration reported no VM"))?;
+    let disk = m
+        .disk
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("{VM}'s disk did not go along to {to_site}"))?;
+    let (boot1, proc1, sum1) = guest_stats(client, ip);
+    let continuity_ok =
+        !boot0.is_empty() && boot0 == boot1 && proc1 >= proc0 && sum1 == TOTAL_BALANCE;
+    Ok(MigrationRun {
+        from: from.into(),
+        to: m.to.clone(),
+        t1_ms: m.t1_ms,
+        t2_ms: m.t2_ms,
+        copy_ms: disk.copy_ms,
+        completion_ms: disk.completion_ms,
+        mirrored_mib: disk.mirrored_bytes as f64 / 1048576.0,
+        memory_mib: m.bytes_sent as f64 / 1048576.0,
+        ptrx_before: report.before.tps,
+        ptrx_during: report.during.tps,
+        ptrx_ratio: if report.before.tps > 0.0 {
+            report.during.tps / report.before.tps
+        } else {
+            0.0
+        },
+        tat_before_p50_ms: report.before.p50_ms,
+        tat_during_p50_ms: report.during.p50_ms,
+        client_gap_ms: report.client_gap_ms,
+        tcp_gap_pool_ms: report.tcp_gap_pool_ms,
+        continuity_ok,
+        source_removed: disk.source_removed,
+        vm: m,
+    })
+}
