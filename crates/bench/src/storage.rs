@@ -43,7 +43,7 @@ pub struct StorageOptions {
 }
 
 /// 4 KiB random writes, one at a time, from `host` to `cluster`: each batch's mean write
-/// time (`rbd bench`'s elapsed time over its writes).
+/// time (one over `rbd bench`'s ops/sec, the writes being one at a time).
 #[derive(Debug, Serialize)]
 pub struct WriteLatency {
     pub cluster: String,
@@ -171,7 +171,12 @@ pub fn storage(
         .find(|v| v.spec.name == VM)
         .ok_or_else(|| anyhow::anyhow!("{VM} was not created"))?;
     let ip = Platform::guest_ip(&vm);
-    let filled = dczone_workload::query(&client, ip, &format!("F {DATA_MIB}"))?;
+    let filled = dczone_workload::query_waiting(
+        &client,
+        ip,
+        &format!("F {DATA_MIB}"),
+        Some(Duration::from_secs(120)),
+    )?;
     if !filled.starts_with("FILLED") {
         anyhow::bail!("{VM} did not write its data: {filled}");
     }
@@ -252,7 +257,6 @@ fn write_latency(lab: &dczone_lab::Lab, host: &str, cluster: &str) -> anyhow::Re
     let mut batches_ms = Vec::new();
     let result = (|| -> anyhow::Result<()> {
         for _ in 0..LATENCY_BATCHES {
-            let t = std::time::Instant::now();
             rbd(&[
                 "bench",
                 image,
@@ -267,15 +271,19 @@ fn write_latency(lab: &dczone_lab::Lab, host: &str, cluster: &str) -> anyhow::Re
                 "--io-pattern",
                 "rand",
             ])
-            .map(|out| {
-                // "elapsed: 0.41  ops: 128  ops/sec: 312.2  bytes/sec: ..."
-                let elapsed = out
+            .and_then(|out| {
+                // "elapsed: 0   ops: 128   ops/sec: 1032.26   bytes/sec: 4.0 MiB/s"
+                let rate = out
                     .lines()
                     .rev()
-                    .find_map(|l| l.split_whitespace().skip_while(|w| *w != "elapsed:").nth(1))
+                    .find_map(|l| l.split_whitespace().skip_while(|w| *w != "ops/sec:").nth(1))
                     .and_then(|s| s.parse::<f64>().ok())
-                    .unwrap_or_else(|| t.elapsed().as_secs_f64());
-                batches_ms.push(elapsed * 1e3 / WRITES_PER_BATCH as f64);
+                    .filter(|r| *r > 0.0)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("no ops/sec in rbd bench's output on {host}: {out}")
+                    })?;
+                batches_ms.push(1e3 / rate);
+                Ok(())
             })?;
         }
         Ok(())

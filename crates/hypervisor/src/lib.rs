@@ -350,23 +350,33 @@ pub fn launch(l: &Launch) -> Result<Running, HvError> {
         })?;
         // The disk as a raw node over QEMU's RBD driver (librbd, its writeback cache
         // flushed on the guest's flushes): shared storage, so a migration within the
-        // cluster moves memory only.
+        // cluster moves memory only. Discards and zeroed ranges free the image's objects
+        // (thin, as OpenStack's `hw_disk_discard=unmap`); a disk copied into another
+        // cluster is zeroed that way before the data comes (see dczone-virt's migrate).
         let blockdev = serde_json::json!({
             "driver": "raw",
             "node-name": DISK_NODE,
+            "discard": "unmap",
             "file": {
                 "driver": "rbd",
                 "node-name": "rbd0",
+                "discard": "unmap",
                 "pool": d.pool,
                 "image": d.image,
                 "conf": access.conf,
                 "user": access.user,
             },
         });
-        cmd.args(["-blockdev", &blockdev.to_string()]).args([
-            "-device",
-            &format!("virtio-blk-pci,drive={DISK_NODE},id=vd0"),
-        ]);
+        // The disk's I/O, and block jobs on it (a mirror into another cluster), run in an
+        // I/O thread of their own, not in the main loop under QEMU's big lock, which a
+        // busy TCG vCPU holds most of the time (measured: a mirror crawled at about
+        // 3 MiB/s in the main loop while the guest served a saturating client).
+        cmd.args(["-object", "iothread,id=disk-io"])
+            .args(["-blockdev", &blockdev.to_string()])
+            .args([
+                "-device",
+                &format!("virtio-blk-pci,drive={DISK_NODE},id=vd0,iothread=disk-io"),
+            ]);
     }
     if l.incoming {
         cmd.args(["-incoming", "defer"]);

@@ -2655,9 +2655,13 @@ impl Platform {
 fn start_mirror(src: &mut Qmp, copy: &DiskCopy, tls: bool) -> Result<(), hv::QmpError> {
     // A target an earlier attempt could not remove would hold the name.
     let _ = src.execute("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
+    // `discard: unmap`, as on the VM's own disk: the mirror's zeroing of the new image may
+    // free objects rather than write zeroes (QEMU's mirror zeroes a target that can,
+    // then copies only what the source has allocated).
     let mut target = json!({
         "driver": "nbd",
         "node-name": MIRROR_TARGET,
+        "discard": "unmap",
         "server": {
             "type": "inet",
             "host": copy.host,

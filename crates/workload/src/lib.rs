@@ -406,10 +406,24 @@ impl Load {
 
 /// One request to a guest's ledger from `client_ns`; returns the answer line.
 pub fn query(client_ns: &str, ip: Ipv4Addr, request: &str) -> Result<String, WorkloadError> {
+    query_waiting(client_ns, ip, request, None)
+}
+
+/// [`query`] for a request that takes long (`F`, writing data at rest): its answer is
+/// waited for up to `wait`.
+pub fn query_waiting(
+    client_ns: &str,
+    ip: Ipv4Addr,
+    request: &str,
+    wait: Option<Duration>,
+) -> Result<String, WorkloadError> {
     let request = request.to_string();
     dczone_lab::sys::in_namespace(client_ns, move || -> Result<String, WorkloadError> {
         let (mut w, mut r) = connect(ip).ok_or(WorkloadError::Unreachable(ip))?;
         let failed = |source| WorkloadError::Request { ip, source };
+        if let Some(wait) = wait {
+            r.get_ref().set_read_timeout(Some(wait)).map_err(failed)?;
+        }
         writeln!(w, "{request}").map_err(failed)?;
         let mut line = String::new();
         r.read_line(&mut line).map_err(failed)?;
