@@ -321,6 +321,11 @@ pub struct IncomingBody {
     /// soon as the source switches (not held until `finish`).
     #[serde(default)]
     pub postcopy: bool,
+    /// The source can take a disk along (mirror it into this host's cluster). A source
+    /// that cannot is refused a VM whose disk is in another cluster: it would move the
+    /// memory alone, and the VM would run here on an empty disk.
+    #[serde(default)]
+    pub copy_disk: bool,
 }
 
 /// Body of `POST /v1/incoming/{name}/recover`.
@@ -1099,6 +1104,14 @@ impl Agent {
                     .into());
                 }
                 let name = b.vm.spec.name.clone();
+                if !b.copy_disk && self.platform.disk_copy_needed(&b.vm, &self.host)? {
+                    return Err(VirtError::BadSpec(format!(
+                        "VM {name}'s disk is in another cluster than {}'s and its source's \
+                         agent cannot copy disks: upgrade the source host's dczoned",
+                        self.host
+                    ))
+                    .into());
+                }
                 let reservation = {
                     let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
                     if incoming.contains_key(&name) {
@@ -1970,6 +1983,7 @@ impl RemoteDestination {
             port,
             tls,
             postcopy,
+            copy_disk: true,
         })
         .unwrap_or(Value::Null);
         let v = d
@@ -1980,7 +1994,21 @@ impl RemoteDestination {
                 reason: format!("the destination agent {url} refused to prepare: {reason}"),
             })?;
         d.uri = v["uri"].as_str().unwrap_or_default().to_string();
-        d.copy = serde_json::from_value(v["disk_copy"].clone()).unwrap_or(None);
+        // Strict: a copy the source misread would have it move the memory alone.
+        d.copy =
+            match &v["disk_copy"] {
+                Value::Null => None,
+                c => Some(serde_json::from_value(c.clone()).map_err(|e| {
+                    VirtError::MigrationFailed {
+                        vm: vm.spec.name.clone(),
+                        source_host: vm.host.clone(),
+                        reason: format!(
+                            "the destination agent {url} exported the disk's copy in a form this \
+                         agent cannot read ({e}): the hosts' dczoned versions differ"
+                        ),
+                    }
+                })?),
+            };
         Ok(d)
     }
 }

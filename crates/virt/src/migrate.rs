@@ -197,8 +197,9 @@ const MIRROR_TARGET: &str = "dczone-mirror-target";
 const DISK_EXPORT: &str = "dczone-disk";
 /// The destination's NBD server listens this far above the migration's port.
 const NBD_PORT_OFFSET: u16 = 200;
-/// The source's mirror completion at the switchover (its last writes) may take this long.
-const MIRROR_COMPLETION: Duration = Duration::from_secs(30);
+/// The source's mirror completion at the switchover (its last writes) may take this long:
+/// well within an agent leg's 30 s step (`dczone_agent::leg`), which waits for it.
+const MIRROR_COMPLETION: Duration = Duration::from_secs(15);
 
 /// A disk copied to the destination's cluster during a migration: where the destination's
 /// NBD export of the new image listens, and the VM's disk once it runs there.
@@ -936,10 +937,17 @@ impl Platform {
                 None
             }
             Some(d) if self.destination_cluster(name, &dest_host)? != d.cluster => {
+                let nbd_port = port.checked_add(NBD_PORT_OFFSET).ok_or_else(|| {
+                    VirtError::BadSpec(format!(
+                        "migration port {port} leaves no room for the disk's NBD export \
+                         (port + {NBD_PORT_OFFSET}); use a port below {}",
+                        u16::MAX - NBD_PORT_OFFSET
+                    ))
+                })?;
                 let disk = self.create_disk(name, &dest_host, d.size_mib)?;
                 Some(DiskCopy {
                     host: dest_host.ip.to_string(),
-                    port: port + NBD_PORT_OFFSET,
+                    port: nbd_port,
                     export: DISK_EXPORT.into(),
                     disk,
                 })
@@ -1051,7 +1059,12 @@ impl Platform {
                 copy: copy.clone().map(|c| (c, self.clone(), to.to_string())),
             }),
             Err(e) => {
-                hv::kill(&running);
+                if copy.is_some() {
+                    // Quit, not killed: a killed QEMU's watch would hold the copy's image.
+                    hv::quit(&running);
+                } else {
+                    hv::kill(&running);
+                }
                 remove_copy();
                 Err(e)
             }
@@ -1060,6 +1073,15 @@ impl Platform {
 }
 
 impl Platform {
+    /// Does `vm`'s disk have to go along to `to` (its cluster is not `to`'s)?
+    pub fn disk_copy_needed(&self, vm: &VmRecord, to: &str) -> Result<bool, VirtError> {
+        let Some(d) = &vm.spec.disk else {
+            return Ok(false);
+        };
+        let h = self.placement().host(to)?;
+        Ok(self.destination_cluster(&vm.spec.name, &h)? != d.cluster)
+    }
+
     /// The storage cluster a VM's disk lives in at host `h`.
     fn destination_cluster(
         &self,
@@ -1152,6 +1174,8 @@ struct Mirror {
     completion_ms: f64,
     /// RAM pre-copy was asked for and waits for READY.
     deferred: bool,
+    /// Completed at `pre-switchover`, and the stream told to go on.
+    continued: bool,
 }
 
 impl Session {
@@ -1419,15 +1443,16 @@ impl Session {
 
     /// Polls the source; returns the migration status.
     fn poll(&mut self) -> Result<String, VirtError> {
-        if self.copy.is_some() && self.mirror.deferred && !self.poll_mirror()? {
-            return Ok("disk-copy".into());
-        }
+        let copy_ready = self.copy.is_none() || !self.mirror.deferred || self.poll_mirror()?;
         if let (Some(_), Some(Err(e))) = (&self.copy, &self.mirror.ended) {
             return Err(VirtError::MigrationFailed {
                 vm: self.vm.spec.name.clone(),
                 source_host: self.vm.host.clone(),
                 reason: format!("its disk's copy to {} failed: {e}", self.to),
             });
+        }
+        if !copy_ready {
+            return Ok("disk-copy".into());
         }
         let info = self
             .src
@@ -1437,8 +1462,11 @@ impl Session {
             self.note(&ev);
         }
         let status = info["status"].as_str().unwrap_or("none").to_string();
-        if status == "pre-switchover" {
+        if status == "pre-switchover" && !self.mirror.continued {
             self.complete_mirror()?;
+            self.mirror.continued = true;
+            // The stream stood still while the mirror completed: not a stall.
+            self.progressed_at = Instant::now();
         }
         if status == "completed" && self.completed_us.is_none() {
             self.completed_us = Some(now_us());
@@ -2039,6 +2067,9 @@ pub struct LegView {
     pub dirty_set: u64,
     /// How long ago its first pass ended, ms (`None` while in it).
     pub since_first_pass_ms: Option<u64>,
+    /// Its disk is being copied; RAM pre-copy has not started.
+    #[serde(default)]
+    pub copying: bool,
     pub progress: Progress,
 }
 
@@ -2095,6 +2126,7 @@ impl Leg for Session {
             since_first_pass_ms: self
                 .first_pass_ended
                 .map(|t| t.elapsed().as_millis() as u64),
+            copying: self.mirror.deferred,
             progress: self.progress(),
         }
     }
@@ -2323,7 +2355,7 @@ fn run_batch(
     fail::fail_point!("migrate-after-start", |_| Err(VirtError::Injected(
         "migrate-after-start"
     )));
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut released = false;
     let mut views: Vec<LegView> = legs.iter().map(|l| l.view()).collect();
     loop {
@@ -2343,6 +2375,13 @@ fn run_batch(
         }
         if let Some(e) = broken {
             return Err(abort_all(legs, e));
+        }
+        // While a disk is copied (its progress checked by its leg's stall watch), no VM is
+        // paced, held or switched, and the batch's clocks (timeout, hold, drain) start
+        // once every copy is in sync and every RAM stream runs.
+        let copying = views.iter().any(|v| v.copying);
+        if copying {
+            started = Instant::now();
         }
         if failure.is_none()
             && started.elapsed() > params.timeout
@@ -2400,7 +2439,7 @@ fn run_batch(
             }));
         }
         progress(&views.iter().map(|v| v.progress.clone()).collect::<Vec<_>>());
-        if hold && !released {
+        if hold && !released && !copying {
             released = match switch_step(&mut legs, &mut views, started.elapsed(), params, batch) {
                 Ok(r) => r,
                 Err(e) => return Err(abort_all(legs, e)),
