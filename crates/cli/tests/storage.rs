@@ -53,6 +53,35 @@ fn ask_from(lab: &TestLab, host: &str, ip: Ipv4Addr, requests: Vec<String>) -> V
     .unwrap()
 }
 
+/// [`ask_from`] once the guest's ledger accepts connections again (a restarted VM), within
+/// 60 s.
+fn ask_once_serving(
+    lab: &TestLab,
+    host: &str,
+    ip: Ipv4Addr,
+    requests: Vec<String>,
+    what: &str,
+) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let reachable = sys::in_namespace(&lab.ns(host), move || {
+            TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(2))
+                .is_ok()
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        if reachable {
+            return ask_from(lab, host, ip, requests);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what} never served again"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn field<'a>(stats: &'a str, key: &str) -> &'a str {
     stats
         .split_whitespace()
@@ -313,24 +342,7 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
             .map(|&(id, from, to, amount)| format!("T {id} {from} {to} {amount}")),
     );
     retry.push("S".into());
-    let t = Instant::now();
-    let replayed = loop {
-        let reachable = sys::in_namespace(&lab.ns("dc1.1-client"), move || {
-            TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(2))
-                .is_ok()
-        })
-        .unwrap()
-        .join()
-        .unwrap();
-        if reachable {
-            break ask_from(&lab, "dc1.1-client", ip, retry);
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the restarted VM never served"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let replayed = ask_once_serving(&lab, "dc1.1-client", ip, retry, "the restarted VM");
     assert_ne!(field(&replayed[0], "boot"), boot, "it did restart");
     assert_eq!(field(&replayed[0], "replayed"), acked.len().to_string());
     assert_eq!(field(&replayed[0], "checksum"), checksum(&balances));
@@ -633,24 +645,7 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
     // Its disk at DC2.1 holds every acknowledged transfer: a crash there replays them all.
     lab.ok(&["vm", "stop", "ledger"]);
     lab.ok(&["vm", "start", "ledger"]);
-    let t = Instant::now();
-    let after = loop {
-        let reachable = sys::in_namespace(&lab.ns(client), move || {
-            TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(2))
-                .is_ok()
-        })
-        .unwrap()
-        .join()
-        .unwrap();
-        if reachable {
-            break ask_from(&lab, client, ip, vec!["S".into()]);
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the VM never served again at DC2.1"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let after = ask_once_serving(&lab, client, ip, vec!["S".into()], "the VM at DC2.1");
     assert_eq!(
         field(&after[0], "checksum"),
         checksum(&all),
