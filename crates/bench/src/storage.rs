@@ -7,8 +7,16 @@
 //!   the disk copy, and the Tier 1 service's Ptrx before and during the migration, as the
 //!   client sees them.
 //!
-//! Backup and restore are not in it yet (their figures come from `backup create|restore
-//! --json`, see BENCHMARKS.md).
+//! - a 3-VM group backed up to DC2.1 twice under client load (full, then incremental):
+//!   T1, T2, the bytes, the rate against the APN path's, and the most delayed chunk's
+//!   arrival against its physical floor (bytes / path rate + one-way delay);
+//! - the group lost and restored at DC2.1 from the incremental backup: Trecovery and its
+//!   breakdown, then the clients' log replayed, transfer by transfer (the audit: every
+//!   acknowledged transfer answers `DUP`, held by the backup, or `OK`, applied by the
+//!   replay; any other answer, or none, is a lost transfer).
+//!
+//! `--wan conventional` runs all of it on the conventional WAN's links (jitter, loss); the
+//! APN is put back at the end.
 
 use std::process::Command;
 use std::time::Duration;
@@ -37,9 +45,27 @@ const WRITES_PER_BATCH: u64 = 128;
 /// The one-way delay between DC1.1 and DC1.2 in the reference zone (100 km), ms.
 const STRETCH_RTT_MS: f64 = 1.0;
 
+/// The backup scenario's group: 3 VMs in DC1.1, each with `BACKUP_DATA_MIB` at rest
+/// before the full backup and `INCREMENT_MIB` rewritten before the incremental one.
+const BACKUP_GROUP: &str = "stob";
+const BACKUP_VMS: [(&str, &str); 3] = [
+    ("sto-b1", "dc1.1-h1"),
+    ("sto-b2", "dc1.1-h2"),
+    ("sto-b3", "dc1.1-h1"),
+];
+const BACKUP_DATA_MIB: u32 = 48;
+const INCREMENT_MIB: u32 = 16;
+/// Transfers per second per VM while the group is backed up: a steady service, not a
+/// saturating one (the backup's rate is what is measured).
+const BACKUP_LOAD_RATE: u32 = 20;
+/// The store's site, and the site whose path to it the backups take.
+const STORE_SITE: &str = "dc2.1";
+const SOURCE_SITE: &str = "dc1.1";
+
 #[derive(Debug, Clone, Copy)]
 pub struct StorageOptions {
     pub runs: u32,
+    pub wan: dczone_zone::Wan,
 }
 
 /// 4 KiB random writes, one at a time, from `host` to `cluster`: each batch's mean write
@@ -96,6 +122,58 @@ pub struct MigrationSummary {
     pub ptrx_ratio_worst: f64,
 }
 
+/// The group's two backups, against the path they took.
+#[derive(Debug, Serialize)]
+pub struct BackupSummary {
+    pub wan: String,
+    /// The DC1.1 -> DC2.1 path: its lab rate and one-way delay.
+    pub path_mbit_s: f64,
+    pub one_way_ms: f64,
+    /// The full backup's figures (the incremental one's are in `incremental`).
+    pub t1_ms: f64,
+    pub t2_ms: f64,
+    pub bytes: u64,
+    pub mbit_s: f64,
+    /// `mbit_s` over the path's rate.
+    pub rate_ratio: f64,
+    pub most_delayed_arrival_ms: f64,
+    pub mean_arrival_ms: f64,
+    /// The physical floor of the most delayed arrival: bytes / path rate + one-way delay.
+    pub floor_ms: f64,
+    /// Transfers per second the group's clients got before and during the full backup.
+    pub ptrx_before: f64,
+    pub ptrx_during: f64,
+    pub full: dczone_control::backup::GroupBackupReport,
+    pub incremental: dczone_control::backup::GroupBackupReport,
+}
+
+/// One VM of the group restored at DC2.1, and its audit.
+#[derive(Debug, Serialize)]
+pub struct RestoreRun {
+    /// Transfers the clients had acknowledged when the VM was lost (every one replayed).
+    pub acknowledged: u64,
+    /// Acknowledged transfers neither held by the backup nor applied by the replay.
+    pub lost: u64,
+    /// The restored ledger's checksum after the replay equals the lost VM's last one.
+    pub checksum_match: bool,
+    pub report: dczone_control::backup::RestoreReport,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RestoreSummary {
+    /// The slowest VM's Trecovery and its breakdown.
+    pub trecovery_ms: f64,
+    pub volume_ms: f64,
+    pub boot_ms: f64,
+    /// Trecovery minus the boot, worst VM: the aim is 2 s.
+    pub over_boot_ms: f64,
+    pub replayed: u64,
+    pub present: u64,
+    pub refused: u64,
+    pub lost: u64,
+    pub vms: Vec<RestoreRun>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Verdicts {
     /// Stretched p50 <= local p50 + RTT(100 km) + 1 ms.
@@ -106,6 +184,14 @@ pub struct Verdicts {
     pub migration_ptrx: bool,
     /// Every run kept the guest's state and removed the source's image.
     pub continuity: bool,
+    /// Both backups moved at >= 80 % of the path's rate.
+    pub backup_rate: bool,
+    /// Both backups' most delayed arrival <= 1.1 x bytes / path rate + one-way delay.
+    pub backup_most_delayed: bool,
+    /// The restore lost no acknowledged transfer (RPO = 0 after the replay).
+    pub restore_rpo: bool,
+    /// Every restored VM listened within its boot + 2 s.
+    pub trecovery: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,15 +202,24 @@ pub struct StorageReport {
     pub local: WriteLatency,
     pub migration: MigrationSummary,
     pub migration_runs: Vec<MigrationRun>,
+    pub backup: BackupSummary,
+    pub restore: RestoreSummary,
     pub verdicts: Verdicts,
 }
 
 impl StorageReport {
-    pub const VERSION: u32 = 1;
+    pub const VERSION: u32 = 2;
 
     pub fn pass(&self) -> bool {
         let v = &self.verdicts;
-        v.stretch_latency && v.migration_t2 && v.migration_ptrx && v.continuity
+        v.stretch_latency
+            && v.migration_t2
+            && v.migration_ptrx
+            && v.continuity
+            && v.backup_rate
+            && v.backup_most_delayed
+            && v.restore_rpo
+            && v.trecovery
     }
 }
 
@@ -142,6 +237,23 @@ pub fn storage(
     let zone = lab.state()?.zone()?;
     observer.step("storage up");
     dczone_storage::operator::up(agents, &zone, &|m: &str| observer.step(m))?;
+    lab.set_wan(o.wan)?;
+    let report = scenarios(lab, agents, &zone, o, observer);
+    if o.wan != dczone_zone::Wan::Apn {
+        if let Err(e) = lab.set_wan(dczone_zone::Wan::Apn) {
+            observer.warn(&format!("could not put the links back on the APN: {e}"));
+        }
+    }
+    report
+}
+
+fn scenarios(
+    lab: &dczone_lab::Lab,
+    agents: &LabAgents,
+    zone: &dczone_zone::Zone,
+    o: &StorageOptions,
+    observer: &dyn Observer,
+) -> anyhow::Result<StorageReport> {
 
     observer.step("write latency: region 1 (stretched) from dc1.1-h1");
     let stretch = write_latency(lab, "dc1.1-h1", "region-1")?;
@@ -211,11 +323,28 @@ pub fn storage(
         ptrx_ratio: quantile(&ratio, 0.5),
         ptrx_ratio_worst: ratio.iter().copied().fold(f64::INFINITY, f64::min),
     };
+    let (backup, restore) = backup_and_restore(lab, agents, zone, o.wan, observer)?;
+    let within_floor =
+        |g: &dczone_control::backup::GroupBackupReport| {
+            g.most_delayed_arrival_ms
+                <= 1.1 * floor_ms(g.bytes, backup.path_mbit_s, 0.0) + backup.one_way_ms
+        };
     let verdicts = Verdicts {
         stretch_latency: stretch.write_p50_ms <= local.write_p50_ms + STRETCH_RTT_MS * 2.0 + 1.0,
         migration_t2: runs.iter().all(|r| r.t2_ms < 1000.0),
         migration_ptrx: runs.iter().all(|r| r.ptrx_ratio >= 0.8),
         continuity: runs.iter().all(|r| r.continuity_ok && r.source_removed),
+        backup_rate: [&backup.full, &backup.incremental]
+            .iter()
+            .all(|g| g.mbit_s >= 0.8 * backup.path_mbit_s),
+        backup_most_delayed: within_floor(&backup.full) && within_floor(&backup.incremental),
+        restore_rpo: restore.lost == 0
+            && restore.refused == 0
+            && restore.vms.iter().all(|r| r.checksum_match),
+        trecovery: restore
+            .vms
+            .iter()
+            .all(|r| r.report.trecovery_ms <= r.report.boot_ms + 2000.0),
     };
     Ok(StorageReport {
         header: Header::new("storage", StorageReport::VERSION),
@@ -223,8 +352,205 @@ pub fn storage(
         local,
         migration,
         migration_runs: runs,
+        backup,
+        restore,
         verdicts,
     })
+}
+
+/// The time `bytes` take at `mbit_s`, plus `one_way_ms`.
+fn floor_ms(bytes: u64, mbit_s: f64, one_way_ms: f64) -> f64 {
+    bytes as f64 * 8.0 / (mbit_s * 1e6) * 1e3 + one_way_ms
+}
+
+/// The group booted in DC1.1 with data at rest, backed up twice to DC2.1 under its clients'
+/// load, then lost and restored at DC2.1 from the incremental backup with the clients' log
+/// replayed. The group and its backups are removed at the end.
+fn backup_and_restore(
+    lab: &dczone_lab::Lab,
+    agents: &LabAgents,
+    zone: &dczone_zone::Zone,
+    wan: dczone_zone::Wan,
+    observer: &dyn Observer,
+) -> anyhow::Result<(BackupSummary, RestoreSummary)> {
+    let link = lab
+        .status()?
+        .links
+        .into_iter()
+        .find(|l| {
+            (l.a == SOURCE_SITE && l.b == STORE_SITE) || (l.a == STORE_SITE && l.b == SOURCE_SITE)
+        })
+        .ok_or_else(|| anyhow::anyhow!("the zone has no link {SOURCE_SITE} - {STORE_SITE}"))?;
+    let path_mbit_s = link.lab_bandwidth_bps as f64 / 1e6;
+    let one_way_ms = link.one_way_delay_ms;
+    let restored = |vm: &str| format!("{vm}r");
+    let clean = || -> anyhow::Result<()> {
+        for (vm, _) in BACKUP_VMS {
+            destroy_if_present(agents, vm)?;
+            destroy_if_present(agents, &restored(vm))?;
+        }
+        for m in dczone_control::backup::list(agents, zone, STORE_SITE)? {
+            if BACKUP_VMS.iter().any(|(vm, _)| m.vm == *vm) {
+                dczone_control::backup::delete(agents, zone, STORE_SITE, &m.id)?;
+            }
+        }
+        Ok(())
+    };
+    clean()?;
+    observer.step(&format!(
+        "booting group {BACKUP_GROUP} ({} VMs with disks) in {SOURCE_SITE}",
+        BACKUP_VMS.len()
+    ));
+    let specs: Vec<dczone_virt::CreateVm> = BACKUP_VMS
+        .iter()
+        .map(|(vm, host)| dczone_virt::CreateVm {
+            name: (*vm).into(),
+            host: (*host).into(),
+            memory_mib: 256,
+            dirty_mbps: 1,
+            dirty_mib: 16,
+            resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
+            group: Some(BACKUP_GROUP.into()),
+            disk_mib: Some(1536),
+            disk_image: None,
+        })
+        .collect();
+    vms::boot_all(agents, &specs)?;
+    let client = lab.host_namespace("dc1.1-client");
+    let all = agents.list()?;
+    let targets: Vec<(String, std::net::Ipv4Addr)> = BACKUP_VMS
+        .iter()
+        .map(|(vm, _)| {
+            all.iter()
+                .find(|v| v.spec.name == *vm)
+                .map(|v| ((*vm).to_string(), Platform::guest_ip(v)))
+                .ok_or_else(|| anyhow::anyhow!("{vm} was not created"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let fill = |mib: u32| -> anyhow::Result<()> {
+        for (vm, ip) in &targets {
+            let filled = dczone_workload::query_waiting(
+                &client,
+                *ip,
+                &format!("F {mib}"),
+                Some(Duration::from_secs(120)),
+            )?;
+            if !filled.starts_with("FILLED") {
+                anyhow::bail!("{vm} did not write its data: {filled}");
+            }
+        }
+        Ok(())
+    };
+    observer.step(&format!("writing {BACKUP_DATA_MIB} MiB on each VM's disk"));
+    fill(BACKUP_DATA_MIB)?;
+
+    let started = dczone_workload::now_us();
+    let load = dczone_workload::start(&client, &targets, BACKUP_LOAD_RATE)?;
+    std::thread::sleep(Duration::from_secs(2));
+    observer.step(&format!(
+        "full backup of group {BACKUP_GROUP} to {STORE_SITE} under load"
+    ));
+    let t0 = dczone_workload::now_us();
+    let full = dczone_control::backup::create_group(agents, zone, BACKUP_GROUP, STORE_SITE, 4);
+    let t1 = dczone_workload::now_us();
+    let incremental = full.and_then(|full| {
+        observer.step(&format!("rewriting {INCREMENT_MIB} MiB on each VM's disk"));
+        fill(INCREMENT_MIB)?;
+        observer.step(&format!("incremental backup of group {BACKUP_GROUP}"));
+        let incr =
+            dczone_control::backup::create_group(agents, zone, BACKUP_GROUP, STORE_SITE, 4)?;
+        // Transfers after the last checkpoint: only the replay brings them back.
+        std::thread::sleep(Duration::from_secs(2));
+        Ok((full, incr))
+    });
+    let load = load.finish(started, dczone_measure::Interval::new(t0, t1));
+    let (full, incremental) = incremental?;
+    // The group's last state as its clients left it, then the group is lost.
+    let mut last = Vec::new();
+    for (vm, ip) in &targets {
+        last.push(checksum_of(&client, *ip).ok_or_else(|| anyhow::anyhow!("{vm} did not answer S"))?);
+        vms::stop(agents, vm)?;
+    }
+
+    let mut restores = Vec::new();
+    for ((vm, _), before) in targets.iter().zip(last) {
+        let acked: Vec<String> = load
+            .acked
+            .iter()
+            .find(|(v, _)| v == vm)
+            .map(|(_, ids)| ids.iter().map(|id| dczone_workload::transfer(*id)).collect())
+            .unwrap_or_default();
+        observer.step(&format!(
+            "restoring {vm} at {STORE_SITE}, then replaying {} logged transfers",
+            acked.len()
+        ));
+        let report = dczone_control::backup::restore(
+            agents,
+            zone,
+            vm,
+            STORE_SITE,
+            None,
+            &restored(vm),
+            None,
+            &acked,
+        )?;
+        let ns = lab.host_namespace(&report.host);
+        let ip = Platform::guest_ip(&vms::show(agents, &restored(vm))?.1);
+        let after = checksum_of(&ns, ip);
+        restores.push(RestoreRun {
+            acknowledged: acked.len() as u64,
+            lost: (acked.len() as u64).saturating_sub(report.replayed + report.present),
+            checksum_match: after.as_deref() == Some(before.as_str()),
+            report,
+        });
+    }
+    clean()?;
+
+    let worst = restores
+        .iter()
+        .max_by(|a, b| a.report.trecovery_ms.total_cmp(&b.report.trecovery_ms))
+        .ok_or_else(|| anyhow::anyhow!("no VM was restored"))?;
+    let sum = |f: fn(&RestoreRun) -> u64| restores.iter().map(f).sum::<u64>();
+    let restore = RestoreSummary {
+        trecovery_ms: worst.report.trecovery_ms,
+        volume_ms: worst.report.volume_ms,
+        boot_ms: worst.report.boot_ms,
+        over_boot_ms: restores
+            .iter()
+            .map(|r| r.report.trecovery_ms - r.report.boot_ms)
+            .fold(0.0, f64::max),
+        replayed: sum(|r| r.report.replayed),
+        present: sum(|r| r.report.present),
+        refused: sum(|r| r.report.refused),
+        lost: sum(|r| r.lost),
+        vms: restores,
+    };
+    let backup = BackupSummary {
+        wan: wan.to_string(),
+        path_mbit_s,
+        one_way_ms,
+        t1_ms: full.t1_ms,
+        t2_ms: full.t2_ms,
+        bytes: full.bytes,
+        mbit_s: full.mbit_s,
+        rate_ratio: full.mbit_s / path_mbit_s,
+        most_delayed_arrival_ms: full.most_delayed_arrival_ms,
+        mean_arrival_ms: full.mean_arrival_ms,
+        floor_ms: floor_ms(full.bytes, path_mbit_s, one_way_ms),
+        ptrx_before: load.before.tps,
+        ptrx_during: load.during.tps,
+        full,
+        incremental,
+    };
+    Ok((backup, restore))
+}
+
+/// The ledger's checksum (`S`), if the guest answers.
+fn checksum_of(ns: &str, ip: std::net::Ipv4Addr) -> Option<String> {
+    let s = dczone_workload::query(ns, ip, "S").ok()?;
+    s.split_whitespace()
+        .find_map(|kv| kv.strip_prefix("checksum="))
+        .map(str::to_string)
 }
 
 /// `rbd bench` batches on a scratch image of `cluster`, from `host`'s namespace with the

@@ -18,9 +18,14 @@ use crate::table::render;
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
     /// Back up a VM's disk to a site's store: checkpoint, snapshot, then the diff since
-    /// the previous backup (or everything) in checked chunks.
+    /// the previous backup (or everything) in checked chunks. With --group, every VM of
+    /// the group at once.
     Create {
-        vm: String,
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        vm: Option<String>,
+        /// Back up every VM of this group (`vm create --group`) at once.
+        #[arg(long)]
+        group: Option<String>,
         /// The site whose storage keeps the backup (DC2.1: the other region).
         #[arg(long, default_value = "dc2.1")]
         to: String,
@@ -137,17 +142,56 @@ const REPORT_HEADER: [&str; 9] = [
 ];
 
 pub fn run(
-    agents: &dyn ZoneAgents,
+    agents: &(dyn ZoneAgents + Sync),
     zone: &Zone,
     command: BackupCommand,
 ) -> anyhow::Result<ExitCode> {
     match command {
         BackupCommand::Create {
-            vm,
+            vm: None,
+            group: Some(group),
             to,
             streams,
             json,
         } => {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
+            bar.set_message(format!("backing up group {group} to {to}"));
+            bar.enable_steady_tick(Duration::from_millis(200));
+            let r = backup::create_group(agents, zone, &group, &to, streams);
+            bar.finish_and_clear();
+            let r = r?;
+            if json {
+                print_json(&r);
+            } else {
+                let mut rows: Vec<Vec<String>> = r.vms.iter().map(report_row).collect();
+                rows.push(vec![
+                    format!("group {}", r.group),
+                    if r.vms.iter().all(|v| v.full) {
+                        "full"
+                    } else {
+                        "incremental"
+                    }
+                    .into(),
+                    "-".into(),
+                    format!("{:.0}", r.t1_ms),
+                    format!("{:.0}", r.t2_ms),
+                    format!("{:.1}", r.bytes as f64 / 1e6),
+                    format!("{:.0}", r.mbit_s),
+                    format!("{:.0}", r.most_delayed_arrival_ms),
+                    format!("{:.0}", r.mean_arrival_ms),
+                ]);
+                print!("{}", render(&REPORT_HEADER, &rows));
+            }
+        }
+        BackupCommand::Create {
+            vm,
+            group: _,
+            to,
+            streams,
+            json,
+        } => {
+            let vm = vm.ok_or_else(|| anyhow::anyhow!("name a VM, or a group with --group"))?;
             let bar = ProgressBar::new_spinner();
             bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
             bar.set_message(format!("backing up {vm} to {to}"));

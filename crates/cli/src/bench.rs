@@ -128,6 +128,10 @@ pub enum BenchCommand {
         /// Inter-region migrations (alternating DC1.1 -> DC2.1 and back).
         #[arg(long, default_value_t = 4)]
         runs: u32,
+        /// apn (fixed delay, no loss) or conventional (jitter and loss on every link), for
+        /// the whole run; the APN is put back at the end.
+        #[arg(long, default_value = "apn")]
+        wan: dczone_zone::Wan,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -355,7 +359,7 @@ pub fn run(
             clients,
             json,
         } => switchover(lab, exe, state_dir, rounds, clients, json.as_deref()),
-        BenchCommand::Storage { runs, json } => {
+        BenchCommand::Storage { runs, wan, json } => {
             if runs == 0 {
                 anyhow::bail!("--runs must be at least 1");
             }
@@ -363,7 +367,7 @@ pub fn run(
             let report = dczone_bench::storage::storage(
                 lab,
                 &agents,
-                &dczone_bench::storage::StorageOptions { runs },
+                &dczone_bench::storage::StorageOptions { runs, wan },
                 &Terminal::spinner(),
             )?;
             print_storage(&report);
@@ -554,6 +558,88 @@ fn print_storage(r: &dczone_bench::storage::StorageReport) {
         "{} runs: T2 median {:.1} ms, p95 {:.1}, worst {:.1}; Ptrx during/before median {:.2}, worst {:.2}",
         m.runs, m.t2_ms, m.t2_p95_ms, m.t2_worst_ms, m.ptrx_ratio, m.ptrx_ratio_worst
     );
+    let b = &r.backup;
+    let group_row = |kind: &str, g: &dczone_control::backup::GroupBackupReport| {
+        vec![
+            kind.to_string(),
+            format!("{:.0}", g.t1_ms),
+            format!("{:.0}", g.t2_ms),
+            format!("{:.1}", g.bytes as f64 / 1e6),
+            g.chunks.to_string(),
+            format!("{:.0} ({:.0} %)", g.mbit_s, 100.0 * g.mbit_s / b.path_mbit_s),
+            format!("{:.0}", g.most_delayed_arrival_ms),
+            format!("{:.0}", g.mean_arrival_ms),
+            format!(
+                "{:.0}",
+                g.bytes as f64 * 8.0 / (b.path_mbit_s * 1e3) + b.one_way_ms
+            ),
+        ]
+    };
+    println!(
+        "backup of a {}-VM group to DC2.1 ({} WAN, path {:.1} Mbit/s, {:.2} ms one way); clients' Ptrx {:.0} before, {:.0} during the full backup",
+        b.full.vms.len(),
+        b.wan,
+        b.path_mbit_s,
+        b.one_way_ms,
+        b.ptrx_before,
+        b.ptrx_during
+    );
+    print!(
+        "{}",
+        render(
+            &[
+                "BACKUP",
+                "T1_MS",
+                "T2_MS",
+                "MB",
+                "CHUNKS",
+                "MBIT_S (OF PATH)",
+                "MOST_DELAYED_MS",
+                "MEAN_ARRIVAL_MS",
+                "FLOOR_MS",
+            ],
+            &[
+                group_row("full", &b.full),
+                group_row("incremental", &b.incremental)
+            ]
+        )
+    );
+    let rows: Vec<Vec<String>> = r
+        .restore
+        .vms
+        .iter()
+        .map(|v| {
+            let x = &v.report;
+            vec![
+                format!("{} -> {}", x.vm, x.host),
+                format!("{:.0}", x.trecovery_ms),
+                format!("{:.0}", x.volume_ms),
+                format!("{:.0}", x.boot_ms),
+                v.acknowledged.to_string(),
+                x.replayed.to_string(),
+                x.present.to_string(),
+                (v.lost + x.refused).to_string(),
+                if v.checksum_match { "equal" } else { "DIFFERENT" }.into(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                "RESTORE",
+                "TRECOVERY_MS",
+                "VOLUME_MS",
+                "BOOT_MS",
+                "ACKED",
+                "REPLAYED",
+                "PRESENT",
+                "LOST",
+                "CHECKSUM",
+            ],
+            &rows
+        )
+    );
     let v = &r.verdicts;
     let pf = |b: bool| if b { "PASS" } else { "FAIL" };
     println!(
@@ -562,6 +648,13 @@ fn print_storage(r: &dczone_bench::storage::StorageReport) {
         pf(v.migration_t2),
         pf(v.migration_ptrx),
         pf(v.continuity)
+    );
+    println!(
+        "backup >= 80 % of the path: {}; most delayed <= 1.1 x floor: {}; restore lost nothing: {}; Trecovery <= boot + 2 s: {}",
+        pf(v.backup_rate),
+        pf(v.backup_most_delayed),
+        pf(v.restore_rpo),
+        pf(v.trecovery)
     );
 }
 

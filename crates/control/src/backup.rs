@@ -69,7 +69,111 @@ pub struct BackupReport {
     pub chunks: usize,
     pub most_delayed_arrival_ms: f64,
     pub mean_arrival_ms: f64,
+    /// The transfer's start (unix ms, the source host's clock): `arrivals` count from it.
+    pub transfer_start_unix_ms: u64,
     pub arrivals: Vec<ChunkTiming>,
+}
+
+/// What `backup create --group` measured: the group's VMs backed up at once, each from its
+/// own checkpoint, their chunks sharing the path to the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupBackupReport {
+    pub group: String,
+    pub to: String,
+    /// From the start until the last VM's snapshot is taken.
+    pub t1_ms: f64,
+    /// From then until the last VM's backup is committed.
+    pub t2_ms: f64,
+    pub bytes: u64,
+    /// Every VM's bytes over the time from the first transfer's start to the last chunk's
+    /// arrival.
+    pub mbit_s: f64,
+    pub chunks: usize,
+    /// Arrivals of every VM's chunks, from the first transfer's start.
+    pub most_delayed_arrival_ms: f64,
+    pub mean_arrival_ms: f64,
+    pub vms: Vec<BackupReport>,
+}
+
+/// The VMs of `group`, by name.
+pub fn group_members(agents: &dyn ZoneAgents, group: &str) -> anyhow::Result<Vec<String>> {
+    let mut vms: Vec<String> = agents
+        .list()?
+        .into_iter()
+        .filter(|v| v.group.as_deref() == Some(group))
+        .map(|v| v.spec.name)
+        .collect();
+    vms.sort();
+    if vms.is_empty() {
+        bail!("no VM is in group '{group}' (`vm create --group`)");
+    }
+    Ok(vms)
+}
+
+/// `backup create --group G --to SITE`: every VM of the group at once. A VM whose backup
+/// fails fails the group (the others' backups stay: each is whole on its own).
+pub fn create_group(
+    agents: &(dyn ZoneAgents + Sync),
+    zone: &Zone,
+    group: &str,
+    to: &str,
+    streams: usize,
+) -> anyhow::Result<GroupBackupReport> {
+    let vms = group_members(agents, group)?;
+    let t = Instant::now();
+    let results: Vec<anyhow::Result<BackupReport>> = std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .map(|vm| s.spawn(move || create(agents, zone, vm, to, streams)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a backup thread panicked")))
+            })
+            .collect()
+    });
+    let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut reports = Vec::new();
+    for (vm, r) in vms.iter().zip(results) {
+        reports.push(r.with_context(|| format!("group {group}: VM {vm}"))?);
+    }
+    let t1_ms = reports.iter().map(|r| r.t1_ms).fold(0.0, f64::max);
+    let start = reports
+        .iter()
+        .map(|r| r.transfer_start_unix_ms)
+        .min()
+        .unwrap_or(0);
+    let arrivals: Vec<f64> = reports
+        .iter()
+        .flat_map(|r| {
+            let offset = r.transfer_start_unix_ms.saturating_sub(start) as f64;
+            r.arrivals.iter().map(move |c| offset + c.arrived_ms)
+        })
+        .collect();
+    let most_delayed = arrivals.iter().copied().fold(0.0, f64::max);
+    let bytes = reports.iter().map(|r| r.bytes).sum();
+    Ok(GroupBackupReport {
+        group: group.into(),
+        to: to.into(),
+        t1_ms,
+        t2_ms: (wall_ms - t1_ms).max(0.0),
+        bytes,
+        mbit_s: if most_delayed > 0.0 {
+            bytes as f64 * 8.0 / (most_delayed / 1e3) / 1e6
+        } else {
+            0.0
+        },
+        chunks: arrivals.len(),
+        mean_arrival_ms: if arrivals.is_empty() {
+            0.0
+        } else {
+            arrivals.iter().sum::<f64>() / arrivals.len() as f64
+        },
+        most_delayed_arrival_ms: most_delayed,
+        vms: reports,
+    })
 }
 
 /// The backups of the store at `site`.
@@ -171,6 +275,7 @@ pub fn create(
         chunks: done.manifest.chunks.len(),
         most_delayed_arrival_ms: arrivals.iter().cloned().fold(0.0, f64::max),
         mean_arrival_ms: mean,
+        transfer_start_unix_ms: done.manifest.created_unix_ms,
         arrivals: done.chunks,
     })
 }

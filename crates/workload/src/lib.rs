@@ -45,6 +45,14 @@ pub struct Stream {
     pub ok: Vec<(u64, u64)>,
     pub errors: u64,
     pub sent: u64,
+    /// The ids of the acknowledged transfers ([`transfer`] gives each one's request).
+    pub acked: Vec<u64>,
+}
+
+/// The request of the stream's transfer `id`: one unit between two accounts derived from
+/// the id, so that a client's log of acknowledged ids is enough to send them again.
+pub fn transfer(id: u64) -> String {
+    format!("T {id} {} {} 1", id % 1000, (id * 7 + 3) % 1000)
 }
 
 /// What one VM's standard-TCP probers saw: (start us, end us, answered) per request.
@@ -236,6 +244,7 @@ fn run_stream(
         ok: Vec::new(),
         errors: 0,
         sent: 0,
+        acked: Vec::new(),
     };
     let mut conn = None;
     let mut next = Instant::now();
@@ -255,15 +264,15 @@ fn run_stream(
         if !retrying {
             id += 1;
         }
-        let (from, to) = (id % 1000, (id * 7 + 3) % 1000);
         let t0 = Instant::now();
         out.sent += 1;
         line.clear();
-        let ok = writeln!(w, "T {id} {from} {to} 1").is_ok()
+        let ok = writeln!(w, "{}", transfer(id)).is_ok()
             && r.read_line(&mut line).is_ok()
             && (line.starts_with("OK") || line.starts_with("DUP"));
         if ok {
             out.ok.push((now_us(), t0.elapsed().as_micros() as u64));
+            out.acked.push(id);
             retrying = false;
         } else {
             // Retry the same id at once on a new connection.
@@ -308,6 +317,9 @@ pub struct LoadReport {
     pub before: Phase,
     pub during: Phase,
     pub after: Phase,
+    /// Per VM, the ids of its acknowledged transfers (a client's log).
+    #[serde(skip)]
+    pub acked: Vec<(String, Vec<u64>)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -400,6 +412,7 @@ impl Load {
                 .filter(|r| !r.2)
                 .count() as u64,
             tcp_gaps,
+            acked: streams.into_iter().map(|s| (s.vm, s.acked)).collect(),
         }
     }
 }
