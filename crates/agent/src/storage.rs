@@ -109,7 +109,7 @@ impl Agent {
                 arrived_unix_ms,
             } => {
                 check_name(&cluster)?;
-                json!(s.store_chunk(&cluster, &id, n, &sha256, &bytes, arrived_unix_ms)?)
+                json!(s.store_chunk(&cluster, &id, n, &sha256, bytes, arrived_unix_ms)?)
             }
             AgentRequest::BackupCommit {
                 cluster,
@@ -186,7 +186,8 @@ fn default_streams() -> usize {
 }
 
 /// One chunk's journey, each time from the transfer's start (the store's arrival on its
-/// own clock, taken against the source's unix start time).
+/// own clock, taken against the source's unix start time): handed to a sender, arrived
+/// whole at the store, answered by the store (checked, its write under way behind).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct ChunkTiming {
     pub n: u32,

@@ -10,9 +10,18 @@
 //! ```text
 //! source agent                                  store agent (DC2.1)
 //!   checkpoint (guest `C`), rbd snap create
-//!   rbd export-diff ──chunks, N at once──PUT──▶  SHA-256 check, rados put, arrival time
-//!                   ──manifest──────────PUT──▶  rados put (the backup now exists)
+//!   rbd export-diff ──chunks, N at once──PUT──▶  arrival time, SHA-256 check, answer;
+//!                                                rados put behind (WRITE_BEHIND at most)
+//!                   ──manifest──────────PUT──▶  every write done and listed, then
+//!                                                rados put (the backup now exists)
 //! ```
+//!
+//! As SPEC.md §7 has it, the transfer goes on while the receiver writes: a chunk is
+//! answered once it arrived whole and checked, and written behind, so the path is not idle
+//! while the store's cluster writes. [`WRITE_BEHIND`] chunks at most are held in memory;
+//! the next waits for a slot (the store's pace then sets the sender's). The commit waits
+//! for every write of its backup and fails if one failed; it then lists the objects, so a
+//! write lost with a restarted agent is found too.
 //!
 //! A backup whose transfer was cut has no manifest: it does not exist, the previous one is
 //! untouched, and its chunks are removed by the next run (or `backup delete`). Restore reads
@@ -37,6 +46,78 @@ use crate::StorageError;
 pub const POOL: &str = "backups";
 /// A chunk's size: 4 MiB, RBD's object size.
 pub const CHUNK: usize = 4 << 20;
+
+/// Chunks a store holds in memory while they are written (4 MiB each).
+pub const WRITE_BEHIND: usize = 8;
+
+/// The store's writes behind arrival: how many are under way, and per backup those still
+/// writing and those that failed.
+#[derive(Debug, Default)]
+pub struct WriteBehind {
+    state: std::sync::Mutex<Writes>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Writes {
+    in_flight: usize,
+    /// By (cluster, backup id).
+    backups: std::collections::HashMap<(String, String), Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    writing: usize,
+    failed: Vec<String>,
+}
+
+impl WriteBehind {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writes> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether backup `id` of `cluster` has had a chunk here since its last commit (its
+    /// manifest was then checked absent).
+    fn known(&self, cluster: &str, id: &str) -> bool {
+        self.lock()
+            .backups
+            .contains_key(&(cluster.to_string(), id.to_string()))
+    }
+
+    /// Waits for a slot, then takes it for a chunk of `id`.
+    fn begin(&self, cluster: &str, id: &str) {
+        let mut s = self.lock();
+        while s.in_flight >= WRITE_BEHIND {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.in_flight += 1;
+        s.backups
+            .entry((cluster.to_string(), id.to_string()))
+            .or_default()
+            .writing += 1;
+    }
+
+    fn end(&self, cluster: &str, id: &str, failure: Option<String>) {
+        let mut s = self.lock();
+        s.in_flight -= 1;
+        if let Some(p) = s.backups.get_mut(&(cluster.to_string(), id.to_string())) {
+            p.writing -= 1;
+            p.failed.extend(failure);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until no chunk of `id` is being written; forgets the backup and returns the
+    /// writes that failed.
+    fn settle(&self, cluster: &str, id: &str) -> Vec<String> {
+        let key = (cluster.to_string(), id.to_string());
+        let mut s = self.lock();
+        while s.backups.get(&key).is_some_and(|p| p.writing > 0) {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.backups.remove(&key).map(|p| p.failed).unwrap_or_default()
+    }
+}
 
 /// One chunk of a backup, as the store received it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,36 +270,51 @@ impl HostStorage {
         Ok(())
     }
 
-    /// Stores one chunk after checking it against `sha256`; when its last byte arrived.
+    /// Takes one chunk after checking it against `sha256`, and writes it behind (see the
+    /// module's docs); when its last byte arrived.
     pub fn store_chunk(
         &self,
         cluster: &str,
         id: &str,
         n: u32,
         sha256: &str,
-        bytes: &[u8],
+        bytes: Vec<u8>,
         arrived_unix_ms: u64,
     ) -> Result<Stored, StorageError> {
         check_id(id)?;
-        if self.has_manifest(cluster, id)? {
+        if !self.writes.known(cluster, id) && self.has_manifest(cluster, id)? {
             return Err(StorageError::Conflict(format!(
                 "backup {id} exists: its chunks are not written again"
             )));
         }
-        let got = sha256_hex(bytes);
+        let got = sha256_hex(&bytes);
         if got != sha256 {
             return Err(StorageError::Conflict(format!(
                 "chunk {n} of backup {id} arrived damaged: SHA-256 {got}, sent as {sha256}"
             )));
         }
-        self.rados(cluster, &["put", &format!("{id}.{n}"), "-"], Some(bytes))?;
+        self.writes.begin(cluster, id);
+        let (store, cluster, id) = (self.clone(), cluster.to_string(), id.to_string());
+        std::thread::spawn(move || {
+            let written = store.rados(&cluster, &["put", &format!("{id}.{n}"), "-"], Some(&bytes));
+            let failure = written.err().map(|e| format!("chunk {n}: {e}"));
+            store.writes.end(&cluster, &id, failure);
+        });
         Ok(Stored { arrived_unix_ms })
     }
 
-    /// Writes a backup's manifest: the backup exists from now on. Every chunk it names
-    /// must be stored with its size.
+    /// Writes a backup's manifest once every chunk of it written behind is in the store:
+    /// the backup exists from now on. Every chunk it names must be listed.
     pub fn store_manifest(&self, cluster: &str, m: &Manifest) -> Result<(), StorageError> {
         check_id(&m.id)?;
+        let failed = self.writes.settle(cluster, &m.id);
+        if !failed.is_empty() {
+            return Err(StorageError::Conflict(format!(
+                "backup {}: the store could not write {}",
+                m.id,
+                failed.join("; ")
+            )));
+        }
         let listed = self.objects(cluster)?;
         if listed.contains(&format!("{}.manifest", m.id)) {
             return Err(StorageError::Conflict(format!("backup {} exists", m.id)));
@@ -338,6 +434,8 @@ impl HostStorage {
     /// removes chunks that no manifest names (a cut transfer's).
     pub fn delete_backup(&self, cluster: &str, id: &str) -> Result<u32, StorageError> {
         check_id(id)?;
+        // A cut transfer's writes behind land before its chunks are listed for removal.
+        let _ = self.writes.settle(cluster, id);
         let children: Vec<String> = self
             .manifests(cluster)?
             .into_iter()

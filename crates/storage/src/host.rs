@@ -28,6 +28,8 @@ const CONNECT_TIMEOUT_S: &str = "20";
 pub struct HostStorage {
     pub root: PathBuf,
     pub host: String,
+    /// The backup store's chunks being written behind their arrival (shared by clones).
+    pub(crate) writes: std::sync::Arc<crate::backup::WriteBehind>,
 }
 
 /// One daemon of this host and whether it runs.
@@ -88,6 +90,7 @@ impl HostStorage {
         HostStorage {
             root,
             host: host.to_string(),
+            writes: Default::default(),
         }
     }
 
