@@ -254,7 +254,6 @@ fn scenarios(
     o: &StorageOptions,
     observer: &dyn Observer,
 ) -> anyhow::Result<StorageReport> {
-
     observer.step("write latency: region 1 (stretched) from dc1.1-h1");
     let stretch = write_latency(lab, "dc1.1-h1", "region-1")?;
     observer.step("write latency: region 2 (local) from dc2.1-h1");
@@ -324,11 +323,10 @@ fn scenarios(
         ptrx_ratio_worst: ratio.iter().copied().fold(f64::INFINITY, f64::min),
     };
     let (backup, restore) = backup_and_restore(lab, agents, zone, o.wan, observer)?;
-    let within_floor =
-        |g: &dczone_control::backup::GroupBackupReport| {
-            g.most_delayed_arrival_ms
-                <= 1.1 * floor_ms(g.bytes, backup.path_mbit_s, 0.0) + backup.one_way_ms
-        };
+    let within_floor = |g: &dczone_control::backup::GroupBackupReport| {
+        g.most_delayed_arrival_ms
+            <= 1.1 * floor_ms(g.bytes, backup.path_mbit_s, 0.0) + backup.one_way_ms
+    };
     let verdicts = Verdicts {
         stretch_latency: stretch.write_p50_ms <= local.write_p50_ms + STRETCH_RTT_MS * 2.0 + 1.0,
         migration_t2: runs.iter().all(|r| r.t2_ms < 1000.0),
@@ -460,8 +458,7 @@ fn backup_and_restore(
         observer.step(&format!("rewriting {INCREMENT_MIB} MiB on each VM's disk"));
         fill(INCREMENT_MIB)?;
         observer.step(&format!("incremental backup of group {BACKUP_GROUP}"));
-        let incr =
-            dczone_control::backup::create_group(agents, zone, BACKUP_GROUP, STORE_SITE, 4)?;
+        let incr = dczone_control::backup::create_group(agents, zone, BACKUP_GROUP, STORE_SITE, 4)?;
         // Transfers after the last checkpoint: only the replay brings them back.
         std::thread::sleep(Duration::from_secs(2));
         Ok((full, incr))
@@ -471,7 +468,9 @@ fn backup_and_restore(
     // The group's last state as its clients left it, then the group is lost.
     let mut last = Vec::new();
     for (vm, ip) in &targets {
-        last.push(checksum_of(&client, *ip).ok_or_else(|| anyhow::anyhow!("{vm} did not answer S"))?);
+        last.push(
+            checksum_of(&client, *ip).ok_or_else(|| anyhow::anyhow!("{vm} did not answer S"))?,
+        );
         vms::stop(agents, vm)?;
     }
 
@@ -481,7 +480,11 @@ fn backup_and_restore(
             .acked
             .iter()
             .find(|(v, _)| v == vm)
-            .map(|(_, ids)| ids.iter().map(|id| dczone_workload::transfer(*id)).collect())
+            .map(|(_, ids)| {
+                ids.iter()
+                    .map(|id| dczone_workload::transfer(*id))
+                    .collect()
+            })
             .unwrap_or_default();
         observer.step(&format!(
             "restoring {vm} at {STORE_SITE}, then replaying {} logged transfers",

@@ -566,7 +566,11 @@ fn print_storage(r: &dczone_bench::storage::StorageReport) {
             format!("{:.0}", g.t2_ms),
             format!("{:.1}", g.bytes as f64 / 1e6),
             g.chunks.to_string(),
-            format!("{:.0} ({:.0} %)", g.mbit_s, 100.0 * g.mbit_s / b.path_mbit_s),
+            format!(
+                "{:.0} ({:.0} %)",
+                g.mbit_s,
+                100.0 * g.mbit_s / b.path_mbit_s
+            ),
             format!("{:.0}", g.most_delayed_arrival_ms),
             format!("{:.0}", g.mean_arrival_ms),
             format!(
@@ -619,7 +623,12 @@ fn print_storage(r: &dczone_bench::storage::StorageReport) {
                 x.replayed.to_string(),
                 x.present.to_string(),
                 (v.lost + x.refused).to_string(),
-                if v.checksum_match { "equal" } else { "DIFFERENT" }.into(),
+                if v.checksum_match {
+                    "equal"
+                } else {
+                    "DIFFERENT"
+                }
+                .into(),
             ]
         })
         .collect();

@@ -47,8 +47,10 @@ pub const POOL: &str = "backups";
 /// A chunk's size: 4 MiB, RBD's object size.
 pub const CHUNK: usize = 4 << 20;
 
+/// Chunks read from the store at once (a restore, a verify).
+pub const READERS: usize = 4;
 /// Chunks a store holds in memory while they are written (4 MiB each).
-pub const WRITE_BEHIND: usize = 8;
+pub const WRITE_BEHIND: usize = 16;
 
 /// The store's writes behind arrival: how many are under way, and per backup those still
 /// writing and those that failed.
@@ -406,14 +408,61 @@ impl HostStorage {
         Ok(bytes)
     }
 
+    /// Reads and checks every chunk of `manifests`, [`READERS`] at once: per manifest, its
+    /// chunks in order. A damaged or missing chunk fails the whole read, the first of the
+    /// chain's order named.
+    fn read_chunks(
+        &self,
+        cluster: &str,
+        manifests: &[Manifest],
+    ) -> Result<Vec<Vec<Vec<u8>>>, StorageError> {
+        let all: Vec<(usize, &Chunk)> = manifests
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| m.chunks.iter().map(move |c| (i, c)))
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        type Read = Option<Result<Vec<u8>, StorageError>>;
+        let read: std::sync::Mutex<Vec<Read>> =
+            std::sync::Mutex::new((0..all.len()).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..READERS.min(all.len()) {
+                s.spawn(|| loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(i, c)) = all.get(k) else {
+                        return;
+                    };
+                    let r = self.read_chunk(cluster, &manifests[i], c);
+                    let failed = r.is_err();
+                    read.lock().unwrap_or_else(|e| e.into_inner())[k] = Some(r);
+                    if failed {
+                        // The others stop at their next chunk.
+                        next.store(all.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let mut out: Vec<Vec<Vec<u8>>> = manifests.iter().map(|_| Vec::new()).collect();
+        let read = read.into_inner().unwrap_or_else(|e| e.into_inner());
+        for ((i, c), r) in all.iter().zip(read) {
+            match r {
+                Some(r) => out[*i].push(r?),
+                None => {
+                    return Err(StorageError::Conflict(format!(
+                        "backup {}: chunk {} was not read",
+                        manifests[*i].id, c.n
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Checks every chunk of backup `id`; the bytes checked.
     pub fn verify(&self, cluster: &str, id: &str) -> Result<u64, StorageError> {
         let m = self.manifest(cluster, id)?;
-        let mut total = 0;
-        for c in &m.chunks {
-            total += self.read_chunk(cluster, &m, c)?.len() as u64;
-        }
-        Ok(total)
+        let read = self.read_chunks(cluster, std::slice::from_ref(&m))?;
+        Ok(read.iter().flatten().map(|c| c.len() as u64).sum())
     }
 
     /// Backups whose transfer was cut: chunks that no manifest names, by id.
@@ -492,14 +541,7 @@ impl HostStorage {
                 )));
             }
         }
-        let mut data: Vec<Vec<Vec<u8>>> = Vec::new();
-        for m in &manifests {
-            let mut chunks = Vec::new();
-            for c in &m.chunks {
-                chunks.push(self.read_chunk(cluster, m, c)?);
-            }
-            data.push(chunks);
-        }
+        let data = self.read_chunks(cluster, &manifests)?;
         let checked = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         let last = manifests.last().expect("one");
@@ -726,4 +768,51 @@ pub fn checkpoint(ip: std::net::Ipv4Addr, timeout: Duration) -> Result<Option<u6
         .and_then(|p| p.parse().ok())
         .map(Some)
         .ok_or_else(|| StorageError::Conflict(format!("the guest refused the checkpoint: {line}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_commit_waits_for_its_writes_and_reports_their_failures() {
+        let w = Arc::new(WriteBehind::default());
+        w.begin("c", "b1");
+        w.begin("c", "b1");
+        w.begin("c", "b2");
+        assert!(w.known("c", "b1") && !w.known("c", "b3"));
+        let settled = {
+            let w = w.clone();
+            std::thread::spawn(move || w.settle("c", "b1"))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!settled.is_finished(), "settled with two writes under way");
+        w.end("c", "b1", None);
+        // Another backup's write does not hold this one up.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!settled.is_finished(), "settled with one write under way");
+        w.end("c", "b1", Some("chunk 1: rados put failed".into()));
+        assert_eq!(settled.join().unwrap(), ["chunk 1: rados put failed"]);
+        assert!(!w.known("c", "b1"), "a settled backup is forgotten");
+        w.end("c", "b2", None);
+        assert!(w.settle("c", "b2").is_empty());
+    }
+
+    #[test]
+    fn chunks_beyond_the_bound_wait_for_a_slot() {
+        let w = Arc::new(WriteBehind::default());
+        for _ in 0..WRITE_BEHIND {
+            w.begin("c", "b");
+        }
+        let next = {
+            let w = w.clone();
+            std::thread::spawn(move || w.begin("c", "b"))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!next.is_finished(), "a chunk past the bound was taken");
+        w.end("c", "b", None);
+        next.join().unwrap();
+        assert_eq!(w.lock().in_flight, WRITE_BEHIND);
+    }
 }
