@@ -15,6 +15,11 @@
 //!   acknowledged transfer answers `DUP`, held by the backup, or `OK`, applied by the
 //!   replay; any other answer, or none, is a lost transfer).
 //!
+//! - DC1.1 cut off for [`SITE_LOSS_HOLD`] while a VM in DC1.2, its disk in the stretched
+//!   cluster, serves a client in DC1.2: the longest time without an acknowledged write,
+//!   the writes acknowledged while DC1.1 was gone, and the audit (every acknowledged
+//!   transfer sent again must answer `DUP`: an `OK` is a transfer the cluster lost).
+//!
 //! `--wan conventional` runs all of it on the conventional WAN's links (jitter, loss); the
 //! APN is put back at the end.
 
@@ -61,6 +66,15 @@ const BACKUP_LOAD_RATE: u32 = 20;
 /// The store's site, and the site whose path to it the backups take.
 const STORE_SITE: &str = "dc2.1";
 const SOURCE_SITE: &str = "dc1.1";
+
+/// The site-loss scenario: its VM in DC1.2, its client on another host of DC1.2, the site
+/// lost and for how long, and the client's steady rate.
+const SITE_LOSS_VM: &str = "sto-s1";
+const SITE_LOSS_HOST: &str = "dc1.2-h1";
+const SITE_LOSS_CLIENT: &str = "dc1.2-h2";
+const LOST_SITE: &str = "dc1.1";
+const SITE_LOSS_HOLD: Duration = Duration::from_secs(30);
+const SITE_LOSS_RATE: u32 = 50;
 
 #[derive(Debug, Clone, Copy)]
 pub struct StorageOptions {
@@ -174,6 +188,29 @@ pub struct RestoreSummary {
     pub vms: Vec<RestoreRun>,
 }
 
+/// DC1.1 lost under writes to region 1's stretched cluster.
+#[derive(Debug, Serialize)]
+pub struct SiteLoss {
+    pub site: String,
+    pub held_s: f64,
+    /// The longest time without an acknowledged transfer (the client retries every
+    /// 100 ms), and on a plain long-lived TCP connection without retries, ms.
+    pub write_gap_ms: f64,
+    pub tcp_gap_pool_ms: f64,
+    /// Transfers per second before the loss and while the site was gone.
+    pub ptrx_before: f64,
+    pub ptrx_during: f64,
+    /// Transfers acknowledged in all, and while the site was gone.
+    pub acknowledged: u64,
+    pub acknowledged_during: u64,
+    /// Acknowledged transfers the ledger no longer held (they answered `OK` when sent
+    /// again), and answers that were neither `OK` nor `DUP`.
+    pub lost: u64,
+    pub refused: u64,
+    /// From the site's return until every PG of region 1 was active again, ms.
+    pub recovered_ms: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Verdicts {
     /// Stretched p50 <= local p50 + RTT(100 km) + 1 ms.
@@ -192,6 +229,8 @@ pub struct Verdicts {
     pub restore_rpo: bool,
     /// Every restored VM listened within its boot + 2 s.
     pub trecovery: bool,
+    /// DC1.2 acknowledged writes while DC1.1 was gone, and none was lost.
+    pub site_loss: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -204,6 +243,7 @@ pub struct StorageReport {
     pub migration_runs: Vec<MigrationRun>,
     pub backup: BackupSummary,
     pub restore: RestoreSummary,
+    pub site_loss: SiteLoss,
     pub verdicts: Verdicts,
 }
 
@@ -220,6 +260,7 @@ impl StorageReport {
             && v.backup_most_delayed
             && v.restore_rpo
             && v.trecovery
+            && v.site_loss
     }
 }
 
@@ -323,6 +364,7 @@ fn scenarios(
         ptrx_ratio_worst: ratio.iter().copied().fold(f64::INFINITY, f64::min),
     };
     let (backup, restore) = backup_and_restore(lab, agents, zone, o.wan, observer)?;
+    let site_loss = site_loss(lab, agents, zone, observer)?;
     let within_floor = |g: &dczone_control::backup::GroupBackupReport| {
         g.most_delayed_arrival_ms
             <= 1.1 * floor_ms(g.bytes, backup.path_mbit_s, 0.0) + backup.one_way_ms
@@ -343,6 +385,9 @@ fn scenarios(
             .vms
             .iter()
             .all(|r| r.report.trecovery_ms <= r.report.boot_ms + 2000.0),
+        site_loss: site_loss.acknowledged_during > 0
+            && site_loss.lost == 0
+            && site_loss.refused == 0,
     };
     Ok(StorageReport {
         header: Header::new("storage", StorageReport::VERSION),
@@ -352,7 +397,104 @@ fn scenarios(
         migration_runs: runs,
         backup,
         restore,
+        site_loss,
         verdicts,
+    })
+}
+
+/// DC1.1 cut off from every site for [`SITE_LOSS_HOLD`] while a VM of DC1.2 writes to the
+/// stretched cluster under its client's steady load; then the site comes back, region 1
+/// becomes whole again, and every acknowledged transfer is sent again to find any lost.
+fn site_loss(
+    lab: &dczone_lab::Lab,
+    agents: &LabAgents,
+    zone: &dczone_zone::Zone,
+    observer: &dyn Observer,
+) -> anyhow::Result<SiteLoss> {
+    destroy_if_present(agents, SITE_LOSS_VM)?;
+    observer.step(&format!(
+        "booting {SITE_LOSS_VM} on {SITE_LOSS_HOST} with a disk in region 1"
+    ));
+    let vm = vms::boot(
+        agents,
+        &dczone_virt::CreateVm {
+            name: SITE_LOSS_VM.into(),
+            host: SITE_LOSS_HOST.into(),
+            memory_mib: 256,
+            dirty_mbps: 1,
+            dirty_mib: 16,
+            resident_pct: dczone_virt::DEFAULT_RESIDENT_PCT,
+            group: None,
+            disk_mib: Some(1536),
+            disk_image: None,
+        },
+    )?;
+    let ip = Platform::guest_ip(&vm);
+    let client = lab.host_namespace(SITE_LOSS_CLIENT);
+    let started = dczone_workload::now_us();
+    let load = dczone_workload::start(&client, &[(SITE_LOSS_VM.into(), ip)], SITE_LOSS_RATE)?;
+    std::thread::sleep(Duration::from_secs(3));
+    observer.step(&format!(
+        "{LOST_SITE} cut off for {} s under writes from {SITE_LOSS_CLIENT}",
+        SITE_LOSS_HOLD.as_secs()
+    ));
+    let t0 = dczone_workload::now_us();
+    let cut = lab.site_isolate(LOST_SITE, true);
+    if cut.is_ok() {
+        std::thread::sleep(SITE_LOSS_HOLD);
+    }
+    let t1 = dczone_workload::now_us();
+    let back = lab.site_isolate(LOST_SITE, false);
+    std::thread::sleep(Duration::from_secs(3));
+    let report = load.finish(started, dczone_measure::Interval::new(t0, t1));
+    cut?;
+    back?;
+    observer.step(&format!("{LOST_SITE} back: region 1 becoming whole again"));
+    let t = std::time::Instant::now();
+    dczone_storage::operator::up(agents, zone, &|m: &str| observer.step(m))?;
+    let recovered_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    let ids: Vec<String> = report
+        .acked
+        .iter()
+        .flat_map(|(_, ids)| ids.iter().map(|id| dczone_workload::transfer(*id)))
+        .collect();
+    observer.step(&format!(
+        "sending the {} acknowledged transfers again",
+        ids.len()
+    ));
+    let (mut lost, mut refused) = (0, 0);
+    for batch in ids.chunks(500) {
+        let v = agents.call(
+            SITE_LOSS_HOST,
+            "POST",
+            &format!("/v1/vms/{SITE_LOSS_VM}/ledger"),
+            Some(serde_json::json!({ "requests": batch })),
+            Duration::from_secs(60),
+        )?;
+        for a in v.as_array().into_iter().flatten() {
+            match a.as_str().unwrap_or_default() {
+                s if s.starts_with("DUP ") => {}
+                s if s.starts_with("OK ") => lost += 1,
+                _ => refused += 1,
+            }
+        }
+    }
+    destroy_if_present(agents, SITE_LOSS_VM)?;
+    let held_s = t1.saturating_sub(t0) as f64 / 1e6;
+    Ok(SiteLoss {
+        site: LOST_SITE.into(),
+        held_s,
+        write_gap_ms: report.client_gap_ms,
+        tcp_gap_pool_ms: report.tcp_gap_pool_ms,
+        ptrx_before: report.before.tps,
+        ptrx_during: report.during.tps,
+        acknowledged: ids.len() as u64,
+        // The phase's rate is its count over its length.
+        acknowledged_during: (report.during.tps * held_s).round() as u64,
+        lost,
+        refused,
+        recovered_ms,
     })
 }
 

@@ -649,6 +649,21 @@ fn print_storage(r: &dczone_bench::storage::StorageReport) {
             &rows
         )
     );
+    let s = &r.site_loss;
+    println!(
+        "{} lost for {:.0} s under writes in DC1.2: longest write gap {:.0} ms (plain TCP {:.0} ms), Ptrx {:.0} before, {:.0} while it was gone ({} acknowledged); {} of {} acknowledged transfers lost, {} refused; region 1 whole again {:.1} s after",
+        s.site,
+        s.held_s,
+        s.write_gap_ms,
+        s.tcp_gap_pool_ms,
+        s.ptrx_before,
+        s.ptrx_during,
+        s.acknowledged_during,
+        s.lost,
+        s.acknowledged,
+        s.refused,
+        s.recovered_ms / 1e3
+    );
     let v = &r.verdicts;
     let pf = |b: bool| if b { "PASS" } else { "FAIL" };
     println!(
@@ -659,11 +674,12 @@ fn print_storage(r: &dczone_bench::storage::StorageReport) {
         pf(v.continuity)
     );
     println!(
-        "backup >= 80 % of the path: {}; most delayed <= 1.1 x floor: {}; restore lost nothing: {}; Trecovery <= boot + 2 s: {}",
+        "backup >= 80 % of the path: {}; most delayed <= 1.1 x floor: {}; restore lost nothing: {}; Trecovery <= boot + 2 s: {}; DC1.1 lost, DC1.2 served and lost nothing: {}",
         pf(v.backup_rate),
         pf(v.backup_most_delayed),
         pf(v.restore_rpo),
-        pf(v.trecovery)
+        pf(v.trecovery),
+        pf(v.site_loss)
     );
 }
 

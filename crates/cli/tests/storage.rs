@@ -89,6 +89,10 @@ fn field<'a>(stats: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in {stats}"))
 }
 
+/// How long DC1.1 stays cut off in the site-loss step: DC1.1's OSDs are marked down within
+/// about 10 s (`osd_heartbeat_grace` 8 s), then the writes go on in DC1.2.
+const SITE_LOSS_HOLD: Duration = Duration::from_secs(25);
+
 fn checksum(balances: &[i64]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in balances.iter().flat_map(|b| b.to_le_bytes()) {
@@ -652,9 +656,80 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
         "a transfer acknowledged before or during the migration is missing at DC2.1"
     );
     step("moved to DC2.1 with its disk, restarted there with every transfer");
-    // Down: the VM's image goes with the VM, then every daemon and file with the clusters.
     lab.ok(&["vm", "destroy", "ledger"]);
     step("destroyed");
+
+    // DC1.1 lost (cut off from every site) under writes from a client of DC1.2 to a VM of
+    // DC1.2 whose disk is in the stretched cluster: once DC1.1's OSDs are marked down, the
+    // copies in DC1.2 take the writes, and no acknowledged transfer is lost.
+    let survivor = lab.json(&[
+        "vm", "create", "survivor", "--host", "dc1.2-h1", "--disk", "--json",
+    ]);
+    let ip1: Ipv4Addr = survivor["spec"]["ip_cidr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = {
+        let stop = stop.clone();
+        sys::in_namespace(&lab.ns("dc1.2-h2"), move || {
+            let mut c = Client::connect(ip1);
+            let mut acked = Vec::new();
+            for id in 1u64.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let answer = c.ask(&format!("T {id} 1 2 1"));
+                assert_eq!(answer, format!("OK {id}"), "transfer {id}");
+                acked.push((id, Instant::now()));
+            }
+            acked
+        })
+        .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    lab.ok(&["lab", "site", "isolate", "dc1.1"]);
+    std::thread::sleep(SITE_LOSS_HOLD);
+    let cut_end = Instant::now();
+    lab.ok(&["lab", "site", "restore", "dc1.1"]);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let acked = writes.join().expect("every transfer was answered OK");
+    let late = acked
+        .iter()
+        .filter(|(_, at)| *at + Duration::from_secs(5) > cut_end && *at < cut_end)
+        .count();
+    assert!(
+        late > 0,
+        "no write was acknowledged in the last 5 s of DC1.1's loss ({} in all)",
+        acked.len()
+    );
+    let again = ask_from(
+        &lab,
+        "dc1.2-h2",
+        ip1,
+        acked
+            .iter()
+            .map(|(id, _)| format!("T {id} 1 2 1"))
+            .collect(),
+    );
+    for (answer, (id, _)) in again.iter().zip(&acked) {
+        assert_eq!(
+            *answer,
+            format!("DUP {id}"),
+            "transfer {id} was lost with DC1.1"
+        );
+    }
+    step(&format!(
+        "DC1.1 lost: DC1.2 served ({late} writes in its last 5 s), {} acknowledged, none lost",
+        acked.len()
+    ));
+    // Down: a VM's image goes with it, then every daemon and file with the clusters.
+    lab.ok(&["vm", "destroy", "survivor"]);
     let down = lab.json(&["storage", "down", "--json"]);
     for l in down.as_array().unwrap() {
         assert!(l["error"].is_null(), "{l}");

@@ -80,10 +80,12 @@ pub struct BackupReport {
 pub struct GroupBackupReport {
     pub group: String,
     pub to: String,
-    /// From the start until the last VM's snapshot is taken.
+    /// The slowest VM's checkpoint and snapshot.
     pub t1_ms: f64,
-    /// From then until the last VM's backup is committed.
+    /// From the first VM's transfer start until the last VM's backup is committed.
     pub t2_ms: f64,
+    /// The whole command, with finding the VMs' parents and orphans in the store first.
+    pub wall_ms: f64,
     pub bytes: u64,
     /// Every VM's bytes over the time from the first transfer's start to the last chunk's
     /// arrival.
@@ -154,11 +156,18 @@ pub fn create_group(
         .collect();
     let most_delayed = arrivals.iter().copied().fold(0.0, f64::max);
     let bytes = reports.iter().map(|r| r.bytes).sum();
+    let committed = reports
+        .iter()
+        .map(|r| {
+            r.transfer_start_unix_ms.saturating_sub(start) as f64 + r.transfer_ms + r.commit_ms
+        })
+        .fold(0.0, f64::max);
     Ok(GroupBackupReport {
         group: group.into(),
         to: to.into(),
         t1_ms,
-        t2_ms: (wall_ms - t1_ms).max(0.0),
+        t2_ms: committed,
+        wall_ms,
         bytes,
         mbit_s: if most_delayed > 0.0 {
             bytes as f64 * 8.0 / (most_delayed / 1e3) / 1e6
