@@ -123,10 +123,13 @@ pub fn create_group(
 ) -> anyhow::Result<GroupBackupReport> {
     let vms = group_members(agents, group)?;
     let t = Instant::now();
+    // The store is read once for the whole group.
+    let store = Store::read(agents, zone, to)?;
+    let store = &store;
     let results: Vec<anyhow::Result<BackupReport>> = std::thread::scope(|s| {
         let handles: Vec<_> = vms
             .iter()
-            .map(|vm| s.spawn(move || create(agents, zone, vm, to, streams)))
+            .map(|vm| s.spawn(move || create_in(agents, store, vm, to, streams)))
             .collect();
         handles
             .into_iter()
@@ -206,43 +209,83 @@ pub fn create(
     to: &str,
     streams: usize,
 ) -> anyhow::Result<BackupReport> {
-    let (c, store_host) = store_of(zone, to)?;
+    let store = Store::read(agents, zone, to)?;
+    create_in(agents, &store, vm, to, streams)
+}
+
+/// What a backup needs of its store before it starts: where it is, its backups (for the
+/// parent), and its cut transfers' ids.
+struct Store {
+    cluster: ClusterPlan,
+    host: String,
+    manifests: Vec<Manifest>,
+    orphans: Vec<String>,
+}
+
+impl Store {
+    fn read(agents: &dyn ZoneAgents, zone: &Zone, to: &str) -> anyhow::Result<Store> {
+        let (cluster, host) = store_of(zone, to)?;
+        let orphans = agents.call(
+            &host,
+            "GET",
+            &format!("/v1/backup-store/{}/orphans", cluster.name),
+            None,
+            CALL,
+        )?;
+        let orphans = orphans
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        Ok(Store {
+            manifests: list(agents, zone, to)?,
+            cluster,
+            host,
+            orphans,
+        })
+    }
+}
+
+fn create_in(
+    agents: &dyn ZoneAgents,
+    store: &Store,
+    vm: &str,
+    to: &str,
+    streams: usize,
+) -> anyhow::Result<BackupReport> {
+    let (c, store_host) = (&store.cluster, &store.host);
     let host = agents.host_of(vm)?;
     // A transfer of this VM that was cut left chunks and no manifest: gone first, so that
     // the store holds only whole backups.
-    let orphans = agents.call(
-        &store_host,
-        "GET",
-        &format!("/v1/backup-store/{}/orphans", c.name),
-        None,
-        CALL,
-    )?;
-    for id in orphans
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str())
-    {
+    for id in &store.orphans {
         let ours = id
             .strip_prefix(vm)
             .and_then(|rest| rest.strip_prefix('-'))
             .is_some_and(|ms| !ms.is_empty() && ms.chars().all(|c| c.is_ascii_digit()));
         if ours {
-            delete(agents, zone, to, id)?;
+            agents.call(
+                store_host,
+                "DELETE",
+                &format!("/v1/backup-store/{}/{id}", c.name),
+                None,
+                CALL,
+            )?;
         }
     }
-    let parent = list(agents, zone, to)?
-        .into_iter()
+    let parent = store
+        .manifests
+        .iter()
         .filter(|m| m.vm == vm)
         .max_by_key(|m| m.created_unix_ms)
-        .map(|m| m.id);
+        .map(|m| m.id.clone());
     let id = format!("{vm}-{}", dczone_storage::backup::unix_ms());
     let body = json!({
         "id": id,
         "parent": parent,
         "store_cluster": c.name,
         "store_host": store_host,
-        "store_agent": agents.agent_url(&store_host),
+        "store_agent": agents.agent_url(store_host),
         "streams": streams,
     });
     let v = agents
