@@ -161,13 +161,24 @@ pub struct BackupSummary {
     pub incremental: dczone_control::backup::GroupBackupReport,
 }
 
-/// One VM of the group restored at DC2.1, and its audit.
+/// One VM of the group restored at DC2.1, and its audit: every transfer its client had
+/// acknowledged is sent again to the restored VM.
 #[derive(Debug, Serialize)]
 pub struct RestoreRun {
-    /// Transfers the clients had acknowledged when the VM was lost (every one replayed).
+    /// Transfers the client had acknowledged when the VM was lost.
     pub acknowledged: u64,
-    /// Acknowledged transfers neither held by the backup nor applied by the replay.
+    /// Those acknowledged before the incremental backup started: its checkpoint came after
+    /// them, so the backup must hold each one (it must answer `DUP`).
+    pub before_backup: u64,
+    /// Of those, the ones the restored ledger did not hold (they answered `OK`, or
+    /// nothing sensible): lost by the backup.
     pub lost: u64,
+    /// Acknowledged after the backup started: applied by the replay (`OK`), or held
+    /// already (`DUP`, the checkpoint came after them).
+    pub replayed: u64,
+    pub present: u64,
+    /// Answers that were neither `OK` nor `DUP`, or missing, among those after.
+    pub refused: u64,
     /// The restored ledger's checksum after the replay equals the lost VM's last one.
     pub checksum_match: bool,
     pub report: dczone_control::backup::RestoreReport,
@@ -203,8 +214,8 @@ pub struct SiteLoss {
     /// Transfers acknowledged in all, and while the site was gone.
     pub acknowledged: u64,
     pub acknowledged_during: u64,
-    /// Acknowledged transfers the ledger no longer held (they answered `OK` when sent
-    /// again), and answers that were neither `OK` nor `DUP`.
+    /// Acknowledged transfers the ledger no longer held after a restart from its disk (they
+    /// answered `OK` when sent again), and answers that were neither `OK` nor `DUP`.
     pub lost: u64,
     pub refused: u64,
     /// From the site's return until every PG of region 1 was active again, ms.
@@ -457,29 +468,24 @@ fn site_loss(
     let ids: Vec<String> = report
         .acked
         .iter()
-        .flat_map(|(_, ids)| ids.iter().map(|id| dczone_workload::transfer(*id)))
+        .flat_map(|(_, a)| a.iter().map(|(id, _)| dczone_workload::transfer(*id)))
         .collect();
+    // The ledger in memory remembers every transfer it applied, whatever the disk kept: a
+    // restart rebuilds it from the journal on the disk, which is what the audit checks.
     observer.step(&format!(
-        "sending the {} acknowledged transfers again",
+        "restarting {SITE_LOSS_VM} from its disk, then sending the {} acknowledged transfers again",
         ids.len()
     ));
-    let (mut lost, mut refused) = (0, 0);
-    for batch in ids.chunks(500) {
-        let v = agents.call(
-            SITE_LOSS_HOST,
-            "POST",
-            &format!("/v1/vms/{SITE_LOSS_VM}/ledger"),
-            Some(serde_json::json!({ "requests": batch })),
-            Duration::from_secs(60),
-        )?;
-        for a in v.as_array().into_iter().flatten() {
-            match a.as_str().unwrap_or_default() {
-                s if s.starts_with("DUP ") => {}
-                s if s.starts_with("OK ") => lost += 1,
-                _ => refused += 1,
-            }
+    vms::stop(agents, SITE_LOSS_VM)?;
+    vms::start(agents, SITE_LOSS_VM)?;
+    let t = std::time::Instant::now();
+    while checksum_of(&client, ip).is_none() {
+        if t.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("{SITE_LOSS_VM} did not serve again within 120 s of its restart");
         }
+        std::thread::sleep(Duration::from_millis(500));
     }
+    let (lost, _, refused) = send_again(agents, SITE_LOSS_HOST, SITE_LOSS_VM, &ids)?;
     destroy_if_present(agents, SITE_LOSS_VM)?;
     let held_s = t1.saturating_sub(t0) as f64 / 1e6;
     Ok(SiteLoss {
@@ -600,13 +606,14 @@ fn backup_and_restore(
         observer.step(&format!("rewriting {INCREMENT_MIB} MiB on each VM's disk"));
         fill(INCREMENT_MIB)?;
         observer.step(&format!("incremental backup of group {BACKUP_GROUP}"));
+        let started = dczone_workload::now_us();
         let incr = dczone_control::backup::create_group(agents, zone, BACKUP_GROUP, STORE_SITE, 4)?;
         // Transfers after the last checkpoint: only the replay brings them back.
         std::thread::sleep(Duration::from_secs(2));
-        Ok((full, incr))
+        Ok((full, incr, started))
     });
     let load = load.finish(started, dczone_measure::Interval::new(t0, t1));
-    let (full, incremental) = incremental?;
+    let (full, incremental, incremental_started) = incremental?;
     // The group's last state as its clients left it, then the group is lost.
     let mut last = Vec::new();
     for (vm, ip) in &targets {
@@ -618,20 +625,23 @@ fn backup_and_restore(
 
     let mut restores = Vec::new();
     for ((vm, _), before) in targets.iter().zip(last) {
-        let acked: Vec<String> = load
+        let acked: &[(u64, u64)] = load
             .acked
             .iter()
             .find(|(v, _)| v == vm)
-            .map(|(_, ids)| {
-                ids.iter()
-                    .map(|id| dczone_workload::transfer(*id))
-                    .collect()
-            })
-            .unwrap_or_default();
+            .map_or(&[], |(_, a)| a.as_slice());
+        let (held, after): (Vec<&(u64, u64)>, Vec<&(u64, u64)>) =
+            acked.iter().partition(|(_, at)| *at < incremental_started);
+        let lines = |a: &[&(u64, u64)]| -> Vec<String> {
+            a.iter()
+                .map(|(id, _)| dczone_workload::transfer(*id))
+                .collect()
+        };
         observer.step(&format!(
-            "restoring {vm} at {STORE_SITE}, then replaying {} logged transfers",
+            "restoring {vm} at {STORE_SITE}, then sending its {} acknowledged transfers again",
             acked.len()
         ));
+        // The restore's own replay gets those the backup must hold: each must answer DUP.
         let report = dczone_control::backup::restore(
             agents,
             zone,
@@ -640,15 +650,20 @@ fn backup_and_restore(
             None,
             &restored(vm),
             None,
-            &acked,
+            &lines(&held),
         )?;
+        let (ok, dup, other) = send_again(agents, &report.host, &restored(vm), &lines(&after))?;
         let ns = lab.host_namespace(&report.host);
         let ip = Platform::guest_ip(&vms::show(agents, &restored(vm))?.1);
-        let after = checksum_of(&ns, ip);
+        let checksum = checksum_of(&ns, ip);
         restores.push(RestoreRun {
             acknowledged: acked.len() as u64,
-            lost: (acked.len() as u64).saturating_sub(report.replayed + report.present),
-            checksum_match: after.as_deref() == Some(before.as_str()),
+            before_backup: held.len() as u64,
+            lost: (held.len() as u64).saturating_sub(report.present),
+            replayed: ok,
+            present: report.present + dup,
+            refused: other,
+            checksum_match: checksum.as_deref() == Some(before.as_str()),
             report,
         });
     }
@@ -669,9 +684,9 @@ fn backup_and_restore(
             .iter()
             .map(|r| r.report.trecovery_ms - r.report.boot_ms)
             .fold(0.0, f64::max),
-        replayed: sum(|r| r.report.replayed),
-        present: sum(|r| r.report.present),
-        refused: sum(|r| r.report.refused),
+        replayed: sum(|r| r.replayed),
+        present: sum(|r| r.present),
+        refused: sum(|r| r.refused),
         lost: sum(|r| r.lost),
         vms: restores,
     };
@@ -693,6 +708,43 @@ fn backup_and_restore(
         incremental,
     };
     Ok((backup, restore))
+}
+
+/// Sends transfers again to VM `name`'s ledger through its host's agent; how many answered
+/// `OK` (applied now), `DUP` (held already), and anything else or nothing.
+fn send_again(
+    agents: &LabAgents,
+    host: &str,
+    name: &str,
+    requests: &[String],
+) -> anyhow::Result<(u64, u64, u64)> {
+    let (mut ok, mut dup, mut other) = (0, 0, 0);
+    for batch in requests.chunks(500) {
+        let v = agents.call(
+            host,
+            "POST",
+            &format!("/v1/vms/{name}/ledger"),
+            Some(serde_json::json!({ "requests": batch })),
+            Duration::from_secs(60),
+        )?;
+        let answers: Vec<&str> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| a.as_str().unwrap_or_default())
+            .collect();
+        for a in &answers {
+            if a.starts_with("OK ") {
+                ok += 1;
+            } else if a.starts_with("DUP ") {
+                dup += 1;
+            } else {
+                other += 1;
+            }
+        }
+        other += batch.len().saturating_sub(answers.len()) as u64;
+    }
+    Ok((ok, dup, other))
 }
 
 /// The ledger's checksum (`S`), if the guest answers.

@@ -169,8 +169,10 @@ pub fn run(
                     format!("group {}", r.group),
                     if r.vms.iter().all(|v| v.full) {
                         "full"
-                    } else {
+                    } else if r.vms.iter().all(|v| !v.full) {
                         "incremental"
+                    } else {
+                        "mixed"
                     }
                     .into(),
                     "-".into(),

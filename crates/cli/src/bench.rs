@@ -620,9 +620,10 @@ fn print_storage(r: &dczone_bench::storage::StorageReport) {
                 format!("{:.0}", x.volume_ms),
                 format!("{:.0}", x.boot_ms),
                 v.acknowledged.to_string(),
-                x.replayed.to_string(),
-                x.present.to_string(),
-                (v.lost + x.refused).to_string(),
+                v.before_backup.to_string(),
+                v.replayed.to_string(),
+                v.present.to_string(),
+                (v.lost + v.refused).to_string(),
                 if v.checksum_match {
                     "equal"
                 } else {
@@ -641,6 +642,7 @@ fn print_storage(r: &dczone_bench::storage::StorageReport) {
                 "VOLUME_MS",
                 "BOOT_MS",
                 "ACKED",
+                "BEFORE_BACKUP",
                 "REPLAYED",
                 "PRESENT",
                 "LOST",

@@ -18,10 +18,11 @@
 //!
 //! As SPEC.md §7 has it, the transfer goes on while the receiver writes: a chunk is
 //! answered once it arrived whole and checked, and written behind, so the path is not idle
-//! while the store's cluster writes. [`WRITE_BEHIND`] chunks at most are held in memory;
-//! the next waits for a slot (the store's pace then sets the sender's). The commit waits
-//! for every write of its backup and fails if one failed; it then lists the objects, so a
-//! write lost with a restarted agent is found too.
+//! while the store's cluster writes. [`WRITE_BEHIND`] writes at most run at once; the next
+//! chunk waits for a slot (the store's pace then sets the sender's). The commit waits for
+//! every write of its backup ([`SETTLE_WITHIN`] at most) and fails if one failed; it then
+//! lists the objects, so a write lost with a restarted agent is found too. Every `rados`
+//! call has deadlines (connect 30 s, each operation 60 s).
 //!
 //! A backup whose transfer was cut has no manifest: it does not exist, the previous one is
 //! untouched, and its chunks are removed by the next run (or `backup delete`). Restore reads
@@ -49,8 +50,11 @@ pub const CHUNK: usize = 4 << 20;
 
 /// Chunks read from the store at once (a restore, a verify).
 pub const READERS: usize = 4;
-/// Chunks a store holds in memory while they are written (4 MiB each).
+/// Chunk writes under way at once on a store, for every backup (4 MiB each, plus the
+/// chunks waiting for a slot).
 pub const WRITE_BEHIND: usize = 16;
+/// How long a commit waits for its backup's writes (within the source's 60 s call).
+pub const SETTLE_WITHIN: Duration = Duration::from_secs(45);
 
 /// The store's writes behind arrival: how many are under way, and per backup those still
 /// writing and those that failed.
@@ -109,15 +113,24 @@ impl WriteBehind {
         self.changed.notify_all();
     }
 
-    /// Waits until no chunk of `id` is being written; forgets the backup and returns the
-    /// writes that failed.
-    fn settle(&self, cluster: &str, id: &str) -> Vec<String> {
+    /// Waits until no chunk of `id` is being written, for `within` at most; forgets the
+    /// backup and returns the writes that failed, or how many were still under way.
+    fn settle(&self, cluster: &str, id: &str, within: Duration) -> Result<Vec<String>, usize> {
         let key = (cluster.to_string(), id.to_string());
+        let deadline = Instant::now() + within;
         let mut s = self.lock();
-        while s.backups.get(&key).is_some_and(|p| p.writing > 0) {
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        while let Some(writing) = s.backups.get(&key).map(|p| p.writing).filter(|w| *w > 0) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(writing);
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
-        s.backups.remove(&key).map(|p| p.failed).unwrap_or_default()
+        Ok(s.backups.remove(&key).map(|p| p.failed).unwrap_or_default())
     }
 }
 
@@ -211,6 +224,11 @@ impl HostStorage {
             .args(["-n", keys::ADMIN, "-k"])
             .arg(&keyring)
             .args(["-p", POOL])
+            .args([
+                "--client-mount-timeout=30",
+                "--rados-osd-op-timeout=60",
+                "--rados-mon-op-timeout=60",
+            ])
             .args(args)
             .stdin(if input.is_some() {
                 Stdio::piped()
@@ -296,12 +314,26 @@ impl HostStorage {
             )));
         }
         self.writes.begin(cluster, id);
-        let (store, cluster, id) = (self.clone(), cluster.to_string(), id.to_string());
-        std::thread::spawn(move || {
-            let written = store.rados(&cluster, &["put", &format!("{id}.{n}"), "-"], Some(&bytes));
-            let failure = written.err().map(|e| format!("chunk {n}: {e}"));
-            store.writes.end(&cluster, &id, failure);
-        });
+        let store = self.clone();
+        let (c, i) = (cluster.to_string(), id.to_string());
+        let spawned = std::thread::Builder::new()
+            .name(format!("put {id}.{n}"))
+            .spawn(move || {
+                let written = store.rados(&c, &["put", &format!("{i}.{n}"), "-"], Some(&bytes));
+                let failure = written.err().map(|e| format!("chunk {n}: {e}"));
+                store.writes.end(&c, &i, failure);
+            });
+        if let Err(e) = spawned {
+            self.writes.end(
+                cluster,
+                id,
+                Some(format!("chunk {n}: no thread to write it: {e}")),
+            );
+            return Err(StorageError::Io {
+                what: format!("start writing chunk {n} of backup {id}"),
+                source: e,
+            });
+        }
         Ok(Stored { arrived_unix_ms })
     }
 
@@ -309,7 +341,17 @@ impl HostStorage {
     /// the backup exists from now on. Every chunk it names must be listed.
     pub fn store_manifest(&self, cluster: &str, m: &Manifest) -> Result<(), StorageError> {
         check_id(&m.id)?;
-        let failed = self.writes.settle(cluster, &m.id);
+        let failed = self
+            .writes
+            .settle(cluster, &m.id, SETTLE_WITHIN)
+            .map_err(|writing| {
+                StorageError::Conflict(format!(
+                    "backup {}: {writing} of its chunks were still being written after {} s; \
+                 the store's cluster is slow or unhealthy (`dczone storage status`)",
+                    m.id,
+                    SETTLE_WITHIN.as_secs()
+                ))
+            })?;
         if !failed.is_empty() {
             return Err(StorageError::Conflict(format!(
                 "backup {}: the store could not write {}",
@@ -484,7 +526,7 @@ impl HostStorage {
     pub fn delete_backup(&self, cluster: &str, id: &str) -> Result<u32, StorageError> {
         check_id(id)?;
         // A cut transfer's writes behind land before its chunks are listed for removal.
-        let _ = self.writes.settle(cluster, id);
+        let _ = self.writes.settle(cluster, id, SETTLE_WITHIN);
         let children: Vec<String> = self
             .manifests(cluster)?
             .into_iter()
@@ -784,7 +826,7 @@ mod tests {
         assert!(w.known("c", "b1") && !w.known("c", "b3"));
         let settled = {
             let w = w.clone();
-            std::thread::spawn(move || w.settle("c", "b1"))
+            std::thread::spawn(move || w.settle("c", "b1", Duration::from_secs(30)))
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(!settled.is_finished(), "settled with two writes under way");
@@ -793,10 +835,18 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert!(!settled.is_finished(), "settled with one write under way");
         w.end("c", "b1", Some("chunk 1: rados put failed".into()));
-        assert_eq!(settled.join().unwrap(), ["chunk 1: rados put failed"]);
+        assert_eq!(
+            settled.join().unwrap().unwrap(),
+            ["chunk 1: rados put failed"]
+        );
         assert!(!w.known("c", "b1"), "a settled backup is forgotten");
+        assert_eq!(
+            w.settle("c", "b2", Duration::from_millis(20)),
+            Err(1),
+            "a write still under way at the deadline"
+        );
         w.end("c", "b2", None);
-        assert!(w.settle("c", "b2").is_empty());
+        assert_eq!(w.settle("c", "b2", Duration::from_millis(20)), Ok(vec![]));
     }
 
     #[test]

@@ -317,9 +317,10 @@ pub struct LoadReport {
     pub before: Phase,
     pub during: Phase,
     pub after: Phase,
-    /// Per VM, the ids of its acknowledged transfers (a client's log).
+    /// Per VM, its acknowledged transfers (a client's log): id, and when the answer came
+    /// (us).
     #[serde(skip)]
-    pub acked: Vec<(String, Vec<u64>)>,
+    pub acked: Vec<(String, Vec<(u64, u64)>)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -412,7 +413,13 @@ impl Load {
                 .filter(|r| !r.2)
                 .count() as u64,
             tcp_gaps,
-            acked: streams.into_iter().map(|s| (s.vm, s.acked)).collect(),
+            acked: streams
+                .into_iter()
+                .map(|s| {
+                    let at = s.ok.iter().map(|(t, _)| *t);
+                    (s.vm, s.acked.iter().copied().zip(at).collect())
+                })
+                .collect(),
         }
     }
 }
