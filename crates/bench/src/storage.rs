@@ -630,7 +630,9 @@ fn backup_and_restore(
             .iter()
             .find(|(v, _)| v == vm)
             .map_or(&[], |(_, a)| a.as_slice());
-        let (held, after): (Vec<&(u64, u64)>, Vec<&(u64, u64)>) =
+        // (id, acknowledged at us), before the incremental backup started and after.
+        type Acked<'a> = Vec<&'a (u64, u64)>;
+        let (held, after): (Acked, Acked) =
             acked.iter().partition(|(_, at)| *at < incremental_started);
         let lines = |a: &[&(u64, u64)]| -> Vec<String> {
             a.iter()
