@@ -141,6 +141,15 @@ const REPORT_HEADER: [&str; 9] = [
     "mean_arrival_ms",
 ];
 
+/// A spinner with the time so far, for a backup under way.
+fn spinner(msg: String) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
+    bar.set_message(msg);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Ok(bar)
+}
+
 pub fn run(
     agents: &(dyn ZoneAgents + Sync),
     zone: &Zone,
@@ -154,10 +163,7 @@ pub fn run(
             streams,
             json,
         } => {
-            let bar = ProgressBar::new_spinner();
-            bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
-            bar.set_message(format!("backing up group {group} to {to}"));
-            bar.enable_steady_tick(Duration::from_millis(200));
+            let bar = spinner(format!("backing up group {group} to {to}"))?;
             let r = backup::create_group(agents, zone, &group, &to, streams);
             bar.finish_and_clear();
             let r = r?;
@@ -194,10 +200,7 @@ pub fn run(
             json,
         } => {
             let vm = vm.ok_or_else(|| anyhow::anyhow!("name a VM, or a group with --group"))?;
-            let bar = ProgressBar::new_spinner();
-            bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
-            bar.set_message(format!("backing up {vm} to {to}"));
-            bar.enable_steady_tick(Duration::from_millis(200));
+            let bar = spinner(format!("backing up {vm} to {to}"))?;
             let r = backup::create(agents, zone, &vm, &to, streams);
             bar.finish_and_clear();
             let r = r?;

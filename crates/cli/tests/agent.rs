@@ -283,14 +283,7 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
     );
     assert_eq!(status, 200, "{body}");
     let vm: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let ip: Ipv4Addr = vm["spec"]["ip_cidr"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ip = common::guest_ip(&vm);
     let before = guest_status(&lab, ip);
 
     // A leg is driven by its id: a step naming another id finds no leg (a coordinator that
@@ -377,14 +370,7 @@ fn migration_is_driven_between_two_agents_and_survives_a_dying_destination_agent
     );
     assert_eq!(status, 200, "{body}");
     let vm2: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let ip2: Ipv4Addr = vm2["spec"]["ip_cidr"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ip2 = common::guest_ip(&vm2);
     let migration = {
         let (ns, op) = (lab.ns("dc1.1-client"), op.clone());
         std::thread::spawn(move || {
@@ -1009,16 +995,7 @@ fn a_group_moves_with_each_strategy_through_the_agents_from_a_client_host() {
     }
     let ips: Vec<Ipv4Addr> = vms
         .iter()
-        .map(|v| {
-            ok(&["vm", "show", v.0, "--json"])["spec"]["ip_cidr"]
-                .as_str()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
+        .map(|v| common::guest_ip(&ok(&["vm", "show", v.0, "--json"])))
         .collect();
     let boots: Vec<String> = ips
         .iter()

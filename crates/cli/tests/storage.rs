@@ -12,7 +12,7 @@ use dczone_lab::sys;
 
 mod common;
 
-use common::{e2e_enabled, TestLab};
+use common::{e2e_enabled, guest_ip, TestLab};
 
 /// One connection to a guest's ledger from `host`.
 struct Client {
@@ -87,6 +87,33 @@ fn field<'a>(stats: &'a str, key: &str) -> &'a str {
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key} in {stats}"))
+}
+
+/// From `host`, transfers of 1 between accounts `from_to` back to back on one connection,
+/// ids from `first`, until `stop`; each must be answered `OK`. The acknowledged ids, each
+/// with when its answer came.
+fn writer(
+    lab: &TestLab,
+    host: &str,
+    ip: Ipv4Addr,
+    first: u64,
+    (from, to): (usize, usize),
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(u64, Instant)>> {
+    sys::in_namespace(&lab.ns(host), move || {
+        let mut c = Client::connect(ip);
+        let mut acked = Vec::new();
+        for id in first.. {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let answer = c.ask(&format!("T {id} {from} {to} 1"));
+            assert_eq!(answer, format!("OK {id}"), "transfer {id}");
+            acked.push((id, Instant::now()));
+        }
+        acked
+    })
+    .unwrap()
 }
 
 /// How long DC1.1 stays cut off in the site-loss step: the remaining monitors elect a
@@ -173,14 +200,7 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
     ]);
     assert_eq!(vm["spec"]["disk"]["cluster"], "region-1");
     assert_eq!(vm["spec"]["disk"]["size_mib"], 1536);
-    let ip: Ipv4Addr = vm["spec"]["ip_cidr"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ip = guest_ip(&vm);
     let first = ask_from(
         &lab,
         "dc1.1-client",
@@ -523,14 +543,7 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
     assert!(restored["trecovery_ms"].as_f64().unwrap() >= restored["boot_ms"].as_f64().unwrap());
     let vm2 = lab.json(&["vm", "show", "ledger2", "--json"]);
     assert_eq!(vm2["spec"]["disk"]["cluster"], "region-2");
-    let ip2: Ipv4Addr = vm2["spec"]["ip_cidr"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ip2 = guest_ip(&vm2);
     let mut all = balances.clone();
     for (f, t, a) in [(3usize, 4usize, 2i64)].repeat(30) {
         all[f] -= a;
@@ -599,23 +612,7 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
 
     // Then it moves, under a client's load, with its journal.
     let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        sys::in_namespace(&lab.ns(client), move || {
-            let mut c = Client::connect(ip);
-            let mut acked = Vec::new();
-            for id in 7000u64.. {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let answer = c.ask(&format!("T {id} 5 6 1"));
-                assert_eq!(answer, format!("OK {id}"), "transfer {id}");
-                acked.push(id);
-            }
-            acked
-        })
-        .unwrap()
-    };
+    let load = writer(&lab, client, ip, 7000, (5, 6), stop.clone());
     std::thread::sleep(Duration::from_secs(1));
     let m = lab.json(&["migrate", "ledger", "--to", "dc2.1-h1", "--json"]);
     std::thread::sleep(Duration::from_secs(1));
@@ -666,32 +663,9 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
     let survivor = lab.json(&[
         "vm", "create", "survivor", "--host", "dc1.2-h1", "--disk", "--json",
     ]);
-    let ip1: Ipv4Addr = survivor["spec"]["ip_cidr"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ip1 = guest_ip(&survivor);
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = {
-        let stop = stop.clone();
-        sys::in_namespace(&lab.ns("dc1.2-h2"), move || {
-            let mut c = Client::connect(ip1);
-            let mut acked = Vec::new();
-            for id in 1u64.. {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let answer = c.ask(&format!("T {id} 1 2 1"));
-                assert_eq!(answer, format!("OK {id}"), "transfer {id}");
-                acked.push((id, Instant::now()));
-            }
-            acked
-        })
-        .unwrap()
-    };
+    let writes = writer(&lab, "dc1.2-h2", ip1, 1, (1, 2), stop.clone());
     std::thread::sleep(Duration::from_secs(2));
     lab.ok(&["lab", "site", "isolate", "dc1.1"]);
     std::thread::sleep(SITE_LOSS_HOLD);

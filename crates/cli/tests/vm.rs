@@ -101,14 +101,7 @@ fn group_migration_reports_svc_t2_and_a_cut_link_leaves_the_source_running() {
 
     // Cut the link in the middle of a migration back: the migration fails, the VM keeps
     // serving at its source, and no destination QEMU is left behind.
-    let gb_ip: Ipv4Addr = lab.json(&["vm", "show", "gb", "--json"])["spec"]["ip_cidr"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let gb_ip = vm_ip(&lab, "gb");
     let child = lab
         .command()
         .args(["migrate", "gb", "--to", "dc1.1-h2"])
@@ -166,14 +159,7 @@ fn create_group(lab: &TestLab, vms: &[(&str, &str, &str)], group: &str) {
 
 /// A VM's guest address.
 fn vm_ip(lab: &TestLab, name: &str) -> Ipv4Addr {
-    lab.json(&["vm", "show", name, "--json"])["spec"]["ip_cidr"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    common::guest_ip(&lab.json(&["vm", "show", name, "--json"]))
 }
 
 #[test]

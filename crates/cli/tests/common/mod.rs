@@ -9,6 +9,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+/// The guest address of a VM record (`vm show --json`, `vm create --json`).
+pub fn guest_ip(vm: &serde_json::Value) -> Ipv4Addr {
+    vm["spec"]["ip_cidr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// End-to-end tests need root and run only with `DCZONE_E2E=1` (the test command sets it).
 /// Under CI (`CI` set) a missing `DCZONE_E2E` fails the test instead: a skipped test must
 /// not pass there as if it had run.
