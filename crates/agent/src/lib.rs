@@ -236,6 +236,8 @@ pub enum AgentRequest {
     BackupList { cluster: String },
     /// Backups of this host's store whose transfer was cut (chunks without a manifest).
     BackupOrphans { cluster: String },
+    /// What this host's store of `cluster` can still take.
+    BackupSpace { cluster: String },
     /// Check every chunk of backup `id`.
     BackupVerify { cluster: String, id: String },
     /// Remove backup `id` (and the chunks of a cut transfer of that id).
@@ -396,7 +398,7 @@ pub enum AgentError {
     /// The request contradicts what the host holds (and keeps).
     #[error("{0}")]
     Conflict(String),
-    #[error("storage: {0}")]
+    #[error(transparent)]
     Storage(#[from] dczone_storage::StorageError),
     #[error(transparent)]
     Virt(#[from] VirtError),
@@ -1285,6 +1287,7 @@ impl Agent {
             | AgentRequest::BackupCommit { .. }
             | AgentRequest::BackupList { .. }
             | AgentRequest::BackupOrphans { .. }
+            | AgentRequest::BackupSpace { .. }
             | AgentRequest::BackupVerify { .. }
             | AgentRequest::BackupDelete { .. }
             | AgentRequest::BackupRestore { .. } => self.storage_request(req)?,
@@ -1727,6 +1730,14 @@ pub fn router(agent: Shared) -> Router {
             get(
                 |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
                     dispatch(a, h, AgentRequest::BackupOrphans { cluster })
+                },
+            ),
+        )
+        .route(
+            "/v1/backup-store/{cluster}/space",
+            get(
+                |State(a): State<Shared>, h: By, UrlPath(cluster): UrlPath<String>| {
+                    dispatch(a, h, AgentRequest::BackupSpace { cluster })
                 },
             ),
         )

@@ -16,6 +16,7 @@ pub(crate) fn status_code(e: &StorageError) -> StatusCode {
         StorageError::Conflict(_) => StatusCode::CONFLICT,
         StorageError::NotInstalled { .. } | StorageError::NotAdmin { .. } => StatusCode::NOT_FOUND,
         StorageError::Command { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        StorageError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -135,6 +136,11 @@ impl Agent {
                 check_name(&cluster)?;
                 json!(s.orphans(&cluster)?)
             }
+            AgentRequest::BackupSpace { cluster } => {
+                check_name(&cluster)?;
+                s.ensure_backup_pool(&cluster)?;
+                json!(s.pool_space(&cluster, dczone_storage::backup::POOL)?)
+            }
             AgentRequest::BackupVerify { cluster, id } => {
                 check_name(&cluster)?;
                 json!({ "bytes": s.verify(&cluster, &id)? })
@@ -179,6 +185,10 @@ pub struct BackupBody {
     /// Chunks in flight at once.
     #[serde(default = "default_streams")]
     pub streams: usize,
+    /// The room in the store's pool when the backup started (`GET
+    /// /v1/backup-store/{cluster}/space`): the transfer stops once it outgrows it.
+    #[serde(default)]
+    pub store_space: Option<dczone_storage::PoolSpace>,
 }
 
 fn default_streams() -> usize {
@@ -326,6 +336,7 @@ impl Agent {
                         }
                     });
                 }
+                let mut sent = 0u64;
                 let exported = s.export_diff(
                     &disk.cluster,
                     &disk.pool,
@@ -335,6 +346,10 @@ impl Agent {
                     |n, bytes| {
                         if let Some(f) = failure.lock().unwrap_or_else(|e| e.into_inner()).clone() {
                             return Err(StorageError::Conflict(f));
+                        }
+                        sent += bytes.len() as u64;
+                        if let Some(space) = &b.store_space {
+                            space.check(sent, &format!("backup {} (so far)", b.id))?;
                         }
                         tx.send((n, bytes, t.elapsed().as_secs_f64() * 1e3))
                             .map_err(|_| StorageError::Conflict("the senders stopped".into()))

@@ -449,6 +449,44 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
             .output()
             .unwrap()
     };
+    // A full store (its pool's quota reached) refuses a backup before its snapshot, saying
+    // what to do; Ceph itself would hold the writes until they time out. So does a site
+    // without room for a restore, before any image is made.
+    let quota = |pool: &str, bytes: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("dc2.1-h1"), "ceph", "-c"])
+            .arg(store.join("ceph.conf"))
+            .args(["-n", "client.admin", "-k"])
+            .arg(store.join("keyring.client.admin"))
+            .args(["osd", "pool", "set-quota", pool, "max_bytes", bytes])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    quota("backups", "1");
+    let full_store = stderr_of(&lab, &["backup", "create", "ledger", "--to", "dc2.1"]);
+    quota("backups", "0");
+    assert!(
+        full_store.contains("the backup store at dc2.1 is full")
+            && full_store.contains("pool backups of cluster region-2 can take 0 B more")
+            && full_store.contains("ceph osd pool set-quota backups max_bytes"),
+        "{full_store}"
+    );
+    quota("rbd", "1");
+    let no_room = stderr_of(
+        &lab,
+        &[
+            "backup", "restore", "ledger", "--at", "dc2.1", "--as", "ledger2",
+        ],
+    );
+    quota("rbd", "0");
+    assert!(
+        no_room.contains("pool rbd of cluster region-2 can take 0 B more"),
+        "{no_room}"
+    );
+    assert!(lab.run(&["vm", "show", "ledger2"]).status.code() != Some(0));
+    step("a full store and a site without room refused");
+
     // What a transfer cut half-way leaves: chunks without a manifest. The next backup of
     // the VM removes them; another VM's are not its to touch.
     assert!(rados(&["put", "ledger-1.0", "/etc/hostname"])

@@ -20,6 +20,7 @@ use serde_json::json;
 use dczone_agent::storage::{BackupDone, ChunkTiming};
 use dczone_storage::backup::Manifest;
 use dczone_storage::plan::{self, ClusterPlan};
+use dczone_storage::PoolSpace;
 use dczone_zone::Zone;
 
 use crate::ZoneAgents;
@@ -214,12 +215,13 @@ pub fn create(
 }
 
 /// What a backup needs of its store before it starts: where it is, its backups (for the
-/// parent), and its cut transfers' ids.
+/// parent), its cut transfers' ids, and its room.
 struct Store {
     cluster: ClusterPlan,
     host: String,
     manifests: Vec<Manifest>,
     orphans: Vec<String>,
+    space: PoolSpace,
 }
 
 impl Store {
@@ -238,8 +240,16 @@ impl Store {
             .flatten()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
+        let space = agents.call(
+            &host,
+            "GET",
+            &format!("/v1/backup-store/{}/space", cluster.name),
+            None,
+            CALL,
+        )?;
         Ok(Store {
             manifests: list(agents, zone, to)?,
+            space: serde_json::from_value(space).context("an unreadable store space")?,
             cluster,
             host,
             orphans,
@@ -256,6 +266,11 @@ fn create_in(
 ) -> anyhow::Result<BackupReport> {
     let (c, store_host) = (&store.cluster, &store.host);
     let host = agents.host_of(vm)?;
+    // A full store refuses before the snapshot: Ceph would hold the chunks' writes.
+    store
+        .space
+        .check(1, &format!("a backup of VM {vm}"))
+        .with_context(|| format!("the backup store at {to} is full"))?;
     // A transfer of this VM that was cut left chunks and no manifest: gone first, so that
     // the store holds only whole backups.
     for id in &store.orphans {
@@ -287,6 +302,7 @@ fn create_in(
         "store_host": store_host,
         "store_agent": agents.agent_url(store_host),
         "streams": streams,
+        "store_space": store.space,
     });
     let v = agents
         .call(

@@ -28,7 +28,10 @@
 //! untouched, and its chunks are removed by the next run (or `backup delete`). Restore reads
 //! a chain (a full backup and the incrementals after it), checks every chunk first, and only
 //! then imports it: a corrupted backup is refused, naming the chunk, before any image is
-//! made.
+//! made. Both ends check the room first, because Ceph holds a write to a full pool (until
+//! the client's timeout) instead of failing it: a backup does not start when the store's
+//! pool is full and stops once it outgrows the room it was given; a restore needs room
+//! in the destination pool for every byte of its chain.
 //!
 //! Objects: `<id>.manifest` and `<id>.<n>` (n from 0) in pool [`POOL`].
 
@@ -583,10 +586,16 @@ impl HostStorage {
                 )));
             }
         }
+        // Room first: Ceph would hold the import's writes to a full pool, not fail them.
+        let last = manifests.last().expect("one");
+        let need = manifests.iter().map(|m| m.bytes).sum();
+        self.pool_space(cluster, pool)?.check(
+            need,
+            &format!("the restore of VM {}'s backup {}", last.vm, last.id),
+        )?;
         let data = self.read_chunks(cluster, &manifests)?;
         let checked = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        let last = manifests.last().expect("one");
         self.create_image(cluster, pool, image, last.size_mib)?;
         let spec = format!("{pool}/{image}");
         let result = (|| {

@@ -524,6 +524,13 @@ impl HostStorage {
         })
     }
 
+    /// What pool `pool` can still take (this host must hold a monitor).
+    pub fn pool_space(&self, cluster: &str, pool: &str) -> Result<crate::PoolSpace, StorageError> {
+        let df = self.ceph_json(cluster, &["df", "detail"])?;
+        crate::PoolSpace::from_df(cluster, pool, &df)
+            .ok_or_else(|| StorageError::Conflict(format!("cluster {cluster} has no pool {pool}")))
+    }
+
     /// The cluster as the monitors see it (this host must hold a monitor), with this
     /// host's daemons.
     pub fn status(&self, cluster: &str) -> Result<crate::ClusterStatus, StorageError> {
