@@ -142,8 +142,26 @@ pub fn create_group(
     });
     let wall_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut reports = Vec::new();
+    let mut failed = Vec::new();
     for (vm, r) in vms.iter().zip(results) {
-        reports.push(r.with_context(|| format!("group {group}: VM {vm}"))?);
+        match r {
+            Ok(r) => reports.push(r),
+            Err(e) => failed.push(format!("VM {vm}: {e:#}")),
+        }
+    }
+    if !failed.is_empty() {
+        let made: Vec<&str> = reports.iter().map(|r| r.id.as_str()).collect();
+        bail!(
+            "group {group}: {} of {} backups failed ({}); made, each whole on its own: {}",
+            failed.len(),
+            vms.len(),
+            failed.join("; "),
+            if made.is_empty() {
+                "none".to_string()
+            } else {
+                made.join(", ")
+            }
+        );
     }
     let t1_ms = reports.iter().map(|r| r.t1_ms).fold(0.0, f64::max);
     let start = reports

@@ -76,6 +76,7 @@ struct Writes {
 
 #[derive(Debug, Default)]
 struct Pending {
+    /// Chunks from their arrival (checking, waiting for a slot, writing) to their end.
     writing: usize,
     failed: Vec<String>,
 }
@@ -93,22 +94,32 @@ impl WriteBehind {
             .contains_key(&(cluster.to_string(), id.to_string()))
     }
 
-    /// Waits for a slot, then takes it for a chunk of `id`.
-    fn begin(&self, cluster: &str, id: &str) {
-        let mut s = self.lock();
-        while s.in_flight >= WRITE_BEHIND {
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
-        s.in_flight += 1;
-        s.backups
+    /// Counts a chunk of `id` from its arrival, before it is checked: a commit or a delete
+    /// of `id` waits for it from now on.
+    fn arrive(&self, cluster: &str, id: &str) {
+        self.lock()
+            .backups
             .entry((cluster.to_string(), id.to_string()))
             .or_default()
             .writing += 1;
     }
 
-    fn end(&self, cluster: &str, id: &str, failure: Option<String>) {
+    /// Waits for a write slot and takes it.
+    fn slot(&self) {
         let mut s = self.lock();
-        s.in_flight -= 1;
+        while s.in_flight >= WRITE_BEHIND {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.in_flight += 1;
+    }
+
+    /// A chunk of `id` is done with: written (or refused before its write, `slot` false),
+    /// or failed with `failure`.
+    fn end(&self, cluster: &str, id: &str, slot: bool, failure: Option<String>) {
+        let mut s = self.lock();
+        if slot {
+            s.in_flight -= 1;
+        }
         if let Some(p) = s.backups.get_mut(&(cluster.to_string(), id.to_string())) {
             p.writing -= 1;
             p.failed.extend(failure);
@@ -305,18 +316,22 @@ impl HostStorage {
         arrived_unix_ms: u64,
     ) -> Result<Stored, StorageError> {
         check_id(id)?;
+        // A committed backup's entry is gone: its manifest refuses a late chunk before the
+        // chunk makes a new entry.
         if !self.writes.known(cluster, id) && self.has_manifest(cluster, id)? {
             return Err(StorageError::Conflict(format!(
                 "backup {id} exists: its chunks are not written again"
             )));
         }
+        self.writes.arrive(cluster, id);
         let got = sha256_hex(&bytes);
         if got != sha256 {
+            self.writes.end(cluster, id, false, None);
             return Err(StorageError::Conflict(format!(
                 "chunk {n} of backup {id} arrived damaged: SHA-256 {got}, sent as {sha256}"
             )));
         }
-        self.writes.begin(cluster, id);
+        self.writes.slot();
         let store = self.clone();
         let (c, i) = (cluster.to_string(), id.to_string());
         let spawned = std::thread::Builder::new()
@@ -324,12 +339,13 @@ impl HostStorage {
             .spawn(move || {
                 let written = store.rados(&c, &["put", &format!("{i}.{n}"), "-"], Some(&bytes));
                 let failure = written.err().map(|e| format!("chunk {n}: {e}"));
-                store.writes.end(&c, &i, failure);
+                store.writes.end(&c, &i, true, failure);
             });
         if let Err(e) = spawned {
             self.writes.end(
                 cluster,
                 id,
+                true,
                 Some(format!("chunk {n}: no thread to write it: {e}")),
             );
             return Err(StorageError::Io {
@@ -586,14 +602,21 @@ impl HostStorage {
                 )));
             }
         }
-        // Room first: Ceph would hold the import's writes to a full pool, not fail them.
+        // Room before the image: Ceph would hold the import's writes to a full pool, not
+        // fail them. Read while the chunks are (it is on Trecovery's path).
         let last = manifests.last().expect("one");
         let need = manifests.iter().map(|m| m.bytes).sum();
-        self.pool_space(cluster, pool)?.check(
+        let (space, data) = std::thread::scope(|s| {
+            let space = s.spawn(|| self.pool_space(cluster, pool));
+            let data = self.read_chunks(cluster, &manifests);
+            (space.join(), data)
+        });
+        let space = space.map_err(|_| StorageError::Conflict("the room check panicked".into()))?;
+        space?.check(
             need,
             &format!("the restore of VM {}'s backup {}", last.vm, last.id),
         )?;
-        let data = self.read_chunks(cluster, &manifests)?;
+        let data = data?;
         let checked = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         self.create_image(cluster, pool, image, last.size_mib)?;
@@ -826,12 +849,18 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// A chunk of `id` arrived, checked, and given a slot.
+    fn begin(w: &WriteBehind, cluster: &str, id: &str) {
+        w.arrive(cluster, id);
+        w.slot();
+    }
+
     #[test]
     fn a_commit_waits_for_its_writes_and_reports_their_failures() {
         let w = Arc::new(WriteBehind::default());
-        w.begin("c", "b1");
-        w.begin("c", "b1");
-        w.begin("c", "b2");
+        begin(&w, "c", "b1");
+        begin(&w, "c", "b1");
+        begin(&w, "c", "b2");
         assert!(w.known("c", "b1") && !w.known("c", "b3"));
         let settled = {
             let w = w.clone();
@@ -839,11 +868,11 @@ mod tests {
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(!settled.is_finished(), "settled with two writes under way");
-        w.end("c", "b1", None);
+        w.end("c", "b1", true, None);
         // Another backup's write does not hold this one up.
         std::thread::sleep(Duration::from_millis(20));
         assert!(!settled.is_finished(), "settled with one write under way");
-        w.end("c", "b1", Some("chunk 1: rados put failed".into()));
+        w.end("c", "b1", true, Some("chunk 1: rados put failed".into()));
         assert_eq!(
             settled.join().unwrap().unwrap(),
             ["chunk 1: rados put failed"]
@@ -854,7 +883,7 @@ mod tests {
             Err(1),
             "a write still under way at the deadline"
         );
-        w.end("c", "b2", None);
+        w.end("c", "b2", true, None);
         assert_eq!(w.settle("c", "b2", Duration::from_millis(20)), Ok(vec![]));
     }
 
@@ -862,16 +891,42 @@ mod tests {
     fn chunks_beyond_the_bound_wait_for_a_slot() {
         let w = Arc::new(WriteBehind::default());
         for _ in 0..WRITE_BEHIND {
-            w.begin("c", "b");
+            begin(&w, "c", "b");
         }
         let next = {
             let w = w.clone();
-            std::thread::spawn(move || w.begin("c", "b"))
+            std::thread::spawn(move || begin(&w, "c", "b"))
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(!next.is_finished(), "a chunk past the bound was taken");
-        w.end("c", "b", None);
+        w.end("c", "b", true, None);
         next.join().unwrap();
         assert_eq!(w.lock().in_flight, WRITE_BEHIND);
+    }
+
+    #[test]
+    fn a_chunk_still_being_checked_or_waiting_for_a_slot_holds_its_commit() {
+        let w = Arc::new(WriteBehind::default());
+        // Arrived, not yet checked: a commit (or a delete) of its backup waits for it.
+        w.arrive("c", "b");
+        assert_eq!(w.settle("c", "b", Duration::from_millis(20)), Err(1));
+        // Refused by its check: done with, without a slot.
+        w.end("c", "b", false, None);
+        assert_eq!(w.lock().in_flight, 0);
+        assert_eq!(w.settle("c", "b", Duration::from_millis(20)), Ok(vec![]));
+        // Waiting for a slot behind a full bound: counted too.
+        for _ in 0..WRITE_BEHIND {
+            begin(&w, "c", "other");
+        }
+        let waiting = {
+            let w = w.clone();
+            std::thread::spawn(move || begin(&w, "c", "b"))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(w.settle("c", "b", Duration::from_millis(20)), Err(1));
+        w.end("c", "other", true, None);
+        waiting.join().unwrap();
+        w.end("c", "b", true, None);
+        assert_eq!(w.settle("c", "b", Duration::from_millis(20)), Ok(vec![]));
     }
 }
