@@ -89,6 +89,27 @@ use dczone_virt::{CreateVm, HostPlacement, Platform, VirtError, VmRecord};
 /// The port every agent listens on (on its host's lab address).
 pub const AGENT_PORT: u16 = 7070;
 
+/// Every agent also listens on the port after its own, for bulk data (backup chunks): the
+/// WAN gives that port its bulk class, as an APN allocates a backup a path of its own,
+/// while the agent's port stays in the strict-priority class of control traffic.
+pub fn bulk_port(agent_port: u16) -> u16 {
+    agent_port.wrapping_add(1)
+}
+
+/// The bulk endpoint of the agent at `url` (`https://IP:PORT`): the same address, the
+/// port after its own.
+pub fn bulk_url(url: &str) -> Result<String, String> {
+    let (base, port) = url
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .filter(|(b, _)| b.contains("://"))
+        .ok_or_else(|| format!("agent endpoint {url} has no port (https://IP:PORT)"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("agent endpoint {url} has no port (https://IP:PORT)"))?;
+    Ok(format!("{base}:{}", bulk_port(port)))
+}
+
 /// A destination whose source agent has not asked after it for this long is abandoned.
 /// The source asks every 200 ms while it migrates.
 pub const INCOMING_KEEPALIVE: Duration = Duration::from_secs(5);
@@ -2317,8 +2338,20 @@ fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        eprintln!("dczoned: serving host {} on https://{listen}", args.host);
-        serve_tls(listener, server_tls, router(agent)).await?;
+        let bulk = SocketAddr::new(listen.ip(), bulk_port(listen.port()));
+        let bulk_listener = tokio::net::TcpListener::bind(bulk)
+            .await
+            .map_err(|e| anyhow::anyhow!("bind the bulk port {bulk}: {e}"))?;
+        eprintln!(
+            "dczoned: serving host {} on https://{listen} (bulk data on port {})",
+            args.host,
+            bulk.port()
+        );
+        let app = router(agent);
+        tokio::try_join!(
+            serve_tls(listener, server_tls.clone(), app.clone()),
+            serve_tls(bulk_listener, server_tls, app),
+        )?;
         Ok(())
     })
 }

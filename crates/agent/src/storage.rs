@@ -186,13 +186,20 @@ pub struct BackupBody {
     #[serde(default = "default_streams")]
     pub streams: usize,
     /// The room in the store's pool when the backup started (`GET
-    /// /v1/backup-store/{cluster}/space`): the transfer stops once it outgrows it.
+    /// /v1/backup-store/{cluster}/space`), shared by `store_share` backups started at once
+    /// (a group's): the transfer stops once its bytes times the share outgrow it.
     #[serde(default)]
     pub store_space: Option<dczone_storage::PoolSpace>,
+    #[serde(default = "one")]
+    pub store_share: u64,
 }
 
 fn default_streams() -> usize {
     4
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// One chunk's journey, each time from the transfer's start (the store's arrival on its
@@ -286,6 +293,12 @@ impl Agent {
         });
         let url = self.peer_url(&b.store_host, b.store_agent.clone())?;
         let client = crate::AgentClient::new(&url, self.peers.clone());
+        // Chunks go to the store's bulk port (the WAN's bulk class); the manifest, a
+        // control call, to its agent port.
+        let bulk = crate::AgentClient::new(
+            &crate::bulk_url(&url).map_err(StorageError::Conflict)?,
+            self.peers.clone(),
+        );
         let start_unix = dczone_storage::backup::unix_ms();
         let t = std::time::Instant::now();
         let result = (|| -> Result<(Vec<Chunk>, Vec<ChunkTiming>), AgentError> {
@@ -307,7 +320,7 @@ impl Agent {
                         }
                         let sha = backup::sha256_hex(&bytes);
                         let path = format!("/v1/backup-store/{}/{}/{n}", b.store_cluster, b.id);
-                        match client.put_bytes(&path, &sha, &bytes, CHUNK_TIMEOUT) {
+                        match bulk.put_bytes(&path, &sha, &bytes, CHUNK_TIMEOUT) {
                             Ok(v) => {
                                 let stored_ms = t.elapsed().as_secs_f64() * 1e3;
                                 let arrived = v["arrived_unix_ms"].as_u64().unwrap_or(0);
@@ -349,7 +362,18 @@ impl Agent {
                         }
                         sent += bytes.len() as u64;
                         if let Some(space) = &b.store_space {
-                            space.check(sent, &format!("backup {} (so far)", b.id))?;
+                            let share = b.store_share.max(1);
+                            let what = if share == 1 {
+                                format!("backup {} (so far)", b.id)
+                            } else {
+                                format!(
+                                    "backup {} ({} so far, times the {share} backups that \
+                                     share the store's room)",
+                                    b.id,
+                                    dczone_storage::size(sent)
+                                )
+                            };
+                            space.check(sent.saturating_mul(share), &what)?;
                         }
                         tx.send((n, bytes, t.elapsed().as_secs_f64() * 1e3))
                             .map_err(|_| StorageError::Conflict("the senders stopped".into()))
@@ -373,6 +397,16 @@ impl Agent {
             Ok(v) => v,
             Err(e) => {
                 let _ = s.remove_snapshot(&disk.cluster, &disk.pool, &disk.image, &b.id);
+                // Stopped for lack of room: what was sent would keep the store full (and
+                // the VM's next backup refused), so it goes now.
+                if matches!(e, AgentError::Storage(StorageError::NoSpace { .. })) {
+                    let _ = client.call(
+                        "DELETE",
+                        &format!("/v1/backup-store/{}/{}", b.store_cluster, b.id),
+                        None,
+                        std::time::Duration::from_secs(60),
+                    );
+                }
                 return Err(e);
             }
         };

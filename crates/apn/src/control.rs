@@ -63,8 +63,11 @@ pub fn default_priority_ports() -> Vec<u16> {
 /// The port of the lab's cross-traffic flows (`dczone_lab::cross`), iperf3's port.
 pub const BULK_PORT: u16 = 5201;
 
+/// The host agents' bulk port (`dczone_agent::bulk_port(AGENT_PORT)`): backup chunks.
+pub const AGENT_BULK_PORT: u16 = 7071;
+
 pub fn default_bulk_ports() -> Vec<u16> {
-    vec![BULK_PORT]
+    vec![BULK_PORT, AGENT_BULK_PORT]
 }
 
 /// Precise mode: keep polling 2 ms after the last frame.

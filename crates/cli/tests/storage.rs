@@ -463,15 +463,32 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
             .unwrap();
         assert!(out.status.success(), "{out:?}");
     };
+    let snapshots = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("dc1.1-h1"), "rbd", "-c"])
+            .arg(
+                lab.state_dir
+                    .join(&lab.name)
+                    .join("ceph/dc1.1-h1/region-1/ceph.conf"),
+            )
+            .args(["--id", "vm", "snap", "ls", "rbd/vm-ledger"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let before = snapshots();
     quota("backups", "1");
     let full_store = stderr_of(&lab, &["backup", "create", "ledger", "--to", "dc2.1"]);
     quota("backups", "0");
     assert!(
         full_store.contains("the backup store at dc2.1 is full")
-            && full_store.contains("pool backups of cluster region-2 can take 0 B more")
+            && full_store.contains("pool backups of cluster region-2 is full (quota 1 B")
+            && full_store.contains("dczone backup delete")
             && full_store.contains("ceph osd pool set-quota backups max_bytes"),
         "{full_store}"
     );
+    assert_eq!(snapshots(), before, "a refused backup took a snapshot");
     quota("rbd", "1");
     let no_room = stderr_of(
         &lab,
@@ -481,8 +498,19 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
     );
     quota("rbd", "0");
     assert!(
-        no_room.contains("pool rbd of cluster region-2 can take 0 B more"),
+        no_room.contains("pool rbd of cluster region-2 can take 0 B more")
+            && no_room.contains("dczone vm destroy"),
         "{no_room}"
+    );
+    let image = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("dc2.1-h1"), "rbd", "-c"])
+        .arg(store.join("ceph.conf"))
+        .args(["--id", "vm", "info", "rbd/vm-ledger2"])
+        .output()
+        .unwrap();
+    assert!(
+        !image.status.success(),
+        "a restore without room made an image"
     );
     assert!(lab.run(&["vm", "show", "ledger2"]).status.code() != Some(0));
     step("a full store and a site without room refused");

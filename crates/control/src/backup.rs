@@ -124,13 +124,16 @@ pub fn create_group(
 ) -> anyhow::Result<GroupBackupReport> {
     let vms = group_members(agents, group)?;
     let t = Instant::now();
-    // The store is read once for the whole group.
+    // The store is read once for the whole group, and its room shared by the group's VMs.
     let store = Store::read(agents, zone, to)?;
+    let mut store = store;
+    store.refuse_if_full(agents, &vms, to, &format!("the backups of group {group}"))?;
     let store = &store;
+    let share = vms.len() as u64;
     let results: Vec<anyhow::Result<BackupReport>> = std::thread::scope(|s| {
         let handles: Vec<_> = vms
             .iter()
-            .map(|vm| s.spawn(move || create_in(agents, store, vm, to, streams)))
+            .map(|vm| s.spawn(move || create_in(agents, store, vm, to, streams, share)))
             .collect();
         handles
             .into_iter()
@@ -146,7 +149,7 @@ pub fn create_group(
     for (vm, r) in vms.iter().zip(results) {
         match r {
             Ok(r) => reports.push(r),
-            Err(e) => failed.push(format!("VM {vm}: {e:#}")),
+            Err(e) => failed.push(format!("VM {vm}: {}", e.root_cause())),
         }
     }
     if !failed.is_empty() {
@@ -228,8 +231,14 @@ pub fn create(
     to: &str,
     streams: usize,
 ) -> anyhow::Result<BackupReport> {
-    let store = Store::read(agents, zone, to)?;
-    create_in(agents, &store, vm, to, streams)
+    let mut store = Store::read(agents, zone, to)?;
+    store.refuse_if_full(
+        agents,
+        &[vm.to_string()],
+        to,
+        &format!("a backup of VM {vm}"),
+    )?;
+    create_in(agents, &store, vm, to, streams, 1)
 }
 
 /// What a backup needs of its store before it starts: where it is, its backups (for the
@@ -258,21 +267,76 @@ impl Store {
             .flatten()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
-        let space = agents.call(
-            &host,
-            "GET",
-            &format!("/v1/backup-store/{}/space", cluster.name),
-            None,
-            CALL,
-        )?;
         Ok(Store {
             manifests: list(agents, zone, to)?,
-            space: serde_json::from_value(space).context("an unreadable store space")?,
+            space: Store::space(agents, &cluster.name, &host)?,
             cluster,
             host,
             orphans,
         })
     }
+
+    fn space(agents: &dyn ZoneAgents, cluster: &str, host: &str) -> anyhow::Result<PoolSpace> {
+        let v = agents.call(
+            host,
+            "GET",
+            &format!("/v1/backup-store/{cluster}/space"),
+            None,
+            CALL,
+        )?;
+        serde_json::from_value(v).context("an unreadable store space")
+    }
+
+    /// Removes what cut transfers of `vm` left (chunks without a manifest): the store
+    /// holds only whole backups. Whether there was any.
+    fn remove_orphans(&self, agents: &dyn ZoneAgents, vm: &str) -> anyhow::Result<bool> {
+        let mut removed = false;
+        for id in self.orphans.iter().filter(|id| orphan_of(id, vm)) {
+            agents.call(
+                &self.host,
+                "DELETE",
+                &format!("/v1/backup-store/{}/{id}", self.cluster.name),
+                None,
+                CALL,
+            )?;
+            removed = true;
+        }
+        Ok(removed)
+    }
+
+    /// A full store refuses before any snapshot is taken: Ceph would hold the chunks'
+    /// writes. What cut transfers of `vms` left goes first (a backup would remove it),
+    /// and the room is read again.
+    fn refuse_if_full(
+        &mut self,
+        agents: &dyn ZoneAgents,
+        vms: &[String],
+        to: &str,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        if self.space.free() > 0 {
+            return Ok(());
+        }
+        let mut removed = false;
+        for vm in vms {
+            removed |= self.remove_orphans(agents, vm)?;
+        }
+        if removed {
+            self.space = Store::space(agents, &self.cluster.name, &self.host)?;
+            self.orphans
+                .retain(|id| !vms.iter().any(|vm| orphan_of(id, vm)));
+        }
+        self.space
+            .check_not_full(what)
+            .with_context(|| format!("the backup store at {to} is full"))
+    }
+}
+
+/// Whether backup id `id` is of VM `vm` (`<vm>-<unix ms>`).
+fn orphan_of(id: &str, vm: &str) -> bool {
+    id.strip_prefix(vm)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|ms| !ms.is_empty() && ms.chars().all(|c| c.is_ascii_digit()))
 }
 
 fn create_in(
@@ -281,31 +345,13 @@ fn create_in(
     vm: &str,
     to: &str,
     streams: usize,
+    share: u64,
 ) -> anyhow::Result<BackupReport> {
     let (c, store_host) = (&store.cluster, &store.host);
     let host = agents.host_of(vm)?;
-    // A full store refuses before the snapshot: Ceph would hold the chunks' writes.
-    store
-        .space
-        .check(1, &format!("a backup of VM {vm}"))
-        .with_context(|| format!("the backup store at {to} is full"))?;
     // A transfer of this VM that was cut left chunks and no manifest: gone first, so that
     // the store holds only whole backups.
-    for id in &store.orphans {
-        let ours = id
-            .strip_prefix(vm)
-            .and_then(|rest| rest.strip_prefix('-'))
-            .is_some_and(|ms| !ms.is_empty() && ms.chars().all(|c| c.is_ascii_digit()));
-        if ours {
-            agents.call(
-                store_host,
-                "DELETE",
-                &format!("/v1/backup-store/{}/{id}", c.name),
-                None,
-                CALL,
-            )?;
-        }
-    }
+    store.remove_orphans(agents, vm)?;
     let parent = store
         .manifests
         .iter()
@@ -321,6 +367,7 @@ fn create_in(
         "store_agent": agents.agent_url(store_host),
         "streams": streams,
         "store_space": store.space,
+        "store_share": share,
     });
     let v = agents
         .call(

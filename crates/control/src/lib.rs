@@ -625,5 +625,15 @@ mod tests {
     fn the_agents_port_takes_the_emulators_priority_class() {
         assert_eq!(dczone_agent::AGENT_PORT, dczone_apn::control::AGENT_PORT);
         assert!(dczone_apn::control::default_priority_ports().contains(&dczone_agent::AGENT_PORT));
+        // Backup chunks travel in the bulk class, not with the agents' control calls.
+        let bulk = dczone_agent::bulk_port(dczone_agent::AGENT_PORT);
+        assert_eq!(bulk, dczone_apn::control::AGENT_BULK_PORT);
+        assert!(dczone_apn::control::default_bulk_ports().contains(&bulk));
+        assert!(!dczone_apn::control::default_priority_ports().contains(&bulk));
+        assert_eq!(
+            dczone_agent::bulk_url("https://10.77.3.11:7070").unwrap(),
+            "https://10.77.3.11:7071"
+        );
+        assert!(dczone_agent::bulk_url("https://10.77.3.11").is_err());
     }
 }

@@ -86,8 +86,8 @@ impl WriteBehind {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether backup `id` of `cluster` has had a chunk here since its last commit (its
-    /// manifest was then checked absent).
+    /// Whether backup `id` of `cluster` has had a chunk here since its last commit.
+    #[cfg(test)]
     fn known(&self, cluster: &str, id: &str) -> bool {
         self.lock()
             .backups
@@ -95,13 +95,30 @@ impl WriteBehind {
     }
 
     /// Counts a chunk of `id` from its arrival, before it is checked: a commit or a delete
-    /// of `id` waits for it from now on.
-    fn arrive(&self, cluster: &str, id: &str) {
-        self.lock()
-            .backups
-            .entry((cluster.to_string(), id.to_string()))
-            .or_default()
-            .writing += 1;
+    /// of `id` waits for it from now on. Whether it is the backup's first chunk since its
+    /// last commit (then its manifest must be checked absent).
+    fn arrive(&self, cluster: &str, id: &str) -> bool {
+        let mut s = self.lock();
+        let entry = s.backups.entry((cluster.to_string(), id.to_string()));
+        let first = matches!(entry, std::collections::hash_map::Entry::Vacant(_));
+        entry.or_default().writing += 1;
+        first
+    }
+
+    /// A chunk refused before its write: done with, and if it was its backup's first one
+    /// and nothing else of the backup is under way or failed, the backup is forgotten.
+    fn refuse(&self, cluster: &str, id: &str, first: bool) {
+        self.end(cluster, id, false, None);
+        if first {
+            let key = (cluster.to_string(), id.to_string());
+            let mut s = self.lock();
+            if s.backups
+                .get(&key)
+                .is_some_and(|p| p.writing == 0 && p.failed.is_empty())
+            {
+                s.backups.remove(&key);
+            }
+        }
     }
 
     /// Waits for a write slot and takes it.
@@ -316,17 +333,25 @@ impl HostStorage {
         arrived_unix_ms: u64,
     ) -> Result<Stored, StorageError> {
         check_id(id)?;
-        // A committed backup's entry is gone: its manifest refuses a late chunk before the
-        // chunk makes a new entry.
-        if !self.writes.known(cluster, id) && self.has_manifest(cluster, id)? {
-            return Err(StorageError::Conflict(format!(
-                "backup {id} exists: its chunks are not written again"
-            )));
+        // Counted from here, so that a delete waits for it. A committed backup's entry is
+        // gone: its manifest refuses a late chunk.
+        let first = self.writes.arrive(cluster, id);
+        if first {
+            let refused = match self.has_manifest(cluster, id) {
+                Ok(false) => None,
+                Ok(true) => Some(StorageError::Conflict(format!(
+                    "backup {id} exists: its chunks are not written again"
+                ))),
+                Err(e) => Some(e),
+            };
+            if let Some(e) = refused {
+                self.writes.refuse(cluster, id, true);
+                return Err(e);
+            }
         }
-        self.writes.arrive(cluster, id);
         let got = sha256_hex(&bytes);
         if got != sha256 {
-            self.writes.end(cluster, id, false, None);
+            self.writes.refuse(cluster, id, first);
             return Err(StorageError::Conflict(format!(
                 "chunk {n} of backup {id} arrived damaged: SHA-256 {got}, sent as {sha256}"
             )));
@@ -558,12 +583,18 @@ impl HostStorage {
                 children.join(", ")
             )));
         }
-        let _ = self.rados(cluster, &["rm", &format!("{id}.manifest")], None);
+        // The manifest first (the backup is gone from then on), then its chunks.
+        // `--force-full`: Ceph holds even a delete from a full pool without it, and deleting
+        // is how a full store is freed.
+        let manifest = format!("{id}.manifest");
+        if self.has_manifest(cluster, id)? {
+            self.rados(cluster, &["rm", &manifest, "--force-full"], None)?;
+        }
         let prefix = format!("{id}.");
         let mut removed = 0;
         for o in self.objects(cluster)? {
-            if o.starts_with(&prefix) {
-                self.rados(cluster, &["rm", &o], None)?;
+            if o.starts_with(&prefix) && o != manifest {
+                self.rados(cluster, &["rm", &o, "--force-full"], None)?;
                 removed += 1;
             }
         }
@@ -605,18 +636,25 @@ impl HostStorage {
         // Room before the image: Ceph would hold the import's writes to a full pool, not
         // fail them. Read while the chunks are (it is on Trecovery's path).
         let last = manifests.last().expect("one");
-        let need = manifests.iter().map(|m| m.bytes).sum();
+        // At most the chain's bytes (incrementals may rewrite the same extents), at most
+        // the image's size.
+        let need = manifests
+            .iter()
+            .map(|m| m.bytes)
+            .sum::<u64>()
+            .min(last.size_mib << 20);
         let (space, data) = std::thread::scope(|s| {
             let space = s.spawn(|| self.pool_space(cluster, pool));
             let data = self.read_chunks(cluster, &manifests);
             (space.join(), data)
         });
+        // A damaged chunk first: it is the finding that matters.
+        let data = data?;
         let space = space.map_err(|_| StorageError::Conflict("the room check panicked".into()))?;
         space?.check(
             need,
             &format!("the restore of VM {}'s backup {}", last.vm, last.id),
         )?;
-        let data = data?;
         let checked = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         self.create_image(cluster, pool, image, last.size_mib)?;
@@ -908,21 +946,24 @@ mod tests {
     fn a_chunk_still_being_checked_or_waiting_for_a_slot_holds_its_commit() {
         let w = Arc::new(WriteBehind::default());
         // Arrived, not yet checked: a commit (or a delete) of its backup waits for it.
-        w.arrive("c", "b");
-        assert_eq!(w.settle("c", "b", Duration::from_millis(20)), Err(1));
-        // Refused by its check: done with, without a slot.
-        w.end("c", "b", false, None);
+        assert!(w.arrive("c", "b"), "the first chunk");
+        assert!(!w.arrive("c", "b"), "not the first");
+        assert_eq!(w.settle("c", "b", Duration::from_millis(20)), Err(2));
+        // Refused by their checks: done with, without a slot; the backup is forgotten
+        // with its first chunk's refusal only once nothing of it is under way.
+        w.refuse("c", "b", false);
+        w.refuse("c", "b", true);
         assert_eq!(w.lock().in_flight, 0);
-        assert_eq!(w.settle("c", "b", Duration::from_millis(20)), Ok(vec![]));
+        assert!(!w.known("c", "b"), "a refused first chunk leaves no entry");
         // Waiting for a slot behind a full bound: counted too.
         for _ in 0..WRITE_BEHIND {
             begin(&w, "c", "other");
         }
+        w.arrive("c", "b");
         let waiting = {
             let w = w.clone();
-            std::thread::spawn(move || begin(&w, "c", "b"))
+            std::thread::spawn(move || w.slot())
         };
-        std::thread::sleep(Duration::from_millis(20));
         assert_eq!(w.settle("c", "b", Duration::from_millis(20)), Err(1));
         w.end("c", "other", true, None);
         waiting.join().unwrap();

@@ -525,10 +525,33 @@ impl HostStorage {
     }
 
     /// What pool `pool` can still take (this host must hold a monitor).
+    /// A new pool's figures come within a few seconds (the managers' statistics).
     pub fn pool_space(&self, cluster: &str, pool: &str) -> Result<crate::PoolSpace, StorageError> {
-        let df = self.ceph_json(cluster, &["df", "detail"])?;
-        crate::PoolSpace::from_df(cluster, pool, &df)
-            .ok_or_else(|| StorageError::Conflict(format!("cluster {cluster} has no pool {pool}")))
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (dump, df, pg) = std::thread::scope(|s| {
+                let dump = s.spawn(|| self.ceph_json(cluster, &["osd", "dump"]));
+                let df = s.spawn(|| self.ceph_json(cluster, &["df", "detail"]));
+                let pg = self.ceph_json(cluster, &["pg", "dump", "pools"]);
+                let join = |h: std::thread::ScopedJoinHandle<'_, Result<Value, StorageError>>| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(StorageError::Conflict("a `ceph` call panicked".into()))
+                    })
+                };
+                (join(dump), join(df), pg)
+            });
+            let (dump, df, pg) = (dump?, df?, pg?);
+            if let Some(space) = crate::PoolSpace::from_json(cluster, pool, &dump, &df, &pg) {
+                return Ok(space);
+            }
+            if Instant::now() >= deadline {
+                return Err(StorageError::Conflict(format!(
+                    "cluster {cluster} reports no figures for pool {pool} (`ceph df detail`, \
+                     `ceph pg dump pools`): does the pool exist, and do its managers run?"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// The cluster as the monitors see it (this host must hold a monitor), with this

@@ -65,17 +65,51 @@ pub enum StorageError {
     /// The request contradicts what the host holds.
     #[error("{0}")]
     Conflict(String),
-    #[error(
-        "{what} needs {}, and pool {} of cluster {} can take {} more ({}); \
-         delete what it no longer needs (`dczone backup delete ID --at SITE`), raise its \
-         quota (`ceph osd pool set-quota {} max_bytes BYTES`) or add OSDs",
-        size(*.need), .space.pool, .space.cluster, size(.space.free()), .space.limit(), .space.pool
-    )]
+    #[error("{}", no_space(.what, *.need, .space))]
     NoSpace {
         what: String,
-        need: u64,
+        /// The bytes asked for (`None`: any at all).
+        need: Option<u64>,
         space: Box<PoolSpace>,
     },
+}
+
+fn no_space(what: &str, need: Option<u64>, s: &PoolSpace) -> String {
+    let room = match need {
+        Some(n) => format!(
+            "{what} needs {}, and pool {} of cluster {} can take {} more ({})",
+            size(n),
+            s.pool,
+            s.cluster,
+            size(s.free()),
+            s.limit()
+        ),
+        None => format!(
+            "{what}: pool {} of cluster {} is full ({})",
+            s.pool,
+            s.cluster,
+            s.limit()
+        ),
+    };
+    let free = if s.pool == backup::POOL {
+        "delete backups it no longer needs (`dczone backup delete ID --at SITE`)"
+    } else {
+        "remove images it no longer needs (`dczone vm destroy NAME`)"
+    };
+    let raise = match s.limiting() {
+        Limit::Bytes => format!(
+            "raise its quota (`ceph osd pool set-quota {} max_bytes BYTES`, with the \
+             cluster's admin key on a monitor's host)",
+            s.pool
+        ),
+        Limit::Objects => format!(
+            "raise its quota (`ceph osd pool set-quota {} max_objects N`, with the \
+             cluster's admin key on a monitor's host)",
+            s.pool
+        ),
+        Limit::Osds | Limit::Flagged => format!("add OSDs to cluster {}", s.cluster),
+    };
+    format!("{room}; {free}, or {raise}")
 }
 
 /// `bytes` for people: `512 B`, `3.5 KiB`, `16.0 MiB`, `1.5 GiB`.
@@ -89,57 +123,122 @@ pub fn size(bytes: u64) -> String {
     }
 }
 
-/// What a pool can still take, from `ceph df detail`: the OSDs' room for it (after
-/// replication) and its quota. Ceph does not fail a write to a full pool, it holds it
-/// (until the client's operation timeout): room is checked before a transfer starts.
+/// What a pool can still take. Ceph does not fail a write to a full pool: it holds it
+/// (until the client's operation timeout), so room is checked before a transfer starts.
+/// The figures are those the monitors act on: the pool's bytes and objects as its quotas
+/// count them (`ceph pg dump pools`: `stat_sum`), the OSDs' room for it after replication
+/// (`ceph df`'s MAX AVAIL), its quotas, and whether it is marked full already (`ceph osd
+/// dump`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolSpace {
     pub cluster: String,
     pub pool: String,
-    /// The pool's data, as its quota counts it.
-    pub stored: u64,
-    /// What the OSDs can still take for the pool (Ceph's MAX AVAIL).
+    pub bytes: u64,
+    pub objects: u64,
     pub max_avail: u64,
-    /// The pool's quota in bytes (0: none).
+    /// 0: no quota.
     pub quota_bytes: u64,
+    pub quota_objects: u64,
+    /// The pool (or the whole cluster) is marked full: writes are held now.
+    pub full: bool,
+}
+
+/// What limits a pool's room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Bytes,
+    Objects,
+    Osds,
+    /// Marked full, while the figures read still show room (they lag the monitors').
+    Flagged,
 }
 
 impl PoolSpace {
-    /// Pool `pool` of `ceph df detail -f json`.
-    pub fn from_df(cluster: &str, pool: &str, df: &Value) -> Option<PoolSpace> {
-        let p = df["pools"]
+    /// Pool `pool` from `ceph osd dump`, `ceph df detail` and `ceph pg dump pools` (`-f
+    /// json` each); `None` while a figure of it is missing (a new pool has no statistics
+    /// for a few seconds).
+    pub fn from_json(
+        cluster: &str,
+        pool: &str,
+        osd_dump: &Value,
+        df: &Value,
+        pg_pools: &Value,
+    ) -> Option<PoolSpace> {
+        let find = |list: &Value, key: &str| {
+            list.as_array()
+                .and_then(|a| a.iter().find(|p| p[key].as_str() == Some(pool)))
+                .cloned()
+        };
+        let o = find(&osd_dump["pools"], "pool_name")?;
+        let d = find(&df["pools"], "name")?;
+        let id = o["pool"].as_u64()?;
+        let r = pg_pools["pool_stats"]
             .as_array()?
             .iter()
-            .find(|p| p["name"].as_str() == Some(pool))?;
-        let u = |k: &str| p["stats"][k].as_u64();
+            .find(|p| p["poolid"].as_u64() == Some(id))?["stat_sum"]
+            .clone();
+        let flagged = |flags: &Value| {
+            flags
+                .as_str()
+                .is_some_and(|f| f.split(',').any(|x| x == "full" || x == "full_quota"))
+        };
         Some(PoolSpace {
             cluster: cluster.into(),
             pool: pool.into(),
-            stored: u("stored")?,
-            max_avail: u("max_avail")?,
-            quota_bytes: u("quota_bytes").unwrap_or(0),
+            bytes: r["num_bytes"].as_u64()?,
+            objects: r["num_objects"].as_u64()?,
+            max_avail: d["stats"]["max_avail"].as_u64()?,
+            quota_bytes: o["quota_max_bytes"].as_u64().unwrap_or(0),
+            quota_objects: o["quota_max_objects"].as_u64().unwrap_or(0),
+            full: flagged(&o["flags_names"]) || flagged(&osd_dump["flags"]),
         })
     }
 
-    /// The bytes the pool can still take.
-    pub fn free(&self) -> u64 {
-        let quota_left = match self.quota_bytes {
+    fn quota_left(&self) -> u64 {
+        match self.quota_bytes {
             0 => u64::MAX,
-            q => q.saturating_sub(self.stored),
-        };
-        self.max_avail.min(quota_left)
+            q => q.saturating_sub(self.bytes),
+        }
     }
 
-    /// What limits the pool: its quota, or the OSDs.
+    fn objects_left(&self) -> bool {
+        self.quota_objects == 0 || self.objects < self.quota_objects
+    }
+
+    /// The bytes the pool can still take (0 once marked full or out of objects).
+    pub fn free(&self) -> u64 {
+        if self.full || !self.objects_left() {
+            return 0;
+        }
+        self.max_avail.min(self.quota_left())
+    }
+
+    pub fn limiting(&self) -> Limit {
+        if !self.objects_left() {
+            Limit::Objects
+        } else if self.quota_left() <= self.max_avail {
+            Limit::Bytes
+        } else if self.full && self.max_avail > 0 {
+            Limit::Flagged
+        } else {
+            Limit::Osds
+        }
+    }
+
+    /// What limits the pool, for people.
     pub fn limit(&self) -> String {
-        if self.quota_bytes != 0 && self.quota_bytes.saturating_sub(self.stored) <= self.max_avail {
-            format!(
+        match self.limiting() {
+            Limit::Bytes => format!(
                 "quota {}, {} stored",
                 size(self.quota_bytes),
-                size(self.stored)
-            )
-        } else {
-            "the OSDs' free space".into()
+                size(self.bytes)
+            ),
+            Limit::Objects => format!(
+                "quota {} objects, {} stored",
+                self.quota_objects, self.objects
+            ),
+            Limit::Osds => "the OSDs' free space".into(),
+            Limit::Flagged => "marked full by the monitors".into(),
         }
     }
 
@@ -148,7 +247,19 @@ impl PoolSpace {
         if need > self.free() {
             return Err(StorageError::NoSpace {
                 what: what.into(),
-                need,
+                need: Some(need),
+                space: Box::new(self.clone()),
+            });
+        }
+        Ok(())
+    }
+
+    /// `Err(NoSpace)` if the pool can take nothing more.
+    pub fn check_not_full(&self, what: &str) -> Result<(), StorageError> {
+        if self.free() == 0 {
+            return Err(StorageError::NoSpace {
+                what: what.into(),
+                need: None,
                 space: Box::new(self.clone()),
             });
         }
@@ -252,48 +363,80 @@ impl ClusterStatus {
 mod tests {
     use super::*;
 
-    fn df(stored: u64, max_avail: u64, quota: u64) -> Value {
-        serde_json::json!({ "pools": [
-            { "name": "rbd", "stats": { "stored": 1, "max_avail": 1, "quota_bytes": 0 } },
-            { "name": "backups", "stats": {
-                "stored": stored, "max_avail": max_avail, "quota_bytes": quota } }
-        ] })
+    /// Pool `backups` with `bytes` and 10 objects, `max_avail`, quotas and flags.
+    fn space(bytes: u64, max_avail: u64, quota: u64, quota_objects: u64, flags: &str) -> PoolSpace {
+        let dump = serde_json::json!({ "flags": "sortbitwise", "pools": [
+            { "pool": 2, "pool_name": "rbd", "quota_max_bytes": 0, "flags_names": "hashpspool" },
+            { "pool": 3, "pool_name": "backups", "quota_max_bytes": quota,
+              "quota_max_objects": quota_objects, "flags_names": flags } ] });
+        let df = serde_json::json!({ "pools": [
+            { "name": "rbd", "stats": { "max_avail": 1 } },
+            { "name": "backups", "stats": { "max_avail": max_avail } } ] });
+        let pg = serde_json::json!({ "pool_stats": [
+            { "poolid": 2, "stat_sum": { "num_bytes": 1, "num_objects": 1 } },
+            { "poolid": 3, "stat_sum": { "num_bytes": bytes, "num_objects": 10 } } ] });
+        PoolSpace::from_json("region-2", "backups", &dump, &df, &pg).unwrap()
     }
 
     #[test]
-    fn a_pool_takes_the_least_of_the_osds_room_and_its_quota() {
-        let space = |s, m, q| PoolSpace::from_df("r2", "backups", &df(s, m, q)).unwrap();
-        assert_eq!(space(10, 100, 0).free(), 100);
-        assert_eq!(space(10, 100, 50).free(), 40);
-        assert_eq!(space(10, 30, 50).free(), 30);
-        // Over its quota (Ceph counts stats late): nothing, not an underflow.
-        assert_eq!(space(60, 100, 50).free(), 0);
-        assert!(space(10, 100, 50).limit().starts_with("quota"));
-        assert_eq!(space(10, 30, 50).limit(), "the OSDs' free space");
-        assert!(PoolSpace::from_df("r2", "images", &df(0, 0, 0)).is_none());
+    fn a_pool_takes_the_least_of_the_osds_room_and_its_quotas() {
+        assert_eq!(space(10, 100, 0, 0, "hashpspool").free(), 100);
+        assert_eq!(space(10, 100, 50, 0, "hashpspool").free(), 40);
+        assert_eq!(space(10, 30, 50, 0, "hashpspool").free(), 30);
+        // Over its quota (the figures lag): nothing, not an underflow.
+        assert_eq!(space(60, 100, 50, 0, "hashpspool").free(), 0);
+        // Out of objects, or marked full by the monitors: nothing.
+        assert_eq!(space(10, 100, 0, 10, "hashpspool").free(), 0);
+        assert_eq!(space(10, 100, 0, 11, "hashpspool").free(), 100);
+        assert_eq!(space(10, 100, 0, 0, "hashpspool,full,full_quota").free(), 0);
+        assert_eq!(space(10, 100, 50, 0, "hashpspool").limiting(), Limit::Bytes);
+        assert_eq!(space(10, 30, 50, 0, "hashpspool").limiting(), Limit::Osds);
+        assert_eq!(
+            space(10, 100, 0, 10, "hashpspool").limiting(),
+            Limit::Objects
+        );
+        assert_eq!(
+            space(10, 100, 0, 0, "full_quota").limiting(),
+            Limit::Flagged
+        );
+        // A new pool without statistics yet.
+        let none = serde_json::json!({ "pools": [] });
+        assert!(PoolSpace::from_json("r", "backups", &none, &none, &none).is_none());
     }
 
     #[test]
     fn a_need_beyond_the_room_is_refused_saying_what_to_do() {
-        let s =
-            PoolSpace::from_df("region-2", "backups", &df(16 << 20, 1 << 30, 17 << 20)).unwrap();
+        let s = space(16 << 20, 1 << 30, 17 << 20, 0, "hashpspool");
         assert!(s.check(1 << 20, "x").is_ok());
-        let e = s.check(2 << 20, "the backup of VM ledger").unwrap_err();
-        let m = e.to_string();
+        let m = s
+            .check(2 << 20, "the backup of VM ledger")
+            .unwrap_err()
+            .to_string();
         assert!(
             m.starts_with("the backup of VM ledger needs 2.0 MiB"),
             "{m}"
         );
-        assert_eq!(size(1), "1 B");
-        assert_eq!(size(1536), "1.5 KiB");
         assert!(
             m.contains("pool backups of cluster region-2 can take 1.0 MiB more"),
             "{m}"
         );
         assert!(m.contains("quota 17.0 MiB, 16.0 MiB stored"), "{m}");
+        assert!(m.contains("dczone backup delete ID"), "{m}");
         assert!(
             m.contains("ceph osd pool set-quota backups max_bytes"),
             "{m}"
         );
+        assert!(!m.contains("add OSDs"), "{m}");
+        let m = space(10, 0, 0, 0, "hashpspool")
+            .check_not_full("a backup of VM ledger")
+            .unwrap_err()
+            .to_string();
+        assert!(m.starts_with("a backup of VM ledger: pool backups of cluster region-2 is full (the OSDs' free space)"), "{m}");
+        assert!(
+            m.contains("add OSDs to cluster region-2") && !m.contains("set-quota"),
+            "{m}"
+        );
+        assert_eq!(size(1), "1 B");
+        assert_eq!(size(1536), "1.5 KiB");
     }
 }
