@@ -104,9 +104,6 @@ pub struct MigrationRun {
     /// The disk copy until in sync (part of T1), its completion (part of T2), ms.
     pub copy_ms: f64,
     pub completion_ms: f64,
-    /// When the mirror, not converging, was switched to write-blocking copy (ms after its
-    /// start; `None`: it converged in the background).
-    pub write_blocking_after_ms: Option<f64>,
     pub mirrored_mib: f64,
     pub memory_mib: f64,
     /// Transfers per second the client got before (2 s) and during the migration.
@@ -877,7 +874,6 @@ fn one_migration(
         t2_ms: m.t2_ms,
         copy_ms: disk.copy_ms,
         completion_ms: disk.completion_ms,
-        write_blocking_after_ms: disk.write_blocking_after_ms,
         mirrored_mib: disk.mirrored_bytes as f64 / 1048576.0,
         memory_mib: m.bytes_sent as f64 / 1048576.0,
         ptrx_before: report.before.tps,

@@ -525,13 +525,7 @@ fn print_storage(r: &dczone_bench::storage::StorageReport) {
                 format!("{}->{}", m.from, m.to),
                 format!("{:.0}", m.t1_ms),
                 format!("{:.1}", m.t2_ms),
-                match m.write_blocking_after_ms {
-                    None => format!("{:.0}/{:.0}", m.copy_ms, m.completion_ms),
-                    Some(w) => format!(
-                        "{:.0}/{:.0} (blocking at {w:.0})",
-                        m.copy_ms, m.completion_ms
-                    ),
-                },
+                format!("{:.0}/{:.0}", m.copy_ms, m.completion_ms),
                 format!("{:.0}/{:.0}", m.mirrored_mib, m.memory_mib),
                 format!("{:.0}/{:.0}", m.ptrx_before, m.ptrx_during),
                 format!("{:.2}", m.ptrx_ratio),

@@ -375,18 +375,13 @@ pub fn print_group(g: &GroupMigration) {
         if let Some(d) = &m.disk {
             println!(
                 "{}: disk taken along from {} to {} as {}: {:.1} MiB mirrored, in sync after \
-                 {:.0} ms (part of T1{}), completed in {:.0} ms (part of T2); {}",
+                 {:.0} ms (part of T1), completed in {:.0} ms (part of T2); {}",
                 m.vm,
                 d.from_cluster,
                 d.to_cluster,
                 d.image,
                 d.mirrored_bytes as f64 / 1048576.0,
                 d.copy_ms,
-                match d.write_blocking_after_ms {
-                    None => String::new(),
-                    Some(w) =>
-                        format!("; not converging, switched to write-blocking copy at {w:.0} ms"),
-                },
                 d.completion_ms,
                 match &d.source_remove_error {
                     None => "the source's image was removed".to_string(),

@@ -226,10 +226,6 @@ pub struct DiskCopyReport {
     pub copy_ms: f64,
     /// The mirror's completion with the source stopped (inside T2), ms.
     pub completion_ms: f64,
-    /// The mirror did not converge in the background and was switched to write-blocking
-    /// copy this long after its start, ms (the guest's writes then wait for both sides).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub write_blocking_after_ms: Option<f64>,
     /// The source's image was removed once the destination ran (false: it is left in its
     /// cluster, and the error says why).
     pub source_removed: bool,
@@ -1180,23 +1176,7 @@ struct Mirror {
     deferred: bool,
     /// Completed at `pre-switchover`, and the stream told to go on.
     continued: bool,
-    /// The job's length when first seen (the disk's size), and when its progress passed
-    /// it: the first pass over the disk was done.
-    first_len: u64,
-    first_pass_us: Option<u64>,
-    /// When the job was switched to write-blocking (it did not converge), and whether
-    /// QEMU refused the switch (before 8.2: no `block-job-change`).
-    write_blocking_us: Option<u64>,
-    switch_refused: bool,
 }
-
-/// A mirror still out of sync this long after its first pass over the disk is switched
-/// from background to write-blocking copy (QEMU's `block-job-change`, 8.2 and later):
-/// the guest rewrites the disk faster than the job copies it (a destination cluster
-/// slower to write than the source's). From then on each guest write completes on both
-/// sides, so what is left to copy only shrinks and the mirror converges; the guest's
-/// writes take the destination's latency too until the switchover.
-const MIRROR_CONVERGE: Duration = Duration::from_secs(2);
 
 impl Session {
     fn qmp_err(vm: &str) -> impl Fn(hv::QmpError) -> VirtError + '_ {
@@ -1389,13 +1369,9 @@ impl Session {
                 self.progressed_at = Instant::now();
             }
             self.mirror.len = j["len"].as_u64().unwrap_or(0);
-            if self.mirror.first_len == 0 {
-                self.mirror.first_len = self.mirror.len;
-            }
             if j["ready"] == true && self.mirror.ready_us.is_none() {
                 self.mirror.ready_us = Some(now_us());
             }
-            self.converge_mirror();
         }
         self.last = json!({"status": "disk-copy", "ram": {
             "transferred": self.mirror.offset,
@@ -1410,32 +1386,6 @@ impl Session {
             .execute("migrate", json!({ "uri": self.dst.uri() }))
             .map_err(Self::qmp_err(&name))?;
         Ok(true)
-    }
-
-    /// Switches a mirror that does not converge to write-blocking copy
-    /// ([`MIRROR_CONVERGE`]). A QEMU without the switch keeps copying in the background.
-    fn converge_mirror(&mut self) {
-        let m = &mut self.mirror;
-        if m.ready_us.is_some() || m.write_blocking_us.is_some() || m.switch_refused {
-            return;
-        }
-        if m.first_pass_us.is_none() && m.first_len > 0 && m.offset >= m.first_len {
-            m.first_pass_us = Some(now_us());
-        }
-        let Some(first) = m.first_pass_us else {
-            return;
-        };
-        if now_us().saturating_sub(first) < MIRROR_CONVERGE.as_micros() as u64 {
-            return;
-        }
-        let switched = self.src.execute(
-            "block-job-change",
-            json!({ "id": MIRROR_JOB, "type": "mirror", "copy-mode": "write-blocking" }),
-        );
-        match switched {
-            Ok(_) => self.mirror.write_blocking_us = Some(now_us()),
-            Err(_) => self.mirror.switch_refused = true,
-        }
     }
 
     /// At `pre-switchover` (the source stopped, its RAM sent): the mirror completes, its
@@ -1981,10 +1931,6 @@ impl Session {
                 r.saturating_sub(self.mirror.started_us) as f64 / 1e3
             }),
             completion_ms: self.mirror.completion_ms,
-            write_blocking_after_ms: self
-                .mirror
-                .write_blocking_us
-                .map(|w| w.saturating_sub(self.mirror.started_us) as f64 / 1e3),
             source_removed: false,
             source_remove_error: None,
         };
