@@ -3,4 +3,5 @@
 //! with an account's key, as a real cloud's does: [`sigv4`] is AWS Signature Version 4,
 //! used by both ends, so that pointing dczone at a real cloud is a configuration change.
 
+pub mod ec2;
 pub mod sigv4;
