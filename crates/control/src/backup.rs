@@ -125,8 +125,7 @@ pub fn create_group(
     let vms = group_members(agents, group)?;
     let t = Instant::now();
     // The store is read once for the whole group, and its room shared by the group's VMs.
-    let store = Store::read(agents, zone, to)?;
-    let mut store = store;
+    let mut store = Store::read(agents, zone, to)?;
     store.refuse_if_full(agents, &vms, to, &format!("the backups of group {group}"))?;
     let store = &store;
     let share = vms.len() as u64;
