@@ -12,7 +12,7 @@
 //!
 //! The server's checks, in order, with the error codes EC2 answers: a missing or malformed
 //! `Authorization`, or an unknown access key: `AuthFailure`; an `X-Amz-Date` more than
-//! [`MAX_SKEW`] from the server's clock: `RequestExpired`; a scope that is not the
+//! [`MAX_SKEW_S`] seconds from the server's clock: `RequestExpired`; a scope that is not the
 //! server's (date, region, service) or a request that does not sign `host`:
 //! `AuthFailure`; a signature that differs: `SignatureDoesNotMatch`. The comparison takes
 //! the same time whatever the signatures (`Mac::verify_slice`).
@@ -26,7 +26,6 @@ use sha2::{Digest, Sha256};
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 /// How far a request's `X-Amz-Date` may be from the server's clock (EC2's window).
 pub const MAX_SKEW_S: i64 = 15 * 60;
-pub const MAX_SKEW: std::time::Duration = std::time::Duration::from_secs(MAX_SKEW_S as u64);
 
 /// Everything but RFC 3986's unreserved characters is percent-encoded.
 const ENCODE: &AsciiSet = &NON_ALPHANUMERIC
