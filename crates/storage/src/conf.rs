@@ -39,7 +39,7 @@ mon_data_avail_warn = 5
 mon_data_avail_crit = 2
 mon_allow_pool_delete = true
 mon_warn_on_pool_no_redundancy = false
-# A site's loss is seen in about 10 s (defaults: 20 s grace, 2 reporters).
+{single}# A site's loss is seen in about 10 s (defaults: 20 s grace, 2 reporters).
 osd_heartbeat_interval = 2
 osd_heartbeat_grace = 8
 mon_osd_adjust_heartbeat_grace = false
@@ -86,6 +86,13 @@ keyring = {d}/keyring.client.admin
         size = plan.pool.size,
         min_size = plan.pool.min_size,
         block = u64::from(plan.osd_gib) << 30,
+        // One OSD (a cloud's own cluster): one copy, chosen among OSDs, not hosts, and
+        // Pacific refuses size-1 pools unless told (as vstart.sh does).
+        single = if plan.osds.len() == 1 {
+            "mon_allow_pool_size_one = true\nosd_crush_chooseleaf_type = 0\n"
+        } else {
+            ""
+        },
         election = if plan.stretch.is_some() {
             "# Stretch mode's elections (connectivity) from the start: one election fewer.\nmon_election_default_strategy = 3\n"
         } else {
@@ -120,6 +127,18 @@ keyring = {d}/keyring.client.admin
             ip = o.ip,
             site = o.site,
             host = o.host,
+        );
+    }
+    for g in plan.on_host(Kind::Rgw, host) {
+        // Path-style buckets only (no `rgw_dns_name`), on the host's address.
+        let _ = write!(
+            c,
+            "\n[client.rgw.{id}]\nkeyring = {d}/keyring.client.rgw.{id}\n\
+             rgw_frontends = beast endpoint={ip}:{port}\nrgw_data = {d}/rgw.{id}\n\
+             log_file = {d}/log/$name.log\nadmin_socket = {d}/run/$name.asok\n",
+            id = g.id,
+            ip = g.ip,
+            port = crate::plan::RGW_PORT,
         );
     }
     c

@@ -271,7 +271,7 @@ impl HostStorage {
     pub fn daemons(&self, cluster: &str) -> Result<Vec<DaemonState>, StorageError> {
         let plan = self.require_plan(cluster)?;
         let mut out = Vec::new();
-        for kind in [Kind::Mon, Kind::Mgr, Kind::Osd] {
+        for kind in [Kind::Mon, Kind::Mgr, Kind::Osd, Kind::Rgw] {
             for p in plan.on_host(kind, &self.host) {
                 let name = format!("{}.{}", kind.as_str(), p.id);
                 let pid = self.pid(cluster, &name);
@@ -291,7 +291,7 @@ impl HostStorage {
     pub fn start(&self, cluster: &str, kinds: &[Kind]) -> Result<Vec<String>, StorageError> {
         let plan = self.require_plan(cluster)?;
         let mut started = Vec::new();
-        for kind in [Kind::Mon, Kind::Mgr, Kind::Osd] {
+        for kind in [Kind::Mon, Kind::Mgr, Kind::Osd, Kind::Rgw] {
             if !kinds.contains(&kind) {
                 continue;
             }
@@ -339,7 +339,7 @@ impl HostStorage {
                     ],
                 )?;
             }
-            Kind::Mgr => {
+            Kind::Mgr | Kind::Rgw => {
                 std::fs::create_dir_all(&data).map_err(io(format!("create {}", data.display())))?;
             }
             Kind::Osd => {
@@ -415,7 +415,13 @@ impl HostStorage {
     }
 
     fn spawn(&self, cluster: &str, kind: Kind, id: &str) -> Result<(), StorageError> {
-        let program = format!("ceph-{}", kind.as_str());
+        let (program, client) = match kind {
+            Kind::Rgw => ("radosgw".to_string(), format!("client.rgw.{id}")),
+            _ => (
+                format!("ceph-{}", kind.as_str()),
+                format!("{}.{id}", kind.as_str()),
+            ),
+        };
         let conf = self.conf(cluster);
         let name = format!("{}.{id}", kind.as_str());
         let log = self.dir(cluster).join("log").join(format!("{name}.out"));
@@ -423,7 +429,7 @@ impl HostStorage {
         let pid = dczone_lab::spawn_detached(
             None,
             &binary,
-            &["-f", "-c", &conf, "-i", id],
+            &["-f", "-c", &conf, "-n", &client],
             &log,
             &program,
         )
@@ -512,6 +518,65 @@ impl HostStorage {
         ];
         all.extend_from_slice(args);
         run(&format!("ceph {}", args.join(" ")), "ceph", &all)
+    }
+
+    /// Makes S3 user `uid` of the cluster's gateways with this access key and secret, once
+    /// (a user that exists keeps its keys; another secret for it is refused).
+    pub fn s3_user(
+        &self,
+        cluster: &str,
+        uid: &str,
+        access_key: &str,
+        secret_key: &str,
+    ) -> Result<(), StorageError> {
+        let dir = self.dir(cluster);
+        let keyring = dir.join(format!("keyring.{}", keys::ADMIN));
+        if !keyring.is_file() {
+            return Err(StorageError::NotAdmin {
+                cluster: cluster.into(),
+                host: self.host.clone(),
+            });
+        }
+        let conf = self.conf(cluster);
+        let keyring = keyring.display().to_string();
+        let admin = |args: &[&str]| {
+            let mut all = vec!["-c", &conf, "-n", keys::ADMIN, "-k", &keyring];
+            all.extend_from_slice(args);
+            run(
+                &format!("radosgw-admin {}", args.join(" ")),
+                "radosgw-admin",
+                &all,
+            )
+        };
+        if let Ok(info) = admin(&["user", "info", "--uid", uid]) {
+            let v: Value = serde_json::from_str(&info).unwrap_or_default();
+            let same = v["keys"].as_array().is_some_and(|k| {
+                k.iter().any(|k| {
+                    k["access_key"].as_str() == Some(access_key)
+                        && k["secret_key"].as_str() == Some(secret_key)
+                })
+            });
+            return if same {
+                Ok(())
+            } else {
+                Err(StorageError::Conflict(format!(
+                    "S3 user {uid} of cluster {cluster} exists with other keys"
+                )))
+            };
+        }
+        admin(&[
+            "user",
+            "create",
+            "--uid",
+            uid,
+            "--display-name",
+            uid,
+            "--access-key",
+            access_key,
+            "--secret-key",
+            secret_key,
+        ])
+        .map(|_| ())
     }
 
     fn ceph_json(&self, cluster: &str, args: &[&str]) -> Result<Value, StorageError> {
@@ -680,17 +745,13 @@ impl HostStorage {
                 cluster,
                 &["osd", "pool", "create", pool, &pg, &pg, "replicated"],
             )?;
-            self.ceph(
-                cluster,
-                &[
-                    "osd",
-                    "pool",
-                    "set",
-                    pool,
-                    "size",
-                    &plan.pool.size.to_string(),
-                ],
-            )?;
+            let size = plan.pool.size.to_string();
+            let mut args = vec!["osd", "pool", "set", pool, "size", &size];
+            if plan.pool.size == 1 {
+                // Pacific asks for this on top of `mon_allow_pool_size_one`.
+                args.push("--yes-i-really-mean-it");
+            }
+            self.ceph(cluster, &args)?;
             self.ceph(
                 cluster,
                 &[

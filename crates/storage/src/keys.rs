@@ -100,6 +100,16 @@ impl Keys {
                 ],
             )?,
         ];
+        for g in &plan.rgw {
+            entities.push(Entity::new(
+                &format!("client.rgw.{}", g.id),
+                &[
+                    ("mon", "allow rw"),
+                    ("osd", "allow rwx"),
+                    ("mgr", "allow rw"),
+                ],
+            )?);
+        }
         for m in &plan.mgrs {
             entities.push(Entity::new(
                 &format!("mgr.{}", m.id),
@@ -127,6 +137,15 @@ impl Keys {
             .map(|m| format!("mgr.{}", m.id))
             .collect();
         let osd = plan.osds.iter().any(|o| o.host == host);
+        let mgrs: Vec<String> = mgrs
+            .into_iter()
+            .chain(
+                plan.rgw
+                    .iter()
+                    .filter(|g| g.host == host)
+                    .map(|g| format!("client.rgw.{}", g.id)),
+            )
+            .collect();
         Keys {
             entities: self
                 .entities

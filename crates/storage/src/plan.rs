@@ -72,7 +72,13 @@ pub struct ClusterPlan {
     pub pool: Pool,
     /// Each OSD's file-backed bluestore device (sparse) in a lab; on a real host a disk.
     pub osd_gib: u32,
+    /// S3 gateways (radosgw): only a public cloud's own cluster has them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rgw: Vec<Place>,
 }
+
+/// The port an S3 gateway serves on (radosgw's default).
+pub const RGW_PORT: u16 = 7480;
 
 /// Every daemon kind, in the order they start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
@@ -81,6 +87,8 @@ pub enum Kind {
     Mon,
     Mgr,
     Osd,
+    /// radosgw, the S3 gateway.
+    Rgw,
 }
 
 impl Kind {
@@ -89,6 +97,7 @@ impl Kind {
             Kind::Mon => "mon",
             Kind::Mgr => "mgr",
             Kind::Osd => "osd",
+            Kind::Rgw => "rgw",
         }
     }
 }
@@ -111,6 +120,7 @@ impl ClusterPlan {
             Kind::Mon => &self.mons,
             Kind::Mgr => &self.mgrs,
             Kind::Osd => &self.osds,
+            Kind::Rgw => &self.rgw,
         };
         list.iter().filter(|p| p.host == host).collect()
     }
@@ -231,9 +241,45 @@ pub fn clusters(zone: &Zone) -> Vec<ClusterPlan> {
                 stretch,
                 pool,
                 osd_gib: 6,
+                rgw: Vec::new(),
             }
         })
         .collect()
+}
+
+/// A public cloud site's own cluster (the provider's, not the zone's): everything on the
+/// site's first host, one monitor, manager and OSD, one copy of each object, and an S3
+/// gateway. It is named after the site. `None` for a site that is not a public cloud or
+/// has no host.
+pub fn cloud_cluster(zone: &Zone, site: &str) -> Option<ClusterPlan> {
+    let s = zone
+        .sites
+        .iter()
+        .find(|s| s.id == site && s.kind == SiteKind::PublicCloud)?;
+    let host = s.hosts.first()?;
+    let place = |id: &str| Place {
+        id: id.to_string(),
+        host: host.clone(),
+        site: s.id.clone(),
+        ip: zone.host(host).expect("a host of the zone").ip(),
+    };
+    Some(ClusterPlan {
+        name: s.id.clone(),
+        fsid: String::new(),
+        sites: vec![s.id.clone()],
+        mons: vec![place("a")],
+        mgrs: vec![place("x")],
+        osds: vec![place("0")],
+        stretch: None,
+        pool: Pool {
+            name: POOL.into(),
+            size: 1,
+            min_size: 1,
+            pg_num: 8,
+        },
+        osd_gib: 8,
+        rgw: vec![place("gw")],
+    })
 }
 
 fn mon_id(i: usize) -> String {
