@@ -1,0 +1,437 @@
+//! dczone's client of a cloud's object storage: S3, path-style, SigV4 in the query
+//! (rusty-s3 builds the presigned URLs, ureq sends them). The same calls work against
+//! radosgw, Garage or AWS; only the endpoint, region and keys differ.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rusty_s3::actions::{CreateMultipartUpload, ListObjectsV2, S3Action as _};
+use rusty_s3::{Bucket, Credentials, UrlStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::Account;
+
+/// How long a presigned URL stays valid.
+const SIGNED_FOR: Duration = Duration::from_secs(3600);
+
+/// The smallest part S3 takes (but the last).
+pub const MIN_PART: u64 = 5 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    #[error("the object store's endpoint {0} is not a URL: fix the account's s3_endpoint")]
+    Endpoint(String),
+    #[error("{what}: the object store at {endpoint} did not answer: {reason}")]
+    Unreachable {
+        what: String,
+        endpoint: String,
+        reason: String,
+    },
+    #[error("{what}: the object store answered {status} {code}: {message}")]
+    Refused {
+        what: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("{what}: {reason}")]
+    Other { what: String, reason: String },
+}
+
+impl S3Error {
+    /// S3's error code (`NoSuchKey`, `QuotaExceeded`, `AccessDenied`...), if it answered.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            S3Error::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// One bucket of an account.
+#[derive(Debug)]
+pub struct Store {
+    bucket: Bucket,
+    creds: Credentials,
+    endpoint: String,
+    agent: ureq::Agent,
+}
+
+/// One part of a multipart upload, timed from the upload's start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartTiming {
+    pub n: u16,
+    pub bytes: u64,
+    pub sent_ms: f64,
+    pub done_ms: f64,
+}
+
+/// What an upload took.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Upload {
+    pub key: String,
+    pub bytes: u64,
+    /// From `CreateMultipartUpload` to `CompleteMultipartUpload` answered.
+    pub ms: f64,
+    pub parts: Vec<PartTiming>,
+}
+
+/// An object of the bucket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Object {
+    pub key: String,
+    pub bytes: u64,
+    pub last_modified: String,
+}
+
+fn body_of(r: ureq::Response) -> String {
+    r.into_string().unwrap_or_default()
+}
+
+/// S3's `<Code>` and `<Message>` of an error body.
+fn error_fields(body: &str) -> (String, String) {
+    let doc = roxmltree::Document::parse(body).ok();
+    let field = |name: &str| {
+        doc.as_ref()
+            .and_then(|d| d.descendants().find(|n| n.has_tag_name(name)))
+            .and_then(|n| n.text())
+            .unwrap_or_default()
+            .to_string()
+    };
+    (field("Code"), field("Message"))
+}
+
+impl Store {
+    pub fn new(account: &Account) -> Result<Store, S3Error> {
+        let url = account
+            .s3_endpoint
+            .parse()
+            .map_err(|_| S3Error::Endpoint(account.s3_endpoint.clone()))?;
+        let bucket = Bucket::new(
+            url,
+            UrlStyle::Path,
+            account.bucket.clone(),
+            account.region.clone(),
+        )
+        .map_err(|_| S3Error::Endpoint(account.s3_endpoint.clone()))?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(120))
+            .timeout_write(Duration::from_secs(120))
+            .build();
+        Ok(Store {
+            bucket,
+            creds: Credentials::new(account.access_key.clone(), account.secret_key.clone()),
+            endpoint: account.s3_endpoint.clone(),
+            agent,
+        })
+    }
+
+    fn fail(&self, what: &str, e: ureq::Error) -> S3Error {
+        match e {
+            ureq::Error::Status(status, r) => {
+                let (code, message) = error_fields(&body_of(r));
+                S3Error::Refused {
+                    what: what.into(),
+                    status,
+                    code,
+                    message,
+                }
+            }
+            ureq::Error::Transport(t) => S3Error::Unreachable {
+                what: what.into(),
+                endpoint: self.endpoint.clone(),
+                reason: t.to_string(),
+            },
+        }
+    }
+
+    /// Creates the bucket; one that is already the account's is fine.
+    pub fn create_bucket(&self) -> Result<(), S3Error> {
+        let url = self.bucket.create_bucket(&self.creds).sign(SIGNED_FOR);
+        let what = format!("create bucket {}", self.bucket.name());
+        match self.agent.put(url.as_str()).call() {
+            Ok(_) => Ok(()),
+            Err(e) => match self.fail(&what, e) {
+                S3Error::Refused { code, .. } if code == "BucketAlreadyOwnedByYou" => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// The object's size, or `None` if there is no such object.
+    pub fn head(&self, key: &str) -> Result<Option<u64>, S3Error> {
+        let url = self
+            .bucket
+            .head_object(Some(&self.creds), key)
+            .sign(SIGNED_FOR);
+        match self.agent.head(url.as_str()).call() {
+            Ok(r) => Ok(r.header("content-length").and_then(|v| v.parse().ok())),
+            Err(ureq::Error::Status(404, _)) => Ok(None),
+            Err(e) => Err(self.fail(&format!("look up object {key}"), e)),
+        }
+    }
+
+    /// Every object (up to 1,000: a cloud account of migrations holds a few).
+    pub fn list(&self) -> Result<Vec<Object>, S3Error> {
+        let url = ListObjectsV2::new(&self.bucket, Some(&self.creds)).sign(SIGNED_FOR);
+        let what = format!("list bucket {}", self.bucket.name());
+        let r = self
+            .agent
+            .get(url.as_str())
+            .call()
+            .map_err(|e| self.fail(&what, e))?;
+        let parsed = ListObjectsV2::parse_response(&body_of(r)).map_err(|e| S3Error::Other {
+            what,
+            reason: format!("an unreadable listing: {e}"),
+        })?;
+        Ok(parsed
+            .contents
+            .into_iter()
+            .map(|c| Object {
+                key: c.key,
+                bytes: c.size,
+                last_modified: c.last_modified,
+            })
+            .collect())
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), S3Error> {
+        let url = self
+            .bucket
+            .delete_object(Some(&self.creds), key)
+            .sign(SIGNED_FOR);
+        self.agent
+            .delete(url.as_str())
+            .call()
+            .map(|_| ())
+            .map_err(|e| self.fail(&format!("delete object {key}"), e))
+    }
+
+    /// Writes the object into `file`; its bytes.
+    pub fn download(&self, key: &str, file: &Path) -> Result<u64, S3Error> {
+        let what = format!("read object {key}");
+        let url = self
+            .bucket
+            .get_object(Some(&self.creds), key)
+            .sign(SIGNED_FOR);
+        let r = self
+            .agent
+            .get(url.as_str())
+            .call()
+            .map_err(|e| self.fail(&what, e))?;
+        let other = |reason: String| S3Error::Other {
+            what: what.clone(),
+            reason,
+        };
+        let mut out = std::fs::File::create(file)
+            .map_err(|e| other(format!("create {}: {e}", file.display())))?;
+        let n = std::io::copy(&mut r.into_reader(), &mut out)
+            .map_err(|e| other(format!("the transfer broke off: {e}")))?;
+        out.flush().map_err(|e| other(e.to_string()))?;
+        Ok(n)
+    }
+
+    /// Uploads `file` as `key` in parts of `part_bytes`, `streams` at once. A failed part
+    /// is tried again up to `retries` times (a store unreachable for a moment: the upload
+    /// resumes); if it still fails, the multipart upload is aborted, so that the store
+    /// keeps none of its parts, and the error says why.
+    pub fn upload(
+        &self,
+        file: &Path,
+        key: &str,
+        part_bytes: u64,
+        streams: usize,
+        retries: u32,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Upload, S3Error> {
+        let part_bytes = part_bytes.max(MIN_PART);
+        let what = format!("upload {} as {key}", file.display());
+        let other = |reason: String| S3Error::Other {
+            what: what.clone(),
+            reason,
+        };
+        let total = std::fs::metadata(file)
+            .map_err(|e| other(format!("read {}: {e}", file.display())))?
+            .len();
+        let n_parts = total.div_ceil(part_bytes).max(1);
+        if n_parts > 10_000 {
+            return Err(other(format!(
+                "{n_parts} parts of {part_bytes} bytes: S3 takes at most 10,000; use larger parts"
+            )));
+        }
+        let t = Instant::now();
+        let url = CreateMultipartUpload::new(&self.bucket, Some(&self.creds), key).sign(SIGNED_FOR);
+        let r = self
+            .agent
+            .post(url.as_str())
+            .call()
+            .map_err(|e| self.fail(&format!("start the upload of {key}"), e))?;
+        let created = CreateMultipartUpload::parse_response(&body_of(r))
+            .map_err(|e| other(format!("an unreadable CreateMultipartUpload answer: {e}")))?;
+        let upload_id = created.upload_id().to_string();
+        let result = self.parts(
+            file, key, &upload_id, total, part_bytes, streams, retries, t, progress,
+        );
+        let parts = match result {
+            Ok(p) => p,
+            Err(e) => {
+                self.abort(key, &upload_id);
+                return Err(e);
+            }
+        };
+        let etags: Vec<String> = parts.iter().map(|(_, e)| e.clone()).collect();
+        let complete = self.bucket.complete_multipart_upload(
+            Some(&self.creds),
+            key,
+            &upload_id,
+            etags.iter().map(String::as_str),
+        );
+        let url = complete.sign(SIGNED_FOR);
+        if let Err(e) = self.agent.post(url.as_str()).send_string(&complete.body()) {
+            let e = self.fail(&format!("complete the upload of {key}"), e);
+            self.abort(key, &upload_id);
+            return Err(e);
+        }
+        Ok(Upload {
+            key: key.into(),
+            bytes: total,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+            parts: parts.into_iter().map(|(p, _)| p).collect(),
+        })
+    }
+
+    /// Aborts a multipart upload (its parts are freed); errors are only logged by the
+    /// store, the caller already fails.
+    pub fn abort(&self, key: &str, upload_id: &str) {
+        let url = self
+            .bucket
+            .abort_multipart_upload(Some(&self.creds), key, upload_id)
+            .sign(SIGNED_FOR);
+        let _ = self.agent.delete(url.as_str()).call();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn parts(
+        &self,
+        file: &Path,
+        key: &str,
+        upload_id: &str,
+        total: u64,
+        part_bytes: u64,
+        streams: usize,
+        retries: u32,
+        t: Instant,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Vec<(PartTiming, String)>, S3Error> {
+        let n_parts = total.div_ceil(part_bytes).max(1) as u16;
+        let next = std::sync::Mutex::new(1u16);
+        let done = std::sync::Mutex::new(Vec::new());
+        let sent = std::sync::atomic::AtomicU64::new(0);
+        let failure = std::sync::Mutex::new(None::<S3Error>);
+        std::thread::scope(|s| {
+            for _ in 0..streams.clamp(1, 16) {
+                s.spawn(|| loop {
+                    if failure.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                        return;
+                    }
+                    let n = {
+                        let mut g = next.lock().unwrap_or_else(|e| e.into_inner());
+                        if *g > n_parts {
+                            return;
+                        }
+                        *g += 1;
+                        *g - 1
+                    };
+                    let offset = u64::from(n - 1) * part_bytes;
+                    let len = part_bytes.min(total - offset);
+                    let r = self.part(file, key, upload_id, n, offset, len, retries, t);
+                    match r {
+                        Ok(v) => {
+                            let so_far =
+                                sent.fetch_add(len, std::sync::atomic::Ordering::SeqCst) + len;
+                            progress(so_far, total);
+                            done.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+                        }
+                        Err(e) => {
+                            failure
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+        done.sort_by_key(|(p, _)| p.n);
+        Ok(done)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn part(
+        &self,
+        file: &Path,
+        key: &str,
+        upload_id: &str,
+        n: u16,
+        offset: u64,
+        len: u64,
+        retries: u32,
+        t: Instant,
+    ) -> Result<(PartTiming, String), S3Error> {
+        use std::io::Seek;
+        let what = format!("part {n} of {key}");
+        let other = |reason: String| S3Error::Other {
+            what: what.clone(),
+            reason,
+        };
+        let mut f = std::fs::File::open(file).map_err(|e| other(e.to_string()))?;
+        f.seek(std::io::SeekFrom::Start(offset))
+            .map_err(|e| other(e.to_string()))?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact(&mut buf).map_err(|e| other(e.to_string()))?;
+        let mut attempt = 0;
+        loop {
+            let sent_ms = t.elapsed().as_secs_f64() * 1e3;
+            let url = self
+                .bucket
+                .upload_part(Some(&self.creds), key, n, upload_id)
+                .sign(SIGNED_FOR);
+            match self.agent.put(url.as_str()).send_bytes(&buf) {
+                Ok(r) => {
+                    let etag = r
+                        .header("etag")
+                        .ok_or_else(|| other("the store answered without an ETag".into()))?
+                        .to_string();
+                    return Ok((
+                        PartTiming {
+                            n,
+                            bytes: len,
+                            sent_ms,
+                            done_ms: t.elapsed().as_secs_f64() * 1e3,
+                        },
+                        etag,
+                    ));
+                }
+                Err(e) => {
+                    let e = self.fail(&what, e);
+                    // A store that refuses (full, denied) will refuse again; one that did
+                    // not answer may be back.
+                    let transient = matches!(e, S3Error::Unreachable { .. })
+                        || matches!(&e, S3Error::Refused { status, .. } if *status >= 500);
+                    if !transient || attempt >= retries {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
