@@ -60,6 +60,7 @@
 //! a blocking thread (QEMU and namespaces are driven synchronously by `dczone-virt`).
 
 pub mod access;
+pub mod cloud;
 pub mod host_db;
 pub mod leg;
 pub mod recovery;
@@ -231,6 +232,12 @@ pub enum AgentRequest {
     Ledger {
         name: String,
         body: storage::LedgerBody,
+    },
+    /// Export a VM of this host's disk to a cloud's object storage ([`cloud`]): the
+    /// migration to a public cloud's export, convert and transfer.
+    CloudExport {
+        name: String,
+        body: cloud::ExportBody,
     },
     /// Back up the disk of a VM of this host to a store ([`storage`]).
     Backup {
@@ -1312,6 +1319,7 @@ impl Agent {
             | AgentRequest::BackupVerify { .. }
             | AgentRequest::BackupDelete { .. }
             | AgentRequest::BackupRestore { .. } => self.storage_request(req)?,
+            AgentRequest::CloudExport { name, body } => self.cloud_export(&name, body)?,
             AgentRequest::DbPolicy { site, body } => {
                 let tier = body.tier;
                 self.ha(
@@ -1735,6 +1743,17 @@ pub fn router(agent: Shared) -> Router {
                  UrlPath(name): UrlPath<String>,
                  Json(body): Json<storage::BackupBody>| {
                     dispatch(a, h, AgentRequest::Backup { name, body })
+                },
+            ),
+        )
+        .route(
+            "/v1/vms/{name}/cloud-export",
+            post(
+                |State(a): State<Shared>,
+                 h: By,
+                 UrlPath(name): UrlPath<String>,
+                 Json(body): Json<cloud::ExportBody>| {
+                    dispatch(a, h, AgentRequest::CloudExport { name, body })
                 },
             ),
         )

@@ -66,8 +66,12 @@ pub const BULK_PORT: u16 = 5201;
 /// The host agents' bulk port (`dczone_agent::bulk_port(AGENT_PORT)`): backup chunks.
 pub const AGENT_BULK_PORT: u16 = 7071;
 
+/// An S3 object store's port (radosgw's 7480): disk images uploaded to a cloud, an
+/// APN's bulk allocation as a backup's is.
+pub const OBJECT_STORE_PORT: u16 = 7480;
+
 pub fn default_bulk_ports() -> Vec<u16> {
-    vec![BULK_PORT, AGENT_BULK_PORT]
+    vec![BULK_PORT, AGENT_BULK_PORT, OBJECT_STORE_PORT]
 }
 
 /// Precise mode: keep polling 2 ms after the last frame.

@@ -621,7 +621,7 @@ impl Platform {
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)
     }
 
-    pub(crate) fn image(&self) -> &GuestImage {
+    pub fn image(&self) -> &GuestImage {
         &self.image
     }
 
