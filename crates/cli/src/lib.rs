@@ -4,6 +4,7 @@
 mod backup_cmd;
 mod bench;
 mod bench_report;
+mod cloud_cmd;
 mod db_cmd;
 mod image_cmd;
 mod lab_cmd;
@@ -96,6 +97,11 @@ pub enum Command {
     Backup {
         #[command(subcommand)]
         command: backup_cmd::BackupCommand,
+    },
+    /// The public cloud: its account, migrations of VMs to it, its instances and objects.
+    Cloud {
+        #[command(subcommand)]
+        command: cloud_cmd::CloudCommand,
     },
     /// Runs one HA agent in the current namespace (started by `db up`).
     #[command(hide = true)]
@@ -284,6 +290,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let agents = dczone_control::lab_agents(&lab, &exe, &cli.state_dir)?;
             backup_cmd::run(&agents, &zone, command)
         }
+        Command::Cloud { command } => cloud_cmd::run(&lab, &exe, &cli.state_dir, command),
         Command::HaAgent { site } => db_cmd::agent(&lab, &site),
         Command::Bench { command } => bench::run(&lab, &cli.state_dir, &exe, command),
         Command::ApnRun { config } => {

@@ -13,6 +13,7 @@
 //! (`ca.crt`, `operator.crt`, `operator.key`).
 
 pub mod backup;
+pub mod cloud;
 pub mod vms;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,275 @@
+//! `dczone cloud ...`: the public cloud as a separate party, reached through its API with
+//! the account's keys (`dczone_control::cloud`, `dczone_cloud`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dczone_cloud::client::Compute;
+use dczone_cloud::s3::Store;
+use dczone_control::cloud;
+use dczone_lab::Lab;
+
+use crate::print_json;
+use crate::table::render;
+
+#[derive(Debug, Subcommand)]
+pub enum CloudCommand {
+    /// Start the lab's cloud provider on the public-cloud site's host (its own Ceph with
+    /// an S3 gateway, and its compute API); print its account.
+    Up {
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a user of the cloud gets from its console: the endpoints, keys and bucket.
+    Account {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrate running VMs to the cloud, one after another: export, convert, transfer,
+    /// import, settings, start. The VMs keep running where they are.
+    Migrate {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        /// The image format the cloud imports: vmdk, vhd, raw or qcow2.
+        #[arg(long, default_value = "vmdk")]
+        format: String,
+        /// Multipart upload part size, MiB (at least 5).
+        #[arg(long, default_value_t = 8)]
+        part_mib: u64,
+        /// Parts in flight at once.
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The cloud's instances and the objects of the account's bucket.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Terminate instances (their disks go with them).
+    Terminate {
+        #[arg(required = true)]
+        instances: Vec<String>,
+    },
+    /// Delete objects of the account's bucket.
+    Delete {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Runs the lab's cloud provider in the current namespace (started by `cloud up`).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn spinner() -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("a template"));
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+fn print_account(a: &dczone_cloud::Account, json: bool) {
+    if json {
+        print_json(a);
+        return;
+    }
+    let rows = vec![
+        vec!["region".into(), a.region.clone()],
+        vec!["object storage (S3) endpoint".into(), a.s3_endpoint.clone()],
+        vec!["bucket".into(), a.bucket.clone()],
+        vec!["access key".into(), a.access_key.clone()],
+        vec!["secret key".into(), a.secret_key.clone()],
+        vec![
+            "compute API (EC2 2016-11-15) endpoint".into(),
+            a.compute_endpoint.clone(),
+        ],
+    ];
+    print!("{}", render(&["", "value"], &rows));
+}
+
+pub fn run(
+    lab: &Lab,
+    exe: &Path,
+    state_dir: &Path,
+    command: CloudCommand,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        CloudCommand::Serve { config } => {
+            let text = std::fs::read(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?;
+            dczone_cloud::provider::serve(serde_json::from_slice(&text)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::Up { json } => {
+            let pb = spinner();
+            let a = cloud::lab_up(lab, exe, &|m| pb.set_message(m.to_string()))?;
+            pb.finish_and_clear();
+            print_account(&a, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::Account { json } => {
+            print_account(&cloud::lab_account(lab)?, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::Migrate {
+            vms,
+            format,
+            part_mib,
+            streams,
+            json,
+        } => {
+            let pb = spinner();
+            let account = cloud::lab_up(lab, exe, &|m| pb.set_message(m.to_string()))?;
+            let agents = dczone_control::lab_agents(lab, exe, state_dir)?;
+            // The operator's place: the zone's client host, from where the cloud's API is
+            // called and the instance's application asked, as the VM's clients would.
+            let p = pb.clone();
+            let report = cloud::from_client(lab, move || {
+                cloud::migrate(
+                    &agents,
+                    &account,
+                    &vms,
+                    &format,
+                    part_mib,
+                    streams,
+                    &|ip| cloud::app_answers(ip, Duration::from_secs(1)),
+                    &|m| p.set_message(m.to_string()),
+                )
+            })?;
+            pb.finish_and_clear();
+            let report = report?;
+            if let Some(f) = &json {
+                std::fs::write(f, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("write {}", f.display()))?;
+            }
+            let rows: Vec<Vec<String>> = report
+                .vms
+                .iter()
+                .map(|v| {
+                    let p = &v.phases;
+                    vec![
+                        v.vm.clone(),
+                        v.instance.clone(),
+                        v.ip.clone(),
+                        v.format.clone(),
+                        dczone_storage::size(v.object_bytes),
+                        format!("{:.0}", p.export_ms),
+                        format!("{:.0}", p.convert_ms),
+                        format!("{:.0}", p.transfer_ms),
+                        format!("{:.0}", p.import_ms),
+                        format!("{:.0}", p.settings_ms),
+                        format!("{:.0}", p.start_ms),
+                        format!("{:.1}", v.t1_ms / 1e3),
+                        format!("{:.0}", v.transfer_mbit_s),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render(
+                    &[
+                        "VM",
+                        "instance",
+                        "address",
+                        "format",
+                        "object",
+                        "export ms",
+                        "convert ms",
+                        "transfer ms",
+                        "import ms",
+                        "settings ms",
+                        "start ms",
+                        "T1 s",
+                        "Mbit/s",
+                    ],
+                    &rows
+                )
+            );
+            println!(
+                "T1 of the batch: {:.1} s; transfer {:.0} Mbit/s; source VMs {}",
+                report.t1_total_ms / 1e3,
+                report.transfer_mbit_s,
+                if report.source_running {
+                    "still running"
+                } else {
+                    "NOT all running"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::List { json } => {
+            let account = cloud::lab_account(lab)?;
+            let (instances, objects) = cloud::from_client(lab, move || -> anyhow::Result<_> {
+                Ok((
+                    Compute::new(&account).describe_instances(&[])?,
+                    Store::new(&account)?.list()?,
+                ))
+            })??;
+            if json {
+                print_json(&serde_json::json!({ "instances": instances, "objects": objects }));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = instances
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.id.clone(),
+                        i.state.clone(),
+                        i.ip.clone(),
+                        i.instance_type.clone(),
+                        i.image_id.clone(),
+                        i.launch_time.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render(
+                    &["instance", "state", "address", "type", "image", "launched"],
+                    &rows
+                )
+            );
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .map(|o| {
+                    vec![
+                        o.key.clone(),
+                        dczone_storage::size(o.bytes),
+                        o.last_modified.clone(),
+                    ]
+                })
+                .collect();
+            print!("{}", render(&["object", "size", "modified"], &rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::Terminate { instances } => {
+            let account = cloud::lab_account(lab)?;
+            let ids = instances.clone();
+            cloud::from_client(lab, move || Compute::new(&account).terminate(&ids))??;
+            println!("terminated: {}", instances.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::Delete { keys } => {
+            let store = Store::new(&cloud::lab_account(lab)?)?;
+            let ks = keys.clone();
+            cloud::from_client(lab, move || -> anyhow::Result<()> {
+                for k in &ks {
+                    store.delete(k)?;
+                }
+                Ok(())
+            })??;
+            println!("deleted: {}", keys.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! Migration to a public cloud (SPEC.md §3, scenario UC1-#2): each VM in turn is exported
+//! by its host's agent (consistent snapshot, conversion, multipart upload to the cloud's
+//! object storage), then imported, given its security group and started through the
+//! cloud's compute API. The cloud is only ever reached through its [`Account`].
+//!
+//! In a lab, [`lab_up`] plays the cloud provider: it starts `dczone cloud serve` on the
+//! public-cloud site's host, with a Ceph cluster of its own.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use dczone_agent::cloud::{ExportBody, ExportDone, Phase};
+use dczone_cloud::client::Compute;
+use dczone_cloud::ec2::{DiskFormat, IpPermission};
+use dczone_cloud::provider::{self, ProviderConfig};
+use dczone_cloud::Account;
+use dczone_lab::Lab;
+use dczone_zone::{SiteKind, Zone};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::ZoneAgents;
+
+/// The guest ledger's port: the application a cloud instance must answer on.
+pub const APP_PORT: u16 = 7000;
+
+/// The public-cloud site of a zone.
+pub fn cloud_site(zone: &Zone) -> anyhow::Result<&dczone_zone::Site> {
+    zone.sites
+        .iter()
+        .find(|s| s.kind == SiteKind::PublicCloud && !s.hosts.is_empty())
+        .ok_or_else(|| anyhow!("the zone has no public-cloud site with a host"))
+}
+
+fn account_file(lab: &Lab) -> PathBuf {
+    provider::lab_dir(lab.dir(), "cloud").join("account.json")
+}
+
+/// Runs `f` from the lab's first client host, where the operator is: the cloud's
+/// endpoints are addresses of the zone's network, which this machine's own namespace does
+/// not route to.
+pub fn from_client<T: Send + 'static>(
+    lab: &Lab,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let zone = lab.state()?.zone()?;
+    let client = zone
+        .hosts()
+        .into_iter()
+        .find(|h| h.id.ends_with("-client"))
+        .ok_or_else(|| anyhow!("the zone has no client host to reach the cloud from"))?;
+    let ns = lab.host(&client.id)?.1;
+    dczone_lab::sys::in_namespace(&ns, f)?
+        .join()
+        .map_err(|_| anyhow!("a call to the cloud panicked"))
+}
+
+/// The lab cloud's account (made on its first start).
+pub fn lab_account(lab: &Lab) -> anyhow::Result<Account> {
+    let f = account_file(lab);
+    let bytes = std::fs::read(&f).with_context(|| {
+        format!(
+            "the lab's cloud is not up (no {}): `dczone cloud up`",
+            f.display()
+        )
+    })?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Starts the lab's cloud provider (once) and waits until it serves; its account.
+pub fn lab_up(lab: &Lab, exe: &Path, progress: &dyn Fn(&str)) -> anyhow::Result<Account> {
+    let zone = lab.state()?.zone()?;
+    let site = cloud_site(&zone)?;
+    let host = &site.hosts[0];
+    let (href, ns) = lab.host(host)?;
+    let dir = provider::lab_dir(lab.dir(), &site.id);
+    std::fs::create_dir_all(&dir)?;
+    let ready = dir.join("ready");
+    let pid_file = dir.join("provider.pid");
+    let running = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .is_some_and(dczone_lab::sys::alive);
+    if running && ready.is_file() {
+        return lab_account(lab);
+    }
+    let account = match lab_account(lab) {
+        Ok(a) => a,
+        Err(_) => {
+            let keys = dczone_cloud::new_key_pair()?;
+            let ip = href.ip();
+            let a = Account {
+                region: "dczone-cloud-1".into(),
+                s3_endpoint: format!("http://{ip}:{}", dczone_storage::plan::RGW_PORT),
+                compute_endpoint: format!("http://{ip}:{}", provider::API_PORT),
+                access_key: keys.access_key,
+                secret_key: keys.secret_key,
+                bucket: "images".into(),
+            };
+            std::fs::write(account_file(lab), serde_json::to_vec_pretty(&a)?)?;
+            a
+        }
+    };
+    let mut cluster = dczone_storage::plan::cloud_cluster(&zone, &site.id)
+        .ok_or_else(|| anyhow!("site {} is not a public cloud", site.id))?;
+    let cfg_file = dir.join("provider.json");
+    cluster.fsid = match std::fs::read(&cfg_file)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ProviderConfig>(&b).ok())
+    {
+        Some(old) => old.cluster.fsid,
+        None => dczone_storage::host::new_fsid()?,
+    };
+    let platform = crate::platform(lab, exe)?;
+    let ip = href.ip();
+    let o = ip.octets();
+    let cfg = ProviderConfig {
+        dir: dir.clone(),
+        host: host.clone(),
+        listen: (ip, provider::API_PORT).into(),
+        account: account.clone(),
+        cluster,
+        kernel: platform.image().kernel.clone(),
+        initramfs: platform.image().initramfs.clone(),
+        accel: platform.accel(),
+        // Beside the zone's VM addresses of the site (.101-.199).
+        first_ip: Ipv4Addr::new(o[0], o[1], o[2], 200),
+        ip_count: 50,
+        prefix: 16,
+        bridge: "br0".into(),
+    };
+    std::fs::write(&cfg_file, serde_json::to_vec_pretty(&cfg)?)?;
+    let _ = std::fs::remove_file(&ready);
+    progress(&format!(
+        "starting the cloud provider on {host} (its own Ceph and S3 gateway)"
+    ));
+    let cfg_arg = cfg_file.display().to_string();
+    let pid = dczone_lab::spawn_detached(
+        Some(&ns),
+        exe,
+        &["cloud", "serve", "--config", &cfg_arg],
+        &dir.join("provider.log"),
+        "dczone cloud serve",
+    )?;
+    std::fs::write(&pid_file, pid.to_string())?;
+    let t = Instant::now();
+    while !ready.is_file() {
+        if !dczone_lab::sys::alive(pid) {
+            bail!(
+                "the cloud provider stopped: see {}",
+                dir.join("provider.log").display()
+            );
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "the cloud provider was not ready in 600 s: see {}",
+                dir.join("provider.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    progress(&format!("cloud up in {:.1} s", t.elapsed().as_secs_f64()));
+    Ok(account)
+}
+
+/// One VM's migration to the cloud.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmReport {
+    pub vm: String,
+    pub instance: String,
+    pub image: String,
+    pub object: String,
+    pub ip: String,
+    pub format: String,
+    pub disk_bytes: u64,
+    pub object_bytes: u64,
+    pub phases: Phases,
+    /// From the export's start until the application answers in the cloud.
+    pub t1_ms: f64,
+    pub transfer_mbit_s: f64,
+    /// The part that took longest, from its send to its answer.
+    pub most_delayed_part_ms: f64,
+    /// The cloud's own log of this VM's import and instance (its clock).
+    pub cloud_log: Vec<dczone_cloud::provider::LogEntry>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Phases {
+    pub export_ms: f64,
+    pub convert_ms: f64,
+    pub transfer_ms: f64,
+    pub import_ms: f64,
+    pub settings_ms: f64,
+    pub start_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateReport {
+    pub vms: Vec<VmReport>,
+    pub t1_total_ms: f64,
+    pub transfer_mbit_s: f64,
+    pub source_running: bool,
+}
+
+fn now_ms() -> u64 {
+    dczone_storage::backup::unix_ms()
+}
+
+fn elapsed(p: &Phase) -> f64 {
+    p.ms
+}
+
+/// `dczone cloud migrate`: each VM in turn. `probe` asks the instance's application
+/// from where the VM's clients are (true once it answers).
+#[allow(clippy::too_many_arguments)]
+pub fn migrate(
+    agents: &dyn ZoneAgents,
+    account: &Account,
+    vms: &[String],
+    format: &str,
+    part_mib: u64,
+    streams: usize,
+    probe: &dyn Fn(Ipv4Addr) -> bool,
+    progress: &dyn Fn(&str),
+) -> anyhow::Result<MigrateReport> {
+    let format = DiskFormat::parse(format)
+        .ok_or_else(|| anyhow!("unknown disk format '{format}': use vmdk, vhd, raw or qcow2"))?;
+    let compute = Compute::new(account);
+    let t_all = Instant::now();
+    let mut reports = Vec::new();
+    for vm in vms {
+        let host = agents.host_of(vm)?;
+        let key = format!("{vm}-{}.{}", now_ms(), format.name().to_ascii_lowercase());
+        progress(&format!(
+            "{vm}: export, convert to {} and upload from {host}",
+            format.name()
+        ));
+        let started = Instant::now();
+        let v = agents
+            .call(
+                &host,
+                "POST",
+                &format!("/v1/vms/{vm}/cloud-export"),
+                Some(json!(ExportBody {
+                    account: account.clone(),
+                    key: key.clone(),
+                    format: format.name().to_ascii_lowercase(),
+                    part_mib,
+                    streams,
+                })),
+                Duration::from_secs(3600),
+            )
+            .with_context(|| format!("export VM {vm} to the cloud's object storage"))?;
+        let done: ExportDone = serde_json::from_value(v).context("an unreadable export answer")?;
+        progress(&format!(
+            "{vm}: {} uploaded in {:.1} s; importing",
+            dczone_storage::size(done.object_bytes),
+            done.transfer.ms / 1e3
+        ));
+        // Import: the cloud's task, polled until it completes.
+        let t = Instant::now();
+        let task =
+            compute.import_image(format, &account.bucket, &key, &format!("dczone: VM {vm}"))?;
+        let image = loop {
+            let s = compute.describe_import(&task)?;
+            match s.status.as_str() {
+                "completed" => {
+                    break s.image_id.ok_or_else(|| anyhow!("import {task} completed without an image"))?
+                }
+                "deleted" | "deleting" => bail!(
+                    "the cloud's import of {key} failed: {} (the object stays in bucket {}: `dczone cloud delete {key}`)",
+                    s.status_message,
+                    account.bucket
+                ),
+                _ => std::thread::sleep(Duration::from_millis(250)),
+            }
+            if t.elapsed() > Duration::from_secs(1800) {
+                bail!("the cloud's import {task} did not complete in 30 min");
+            }
+        };
+        let import_ms = t.elapsed().as_secs_f64() * 1e3;
+        // Settings: the application's port open to the zone, nothing else.
+        let t = Instant::now();
+        let group = compute.create_security_group(
+            &format!("dczone-{vm}-{}", now_ms()),
+            &format!("dczone: the application of VM {vm}"),
+        )?;
+        compute.authorize_ingress(
+            &group,
+            &[IpPermission {
+                protocol: "tcp".into(),
+                from_port: Some(APP_PORT),
+                to_port: Some(APP_PORT),
+                cidrs: vec![zone_cidr(&done.spec.ip_cidr)],
+            }],
+        )?;
+        let settings_ms = t.elapsed().as_secs_f64() * 1e3;
+        progress(&format!("{vm}: image {image}; starting an instance"));
+        let t = Instant::now();
+        let itype = dczone_cloud::provider::instance_type_for(done.spec.memory_mib)
+            .ok_or_else(|| anyhow!("no instance type has {} MiB", done.spec.memory_mib))?;
+        let inst = compute.run_instance(&image, itype, &[group])?;
+        let ip: Ipv4Addr = inst
+            .ip
+            .parse()
+            .map_err(|_| anyhow!("instance {} has no address", inst.id))?;
+        while !probe(ip) {
+            if t.elapsed() > Duration::from_secs(600) {
+                bail!(
+                    "instance {} ({ip}) did not answer on port {APP_PORT} in 600 s; it runs: `dczone cloud terminate {}`",
+                    inst.id,
+                    inst.id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let start_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t1_ms = started.elapsed().as_secs_f64() * 1e3;
+        let cloud_log = compute
+            .log(done.export.start_unix_ms)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.resource == task || e.resource == inst.id || e.resource == inst.image_id)
+            .collect();
+        let transfer_s = done.upload.ms / 1e3;
+        progress(&format!(
+            "{vm}: runs in the cloud as {} ({ip}), T1 {:.1} s",
+            inst.id,
+            t1_ms / 1e3
+        ));
+        reports.push(VmReport {
+            vm: vm.clone(),
+            instance: inst.id,
+            image,
+            object: key,
+            ip: ip.to_string(),
+            format: format.name().into(),
+            disk_bytes: done.disk_bytes,
+            object_bytes: done.object_bytes,
+            phases: Phases {
+                export_ms: elapsed(&done.export),
+                convert_ms: elapsed(&done.convert),
+                transfer_ms: elapsed(&done.transfer),
+                import_ms,
+                settings_ms,
+                start_ms,
+            },
+            t1_ms,
+            transfer_mbit_s: if transfer_s > 0.0 {
+                done.object_bytes as f64 * 8.0 / transfer_s / 1e6
+            } else {
+                0.0
+            },
+            most_delayed_part_ms: done
+                .upload
+                .parts
+                .iter()
+                .map(|p| p.done_ms - p.sent_ms)
+                .fold(0.0, f64::max),
+            cloud_log,
+        });
+    }
+    let total_bytes: u64 = reports.iter().map(|r| r.object_bytes).sum();
+    let total_s: f64 = reports.iter().map(|r| r.phases.transfer_ms).sum::<f64>() / 1e3;
+    let source_running = vms.iter().all(|vm| {
+        agents
+            .list()
+            .ok()
+            .and_then(|l| l.into_iter().find(|r| &r.spec.name == vm))
+            .is_some_and(|r| r.running.is_some())
+    });
+    Ok(MigrateReport {
+        vms: reports,
+        t1_total_ms: t_all.elapsed().as_secs_f64() * 1e3,
+        transfer_mbit_s: if total_s > 0.0 {
+            total_bytes as f64 * 8.0 / total_s / 1e6
+        } else {
+            0.0
+        },
+        source_running,
+    })
+}
+
+/// The zone's network of a VM address (`10.77.2.101/16` → `10.77.0.0/16`).
+fn zone_cidr(ip_cidr: &str) -> String {
+    let (ip, len) = ip_cidr.split_once('/').unwrap_or((ip_cidr, "32"));
+    let len: u32 = len.parse().unwrap_or(32).min(32);
+    let ip: Ipv4Addr = ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    format!("{}/{len}", Ipv4Addr::from(u32::from(ip) & mask))
+}
+
+/// Whether the ledger at `ip` answers a balance request within `timeout`.
+pub fn app_answers(ip: Ipv4Addr, timeout: Duration) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&(ip, APP_PORT).into(), timeout) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    if s.write_all(b"Z\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).is_ok() && !line.trim().is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_zone_network_of_an_address() {
+        assert_eq!(super::zone_cidr("10.77.2.101/16"), "10.77.0.0/16");
+        assert_eq!(super::zone_cidr("10.77.2.101/24"), "10.77.2.0/24");
+    }
+}
