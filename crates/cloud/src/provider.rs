@@ -464,6 +464,29 @@ impl Provider {
         Ok(r.pid)
     }
 
+    /// Logs when the instance's console says its guest serves (what a cloud's console
+    /// output shows), from a thread of its own.
+    fn watch_console(self: &Arc<Self>, id: &str, request_id: &str) {
+        let me = self.clone();
+        let (id, rid) = (id.to_string(), request_id.to_string());
+        std::thread::spawn(move || {
+            let serial = me.cfg.dir.join("instances").join(&id).join("serial.log");
+            let t = Instant::now();
+            if dczone_hypervisor::wait_serial(
+                &serial,
+                dczone_hypervisor::GUEST_READY,
+                Duration::from_secs(600),
+            ) {
+                me.event(
+                    &rid,
+                    &id,
+                    "instance.console.ready",
+                    json!({"after_running_ms": t.elapsed().as_millis() as u64}),
+                );
+            }
+        });
+    }
+
     fn terminate(&self, id: &str, request_id: &str) {
         let dir = self.cfg.dir.join("instances").join(id);
         if let Some(r) = std::fs::read(dir.join("running.json"))
@@ -697,6 +720,7 @@ impl Provider {
                                 }
                             });
                             self.event(request_id, &i.id, "instance.running", json!({"pid": pid}));
+                            self.watch_console(&i.id, request_id);
                         }
                         Err(e) => {
                             self.terminate(&i.id, request_id);

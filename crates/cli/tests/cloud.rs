@@ -1,0 +1,297 @@
+//! End-to-end test of the migration to the public cloud (issue 13): the lab's cloud
+//! provider (its own Ceph, radosgw, the EC2-subset API) on the cloud site's host, a VM of
+//! DC1.2 exported, uploaded, imported and started there. The cloud is checked with an
+//! independent client: curl, which signs with its own SigV4 (`--aws-sigv4`). Gated by
+//! `DCZONE_E2E=1`; needs `scripts/build` and `scripts/deps` (Ceph, radosgw, nftables).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use dczone_lab::sys;
+
+mod common;
+
+use common::{e2e_enabled, guest_ip, TestLab};
+
+/// Requests to the ledger at `ip` from `host`, on one connection; `None` if no connection
+/// was made within 3 s.
+fn ask(lab: &TestLab, host: &str, ip: Ipv4Addr, requests: &[&str]) -> Option<Vec<String>> {
+    let requests: Vec<String> = requests.iter().map(|r| r.to_string()).collect();
+    sys::in_namespace(&lab.ns(host), move || {
+        let s = TcpStream::connect_timeout(&SocketAddr::from((ip, 7000)), Duration::from_secs(3))
+            .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut out = Vec::new();
+        for req in &requests {
+            writeln!(w, "{req}").unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            out.push(line.trim().to_string());
+        }
+        Some(out)
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+}
+
+/// curl from `host` with the account's key (or another secret), signing with its own
+/// SigV4 implementation for `service`; (HTTP status, body).
+fn curl(
+    lab: &TestLab,
+    host: &str,
+    creds: Option<(&str, &str)>,
+    service: &str,
+    extra: &[&str],
+) -> (u16, String) {
+    let mut c = std::process::Command::new("ip");
+    c.args(["netns", "exec", &lab.ns(host), "curl", "-s", "-m", "20"]);
+    if let Some((ak, sk)) = creds {
+        c.arg("--aws-sigv4")
+            .arg(format!("aws:amz:dczone-cloud-1:{service}"))
+            .arg("--user")
+            .arg(format!("{ak}:{sk}"));
+    }
+    let out = c
+        .args(extra)
+        .args(["-w", "\n%{http_code}"])
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn xml_field(body: &str, tag: &str) -> String {
+    let open = format!("<{tag}>");
+    body.split(&open)
+        .nth(1)
+        .and_then(|r| r.split(&format!("</{tag}>")).next())
+        .unwrap_or_else(|| panic!("no <{tag}> in {body}"))
+        .to_string()
+}
+
+fn stderr_of(lab: &TestLab, args: &[&str]) -> String {
+    let out = lab.run(args);
+    assert!(!out.status.success(), "dczone {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
+    if !e2e_enabled() {
+        return;
+    }
+    let lab = TestLab::new("cloud");
+    lab.up();
+    lab.ok(&["storage", "up"]);
+    let vm = lab.json(&[
+        "vm", "create", "app1", "--host", "dc1.2-h1", "--disk", "--json",
+    ]);
+    let ip = guest_ip(&vm);
+    // Some transfers, and 24 MiB of data at rest, so that the image carries data.
+    let before = ask(
+        &lab,
+        "dc1.1-client",
+        ip,
+        &["T 1 0 1 25", "T 2 1 2 7", "F 24", "B 1", "Z"],
+    )
+    .expect("the source VM answers");
+    assert_eq!(before[0], "OK 1");
+
+    // Bad input: nothing leaves the DC, the VM keeps running.
+    let err = stderr_of(&lab, &["cloud", "migrate", "app1", "--format", "iso"]);
+    assert!(err.contains("unknown disk format 'iso'"), "{err}");
+    assert!(ask(&lab, "dc1.1-client", ip, &["Z"]).is_some());
+
+    let account = lab.json(&["cloud", "up", "--json"]);
+    let ak = account["access_key"].as_str().unwrap().to_string();
+    let sk = account["secret_key"].as_str().unwrap().to_string();
+    let s3 = account["s3_endpoint"].as_str().unwrap().to_string();
+    let ec2 = account["compute_endpoint"].as_str().unwrap().to_string();
+    assert_eq!(lab.json(&["cloud", "account", "--json"]), account);
+
+    let report_file = lab.state_dir.join("cloud-migrate.json");
+    lab.ok(&[
+        "cloud",
+        "migrate",
+        "app1",
+        "--format",
+        "vmdk",
+        "--json",
+        report_file.to_str().unwrap(),
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_file).unwrap()).unwrap();
+    let m = &report["vms"][0];
+    assert!(report["source_running"].as_bool().unwrap(), "{report}");
+    let object_bytes = m["object_bytes"].as_u64().unwrap();
+    assert!(object_bytes > 20 << 20, "the image carries the data: {m}");
+    for p in [
+        "export", "convert", "transfer", "import", "settings", "start",
+    ] {
+        assert!(
+            m["phases"][format!("{p}_ms")].as_f64().unwrap() > 0.0,
+            "{p}: {m}"
+        );
+    }
+    let phases: f64 = [
+        "export", "convert", "transfer", "import", "settings", "start",
+    ]
+    .iter()
+    .map(|p| m["phases"][format!("{p}_ms")].as_f64().unwrap())
+    .sum();
+    let t1 = m["t1_ms"].as_f64().unwrap();
+    assert!(
+        t1 >= phases && t1 < phases + 5_000.0,
+        "T1 {t1} vs phases {phases}"
+    );
+    let events: Vec<&str> = m["cloud_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    for e in ["import.start", "import.completed", "instance.running"] {
+        assert!(events.contains(&e), "{e} in the cloud's log: {events:?}");
+    }
+
+    // The object, seen by an independent S3 client.
+    let key = m["object"].as_str().unwrap();
+    let (code, head) = curl(
+        &lab,
+        "dc1.1-client",
+        Some((&ak, &sk)),
+        "s3",
+        &[
+            "-I",
+            "-H",
+            "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            &format!("{s3}/images/{key}"),
+        ],
+    );
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("content-length: {object_bytes}")),
+        "{head}"
+    );
+
+    // The instance answers with the ledger the VM had: its disk came along.
+    let inst_ip: Ipv4Addr = m["ip"].as_str().unwrap().parse().unwrap();
+    let after = ask(&lab, "dc1.1-client", inst_ip, &["B 1", "Z", "T 1 0 1 25"])
+        .expect("the instance answers");
+    assert_eq!(after[0], before[3], "balance of account 1");
+    assert_eq!(after[1], before[4], "the conserved sum");
+    assert_eq!(
+        after[2], "DUP 1",
+        "transfer 1 was applied before the export"
+    );
+
+    // Requests without the key, or signed with another secret, are refused.
+    let describe = ["-d", "Action=DescribeInstances&Version=2016-11-15", &ec2];
+    let (code, body) = curl(&lab, "dc1.1-client", None, "ec2", &describe);
+    assert_eq!(
+        (code, xml_field(&body, "Code").as_str()),
+        (403, "AuthFailure"),
+        "{body}"
+    );
+    let (code, body) = curl(
+        &lab,
+        "dc1.1-client",
+        Some((&ak, "not-the-secret")),
+        "ec2",
+        &describe,
+    );
+    assert_eq!(
+        (code, xml_field(&body, "Code").as_str()),
+        (403, "SignatureDoesNotMatch"),
+        "{body}"
+    );
+    let (code, body) = curl(&lab, "dc1.1-client", Some((&ak, &sk)), "ec2", &describe);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(m["instance"].as_str().unwrap()), "{body}");
+
+    // A security group without a rule: the second instance of the image runs, and its
+    // application port is closed until a rule opens it.
+    let post = |params: &str| {
+        curl(
+            &lab,
+            "dc1.1-client",
+            Some((&ak, &sk)),
+            "ec2",
+            &["-d", &format!("{params}&Version=2016-11-15"), &ec2],
+        )
+    };
+    let (code, body) = post("Action=CreateSecurityGroup&GroupName=closed&GroupDescription=nothing");
+    assert_eq!(code, 200, "{body}");
+    let sg = xml_field(&body, "groupId");
+    let image = m["image"].as_str().unwrap();
+    let (code, body) = post(&format!(
+        "Action=RunInstances&ImageId={image}&InstanceType=d1.small&MinCount=1&MaxCount=1&SecurityGroupId.1={sg}"
+    ));
+    assert_eq!(code, 200, "{body}");
+    let closed_id = xml_field(&body, "instanceId");
+    let closed_ip: Ipv4Addr = xml_field(&body, "privateIpAddress").parse().unwrap();
+    let serial = lab
+        .state_dir
+        .join("cloud")
+        .join("cloud")
+        .join("cloud")
+        .join("instances")
+        .join(&closed_id)
+        .join("serial.log");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("dczone-guest: ledger listening")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "{closed_id} never booted"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        ask(&lab, "dc1.1-client", closed_ip, &["Z"]).is_none(),
+        "the security group lets a connection through that no rule allows"
+    );
+    let (code, body) = post(&format!(
+        "Action=AuthorizeSecurityGroupIngress&GroupId={sg}&IpPermissions.1.IpProtocol=tcp&IpPermissions.1.FromPort=7000&IpPermissions.1.ToPort=7000&IpPermissions.1.IpRanges.1.CidrIp=10.77.0.0/16"
+    ));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        ask(&lab, "dc1.1-client", closed_ip, &["B 1"]).expect("open once a rule allows it")[0],
+        before[3]
+    );
+
+    // Clean-up through dczone: the instances and the object go.
+    let listed = lab.json(&["cloud", "list", "--json"]);
+    assert_eq!(listed["instances"].as_array().unwrap().len(), 2, "{listed}");
+    lab.ok(&[
+        "cloud",
+        "terminate",
+        m["instance"].as_str().unwrap(),
+        &closed_id,
+    ]);
+    lab.ok(&["cloud", "delete", key]);
+    let listed = lab.json(&["cloud", "list", "--json"]);
+    assert!(
+        listed["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["state"] == "terminated"),
+        "{listed}"
+    );
+    assert!(listed["objects"].as_array().unwrap().is_empty(), "{listed}");
+    assert!(
+        ask(&lab, "dc1.1-client", inst_ip, &["Z"]).is_none(),
+        "terminated"
+    );
+    // The source never stopped.
+    assert_eq!(ask(&lab, "dc1.1-client", ip, &["Z"]).unwrap()[0], before[4]);
+}
