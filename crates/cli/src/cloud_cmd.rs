@@ -44,6 +44,14 @@ pub enum CloudCommand {
         /// Parts in flight at once.
         #[arg(long, default_value_t = 4)]
         streams: usize,
+        /// Start the instances in these security groups (`sg-...`) instead of one made for
+        /// each VM with its application port open to the zone.
+        #[arg(long = "security-group")]
+        security_groups: Vec<String>,
+        /// The cloud account (JSON: region, s3_endpoint, compute_endpoint, access_key,
+        /// secret_key, bucket) instead of the lab's cloud.
+        #[arg(long)]
+        account: Option<PathBuf>,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -76,6 +84,18 @@ fn spinner() -> ProgressBar {
     pb.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("a template"));
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
+}
+
+fn read_account(f: &Path) -> anyhow::Result<dczone_cloud::Account> {
+    let text =
+        std::fs::read(f).with_context(|| format!("cannot read account file {}", f.display()))?;
+    serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "account file {} must be JSON with region, s3_endpoint, compute_endpoint, \
+             access_key, secret_key and bucket (`dczone cloud account --json` prints one)",
+            f.display()
+        )
+    })
 }
 
 fn print_account(a: &dczone_cloud::Account, json: bool) {
@@ -126,10 +146,19 @@ pub fn run(
             format,
             part_mib,
             streams,
+            security_groups,
+            account,
             json,
         } => {
+            // Bad input fails before the cloud is started or called.
+            dczone_cloud::ec2::DiskFormat::parse(&format).with_context(|| {
+                format!("unknown disk format '{format}': use vmdk, vhd, raw or qcow2")
+            })?;
             let pb = spinner();
-            let account = cloud::lab_up(lab, exe, &|m| pb.set_message(m.to_string()))?;
+            let account = match account {
+                Some(f) => read_account(&f)?,
+                None => cloud::lab_up(lab, exe, &|m| pb.set_message(m.to_string()))?,
+            };
             let agents = dczone_control::lab_agents(lab, exe, state_dir)?;
             // The operator's place: the zone's client host, from where the cloud's API is
             // called and the instance's application asked, as the VM's clients would.
@@ -142,6 +171,7 @@ pub fn run(
                     &format,
                     part_mib,
                     streams,
+                    &security_groups,
                     &|ip| cloud::app_answers(ip, Duration::from_secs(1)),
                     &|m| p.set_message(m.to_string()),
                 )

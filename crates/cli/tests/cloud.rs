@@ -76,7 +76,11 @@ fn xml_field(body: &str, tag: &str) -> String {
 
 fn stderr_of(lab: &TestLab, args: &[&str]) -> String {
     let out = lab.run(args);
-    assert!(!out.status.success(), "dczone {args:?} should have failed");
+    assert!(
+        !out.status.success(),
+        "dczone {args:?} should have failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -268,16 +272,108 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
         before[3]
     );
 
+    // A key the cloud does not know: refused before anything leaves the DC.
+    let mut wrong = account.clone();
+    wrong["secret_key"] = "not-the-secret".into();
+    let wrong_file = lab.state_dir.join("wrong-account.json");
+    std::fs::write(&wrong_file, wrong.to_string()).unwrap();
+    let err = stderr_of(
+        &lab,
+        &[
+            "cloud",
+            "migrate",
+            "app1",
+            "--account",
+            wrong_file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("refused the account") && err.contains("SignatureDoesNotMatch"),
+        "{err}"
+    );
+
+    // The security group given blocks the application port: reported once the cloud's
+    // console says the application listens, not retried for minutes.
+    let (code, body) = post("Action=CreateSecurityGroup&GroupName=shut&GroupDescription=nothing");
+    assert_eq!(code, 200, "{body}");
+    let shut = xml_field(&body, "groupId");
+    let t = Instant::now();
+    let err = stderr_of(
+        &lab,
+        &["cloud", "migrate", "app1", "--security-group", &shut],
+    );
+    assert!(
+        err.contains("does not answer from the zone") && err.contains(&shut),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(120),
+        "reported after {:?}",
+        t.elapsed()
+    );
+    let blocked_id = err
+        .split("`dczone cloud terminate ")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+        .unwrap_or_else(|| panic!("no instance named in {err}"))
+        .to_string();
+
+    // An object that is no VMDK: the cloud's import fails and says why.
+    let (code, body) = curl(
+        &lab,
+        "dc1.1-client",
+        Some((&ak, &sk)),
+        "s3",
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            "--data-binary",
+            "not a disk image",
+            &format!("{s3}/images/garbage.vmdk"),
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = post("Action=ImportImage&DiskContainer.1.Format=VMDK&DiskContainer.1.UserBucket.S3Bucket=images&DiskContainer.1.UserBucket.S3Key=garbage.vmdk");
+    assert_eq!(code, 200, "{body}");
+    let task = xml_field(&body, "importTaskId");
+    let t = Instant::now();
+    let failed = loop {
+        let (_, body) = post(&format!(
+            "Action=DescribeImportImageTasks&ImportTaskId.1={task}"
+        ));
+        if xml_field(&body, "status") == "deleted" {
+            break body;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{body}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        xml_field(&failed, "statusMessage").contains("not valid VMDK"),
+        "{failed}"
+    );
+
     // Clean-up through dczone: the instances and the object go.
     let listed = lab.json(&["cloud", "list", "--json"]);
-    assert_eq!(listed["instances"].as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(listed["instances"].as_array().unwrap().len(), 3, "{listed}");
+    assert_eq!(listed["objects"].as_array().unwrap().len(), 3, "{listed}");
     lab.ok(&[
         "cloud",
         "terminate",
         m["instance"].as_str().unwrap(),
         &closed_id,
+        &blocked_id,
     ]);
-    lab.ok(&["cloud", "delete", key]);
+    let keys: Vec<String> = listed["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["key"].as_str().unwrap().to_string())
+        .collect();
+    let mut delete = vec!["cloud", "delete"];
+    delete.extend(keys.iter().map(String::as_str));
+    lab.ok(&delete);
     let listed = lab.json(&["cloud", "list", "--json"]);
     assert!(
         listed["instances"]

@@ -222,12 +222,14 @@ pub fn migrate(
     format: &str,
     part_mib: u64,
     streams: usize,
+    security_groups: &[String],
     probe: &dyn Fn(Ipv4Addr) -> bool,
     progress: &dyn Fn(&str),
 ) -> anyhow::Result<MigrateReport> {
     let format = DiskFormat::parse(format)
         .ok_or_else(|| anyhow!("unknown disk format '{format}': use vmdk, vhd, raw or qcow2"))?;
     let compute = Compute::new(account);
+    check_account(account)?;
     let t_all = Instant::now();
     let mut reports = Vec::new();
     for vm in vms {
@@ -281,32 +283,64 @@ pub fn migrate(
             }
         };
         let import_ms = t.elapsed().as_secs_f64() * 1e3;
-        // Settings: the application's port open to the zone, nothing else.
+        // Settings: the given groups, or one of its own with the application's port open
+        // to the zone and nothing else.
         let t = Instant::now();
-        let group = compute.create_security_group(
-            &format!("dczone-{vm}-{}", now_ms()),
-            &format!("dczone: the application of VM {vm}"),
-        )?;
-        compute.authorize_ingress(
-            &group,
-            &[IpPermission {
-                protocol: "tcp".into(),
-                from_port: Some(APP_PORT),
-                to_port: Some(APP_PORT),
-                cidrs: vec![zone_cidr(&done.spec.ip_cidr)],
-            }],
-        )?;
+        let groups: Vec<String> = if security_groups.is_empty() {
+            let group = compute.create_security_group(
+                &format!("dczone-{vm}-{}", now_ms()),
+                &format!("dczone: the application of VM {vm}"),
+            )?;
+            compute.authorize_ingress(
+                &group,
+                &[IpPermission {
+                    protocol: "tcp".into(),
+                    from_port: Some(APP_PORT),
+                    to_port: Some(APP_PORT),
+                    cidrs: vec![zone_cidr(&done.spec.ip_cidr)],
+                }],
+            )?;
+            vec![group]
+        } else {
+            security_groups.to_vec()
+        };
         let settings_ms = t.elapsed().as_secs_f64() * 1e3;
         progress(&format!("{vm}: image {image}; starting an instance"));
         let t = Instant::now();
         let itype = dczone_cloud::provider::instance_type_for(done.spec.memory_mib)
             .ok_or_else(|| anyhow!("no instance type has {} MiB", done.spec.memory_mib))?;
-        let inst = compute.run_instance(&image, itype, &[group])?;
+        let inst = compute.run_instance(&image, itype, &groups)?;
         let ip: Ipv4Addr = inst
             .ip
             .parse()
             .map_err(|_| anyhow!("instance {} has no address", inst.id))?;
+        // The cloud's console says when the application listens; if it listens and
+        // does not answer from here, a packet filter is in the way: reported at once.
+        let mut listening_since: Option<Instant> = None;
         while !probe(ip) {
+            if listening_since.is_none() {
+                let ready = compute
+                    .log(now_ms().saturating_sub(600_000))
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|e| e.resource == inst.id && e.event == "instance.console.ready");
+                if ready {
+                    listening_since = Some(Instant::now());
+                }
+            }
+            if listening_since.is_some_and(|s| s.elapsed() > BLOCKED_AFTER) {
+                bail!(
+                    "instance {} ({ip}) runs and its console says the application listens, but \
+                     port {APP_PORT} does not answer from the zone: security group(s) {} do not \
+                     allow tcp/{APP_PORT} from {}. Add a rule (AuthorizeSecurityGroupIngress), \
+                     or migrate without --security-group; the instance stays: `dczone cloud \
+                     terminate {}`",
+                    inst.id,
+                    groups.join(", "),
+                    zone_cidr(&done.spec.ip_cidr),
+                    inst.id
+                );
+            }
             if t.elapsed() > Duration::from_secs(600) {
                 bail!(
                     "instance {} ({ip}) did not answer on port {APP_PORT} in 600 s; it runs: `dczone cloud terminate {}`",
@@ -381,6 +415,34 @@ pub fn migrate(
         },
         source_running,
     })
+}
+
+/// How long an application that listens (the cloud's console says so) may stay silent to
+/// the zone before its port is taken for blocked.
+const BLOCKED_AFTER: Duration = Duration::from_secs(5);
+
+/// Both services take the account's key: checked before anything leaves the DC, so that a
+/// wrong or expired key costs no export.
+pub fn check_account(account: &Account) -> anyhow::Result<()> {
+    let fix = "check the account's access_key and secret_key (`dczone cloud account`), \
+               and this host's clock";
+    Compute::new(account)
+        .describe_instances(&[])
+        .with_context(|| {
+            format!(
+                "the compute API at {} refused the account: {fix}",
+                account.compute_endpoint
+            )
+        })?;
+    dczone_cloud::s3::Store::new(account)?
+        .list()
+        .with_context(|| {
+            format!(
+                "the object storage at {} refused the account: {fix}",
+                account.s3_endpoint
+            )
+        })?;
+    Ok(())
 }
 
 /// The zone's network of a VM address (`10.77.2.101/16` → `10.77.0.0/16`).
