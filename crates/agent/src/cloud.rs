@@ -140,47 +140,38 @@ impl Agent {
         )));
         std::fs::create_dir_all(&dir.0)
             .map_err(|e| conflict(format!("create {}: {e}", dir.0.display())))?;
-        let raw = dir.0.join("disk.raw");
         let snap = format!("cloud-{}", dczone_storage::backup::unix_ms());
+        let source = format!(
+            "rbd:{}/{}@{snap}:conf={}:id=vm",
+            disk.pool,
+            disk.image,
+            conf.display()
+        );
         let ip = dczone_virt::Platform::guest_ip(&vm);
-        // Export: the guest's journal durable, a snapshot at that point, read out whole.
+        // Export: the guest's journal durable, and a snapshot at that point: the image.
         let (exported, export) = Phase::time(|| -> Result<Option<u64>, AgentError> {
             let checkpoint =
                 dczone_storage::backup::checkpoint(ip, std::time::Duration::from_secs(30))?;
             s.snapshot(&disk.cluster, &disk.pool, &disk.image, &snap)?;
-            let read = run(
-                "read the disk's snapshot",
-                std::process::Command::new("qemu-img")
-                    .args(["convert", "-f", "raw", "-O", "raw"])
-                    .arg(format!(
-                        "rbd:{}/{}@{snap}:conf={}:id=vm",
-                        disk.pool,
-                        disk.image,
-                        conf.display()
-                    ))
-                    .arg(&raw),
-            );
-            let _ = s.remove_snapshot(&disk.cluster, &disk.pool, &disk.image, &snap);
-            read.map(|_| checkpoint)
+            Ok(checkpoint)
         });
         let checkpoint = exported?;
+        // Convert: one pass from the snapshot to the cloud's format (raw: a plain read),
+        // no intermediate copy; the snapshot goes after it.
         let (converted, convert) = Phase::time(|| -> Result<PathBuf, AgentError> {
-            if format == DiskFormat::Raw {
-                return Ok(raw.clone());
-            }
             let out = dir
                 .0
                 .join(format!("disk.{}", b.format.to_ascii_lowercase()));
-            run(
-                &format!("convert the disk to {}", format.name()),
+            let r = run(
+                &format!("convert the disk's snapshot to {}", format.name()),
                 std::process::Command::new("qemu-img")
                     .args(["convert", "-f", "raw"])
                     .args(convert_args(format))
-                    .arg(&raw)
+                    .arg(&source)
                     .arg(&out),
-            )?;
-            let _ = std::fs::remove_file(&raw);
-            Ok(out)
+            );
+            let _ = s.remove_snapshot(&disk.cluster, &disk.pool, &disk.image, &snap);
+            r.map(|_| out)
         });
         let image: PathBuf = converted?;
         let object_bytes = size_of(&image);

@@ -429,7 +429,7 @@ pub fn reference_agents(
     Ok(agents)
 }
 /// The lab rate between two sites of `zone` with every link up, Mbit/s.
-fn site_path_mbit_s(zone: &dczone_zone::Zone, a: &str, b: &str) -> f64 {
+pub(crate) fn site_path_mbit_s(zone: &dczone_zone::Zone, a: &str, b: &str) -> f64 {
     let (Some(a), Some(b)) = (zone.site_index(a), zone.site_index(b)) else {
         return f64::NAN;
     };

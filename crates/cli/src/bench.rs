@@ -135,6 +135,23 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// VMs of DC1.2 migrated to the public cloud one after another, each phase timed
+    /// (export, convert, transfer, import, settings, start), `--runs` times: T1 against
+    /// its floor, the upload against the APN path.
+    Cloud {
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        #[arg(long, default_value_t = 2)]
+        vms: usize,
+        /// Data at rest in each VM's disk, MiB.
+        #[arg(long, default_value_t = 64)]
+        data_mib: u32,
+        /// The format the cloud imports: vmdk, vhd, raw or qcow2.
+        #[arg(long, default_value = "vmdk")]
+        format: String,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Planned switchovers under load around the database sites, each audited.
     Switchover {
         #[arg(long, default_value_t = 6)]
@@ -359,6 +376,32 @@ pub fn run(
             clients,
             json,
         } => switchover(lab, exe, state_dir, rounds, clients, json.as_deref()),
+        BenchCommand::Cloud {
+            runs,
+            vms,
+            data_mib,
+            format,
+            json,
+        } => {
+            dczone_cloud::ec2::DiskFormat::parse(&format).ok_or_else(|| {
+                anyhow::anyhow!("unknown disk format '{format}': use vmdk, vhd, raw or qcow2")
+            })?;
+            let report = dczone_bench::cloud::cloud(
+                lab,
+                exe,
+                state_dir,
+                &dczone_bench::cloud::CloudOptions {
+                    runs,
+                    vms,
+                    data_mib,
+                    format,
+                },
+                &Terminal::spinner(),
+            )?;
+            print_cloud(&report);
+            write_json(json.as_deref(), &report)?;
+            Ok(verdict(report.pass()))
+        }
         BenchCommand::Storage { runs, wan, json } => {
             if runs == 0 {
                 anyhow::bail!("--runs must be at least 1");
@@ -498,6 +541,77 @@ pub fn switchover(
     print_switchover(&report);
     write_json(json, &report)?;
     Ok(verdict(report.rpo_lost_transactions == 0))
+}
+
+fn print_cloud(r: &dczone_bench::cloud::CloudReport) {
+    let rows: Vec<Vec<String>> = r
+        .vms
+        .iter()
+        .map(|v| {
+            let m = &v.report;
+            let p = &m.phases;
+            vec![
+                format!("{} {}", v.run, m.vm),
+                dczone_storage::size(m.object_bytes),
+                format!("{:.0}", p.export_ms),
+                format!("{:.0}", p.convert_ms),
+                format!("{:.0}", p.transfer_ms),
+                format!("{:.0}", p.import_ms),
+                format!("{:.0}", p.settings_ms),
+                format!("{:.0}", p.start_ms),
+                format!("{:.0}", m.boot_ms.unwrap_or(f64::NAN)),
+                format!("{:.0}", m.t1_ms),
+                format!("{:.2}", v.t1_over_floor),
+                format!("{:.0}", m.transfer_mbit_s),
+                format!("{:.0}", m.most_delayed_part_ms),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                "RUN VM",
+                "IMAGE",
+                "EXPORT_MS",
+                "CONVERT_MS",
+                "TRANSFER_MS",
+                "IMPORT_MS",
+                "SETTINGS_MS",
+                "START_MS",
+                "BOOT_MS",
+                "T1_MS",
+                "T1/FLOOR",
+                "MBIT_S",
+                "SLOWEST_PART_MS",
+            ],
+            &rows
+        )
+    );
+    let s = |x: &dczone_bench::cloud::Spread| {
+        format!("{:.2} / {:.2} / {:.2}", x.median, x.p95, x.worst)
+    };
+    println!(
+        "format {}; path {:.0} Mbit/s; transfer median {:.0} Mbit/s, share of the path (median / p5 / worst) {}",
+        r.format,
+        r.path_mbit_s,
+        r.transfer_mbit_s,
+        s(&r.transfer_share)
+    );
+    println!(
+        "T1 ms (median / p95 / worst) {:.0} / {:.0} / {:.0}; T1 over its floor {}; batch T1 per run {:?} ms",
+        r.t1_ms.median,
+        r.t1_ms.p95,
+        r.t1_ms.worst,
+        s(&r.t1_over_floor),
+        r.t1_total_ms.iter().map(|t| t.round()).collect::<Vec<_>>()
+    );
+    println!(
+        "clocks agree: {}; sources kept running: {}; verdict (transfer >= 80 % of the path, T1 <= 1.3x floor): {}",
+        r.clocks_agree,
+        r.sources_running,
+        if r.pass() { "PASS" } else { "FAIL" }
+    );
 }
 
 fn print_storage(r: &dczone_bench::storage::StorageReport) {

@@ -169,6 +169,14 @@ struct Provider {
     log: Mutex<std::fs::File>,
 }
 
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn new_id(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
@@ -243,6 +251,8 @@ impl Provider {
             let dir = self.cfg.dir.join("import");
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let file = dir.join(format!("{id}.{}", task.format.to_ascii_lowercase()));
+            // The downloaded copy goes however the import ends.
+            let _remove = RemoveOnDrop(file.clone());
             self.event(
                 &request_id,
                 &id,
@@ -253,7 +263,6 @@ impl Provider {
             let bytes = match bytes {
                 Ok(b) => b,
                 Err(e) => {
-                    let _ = std::fs::remove_file(&file);
                     return Err(format!(
                         "ClientError: the disk image could not be read: {e}"
                     ));
@@ -266,6 +275,23 @@ impl Provider {
                 json!({"bytes": bytes}),
             );
             self.set_progress(&id, 40);
+            let info = run(
+                "read the disk image's header",
+                std::process::Command::new("qemu-img")
+                    .args(["info", "--output=json", "-f"])
+                    .arg(DiskFormat::parse(&task.format).map_or("raw", |f| f.qemu_format()))
+                    .arg(&file),
+            )
+            .map_err(|e| {
+                format!(
+                    "ClientError: the disk image is not valid {}: {e}",
+                    task.format
+                )
+            })?;
+            let size = serde_json::from_str::<Value>(&info)
+                .ok()
+                .and_then(|v| v["virtual-size"].as_u64())
+                .ok_or("an unreadable `qemu-img info`")?;
             let format = DiskFormat::parse(&task.format).ok_or("unknown format")?;
             let conf = self.conf()?;
             let target = format!("rbd:{POOL}/{}:conf={}:id=vm", task.image_id, conf.display());
@@ -277,12 +303,21 @@ impl Provider {
             );
             let converted = run(
                 "convert the disk image",
+                // Out-of-order writes, 16 at once: RBD takes them in parallel.
                 std::process::Command::new("qemu-img")
-                    .args(["convert", "-f", format.qemu_format(), "-O", "raw"])
+                    .args([
+                        "convert",
+                        "-W",
+                        "-m",
+                        "16",
+                        "-f",
+                        format.qemu_format(),
+                        "-O",
+                        "raw",
+                    ])
                     .arg(&file)
                     .arg(&target),
             );
-            let _ = std::fs::remove_file(&file);
             converted.map_err(|e| {
                 format!(
                     "ClientError: the disk image is not valid {}: {e}",
@@ -291,14 +326,10 @@ impl Provider {
             })?;
             self.event(&request_id, &id, "import.convert.end", json!({}));
             self.set_progress(&id, 80);
+            // The base instances are cloned from (clone v2: the cluster requires Mimic
+            // clients, so the snapshot needs no protection).
             let image = format!("{POOL}/{}", task.image_id);
             self.rbd(&["snap", "create", &format!("{image}@base")])?;
-            self.rbd(&["snap", "protect", &format!("{image}@base")])?;
-            let info = self.rbd(&["info", "--format", "json", &image])?;
-            let size = serde_json::from_str::<Value>(&info)
-                .ok()
-                .and_then(|v| v["size"].as_u64())
-                .ok_or("an unreadable `rbd info`")?;
             Ok(size)
         })();
         match result {

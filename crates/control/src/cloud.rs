@@ -184,6 +184,21 @@ pub struct VmReport {
     pub most_delayed_part_ms: f64,
     /// The cloud's own log of this VM's import and instance (its clock).
     pub cloud_log: Vec<dczone_cloud::provider::LogEntry>,
+    /// From the instance running to its console saying the application listens (the
+    /// cloud's clock): the boot to service.
+    pub boot_ms: Option<f64>,
+    /// How the two clocks agree: the cloud logged the import's start at
+    /// `cloud_unix_ms`, which must lie between this side's sending the request and
+    /// receiving its answer.
+    pub clock: ClockCheck,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClockCheck {
+    pub sent_unix_ms: u64,
+    pub cloud_unix_ms: u64,
+    pub answered_unix_ms: u64,
+    pub agree: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -263,8 +278,10 @@ pub fn migrate(
         ));
         // Import: the cloud's task, polled until it completes.
         let t = Instant::now();
+        let sent_unix_ms = now_ms();
         let task =
             compute.import_image(format, &account.bucket, &key, &format!("dczone: VM {vm}"))?;
+        let answered_unix_ms = now_ms();
         let image = loop {
             let s = compute.describe_import(&task)?;
             match s.status.as_str() {
@@ -276,7 +293,7 @@ pub fn migrate(
                     s.status_message,
                     account.bucket
                 ),
-                _ => std::thread::sleep(Duration::from_millis(250)),
+                _ => std::thread::sleep(Duration::from_millis(100)),
             }
             if t.elapsed() > Duration::from_secs(1800) {
                 bail!("the cloud's import {task} did not complete in 30 min");
@@ -352,12 +369,40 @@ pub fn migrate(
         }
         let start_ms = t.elapsed().as_secs_f64() * 1e3;
         let t1_ms = started.elapsed().as_secs_f64() * 1e3;
-        let cloud_log = compute
-            .log(done.export.start_unix_ms)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| e.resource == task || e.resource == inst.id || e.resource == inst.image_id)
-            .collect();
+        // The console's line may reach the log a moment after the first answer.
+        let mut cloud_log: Vec<dczone_cloud::provider::LogEntry> = Vec::new();
+        for _ in 0..10 {
+            cloud_log = compute
+                .log(done.export.start_unix_ms)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| e.resource == task || e.resource == inst.id)
+                .collect();
+            if cloud_log
+                .iter()
+                .any(|e| e.event == "instance.console.ready")
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let at = |event: &str| {
+            cloud_log
+                .iter()
+                .find(|e| e.event == event)
+                .map(|e| e.unix_ms)
+        };
+        let boot_ms = match (at("instance.running"), at("instance.console.ready")) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64),
+            _ => None,
+        };
+        let cloud_unix_ms = at("import.start").unwrap_or(0);
+        let clock = ClockCheck {
+            sent_unix_ms,
+            cloud_unix_ms,
+            answered_unix_ms,
+            agree: (sent_unix_ms..=answered_unix_ms).contains(&cloud_unix_ms),
+        };
         let transfer_s = done.upload.ms / 1e3;
         progress(&format!(
             "{vm}: runs in the cloud as {} ({ip}), T1 {:.1} s",
@@ -394,6 +439,8 @@ pub fn migrate(
                 .map(|p| p.done_ms - p.sent_ms)
                 .fold(0.0, f64::max),
             cloud_log,
+            boot_ms,
+            clock,
         });
     }
     let total_bytes: u64 = reports.iter().map(|r| r.object_bytes).sum();
