@@ -260,10 +260,23 @@ impl HostStorage {
             .trim()
             .parse::<i32>()
             .ok()?;
-        // A recycled pid is some other program: the daemon's command line names its conf.
+        // A recycled pid is some other program: the daemon's command line names its conf
+        // and its daemon's name (a `ceph -c CONF` call, which names the conf too, was
+        // taken for a radosgw that had died with its lab).
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let conf = self.conf(cluster);
-        let ours = cmdline.split(|&b| b == 0).any(|a| a == conf.as_bytes());
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let (kind, id) = name.split_once('.')?;
+        let client = match kind {
+            "rgw" => format!("client.rgw.{id}"),
+            _ => name.to_string(),
+        };
+        // (`-i ID`: daemons started before they were started with `-n NAME`.)
+        let named = args.contains(&client.as_bytes())
+            || args
+                .windows(2)
+                .any(|w| w[0] == b"-i" && w[1] == id.as_bytes());
+        let ours = args.contains(&conf.as_bytes()) && named;
         (ours && dczone_lab::sys::alive(pid)).then_some(pid)
     }
 
