@@ -169,6 +169,12 @@ struct Provider {
     log: Mutex<std::fs::File>,
 }
 
+/// Whether `pid` is a live QEMU (not a recycled pid).
+fn qemu_alive(pid: i32) -> bool {
+    dczone_hypervisor::alive(pid)
+        && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+}
+
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
@@ -523,11 +529,50 @@ impl Provider {
         if let Some(r) = std::fs::read(dir.join("running.json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<dczone_hypervisor::Running>(&b).ok())
+            .filter(|r| qemu_alive(r.pid))
         {
             dczone_hypervisor::quit(&r);
         }
         let _ = self.rbd(&["rm", &format!("{POOL}/{id}")]);
         self.event(request_id, id, "instance.terminated", json!({}));
+    }
+
+    /// After a restart: an instance whose QEMU is gone (its host went down) is `stopped`,
+    /// as EC2 shows an instance whose host failed; its disk stays.
+    fn reconcile(&self) {
+        let gone: Vec<String> = {
+            let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.instances
+                .values()
+                .filter(|i| i.state == "running" || i.state == "pending")
+                .filter(|i| {
+                    !std::fs::read(
+                        self.cfg
+                            .dir
+                            .join("instances")
+                            .join(&i.id)
+                            .join("running.json"),
+                    )
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<dczone_hypervisor::Running>(&b).ok())
+                    .is_some_and(|r| qemu_alive(r.pid))
+                })
+                .map(|i| i.id.clone())
+                .collect()
+        };
+        for id in gone {
+            self.with_state(|s| {
+                if let Some(i) = s.instances.get_mut(&id) {
+                    i.state = "stopped".into();
+                }
+            });
+            self.event(
+                "start",
+                &id,
+                "instance.stopped",
+                json!({"reason": "its QEMU is gone"}),
+            );
+        }
     }
 
     fn free_ip(&self, s: &State) -> Option<Ipv4Addr> {
@@ -962,6 +1007,7 @@ pub fn serve(cfg: ProviderConfig) -> anyhow::Result<()> {
         state: Mutex::new(state),
         log: Mutex::new(log),
     });
+    p.reconcile();
     p.apply_groups("start").map_err(anyhow::Error::msg)?;
     p.event(
         "start",
