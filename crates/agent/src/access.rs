@@ -66,6 +66,10 @@ pub struct BundleDatabase {
     /// `pg_hba.conf`; default: every host of the members' sites.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<std::net::Ipv4Addr>,
+    /// Networks (CIDR) whose application servers may use the ledger database as the
+    /// application role (`dczone_db::APP_ROLE`); default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub app_networks: Vec<String>,
     /// The platform's replication plan (primary, standbys, tiers, HA timings), which a real
     /// host's HA agents run under (`[database.plan]`, as the lab's bundle shows it).
     #[serde(default, skip_serializing_if = "Option::is_none")]

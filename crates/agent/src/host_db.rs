@@ -181,6 +181,7 @@ impl HostZone {
         Ok(dczone_db::Admitted {
             members: members.iter().map(|m| m.ip).collect(),
             clients,
+            apps: db.app_networks.clone(),
         })
     }
 

@@ -31,6 +31,8 @@ pub struct CloudOptions {
     /// Data at rest written into each VM's disk before the runs, MiB.
     pub data_mib: u32,
     pub format: String,
+    /// The AP-DB comparison after the migrations ([`crate::ap_db`]); `None` skips it.
+    pub ap_db: Option<crate::ap_db::ApDbOptions>,
 }
 
 /// Median, 95th percentile and worst of one figure over every VM of every run.
@@ -41,7 +43,7 @@ pub struct Spread {
     pub worst: f64,
 }
 
-fn spread(v: &[f64], worst_is_max: bool) -> Spread {
+pub(crate) fn spread(v: &[f64], worst_is_max: bool) -> Spread {
     Spread {
         median: quantile(v, 0.5),
         p95: if worst_is_max {
@@ -96,15 +98,28 @@ pub struct CloudReport {
     pub clocks_agree: bool,
     /// Every source VM still ran after every run.
     pub sources_running: bool,
+    /// The AP-DB comparison's medians ([`crate::ap_db`]), and its whole report.
+    pub tat_dc_dc_ms: Option<f64>,
+    pub tat_pub_dc_ms: Option<f64>,
+    pub p_dc_dc: Option<f64>,
+    pub p_pub_dc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ap_db: Option<crate::ap_db::ApDbReport>,
 }
 
 impl CloudReport {
     pub const VERSION: u32 = 1;
 
     /// The targets: transfer at least 80 % of the path, T1 within 1.3x its
-    /// floor, on every VM of every run; the sources never stopped.
+    /// floor, on every VM of every run; the sources never stopped; the AP's extra
+    /// turnaround in the cloud within 20 % of its round trips' ([`ApDbReport::pass`]).
+    ///
+    /// [`ApDbReport::pass`]: crate::ap_db::ApDbReport::pass
     pub fn pass(&self) -> bool {
-        self.sources_running && self.transfer_share.worst >= 0.8 && self.t1_over_floor.worst <= 1.3
+        self.sources_running
+            && self.transfer_share.worst >= 0.8
+            && self.t1_over_floor.worst <= 1.3
+            && self.ap_db.as_ref().is_none_or(|a| a.pass())
     }
 }
 
@@ -223,6 +238,12 @@ pub fn cloud(
     for n in &names {
         destroy_if_present(&agents, n)?;
     }
+    let ap_db = match &o.ap_db {
+        Some(a) => Some(crate::ap_db::run(
+            lab, exe, state_dir, &agents, &account, a, observer,
+        )?),
+        None => None,
+    };
     let f = |sel: fn(&VmRun) -> f64| all.iter().map(sel).collect::<Vec<f64>>();
     Ok(CloudReport {
         header: Header::new("cloud", CloudReport::VERSION),
@@ -239,5 +260,10 @@ pub fn cloud(
         clocks_agree: all.iter().all(|v| v.report.clock.agree),
         sources_running,
         vms: all,
+        tat_dc_dc_ms: ap_db.as_ref().map(|a| a.tat_dc_dc_ms),
+        tat_pub_dc_ms: ap_db.as_ref().map(|a| a.tat_pub_dc_ms),
+        p_dc_dc: ap_db.as_ref().map(|a| a.p_dc_dc),
+        p_pub_dc: ap_db.as_ref().map(|a| a.p_pub_dc),
+        ap_db,
     })
 }

@@ -13,6 +13,7 @@
 //! Scenarios say what they are doing through an [`Observer`]; they print nothing. The
 //! command line renders their reports as tables, or writes them as JSON.
 
+pub mod ap_db;
 pub mod cloud;
 pub mod inter_region;
 pub mod migration;

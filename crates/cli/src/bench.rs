@@ -149,6 +149,13 @@ pub enum BenchCommand {
         /// The format the cloud imports: vmdk, vhd, raw or qcow2.
         #[arg(long, default_value = "vmdk")]
         format: String,
+        /// Closed-loop clients of the AP in the AP-DB comparison (0 skips it).
+        #[arg(long, default_value_t = 4)]
+        ap_clients: usize,
+        /// Length of each AP-DB measurement, seconds (each placement measured `--runs`
+        /// times, in turn).
+        #[arg(long, default_value_t = 8.0)]
+        ap_seconds: f64,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -381,6 +388,8 @@ pub fn run(
             vms,
             data_mib,
             format,
+            ap_clients,
+            ap_seconds,
             json,
         } => {
             dczone_cloud::ec2::DiskFormat::parse(&format).ok_or_else(|| {
@@ -394,6 +403,12 @@ pub fn run(
                     runs,
                     vms,
                     data_mib,
+                    ap_db: (ap_clients > 0).then(|| dczone_bench::ap_db::ApDbOptions {
+                        clients: ap_clients,
+                        seconds: ap_seconds,
+                        rounds: runs,
+                        format: format.clone(),
+                    }),
                     format,
                 },
                 &Terminal::spinner(),
@@ -606,8 +621,64 @@ fn print_cloud(r: &dczone_bench::cloud::CloudReport) {
         s(&r.t1_over_floor),
         r.t1_total_ms.iter().map(|t| t.round()).collect::<Vec<_>>()
     );
+    if let Some(a) = &r.ap_db {
+        let rows: Vec<Vec<String>> = a
+            .loads
+            .iter()
+            .map(|l| {
+                vec![
+                    format!("{} {}", l.round, l.placement),
+                    l.ap_ip.to_string(),
+                    l.requests.to_string(),
+                    l.errors.to_string(),
+                    format!("{:.1}", l.p),
+                    format!(
+                        "{:.2} / {:.2} / {:.2}",
+                        l.tat_ms.median, l.tat_ms.p95, l.tat_ms.worst
+                    ),
+                    format!("{:.2} / {:.2}", l.client_ms.median, l.client_ms.p95),
+                    format!("{:.2}", l.rtt_ms),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render(
+                &[
+                    "ROUND PLACEMENT",
+                    "AP",
+                    "REQUESTS",
+                    "ERRORS",
+                    "P_PER_S",
+                    "TAT_MS (MED/P95/WORST)",
+                    "CLIENT_MS (MED/P95)",
+                    "DB_RTT_MS",
+                ],
+                &rows
+            )
+        );
+        println!(
+            "AP-DB (DB primary in {} at {}, {} round trips per request, {} clients): TAT dc-dc {:.2} ms, pub-dc {:.2} ms (x{:.2}); P dc-dc {:.1}/s, pub-dc {:.1}/s (x{:.2}); extra {:.2} ms against {} x ({:.2} - {:.2}) = {:.2} ms ({:.0} % off)",
+            a.db_site,
+            a.db_ip,
+            a.round_trips,
+            a.clients,
+            a.tat_dc_dc_ms,
+            a.tat_pub_dc_ms,
+            a.tat_ratio,
+            a.p_dc_dc,
+            a.p_pub_dc,
+            a.p_ratio,
+            a.extra_ms,
+            a.round_trips,
+            a.rtt_pub_dc_ms,
+            a.rtt_dc_dc_ms,
+            a.expected_extra_ms,
+            a.extra_error * 100.0
+        );
+    }
     println!(
-        "clocks agree: {}; sources kept running: {}; verdict (transfer >= 80 % of the path, T1 <= 1.3x floor): {}",
+        "clocks agree: {}; sources kept running: {}; verdict (transfer >= 80 % of the path, T1 <= 1.3x floor, AP-DB extra within 20 %): {}",
         r.clocks_agree,
         r.sources_running,
         if r.pass() { "PASS" } else { "FAIL" }

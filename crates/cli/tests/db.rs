@@ -149,6 +149,16 @@ fn sync_commits_wait_for_the_standby_then_fall_back_and_return() {
             && (l.starts_with("hostssl") || l.contains(" 127.0.0.1/32 ") || l.contains("::1/128"))),
         "{hba}"
     );
+    // A network (the sites' guests) is admitted only as the application role, only to
+    // the ledger.
+    let networks: Vec<&&str> = host_rules.iter().filter(|l| l.contains("/24")).collect();
+    assert!(
+        !networks.is_empty()
+            && networks
+                .iter()
+                .all(|l| l.starts_with("hostssl ledger ap 10.77.")),
+        "{hba}"
+    );
     // Only over TLS: a client that does not ask for it is refused; the ones that do, and
     // the standbys' streams, are encrypted.
     let (ok, text) = psql_with(

@@ -186,6 +186,9 @@ impl HostAgents {
                     .find(|s| s.kind == dczone_zone::SiteKind::Witness)
                     .map(|s| s.id.clone()),
                 clients: Vec::new(),
+                app_networks: (0..zone.sites.len())
+                    .map(dczone_zone::lab_site_network)
+                    .collect(),
                 plan: Some(plan.clone()),
             }),
         };

@@ -206,7 +206,8 @@ impl Database {
     }
 
     /// Who may connect to PostgreSQL over the network: the members, and every host of the
-    /// database's sites (where its clients run). A guest's address is never among them.
+    /// database's sites (where its clients run), as `postgres`; a guest's address never as
+    /// `postgres`. Applications (guests) of every site's network, as the application role.
     pub fn admitted(&self) -> dczone_db::Admitted {
         let mut clients = Vec::new();
         for site in self.plan.members() {
@@ -220,6 +221,9 @@ impl Database {
         dczone_db::Admitted {
             members: self.hosts(),
             clients,
+            apps: (0..self.zone.sites.len())
+                .map(dczone_zone::lab_site_network)
+                .collect(),
         }
     }
 

@@ -7,7 +7,9 @@
 //! clients talk to each other over the lab network (the APN emulator).
 //!
 //! Access: `pg_hba.conf` admits the members (replication and clients) and the hosts of the
-//! database's sites, each by its own address, and nobody else: never a guest's address.
+//! database's sites as `postgres`, each by its own address; a guest's address never as
+//! `postgres`. Application servers (guests) sign in as the application role [`APP_ROLE`],
+//! from the zone's application networks, to the ledger database only.
 //! Every network connection is TLS (`hostssl`: the member serves its host's zone
 //! certificate, clients verify it against the zone CA and the member's address) and
 //! authenticates with SCRAM-SHA-256 as `postgres`, whose password lives in a libpq password
@@ -70,11 +72,18 @@ pub struct Member {
     pub ca: PathBuf,
 }
 
-/// Who may connect over the network: the members (replication too) and the client hosts.
+/// The application role: what an application server (a guest) signs in as. It may read and
+/// write the ledger's tables and nothing else ([`Admitted::apps`]).
+pub const APP_ROLE: &str = "ap";
+
+/// Who may connect over the network: the members (replication too) and the client hosts,
+/// as `postgres`; and the application networks, as [`APP_ROLE`] to the ledger only.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Admitted {
     pub members: Vec<Ipv4Addr>,
     pub clients: Vec<Ipv4Addr>,
+    /// Networks (CIDR) whose application servers may use the ledger as [`APP_ROLE`].
+    pub apps: Vec<String>,
 }
 
 impl Admitted {
@@ -93,6 +102,11 @@ impl Admitted {
         all.extend(self.clients.iter().filter(|c| !self.members.contains(c)));
         for ip in all {
             out.push_str(&format!("hostssl all postgres {ip}/32 scram-sha-256\n"));
+        }
+        for net in &self.apps {
+            out.push_str(&format!(
+                "hostssl {DATABASE} {APP_ROLE} {net} scram-sha-256\n"
+            ));
         }
         out
     }
@@ -1066,10 +1080,11 @@ rmgr: Standby     len (rec/tot):     50/    50, tx:          0, lsn: 0/01534A50,
     }
 
     #[test]
-    fn hba_admits_each_member_and_client_by_address_and_never_a_network() {
+    fn hba_admits_postgres_by_address_only_and_applications_to_the_ledger_only() {
         let a = Admitted {
             members: vec![Ipv4Addr::new(10, 77, 1, 11), Ipv4Addr::new(10, 77, 3, 11)],
             clients: vec![Ipv4Addr::new(10, 77, 1, 11), Ipv4Addr::new(10, 77, 1, 13)],
+            apps: vec!["10.77.2.0/24".into()],
         };
         let hba = a.hba();
         let rules: Vec<&str> = hba.lines().filter(|l| l.starts_with("host")).collect();
@@ -1081,6 +1096,7 @@ rmgr: Standby     len (rec/tot):     50/    50, tx:          0, lsn: 0/01534A50,
                 "hostssl all postgres 10.77.1.11/32 scram-sha-256",
                 "hostssl all postgres 10.77.3.11/32 scram-sha-256",
                 "hostssl all postgres 10.77.1.13/32 scram-sha-256",
+                "hostssl ledger ap 10.77.2.0/24 scram-sha-256",
             ]
         );
         assert!(!hba.contains("trust") && !hba.contains("/16"), "{hba}");

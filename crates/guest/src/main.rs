@@ -1,5 +1,6 @@
 //! `dczone-guest`: the ledger service that runs inside every lab VM (started by the
-//! initramfs `/init`). Standard library only, linked statically.
+//! initramfs `/init`), linked statically. The ledger is standard library only; the AP mode
+//! ([`ap`]) adds a PostgreSQL client (tokio-postgres over rustls).
 //!
 //! Protocol, version 1: one request per line over TCP port 7000, one answer per line.
 //!
@@ -9,6 +10,11 @@
 //! Z                             sum of all balances (conserved) -> "<sum>"
 //! S                             continuity and consistency    -> "processed=<n> uptime_ms=<ms> checksum=<hex> boot=<id> dirty_mbps=<r> resident_mib=<m> journal=<n> replayed=<n>"
 //! C                             checkpoint (a backup's sync point) -> "CP <journal position> <checksum>" | "ERR <why>"
+//! D <host> <port> <db> <user> <password> <ca-pem-hex>
+//!                               AP mode: the ledger database to use -> "DB OK rtt_us=<median> round_trips=<per A>" | "ERR <why>"
+//! A <id> <from> <to> <amount>   AP mode: the transfer as one database transaction ([`ap`])
+//!                               -> "OK|DUP <id> <payer's balance> <db µs>" | "ERR <why>"
+//! P                             AP mode: one round trip to the database -> "RTT <µs>"
 //! F <mib>                       write <mib> MiB of data to the disk's second half (the data at rest a
 //!                               backup or a migration moves), flushed -> "FILLED <mib>" | "ERR <why>"
 //! ```
@@ -36,6 +42,8 @@
 //! - `dczone.dirty_mib=M`: the area it rewrites, the first M MiB of the working set.
 //!
 //! A migrated VM keeps all of this state; a rebooted one starts a new `boot`.
+
+mod ap;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -368,6 +376,82 @@ fn dirty_memory(mbps: u64, area: &mut [u8]) {
 }
 
 /// What `S` reports besides the ledger.
+/// The AP mode's database, set by `D` (none until then).
+static DATABASE: Mutex<Option<ap::Target>> = Mutex::new(None);
+
+/// The AP mode's requests (`D`, `A`, `P`), answered outside the ledger; `None` for the
+/// ledger's own.
+fn application(parts: &[&str], session: &mut Option<ap::Session>) -> Option<String> {
+    let target = || DATABASE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let open = |session: &mut Option<ap::Session>| -> Result<(), String> {
+        if session.is_none() {
+            let t = target().ok_or("no database: send D first")?;
+            *session = Some(ap::Session::open(&t)?);
+        }
+        Ok(())
+    };
+    let answer = match parts {
+        ["D", args @ ..] => (|| {
+            let t = ap::Target::parse(args)?;
+            let mut s = ap::Session::open(&t)?;
+            let mut rtts = (0..11)
+                .map(|_| s.ping())
+                .collect::<Result<Vec<u64>, String>>()?;
+            rtts.sort_unstable();
+            *DATABASE.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+            *session = Some(s);
+            Ok::<_, String>(format!(
+                "DB OK rtt_us={} round_trips={}",
+                rtts[rtts.len() / 2],
+                ap::ROUND_TRIPS
+            ))
+        })()
+        .unwrap_or_else(|e| format!("ERR {e}")),
+        ["A", id, from, to, amount] => {
+            match (
+                id.parse::<u64>(),
+                from.parse::<i32>(),
+                to.parse::<i32>(),
+                amount.parse::<i64>(),
+            ) {
+                (Ok(id), Ok(f), Ok(t), Ok(a))
+                    if (1..=ACCOUNTS as i32).contains(&f)
+                        && (1..=ACCOUNTS as i32).contains(&t)
+                        && f != t
+                        && a >= 0 =>
+                {
+                    match open(session)
+                        .and_then(|()| session.as_mut().expect("opened").transfer(id, f, t, a))
+                    {
+                        Ok(r) => format!(
+                            "{} {id} {} {}",
+                            if r.new { "OK" } else { "DUP" },
+                            r.balance,
+                            r.db_us
+                        ),
+                        Err(e) => {
+                            // A broken session is reopened at the next request.
+                            *session = None;
+                            format!("ERR {e}")
+                        }
+                    }
+                }
+                _ => "ERR bad transfer: A <id> <from 1..1000> <to 1..1000, not from> <amount>"
+                    .to_string(),
+            }
+        }
+        ["P"] => match open(session).and_then(|()| session.as_mut().expect("opened").ping()) {
+            Ok(us) => format!("RTT {us}"),
+            Err(e) => {
+                *session = None;
+                format!("ERR {e}")
+            }
+        },
+        _ => return None,
+    };
+    Some(answer)
+}
+
 #[derive(Clone, Copy)]
 struct Workload {
     dirty_mbps: u64,
@@ -387,9 +471,17 @@ fn serve(
         return;
     };
     let mut out = stream;
+    // This connection's database session, opened at its first `A` (AP mode).
+    let mut session: Option<ap::Session> = None;
     for line in BufReader::new(read_half).lines() {
         let Ok(line) = line else { return };
         let parts: Vec<&str> = line.split_whitespace().collect();
+        if let Some(answer) = application(&parts, &mut session) {
+            if writeln!(out, "{answer}").is_err() {
+                return;
+            }
+            continue;
+        }
         // A transfer's answer waits (outside the ledger's lock) until its record, or the
         // record of the transfer it repeats, is durable.
         let mut durable_at = None;

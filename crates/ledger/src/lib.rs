@@ -180,6 +180,36 @@ pub async fn create_schema(primary: Ipv4Addr) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// Makes the application role ([`dczone_db::APP_ROLE`]) sign in with `password`, with
+/// the rights an application server needs on the ledger: read and write its two tables,
+/// nothing else (no DDL, no other database). Idempotent; run on the primary.
+pub async fn ensure_app_role(primary: Ipv4Addr, password: &str) -> Result<(), LedgerError> {
+    if !password.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(LedgerError::Db(dczone_db::DbError::Step {
+            what: "set the application role's password".into(),
+            detail: "use letters and digits only".into(),
+        }));
+    }
+    let (c, conn) = config(primary, "dczone-setup", dczone_db::DATABASE)
+        .connect(tls()?)
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let role = dczone_db::APP_ROLE;
+    c.batch_execute(&format!(
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
+                 CREATE ROLE {role} LOGIN;
+             END IF;
+         END $$;
+         ALTER ROLE {role} PASSWORD '{password}';
+         GRANT SELECT, INSERT, UPDATE ON accounts, transfers TO {role};"
+    ))
+    .await?;
+    Ok(())
+}
+
 /// One transfer, applied at most once whatever the retries: the insert of its id gates the
 /// balance update, in one statement; both rows are locked in id order (no deadlocks).
 pub const TRANSFER_SQL: &str = "WITH t AS (INSERT INTO transfers (id, src, dst, amount) \

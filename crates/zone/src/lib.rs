@@ -119,6 +119,11 @@ pub struct HostRef {
 /// so a migrated VM keeps its address. Site `i` (from 0) owns `10.77.(i+1).0/24`.
 pub const LAB_PREFIX_LEN: u8 = 16;
 
+/// Site `i`'s network in the lab's address plan (hosts, guests and a cloud's instances).
+pub fn lab_site_network(site: usize) -> String {
+    format!("10.77.{}.0/24", site + 1)
+}
+
 impl HostRef {
     /// Hosts take `10.77.(site+1).(11+index_in_site)`.
     pub fn ip(&self) -> Ipv4Addr {
