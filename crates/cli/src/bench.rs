@@ -149,8 +149,10 @@ pub enum BenchCommand {
         /// The format the cloud imports: vmdk, vhd, raw or qcow2.
         #[arg(long, default_value = "vmdk")]
         format: String,
-        /// Closed-loop clients of the AP in the AP-DB comparison (0 skips it).
-        #[arg(long, default_value_t = 4)]
+        /// Closed-loop clients of the AP in the AP-DB comparison (0 skips it). One
+        /// measures a transaction's own turnaround; more add queueing at the database,
+        /// which a slower AP sees less of (BENCHMARKS.md).
+        #[arg(long, default_value_t = 1)]
         ap_clients: usize,
         /// Length of each AP-DB measurement, seconds (each placement measured `--runs`
         /// times, in turn).

@@ -394,7 +394,7 @@ fn application(parts: &[&str], session: &mut Option<ap::Session>) -> Option<Stri
         ["D", args @ ..] => (|| {
             let t = ap::Target::parse(args)?;
             let mut s = ap::Session::open(&t)?;
-            let mut rtts = (0..11)
+            let mut rtts = (0..31)
                 .map(|_| s.ping())
                 .collect::<Result<Vec<u64>, String>>()?;
             rtts.sort_unstable();
