@@ -122,11 +122,6 @@ impl Agent {
                 "VM '{name}' has no disk to export (`vm create --disk`)"
             )));
         };
-        if vm.running.is_none() {
-            return Err(AgentError::Virt(dczone_virt::VirtError::NotRunning(
-                name.into(),
-            )));
-        }
         let s = &self.storage;
         let conf = s.conf_path(&disk.cluster).ok_or_else(|| {
             conflict(format!(
@@ -148,10 +143,15 @@ impl Agent {
             conf.display()
         );
         let ip = dczone_virt::Platform::guest_ip(&vm);
-        // Export: the guest's journal durable, and a snapshot at that point: the image.
+        // Export: the guest's journal durable, and a snapshot at that point: the image. A
+        // stopped VM's disk is still (its QEMU flushed it as it quit): no checkpoint.
+        let running = vm.running.is_some();
         let (exported, export) = Phase::time(|| -> Result<Option<u64>, AgentError> {
-            let checkpoint =
-                dczone_storage::backup::checkpoint(ip, std::time::Duration::from_secs(30))?;
+            let checkpoint = if running {
+                dczone_storage::backup::checkpoint(ip, std::time::Duration::from_secs(30))?
+            } else {
+                None
+            };
             s.snapshot(&disk.cluster, &disk.pool, &disk.image, &snap)?;
             Ok(checkpoint)
         });

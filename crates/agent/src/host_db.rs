@@ -178,10 +178,21 @@ impl HostZone {
         } else {
             db.clients.clone()
         };
+        let apps = db
+            .app_networks
+            .iter()
+            .map(|n| {
+                dczone_db::network(n).ok_or_else(|| {
+                    HostDbError::Bad(format!(
+                        "app_networks: '{n}' is not an IPv4 network; write it as 10.77.2.0/24"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(dczone_db::Admitted {
             members: members.iter().map(|m| m.ip).collect(),
             clients,
-            apps: db.app_networks.clone(),
+            apps,
         })
     }
 

@@ -7,7 +7,9 @@
 //! (`dczone-guest`'s AP mode): the AP times each from `BEGIN` to `COMMIT` (TAT, the
 //! application-to-DB turnaround) and its clients time the whole request. Moving the AP
 //! away from its database adds, per request, `round_trips` times the difference of the
-//! two round-trip times, which the AP measures itself (`SELECT 1`).
+//! two round-trip times, which the AP measures itself (`SELECT 1`) before each
+//! measurement. The target holds on every round: each round's extra is compared with its
+//! own round trips.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -61,8 +63,21 @@ pub struct ApLoad {
     pub tat_ms: Spread,
     /// What its clients saw: the request through the AP, ms.
     pub client_ms: Spread,
-    /// The AP's round trip to the database (median of `SELECT 1`), ms.
+    /// The AP's round trip to the database just before (median of 31 `SELECT 1`), ms.
     pub rtt_ms: f64,
+}
+
+/// One round's two placements compared: what the cloud added per request, and what the
+/// AP's round trips explain of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundCompare {
+    pub round: u32,
+    /// TAT_pub-dc − TAT_dc-dc (medians), ms.
+    pub extra_ms: f64,
+    /// `round_trips × (rtt_pub − rtt_dc)`, ms.
+    pub expected_extra_ms: f64,
+    /// |extra − expected| / expected.
+    pub error: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,11 +85,12 @@ pub struct ApDbReport {
     pub ap_vm: String,
     pub db_site: String,
     pub db_ip: Ipv4Addr,
-    /// Database round trips per client request.
+    /// Database round trips per client request, as the AP reports them.
     pub round_trips: u32,
     pub clients: usize,
     pub loads: Vec<ApLoad>,
-    /// Medians over the rounds of each placement.
+    pub rounds: Vec<RoundCompare>,
+    /// Medians over the rounds of each placement (nearest rank).
     pub tat_dc_dc_ms: f64,
     pub tat_pub_dc_ms: f64,
     pub p_dc_dc: f64,
@@ -83,27 +99,29 @@ pub struct ApDbReport {
     pub rtt_pub_dc_ms: f64,
     pub tat_ratio: f64,
     pub p_ratio: f64,
-    /// TAT_pub-dc − TAT_dc-dc, and what the round trips explain of it:
-    /// `round_trips × (rtt_pub_dc − rtt_dc_dc)`.
+    /// Medians over the rounds of [`RoundCompare`]'s figures.
     pub extra_ms: f64,
     pub expected_extra_ms: f64,
-    /// |extra − expected| / expected.
+    /// The worst round's [`RoundCompare::error`].
     pub extra_error: f64,
     /// The AP's own migration to the cloud.
     pub migration: VmReport,
 }
 
 impl ApDbReport {
-    /// The target: the extra turnaround within 20 % of what the round trips
-    /// explain, and no request failed.
+    /// The target on every round: the extra turnaround within 20 % of what the
+    /// round trips explain; and no request failed.
     pub fn pass(&self) -> bool {
-        self.extra_error <= 0.2 && self.loads.iter().all(|l| l.errors == 0 && l.requests > 0)
+        self.extra_error <= 0.2
+            && !self.rounds.is_empty()
+            && self.loads.iter().all(|l| l.errors == 0 && l.requests > 0)
     }
 }
 
 /// Runs the comparison: a fresh database platform with its primary in DC1.2 and the
-/// application role, the AP booted in DC1.2, measured there, migrated to the cloud,
-/// measured there, the two in turn `rounds` times. The AP's instance and object go after.
+/// application role, the AP booted in DC1.2, migrated to the cloud (the DC's copy keeps
+/// running), and the two measured in turn `rounds` times. The AP's instance, object and
+/// DC VM go after, whatever happened.
 pub fn run(
     lab: &dczone_lab::Lab,
     exe: &Path,
@@ -135,6 +153,8 @@ pub fn run(
     })??;
     let ca = std::fs::read(dczone_database::ca_file(lab))?;
     let ca_hex: String = ca.iter().map(|b| format!("{b:02x}")).collect();
+    // The password crosses the lab's network in clear on the guest's port (the ledger
+    // protocol has no TLS): a lab's way to configure its AP, not a production one.
     let configure = format!(
         "D {db_ip} {} {} {} {password} {ca_hex}",
         dczone_db::PORT,
@@ -143,6 +163,59 @@ pub fn run(
     );
 
     destroy_if_present(agents, AP_VM)?;
+    let mut left = Leftovers::default();
+    let at = Place {
+        lab,
+        exe,
+        state_dir,
+        agents,
+        account,
+    };
+    let measured = measure(&at, o, &configure, &mut left, obs);
+    // The AP's instance and object go, whatever the measurement did; the DC's AP too.
+    if let Some((instance, object)) = left.cloud.take() {
+        let acc = account.clone();
+        let _ = cloud::from_client(lab, move || {
+            let _ = dczone_cloud::client::Compute::new(&acc).terminate(&[instance]);
+            if let Ok(s) = dczone_cloud::s3::Store::new(&acc) {
+                let _ = s.delete(&object);
+            }
+        });
+    }
+    let _ = destroy_if_present(agents, AP_VM);
+    let (round_trips, loads, migration) = measured?;
+    summarise(db_ip, round_trips, o.clients, loads, migration)
+}
+
+/// What the measurement left to remove: the cloud's instance and object.
+#[derive(Default)]
+struct Leftovers {
+    cloud: Option<(String, String)>,
+}
+
+/// Where the comparison runs: the lab, its agents and the cloud's account.
+struct Place<'a> {
+    lab: &'a dczone_lab::Lab,
+    exe: &'a Path,
+    state_dir: &'a Path,
+    agents: &'a (dyn ZoneAgents + Sync),
+    account: &'a dczone_cloud::Account,
+}
+
+fn measure(
+    at: &Place,
+    o: &ApDbOptions,
+    configure: &str,
+    left: &mut Leftovers,
+    obs: &dyn Observer,
+) -> anyhow::Result<(u32, Vec<ApLoad>, VmReport)> {
+    let Place {
+        lab,
+        exe,
+        state_dir,
+        agents,
+        account,
+    } = *at;
     obs.step(&format!("booting the AP {AP_VM} on {AP_HOST}"));
     vms::boot_all(
         agents,
@@ -174,10 +247,7 @@ pub fn run(
             &agents,
             &acc,
             &[AP_VM.to_string()],
-            &fmt,
-            8,
-            4,
-            &[],
+            &cloud::MigrateOptions::new(&fmt),
             &|ip| cloud::app_answers(ip, Duration::from_secs(1)),
             &|_| {},
         )
@@ -187,70 +257,90 @@ pub fn run(
         .into_iter()
         .next()
         .ok_or_else(|| anyhow::anyhow!("the migration reported no VM"))?;
+    left.cloud = Some((migration.instance.clone(), migration.object.clone()));
     let cloud_ip: Ipv4Addr = migration
         .ip
         .parse()
         .map_err(|_| anyhow::anyhow!("the instance's address {} is not IPv4", migration.ip))?;
+    let placements = [("dc-dc", dc_ip), ("pub-dc", cloud_ip)];
 
-    let mut round_trips = 0;
-    let result = (|| -> anyhow::Result<Vec<ApLoad>> {
-        let mut rtts = Vec::new();
-        for (placement, ip) in [("dc-dc", dc_ip), ("pub-dc", cloud_ip)] {
-            let (c, conf) = (configure.clone(), ip);
-            let answer =
-                cloud::from_client(lab, move || request(conf, &c, Duration::from_secs(60)))??;
-            let rtt_us: f64 = answer
-                .strip_prefix("DB OK rtt_us=")
-                .and_then(|r| r.split_whitespace().next()?.parse().ok())
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "the AP at {ip} ({placement}) could not use the database: {answer}"
-                    )
-                })?;
-            rtts.push(rtt_us / 1e3);
-            // The AP says how many round trips its transaction makes.
-            round_trips = answer
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("round_trips=")?.parse().ok())
-                .unwrap_or(0);
+    // Both APs get the database (the cloud's booted from the disk: nothing of the DC
+    // one's memory came along) and say how many round trips a request makes.
+    let mut round_trips = None;
+    for (placement, ip) in placements {
+        let c = configure.to_string();
+        let answer = cloud::from_client(lab, move || request(ip, &c, Duration::from_secs(60)))??;
+        let said = answer
+            .strip_prefix("DB OK ")
+            .and_then(|r| {
+                r.split_whitespace()
+                    .find_map(|w| w.strip_prefix("round_trips="))
+            })
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                anyhow::anyhow!("the AP at {ip} ({placement}) could not use the database: {answer}")
+            })?;
+        if round_trips.is_some_and(|n| n != said) {
+            anyhow::bail!("the two APs make different round trips per request ({round_trips:?}, {said}): not the same application");
         }
-        let mut loads = Vec::new();
-        for round in 1..=o.rounds {
-            for (i, (placement, ip)) in [("dc-dc", dc_ip), ("pub-dc", cloud_ip)]
-                .into_iter()
-                .enumerate()
-            {
-                obs.step(&format!(
-                    "AP-DB round {round}/{}: {placement}, {} clients for {} s",
-                    o.rounds, o.clients, o.seconds
-                ));
-                let (clients, secs) = (o.clients, o.seconds);
-                let mut l = cloud::from_client(lab, move || {
-                    load(ip, clients, Duration::from_secs_f64(secs))
-                })??;
-                l.placement = placement.into();
-                l.round = round;
-                l.rtt_ms = rtts[i];
-                loads.push(l);
-            }
+        round_trips = Some(said);
+    }
+    let mut loads = Vec::new();
+    for round in 1..=o.rounds {
+        for (placement, ip) in placements {
+            obs.step(&format!(
+                "AP-DB round {round}/{}: {placement}, {} clients for {} s",
+                o.rounds, o.clients, o.seconds
+            ));
+            let (clients, secs) = (o.clients, o.seconds);
+            let mut l = cloud::from_client(lab, move || -> anyhow::Result<ApLoad> {
+                let rtt_ms = db_rtt_ms(ip)?;
+                let mut l = load(ip, clients, Duration::from_secs_f64(secs))?;
+                l.rtt_ms = rtt_ms;
+                Ok(l)
+            })??;
+            l.placement = placement.into();
+            l.round = round;
+            loads.push(l);
         }
-        Ok(loads)
-    })();
-    // The AP's instance and object go, whatever the measurement did; the DC's AP too.
-    let (acc, instance, object) = (
-        account.clone(),
-        migration.instance.clone(),
-        migration.object.clone(),
-    );
-    let _ = cloud::from_client(lab, move || {
-        let _ = dczone_cloud::client::Compute::new(&acc).terminate(&[instance]);
-        if let Ok(s) = dczone_cloud::s3::Store::new(&acc) {
-            let _ = s.delete(&object);
-        }
-    });
-    let _ = destroy_if_present(agents, AP_VM);
-    let loads = result?;
+    }
+    Ok((round_trips.unwrap_or(0), loads, migration))
+}
 
+fn summarise(
+    db_ip: Ipv4Addr,
+    round_trips: u32,
+    clients: usize,
+    loads: Vec<ApLoad>,
+    migration: VmReport,
+) -> anyhow::Result<ApDbReport> {
+    let of = |placement: &str, round: u32| {
+        loads
+            .iter()
+            .find(|l| l.placement == placement && l.round == round)
+    };
+    let rounds: Vec<RoundCompare> = loads
+        .iter()
+        .filter(|l| l.placement == "dc-dc")
+        .filter_map(|dc| {
+            let public = of("pub-dc", dc.round)?;
+            let extra_ms = public.tat_ms.median - dc.tat_ms.median;
+            let expected_extra_ms = f64::from(round_trips) * (public.rtt_ms - dc.rtt_ms);
+            Some(RoundCompare {
+                round: dc.round,
+                extra_ms,
+                expected_extra_ms,
+                // No extra round-trip time to explain (the cloud as near as the DC) is not
+                // a comparison: it fails.
+                error: if expected_extra_ms > 0.0 {
+                    ((extra_ms - expected_extra_ms) / expected_extra_ms).abs()
+                } else {
+                    f64::INFINITY
+                },
+            })
+        })
+        .collect();
     let med = |placement: &str, f: fn(&ApLoad) -> f64| {
         let v: Vec<f64> = loads
             .iter()
@@ -265,14 +355,13 @@ pub fn run(
     );
     let (p_dc, p_pub) = (med("dc-dc", |l| l.p), med("pub-dc", |l| l.p));
     let (rtt_dc, rtt_pub) = (med("dc-dc", |l| l.rtt_ms), med("pub-dc", |l| l.rtt_ms));
-    let expected = f64::from(round_trips) * (rtt_pub - rtt_dc);
-    let extra = tat_pub - tat_dc;
+    let column = |f: fn(&RoundCompare) -> f64| rounds.iter().map(f).collect::<Vec<f64>>();
     Ok(ApDbReport {
         ap_vm: AP_VM.into(),
         db_site: DB_SITE.into(),
         db_ip,
         round_trips,
-        clients: o.clients,
+        clients,
         tat_dc_dc_ms: tat_dc,
         tat_pub_dc_ms: tat_pub,
         p_dc_dc: p_dc,
@@ -281,9 +370,10 @@ pub fn run(
         rtt_pub_dc_ms: rtt_pub,
         tat_ratio: tat_pub / tat_dc,
         p_ratio: p_pub / p_dc,
-        extra_ms: extra,
-        expected_extra_ms: expected,
-        extra_error: ((extra - expected) / expected).abs(),
+        extra_ms: quantile(&column(|r| r.extra_ms), 0.5),
+        expected_extra_ms: quantile(&column(|r| r.expected_extra_ms), 0.5),
+        extra_error: rounds.iter().map(|r| r.error).fold(f64::NAN, f64::max),
+        rounds,
         migration,
         loads,
     })
@@ -291,37 +381,94 @@ pub fn run(
 
 /// One request to the AP on its own connection, its answer's line.
 fn request(ip: Ipv4Addr, line: &str, timeout: Duration) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&(ip, cloud::APP_PORT).into(), Duration::from_secs(5))?;
+    let s = TcpStream::connect_timeout(&(ip, cloud::APP_PORT).into(), Duration::from_secs(5))?;
     s.set_read_timeout(Some(timeout))?;
-    writeln!(s, "{line}")?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    ask(&mut w, &mut r, line)
+}
+
+fn ask(w: &mut TcpStream, r: &mut BufReader<TcpStream>, line: &str) -> anyhow::Result<String> {
+    writeln!(w, "{line}")?;
     let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer)?;
+    if r.read_line(&mut answer)? == 0 {
+        anyhow::bail!("the AP closed the connection");
+    }
     Ok(answer.trim().to_string())
 }
 
-/// One client's turnarounds (the AP's, its own), errors and the first error's answer.
-type ClientLog = (Vec<f64>, Vec<f64>, u64, Option<String>);
+/// The AP's round trip to its database: the median of 31 `P` (one `SELECT 1` each), ms.
+fn db_rtt_ms(ip: Ipv4Addr) -> anyhow::Result<f64> {
+    let s = TcpStream::connect_timeout(&(ip, cloud::APP_PORT).into(), Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let (mut w, mut r) = (s.try_clone()?, BufReader::new(s));
+    let mut us = Vec::new();
+    for _ in 0..31 {
+        let answer = ask(&mut w, &mut r, "P")?;
+        us.push(
+            answer
+                .strip_prefix("RTT ")
+                .and_then(|u| u.parse::<f64>().ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("the AP at {ip} could not reach its database: {answer}")
+                })?,
+        );
+    }
+    Ok(quantile(&us, 0.5) / 1e3)
+}
+
+/// One client's log: the AP's turnarounds and its own, both ms; its errors.
+#[derive(Default)]
+struct ClientLog {
+    tat_ms: Vec<f64>,
+    client_ms: Vec<f64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl ClientLog {
+    fn error(&mut self, what: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(what);
+    }
+}
 
 /// `clients` closed-loop clients of the AP at `ip` for `length`: each sends a transfer,
-/// waits for its answer, sends the next. Plain TCP, no retries.
+/// waits for its answer, sends the next. Plain TCP, no retries. Each client's connection
+/// opens its database session (a `P`) before the clock starts; a connection that breaks
+/// counts one error and ends that client.
 fn load(ip: Ipv4Addr, clients: usize, length: Duration) -> anyhow::Result<ApLoad> {
     let next_id = Arc::new(AtomicU64::new(dczone_ledger::unix_us() / 1000 * 1_000_000));
-    let started = Instant::now();
-    let stop = started + length;
+    let ready = Arc::new(std::sync::Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
         .map(|c| {
-            let next_id = next_id.clone();
-            std::thread::spawn(move || -> anyhow::Result<ClientLog> {
-                let s = TcpStream::connect_timeout(
-                    &(ip, cloud::APP_PORT).into(),
-                    Duration::from_secs(5),
-                )?;
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                let mut w = s.try_clone()?;
-                let mut r = BufReader::new(s);
-                let (mut tat, mut client, mut errors, mut first_error) =
-                    (Vec::new(), Vec::new(), 0, None);
+            let (next_id, ready) = (next_id.clone(), ready.clone());
+            std::thread::spawn(move || {
+                let mut log = ClientLog::default();
+                let conn = (|| -> anyhow::Result<(TcpStream, BufReader<TcpStream>)> {
+                    let s = TcpStream::connect_timeout(
+                        &(ip, cloud::APP_PORT).into(),
+                        Duration::from_secs(5),
+                    )?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    let (mut w, mut r) = (s.try_clone()?, BufReader::new(s));
+                    let warm = ask(&mut w, &mut r, "P")?;
+                    if !warm.starts_with("RTT ") {
+                        anyhow::bail!("{warm}");
+                    }
+                    Ok((w, r))
+                })();
+                ready.wait();
+                let (mut w, mut r) = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        log.error(format!("connect: {e}"));
+                        return log;
+                    }
+                };
+                let stop = Instant::now() + length;
                 let mut seed =
                     0x9e37_79b9_7f4a_7c15_u64 ^ (c as u64 + 1) ^ next_id.load(Ordering::Relaxed);
                 let mut rand = move || {
@@ -335,48 +482,55 @@ fn load(ip: Ipv4Addr, clients: usize, length: Duration) -> anyhow::Result<ApLoad
                     let from = 1 + rand() % 1000;
                     let to = 1 + (from + rand() % 999) % 1000;
                     let sent = Instant::now();
-                    writeln!(w, "A {id} {from} {to} {}", 1 + rand() % 100)?;
-                    let mut line = String::new();
-                    r.read_line(&mut line)?;
+                    let line = format!("A {id} {from} {to} {}", 1 + rand() % 100);
+                    let answer = match ask(&mut w, &mut r, &line) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            log.error(format!("request: {e}"));
+                            break;
+                        }
+                    };
                     let took = sent.elapsed().as_secs_f64() * 1e3;
-                    let f: Vec<&str> = line.split_whitespace().collect();
+                    let f: Vec<&str> = answer.split_whitespace().collect();
                     match f.as_slice() {
-                        ["OK", _, _, db_us] => {
-                            tat.push(db_us.parse::<f64>().unwrap_or(f64::NAN) / 1e3);
-                            client.push(took);
-                        }
-                        _ => {
-                            errors += 1;
-                            first_error.get_or_insert_with(|| line.trim().to_string());
-                        }
+                        ["OK", _, _, db_us] => match db_us.parse::<f64>() {
+                            Ok(us) => {
+                                log.tat_ms.push(us / 1e3);
+                                log.client_ms.push(took);
+                            }
+                            Err(_) => log.error(answer.clone()),
+                        },
+                        _ => log.error(answer.clone()),
                     }
                 }
-                Ok((tat, client, errors, first_error))
+                log
             })
         })
         .collect();
-    let (mut tat, mut client, mut errors, mut first_error) = (Vec::new(), Vec::new(), 0, None);
+    ready.wait();
+    let started = Instant::now();
+    let mut all = ClientLog::default();
     for t in threads {
-        let (a, b, e, f) = t
+        let log = t
             .join()
-            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
-        tat.extend(a);
-        client.extend(b);
-        errors += e;
-        first_error = first_error.or(f);
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+        all.tat_ms.extend(log.tat_ms);
+        all.client_ms.extend(log.client_ms);
+        all.errors += log.errors;
+        all.first_error = all.first_error.or(log.first_error);
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(ApLoad {
         placement: String::new(),
         round: 0,
         ap_ip: ip,
-        requests: tat.len() as u64,
-        errors,
-        first_error,
+        requests: all.tat_ms.len() as u64,
+        errors: all.errors,
+        first_error: all.first_error,
         seconds,
-        p: tat.len() as f64 / seconds,
-        tat_ms: spread(&tat, true),
-        client_ms: spread(&client, true),
+        p: all.tat_ms.len() as f64 / seconds,
+        tat_ms: spread(&all.tat_ms, true),
+        client_ms: spread(&all.client_ms, true),
         rtt_ms: f64::NAN,
     })
 }

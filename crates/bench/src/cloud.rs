@@ -105,10 +105,14 @@ pub struct CloudReport {
     pub p_pub_dc: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ap_db: Option<crate::ap_db::ApDbReport>,
+    /// Why the AP-DB comparison did not finish (it then fails the verdict).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ap_db_error: Option<String>,
 }
 
 impl CloudReport {
-    pub const VERSION: u32 = 1;
+    /// 2: the AP-DB comparison (`tat_*`, `p_*`, `ap_db`, `ap_db_error`).
+    pub const VERSION: u32 = 2;
 
     /// The targets: transfer at least 80 % of the path, T1 within 1.3x its
     /// floor, on every VM of every run; the sources never stopped; the AP's extra
@@ -120,6 +124,7 @@ impl CloudReport {
             && self.transfer_share.worst >= 0.8
             && self.t1_over_floor.worst <= 1.3
             && self.ap_db.as_ref().is_none_or(|a| a.pass())
+            && self.ap_db_error.is_none()
     }
 }
 
@@ -201,10 +206,7 @@ pub fn cloud(
                 &agents,
                 &acc,
                 &ns,
-                &fmt,
-                8,
-                4,
-                &[],
+                &cloud::MigrateOptions::new(&fmt),
                 &|ip| cloud::app_answers(ip, Duration::from_secs(1)),
                 &|_| {},
             );
@@ -238,11 +240,13 @@ pub fn cloud(
     for n in &names {
         destroy_if_present(&agents, n)?;
     }
-    let ap_db = match &o.ap_db {
-        Some(a) => Some(crate::ap_db::run(
-            lab, exe, state_dir, &agents, &account, a, observer,
-        )?),
-        None => None,
+    // A failed comparison is reported with the migrations' figures, not instead of them.
+    let (ap_db, ap_db_error) = match &o.ap_db {
+        Some(a) => match crate::ap_db::run(lab, exe, state_dir, &agents, &account, a, observer) {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        },
+        None => (None, None),
     };
     let f = |sel: fn(&VmRun) -> f64| all.iter().map(sel).collect::<Vec<f64>>();
     Ok(CloudReport {
@@ -265,5 +269,6 @@ pub fn cloud(
         p_dc_dc: ap_db.as_ref().map(|a| a.p_dc_dc),
         p_pub_dc: ap_db.as_ref().map(|a| a.p_pub_dc),
         ap_db,
+        ap_db_error,
     })
 }

@@ -293,23 +293,45 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
     );
 
     // The security group given blocks the application port: reported once the cloud's
-    // console says the application listens, not retried for minutes.
+    // console says the application listens, not retried for minutes. A cold move
+    // (`--stop-source`): the failed move starts the source again, its ledger intact.
     let (code, body) = post("Action=CreateSecurityGroup&GroupName=shut&GroupDescription=nothing");
     assert_eq!(code, 200, "{body}");
     let shut = xml_field(&body, "groupId");
     let t = Instant::now();
     let err = stderr_of(
         &lab,
-        &["cloud", "migrate", "app1", "--security-group", &shut],
+        &[
+            "cloud",
+            "migrate",
+            "app1",
+            "--security-group",
+            &shut,
+            "--stop-source",
+        ],
     );
+    let reported = t.elapsed();
     assert!(
-        err.contains("does not answer from the zone") && err.contains(&shut),
+        err.contains("does not answer from the zone")
+            && err.contains(&shut)
+            && err.contains("app1 runs again in its DC"),
         "{err}"
     );
+    let waited = Instant::now();
+    let again = loop {
+        if let Some(a) = ask(&lab, "dc1.1-client", ip, &["B 1", "Z"]) {
+            break a;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "the source did not run again"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(again, [before[3].clone(), before[4].clone()]);
     assert!(
-        t.elapsed() < Duration::from_secs(120),
-        "reported after {:?}",
-        t.elapsed()
+        reported < Duration::from_secs(180),
+        "reported after {reported:?}"
     );
     let blocked_id = err
         .split("`dczone cloud terminate ")
@@ -388,6 +410,6 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
         ask(&lab, "dc1.1-client", inst_ip, &["Z"]).is_none(),
         "terminated"
     );
-    // The source never stopped.
+    // The source runs, its ledger as before.
     assert_eq!(ask(&lab, "dc1.1-client", ip, &["Z"]).unwrap()[0], before[4]);
 }

@@ -179,6 +179,9 @@ pub struct VmReport {
     pub phases: Phases,
     /// From the export's start until the application answers in the cloud.
     pub t1_ms: f64,
+    /// A cold move's downtime: from the VM's stop until it answers in the cloud.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
     pub transfer_mbit_s: f64,
     /// The part that took longest, from its send to its answer.
     pub most_delayed_part_ms: f64,
@@ -216,7 +219,13 @@ pub struct MigrateReport {
     pub vms: Vec<VmReport>,
     pub t1_total_ms: f64,
     pub transfer_mbit_s: f64,
+    /// Every source VM runs (a live-source move) after the move.
     pub source_running: bool,
+    /// A cold move's reference downtime, ms, and whether every VM's stayed within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_reference_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_within_reference: Option<bool>,
 }
 
 fn now_ms() -> u64 {
@@ -227,64 +236,111 @@ fn elapsed(p: &Phase) -> f64 {
     p.ms
 }
 
+/// How `dczone cloud migrate` moves its VMs.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// The image format the cloud imports: vmdk, vhd, raw or qcow2.
+    pub format: String,
+    /// Multipart upload part size, MiB, and parts in flight.
+    pub part_mib: u64,
+    pub streams: usize,
+    /// Start the instances in these groups instead of one made per VM.
+    pub security_groups: Vec<String>,
+    /// Stop each VM before its export (a cold move: the image needs no checkpoint, and the
+    /// service is down from the stop until it answers in the cloud). A failed move starts
+    /// the VM again in its DC.
+    pub stop_source: bool,
+    /// The downtime a cold move is judged against, ms.
+    pub downtime_reference_ms: f64,
+}
+
+impl MigrateOptions {
+    /// A live-source move (the VM keeps running) in `format`, 8 MiB parts, 4 streams.
+    pub fn new(format: &str) -> MigrateOptions {
+        MigrateOptions {
+            format: format.into(),
+            part_mib: 8,
+            streams: 4,
+            security_groups: Vec::new(),
+            stop_source: false,
+            downtime_reference_ms: DOWNTIME_REFERENCE_MS,
+        }
+    }
+}
+
+/// The default reference a cold move's downtime is judged against: a minute.
+pub const DOWNTIME_REFERENCE_MS: f64 = 60_000.0;
+
 /// `dczone cloud migrate`: each VM in turn. `probe` asks the instance's application
 /// from where the VM's clients are (true once it answers).
-#[allow(clippy::too_many_arguments)]
 pub fn migrate(
     agents: &dyn ZoneAgents,
     account: &Account,
     vms: &[String],
-    format: &str,
-    part_mib: u64,
-    streams: usize,
-    security_groups: &[String],
+    o: &MigrateOptions,
     probe: &dyn Fn(Ipv4Addr) -> bool,
     progress: &dyn Fn(&str),
 ) -> anyhow::Result<MigrateReport> {
-    let format = DiskFormat::parse(format)
-        .ok_or_else(|| anyhow!("unknown disk format '{format}': use vmdk, vhd, raw or qcow2"))?;
+    let format = DiskFormat::parse(&o.format).ok_or_else(|| {
+        anyhow!(
+            "unknown disk format '{}': use vmdk, vhd, raw or qcow2",
+            o.format
+        )
+    })?;
+    let (part_mib, streams, security_groups) = (o.part_mib, o.streams, &o.security_groups);
     let compute = Compute::new(account);
     check_account(account)?;
     let t_all = Instant::now();
     let mut reports = Vec::new();
     for vm in vms {
         let host = agents.host_of(vm)?;
-        let key = format!("{vm}-{}.{}", now_ms(), format.name().to_ascii_lowercase());
-        progress(&format!(
-            "{vm}: export, convert to {} and upload from {host}",
-            format.name()
-        ));
-        let started = Instant::now();
-        let v = agents
-            .call(
-                &host,
-                "POST",
-                &format!("/v1/vms/{vm}/cloud-export"),
-                Some(json!(ExportBody {
-                    account: account.clone(),
-                    key: key.clone(),
-                    format: format.name().to_ascii_lowercase(),
-                    part_mib,
-                    streams,
-                })),
-                Duration::from_secs(3600),
-            )
-            .with_context(|| format!("export VM {vm} to the cloud's object storage"))?;
-        let done: ExportDone = serde_json::from_value(v).context("an unreadable export answer")?;
-        progress(&format!(
-            "{vm}: {} uploaded in {:.1} s; importing",
-            dczone_storage::size(done.object_bytes),
-            done.transfer.ms / 1e3
-        ));
-        // Import: the cloud's task, polled until it completes.
-        let t = Instant::now();
-        let sent_unix_ms = now_ms();
-        let task =
-            compute.import_image(format, &account.bucket, &key, &format!("dczone: VM {vm}"))?;
-        let answered_unix_ms = now_ms();
-        let image = loop {
-            let s = compute.describe_import(&task)?;
-            match s.status.as_str() {
+        // A cold move: the service stops here.
+        let stopped = if o.stop_source {
+            progress(&format!("{vm}: stopping it (a cold move)"));
+            let at = Instant::now();
+            crate::vms::stop(agents, vm).with_context(|| format!("stop VM {vm}"))?;
+            Some(at)
+        } else {
+            None
+        };
+        let moved = (|| -> anyhow::Result<VmReport> {
+            let key = format!("{vm}-{}.{}", now_ms(), format.name().to_ascii_lowercase());
+            progress(&format!(
+                "{vm}: export, convert to {} and upload from {host}",
+                format.name()
+            ));
+            let started = Instant::now();
+            let v = agents
+                .call(
+                    &host,
+                    "POST",
+                    &format!("/v1/vms/{vm}/cloud-export"),
+                    Some(json!(ExportBody {
+                        account: account.clone(),
+                        key: key.clone(),
+                        format: format.name().to_ascii_lowercase(),
+                        part_mib,
+                        streams,
+                    })),
+                    Duration::from_secs(3600),
+                )
+                .with_context(|| format!("export VM {vm} to the cloud's object storage"))?;
+            let done: ExportDone =
+                serde_json::from_value(v).context("an unreadable export answer")?;
+            progress(&format!(
+                "{vm}: {} uploaded in {:.1} s; importing",
+                dczone_storage::size(done.object_bytes),
+                done.transfer.ms / 1e3
+            ));
+            // Import: the cloud's task, polled until it completes.
+            let t = Instant::now();
+            let sent_unix_ms = now_ms();
+            let task =
+                compute.import_image(format, &account.bucket, &key, &format!("dczone: VM {vm}"))?;
+            let answered_unix_ms = now_ms();
+            let image = loop {
+                let s = compute.describe_import(&task)?;
+                match s.status.as_str() {
                 "completed" => {
                     break s.image_id.ok_or_else(|| anyhow!("import {task} completed without an image"))?
                 }
@@ -295,58 +351,58 @@ pub fn migrate(
                 ),
                 _ => std::thread::sleep(Duration::from_millis(100)),
             }
-            if t.elapsed() > Duration::from_secs(1800) {
-                bail!("the cloud's import {task} did not complete in 30 min");
-            }
-        };
-        let import_ms = t.elapsed().as_secs_f64() * 1e3;
-        // Settings: the given groups, or one of its own with the application's port open
-        // to the zone and nothing else.
-        let t = Instant::now();
-        let groups: Vec<String> = if security_groups.is_empty() {
-            let group = compute.create_security_group(
-                &format!("dczone-{vm}-{}", now_ms()),
-                &format!("dczone: the application of VM {vm}"),
-            )?;
-            compute.authorize_ingress(
-                &group,
-                &[IpPermission {
-                    protocol: "tcp".into(),
-                    from_port: Some(APP_PORT),
-                    to_port: Some(APP_PORT),
-                    cidrs: vec![zone_cidr(&done.spec.ip_cidr)],
-                }],
-            )?;
-            vec![group]
-        } else {
-            security_groups.to_vec()
-        };
-        let settings_ms = t.elapsed().as_secs_f64() * 1e3;
-        progress(&format!("{vm}: image {image}; starting an instance"));
-        let t = Instant::now();
-        let itype = dczone_cloud::provider::instance_type_for(done.spec.memory_mib)
-            .ok_or_else(|| anyhow!("no instance type has {} MiB", done.spec.memory_mib))?;
-        let inst = compute.run_instance(&image, itype, &groups)?;
-        let ip: Ipv4Addr = inst
-            .ip
-            .parse()
-            .map_err(|_| anyhow!("instance {} has no address", inst.id))?;
-        // The cloud's console says when the application listens; if it listens and
-        // does not answer from here, a packet filter is in the way: reported at once.
-        let mut listening_since: Option<Instant> = None;
-        while !probe(ip) {
-            if listening_since.is_none() {
-                let ready = compute
-                    .log(now_ms().saturating_sub(600_000))
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|e| e.resource == inst.id && e.event == "instance.console.ready");
-                if ready {
-                    listening_since = Some(Instant::now());
+                if t.elapsed() > Duration::from_secs(1800) {
+                    bail!("the cloud's import {task} did not complete in 30 min");
                 }
-            }
-            if listening_since.is_some_and(|s| s.elapsed() > BLOCKED_AFTER) {
-                bail!(
+            };
+            let import_ms = t.elapsed().as_secs_f64() * 1e3;
+            // Settings: the given groups, or one of its own with the application's port open
+            // to the zone and nothing else.
+            let t = Instant::now();
+            let groups: Vec<String> = if security_groups.is_empty() {
+                let group = compute.create_security_group(
+                    &format!("dczone-{vm}-{}", now_ms()),
+                    &format!("dczone: the application of VM {vm}"),
+                )?;
+                compute.authorize_ingress(
+                    &group,
+                    &[IpPermission {
+                        protocol: "tcp".into(),
+                        from_port: Some(APP_PORT),
+                        to_port: Some(APP_PORT),
+                        cidrs: vec![zone_cidr(&done.spec.ip_cidr)],
+                    }],
+                )?;
+                vec![group]
+            } else {
+                security_groups.to_vec()
+            };
+            let settings_ms = t.elapsed().as_secs_f64() * 1e3;
+            progress(&format!("{vm}: image {image}; starting an instance"));
+            let t = Instant::now();
+            let itype = dczone_cloud::provider::instance_type_for(done.spec.memory_mib)
+                .ok_or_else(|| anyhow!("no instance type has {} MiB", done.spec.memory_mib))?;
+            let inst = compute.run_instance(&image, itype, &groups)?;
+            let ip: Ipv4Addr = inst
+                .ip
+                .parse()
+                .map_err(|_| anyhow!("instance {} has no address", inst.id))?;
+            // The cloud's console says when the application listens; if it listens and
+            // does not answer from here, a packet filter is in the way: reported at once.
+            let mut listening_since: Option<Instant> = None;
+            while !probe(ip) {
+                if listening_since.is_none() {
+                    let ready = compute
+                        .log(now_ms().saturating_sub(600_000))
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|e| e.resource == inst.id && e.event == "instance.console.ready");
+                    if ready {
+                        listening_since = Some(Instant::now());
+                    }
+                }
+                if listening_since.is_some_and(|s| s.elapsed() > BLOCKED_AFTER) {
+                    bail!(
                     "instance {} ({ip}) runs and its console says the application listens, but \
                      port {APP_PORT} does not answer from the zone: security group(s) {} do not \
                      allow tcp/{APP_PORT} from {}. Add a rule (AuthorizeSecurityGroupIngress), \
@@ -357,91 +413,107 @@ pub fn migrate(
                     zone_cidr(&done.spec.ip_cidr),
                     inst.id
                 );
-            }
-            if t.elapsed() > Duration::from_secs(600) {
-                bail!(
+                }
+                if t.elapsed() > Duration::from_secs(600) {
+                    bail!(
                     "instance {} ({ip}) did not answer on port {APP_PORT} in 600 s; it runs: `dczone cloud terminate {}`",
                     inst.id,
                     inst.id
                 );
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let start_ms = t.elapsed().as_secs_f64() * 1e3;
-        let t1_ms = started.elapsed().as_secs_f64() * 1e3;
-        // The console's line may reach the log a moment after the first answer.
-        let mut cloud_log: Vec<dczone_cloud::provider::LogEntry> = Vec::new();
-        for _ in 0..10 {
-            cloud_log = compute
-                .log(done.export.start_unix_ms)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|e| e.resource == task || e.resource == inst.id)
-                .collect();
-            if cloud_log
-                .iter()
-                .any(|e| e.event == "instance.console.ready")
-            {
-                break;
+            let answered = Instant::now();
+            let start_ms = t.elapsed().as_secs_f64() * 1e3;
+            let t1_ms = started.elapsed().as_secs_f64() * 1e3;
+            // The console's line may reach the log a moment after the first answer.
+            let mut cloud_log: Vec<dczone_cloud::provider::LogEntry> = Vec::new();
+            for _ in 0..10 {
+                cloud_log = compute
+                    .log(done.export.start_unix_ms)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|e| e.resource == task || e.resource == inst.id)
+                    .collect();
+                if cloud_log
+                    .iter()
+                    .any(|e| e.event == "instance.console.ready")
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            let at = |event: &str| {
+                cloud_log
+                    .iter()
+                    .find(|e| e.event == event)
+                    .map(|e| e.unix_ms)
+            };
+            let boot_ms = match (at("instance.running"), at("instance.console.ready")) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64),
+                _ => None,
+            };
+            let cloud_unix_ms = at("import.start").unwrap_or(0);
+            let clock = ClockCheck {
+                sent_unix_ms,
+                cloud_unix_ms,
+                answered_unix_ms,
+                agree: (sent_unix_ms..=answered_unix_ms).contains(&cloud_unix_ms),
+            };
+            let transfer_s = done.upload.ms / 1e3;
+            progress(&format!(
+                "{vm}: runs in the cloud as {} ({ip}), T1 {:.1} s",
+                inst.id,
+                t1_ms / 1e3
+            ));
+            Ok(VmReport {
+                downtime_ms: stopped.map(|s| answered.duration_since(s).as_secs_f64() * 1e3),
+                vm: vm.clone(),
+                instance: inst.id,
+                image,
+                object: key,
+                ip: ip.to_string(),
+                format: format.name().into(),
+                disk_bytes: done.disk_bytes,
+                object_bytes: done.object_bytes,
+                phases: Phases {
+                    export_ms: elapsed(&done.export),
+                    convert_ms: elapsed(&done.convert),
+                    transfer_ms: elapsed(&done.transfer),
+                    import_ms,
+                    settings_ms,
+                    start_ms,
+                },
+                t1_ms,
+                transfer_mbit_s: if transfer_s > 0.0 {
+                    done.object_bytes as f64 * 8.0 / transfer_s / 1e6
+                } else {
+                    0.0
+                },
+                most_delayed_part_ms: done
+                    .upload
+                    .parts
+                    .iter()
+                    .map(|p| p.done_ms - p.sent_ms)
+                    .fold(0.0, f64::max),
+                cloud_log,
+                boot_ms,
+                clock,
+            })
+        })();
+        match moved {
+            Ok(r) => reports.push(r),
+            // Nothing is lost: a stopped source starts again from its disk.
+            Err(e) if stopped.is_some() => {
+                return Err(match crate::vms::start(agents, vm) {
+                    Ok(_) => e.context(format!("the cold move of {vm} failed; {vm} runs again in its DC")),
+                    Err(s) => e.context(format!(
+                        "the cold move of {vm} failed, and {vm} did not start again ({s:#}): `dczone vm start {vm}`"
+                    )),
+                })
+            }
+            Err(e) => return Err(e),
         }
-        let at = |event: &str| {
-            cloud_log
-                .iter()
-                .find(|e| e.event == event)
-                .map(|e| e.unix_ms)
-        };
-        let boot_ms = match (at("instance.running"), at("instance.console.ready")) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64),
-            _ => None,
-        };
-        let cloud_unix_ms = at("import.start").unwrap_or(0);
-        let clock = ClockCheck {
-            sent_unix_ms,
-            cloud_unix_ms,
-            answered_unix_ms,
-            agree: (sent_unix_ms..=answered_unix_ms).contains(&cloud_unix_ms),
-        };
-        let transfer_s = done.upload.ms / 1e3;
-        progress(&format!(
-            "{vm}: runs in the cloud as {} ({ip}), T1 {:.1} s",
-            inst.id,
-            t1_ms / 1e3
-        ));
-        reports.push(VmReport {
-            vm: vm.clone(),
-            instance: inst.id,
-            image,
-            object: key,
-            ip: ip.to_string(),
-            format: format.name().into(),
-            disk_bytes: done.disk_bytes,
-            object_bytes: done.object_bytes,
-            phases: Phases {
-                export_ms: elapsed(&done.export),
-                convert_ms: elapsed(&done.convert),
-                transfer_ms: elapsed(&done.transfer),
-                import_ms,
-                settings_ms,
-                start_ms,
-            },
-            t1_ms,
-            transfer_mbit_s: if transfer_s > 0.0 {
-                done.object_bytes as f64 * 8.0 / transfer_s / 1e6
-            } else {
-                0.0
-            },
-            most_delayed_part_ms: done
-                .upload
-                .parts
-                .iter()
-                .map(|p| p.done_ms - p.sent_ms)
-                .fold(0.0, f64::max),
-            cloud_log,
-            boot_ms,
-            clock,
-        });
     }
     let total_bytes: u64 = reports.iter().map(|r| r.object_bytes).sum();
     let total_s: f64 = reports.iter().map(|r| r.phases.transfer_ms).sum::<f64>() / 1e3;
@@ -453,7 +525,6 @@ pub fn migrate(
             .is_some_and(|r| r.running.is_some())
     });
     Ok(MigrateReport {
-        vms: reports,
         t1_total_ms: t_all.elapsed().as_secs_f64() * 1e3,
         transfer_mbit_s: if total_s > 0.0 {
             total_bytes as f64 * 8.0 / total_s / 1e6
@@ -461,6 +532,13 @@ pub fn migrate(
             0.0
         },
         source_running,
+        downtime_reference_ms: o.stop_source.then_some(o.downtime_reference_ms),
+        downtime_within_reference: o.stop_source.then(|| {
+            reports
+                .iter()
+                .all(|r| r.downtime_ms.is_some_and(|d| d <= o.downtime_reference_ms))
+        }),
+        vms: reports,
     })
 }
 

@@ -76,6 +76,15 @@ pub struct Member {
 /// write the ledger's tables and nothing else ([`Admitted::apps`]).
 pub const APP_ROLE: &str = "ap";
 
+/// An IPv4 network in CIDR form (`10.77.2.0/24`), as `pg_hba.conf` takes it; `None` for
+/// anything else (a bare address, a name, `all`, a stray newline).
+pub fn network(text: &str) -> Option<String> {
+    let (ip, len) = text.split_once('/')?;
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
+    Some(format!("{ip}/{len}"))
+}
+
 /// Who may connect over the network: the members (replication too) and the client hosts,
 /// as `postgres`; and the application networks, as [`APP_ROLE`] to the ledger only.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,11 +96,13 @@ pub struct Admitted {
 }
 
 impl Admitted {
-    /// The `pg_hba.conf` lines: one address per line (`/32`), TLS and SCRAM everywhere.
+    /// The `pg_hba.conf` lines: `postgres` by address (`/32`), the application role by
+    /// network to the ledger only; TLS and SCRAM everywhere. Written at initdb: a platform
+    /// made before the application networks existed gets them when it is made anew.
     pub fn hba(&self) -> String {
         let mut out = String::from(
-            "\n# dczone: the members and the database sites' hosts, each by its address, \
-             TLS and SCRAM only\n",
+            "\n# dczone: the members and the database sites' hosts, each by its address; \
+             applications to the ledger only; TLS and SCRAM only\n",
         );
         for ip in &self.members {
             out.push_str(&format!(
@@ -1070,6 +1081,20 @@ rmgr: Standby     len (rec/tot):     50/    50, tx:          0, lsn: 0/01534A50,
         assert_eq!(parse_shutdown_checkpoint(&crashed), None);
         let standby = clean.replace("shut down", "shut down in recovery");
         assert_eq!(parse_shutdown_checkpoint(&standby), None);
+    }
+
+    #[test]
+    fn only_a_cidr_network_is_a_network() {
+        assert_eq!(network("10.77.2.0/24").as_deref(), Some("10.77.2.0/24"));
+        for bad in [
+            "10.77.2.0",
+            "all",
+            "0.0.0.0/33",
+            "10.77.2.0/24\nhost all all",
+            "x/8",
+        ] {
+            assert_eq!(network(bad), None, "{bad}");
+        }
     }
 
     #[test]

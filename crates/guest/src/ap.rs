@@ -114,6 +114,9 @@ impl Session {
             .password(&t.password)
             .dbname(&t.dbname)
             .application_name("dczone-ap")
+            // A statement that waits longer (a commit held by a lost synchronous standby)
+            // fails instead of holding its client forever.
+            .options("-c statement_timeout=10000")
             .ssl_mode(tokio_postgres::config::SslMode::Require)
             .connect_timeout(Duration::from_secs(5));
         let tls = t.tls.clone();
@@ -168,6 +171,11 @@ impl Session {
             balance,
             db_us: started.elapsed().as_micros() as u64,
         })
+    }
+
+    /// Whether the connection is gone (a failed statement leaves it usable).
+    pub fn closed(&self) -> bool {
+        self.client.is_closed()
     }
 
     /// One round trip to the database (`SELECT 1`, simple protocol), µs.

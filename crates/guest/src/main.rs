@@ -375,7 +375,6 @@ fn dirty_memory(mbps: u64, area: &mut [u8]) {
     }
 }
 
-/// What `S` reports besides the ledger.
 /// The AP mode's database, set by `D` (none until then).
 static DATABASE: Mutex<Option<ap::Target>> = Mutex::new(None);
 
@@ -430,8 +429,11 @@ fn application(parts: &[&str], session: &mut Option<ap::Session>) -> Option<Stri
                             r.db_us
                         ),
                         Err(e) => {
-                            // A broken session is reopened at the next request.
-                            *session = None;
+                            // A broken session is reopened at the next request; a failed
+                            // transaction leaves a working one.
+                            if session.as_ref().is_some_and(ap::Session::closed) {
+                                *session = None;
+                            }
                             format!("ERR {e}")
                         }
                     }
@@ -443,7 +445,9 @@ fn application(parts: &[&str], session: &mut Option<ap::Session>) -> Option<Stri
         ["P"] => match open(session).and_then(|()| session.as_mut().expect("opened").ping()) {
             Ok(us) => format!("RTT {us}"),
             Err(e) => {
-                *session = None;
+                if session.as_ref().is_some_and(ap::Session::closed) {
+                    *session = None;
+                }
                 format!("ERR {e}")
             }
         },
@@ -452,6 +456,7 @@ fn application(parts: &[&str], session: &mut Option<ap::Session>) -> Option<Stri
     Some(answer)
 }
 
+/// What `S` reports besides the ledger.
 #[derive(Clone, Copy)]
 struct Workload {
     dirty_mbps: u64,

@@ -181,15 +181,18 @@ pub async fn create_schema(primary: Ipv4Addr) -> Result<(), LedgerError> {
 }
 
 /// Makes the application role ([`dczone_db::APP_ROLE`]) sign in with `password`, with
-/// the rights an application server needs on the ledger: read and write its two tables,
-/// nothing else (no DDL, no other database). Idempotent; run on the primary.
+/// the rights an application server needs on the ledger and no more: read and update the
+/// accounts, insert transfers (no DDL, no deletes, no other database). Idempotent; run on
+/// the primary. Only the password's SCRAM verifier leaves this process, so no server log
+/// can show the password.
 pub async fn ensure_app_role(primary: Ipv4Addr, password: &str) -> Result<(), LedgerError> {
-    if !password.chars().all(|c| c.is_ascii_alphanumeric()) {
+    if password.len() < 16 {
         return Err(LedgerError::Db(dczone_db::DbError::Step {
             what: "set the application role's password".into(),
-            detail: "use letters and digits only".into(),
+            detail: "it needs at least 16 characters".into(),
         }));
     }
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
     let (c, conn) = config(primary, "dczone-setup", dczone_db::DATABASE)
         .connect(tls()?)
         .await?;
@@ -203,8 +206,9 @@ pub async fn ensure_app_role(primary: Ipv4Addr, password: &str) -> Result<(), Le
                  CREATE ROLE {role} LOGIN;
              END IF;
          END $$;
-         ALTER ROLE {role} PASSWORD '{password}';
-         GRANT SELECT, INSERT, UPDATE ON accounts, transfers TO {role};"
+         ALTER ROLE {role} PASSWORD '{verifier}';
+         GRANT SELECT, UPDATE ON accounts TO {role};
+         GRANT INSERT ON transfers TO {role};"
     ))
     .await?;
     Ok(())
