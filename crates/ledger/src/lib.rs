@@ -182,7 +182,8 @@ pub async fn create_schema(primary: Ipv4Addr) -> Result<(), LedgerError> {
 
 /// Makes the application role ([`dczone_db::APP_ROLE`]) sign in with `password`, with
 /// the rights an application server needs on the ledger and no more: read and update the
-/// accounts, insert transfers (no DDL, no deletes, no other database). Idempotent; run on
+/// accounts, insert transfers and read their ids (`ON CONFLICT (id)` needs it; no DDL, no
+/// deletes, no other database). Idempotent; run on
 /// the primary. Only the password's SCRAM verifier leaves this process, so no server log
 /// can show the password.
 pub async fn ensure_app_role(primary: Ipv4Addr, password: &str) -> Result<(), LedgerError> {
@@ -208,7 +209,7 @@ pub async fn ensure_app_role(primary: Ipv4Addr, password: &str) -> Result<(), Le
          END $$;
          ALTER ROLE {role} PASSWORD '{verifier}';
          GRANT SELECT, UPDATE ON accounts TO {role};
-         GRANT INSERT ON transfers TO {role};"
+         GRANT INSERT, SELECT (id) ON transfers TO {role};"
     ))
     .await?;
     Ok(())
