@@ -49,6 +49,12 @@ impl S3Error {
     }
 }
 
+/// How long one part may take, sent and answered: a minute, plus a second per MB (a
+/// slow path's share). A part past it is tried again, up to the upload's retries.
+pub fn part_timeout(bytes: u64) -> Duration {
+    Duration::from_secs(60 + bytes / 1_000_000)
+}
+
 /// One bucket of an account.
 #[derive(Debug)]
 pub struct Store {
@@ -309,7 +315,11 @@ impl Store {
             .bucket
             .abort_multipart_upload(Some(&self.creds), key, upload_id)
             .sign(SIGNED_FOR);
-        let _ = self.agent.delete(url.as_str()).call();
+        let _ = self
+            .agent
+            .delete(url.as_str())
+            .timeout(Duration::from_secs(30))
+            .call();
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -403,7 +413,12 @@ impl Store {
                 .bucket
                 .upload_part(Some(&self.creds), key, n, upload_id)
                 .sign(SIGNED_FOR);
-            match self.agent.put(url.as_str()).send_bytes(&buf) {
+            match self
+                .agent
+                .put(url.as_str())
+                .timeout(part_timeout(len))
+                .send_bytes(&buf)
+            {
                 Ok(r) => {
                     let etag = r
                         .header("etag")
@@ -420,7 +435,26 @@ impl Store {
                     ));
                 }
                 Err(e) => {
-                    let e = self.fail(&what, e);
+                    let timed_out = t.elapsed().as_secs_f64() * 1e3 - sent_ms
+                        >= part_timeout(len).as_secs_f64() * 1e3 - 1e3;
+                    let e = match self.fail(&what, e) {
+                        // Ceph blocks the writes of a full cluster: its gateway then
+                        // neither answers nor refuses.
+                        S3Error::Unreachable {
+                            what,
+                            endpoint,
+                            reason,
+                        } if timed_out => S3Error::Unreachable {
+                            what,
+                            endpoint,
+                            reason: format!(
+                                "{reason} (no answer within {} s: a full store blocks \
+                                     writes, an unreachable one does not answer)",
+                                part_timeout(len).as_secs()
+                            ),
+                        },
+                        e => e,
+                    };
                     // A store that refuses (full, denied) will refuse again; one that did
                     // not answer may be back.
                     let transient = matches!(e, S3Error::Unreachable { .. })
