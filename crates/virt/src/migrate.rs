@@ -2692,7 +2692,21 @@ impl Platform {
 
 /// Starts mirroring the source's disk into the destination's NBD export of its copy.
 fn start_mirror(src: &mut Qmp, copy: &DiskCopy, tls: bool) -> Result<(), hv::QmpError> {
-    // A target an earlier attempt could not remove would hold the name.
+    // A target an earlier attempt could not remove would hold the name; its force-cancelled
+    // job may still wait on the dead connection (until TCP gives up or the path is back):
+    // waited for, a minute at most, so that the new job can take the disk.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let jobs = src.execute("query-block-jobs", json!({}));
+        let left = jobs.is_ok_and(|j| {
+            j.as_array()
+                .is_some_and(|a| a.iter().any(|job| job["device"] == MIRROR_JOB))
+        });
+        if !left {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let _ = src.execute("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
     // `discard: unmap`, as on the VM's own disk: the mirror's zeroing of the new image may
     // free objects rather than write zeroes (QEMU's mirror zeroes a target that can,
