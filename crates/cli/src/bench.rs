@@ -567,21 +567,19 @@ fn print_cloud(r: &dczone_bench::cloud::CloudReport) {
         .map(|v| {
             let m = &v.report;
             let p = &m.phases;
-            vec![
+            let mut row = vec![
                 format!("{} {}", v.run, m.vm),
                 dczone_storage::size(m.object_bytes),
-                format!("{:.0}", p.export_ms),
-                format!("{:.0}", p.convert_ms),
-                format!("{:.0}", p.transfer_ms),
-                format!("{:.0}", p.import_ms),
-                format!("{:.0}", p.settings_ms),
-                format!("{:.0}", p.start_ms),
+            ];
+            row.extend(crate::cloud_cmd::phase_cells(p));
+            row.extend([
                 format!("{:.0}", m.boot_ms.unwrap_or(f64::NAN)),
                 format!("{:.0}", m.t1_ms),
                 format!("{:.2}", v.t1_over_floor),
                 format!("{:.0}", m.transfer_mbit_s),
                 format!("{:.0}", m.most_delayed_part_ms),
-            ]
+            ]);
+            row
         })
         .collect();
     print!(

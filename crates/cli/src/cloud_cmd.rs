@@ -200,21 +200,19 @@ pub fn run(
                 .iter()
                 .map(|v| {
                     let p = &v.phases;
-                    vec![
+                    let mut row = vec![
                         v.vm.clone(),
                         v.instance.clone(),
                         v.ip.clone(),
                         v.format.clone(),
                         dczone_storage::size(v.object_bytes),
-                        format!("{:.0}", p.export_ms),
-                        format!("{:.0}", p.convert_ms),
-                        format!("{:.0}", p.transfer_ms),
-                        format!("{:.0}", p.import_ms),
-                        format!("{:.0}", p.settings_ms),
-                        format!("{:.0}", p.start_ms),
+                    ];
+                    row.extend(phase_cells(p));
+                    row.extend([
                         format!("{:.1}", v.t1_ms / 1e3),
                         format!("{:.0}", v.transfer_mbit_s),
-                    ]
+                    ]);
+                    row
                 })
                 .collect();
             print!(
@@ -341,4 +339,18 @@ pub fn run(
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A migration's phases as table cells, ms: export, convert, transfer, import, settings,
+/// start.
+pub(crate) fn phase_cells(p: &cloud::Phases) -> [String; 6] {
+    [
+        p.export_ms,
+        p.convert_ms,
+        p.transfer_ms,
+        p.import_ms,
+        p.settings_ms,
+        p.start_ms,
+    ]
+    .map(|ms| format!("{ms:.0}"))
 }

@@ -507,18 +507,22 @@ impl HostStorage {
         Ok(stopped)
     }
 
-    /// Runs `ceph` with the admin key (this host must hold a monitor); its stdout.
-    pub fn ceph(&self, cluster: &str, args: &[&str]) -> Result<String, StorageError> {
-        let dir = self.dir(cluster);
-        let keyring = dir.join(format!("keyring.{}", keys::ADMIN));
+    /// The admin key's file: only a host that holds a monitor has it.
+    fn admin_keyring(&self, cluster: &str) -> Result<String, StorageError> {
+        let keyring = self.dir(cluster).join(format!("keyring.{}", keys::ADMIN));
         if !keyring.is_file() {
             return Err(StorageError::NotAdmin {
                 cluster: cluster.into(),
                 host: self.host.clone(),
             });
         }
+        Ok(keyring.display().to_string())
+    }
+
+    /// Runs `ceph` with the admin key (this host must hold a monitor); its stdout.
+    pub fn ceph(&self, cluster: &str, args: &[&str]) -> Result<String, StorageError> {
+        let keyring = self.admin_keyring(cluster)?;
         let conf = self.conf(cluster);
-        let keyring = keyring.display().to_string();
         let mut all = vec![
             "-c",
             &conf,
@@ -542,16 +546,8 @@ impl HostStorage {
         access_key: &str,
         secret_key: &str,
     ) -> Result<(), StorageError> {
-        let dir = self.dir(cluster);
-        let keyring = dir.join(format!("keyring.{}", keys::ADMIN));
-        if !keyring.is_file() {
-            return Err(StorageError::NotAdmin {
-                cluster: cluster.into(),
-                host: self.host.clone(),
-            });
-        }
+        let keyring = self.admin_keyring(cluster)?;
         let conf = self.conf(cluster);
-        let keyring = keyring.display().to_string();
         let admin = |args: &[&str]| {
             let mut all = vec!["-c", &conf, "-n", keys::ADMIN, "-k", &keyring];
             all.extend_from_slice(args);
