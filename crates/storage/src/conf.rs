@@ -58,6 +58,10 @@ err_to_stderr = true
 
 [mon]
 auth_allow_insecure_global_id_reclaim = false
+# A map change (a snapshot's id, a pool) is proposed 0.1 s after the last commit, not
+# 1 s: `rbd snap create` took 1.0 s with the default and 0.2 s with 0.1 on the lab's
+# stretched cluster, 1.0 s and 0.1 s on the cloud's (every export and backup takes one).
+paxos_propose_interval = 0.1
 {election}
 mgr_initial_modules = iostat
 
