@@ -29,6 +29,13 @@ pub const API_PORT: u16 = 8773;
 const POOL: &str = "rbd";
 /// The S3 user of the account.
 const S3_USER: &str = "tenant";
+
+/// The pools radosgw makes on a bucket's first multipart upload and first object.
+const RGW_LAZY_POOLS: [&str; 3] = [
+    "default.rgw.buckets.index",
+    "default.rgw.buckets.non-ec",
+    "default.rgw.buckets.data",
+];
 /// The nftables table of the security groups.
 const NFT_TABLE: &str = "dczone_cloud";
 
@@ -968,6 +975,12 @@ pub fn storage_up(cfg: &ProviderConfig, say: &dyn Fn(&str)) -> anyhow::Result<Ho
     hs.setup(name)?;
     wait("active PGs", &|s| s.all_active())?;
     say("storage: monitor, manager and OSD up, pool ready");
+    // The gateway makes its bucket pools at their first use: the first upload then waits
+    // for new PGs (a first migration's transfer ran at 0.30 of the path, the next at
+    // 0.91). Made here instead, before any tenant writes.
+    for pool in RGW_LAZY_POOLS {
+        hs.ensure_pool(name, pool, "rgw")?;
+    }
     hs.start(name, &[Kind::Rgw])?;
     let creds = &cfg.account;
     hs.s3_user(name, S3_USER, &creds.access_key, &creds.secret_key)?;

@@ -803,6 +803,28 @@ impl HostStorage {
         Ok(done)
     }
 
+    /// Makes pool `pool` for `application` with the cluster's defaults, unless it exists.
+    pub fn ensure_pool(
+        &self,
+        cluster: &str,
+        pool: &str,
+        application: &str,
+    ) -> Result<(), StorageError> {
+        let pools = self.ceph_json(cluster, &["osd", "pool", "ls"])?;
+        if pools
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x.as_str() == Some(pool)))
+        {
+            return Ok(());
+        }
+        self.ceph(cluster, &["osd", "pool", "create", pool])?;
+        self.ceph(
+            cluster,
+            &["osd", "pool", "application", "enable", pool, application],
+        )?;
+        Ok(())
+    }
+
     /// Adds `stretch_rule` (two copies on distinct hosts of each of the two sites) with
     /// `crushtool`, as Ceph's stretch-mode documentation does.
     fn add_stretch_rule(&self, cluster: &str, sites: &[String; 2]) -> Result<(), StorageError> {
