@@ -248,7 +248,7 @@ fn measure(
             &acc,
             &[AP_VM.to_string()],
             &cloud::MigrateOptions::new(&fmt),
-            &|ip| cloud::app_answers(ip, Duration::from_secs(1)),
+            &|ip| cloud::app_answers(ip, cloud::PROBE_TIMEOUT),
             &|_| {},
         )
     })??;

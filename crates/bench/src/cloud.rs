@@ -207,7 +207,7 @@ pub fn cloud(
                 &acc,
                 &ns,
                 &cloud::MigrateOptions::new(&fmt),
-                &|ip| cloud::app_answers(ip, Duration::from_secs(1)),
+                &|ip| cloud::app_answers(ip, cloud::PROBE_TIMEOUT),
                 &|_| {},
             );
             // The instances and objects go after each run, kept or not.

@@ -185,7 +185,7 @@ pub fn run(
                         stop_source,
                         downtime_reference_ms,
                     },
-                    &|ip| cloud::app_answers(ip, Duration::from_secs(1)),
+                    &|ip| cloud::app_answers(ip, cloud::PROBE_TIMEOUT),
                     &|m| p.set_message(m.to_string()),
                 )
             })?;

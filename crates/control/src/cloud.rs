@@ -349,7 +349,7 @@ pub fn migrate(
                     s.status_message,
                     account.bucket
                 ),
-                _ => std::thread::sleep(Duration::from_millis(100)),
+                _ => std::thread::sleep(POLL_EVERY),
             }
                 if t.elapsed() > Duration::from_secs(1800) {
                     bail!("the cloud's import {task} did not complete in 30 min");
@@ -421,7 +421,7 @@ pub fn migrate(
                     inst.id
                 );
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(POLL_EVERY);
             }
             let answered = Instant::now();
             let start_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -578,6 +578,13 @@ fn zone_cidr(ip_cidr: &str) -> String {
     let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
     format!("{}/{len}", Ipv4Addr::from(u32::from(ip) & mask))
 }
+
+/// How long one look at a starting instance's application waits. Short, and repeated
+/// every [`POLL_EVERY`]: a connection to an instance not up yet is not refused but left
+/// unanswered, and a long wait would count in its start (1 s added up to 1.2 s).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+/// How often an import task and a starting instance are looked at.
+const POLL_EVERY: Duration = Duration::from_millis(50);
 
 /// Whether the ledger at `ip` answers a balance request within `timeout`.
 pub fn app_answers(ip: Ipv4Addr, timeout: Duration) -> bool {
