@@ -356,6 +356,7 @@ impl Agent {
                     &disk.image,
                     &b.id,
                     parent.as_deref(),
+                    None,
                     |n, bytes| {
                         if let Some(f) = failure.lock().unwrap_or_else(|e| e.into_inner()).clone() {
                             return Err(StorageError::Conflict(f));

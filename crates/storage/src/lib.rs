@@ -22,6 +22,7 @@
 
 pub mod backup;
 pub mod conf;
+pub mod diff;
 pub mod host;
 pub mod keys;
 pub mod operator;

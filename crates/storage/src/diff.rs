@@ -1,0 +1,276 @@
+//! A reader of `rbd export-diff`'s stream (format `rbd diff v1`, Ceph's
+//! `doc/dev/rbd-diff.rst`), fed in whatever pieces the pipe gives: the image's size, and
+//! its data in order of offset, each record's data passed on as it arrives, never held
+//! whole. A full export (no `--from-snap`) carries only the allocated extents, so a
+//! sparse image is read in the time of its data.
+//!
+//! ```text
+//! "rbd diff v1\n"
+//! 'f' u32 len, name        from snapshot (incremental only)
+//! 't' u32 len, name        to snapshot
+//! 's' u64 size             the image's size at the snapshot
+//! 'w' u64 offset, u64 len, data
+//! 'z' u64 offset, u64 len  zeroes (a discarded or never-written range)
+//! 'e'                      end
+//! ```
+//! Integers are little-endian.
+
+use crate::StorageError;
+
+const MAGIC: &[u8] = b"rbd diff v1\n";
+
+/// What a stream says, in its order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// The image's size, bytes (before any data).
+    Size(u64),
+    /// Bytes at `offset` (one record may come as several pieces).
+    Data { offset: u64, bytes: &'a [u8] },
+    /// `len` bytes of zeroes at `offset`.
+    Zero { offset: u64, len: u64 },
+}
+
+#[derive(Debug)]
+enum State {
+    Magic,
+    Tag,
+    /// A fixed-size header of the record `tag` (its name's length, size, offset...).
+    Header {
+        tag: u8,
+        need: usize,
+    },
+    /// A snapshot's name, skipped.
+    Skip(usize),
+    Data {
+        offset: u64,
+        left: u64,
+    },
+    End,
+}
+
+/// The parser's state between pieces of the pipe.
+#[derive(Debug)]
+pub struct DiffParser {
+    state: State,
+    held: Vec<u8>,
+}
+
+impl Default for DiffParser {
+    fn default() -> Self {
+        DiffParser {
+            state: State::Magic,
+            held: Vec::new(),
+        }
+    }
+}
+
+fn bad(reason: String) -> StorageError {
+    StorageError::Corrupt {
+        what: "rbd export-diff's stream".into(),
+        reason,
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl DiffParser {
+    /// Whether the end record was read.
+    pub fn ended(&self) -> bool {
+        matches!(self.state, State::End)
+    }
+
+    /// Reads `input`, the next bytes of the stream, passing each piece to `out` in order.
+    pub fn feed(
+        &mut self,
+        mut input: &[u8],
+        out: &mut dyn FnMut(Piece<'_>) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        while !input.is_empty() {
+            match self.state {
+                State::Magic => {
+                    if !self.take(&mut input, MAGIC.len()) {
+                        return Ok(());
+                    }
+                    if self.held != MAGIC {
+                        return Err(bad(format!(
+                            "it starts with {:?}, not \"rbd diff v1\"",
+                            String::from_utf8_lossy(&self.held)
+                        )));
+                    }
+                    self.held.clear();
+                    self.state = State::Tag;
+                }
+                State::Tag => {
+                    let tag = input[0];
+                    input = &input[1..];
+                    self.state = match tag {
+                        b'f' | b't' => State::Header { tag, need: 4 },
+                        b's' => State::Header { tag, need: 8 },
+                        b'w' | b'z' => State::Header { tag, need: 16 },
+                        b'e' => State::End,
+                        t => return Err(bad(format!("unknown record {:?}", t as char))),
+                    };
+                }
+                State::Header { tag, need } => {
+                    if !self.take(&mut input, need) {
+                        return Ok(());
+                    }
+                    let h = std::mem::take(&mut self.held);
+                    self.state = match tag {
+                        b'f' | b't' => State::Skip(u32::from_le_bytes(
+                            h[..4].try_into().expect("4 bytes"),
+                        ) as usize),
+                        b's' => {
+                            out(Piece::Size(u64_at(&h, 0)))?;
+                            State::Tag
+                        }
+                        b'w' => State::Data {
+                            offset: u64_at(&h, 0),
+                            left: u64_at(&h, 8),
+                        },
+                        _ => {
+                            out(Piece::Zero {
+                                offset: u64_at(&h, 0),
+                                len: u64_at(&h, 8),
+                            })?;
+                            State::Tag
+                        }
+                    };
+                }
+                State::Skip(n) => {
+                    let k = n.min(input.len());
+                    input = &input[k..];
+                    self.state = if k == n {
+                        State::Tag
+                    } else {
+                        State::Skip(n - k)
+                    };
+                }
+                State::Data { offset, left } => {
+                    if left == 0 {
+                        self.state = State::Tag;
+                        continue;
+                    }
+                    let k = (left.min(input.len() as u64)) as usize;
+                    out(Piece::Data {
+                        offset,
+                        bytes: &input[..k],
+                    })?;
+                    input = &input[k..];
+                    self.state = State::Data {
+                        offset: offset + k as u64,
+                        left: left - k as u64,
+                    };
+                }
+                State::End => {
+                    return Err(bad(format!("{} bytes after its end record", input.len())))
+                }
+            }
+        }
+        // A data record read to its last byte ends there.
+        if let State::Data { left: 0, .. } = self.state {
+            self.state = State::Tag;
+        }
+        Ok(())
+    }
+
+    /// Moves up to `n` bytes (in all) from `input` into `held`; whether it has them.
+    fn take(&mut self, input: &mut &[u8], n: usize) -> bool {
+        let k = (n - self.held.len()).min(input.len());
+        self.held.extend_from_slice(&input[..k]);
+        *input = &input[k..];
+        self.held.len() == n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream() -> Vec<u8> {
+        let mut s = MAGIC.to_vec();
+        s.push(b't');
+        s.extend(4u32.to_le_bytes());
+        s.extend(b"snap");
+        s.push(b's');
+        s.extend((1u64 << 20).to_le_bytes());
+        s.push(b'w');
+        s.extend(4096u64.to_le_bytes());
+        s.extend(5u64.to_le_bytes());
+        s.extend(b"hello");
+        s.push(b'z');
+        s.extend(8192u64.to_le_bytes());
+        s.extend(512u64.to_le_bytes());
+        s.push(b'e');
+        s
+    }
+
+    /// The pieces of `s` fed `step` bytes at a time, data joined per offset run.
+    fn read(s: &[u8], step: usize) -> (Vec<String>, bool) {
+        let mut p = DiffParser::default();
+        let mut seen = Vec::new();
+        for chunk in s.chunks(step) {
+            p.feed(chunk, &mut |piece| {
+                seen.push(match piece {
+                    Piece::Size(n) => format!("size {n}"),
+                    Piece::Data { offset, bytes } => {
+                        format!("data {offset} {}", String::from_utf8_lossy(bytes))
+                    }
+                    Piece::Zero { offset, len } => format!("zero {offset} {len}"),
+                });
+                Ok(())
+            })
+            .unwrap();
+        }
+        (seen, p.ended())
+    }
+
+    #[test]
+    fn a_stream_reads_the_same_in_any_pieces() {
+        let s = stream();
+        let (whole, ended) = read(&s, s.len());
+        assert!(ended);
+        assert_eq!(whole, ["size 1048576", "data 4096 hello", "zero 8192 512"]);
+        // One byte at a time: the data comes byte by byte, at the right offsets.
+        let (bytes, ended) = read(&s, 1);
+        assert!(ended);
+        assert_eq!(bytes[0], "size 1048576");
+        assert_eq!(
+            &bytes[1..6],
+            [
+                "data 4096 h",
+                "data 4097 e",
+                "data 4098 l",
+                "data 4099 l",
+                "data 4100 o"
+            ]
+        );
+        assert_eq!(bytes[6], "zero 8192 512");
+    }
+
+    #[test]
+    fn a_foreign_stream_is_refused() {
+        let mut p = DiffParser::default();
+        let e = p.feed(b"rbd diff v2\n", &mut |_| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("not \"rbd diff v1\""), "{e}");
+        let mut p = DiffParser::default();
+        let mut s = MAGIC.to_vec();
+        s.push(b'x');
+        let e = p.feed(&s, &mut |_| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("unknown record 'x'"), "{e}");
+        let mut p = DiffParser::default();
+        let mut s = stream();
+        s.push(b'w');
+        let e = p.feed(&s, &mut |_| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("after its end record"), "{e}");
+    }
+
+    #[test]
+    fn a_truncated_stream_has_not_ended() {
+        let s = stream();
+        let (_, ended) = read(&s[..s.len() - 1], 7);
+        assert!(!ended);
+    }
+}
