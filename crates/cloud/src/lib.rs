@@ -8,6 +8,8 @@ pub mod ec2;
 pub mod provider;
 pub mod s3;
 pub mod sigv4;
+pub mod stream;
+pub mod vmdk;
 
 use serde::{Deserialize, Serialize};
 

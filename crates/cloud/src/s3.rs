@@ -2,7 +2,7 @@
 //! (rusty-s3 builds the presigned URLs, ureq sends them). The same calls work against
 //! radosgw, Garage or AWS; only the endpoint, region and keys differ.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,9 @@ const SIGNED_FOR: Duration = Duration::from_secs(3600);
 
 /// The smallest part S3 takes (but the last).
 pub const MIN_PART: u64 = 5 << 20;
+
+/// The most parts one upload may have.
+pub const MAX_PARTS: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
@@ -258,15 +261,64 @@ impl Store {
             what: what.clone(),
             reason,
         };
-        let total = std::fs::metadata(file)
+        let f = std::fs::File::open(file)
+            .map_err(|e| other(format!("read {}: {e}", file.display())))?;
+        let total = f
+            .metadata()
             .map_err(|e| other(format!("read {}: {e}", file.display())))?
             .len();
         let n_parts = total.div_ceil(part_bytes).max(1);
-        if n_parts > 10_000 {
+        if n_parts > MAX_PARTS {
             return Err(other(format!(
-                "{n_parts} parts of {part_bytes} bytes: S3 takes at most 10,000; use larger parts"
+                "{n_parts} parts of {part_bytes} bytes: S3 takes at most {MAX_PARTS}; use larger parts"
             )));
         }
+        let next = std::sync::Mutex::new(0u64);
+        let source = || -> Option<Result<Vec<u8>, S3Error>> {
+            use std::os::unix::fs::FileExt;
+            let n = {
+                let mut g = next.lock().unwrap_or_else(|e| e.into_inner());
+                if *g >= n_parts {
+                    return None;
+                }
+                *g += 1;
+                *g - 1
+            };
+            let offset = n * part_bytes;
+            let mut buf = vec![0u8; part_bytes.min(total - offset) as usize];
+            Some(
+                f.read_exact_at(&mut buf, offset)
+                    .map(|_| buf)
+                    .map_err(|e| other(format!("read {}: {e}", file.display()))),
+            )
+        };
+        self.upload_parts(&source, key, Some(total), streams, retries, progress)
+    }
+
+    /// Uploads as `key` the parts `next` gives, in order, `streams` at once, as they come
+    /// (a stream being made while it is sent: only the parts in flight are held). Every
+    /// part but the last must have at least [`MIN_PART`] bytes. Retries and the abort on
+    /// failure as [`Store::upload`]; a part that `next` fails to make aborts it too.
+    pub fn upload_stream(
+        &self,
+        next: &(dyn Fn() -> Option<Result<Vec<u8>, S3Error>> + Sync),
+        key: &str,
+        streams: usize,
+        retries: u32,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Upload, S3Error> {
+        self.upload_parts(next, key, None, streams, retries, progress)
+    }
+
+    fn upload_parts(
+        &self,
+        next: &(dyn Fn() -> Option<Result<Vec<u8>, S3Error>> + Sync),
+        key: &str,
+        total: Option<u64>,
+        streams: usize,
+        retries: u32,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Upload, S3Error> {
         let t = Instant::now();
         let url = CreateMultipartUpload::new(&self.bucket, Some(&self.creds), key).sign(SIGNED_FOR);
         let r = self
@@ -274,13 +326,13 @@ impl Store {
             .post(url.as_str())
             .call()
             .map_err(|e| self.fail(&format!("start the upload of {key}"), e))?;
-        let created = CreateMultipartUpload::parse_response(&body_of(r))
-            .map_err(|e| other(format!("an unreadable CreateMultipartUpload answer: {e}")))?;
+        let created =
+            CreateMultipartUpload::parse_response(&body_of(r)).map_err(|e| S3Error::Other {
+                what: format!("upload {key}"),
+                reason: format!("an unreadable CreateMultipartUpload answer: {e}"),
+            })?;
         let upload_id = created.upload_id().to_string();
-        let result = self.parts(
-            file, key, &upload_id, total, part_bytes, streams, retries, t, progress,
-        );
-        let parts = match result {
+        let parts = match self.parts(next, key, &upload_id, total, streams, retries, t, progress) {
             Ok(p) => p,
             Err(e) => {
                 self.abort(key, &upload_id);
@@ -302,7 +354,7 @@ impl Store {
         }
         Ok(Upload {
             key: key.into(),
-            bytes: total,
+            bytes: parts.iter().map(|(p, _)| p.bytes).sum(),
             ms: t.elapsed().as_secs_f64() * 1e3,
             parts: parts.into_iter().map(|(p, _)| p).collect(),
         })
@@ -325,18 +377,17 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     fn parts(
         &self,
-        file: &Path,
+        next: &(dyn Fn() -> Option<Result<Vec<u8>, S3Error>> + Sync),
         key: &str,
         upload_id: &str,
-        total: u64,
-        part_bytes: u64,
+        total: Option<u64>,
         streams: usize,
         retries: u32,
         t: Instant,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<Vec<(PartTiming, String)>, S3Error> {
-        let n_parts = total.div_ceil(part_bytes).max(1) as u16;
-        let next = std::sync::Mutex::new(1u16);
+        // Parts are numbered as they are taken, under one lock: in the source's order.
+        let taken = std::sync::Mutex::new(0u64);
         let done = std::sync::Mutex::new(Vec::new());
         let sent = std::sync::atomic::AtomicU64::new(0);
         let failure = std::sync::Mutex::new(None::<S3Error>);
@@ -346,22 +397,40 @@ impl Store {
                     if failure.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
                         return;
                     }
-                    let n = {
-                        let mut g = next.lock().unwrap_or_else(|e| e.into_inner());
-                        if *g > n_parts {
-                            return;
-                        }
+                    let (n, buf) = {
+                        let mut g = taken.lock().unwrap_or_else(|e| e.into_inner());
+                        let buf = match next() {
+                            None => return,
+                            Some(Ok(b)) => b,
+                            Some(Err(e)) => {
+                                failure
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .get_or_insert(e);
+                                return;
+                            }
+                        };
                         *g += 1;
-                        *g - 1
+                        (*g, buf)
                     };
-                    let offset = u64::from(n - 1) * part_bytes;
-                    let len = part_bytes.min(total - offset);
-                    let r = self.part(file, key, upload_id, n, offset, len, retries, t);
-                    match r {
+                    if n > MAX_PARTS {
+                        failure
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(S3Error::Other {
+                            what: format!("upload {key}"),
+                            reason: format!(
+                                "more than {MAX_PARTS} parts: S3 takes no more; use larger parts"
+                            ),
+                        });
+                        return;
+                    }
+                    let len = buf.len() as u64;
+                    match self.part(&buf, key, upload_id, n as u16, retries, t) {
                         Ok(v) => {
                             let so_far =
                                 sent.fetch_add(len, std::sync::atomic::Ordering::SeqCst) + len;
-                            progress(so_far, total);
+                            progress(so_far, total.unwrap_or(0));
                             done.lock().unwrap_or_else(|e| e.into_inner()).push(v);
                         }
                         Err(e) => {
@@ -383,29 +452,21 @@ impl Store {
         Ok(done)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn part(
         &self,
-        file: &Path,
+        buf: &[u8],
         key: &str,
         upload_id: &str,
         n: u16,
-        offset: u64,
-        len: u64,
         retries: u32,
         t: Instant,
     ) -> Result<(PartTiming, String), S3Error> {
-        use std::io::Seek;
         let what = format!("part {n} of {key}");
         let other = |reason: String| S3Error::Other {
             what: what.clone(),
             reason,
         };
-        let mut f = std::fs::File::open(file).map_err(|e| other(e.to_string()))?;
-        f.seek(std::io::SeekFrom::Start(offset))
-            .map_err(|e| other(e.to_string()))?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact(&mut buf).map_err(|e| other(e.to_string()))?;
+        let len = buf.len() as u64;
         let mut attempt = 0;
         loop {
             let sent_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -417,7 +478,7 @@ impl Store {
                 .agent
                 .put(url.as_str())
                 .timeout(part_timeout(len))
-                .send_bytes(&buf)
+                .send_bytes(buf)
             {
                 Ok(r) => {
                     let etag = r

@@ -1,0 +1,200 @@
+//! A writer of stream-optimized VMDK (VMware's "Virtual Disk Format 5.0", the format
+//! EC2's `ImportImage` and vSphere take): one pass, front to back, so that an image is
+//! sent while it is made. Each grain (64 KiB) that holds data is written compressed
+//! (zlib) behind a grain marker; a grain table follows the grains it maps, and the grain
+//! directory, the footer (a copy of the header that says where the directory is) and the
+//! end-of-stream marker close the file. Grains of zeroes are not written.
+//!
+//! ```text
+//! header (gd at end) | descriptor | grain... | GT marker, GT | ... | GD marker, GD |
+//! footer marker, footer | end of stream
+//! ```
+
+use std::io::{self, Write};
+
+const SECTOR: u64 = 512;
+/// Bytes of a grain.
+pub const GRAIN: u64 = 64 << 10;
+const GRAIN_SECTORS: u64 = GRAIN / SECTOR;
+const GTES_PER_GT: u64 = 512;
+const GT_SECTORS: u64 = GTES_PER_GT * 4 / SECTOR;
+/// The grains start here (header, descriptor, padding to a grain).
+const OVERHEAD_SECTORS: u64 = 128;
+const DESCRIPTOR_SECTORS: u64 = 20;
+const GD_AT_END: u64 = u64::MAX;
+
+const MARKER_GT: u32 = 1;
+const MARKER_GD: u32 = 2;
+const MARKER_FOOTER: u32 = 3;
+
+/// Newline detection, compressed grains, markers.
+const FLAGS: u32 = 1 | (1 << 16) | (1 << 17);
+
+/// A grain compressed for the stream.
+pub fn compress(raw: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::ZlibEncoder::new(
+        Vec::with_capacity(raw.len() + 64),
+        flate2::Compression::fast(),
+    );
+    e.write_all(raw).expect("writing to memory");
+    e.finish().expect("writing to memory")
+}
+
+/// A stream-optimized VMDK being written to `out`.
+pub struct StreamOptimized<W: Write> {
+    out: W,
+    /// Bytes written (always whole sectors).
+    at: u64,
+    capacity: u64,
+    /// Per grain table: the sector of its table, 0 for none.
+    gd: Vec<u32>,
+    /// The grain table being filled: its number and entries.
+    gt: Option<(u64, Vec<u32>)>,
+    next_grain: u64,
+}
+
+impl<W: Write> std::fmt::Debug for StreamOptimized<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamOptimized")
+            .field("at", &self.at)
+            .field("capacity", &self.capacity)
+            .field("next_grain", &self.next_grain)
+            .finish()
+    }
+}
+
+impl<W: Write> StreamOptimized<W> {
+    /// Starts an image of `size` bytes (rounded up to a sector).
+    pub fn new(mut out: W, size: u64) -> io::Result<Self> {
+        let capacity = size.div_ceil(SECTOR);
+        if capacity.div_ceil(GRAIN_SECTORS) > u64::from(u32::MAX) {
+            return Err(io::Error::other(format!(
+                "{size} bytes is too large for one VMDK extent"
+            )));
+        }
+        let gts = capacity.div_ceil(GRAIN_SECTORS * GTES_PER_GT) as usize;
+        let mut head = vec![0u8; (OVERHEAD_SECTORS * SECTOR) as usize];
+        head[..512].copy_from_slice(&header(capacity, GD_AT_END));
+        let desc = descriptor(capacity);
+        head[512..512 + desc.len()].copy_from_slice(desc.as_bytes());
+        out.write_all(&head)?;
+        Ok(StreamOptimized {
+            out,
+            at: head.len() as u64,
+            capacity,
+            gd: vec![0; gts],
+            gt: None,
+            next_grain: 0,
+        })
+    }
+
+    fn sector(&self) -> u32 {
+        (self.at / SECTOR) as u32
+    }
+
+    /// Writes `bytes` and pads them to a sector.
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        let pad = (SECTOR - bytes.len() as u64 % SECTOR) % SECTOR;
+        self.out.write_all(&vec![0u8; pad as usize])?;
+        self.at += bytes.len() as u64 + pad;
+        Ok(())
+    }
+
+    fn marker(&mut self, sectors: u64, kind: u32) -> io::Result<()> {
+        let mut m = [0u8; SECTOR as usize];
+        m[..8].copy_from_slice(&sectors.to_le_bytes());
+        m[12..16].copy_from_slice(&kind.to_le_bytes());
+        self.put(&m)
+    }
+
+    /// Writes grain number `grain` (its data compressed by [`compress`]); grains come in
+    /// increasing order.
+    pub fn grain(&mut self, grain: u64, compressed: &[u8]) -> io::Result<()> {
+        if grain < self.next_grain || grain * GRAIN_SECTORS >= self.capacity {
+            return Err(io::Error::other(format!(
+                "grain {grain} out of order or past the disk's end"
+            )));
+        }
+        self.next_grain = grain + 1;
+        let table = grain / GTES_PER_GT;
+        if self.gt.as_ref().is_some_and(|(t, _)| *t != table) {
+            self.close_table()?;
+        }
+        let at = self.sector();
+        let entries = &mut self
+            .gt
+            .get_or_insert_with(|| (table, vec![0u32; GTES_PER_GT as usize]))
+            .1;
+        entries[(grain % GTES_PER_GT) as usize] = at;
+        let mut g = Vec::with_capacity(12 + compressed.len());
+        g.extend_from_slice(&(grain * GRAIN_SECTORS).to_le_bytes());
+        g.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+        g.extend_from_slice(compressed);
+        self.put(&g)
+    }
+
+    fn close_table(&mut self) -> io::Result<()> {
+        let Some((table, entries)) = self.gt.take() else {
+            return Ok(());
+        };
+        self.marker(GT_SECTORS, MARKER_GT)?;
+        self.gd[table as usize] = self.sector();
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+        self.put(&bytes)
+    }
+
+    /// Writes the grain directory, the footer and the end of the stream; the output and
+    /// the image's bytes.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        self.close_table()?;
+        let gd_bytes: Vec<u8> = self.gd.iter().flat_map(|e| e.to_le_bytes()).collect();
+        self.marker((gd_bytes.len() as u64).div_ceil(SECTOR), MARKER_GD)?;
+        let gd_at = u64::from(self.sector());
+        self.put(&gd_bytes)?;
+        self.marker(1, MARKER_FOOTER)?;
+        self.put(&header(self.capacity, gd_at))?;
+        // End of stream: a marker of zeroes.
+        self.put(&[0u8; SECTOR as usize])?;
+        self.out.flush()?;
+        Ok((self.out, self.at))
+    }
+}
+
+/// The sparse extent header (`SparseExtentHeader`, 512 bytes).
+fn header(capacity: u64, gd_offset: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    let mut at = 0;
+    let mut put = |b: &[u8]| {
+        h[at..at + b.len()].copy_from_slice(b);
+        at += b.len();
+    };
+    put(b"KDMV");
+    put(&3u32.to_le_bytes());
+    put(&FLAGS.to_le_bytes());
+    put(&capacity.to_le_bytes());
+    put(&GRAIN_SECTORS.to_le_bytes());
+    put(&1u64.to_le_bytes()); // the descriptor's sector
+    put(&DESCRIPTOR_SECTORS.to_le_bytes());
+    put(&(GTES_PER_GT as u32).to_le_bytes());
+    put(&0u64.to_le_bytes()); // no redundant grain directory
+    put(&gd_offset.to_le_bytes());
+    put(&OVERHEAD_SECTORS.to_le_bytes());
+    put(&[0]); // clean
+    put(b"\n \r\n");
+    put(&1u16.to_le_bytes()); // deflate
+    h
+}
+
+fn descriptor(capacity: u64) -> String {
+    let cid = crate::sigv4::sha256_hex(&capacity.to_le_bytes())[..8].to_string();
+    let cylinders = (capacity / (16 * 63)).clamp(1, 16383);
+    format!(
+        "# Disk DescriptorFile\nversion=1\nCID={cid}\nparentCID=ffffffff\n\
+         createType=\"streamOptimized\"\n\n# Extent description\n\
+         RW {capacity} SPARSE \"disk.vmdk\"\n\n# The Disk Data Base\n#DDB\n\n\
+         ddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{cylinders}\"\n\
+         ddb.geometry.heads = \"16\"\nddb.geometry.sectors = \"63\"\n\
+         ddb.adapterType = \"ide\"\n"
+    )
+}
