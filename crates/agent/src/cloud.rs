@@ -37,6 +37,14 @@ pub struct Phase {
 }
 
 impl Phase {
+    fn finished(start_unix_ms: u64, t: Instant) -> Phase {
+        Phase {
+            start_unix_ms,
+            end_unix_ms: dczone_storage::backup::unix_ms(),
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        }
+    }
+
     fn time<T>(f: impl FnOnce() -> T) -> (T, Phase) {
         let start_unix_ms = dczone_storage::backup::unix_ms();
         let t = Instant::now();
@@ -68,6 +76,9 @@ pub struct ExportDone {
     pub upload: Upload,
     /// The VM's configuration: memory, vCPUs, address.
     pub spec: dczone_hypervisor::VmSpec,
+    /// The image was encoded while it was sent (convert and transfer overlap).
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 fn conflict(m: String) -> AgentError {
@@ -156,8 +167,29 @@ impl Agent {
             Ok(checkpoint)
         });
         let checkpoint = exported?;
-        // Convert: one pass from the snapshot to the cloud's format (raw: a plain read),
-        // no intermediate copy; the snapshot goes after it.
+        if dczone_cloud::stream::streams(format) {
+            let streamed = self.stream_export(&disk, &snap, format, &b);
+            // The snapshot goes behind the answer: its removal (a map change) is not the
+            // migration's.
+            let (s, disk, snap) = (s.clone(), disk.clone(), snap.clone());
+            std::thread::spawn(move || {
+                let _ = s.remove_snapshot(&disk.cluster, &disk.pool, &disk.image, &snap);
+            });
+            let (convert, transfer, upload) = streamed?;
+            return Ok(json!(ExportDone {
+                checkpoint,
+                export,
+                convert,
+                transfer,
+                disk_bytes: disk.size_mib << 20,
+                object_bytes: upload.bytes,
+                upload,
+                spec: vm.spec.clone(),
+                streamed: true,
+            }));
+        }
+        // Convert: one pass from the snapshot to the cloud's format, no intermediate
+        // copy; the snapshot goes after it.
         let (converted, convert) = Phase::time(|| -> Result<PathBuf, AgentError> {
             let out = dir
                 .0
@@ -191,8 +223,100 @@ impl Agent {
             object_bytes,
             upload,
             spec: vm.spec.clone(),
+            streamed: false,
         }))
     }
+
+    /// The snapshot's data read (`rbd export-diff`: only what is allocated), encoded and
+    /// uploaded at once: the image is never whole on this host, and the transfer starts
+    /// with the first part. Convert is the encoding's time, transfer the upload's; they
+    /// overlap.
+    fn stream_export(
+        &self,
+        disk: &dczone_hypervisor::DiskSpec,
+        snap: &str,
+        format: DiskFormat,
+        b: &ExportBody,
+    ) -> Result<(Phase, Phase, Upload), AgentError> {
+        let store = Store::new(&b.account).map_err(|e| conflict(e.to_string()))?;
+        let part_bytes = (b.part_mib << 20).max(dczone_cloud::s3::MIN_PART);
+        let (writer, source) = dczone_cloud::stream::parts(part_bytes, b.streams.max(1));
+        std::thread::scope(|sc| {
+            let upload = sc.spawn(|| {
+                let start_unix_ms = dczone_storage::backup::unix_ms();
+                let t = Instant::now();
+                let r = store.upload_stream(&|| source.next(), &b.key, b.streams, 3, &|_, _| {});
+                (r, Phase::finished(start_unix_ms, t))
+            });
+            let start_unix_ms = dczone_storage::backup::unix_ms();
+            let t = Instant::now();
+            let encoded = encode(&self.storage, disk, snap, format, writer);
+            let convert = Phase::finished(start_unix_ms, t);
+            let (uploaded, transfer) = upload
+                .join()
+                .map_err(|_| conflict("the upload thread panicked".into()))?;
+            // The upload's own failure says more than the encoder's "the upload stopped".
+            let upload = uploaded.map_err(|e| conflict(e.to_string()))?;
+            encoded?;
+            Ok((convert, transfer, upload))
+        })
+    }
+}
+
+/// Feeds the snapshot's `rbd export-diff` through an encoder of `format` into `writer`.
+fn encode(
+    s: &dczone_storage::host::HostStorage,
+    disk: &dczone_hypervisor::DiskSpec,
+    snap: &str,
+    format: DiskFormat,
+    writer: dczone_cloud::stream::PartWriter,
+) -> Result<(), AgentError> {
+    use dczone_cloud::stream::Encoder;
+    use dczone_storage::diff::{DiffParser, Piece};
+    let io = |e: std::io::Error| -> StorageError {
+        StorageError::Conflict(format!("encode the disk as {}: {e}", format.name()))
+    };
+    let mut parser = DiffParser::default();
+    let mut writer = Some(writer);
+    let mut encoder: Option<Encoder<dczone_cloud::stream::PartWriter>> = None;
+    // Four objects read at once: the parts come evenly, so the upload keeps up.
+    s.export_diff(
+        &disk.cluster,
+        &disk.pool,
+        &disk.image,
+        snap,
+        None,
+        Some(4),
+        |_, chunk| {
+            parser.feed(&chunk, &mut |p| {
+                match p {
+                    Piece::Size(size) => {
+                        let w = writer.take().ok_or_else(|| {
+                            StorageError::Conflict("the diff gives the size twice".into())
+                        })?;
+                        encoder = Some(Encoder::new(format, size, w, 2).map_err(io)?);
+                    }
+                    Piece::Data { offset, bytes } => encoder
+                        .as_mut()
+                        .ok_or_else(|| StorageError::Conflict("data before the size".into()))?
+                        .data(offset, bytes)
+                        .map_err(io)?,
+                    // A full export's zeroes are holes: they read as zeroes anyway.
+                    Piece::Zero { .. } => {}
+                }
+                Ok(())
+            })
+        },
+    )?;
+    if !parser.ended() {
+        return Err(conflict(
+            "rbd export-diff ended before its end record".into(),
+        ));
+    }
+    let encoder = encoder.ok_or_else(|| conflict("rbd export-diff gave no size".into()))?;
+    let (w, _) = encoder.finish().map_err(io)?;
+    w.finish().map_err(io)?;
+    Ok(())
 }
 
 fn size_of(p: &Path) -> u64 {

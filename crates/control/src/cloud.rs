@@ -185,6 +185,12 @@ pub struct VmReport {
     pub transfer_mbit_s: f64,
     /// The part that took longest, from its send to its answer.
     pub most_delayed_part_ms: f64,
+    /// Each part of the upload: sent and answered, ms from the upload's start.
+    #[serde(default)]
+    pub parts: Vec<dczone_cloud::s3::PartTiming>,
+    /// Encoded while it was sent: convert and transfer overlap.
+    #[serde(default)]
+    pub streamed: bool,
     /// The cloud's own log of this VM's import and instance (its clock).
     pub cloud_log: Vec<dczone_cloud::provider::LogEntry>,
     /// From the instance running to its console saying the application listens (the
@@ -496,6 +502,8 @@ pub fn migrate(
                     .iter()
                     .map(|p| p.done_ms - p.sent_ms)
                     .fold(0.0, f64::max),
+                parts: done.upload.parts.clone(),
+                streamed: done.streamed,
                 cloud_log,
                 boot_ms,
                 clock,
