@@ -29,9 +29,13 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko || echo "init: insmod $m failed"; done
 ip link set lo up
-ip link set eth0 up
+# The address first, then the link: its coming up announces the address (gratuitous ARP),
+# so that a peer that asked for it while the VM booted learns it now, not at its next
+# ARP retry (up to 1 s later).
+echo 1 > /proc/sys/net/ipv4/conf/all/arp_notify
 IP=$(sed -n 's/.*dczone\.ip=\([^ ]*\).*/\1/p' /proc/cmdline)
 [ -n "$IP" ] && ip addr add "$IP" dev eth0
+ip link set eth0 up
 echo "init: eth0 $IP up"
 while true; do /bin/dczone-guest; echo "init: dczone-guest exited, restarting"; sleep 1; done
 "#;
