@@ -679,6 +679,22 @@ impl HostStorage {
         spec: &str,
         chunks: &[Vec<u8>],
     ) -> Result<(), StorageError> {
+        self.import_diff_from(cluster, spec, &mut |stdin| {
+            for c in chunks {
+                stdin.write_all(c)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `rbd import-diff - spec` (the image exists), `write` giving its stream as it
+    /// makes it (an `rbd diff v1` stream: [`crate::diff::Writer`]). Fails if either fails.
+    pub fn import_diff_from(
+        &self,
+        cluster: &str,
+        spec: &str,
+        write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), StorageError> {
         let conf = self.dir(cluster).join("ceph.conf");
         let mut child = Command::new("rbd")
             .arg("-c")
@@ -700,28 +716,37 @@ impl HostStorage {
                 source,
             })?;
         let mut stdin = child.stdin.take().expect("piped");
-        let mut write_err = None;
-        for c in chunks {
-            if let Err(e) = stdin.write_all(c) {
-                write_err = Some(e);
-                break;
-            }
-        }
+        let written = write(&mut stdin);
         drop(stdin);
+        if written.is_err() {
+            // A stream cut short must not be taken for a whole one.
+            let _ = child.kill();
+        }
         let out = child
             .wait_with_output()
             .map_err(|source| StorageError::Io {
                 what: "rbd import-diff".into(),
                 source,
             })?;
-        if !out.status.success() || write_err.is_some() {
-            return Err(StorageError::Command {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        match written {
+            // rbd's own words, when it stopped first.
+            _ if !out.status.success() && !stderr.is_empty() => Err(StorageError::Command {
                 what: format!("rbd import-diff into {spec}"),
                 status: out.status.code().unwrap_or(-1),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
+                stderr,
+            }),
+            Err(source) => Err(StorageError::Io {
+                what: format!("the stream into rbd import-diff of {spec}"),
+                source,
+            }),
+            Ok(()) if !out.status.success() => Err(StorageError::Command {
+                what: format!("rbd import-diff into {spec}"),
+                status: out.status.code().unwrap_or(-1),
+                stderr,
+            }),
+            Ok(()) => Ok(()),
         }
-        Ok(())
     }
 
     /// Snapshot `snap` of `pool/image` (for a backup).
