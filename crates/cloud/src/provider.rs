@@ -255,11 +255,116 @@ impl Provider {
             .map_err(|e| e.to_string())
     }
 
+    /// A stream-optimized VMDK or a raw image imported as it is read: each grain inflated
+    /// and written (`rbd import-diff`, which makes the base snapshot at its end) while the
+    /// object still arrives. `None`: the image is not one that streams (a VMDK whose
+    /// tables come first, VHD, QCOW2): read it whole.
+    fn import_streamed(&self, task: &ImportTask, request_id: &str) -> Result<Option<u64>, String> {
+        use crate::vmdk::{ReadError, StreamReader};
+        let format = DiskFormat::parse(&task.format).ok_or("unknown format")?;
+        if !matches!(format, DiskFormat::Vmdk | DiskFormat::Raw) {
+            return Ok(None);
+        }
+        let unreadable = |e: String| format!("ClientError: the disk image could not be read: {e}");
+        let invalid = |e: String| {
+            format!(
+                "ClientError: the disk image is not valid {}: {e}",
+                task.format
+            )
+        };
+        let store = crate::s3::Store::new(&self.cfg.account).map_err(|e| e.to_string())?;
+        let size_of_raw = match format {
+            DiskFormat::Raw => Some(
+                store
+                    .head(&task.key)
+                    .map_err(|e| unreadable(e.to_string()))?
+                    .ok_or_else(|| unreadable(format!("no object {}", task.key)))?,
+            ),
+            _ => None,
+        };
+        let r = store
+            .reader(&task.key)
+            .map_err(|e| unreadable(e.to_string()))?;
+        let (mut grains, size) = match size_of_raw {
+            Some(size) => (None, size),
+            None => match StreamReader::open(r) {
+                Ok((g, size)) => (Some(g), size),
+                Err(ReadError::NotStreamOptimized) => return Ok(None),
+                Err(ReadError::Io(e)) => return Err(invalid(e.to_string())),
+            },
+        };
+        // The raw object's reader (the VMDK's is inside its grains' reader).
+        let mut raw = match grains {
+            Some(_) => None,
+            None => Some(
+                store
+                    .reader(&task.key)
+                    .map_err(|e| unreadable(e.to_string()))?,
+            ),
+        };
+        if size == 0 {
+            return Err(invalid("a disk of 0 bytes".into()));
+        }
+        self.event(
+            request_id,
+            &task.id,
+            "import.stream.start",
+            json!({"key": task.key, "from": task.format, "bytes": size}),
+        );
+        let image = format!("{POOL}/{}", task.image_id);
+        self.rbd(&["create", "--size", "1", &image])?;
+        let mut read = 0u64;
+        let written = self
+            .storage
+            .import_diff_from(&self.cfg.cluster.name, &image, &mut |stdin| {
+                let mut w = dczone_storage::diff::Writer::new(stdin, size, Some("base"))?;
+                if let Some(g) = grains.as_mut() {
+                    while let Some((offset, data)) = g.next_grain()? {
+                        read += data.len() as u64;
+                        w.data(offset, &data)?;
+                    }
+                } else if let Some(r) = raw.as_mut() {
+                    // Blocks of zeroes are holes of the new image.
+                    let mut block = vec![0u8; crate::vmdk::GRAIN as usize];
+                    let mut offset = 0u64;
+                    loop {
+                        let n = read_full(r, &mut block)?;
+                        if n == 0 {
+                            break;
+                        }
+                        read += n as u64;
+                        if !crate::stream::is_zero(&block[..n]) {
+                            w.data(offset, &block[..n])?;
+                        }
+                        offset += n as u64;
+                    }
+                    if offset != size {
+                        return Err(std::io::Error::other(format!(
+                            "{offset} bytes read of {size}"
+                        )));
+                    }
+                }
+                w.finish().map(|_| ())
+            });
+        written.map_err(|e| invalid(e.to_string()))?;
+        self.event(
+            request_id,
+            &task.id,
+            "import.stream.end",
+            json!({"data_bytes": read}),
+        );
+        self.set_progress(&task.id, 80);
+        Ok(Some(size))
+    }
+
     /// An import task: the object read from the account's bucket, converted into an image
     /// of the provider's pool, and a base snapshot that instances are cloned from.
     fn import(self: &Arc<Self>, task: ImportTask, request_id: String) {
         let id = task.id.clone();
         let result = (|| -> Result<u64, String> {
+            if let Some(size) = self.import_streamed(&task, &request_id)? {
+                return Ok(size);
+            }
             let store = crate::s3::Store::new(&self.cfg.account).map_err(|e| e.to_string())?;
             let dir = self.cfg.dir.join("import");
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -1046,6 +1151,18 @@ pub fn serve(cfg: ProviderConfig) -> anyhow::Result<()> {
 }
 
 type Shared = Arc<Provider>;
+
+/// Fills `buf` from `r` as far as it goes; the bytes read (short only at the end).
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
 
 fn decode_pairs(s: &str) -> Vec<(String, String)> {
     url::form_urlencoded::parse(s.as_bytes())

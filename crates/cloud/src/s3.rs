@@ -221,6 +221,21 @@ impl Store {
     /// Writes the object into `file`; its bytes.
     pub fn download(&self, key: &str, file: &Path) -> Result<u64, S3Error> {
         let what = format!("read object {key}");
+        let mut r = self.reader(key)?;
+        let other = |reason: String| S3Error::Other {
+            what: what.clone(),
+            reason,
+        };
+        let mut out = std::fs::File::create(file)
+            .map_err(|e| other(format!("create {}: {e}", file.display())))?;
+        let n = std::io::copy(&mut r, &mut out)
+            .map_err(|e| other(format!("the transfer broke off: {e}")))?;
+        out.flush().map_err(|e| other(e.to_string()))?;
+        Ok(n)
+    }
+
+    /// The object `key`, read as it arrives.
+    pub fn reader(&self, key: &str) -> Result<Box<dyn std::io::Read + Send + Sync>, S3Error> {
         let url = self
             .bucket
             .get_object(Some(&self.creds), key)
@@ -229,17 +244,8 @@ impl Store {
             .agent
             .get(url.as_str())
             .call()
-            .map_err(|e| self.fail(&what, e))?;
-        let other = |reason: String| S3Error::Other {
-            what: what.clone(),
-            reason,
-        };
-        let mut out = std::fs::File::create(file)
-            .map_err(|e| other(format!("create {}: {e}", file.display())))?;
-        let n = std::io::copy(&mut r.into_reader(), &mut out)
-            .map_err(|e| other(format!("the transfer broke off: {e}")))?;
-        out.flush().map_err(|e| other(e.to_string()))?;
-        Ok(n)
+            .map_err(|e| self.fail(&format!("read object {key}"), e))?;
+        Ok(r.into_reader())
     }
 
     /// Uploads `file` as `key` in parts of `part_bytes`, `streams` at once. A failed part
@@ -418,11 +424,11 @@ impl Store {
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .get_or_insert(S3Error::Other {
-                            what: format!("upload {key}"),
-                            reason: format!(
+                                what: format!("upload {key}"),
+                                reason: format!(
                                 "more than {MAX_PARTS} parts: S3 takes no more; use larger parts"
                             ),
-                        });
+                            });
                         return;
                     }
                     let len = buf.len() as u64;

@@ -10,7 +10,7 @@
 //! footer marker, footer | end of stream
 //! ```
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 const SECTOR: u64 = 512;
 /// Bytes of a grain.
@@ -197,4 +197,119 @@ fn descriptor(capacity: u64) -> String {
          ddb.geometry.heads = \"16\"\nddb.geometry.sectors = \"63\"\n\
          ddb.adapterType = \"ide\"\n"
     )
+}
+
+/// A stream-optimized VMDK read front to back (any writer's: grains carry their place in
+/// their markers), each grain inflated as it comes: an import that writes the disk while
+/// the object still arrives.
+pub struct StreamReader<R: Read> {
+    r: R,
+    grain_bytes: usize,
+    ended: bool,
+}
+
+impl<R: Read> std::fmt::Debug for StreamReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReader")
+            .field("grain_bytes", &self.grain_bytes)
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+/// Why a VMDK cannot be read as a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// A VMDK, but not stream-optimized (its tables come first): read it whole.
+    #[error("not a stream-optimized VMDK (no compressed grains with markers)")]
+    NotStreamOptimized,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+fn bad(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+fn skip(r: &mut impl Read, n: u64) -> io::Result<()> {
+    let got = io::copy(&mut r.take(n), &mut io::sink())?;
+    if got < n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the image ends early",
+        ));
+    }
+    Ok(())
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads the header; the reader and the disk's size in bytes.
+    pub fn open(mut r: R) -> Result<(Self, u64), ReadError> {
+        let mut h = [0u8; SECTOR as usize];
+        r.read_exact(&mut h)?;
+        if &h[..4] != b"KDMV" {
+            return Err(bad("not a VMDK (no KDMV magic)".into()).into());
+        }
+        let flags = le_u32(&h, 8);
+        let compress = u16::from_le_bytes([h[77], h[78]]);
+        if flags & (1 << 16) == 0 || flags & (1 << 17) == 0 || compress != 1 {
+            return Err(ReadError::NotStreamOptimized);
+        }
+        let capacity = le_u64(&h, 12);
+        let grain = le_u64(&h, 20);
+        let overhead = le_u64(&h, 64);
+        if grain == 0 || grain > 0x20_0000 || overhead == 0 {
+            return Err(bad(format!("grain {grain} sectors, data at sector {overhead}")).into());
+        }
+        skip(&mut r, (overhead - 1) * SECTOR)?;
+        Ok((
+            StreamReader {
+                r,
+                grain_bytes: (grain * SECTOR) as usize,
+                ended: false,
+            },
+            capacity * SECTOR,
+        ))
+    }
+
+    /// The next grain: its offset in the disk and its data; `None` at the end of stream.
+    pub fn next_grain(&mut self) -> io::Result<Option<(u64, Vec<u8>)>> {
+        while !self.ended {
+            let mut m = [0u8; 12];
+            self.r.read_exact(&mut m)?;
+            let (val, size) = (le_u64(&m, 0), le_u32(&m, 8) as usize);
+            if size > 0 {
+                let mut z = vec![0u8; size];
+                self.r.read_exact(&mut z)?;
+                skip(&mut self.r, (SECTOR - (12 + size as u64) % SECTOR) % SECTOR)?;
+                let mut data = Vec::with_capacity(self.grain_bytes);
+                io::Read::read_to_end(
+                    &mut flate2::read::ZlibDecoder::new(&z[..]).take(self.grain_bytes as u64 + 1),
+                    &mut data,
+                )
+                .map_err(|e| bad(format!("grain at sector {val}: {e}")))?;
+                if data.len() > self.grain_bytes {
+                    return Err(bad(format!("grain at sector {val} inflates past a grain")));
+                }
+                return Ok(Some((val * SECTOR, data)));
+            }
+            let mut rest = [0u8; SECTOR as usize - 12];
+            self.r.read_exact(&mut rest)?;
+            match le_u32(&rest, 0) {
+                0 => self.ended = true,
+                // A grain table, the directory, the footer: what follows is skipped.
+                1..=3 => skip(&mut self.r, val * SECTOR)?,
+                t => return Err(bad(format!("unknown marker type {t}"))),
+            }
+        }
+        Ok(None)
+    }
 }
