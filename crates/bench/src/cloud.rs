@@ -70,8 +70,11 @@ pub struct VmRun {
     /// Transfer floor plus the boot to service, ms.
     pub t1_floor_ms: f64,
     pub t1_over_floor: f64,
-    /// The upload's rate against the path's.
+    /// The upload's rate while a part was in flight, against the path's: a streamed
+    /// image waits for its source's read, which is not the transfer's.
     pub transfer_share: f64,
+    /// Its bytes over the whole transfer phase, against the path's.
+    pub transfer_share_wall: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,8 +93,11 @@ pub struct CloudReport {
     /// The upload's rate (median over VMs and runs), Mbit/s, and the path's.
     pub transfer_mbit_s: f64,
     pub path_mbit_s: f64,
-    /// Rate over path rate: median, 5th percentile ("p95" of the worst side), worst.
+    /// Rate while a part was in flight over the path's rate: median, 5th percentile
+    /// ("p95" of the worst side), worst.
     pub transfer_share: Spread,
+    /// The same over the whole transfer phase (a streamed image's waits included).
+    pub transfer_share_wall: Spread,
     pub most_delayed_part_ms: Spread,
     /// Every import's start, logged by the cloud, lay between this side's request and
     /// its answer.
@@ -111,8 +117,10 @@ pub struct CloudReport {
 }
 
 impl CloudReport {
-    /// 2: the AP-DB comparison (`tat_*`, `p_*`, `ap_db`, `ap_db_error`).
-    pub const VERSION: u32 = 2;
+    /// 2: the AP-DB comparison (`tat_*`, `p_*`, `ap_db`, `ap_db_error`). 3: a streamed
+    /// image (VMDK, raw): `transfer_share` while a part was in flight,
+    /// `transfer_share_wall` over the phase; `vms[].parts`, `vms[].transfer_busy_ms`.
+    pub const VERSION: u32 = 3;
 
     /// The targets: transfer at least 80 % of the path, T1 within 1.3x its
     /// floor, on every VM of every run; the sources never stopped; the AP's extra
@@ -232,7 +240,12 @@ pub fn cloud(
                 transfer_floor_ms,
                 t1_floor_ms,
                 t1_over_floor: v.t1_ms / t1_floor_ms,
-                transfer_share: v.transfer_mbit_s / path_mbit_s,
+                transfer_share: if v.transfer_busy_ms > 0.0 {
+                    v.object_bytes as f64 * 8.0 / (v.transfer_busy_ms / 1e3) / 1e6 / path_mbit_s
+                } else {
+                    v.transfer_mbit_s / path_mbit_s
+                },
+                transfer_share_wall: v.transfer_mbit_s / path_mbit_s,
                 report: v,
             });
         }
@@ -260,6 +273,7 @@ pub fn cloud(
         transfer_mbit_s: quantile(&f(|v| v.report.transfer_mbit_s), 0.5),
         path_mbit_s,
         transfer_share: spread(&f(|v| v.transfer_share), false),
+        transfer_share_wall: spread(&f(|v| v.transfer_share_wall), false),
         most_delayed_part_ms: spread(&f(|v| v.report.most_delayed_part_ms), true),
         clocks_agree: all.iter().all(|v| v.report.clock.agree),
         sources_running,

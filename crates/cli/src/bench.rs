@@ -607,11 +607,13 @@ fn print_cloud(r: &dczone_bench::cloud::CloudReport) {
         format!("{:.2} / {:.2} / {:.2}", x.median, x.p95, x.worst)
     };
     println!(
-        "format {}; path {:.0} Mbit/s; transfer median {:.0} Mbit/s, share of the path (median / p5 / worst) {}",
+        "format {}; path {:.0} Mbit/s; transfer median {:.0} Mbit/s; share of the path (median / p5 / worst) \
+         while a part was in flight {}, over the whole phase {}",
         r.format,
         r.path_mbit_s,
         r.transfer_mbit_s,
-        s(&r.transfer_share)
+        s(&r.transfer_share),
+        s(&r.transfer_share_wall)
     );
     println!(
         "T1 ms (median / p95 / worst) {:.0} / {:.0} / {:.0}; T1 over its floor {}; batch T1 per run {:?} ms",

@@ -185,6 +185,10 @@ pub struct VmReport {
     pub transfer_mbit_s: f64,
     /// The part that took longest, from its send to its answer.
     pub most_delayed_part_ms: f64,
+    /// The upload's time with a part in flight: its transfer less the waits for a
+    /// streamed image's next part (the source's read, not the path).
+    #[serde(default)]
+    pub transfer_busy_ms: f64,
     /// Each part of the upload: sent and answered, ms from the upload's start.
     #[serde(default)]
     pub parts: Vec<dczone_cloud::s3::PartTiming>,
@@ -265,7 +269,7 @@ impl MigrateOptions {
     pub fn new(format: &str) -> MigrateOptions {
         MigrateOptions {
             format: format.into(),
-            part_mib: 8,
+            part_mib: 5,
             streams: 4,
             security_groups: Vec::new(),
             stop_source: false,
@@ -502,6 +506,7 @@ pub fn migrate(
                     .iter()
                     .map(|p| p.done_ms - p.sent_ms)
                     .fold(0.0, f64::max),
+                transfer_busy_ms: busy_ms(&done.upload.parts),
                 parts: done.upload.parts.clone(),
                 streamed: done.streamed,
                 cloud_log,
@@ -578,6 +583,25 @@ pub fn check_account(account: &Account) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long at least one of `parts` was in flight, ms.
+fn busy_ms(parts: &[dczone_cloud::s3::PartTiming]) -> f64 {
+    let mut spans: Vec<(f64, f64)> = parts.iter().map(|p| (p.sent_ms, p.done_ms)).collect();
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut busy = 0.0;
+    let mut open: Option<(f64, f64)> = None;
+    for (s, e) in spans {
+        open = match open {
+            Some((os, oe)) if s <= oe => Some((os, oe.max(e))),
+            Some((os, oe)) => {
+                busy += oe - os;
+                Some((s, e))
+            }
+            None => Some((s, e)),
+        };
+    }
+    busy + open.map_or(0.0, |(s, e)| e - s)
+}
+
 /// The zone's network of a VM address (`10.77.2.101/16` → `10.77.0.0/16`).
 fn zone_cidr(ip_cidr: &str) -> String {
     let (ip, len) = ip_cidr.split_once('/').unwrap_or((ip_cidr, "32"));
@@ -610,6 +634,24 @@ pub fn app_answers(ip: Ipv4Addr, timeout: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_time_with_a_part_in_flight() {
+        let part = |n, sent_ms, done_ms| dczone_cloud::s3::PartTiming {
+            n,
+            bytes: 1,
+            sent_ms,
+            done_ms,
+        };
+        // Two overlapping, a wait, one more.
+        let parts = [
+            part(2, 50.0, 300.0),
+            part(1, 0.0, 100.0),
+            part(3, 500.0, 600.0),
+        ];
+        assert_eq!(super::busy_ms(&parts), 400.0);
+        assert_eq!(super::busy_ms(&[]), 0.0);
+    }
+
     #[test]
     fn the_zone_network_of_an_address() {
         assert_eq!(super::zone_cidr("10.77.2.101/16"), "10.77.0.0/16");
