@@ -38,8 +38,10 @@ pub enum CloudCommand {
         /// The image format the cloud imports: vmdk, vhd, raw or qcow2.
         #[arg(long, default_value = "vmdk")]
         format: String,
-        /// Multipart upload part size, MiB (at least 5).
-        #[arg(long, default_value_t = 8)]
+        /// Multipart upload part size, MiB (at least 5). A streamed image (VMDK, raw) sends
+        /// a part as soon as it is made: small parts start the upload sooner and end it
+        /// sooner after the image's last byte.
+        #[arg(long, default_value_t = 5)]
         part_mib: u64,
         /// Parts in flight at once.
         #[arg(long, default_value_t = 4)]
