@@ -241,11 +241,15 @@ impl Agent {
         let store = Store::new(&b.account).map_err(|e| conflict(e.to_string()))?;
         let part_bytes = (b.part_mib << 20).max(dczone_cloud::s3::MIN_PART);
         let (writer, source) = dczone_cloud::stream::parts(part_bytes, b.streams.max(1));
+        let (store, key, streams) = (&store, &b.key, b.streams);
         std::thread::scope(|sc| {
-            let upload = sc.spawn(|| {
+            // The parts' receiving end lives in the upload thread and goes with it: an upload
+            // that stops makes the encoder's next part fail at once, not wait for room.
+            let upload = sc.spawn(move || {
                 let start_unix_ms = dczone_storage::backup::unix_ms();
                 let t = Instant::now();
-                let r = store.upload_stream(&|| source.next(), &b.key, b.streams, 3, &|_, _| {});
+                let r = store.upload_stream(&|| source.next(), key, streams, 3, &|_, _| {});
+                drop(source);
                 (r, Phase::finished(start_unix_ms, t))
             });
             let start_unix_ms = dczone_storage::backup::unix_ms();
@@ -255,10 +259,21 @@ impl Agent {
             let (uploaded, transfer) = upload
                 .join()
                 .map_err(|_| conflict("the upload thread panicked".into()))?;
-            // The upload's own failure says more than the encoder's "the upload stopped".
-            let upload = uploaded.map_err(|e| conflict(e.to_string()))?;
-            encoded?;
-            Ok((convert, transfer, upload))
+            match (uploaded, encoded) {
+                (Ok(upload), Ok(())) => Ok((convert, transfer, upload)),
+                // The encoder only saw the upload stop: the upload says why.
+                (Err(up), Err(enc))
+                    if enc
+                        .to_string()
+                        .contains(dczone_cloud::stream::UPLOAD_STOPPED) =>
+                {
+                    Err(conflict(up.to_string()))
+                }
+                // The encoder's failure (the read, the format) is the cause; the upload
+                // was aborted because of it.
+                (_, Err(enc)) => Err(enc),
+                (Err(up), Ok(())) => Err(conflict(up.to_string())),
+            }
         })
     }
 }

@@ -285,22 +285,14 @@ impl Provider {
         let r = store
             .reader(&task.key)
             .map_err(|e| unreadable(e.to_string()))?;
-        let (mut grains, size) = match size_of_raw {
-            Some(size) => (None, size),
+        // A VMDK's reader is inside its grains' reader, a raw image's is read as it is.
+        let (mut grains, mut raw, size) = match size_of_raw {
+            Some(size) => (None, Some(r), size),
             None => match StreamReader::open(r) {
-                Ok((g, size)) => (Some(g), size),
+                Ok((g, size)) => (Some(g), None, size),
                 Err(ReadError::NotStreamOptimized) => return Ok(None),
                 Err(ReadError::Io(e)) => return Err(invalid(e.to_string())),
             },
-        };
-        // The raw object's reader (the VMDK's is inside its grains' reader).
-        let mut raw = match grains {
-            Some(_) => None,
-            None => Some(
-                store
-                    .reader(&task.key)
-                    .map_err(|e| unreadable(e.to_string()))?,
-            ),
         };
         if size == 0 {
             return Err(invalid("a disk of 0 bytes".into()));
@@ -346,7 +338,23 @@ impl Provider {
                 }
                 w.finish().map(|_| ())
             });
-        written.map_err(|e| invalid(e.to_string()))?;
+        written.map_err(|e| match &e {
+            // rbd's own failure (the pool full, the cluster down): the cloud's side.
+            dczone_storage::StorageError::Command { .. } => {
+                format!("ServerError: the image could not be written: {e}")
+            }
+            dczone_storage::StorageError::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                invalid(e.to_string())
+            }
+            _ => {
+                format!("ServerError: the image could not be read from the bucket and written: {e}")
+            }
+        })?;
         self.event(
             request_id,
             &task.id,

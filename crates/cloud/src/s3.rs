@@ -302,7 +302,8 @@ impl Store {
     }
 
     /// Uploads as `key` the parts `next` gives, in order, `streams` at once, as they come
-    /// (a stream being made while it is sent: only the parts in flight are held). Every
+    /// (a stream being made while it is sent: only the parts in flight, and those its
+    /// source holds, are in memory). Every
     /// part but the last must have at least [`MIN_PART`] bytes. Retries and the abort on
     /// failure as [`Store::upload`]; a part that `next` fails to make aborts it too.
     pub fn upload_stream(

@@ -23,6 +23,9 @@ pub fn streams(format: DiskFormat) -> bool {
     matches!(format, DiskFormat::Vmdk | DiskFormat::Raw)
 }
 
+/// What writing a part says once the upload stopped taking them.
+pub const UPLOAD_STOPPED: &str = "the upload stopped";
+
 /// Grains compressed per job (1 MiB): small, so that the image trails its data by little.
 const BATCH: usize = 16;
 
@@ -40,6 +43,8 @@ pub fn is_zero(b: &[u8]) -> bool {
 /// An image being encoded into `W`.
 pub struct Encoder<W: Write + Send + 'static> {
     size: u64,
+    /// The end of the data given so far.
+    end: u64,
     kind: Kind<W>,
 }
 
@@ -57,7 +62,7 @@ enum Kind<W: Write + Send + 'static> {
         jobs: Option<SyncSender<(u64, Grains)>>,
         sent: u64,
         workers: Vec<std::thread::JoinHandle<()>>,
-        writer: std::thread::JoinHandle<io::Result<(W, u64)>>,
+        writer: std::thread::JoinHandle<io::Result<(W, u64, u64)>>,
     },
 }
 
@@ -75,10 +80,11 @@ impl<W: Write + Send + 'static> std::fmt::Debug for Encoder<W> {
 }
 
 /// Writes the compressed batches in their order as they come; ends when every worker has.
+/// The output, the image's bytes and the batches written.
 fn write_in_order<W: Write>(
     mut writer: StreamOptimized<W>,
     results: Receiver<(u64, Grains)>,
-) -> io::Result<(W, u64)> {
+) -> io::Result<(W, u64, u64)> {
     let mut ready: BTreeMap<u64, Grains> = BTreeMap::new();
     let mut next = 0u64;
     for (seq, grains) in results {
@@ -93,7 +99,8 @@ fn write_in_order<W: Write>(
     if !ready.is_empty() {
         return Err(io::Error::other("a compression thread stopped"));
     }
-    writer.finish()
+    let (w, bytes) = writer.finish()?;
+    Ok((w, bytes, next))
 }
 
 impl<W: Write + Send + 'static> Encoder<W> {
@@ -105,7 +112,9 @@ impl<W: Write + Send + 'static> Encoder<W> {
             DiskFormat::Vmdk => {
                 let threads = threads.max(1);
                 let (jobs, job_rx) = mpsc::sync_channel::<(u64, Grains)>(threads);
-                let (done_tx, results) = mpsc::channel();
+                // Bounded both ways: a slow upload holds the writer, the writer the
+                // workers, the workers the encoder; at most a few batches are held.
+                let (done_tx, results) = mpsc::sync_channel(threads);
                 let job_rx = Arc::new(Mutex::new(job_rx));
                 let workers = (0..threads)
                     .map(|_| {
@@ -141,7 +150,7 @@ impl<W: Write + Send + 'static> Encoder<W> {
                 )))
             }
         };
-        Ok(Encoder { size, kind })
+        Ok(Encoder { size, end: 0, kind })
     }
 
     /// The disk's bytes at `offset`; offsets only grow.
@@ -153,6 +162,10 @@ impl<W: Write + Send + 'static> Encoder<W> {
                 self.size
             )));
         }
+        if offset < self.end {
+            return Err(out_of_order(offset, self.end));
+        }
+        self.end = offset + bytes.len() as u64;
         match &mut self.kind {
             Kind::Raw { out, at } => {
                 if offset < *at {
@@ -252,15 +265,25 @@ impl<W: Write + Send + 'static> Encoder<W> {
                 jobs,
                 workers,
                 writer,
+                sent,
                 ..
             } => {
                 drop(jobs);
+                let mut lost = false;
                 for w in workers {
-                    let _ = w.join();
+                    lost |= w.join().is_err();
                 }
-                writer
+                let (out, bytes, written) = writer
                     .join()
-                    .map_err(|_| io::Error::other("the image's writer panicked"))?
+                    .map_err(|_| io::Error::other("the image's writer panicked"))??;
+                // Every batch sent must be in the image (a worker that died with the last
+                // one leaves no gap to notice): else the output is dropped unfinished.
+                if lost || written != sent {
+                    return Err(io::Error::other(format!(
+                        "a compression thread stopped: {written} of {sent} batches written"
+                    )));
+                }
+                Ok((out, bytes))
             }
         }
     }
@@ -290,6 +313,7 @@ pub struct PartWriter {
     tx: Option<SyncSender<Result<Vec<u8>, S3Error>>>,
     buf: Vec<u8>,
     part_bytes: usize,
+    sent: u64,
 }
 
 /// A writer of parts, and the source [`crate::s3::Store::upload_stream`] takes them from.
@@ -301,6 +325,7 @@ pub fn parts(part_bytes: u64, in_flight: usize) -> (PartWriter, PartSource) {
             tx: Some(tx),
             buf: Vec::with_capacity(part_bytes as usize),
             part_bytes: part_bytes as usize,
+            sent: 0,
         },
         PartSource(Mutex::new(rx)),
     )
@@ -319,17 +344,21 @@ impl PartSource {
 
 impl PartWriter {
     fn send(&mut self, part: Result<Vec<u8>, S3Error>) -> io::Result<()> {
+        self.sent += 1;
         self.tx
             .as_ref()
             .expect("open until finished")
             .send(part)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, UPLOAD_STOPPED))
     }
 
-    /// Sends the last part.
+    /// Sends the last part (none if it would be empty after others: an empty stream is
+    /// one empty part).
     pub fn finish(mut self) -> io::Result<()> {
         let last = std::mem::take(&mut self.buf);
-        self.send(Ok(last))?;
+        if !last.is_empty() || self.sent == 0 {
+            self.send(Ok(last))?;
+        }
         self.tx = None;
         Ok(())
     }
@@ -517,6 +546,9 @@ mod tests {
             e.data(2 * GRAIN, &[1; 10]).unwrap();
             let err = e.data(0, &[1; 10]).unwrap_err();
             assert!(err.to_string().contains("must come in order"), "{err}");
+            // Within one grain too.
+            let err = e.data(2 * GRAIN + 5, &[1; 10]).unwrap_err();
+            assert!(err.to_string().contains("must come in order"), "{err}");
             let err = e.data(SIZE - 1, &[1; 10]).unwrap_err();
             assert!(err.to_string().contains("past the disk's"), "{err}");
         }
@@ -531,6 +563,21 @@ mod tests {
             .map(|p| p.unwrap().len())
             .collect();
         assert_eq!(got, [10, 10, 5]);
+        let (mut w, src) = parts(10, 8);
+        w.write_all(&[7u8; 20]).unwrap();
+        w.finish().unwrap();
+        let got: Vec<usize> = std::iter::from_fn(|| src.next())
+            .map(|p| p.unwrap().len())
+            .collect();
+        assert_eq!(got, [10, 10], "no empty last part");
+        let (w, src) = parts(10, 8);
+        w.finish().unwrap();
+        assert_eq!(
+            src.next().unwrap().unwrap().len(),
+            0,
+            "an empty stream, one empty part"
+        );
+        assert!(src.next().is_none());
         let (mut w, src) = parts(10, 8);
         w.write_all(&[7u8; 12]).unwrap();
         drop(w);

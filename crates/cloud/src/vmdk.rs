@@ -67,9 +67,10 @@ impl<W: Write> StreamOptimized<W> {
     /// Starts an image of `size` bytes (rounded up to a sector).
     pub fn new(mut out: W, size: u64) -> io::Result<Self> {
         let capacity = size.div_ceil(SECTOR);
-        if capacity.div_ceil(GRAIN_SECTORS) > u64::from(u32::MAX) {
+        // Tables address sectors with 32 bits (QEMU's VMDK_EXTENT_MAX_SECTORS).
+        if capacity > u64::from(u32::MAX) {
             return Err(io::Error::other(format!(
-                "{size} bytes is too large for one VMDK extent"
+                "{size} bytes is too large for one VMDK extent (2 TiB at most)"
             )));
         }
         let gts = capacity.div_ceil(GRAIN_SECTORS * GTES_PER_GT) as usize;
@@ -88,8 +89,11 @@ impl<W: Write> StreamOptimized<W> {
         })
     }
 
-    fn sector(&self) -> u32 {
-        (self.at / SECTOR) as u32
+    /// The sector being written: what tables point at.
+    fn sector(&self) -> io::Result<u32> {
+        u32::try_from(self.at / SECTOR).map_err(|_| {
+            io::Error::other("the image passes 2 TiB: a VMDK's tables cannot point past it")
+        })
     }
 
     /// Writes `bytes` and pads them to a sector.
@@ -121,7 +125,7 @@ impl<W: Write> StreamOptimized<W> {
         if self.gt.as_ref().is_some_and(|(t, _)| *t != table) {
             self.close_table()?;
         }
-        let at = self.sector();
+        let at = self.sector()?;
         let entries = &mut self
             .gt
             .get_or_insert_with(|| (table, vec![0u32; GTES_PER_GT as usize]))
@@ -139,7 +143,7 @@ impl<W: Write> StreamOptimized<W> {
             return Ok(());
         };
         self.marker(GT_SECTORS, MARKER_GT)?;
-        self.gd[table as usize] = self.sector();
+        self.gd[table as usize] = self.sector()?;
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
         self.put(&bytes)
     }
@@ -150,7 +154,7 @@ impl<W: Write> StreamOptimized<W> {
         self.close_table()?;
         let gd_bytes: Vec<u8> = self.gd.iter().flat_map(|e| e.to_le_bytes()).collect();
         self.marker((gd_bytes.len() as u64).div_ceil(SECTOR), MARKER_GD)?;
-        let gd_at = u64::from(self.sector());
+        let gd_at = u64::from(self.sector()?);
         self.put(&gd_bytes)?;
         self.marker(1, MARKER_FOOTER)?;
         self.put(&header(self.capacity, gd_at))?;

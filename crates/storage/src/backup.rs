@@ -717,11 +717,12 @@ impl HostStorage {
             })?;
         let mut stdin = child.stdin.take().expect("piped");
         let written = write(&mut stdin);
-        drop(stdin);
         if written.is_err() {
-            // A stream cut short must not be taken for a whole one.
+            // A stream cut short must not be taken for a whole one: rbd goes before its
+            // input closes (it would apply what it has and say the stream ended early).
             let _ = child.kill();
         }
+        drop(stdin);
         let out = child
             .wait_with_output()
             .map_err(|source| StorageError::Io {
