@@ -180,10 +180,12 @@ pub fn run(
     };
     let measured = measure(&at, o, &configure, &mut left, obs);
     // The AP's instance and object go, whatever the measurement did; the DC's AP too.
-    if let Some((instance, object)) = left.cloud.take() {
+    if let Some((instance, image, object)) = left.cloud.take() {
         let acc = account.clone();
         let _ = cloud::from_client(lab, move || {
-            let _ = dczone_cloud::client::Compute::new(&acc).terminate(&[instance]);
+            let c = dczone_cloud::client::Compute::new(&acc);
+            let _ = c.terminate(&[instance]);
+            let _ = c.deregister_image(&image);
             if let Ok(s) = dczone_cloud::s3::Store::new(&acc) {
                 let _ = s.delete(&object);
             }
@@ -194,10 +196,11 @@ pub fn run(
     summarise(db_ip, round_trips, o.clients, loads, migration)
 }
 
-/// What the measurement left to remove: the cloud's instance and object.
+/// What the measurement left to remove: the cloud's instance, image and object.
 #[derive(Default)]
 struct Leftovers {
-    cloud: Option<(String, String)>,
+    /// Instance, image, object.
+    cloud: Option<(String, String, String)>,
 }
 
 /// Where the comparison runs: the lab, its agents and the cloud's account.
@@ -264,7 +267,11 @@ fn measure(
         .into_iter()
         .next()
         .ok_or_else(|| anyhow::anyhow!("the migration reported no VM"))?;
-    left.cloud = Some((migration.instance.clone(), migration.object.clone()));
+    left.cloud = Some((
+        migration.instance.clone(),
+        migration.image.clone(),
+        migration.object.clone(),
+    ));
     let cloud_ip: Ipv4Addr = migration
         .ip
         .parse()

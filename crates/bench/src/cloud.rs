@@ -218,10 +218,14 @@ pub fn cloud(
                 &|ip| cloud::app_answers(ip, cloud::PROBE_TIMEOUT),
                 &|_| {},
             );
-            // The instances and objects go after each run, kept or not.
+            // The instances, images and objects go after each run, kept or not.
             if let Ok(r) = &r {
                 let c = dczone_cloud::client::Compute::new(&acc);
                 let _ = c.terminate(&r.vms.iter().map(|v| v.instance.clone()).collect::<Vec<_>>());
+                // Imported images fill the cloud's storage run after run.
+                for v in &r.vms {
+                    let _ = c.deregister_image(&v.image);
+                }
                 if let Ok(s) = dczone_cloud::s3::Store::new(&acc) {
                     for v in &r.vms {
                         let _ = s.delete(&v.object);

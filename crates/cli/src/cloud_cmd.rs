@@ -65,7 +65,7 @@ pub enum CloudCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// The cloud's instances and the objects of the account's bucket.
+    /// The cloud's instances and images, and the objects of the account's bucket.
     List {
         #[arg(long)]
         json: bool,
@@ -74,6 +74,11 @@ pub enum CloudCommand {
     Terminate {
         #[arg(required = true)]
         instances: Vec<String>,
+    },
+    /// Remove imported images (`DeregisterImage`; their instances terminated first).
+    Deregister {
+        #[arg(required = true)]
+        images: Vec<String>,
     },
     /// Delete objects of the account's bucket.
     Delete {
@@ -278,14 +283,21 @@ pub fn run(
         }
         CloudCommand::List { json } => {
             let account = cloud::lab_account(lab)?;
-            let (instances, objects) = cloud::from_client(lab, move || -> anyhow::Result<_> {
-                Ok((
-                    Compute::new(&account).describe_instances(&[])?,
-                    Store::new(&account)?.list()?,
-                ))
-            })??;
+            let (instances, images, objects) =
+                cloud::from_client(lab, move || -> anyhow::Result<_> {
+                    let c = Compute::new(&account);
+                    Ok((
+                        c.describe_instances(&[])?,
+                        c.describe_images()?,
+                        Store::new(&account)?.list()?,
+                    ))
+                })??;
             if json {
-                print_json(&serde_json::json!({ "instances": instances, "objects": objects }));
+                print_json(&serde_json::json!({
+                    "instances": instances,
+                    "images": images,
+                    "objects": objects,
+                }));
                 return Ok(ExitCode::SUCCESS);
             }
             let rows: Vec<Vec<String>> = instances
@@ -308,6 +320,11 @@ pub fn run(
                     &rows
                 )
             );
+            let rows: Vec<Vec<String>> = images
+                .iter()
+                .map(|i| vec![i.id.clone(), i.state.clone(), format!("{} GiB", i.size_gib)])
+                .collect();
+            print!("{}", render(&["image", "state", "disk"], &rows));
             let rows: Vec<Vec<String>> = objects
                 .iter()
                 .map(|o| {
@@ -326,6 +343,19 @@ pub fn run(
             let ids = instances.clone();
             cloud::from_client(lab, move || Compute::new(&account).terminate(&ids))??;
             println!("terminated: {}", instances.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::Deregister { images } => {
+            let account = cloud::lab_account(lab)?;
+            let ids = images.clone();
+            cloud::from_client(lab, move || -> anyhow::Result<()> {
+                let c = Compute::new(&account);
+                for id in &ids {
+                    c.deregister_image(id)?;
+                }
+                Ok(())
+            })??;
+            println!("deregistered: {}", images.join(", "));
             Ok(ExitCode::SUCCESS)
         }
         CloudCommand::Delete { keys } => {

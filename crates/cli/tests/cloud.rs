@@ -387,10 +387,20 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
         "{failed}"
     );
 
-    // Clean-up through dczone: the instances and the object go.
+    // Clean-up through dczone: the instances, images and objects go; an image in use is
+    // kept until its instances are gone.
     let listed = lab.json(&["cloud", "list", "--json"]);
     assert_eq!(listed["instances"].as_array().unwrap().len(), 3, "{listed}");
     assert_eq!(listed["objects"].as_array().unwrap().len(), 3, "{listed}");
+    let images: Vec<String> = listed["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(images.len(), 2, "the two migrations' images: {listed}");
+    let err = stderr_of(&lab, &["cloud", "deregister", image]);
+    assert!(err.contains("terminate them first"), "{err}");
     lab.ok(&[
         "cloud",
         "terminate",
@@ -407,7 +417,11 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
     let mut delete = vec!["cloud", "delete"];
     delete.extend(keys.iter().map(String::as_str));
     lab.ok(&delete);
+    let mut deregister = vec!["cloud", "deregister"];
+    deregister.extend(images.iter().map(String::as_str));
+    lab.ok(&deregister);
     let listed = lab.json(&["cloud", "list", "--json"]);
+    assert!(listed["images"].as_array().unwrap().is_empty(), "{listed}");
     assert!(
         listed["instances"]
             .as_array()

@@ -48,6 +48,15 @@ pub struct ImportStatus {
     pub image_id: Option<String>,
 }
 
+/// An image as `DescribeImages` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub id: String,
+    pub state: String,
+    /// Its disk's size, GiB (rounded up, as EC2's `volumeSize`).
+    pub size_gib: u64,
+}
+
 /// An instance as `DescribeInstances` reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceInfo {
@@ -317,6 +326,36 @@ impl Compute {
         let text = self.call("DescribeInstances", &params)?;
         let doc = Self::parse("DescribeInstances", &text)?;
         Ok(instances_of(&doc))
+    }
+
+    /// The account's images (`DescribeImages`).
+    pub fn describe_images(&self) -> Result<Vec<ImageInfo>, ApiCallError> {
+        let text = self.call("DescribeImages", &[])?;
+        let doc = Self::parse("DescribeImages", &text)?;
+        Ok(doc
+            .descendants()
+            .filter(|n| n.has_tag_name("imagesSet"))
+            .flat_map(|set| set.children().filter(|n| n.has_tag_name("item")))
+            .map(|item| ImageInfo {
+                id: text_of(item, "imageId"),
+                state: text_of(item, "imageState"),
+                size_gib: item
+                    .descendants()
+                    .find(|n| n.has_tag_name("volumeSize"))
+                    .and_then(|n| n.text())
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Removes an imported image (`DeregisterImage`): its instances must be terminated.
+    pub fn deregister_image(&self, image: &str) -> Result<(), ApiCallError> {
+        self.call(
+            "DeregisterImage",
+            &[("ImageId".to_string(), image.to_string())],
+        )
+        .map(|_| ())
     }
 
     pub fn terminate(&self, ids: &[String]) -> Result<(), ApiCallError> {

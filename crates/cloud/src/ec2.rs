@@ -65,6 +65,14 @@ pub enum Action {
     DescribeImportImageTasks {
         ids: Vec<String>,
     },
+    /// The account's images (all, or these).
+    DescribeImages {
+        ids: Vec<String>,
+    },
+    /// An imported image removed from the cloud's storage (no instance may use it).
+    DeregisterImage {
+        image_id: String,
+    },
     RunInstances {
         image_id: String,
         instance_type: String,
@@ -219,6 +227,12 @@ pub fn parse(params: &[(String, String)]) -> Result<Action, ApiError> {
         "DescribeImportImageTasks" => Action::DescribeImportImageTasks {
             ids: p.list("ImportTaskId"),
         },
+        "DescribeImages" => Action::DescribeImages {
+            ids: p.list("ImageId"),
+        },
+        "DeregisterImage" => Action::DeregisterImage {
+            image_id: p.required("ImageId")?.into(),
+        },
         "RunInstances" => {
             let min: u32 = p.number("MinCount")?.unwrap_or(1);
             let max: u32 = p.number("MaxCount")?.unwrap_or(min);
@@ -275,8 +289,8 @@ pub fn parse(params: &[(String, String)]) -> Result<Action, ApiError> {
                 "InvalidAction",
                 format!(
                     "action {other} is not served here: ImportImage, DescribeImportImageTasks, \
-                     RunInstances, DescribeInstances, TerminateInstances, CreateSecurityGroup, \
-                     AuthorizeSecurityGroupIngress"
+                     DescribeImages, DeregisterImage, RunInstances, DescribeInstances, TerminateInstances, \
+                     CreateSecurityGroup, AuthorizeSecurityGroupIngress"
                 ),
             ))
         }

@@ -969,6 +969,72 @@ impl Provider {
                 }
                 Ok(format!("<reservationSet>{items}</reservationSet>"))
             }
+            Action::DescribeImages { ids } => {
+                let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(id) = ids.iter().find(|id| !s.images.contains_key(*id)) {
+                    return Err(ApiError::new(
+                        "InvalidAMIID.NotFound",
+                        format!("image {id} does not exist"),
+                    ));
+                }
+                let items: String = s
+                    .images
+                    .values()
+                    .filter(|i| ids.is_empty() || ids.contains(&i.id))
+                    .map(|i| {
+                        format!(
+                            "<item><imageId>{}</imageId><imageState>available</imageState>\
+                             <blockDeviceMapping><item><ebs><volumeSize>{}</volumeSize></ebs></item>\
+                             </blockDeviceMapping></item>",
+                            i.id,
+                            i.size_mib.div_ceil(1024)
+                        )
+                    })
+                    .collect();
+                Ok(format!("<imagesSet>{items}</imagesSet>"))
+            }
+            Action::DeregisterImage { image_id } => {
+                {
+                    let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if !s.images.contains_key(&image_id) {
+                        return Err(ApiError::new(
+                            "InvalidAMIID.NotFound",
+                            format!("image {image_id} does not exist"),
+                        ));
+                    }
+                    // An instance's disk is a clone of the image: it goes first.
+                    let users: Vec<&str> = s
+                        .instances
+                        .values()
+                        .filter(|i| i.image_id == image_id && i.state != "terminated")
+                        .map(|i| i.id.as_str())
+                        .collect();
+                    if !users.is_empty() {
+                        return Err(ApiError::new(
+                            "InvalidParameterValue",
+                            format!(
+                                "image {image_id} is the disk of instance(s) {}: terminate them first",
+                                users.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                let image = format!("{POOL}/{image_id}");
+                let _ = self.rbd(&["snap", "purge", "--no-progress", &image]);
+                if let Err(e) = self.rbd(&["rm", "--no-progress", &image]) {
+                    if !e.contains("No such file") {
+                        return Err(ApiError::new(
+                            "InternalError",
+                            format!("remove image {image_id}: {e}"),
+                        ));
+                    }
+                }
+                self.with_state(|s| {
+                    s.images.remove(&image_id);
+                });
+                self.event(request_id, &image_id, "image.deregistered", json!({}));
+                Ok("<return>true</return>".into())
+            }
             Action::TerminateInstances { ids } => {
                 let known: Vec<Instance> = {
                     let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -1268,6 +1334,8 @@ fn action_name(a: &Action) -> &'static str {
     match a {
         Action::ImportImage { .. } => "ImportImage",
         Action::DescribeImportImageTasks { .. } => "DescribeImportImageTasks",
+        Action::DescribeImages { .. } => "DescribeImages",
+        Action::DeregisterImage { .. } => "DeregisterImage",
         Action::RunInstances { .. } => "RunInstances",
         Action::DescribeInstances { .. } => "DescribeInstances",
         Action::TerminateInstances { .. } => "TerminateInstances",

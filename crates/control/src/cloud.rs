@@ -416,8 +416,9 @@ pub fn migrate(
                     "instance {} ({ip}) runs and its console says the application listens, but \
                      port {APP_PORT} does not answer from the zone: security group(s) {} do not \
                      allow tcp/{APP_PORT} from {}. Add a rule (AuthorizeSecurityGroupIngress), \
-                     or migrate without --security-group; the instance stays: `dczone cloud \
-                     terminate {}`",
+                     or migrate without --security-group; the instance, its image and object \
+                     stay: `dczone cloud terminate {}`, `dczone cloud deregister {image}`, \
+                     `dczone cloud delete {key}`",
                     inst.id,
                     groups.join(", "),
                     zone_cidr(&done.spec.ip_cidr),
@@ -426,10 +427,12 @@ pub fn migrate(
                 }
                 if t.elapsed() > Duration::from_secs(600) {
                     bail!(
-                    "instance {} ({ip}) did not answer on port {APP_PORT} in 600 s; it runs: `dczone cloud terminate {}`",
-                    inst.id,
-                    inst.id
-                );
+                        "instance {} ({ip}) did not answer on port {APP_PORT} in 600 s; it runs: \
+                     `dczone cloud terminate {}`, then `dczone cloud deregister {image}`, \
+                     `dczone cloud delete {key}`",
+                        inst.id,
+                        inst.id
+                    );
                 }
                 std::thread::sleep(POLL_EVERY);
             }
