@@ -555,6 +555,20 @@ mod tests {
     }
 
     #[test]
+    fn an_upload_that_stops_taking_parts_fails_the_writer_at_once() {
+        let (mut w, src) = parts(10, 1);
+        drop(src);
+        let err = w.write_all(&[7u8; 30]).unwrap_err();
+        assert!(err.to_string().contains(UPLOAD_STOPPED), "{err}");
+        // And an encoder writing into it stops with it.
+        let (w, src) = parts(crate::s3::MIN_PART, 1);
+        drop(src);
+        let mut e = Encoder::new(DiskFormat::Raw, SIZE, w, 1).unwrap();
+        let err = e.data(0, &vec![1u8; 8 << 20]).unwrap_err();
+        assert!(err.to_string().contains(UPLOAD_STOPPED), "{err}");
+    }
+
+    #[test]
     fn parts_are_cut_to_size_and_an_unfinished_stream_is_an_error() {
         let (mut w, src) = parts(10, 8);
         w.write_all(&[7u8; 25]).unwrap();
