@@ -49,15 +49,7 @@ impl Phase {
         let start_unix_ms = dczone_storage::backup::unix_ms();
         let t = Instant::now();
         let out = f();
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        (
-            out,
-            Phase {
-                start_unix_ms,
-                end_unix_ms: dczone_storage::backup::unix_ms(),
-                ms,
-            },
-        )
+        (out, Phase::finished(start_unix_ms, t))
     }
 }
 

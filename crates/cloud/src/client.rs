@@ -332,10 +332,7 @@ impl Compute {
     pub fn describe_images(&self) -> Result<Vec<ImageInfo>, ApiCallError> {
         let text = self.call("DescribeImages", &[])?;
         let doc = Self::parse("DescribeImages", &text)?;
-        Ok(doc
-            .descendants()
-            .filter(|n| n.has_tag_name("imagesSet"))
-            .flat_map(|set| set.children().filter(|n| n.has_tag_name("item")))
+        Ok(items_of(&doc, "imagesSet")
             .map(|item| ImageInfo {
                 id: text_of(item, "imageId"),
                 state: text_of(item, "imageState"),
@@ -405,10 +402,18 @@ impl Compute {
     }
 }
 
-fn instances_of(doc: &roxmltree::Document<'_>) -> Vec<InstanceInfo> {
+/// The `<item>`s of every `<set>` of an answer (EC2's lists).
+fn items_of<'a, 'i>(
+    doc: &'a roxmltree::Document<'i>,
+    set: &'static str,
+) -> impl Iterator<Item = roxmltree::Node<'a, 'i>> {
     doc.descendants()
-        .filter(|n| n.has_tag_name("instancesSet"))
-        .flat_map(|set| set.children().filter(|n| n.has_tag_name("item")))
+        .filter(move |n| n.has_tag_name(set))
+        .flat_map(|s| s.children().filter(|n| n.has_tag_name("item")))
+}
+
+fn instances_of(doc: &roxmltree::Document<'_>) -> Vec<InstanceInfo> {
+    items_of(doc, "instancesSet")
         .map(|item| InstanceInfo {
             id: text_of(item, "instanceId"),
             image_id: text_of(item, "imageId"),
