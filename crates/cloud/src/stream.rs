@@ -49,21 +49,63 @@ pub struct Encoder<W: Write + Send + 'static> {
 }
 
 enum Kind<W: Write + Send + 'static> {
-    Raw {
-        out: W,
-        at: u64,
-    },
+    Raw(W),
     /// Grains are compressed on worker threads and written, in order, by a writer thread
     /// as soon as each is next.
     Vmdk {
-        /// The grain being filled.
-        cur: Option<(u64, Vec<u8>)>,
-        batch: Grains,
-        jobs: Option<SyncSender<(u64, Grains)>>,
-        sent: u64,
+        grains: Batcher,
         workers: Vec<std::thread::JoinHandle<()>>,
         writer: std::thread::JoinHandle<io::Result<(W, u64, u64)>>,
     },
+}
+
+/// The grain being filled, and the batches of full ones sent to be compressed.
+struct Batcher {
+    cur: Option<(u64, Vec<u8>)>,
+    batch: Grains,
+    jobs: SyncSender<(u64, Grains)>,
+    sent: u64,
+}
+
+impl Batcher {
+    /// Copies `bytes` into grain `g` at `within` (grains only grow), sending the grain on
+    /// once it is full.
+    fn fill(&mut self, g: u64, within: usize, bytes: &[u8]) -> io::Result<()> {
+        if self.cur.as_ref().is_none_or(|(c, _)| *c != g) {
+            self.close_grain()?;
+            self.cur = Some((g, vec![0u8; GRAIN as usize]));
+        }
+        let (_, buf) = self.cur.as_mut().expect("a grain being filled");
+        buf[within..within + bytes.len()].copy_from_slice(bytes);
+        if within + bytes.len() == GRAIN as usize {
+            self.close_grain()?;
+        }
+        Ok(())
+    }
+
+    /// Adds the grain being filled to the batch (unless it is all zeroes).
+    fn close_grain(&mut self) -> io::Result<()> {
+        if let Some((g, buf)) = self.cur.take() {
+            if !is_zero(&buf) {
+                self.batch.push((g, buf));
+            }
+        }
+        if self.batch.len() >= BATCH {
+            self.send_batch()?;
+        }
+        Ok(())
+    }
+
+    fn send_batch(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let job = (self.sent, std::mem::take(&mut self.batch));
+        self.sent += 1;
+        self.jobs
+            .send(job)
+            .map_err(|_| io::Error::other("the image's writer stopped"))
+    }
 }
 
 impl<W: Write + Send + 'static> std::fmt::Debug for Encoder<W> {
@@ -108,7 +150,7 @@ impl<W: Write + Send + 'static> Encoder<W> {
     /// `out`; VMDK's grains are compressed on `threads` threads.
     pub fn new(format: DiskFormat, size: u64, out: W, threads: usize) -> io::Result<Self> {
         let kind = match format {
-            DiskFormat::Raw => Kind::Raw { out, at: 0 },
+            DiskFormat::Raw => Kind::Raw(out),
             DiskFormat::Vmdk => {
                 let threads = threads.max(1);
                 let (jobs, job_rx) = mpsc::sync_channel::<(u64, Grains)>(threads);
@@ -135,10 +177,12 @@ impl<W: Write + Send + 'static> Encoder<W> {
                 drop(done_tx);
                 let stream = StreamOptimized::new(out, size)?;
                 Kind::Vmdk {
-                    cur: None,
-                    batch: Vec::with_capacity(BATCH),
-                    jobs: Some(jobs),
-                    sent: 0,
+                    grains: Batcher {
+                        cur: None,
+                        batch: Vec::with_capacity(BATCH),
+                        jobs,
+                        sent: 0,
+                    },
                     workers,
                     writer: std::thread::spawn(move || write_in_order(stream, results)),
                 }
@@ -165,23 +209,18 @@ impl<W: Write + Send + 'static> Encoder<W> {
         if offset < self.end {
             return Err(out_of_order(offset, self.end));
         }
+        let gap = offset - self.end;
         self.end = offset + bytes.len() as u64;
         match &mut self.kind {
-            Kind::Raw { out, at } => {
-                if offset < *at {
-                    return Err(out_of_order(offset, *at));
-                }
-                zeroes(out, offset - *at)?;
-                out.write_all(bytes)?;
-                *at = offset + bytes.len() as u64;
-                Ok(())
+            Kind::Raw(out) => {
+                zeroes(out, gap)?;
+                out.write_all(bytes)
             }
-            Kind::Vmdk { .. } => {
+            Kind::Vmdk { grains, .. } => {
                 while !bytes.is_empty() {
-                    let g = offset / GRAIN;
                     let within = (offset % GRAIN) as usize;
                     let k = bytes.len().min(GRAIN as usize - within);
-                    self.fill(g, within, &bytes[..k])?;
+                    grains.fill(offset / GRAIN, within, &bytes[..k])?;
                     offset += k as u64;
                     bytes = &bytes[k..];
                 }
@@ -190,85 +229,24 @@ impl<W: Write + Send + 'static> Encoder<W> {
         }
     }
 
-    /// Copies `bytes` into grain `g` at `within`, sending the grain on once it is full.
-    fn fill(&mut self, g: u64, within: usize, bytes: &[u8]) -> io::Result<()> {
-        let Kind::Vmdk { cur, .. } = &mut self.kind else {
-            unreachable!("VMDK only")
-        };
-        match cur {
-            Some((c, _)) if *c > g => return Err(out_of_order(g * GRAIN, *c * GRAIN)),
-            Some((c, _)) if *c == g => {}
-            _ => {
-                self.close_grain()?;
-                let Kind::Vmdk { cur, .. } = &mut self.kind else {
-                    unreachable!("VMDK only")
-                };
-                *cur = Some((g, vec![0u8; GRAIN as usize]));
-            }
-        }
-        let Kind::Vmdk { cur, .. } = &mut self.kind else {
-            unreachable!("VMDK only")
-        };
-        let (_, buf) = cur.as_mut().expect("a grain being filled");
-        buf[within..within + bytes.len()].copy_from_slice(bytes);
-        if within + bytes.len() == GRAIN as usize {
-            self.close_grain()?;
-        }
-        Ok(())
-    }
-
-    /// Sends the grain being filled to be compressed (unless it is all zeroes).
-    fn close_grain(&mut self) -> io::Result<()> {
-        let Kind::Vmdk { cur, batch, .. } = &mut self.kind else {
-            return Ok(());
-        };
-        if let Some((g, buf)) = cur.take() {
-            if !is_zero(&buf) {
-                batch.push((g, buf));
-            }
-        }
-        if batch.len() >= BATCH {
-            self.send_batch()?;
-        }
-        Ok(())
-    }
-
-    fn send_batch(&mut self) -> io::Result<()> {
-        let Kind::Vmdk {
-            batch, jobs, sent, ..
-        } = &mut self.kind
-        else {
-            return Ok(());
-        };
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let job = (*sent, std::mem::take(batch));
-        *sent += 1;
-        jobs.as_ref()
-            .expect("jobs open until finish")
-            .send(job)
-            .map_err(|_| io::Error::other("the image's writer stopped"))
-    }
-
     /// Ends the image (raw: zeroes to the disk's size); the output and the image's bytes.
-    pub fn finish(mut self) -> io::Result<(W, u64)> {
-        self.close_grain()?;
-        self.send_batch()?;
+    pub fn finish(self) -> io::Result<(W, u64)> {
         match self.kind {
-            Kind::Raw { mut out, at } => {
-                zeroes(&mut out, self.size - at)?;
+            Kind::Raw(mut out) => {
+                zeroes(&mut out, self.size - self.end)?;
                 out.flush()?;
                 Ok((out, self.size))
             }
             Kind::Vmdk {
-                jobs,
+                mut grains,
                 workers,
                 writer,
-                sent,
-                ..
             } => {
-                drop(jobs);
+                grains.close_grain()?;
+                grains.send_batch()?;
+                let sent = grains.sent;
+                // The jobs' end: the workers finish, then the writer.
+                drop(grains);
                 let mut lost = false;
                 for w in workers {
                     lost |= w.join().is_err();
