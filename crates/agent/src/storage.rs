@@ -22,16 +22,21 @@ pub(crate) fn status_code(e: &StorageError) -> StatusCode {
 }
 
 fn check_name(cluster: &str) -> Result<(), AgentError> {
-    let ok = !cluster.is_empty()
-        && cluster
+    check_a("cluster", cluster)
+}
+
+/// That `name` is a Ceph name of a `what`: letters, digits, '-', '.', '_', not a leading '.'.
+fn check_a(what: &str, name: &str) -> Result<(), AgentError> {
+    let ok = !name.is_empty()
+        && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
-        && !cluster.starts_with('.');
+        && !name.starts_with('.');
     if ok {
         Ok(())
     } else {
         Err(StorageError::Conflict(format!(
-            "'{cluster}' is not a cluster name (letters, digits, '-', '.', '_')"
+            "'{name}' is not a {what} name (letters, digits, '-', '.', '_')"
         ))
         .into())
     }
@@ -158,9 +163,11 @@ impl Agent {
                         cluster: cluster.clone(),
                         host: self.host.clone(),
                     })?;
+                let pool = body.pool.unwrap_or(plan.pool.name);
+                check_a("pool", &pool)?;
                 let (check_ms, import_ms) =
-                    s.restore_chain(&cluster, &body.chain, &plan.pool.name, &body.image)?;
-                json!({ "check_ms": check_ms, "import_ms": import_ms, "pool": plan.pool.name })
+                    s.restore_chain(&cluster, &body.chain, &pool, &body.image)?;
+                json!({ "check_ms": check_ms, "import_ms": import_ms, "pool": pool })
             }
             other => unreachable!("not a storage request: {other:?}"),
         })
@@ -241,8 +248,12 @@ pub struct LedgerBody {
 pub struct RestoreBody {
     /// A full backup's id, then each incremental after it.
     pub chain: Vec<String>,
-    /// The new image, in the cluster's pool.
+    /// The new image.
     pub image: String,
+    /// Its pool: the restoring site's (`ClusterPlan::site_pool`); the cluster's first
+    /// pool when not given.
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 impl Agent {

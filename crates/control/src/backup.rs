@@ -541,7 +541,11 @@ pub fn restore(
             &store_host,
             "POST",
             &format!("/v1/backup-store/{}/restore", c.name),
-            Some(json!({ "chain": chain, "image": image })),
+            Some(json!({
+                "chain": chain,
+                "image": image,
+                "pool": c.site_pool(&site).name,
+            })),
             BACKUP_CALL,
         )
         .with_context(|| format!("restore {} at {at}", target.id))?;

@@ -698,7 +698,7 @@ impl HostStorage {
         let pool = plan.pool.name.as_str();
         if let Some(stretch) = &plan.stretch {
             if !has_rule("stretch_rule") {
-                self.add_stretch_rule(cluster, &stretch.sites)?;
+                self.add_stretch_rule(cluster, "stretch_rule", &stretch.sites)?;
                 done.push("CRUSH rule stretch_rule".into());
             }
             if !has_pool {
@@ -775,32 +775,66 @@ impl HostStorage {
             done.push(format!("pool {pool}"));
         }
         if !has_pool {
-            self.ceph(
-                cluster,
-                &["osd", "pool", "application", "enable", pool, "rbd"],
-            )?;
-            let dir = self.dir(cluster);
-            let keyring = dir
-                .join(format!("keyring.{}", keys::ADMIN))
-                .display()
-                .to_string();
-            run(
-                &format!("rbd pool init {pool}"),
-                "rbd",
-                &[
-                    "-c",
-                    &self.conf(cluster),
-                    "-n",
-                    keys::ADMIN,
-                    "-k",
-                    &keyring,
-                    "pool",
-                    "init",
-                    pool,
-                ],
-            )?;
+            self.init_rbd_pool(cluster, pool)?;
+        }
+        // The other sites' pools, made once the stretch mode is on (it gives every pool
+        // the stretch rule it names): each site's VMs read from their own site.
+        for sp in plan.site_pools().into_iter().skip(1) {
+            if !has_rule(&sp.rule) {
+                self.add_stretch_rule(cluster, &sp.rule, &sp.sites)?;
+                done.push(format!("CRUSH rule {}", sp.rule));
+            }
+            let exists = pools
+                .as_array()
+                .is_some_and(|p| p.iter().any(|x| x.as_str() == Some(sp.name.as_str())));
+            if !exists {
+                self.ceph(
+                    cluster,
+                    &[
+                        "osd",
+                        "pool",
+                        "create",
+                        &sp.name,
+                        &pg,
+                        &pg,
+                        "replicated",
+                        &sp.rule,
+                    ],
+                )?;
+                self.init_rbd_pool(cluster, &sp.name)?;
+                done.push(format!("pool {} (primaries in {})", sp.name, sp.sites[0]));
+            }
         }
         Ok(done)
+    }
+
+    /// Tags `pool` for RBD and initialises it.
+    fn init_rbd_pool(&self, cluster: &str, pool: &str) -> Result<(), StorageError> {
+        self.ceph(
+            cluster,
+            &["osd", "pool", "application", "enable", pool, "rbd"],
+        )?;
+        let dir = self.dir(cluster);
+        let keyring = dir
+            .join(format!("keyring.{}", keys::ADMIN))
+            .display()
+            .to_string();
+        run(
+            &format!("rbd pool init {pool}"),
+            "rbd",
+            &[
+                "-c",
+                &self.conf(cluster),
+                "-n",
+                keys::ADMIN,
+                "-k",
+                &keyring,
+                "pool",
+                "init",
+                pool,
+            ],
+        )?;
+        Ok(())
     }
 
     /// Makes pool `pool` for `application` with the cluster's defaults, unless it exists.
@@ -825,9 +859,15 @@ impl HostStorage {
         Ok(())
     }
 
-    /// Adds `stretch_rule` (two copies on distinct hosts of each of the two sites) with
-    /// `crushtool`, as Ceph's stretch-mode documentation does.
-    fn add_stretch_rule(&self, cluster: &str, sites: &[String; 2]) -> Result<(), StorageError> {
+    /// Adds the stretch rule `name` (two copies on distinct hosts of each of the two sites,
+    /// `sites[0]`'s first: its OSDs are the primaries) with `crushtool`, as Ceph's
+    /// stretch-mode documentation does.
+    fn add_stretch_rule(
+        &self,
+        cluster: &str,
+        name: &str,
+        sites: &[String; 2],
+    ) -> Result<(), StorageError> {
         let dir = self.dir(cluster).join("run");
         let bin = dir.join("crush.bin").display().to_string();
         let txt = dir.join("crush.txt");
@@ -850,7 +890,7 @@ impl HostStorage {
         // Rule ids are small and counted apart from bucket ids (negative).
         let id = max_id.max(0) + 1;
         text.push_str(&format!(
-            "rule stretch_rule {{\n\tid {id}\n\ttype replicated\n\tmin_size 1\n\tmax_size 10\n\
+            "rule {name} {{\n\tid {id}\n\ttype replicated\n\tmin_size 1\n\tmax_size 10\n\
              \tstep take {a}\n\tstep chooseleaf firstn 2 type host\n\tstep emit\n\
              \tstep take {b}\n\tstep chooseleaf firstn 2 type host\n\tstep emit\n}}\n",
             a = sites[0],

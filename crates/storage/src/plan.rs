@@ -55,6 +55,16 @@ pub struct Pool {
     pub pg_num: u32,
 }
 
+/// A site's pool of VM disks in a cluster (`ClusterPlan::site_pool`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SitePool {
+    pub name: String,
+    /// Its CRUSH rule (empty: the cluster's default, unstretched).
+    pub rule: String,
+    /// The stretch rule's sites in its order: the first holds the primaries.
+    pub sites: [String; 2],
+}
+
 /// One Ceph cluster of the zone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterPlan {
@@ -140,6 +150,40 @@ impl ClusterPlan {
             }
         }
         hosts
+    }
+
+    /// The pool of VM disks made at `site`, and the CRUSH rule that places it. A stretched
+    /// cluster has one per site, each taking its own site first: the site's OSDs are the
+    /// primaries, which serve every read and order every write, so the site's VMs read
+    /// without crossing the metro path and a write crosses it once (to the other site's
+    /// copies), not twice. Both are stretch pools (two copies in each site). The first
+    /// site's is the cluster's `pool` itself; any other site's is `<pool>-<site>`.
+    pub fn site_pool(&self, site: &str) -> SitePool {
+        match &self.stretch {
+            Some(s) if site == s.sites[1] => SitePool {
+                name: format!("{}-{site}", self.pool.name),
+                rule: format!("stretch_rule-{site}"),
+                sites: [s.sites[1].clone(), s.sites[0].clone()],
+            },
+            Some(s) => SitePool {
+                name: self.pool.name.clone(),
+                rule: "stretch_rule".into(),
+                sites: s.sites.clone(),
+            },
+            None => SitePool {
+                name: self.pool.name.clone(),
+                rule: String::new(),
+                sites: Default::default(),
+            },
+        }
+    }
+
+    /// Every site's pool of VM disks (one without a stretch).
+    pub fn site_pools(&self) -> Vec<SitePool> {
+        match &self.stretch {
+            Some(s) => s.sites.iter().map(|site| self.site_pool(site)).collect(),
+            None => vec![self.site_pool("")],
+        }
     }
 
     /// `v2` and `v1` addresses of every monitor, as `mon_host` lists them.
@@ -317,6 +361,25 @@ mod tests {
         assert_eq!(r1.mgrs.len(), 2, "one per site: DC1.2's takes over");
         assert_eq!(r1.admin_hosts().last().unwrap(), "witness-h1");
         assert!(!r1.hosts().contains(&"dc1.1-client".to_string()));
+    }
+
+    #[test]
+    fn each_site_of_a_stretch_has_a_pool_that_takes_it_first() {
+        let c = clusters(&Zone::reference());
+        let (r1, r2) = (&c[0], &c[1]);
+        let dc11 = r1.site_pool("dc1.1");
+        assert_eq!(
+            (dc11.name.as_str(), dc11.rule.as_str()),
+            ("rbd", "stretch_rule")
+        );
+        assert_eq!(dc11.sites, ["dc1.1", "dc1.2"]);
+        let dc12 = r1.site_pool("dc1.2");
+        assert_eq!(dc12.name, "rbd-dc1.2");
+        assert_eq!(dc12.rule, "stretch_rule-dc1.2");
+        assert_eq!(dc12.sites, ["dc1.2", "dc1.1"]);
+        assert_eq!(r1.site_pools(), vec![dc11, dc12]);
+        assert_eq!(r2.site_pool("dc2.1").name, "rbd");
+        assert_eq!(r2.site_pools().len(), 1);
     }
 
     #[test]

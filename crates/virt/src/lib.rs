@@ -496,8 +496,9 @@ impl Platform {
         Ok(vm)
     }
 
-    /// A new disk for VM `name` on host `h`: an image in the pool of the storage cluster
-    /// of `h`'s site, made with the hypervisors' client key.
+    /// A new disk for VM `name` on host `h`: an image in the pool of `h`'s site in the
+    /// storage cluster of the site (`ClusterPlan::site_pool`: its primaries are in that
+    /// site), made with the hypervisors' client key.
     fn create_disk(
         &self,
         name: &str,
@@ -519,7 +520,7 @@ impl Platform {
         let cluster = storage.cluster_for_site(&h.site).map_err(disk_err)?;
         let disk = hv::DiskSpec {
             cluster: cluster.name.clone(),
-            pool: cluster.pool.name.clone(),
+            pool: cluster.site_pool(&h.site).name,
             image: format!("vm-{name}"),
             size_mib,
         };
@@ -529,7 +530,8 @@ impl Platform {
         Ok(disk)
     }
 
-    /// An existing image of the storage cluster of `h`'s site as VM `name`'s disk.
+    /// An existing image of the pool of `h`'s site (where a restore puts it) as VM `name`'s
+    /// disk.
     fn adopt_disk(
         &self,
         name: &str,
@@ -542,6 +544,7 @@ impl Platform {
         };
         let storage = self.placement.storage(&h.id);
         let cluster = storage.cluster_for_site(&h.site).map_err(disk_err)?;
+        let pool = cluster.site_pool(&h.site).name;
         let info = storage
             .rbd(
                 &cluster.name,
@@ -549,7 +552,7 @@ impl Platform {
                     "info",
                     "--format",
                     "json",
-                    &format!("{}/{image}", cluster.pool.name),
+                    &format!("{pool}/{image}"),
                 ],
             )
             .map_err(disk_err)?;
@@ -559,7 +562,7 @@ impl Platform {
             .ok_or_else(|| VirtError::BadSpec(format!("image {image}: unreadable `rbd info`")))?;
         Ok(hv::DiskSpec {
             cluster: cluster.name.clone(),
-            pool: cluster.pool.name.clone(),
+            pool,
             image: image.to_string(),
             size_mib: size >> 20,
         })
