@@ -185,11 +185,21 @@ impl DiffParser {
     }
 }
 
+/// The longest data record a [`Writer`] writes: one RBD object (the default 4 MiB),
+/// records aligned on it. `rbd import-diff` makes one write per record: written as it
+/// came (a VMDK's 64 KiB grains) 64 MiB took 1024 OSD writes, and the cloud's import took
+/// 0.33 s against rbd's 0.17-0.21 s for the same data in 4 MiB records.
+pub const RECORD: u64 = 4 << 20;
+
 /// A writer of an `rbd diff v1` stream (what `rbd import-diff` reads): the header, the
-/// data in order, the end.
+/// data in order, the end. Data that follows on joins the record before it, up to the
+/// next [`RECORD`] boundary.
 #[derive(Debug)]
 pub struct Writer<W: std::io::Write> {
     out: W,
+    /// The record being gathered: its offset, its bytes.
+    at: u64,
+    pending: Vec<u8>,
 }
 
 impl<W: std::io::Write> Writer<W> {
@@ -204,19 +214,49 @@ impl<W: std::io::Write> Writer<W> {
         }
         out.write_all(b"s")?;
         out.write_all(&size.to_le_bytes())?;
-        Ok(Writer { out })
+        Ok(Writer {
+            out,
+            at: 0,
+            pending: Vec::new(),
+        })
     }
 
     /// `bytes` at `offset`.
-    pub fn data(&mut self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
-        self.out.write_all(b"w")?;
-        self.out.write_all(&offset.to_le_bytes())?;
-        self.out.write_all(&(bytes.len() as u64).to_le_bytes())?;
-        self.out.write_all(bytes)
+    pub fn data(&mut self, mut offset: u64, mut bytes: &[u8]) -> std::io::Result<()> {
+        if !self.pending.is_empty() && offset != self.at + self.pending.len() as u64 {
+            self.write_record()?;
+        }
+        while !bytes.is_empty() {
+            if self.pending.is_empty() {
+                self.at = offset;
+            }
+            let room = RECORD - offset % RECORD;
+            let n = room.min(bytes.len() as u64) as usize;
+            self.pending.extend_from_slice(&bytes[..n]);
+            offset += n as u64;
+            bytes = &bytes[n..];
+            if offset.is_multiple_of(RECORD) {
+                self.write_record()?;
+            }
+        }
+        Ok(())
     }
 
-    /// The end record; the output.
+    fn write_record(&mut self) -> std::io::Result<()> {
+        self.out.write_all(b"w")?;
+        self.out.write_all(&self.at.to_le_bytes())?;
+        self.out
+            .write_all(&(self.pending.len() as u64).to_le_bytes())?;
+        self.out.write_all(&self.pending)?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// The last record, the end record; the output.
     pub fn finish(mut self) -> std::io::Result<W> {
+        if !self.pending.is_empty() {
+            self.write_record()?;
+        }
         self.out.write_all(b"e")?;
         self.out.flush()?;
         Ok(self.out)
@@ -318,6 +358,35 @@ mod tests {
         s.truncate(s.len() - 1);
         let (_, ended) = read(&s, 5);
         assert!(!ended);
+    }
+
+    #[test]
+    fn the_writer_joins_what_follows_on_up_to_an_object() {
+        let mut w = Writer::new(Vec::new(), 64 << 20, None).unwrap();
+        // Grains of 1 MiB from 3 MiB on: a record up to the 4 MiB boundary, one after it;
+        // then a gap, and a record of its own.
+        let grain = vec![7u8; 1 << 20];
+        for i in 3..7u64 {
+            w.data(i << 20, &grain).unwrap();
+        }
+        w.data(9 << 20, b"tail").unwrap();
+        let s = w.finish().unwrap();
+        // The records: 'w', offset, length, bytes; then 'e'.
+        let mut at = MAGIC.len() + 1 + 8;
+        let mut records = Vec::new();
+        while s[at] == b'w' {
+            let field = |i: usize| u64::from_le_bytes(s[i..i + 8].try_into().unwrap());
+            let (offset, len) = (field(at + 1), field(at + 9));
+            records.push((offset, len));
+            at += 17 + len as usize;
+        }
+        assert_eq!((s[at], at + 1), (b'e', s.len()));
+        assert_eq!(
+            records,
+            [(3 << 20, 1 << 20), (4 << 20, 3 << 20), (9 << 20, 4)]
+        );
+        let (_, ended) = read(&s, 4096);
+        assert!(ended, "the parser reads it whole");
     }
 
     #[test]

@@ -548,12 +548,7 @@ impl Platform {
         let info = storage
             .rbd(
                 &cluster.name,
-                &[
-                    "info",
-                    "--format",
-                    "json",
-                    &format!("{pool}/{image}"),
-                ],
+                &["info", "--format", "json", &format!("{pool}/{image}")],
             )
             .map_err(disk_err)?;
         let size = serde_json::from_str::<serde_json::Value>(&info)
