@@ -380,8 +380,18 @@ mod tests {
     use super::*;
 
     /// A disk with data in its first grain (partly), across a grain boundary, one grain
-    /// of zeroes written, and a grain far in: as extents in order.
+    /// of zeroes written, a grain far in, and a grain that does not compress (stored): as
+    /// extents in order.
     fn extents() -> Vec<(u64, Vec<u8>)> {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let noise: Vec<u8> = (0..GRAIN)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
         let pattern = |n: usize, seed: u8| -> Vec<u8> {
             (0..n)
                 .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -392,6 +402,7 @@ mod tests {
             (GRAIN - 512, pattern(1024, 2)),
             (3 * GRAIN, vec![0u8; GRAIN as usize]),
             (600 * GRAIN + 512, pattern(GRAIN as usize, 3)),
+            (700 * GRAIN, noise),
         ]
     }
 
@@ -449,8 +460,8 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&cmp.stdout)
         );
-        // Grains of zeroes are left out: three grains of data (the first two touched,
-        // one far in, spanning two) and their tables, not 1000 grains.
+        // Grains of zeroes are left out: the grains of data (the first two touched, one
+        // far in spanning two, one stored) and their tables, not 1000 grains.
         assert!(vmdk.len() < 200 << 10, "{} bytes", vmdk.len());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -492,6 +503,24 @@ mod tests {
         );
         let q = std::fs::read(&v).unwrap();
         assert!(read_back(&q) == raw);
+        // dczone's stream ends with its footer and end-of-stream marker: cut at a marker,
+        // it is refused, not taken for a shorter disk.
+        let u64_at = |i: usize| u64::from_le_bytes(vmdk[i..i + 8].try_into().unwrap());
+        let grain_at = u64_at(64) as usize * 512;
+        let size = u32::from_le_bytes(vmdk[grain_at + 8..grain_at + 12].try_into().unwrap());
+        let cut = (grain_at + 12 + size as usize).next_multiple_of(512);
+        let (mut r, _) = vmdk::StreamReader::open(&vmdk[..cut]).unwrap();
+        let e = loop {
+            match r.next_grain() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("a cut stream read to its end"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            e.to_string().contains("before its end-of-stream marker"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
