@@ -184,6 +184,45 @@ fn qemu_alive(pid: i32) -> bool {
 
 struct RemoveOnDrop(PathBuf);
 
+/// How long a streamed import waited on the object's arrival and on `rbd import-diff`
+/// taking its input: what is left of its time is its own (inflating, copying).
+#[derive(Default)]
+struct Waits {
+    read: std::cell::Cell<std::time::Duration>,
+    write: std::cell::Cell<std::time::Duration>,
+}
+
+/// A reader or writer whose calls add up their time in `waited`.
+struct Timed<'a, T> {
+    inner: T,
+    waited: &'a std::cell::Cell<std::time::Duration>,
+}
+
+impl<T> Timed<'_, T> {
+    fn time<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> R {
+        let t = std::time::Instant::now();
+        let r = f(&mut self.inner);
+        self.waited.set(self.waited.get() + t.elapsed());
+        r
+    }
+}
+
+impl<T: std::io::Read> std::io::Read for Timed<'_, T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.time(|r| r.read(buf))
+    }
+}
+
+impl<T: std::io::Write> std::io::Write for Timed<'_, T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.time(|w| w.write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.time(|w| w.flush())
+    }
+}
+
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
@@ -282,9 +321,13 @@ impl Provider {
             ),
             _ => None,
         };
-        let r = store
-            .reader(&task.key)
-            .map_err(|e| unreadable(e.to_string()))?;
+        let waits = Waits::default();
+        let r = Timed {
+            inner: store
+                .reader(&task.key)
+                .map_err(|e| unreadable(e.to_string()))?,
+            waited: &waits.read,
+        };
         // A VMDK's reader is inside its grains' reader, a raw image's is read as it is.
         let (mut grains, mut raw, size) = match size_of_raw {
             Some(size) => (None, Some(r), size),
@@ -309,6 +352,10 @@ impl Provider {
         let written = self
             .storage
             .import_diff_from(&self.cfg.cluster.name, &image, &mut |stdin| {
+                let stdin = Timed {
+                    inner: stdin,
+                    waited: &waits.write,
+                };
                 let mut w = dczone_storage::diff::Writer::new(stdin, size, Some("base"))?;
                 if let Some(g) = grains.as_mut() {
                     while let Some((offset, data)) = g.next_grain()? {
@@ -320,7 +367,7 @@ impl Provider {
                     let mut block = vec![0u8; crate::vmdk::GRAIN as usize];
                     let mut offset = 0u64;
                     loop {
-                        let n = read_full(r, &mut block)?;
+                        let n = crate::vmdk::read_full(r, &mut block)?;
                         if n == 0 {
                             break;
                         }
@@ -359,7 +406,11 @@ impl Provider {
             request_id,
             &task.id,
             "import.stream.end",
-            json!({"data_bytes": read}),
+            json!({
+                "data_bytes": read,
+                "read_wait_ms": waits.read.get().as_millis() as u64,
+                "write_wait_ms": waits.write.get().as_millis() as u64,
+            }),
         );
         self.set_progress(&task.id, 80);
         Ok(Some(size))
@@ -1225,18 +1276,6 @@ pub fn serve(cfg: ProviderConfig) -> anyhow::Result<()> {
 }
 
 type Shared = Arc<Provider>;
-
-/// Fills `buf` from `r` as far as it goes; the bytes read (short only at the end).
-fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
-}
 
 fn decode_pairs(s: &str) -> Vec<(String, String)> {
     url::form_urlencoded::parse(s.as_bytes())
