@@ -288,7 +288,7 @@ pub fn migrate(
     account: &Account,
     vms: &[String],
     o: &MigrateOptions,
-    probe: &dyn Fn(Ipv4Addr) -> bool,
+    probe: &(dyn Fn(Ipv4Addr) -> bool + Sync),
     progress: &dyn Fn(&str),
 ) -> anyhow::Result<MigrateReport> {
     let format = DiskFormat::parse(&o.format).ok_or_else(|| {
@@ -400,45 +400,58 @@ pub fn migrate(
             // The cloud's console says when the application listens; if it listens and
             // does not answer from here, a packet filter is in the way: reported at once.
             let mut listening_since: Option<Instant> = None;
-            while !probe(ip) {
-                if listening_since.is_none() {
-                    let ready = compute
-                        .log(now_ms().saturating_sub(600_000))
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|e| e.resource == inst.id && e.event == "instance.console.ready");
-                    if ready {
-                        listening_since = Some(Instant::now());
+            // A probe starts every POLL_EVERY without waiting for the one before: a SYN
+            // sent before the guest's network was up goes unanswered until its timeout,
+            // which a lone probe would add to the start (up to 0.25 s).
+            let answered = std::thread::scope(|s| -> anyhow::Result<Instant> {
+                let (tx, rx) = std::sync::mpsc::channel();
+                loop {
+                    let tx = tx.clone();
+                    s.spawn(move || {
+                        if probe(ip) {
+                            let _ = tx.send(Instant::now());
+                        }
+                    });
+                    if let Ok(at) = rx.recv_timeout(POLL_EVERY) {
+                        return Ok(at);
+                    }
+                    if listening_since.is_none() {
+                        let ready = compute
+                            .log(now_ms().saturating_sub(600_000))
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|e| e.resource == inst.id && e.event == "instance.console.ready");
+                        if ready {
+                            listening_since = Some(Instant::now());
+                        }
+                    }
+                    if listening_since.is_some_and(|s| s.elapsed() > BLOCKED_AFTER) {
+                        bail!(
+                            "instance {} ({ip}) runs and its console says the application listens, but \
+                             port {APP_PORT} does not answer from the zone: security group(s) {} do not \
+                             allow tcp/{APP_PORT} from {}. Add a rule (AuthorizeSecurityGroupIngress), \
+                             or migrate without --security-group; the instance, its image and object \
+                             stay: `dczone cloud terminate {}`, `dczone cloud deregister {image}`, \
+                             `dczone cloud delete {key}`",
+                            inst.id,
+                            groups.join(", "),
+                            zone_cidr(&done.spec.ip_cidr),
+                            inst.id
+                        );
+                    }
+                    if t.elapsed() > Duration::from_secs(600) {
+                        bail!(
+                            "instance {} ({ip}) did not answer on port {APP_PORT} in 600 s; it runs: \
+                             `dczone cloud terminate {}`, then `dczone cloud deregister {image}`, \
+                             `dczone cloud delete {key}`",
+                            inst.id,
+                            inst.id
+                        );
                     }
                 }
-                if listening_since.is_some_and(|s| s.elapsed() > BLOCKED_AFTER) {
-                    bail!(
-                    "instance {} ({ip}) runs and its console says the application listens, but \
-                     port {APP_PORT} does not answer from the zone: security group(s) {} do not \
-                     allow tcp/{APP_PORT} from {}. Add a rule (AuthorizeSecurityGroupIngress), \
-                     or migrate without --security-group; the instance, its image and object \
-                     stay: `dczone cloud terminate {}`, `dczone cloud deregister {image}`, \
-                     `dczone cloud delete {key}`",
-                    inst.id,
-                    groups.join(", "),
-                    zone_cidr(&done.spec.ip_cidr),
-                    inst.id
-                );
-                }
-                if t.elapsed() > Duration::from_secs(600) {
-                    bail!(
-                        "instance {} ({ip}) did not answer on port {APP_PORT} in 600 s; it runs: \
-                     `dczone cloud terminate {}`, then `dczone cloud deregister {image}`, \
-                     `dczone cloud delete {key}`",
-                        inst.id,
-                        inst.id
-                    );
-                }
-                std::thread::sleep(POLL_EVERY);
-            }
-            let answered = Instant::now();
-            let start_ms = t.elapsed().as_secs_f64() * 1e3;
-            let t1_ms = started.elapsed().as_secs_f64() * 1e3;
+            })?;
+            let start_ms = answered.duration_since(t).as_secs_f64() * 1e3;
+            let t1_ms = answered.duration_since(started).as_secs_f64() * 1e3;
             // The console's line may reach the log a moment after the first answer.
             let mut cloud_log: Vec<dczone_cloud::provider::LogEntry> = Vec::new();
             for _ in 0..10 {
