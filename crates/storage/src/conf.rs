@@ -62,6 +62,9 @@ auth_allow_insecure_global_id_reclaim = false
 # 1 s: `rbd snap create` took 1.0 s with the default and 0.2 s with 0.1 on the lab's
 # stretched cluster, 1.0 s and 0.1 s on the cloud's (every export and backup takes one).
 paxos_propose_interval = 0.1
+# After a quiet spell, 0.01 s, not 0.05: `rbd snap create` 0.14 s -> 0.10 s on the
+# stretched cluster, 0.09 s -> 0.06 s on the cloud's.
+paxos_min_wait = 0.01
 {election}
 mgr_initial_modules = iostat
 
