@@ -383,10 +383,11 @@ pub struct CreateBody {
     #[serde(default = "default_resident_pct")]
     pub resident_pct: u8,
     pub group: Option<String>,
-    /// A disk of this many MiB in the storage cluster of the host's site.
+    /// A disk of this many MiB in the storage cluster of the host's site, in the site's
+    /// pool.
     #[serde(default)]
     pub disk_mib: Option<u64>,
-    /// Or an existing image of that cluster (a restored backup).
+    /// Or an existing image of that pool (a restored backup).
     #[serde(default)]
     pub disk_image: Option<String>,
 }

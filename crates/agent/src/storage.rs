@@ -163,8 +163,15 @@ impl Agent {
                         cluster: cluster.clone(),
                         host: self.host.clone(),
                     })?;
-                let pool = body.pool.unwrap_or(plan.pool.name);
-                check_a("pool", &pool)?;
+                let pool = body.pool.unwrap_or_else(|| plan.pool.name.clone());
+                let pools: Vec<String> = plan.site_pools().into_iter().map(|p| p.name).collect();
+                if !pools.contains(&pool) {
+                    return Err(StorageError::Conflict(format!(
+                        "'{pool}' is not a pool of VM disks of cluster {cluster} ({})",
+                        pools.join(", ")
+                    ))
+                    .into());
+                }
                 let (check_ms, import_ms) =
                     s.restore_chain(&cluster, &body.chain, &pool, &body.image)?;
                 json!({ "check_ms": check_ms, "import_ms": import_ms, "pool": pool })

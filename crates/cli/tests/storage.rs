@@ -748,6 +748,31 @@ fn vm_disks_on_the_stretched_cluster_survive_an_osd_loss_a_migration_and_a_resta
     let survivor = lab.json(&[
         "vm", "create", "survivor", "--host", "dc1.2-h1", "--disk", "--json",
     ]);
+    // Its disk is in DC1.2's pool, whose every PG has its primary in DC1.2 (osd.2, osd.3):
+    // DC1.2's VMs read from their own site.
+    assert_eq!(survivor["spec"]["disk"]["pool"], "rbd-dc1.2", "{survivor}");
+    let pgs = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("dc1.2-h1"), "ceph", "-c"])
+        .arg(
+            lab.state_dir
+                .join(&lab.name)
+                .join("ceph/dc1.2-h1/region-1/ceph.conf"),
+        )
+        .args(["pg", "ls-by-pool", "rbd-dc1.2", "-f", "json"])
+        .output()
+        .unwrap();
+    assert!(pgs.status.success(), "{pgs:?}");
+    let pgs: serde_json::Value = serde_json::from_slice(&pgs.stdout).unwrap();
+    let primaries: Vec<u64> = pgs["pg_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["acting_primary"].as_u64().unwrap())
+        .collect();
+    assert!(
+        !primaries.is_empty() && primaries.iter().all(|o| [2, 3].contains(o)),
+        "primaries of rbd-dc1.2: {primaries:?}"
+    );
     let ip1 = guest_ip(&survivor);
     let stop = Arc::new(AtomicBool::new(false));
     let writes = writer(&lab, "dc1.2-h2", ip1, 1, (1, 2), stop.clone());

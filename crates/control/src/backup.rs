@@ -567,8 +567,9 @@ pub fn restore(
     );
     if let Err(e) = created {
         return Err(e.context(format!(
-            "the restored image vm-{name} stays in {}; `dczone vm create {name} --host {host}` can retry",
-            c.name
+            "the restored image vm-{name} stays in {}/{}; `dczone vm create {name} --host {host}` can retry",
+            c.name,
+            c.site_pool(&site).name
         )));
     }
     let boot_ms = tb.elapsed().as_secs_f64() * 1e3;

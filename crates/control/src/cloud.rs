@@ -405,6 +405,8 @@ pub fn migrate(
             // which a lone probe would add to the start (up to 0.25 s).
             let answered = std::thread::scope(|s| -> anyhow::Result<Instant> {
                 let (tx, rx) = std::sync::mpsc::channel();
+                // The console's log is read every LOG_EVERY, not at every probe.
+                let mut log_read: Option<Instant> = None;
                 loop {
                     let tx = tx.clone();
                     s.spawn(move || {
@@ -415,7 +417,10 @@ pub fn migrate(
                     if let Ok(at) = rx.recv_timeout(POLL_EVERY) {
                         return Ok(at);
                     }
-                    if listening_since.is_none() {
+                    if listening_since.is_none()
+                        && log_read.is_none_or(|at| at.elapsed() >= LOG_EVERY)
+                    {
+                        log_read = Some(Instant::now());
                         let ready = compute
                             .log(now_ms().saturating_sub(600_000))
                             .unwrap_or_default()
@@ -633,6 +638,9 @@ fn zone_cidr(ip_cidr: &str) -> String {
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often an import task and a starting instance are looked at.
 const POLL_EVERY: Duration = Duration::from_millis(50);
+/// How often a starting instance's console is read for its "listening" line (which only
+/// starts the count to a blocked port's report).
+const LOG_EVERY: Duration = Duration::from_millis(250);
 
 /// Whether the ledger at `ip` answers a balance request within `timeout`.
 pub fn app_answers(ip: Ipv4Addr, timeout: Duration) -> bool {

@@ -774,9 +774,6 @@ impl HostStorage {
             )?;
             done.push(format!("pool {pool}"));
         }
-        if !has_pool {
-            self.init_rbd_pool(cluster, pool)?;
-        }
         // The other sites' pools, made once the stretch mode is on (it gives every pool
         // the stretch rule it names): each site's VMs read from their own site.
         for sp in plan.site_pools().into_iter().skip(1) {
@@ -801,8 +798,14 @@ impl HostStorage {
                         &sp.rule,
                     ],
                 )?;
-                self.init_rbd_pool(cluster, &sp.name)?;
                 done.push(format!("pool {} (primaries in {})", sp.name, sp.sites[0]));
+            }
+        }
+        // Each made, then tagged: a setup cut between the two is finished by the next.
+        for sp in plan.site_pools() {
+            let apps = self.ceph_json(cluster, &["osd", "pool", "application", "get", &sp.name])?;
+            if apps.get("rbd").is_none() {
+                self.init_rbd_pool(cluster, &sp.name)?;
             }
         }
         Ok(done)

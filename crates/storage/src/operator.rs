@@ -294,7 +294,10 @@ pub fn up_cluster(
                     && status.mgr_available
                     && status.stretch_mode == plan.stretch.is_some()
                     && status.osds_up == plan.osds.len() as u64
-                    && status.pgs >= u64::from(plan.pool.pg_num)
+                    // Every site's pool made (a cluster set up before the per-site pools
+                    // gets its second one now).
+                    && status.pgs
+                        >= u64::from(plan.pool.pg_num) * plan.site_pools().len() as u64
                 {
                     progress(&format!("{}: runs ({})", plan.name, status.health));
                     return Ok(UpReport {

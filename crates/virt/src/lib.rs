@@ -52,9 +52,10 @@ pub struct CreateVm {
     /// Working set, percent of the memory (see `VmSpec::resident_pct`).
     pub resident_pct: u8,
     pub group: Option<String>,
-    /// A disk of this many MiB in the storage cluster of the host's site.
+    /// A disk of this many MiB in the storage cluster of the host's site, in the site's
+    /// pool (`ClusterPlan::site_pool`).
     pub disk_mib: Option<u64>,
-    /// Or an image that exists in that cluster's pool (a restored backup) as its disk.
+    /// Or an image that exists in that pool (a restored backup) as its disk.
     pub disk_image: Option<String>,
 }
 
