@@ -342,25 +342,52 @@ pub fn migrate(
                 dczone_storage::size(done.object_bytes),
                 done.transfer.ms / 1e3
             ));
-            // Import: the cloud's task, polled until it completes. The settings are made
-            // meanwhile: they do not need the image.
+            // Import: the cloud's task, polled until it completes.
             let t = Instant::now();
             let sent_unix_ms = now_ms();
             let task =
                 compute.import_image(format, &account.bucket, &key, &format!("dczone: VM {vm}"))?;
             let answered_unix_ms = now_ms();
-            let (image, settings) = std::thread::scope(|s| {
-                let settings =
-                    s.spawn(|| settings(&compute, vm, &done.spec.ip_cidr, security_groups));
-                let image = await_import(&compute, &task, &key, &account.bucket)
-                    .map(|image| (image, t.elapsed().as_secs_f64() * 1e3));
-                let settings = settings
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow!("the settings' thread panicked")));
-                (image, settings)
-            });
-            let (image, import_ms) = image?;
-            let (groups, settings_ms) = settings?;
+            let image = loop {
+                let s = compute.describe_import(&task)?;
+                match s.status.as_str() {
+                "completed" => {
+                    break s.image_id.ok_or_else(|| anyhow!("import {task} completed without an image"))?
+                }
+                "deleted" | "deleting" => bail!(
+                    "the cloud's import of {key} failed: {} (the object stays in bucket {}: `dczone cloud delete {key}`)",
+                    s.status_message,
+                    account.bucket
+                ),
+                _ => std::thread::sleep(POLL_EVERY),
+            }
+                if t.elapsed() > Duration::from_secs(1800) {
+                    bail!("the cloud's import {task} did not complete in 30 min");
+                }
+            };
+            let import_ms = t.elapsed().as_secs_f64() * 1e3;
+            // Settings: the given groups, or one of its own with the application's port open
+            // to the zone and nothing else.
+            let t = Instant::now();
+            let groups: Vec<String> = if security_groups.is_empty() {
+                let group = compute.create_security_group(
+                    &format!("dczone-{vm}-{}", now_ms()),
+                    &format!("dczone: the application of VM {vm}"),
+                )?;
+                compute.authorize_ingress(
+                    &group,
+                    &[IpPermission {
+                        protocol: "tcp".into(),
+                        from_port: Some(APP_PORT),
+                        to_port: Some(APP_PORT),
+                        cidrs: vec![zone_cidr(&done.spec.ip_cidr)],
+                    }],
+                )?;
+                vec![group]
+            } else {
+                security_groups.to_vec()
+            };
+            let settings_ms = t.elapsed().as_secs_f64() * 1e3;
             progress(&format!("{vm}: image {image}; starting an instance"));
             let t = Instant::now();
             let itype = dczone_cloud::provider::instance_type_for(done.spec.memory_mib)
@@ -594,61 +621,6 @@ fn busy_ms(parts: &[dczone_cloud::s3::PartTiming]) -> f64 {
         };
     }
     busy + open.map_or(0.0, |(s, e)| e - s)
-}
-
-/// The image of import task `task` (of object `key` of `bucket`), looked at every
-/// [`POLL_EVERY`] until it completes.
-fn await_import(compute: &Compute, task: &str, key: &str, bucket: &str) -> anyhow::Result<String> {
-    let t = Instant::now();
-    loop {
-        let s = compute.describe_import(task)?;
-        match s.status.as_str() {
-            "completed" => {
-                return s
-                    .image_id
-                    .ok_or_else(|| anyhow!("import {task} completed without an image"));
-            }
-            "deleted" | "deleting" => bail!(
-                "the cloud's import of {key} failed: {} (the object stays in bucket {bucket}: \
-                 `dczone cloud delete {key}`)",
-                s.status_message
-            ),
-            _ => std::thread::sleep(POLL_EVERY),
-        }
-        if t.elapsed() > Duration::from_secs(1800) {
-            bail!("the cloud's import {task} did not complete in 30 min");
-        }
-    }
-}
-
-/// Settings: the given security groups, or one of its own with the application's port
-/// open to the zone (`ip_cidr`'s network) and nothing else; the groups and the ms taken.
-fn settings(
-    compute: &Compute,
-    vm: &str,
-    ip_cidr: &str,
-    security_groups: &[String],
-) -> anyhow::Result<(Vec<String>, f64)> {
-    let t = Instant::now();
-    let groups: Vec<String> = if security_groups.is_empty() {
-        let group = compute.create_security_group(
-            &format!("dczone-{vm}-{}", now_ms()),
-            &format!("dczone: the application of VM {vm}"),
-        )?;
-        compute.authorize_ingress(
-            &group,
-            &[IpPermission {
-                protocol: "tcp".into(),
-                from_port: Some(APP_PORT),
-                to_port: Some(APP_PORT),
-                cidrs: vec![zone_cidr(ip_cidr)],
-            }],
-        )?;
-        vec![group]
-    } else {
-        security_groups.to_vec()
-    };
-    Ok((groups, t.elapsed().as_secs_f64() * 1e3))
 }
 
 /// The zone's network of a VM address (`10.77.2.101/16` → `10.77.0.0/16`).
