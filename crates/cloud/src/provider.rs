@@ -312,48 +312,30 @@ impl Provider {
             )
         };
         let store = crate::s3::Store::new(&self.cfg.account).map_err(|e| e.to_string())?;
+        let size_of_raw = match format {
+            DiskFormat::Raw => Some(
+                store
+                    .head(&task.key)
+                    .map_err(|e| unreadable(e.to_string()))?
+                    .ok_or_else(|| unreadable(format!("no object {}", task.key)))?,
+            ),
+            _ => None,
+        };
         let waits = Waits::default();
-        let image = format!("{POOL}/{}", task.image_id);
-        // The image is made while the object's first bytes come.
-        let (opened, created) = std::thread::scope(|s| {
-            let created = s.spawn(|| self.rbd(&["create", "--size", "1", &image]));
-            let opened = (|| {
-                let size_of_raw = match format {
-                    DiskFormat::Raw => Some(
-                        store
-                            .head(&task.key)
-                            .map_err(|e| unreadable(e.to_string()))?
-                            .ok_or_else(|| unreadable(format!("no object {}", task.key)))?,
-                    ),
-                    _ => None,
-                };
-                let r = Timed {
-                    inner: store
-                        .reader(&task.key)
-                        .map_err(|e| unreadable(e.to_string()))?,
-                    waited: &waits.read,
-                };
-                // A VMDK's reader is inside its grains' reader, a raw image's is read as
-                // it is.
-                match size_of_raw {
-                    Some(size) => Ok(Some((None, Some(r), size))),
-                    None => match StreamReader::open(r) {
-                        Ok((g, size)) => Ok(Some((Some(g), None, size))),
-                        Err(ReadError::NotStreamOptimized) => Ok(None),
-                        Err(ReadError::Io(e)) => Err(invalid(e.to_string())),
-                    },
-                }
-            })();
-            let created = created
-                .join()
-                .unwrap_or_else(|_| Err("rbd create panicked".into()));
-            (opened, created)
-        });
-        created?;
-        let Some((mut grains, mut raw, size)) = opened? else {
-            // Not a stream: the staged import makes the image itself.
-            self.rbd(&["rm", "--no-progress", &image])?;
-            return Ok(None);
+        let r = Timed {
+            inner: store
+                .reader(&task.key)
+                .map_err(|e| unreadable(e.to_string()))?,
+            waited: &waits.read,
+        };
+        // A VMDK's reader is inside its grains' reader, a raw image's is read as it is.
+        let (mut grains, mut raw, size) = match size_of_raw {
+            Some(size) => (None, Some(r), size),
+            None => match StreamReader::open(r) {
+                Ok((g, size)) => (Some(g), None, size),
+                Err(ReadError::NotStreamOptimized) => return Ok(None),
+                Err(ReadError::Io(e)) => return Err(invalid(e.to_string())),
+            },
         };
         if size == 0 {
             return Err(invalid("a disk of 0 bytes".into()));
@@ -364,6 +346,8 @@ impl Provider {
             "import.stream.start",
             json!({"key": task.key, "from": task.format, "bytes": size}),
         );
+        let image = format!("{POOL}/{}", task.image_id);
+        self.rbd(&["create", "--size", "1", &image])?;
         let mut read = 0u64;
         let written = self
             .storage
