@@ -167,6 +167,36 @@ fn fnv(h: &mut u64, bytes: &[u8]) {
     }
 }
 
+/// The concrete kernel package the meta-package points at, remembered in `cache_root` for
+/// as long as apt's package lists are unchanged: `apt-cache depends` takes half a second
+/// of a core, and every command that opens the platform asks.
+fn kernel_package_cached(cache_root: &Path) -> Result<String, ImageError> {
+    let lists = std::fs::metadata("/var/lib/apt/lists")
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| format!("{KERNEL_META_PACKAGE} lists@{}", d.as_nanos()));
+    let file = cache_root.join("kernel-package");
+    if let (Some(key), Ok(text)) = (&lists, std::fs::read_to_string(&file)) {
+        if let Some((k, package)) = text.trim().split_once('\n') {
+            if k == key && !package.is_empty() {
+                return Ok(package.to_string());
+            }
+        }
+    }
+    let package = kernel_package()?;
+    if let Some(key) = lists {
+        // Written whole or not at all: a reader never sees half.
+        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::create_dir_all(cache_root).is_ok()
+            && std::fs::write(&tmp, format!("{key}\n{package}\n")).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, &file);
+        }
+    }
+    Ok(package)
+}
+
 /// The concrete kernel package the meta-package points at.
 fn kernel_package() -> Result<String, ImageError> {
     let out = run(
@@ -261,7 +291,7 @@ pub fn ensure(inputs: &ImageInputs) -> Result<Image, ImageError> {
         .map_err(|_| ImageError::NoGuestBinary(inputs.guest_binary.clone()))?;
     let busybox = std::fs::read(&inputs.busybox)
         .map_err(|_| ImageError::NoBusybox(inputs.busybox.clone()))?;
-    let package = kernel_package().or_else(|e| {
+    let package = kernel_package_cached(&inputs.cache_root).or_else(|e| {
         // Offline: fall back to a kernel already in the cache.
         std::fs::read_dir(inputs.cache_root.join("kernel"))
             .ok()
@@ -374,6 +404,36 @@ pub fn ensure(inputs: &ImageInputs) -> Result<Image, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_package_is_remembered_while_apt_lists_are_unchanged() {
+        let dir = std::env::temp_dir().join(format!("dczone-kpkg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kernel-package");
+        let Ok(lists) = std::fs::metadata("/var/lib/apt/lists").and_then(|m| m.modified()) else {
+            return; // not a Debian host: nothing is remembered
+        };
+        let nanos = lists
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        // An answer under the lists' current key is taken as it is.
+        let key = format!("{KERNEL_META_PACKAGE} lists@{nanos}");
+        std::fs::write(&file, format!("{key}\nlinux-image-remembered\n")).unwrap();
+        assert_eq!(
+            kernel_package_cached(&dir).unwrap(),
+            "linux-image-remembered"
+        );
+        // Under another key (the lists changed), apt-cache is asked again and its answer
+        // kept.
+        std::fs::write(&file, "other lists@1\nlinux-image-stale\n").unwrap();
+        if let Ok(asked) = kernel_package_cached(&dir) {
+            assert!(asked.starts_with("linux-image-") && asked != "linux-image-stale");
+            let kept = std::fs::read_to_string(&file).unwrap();
+            assert_eq!(kept, format!("{key}\n{asked}\n"));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn only_a_statically_linked_guest_is_taken_from_beside_the_executable() {
