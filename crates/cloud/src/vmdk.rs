@@ -218,11 +218,46 @@ pub struct StreamReader<R: Read> {
     r: R,
     grain_bytes: usize,
     ended: bool,
-    /// The grain directory is in front (qemu-img's layout): the stream may end without an
-    /// end-of-stream marker. qemu-img pads its last grain to a sector and writes no marker
-    /// after it, the zeroes of a marker coming from a cluster left unfilled; a grain that
-    /// does not compress fills its cluster, and its file ends with it.
-    tables_first: bool,
+    /// The grains its tables in front name (qemu-img's layout), `None` with the tables at
+    /// the end: such a stream may end without an end-of-stream marker, once every grain
+    /// has come. qemu-img pads its last grain to a sector and writes no marker after it,
+    /// the zeroes of a marker coming from a cluster left unfilled; a grain that does not
+    /// compress fills its cluster, and its file ends with it.
+    tables_first: Option<u64>,
+    /// Grains read so far.
+    grains: u64,
+}
+
+/// The most metadata in front of the grains taken (tables of a 2 TiB disk: 128 MiB).
+const MAX_FRONT_BYTES: u64 = 256 << 20;
+
+/// The allocated entries of the grain tables found in `front` (the file from sector 1 to
+/// the grains), through the directory at sector `gd`.
+fn grains_named(front: &[u8], gd: u64, tables: u64, per_table: u64) -> io::Result<u64> {
+    let slice = |sector: u64, len: u64| -> io::Result<&[u8]> {
+        let start = sector
+            .checked_sub(1)
+            .map(|s| s * SECTOR)
+            .filter(|s| s + len <= front.len() as u64)
+            .ok_or_else(|| {
+                bad(format!(
+                    "a table at sector {sector} lies outside the metadata"
+                ))
+            })?;
+        Ok(&front[start as usize..(start + len) as usize])
+    };
+    let dir = slice(gd, tables * 4)?;
+    let mut n = 0;
+    for e in dir.chunks(4) {
+        let gt = u64::from(le_u32(e, 0));
+        if gt != 0 {
+            n += slice(gt, per_table * 4)?
+                .chunks(4)
+                .filter(|x| le_u32(x, 0) != 0)
+                .count() as u64;
+        }
+    }
+    Ok(n)
 }
 
 impl<R: Read> std::fmt::Debug for StreamReader<R> {
@@ -297,17 +332,34 @@ impl<R: Read> StreamReader<R> {
         let capacity = le_u64(&h, 12);
         let grain = le_u64(&h, 20);
         let overhead = le_u64(&h, 64);
-        let tables_first = le_u64(&h, 56) != GD_AT_END;
+        let gd = le_u64(&h, 56);
         if grain == 0 || grain > 0x20_0000 || overhead == 0 {
             return Err(bad(format!("grain {grain} sectors, data at sector {overhead}")).into());
         }
-        skip(&mut r, (overhead - 1) * SECTOR)?;
+        let tables_first = if gd == GD_AT_END {
+            skip(&mut r, (overhead - 1) * SECTOR)?;
+            None
+        } else {
+            let front = (overhead - 1) * SECTOR;
+            let per_table = u64::from(le_u32(&h, 44));
+            if front > MAX_FRONT_BYTES || per_table == 0 {
+                return Err(bad(format!(
+                    "{front} bytes of metadata, {per_table} entries per grain table"
+                ))
+                .into());
+            }
+            let mut meta = vec![0u8; front as usize];
+            r.read_exact(&mut meta)?;
+            let tables = capacity.div_ceil(grain * per_table);
+            Some(grains_named(&meta, gd, tables, per_table)?)
+        };
         Ok((
             StreamReader {
                 r,
                 grain_bytes: (grain * SECTOR) as usize,
                 ended: false,
                 tables_first,
+                grains: 0,
             },
             capacity * SECTOR,
         ))
@@ -318,9 +370,20 @@ impl<R: Read> StreamReader<R> {
         while !self.ended {
             let mut m = [0u8; 12];
             let n = read_full(&mut self.r, &mut m)?;
-            if n == 0 && self.tables_first {
-                self.ended = true;
-                break;
+            if n == 0 {
+                if let Some(named) = self.tables_first {
+                    if self.grains != named {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "the stream ends after {} of the {named} grains its tables name",
+                                self.grains
+                            ),
+                        ));
+                    }
+                    self.ended = true;
+                    break;
+                }
             }
             if n < m.len() {
                 return Err(io::Error::new(
@@ -342,6 +405,7 @@ impl<R: Read> StreamReader<R> {
                 if data.len() > self.grain_bytes {
                     return Err(bad(format!("grain at sector {val} inflates past a grain")));
                 }
+                self.grains += 1;
                 return Ok(Some((val * SECTOR, data)));
             }
             let mut rest = [0u8; SECTOR as usize - 12];
