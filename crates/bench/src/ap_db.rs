@@ -11,7 +11,11 @@
 //! tenth request, under the same load as the transactions (an idle measurement before,
 //! 31 of them, is kept beside it: idle round trips came out 0.1-0.2 ms shorter than the
 //! loaded ones, a fifth of the difference to explain). The target holds on every round:
-//! each round's extra is compared with its own round trips.
+//! each round's extra is compared with its own round trips. A round's two measurements
+//! are taken in [`SLICES`] alternating slices, so that the machine's and the database's
+//! drift over the round falls on both alike (two 8 s windows one after the other missed
+//! the target in 2 of 9 rounds, the database's own time per transaction having moved
+//! between them).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -35,6 +39,8 @@ const DB_SITE: &str = "dc1.2";
 const AP_HOST: &str = "dc1.2-h1";
 const AP_VM: &str = "cb-ap";
 const UP_TIMEOUT: Duration = Duration::from_secs(300);
+/// Slices of each round, the placements alternating.
+pub const SLICES: u32 = 4;
 
 #[derive(Debug, Clone)]
 pub struct ApDbOptions {
@@ -302,22 +308,37 @@ fn measure(
     }
     let mut loads = Vec::new();
     for round in 1..=o.rounds {
-        for (placement, ip) in placements {
-            obs.step(&format!(
-                "AP-DB round {round}/{}: {placement}, {} clients for {} s",
-                o.rounds, o.clients, o.seconds
-            ));
-            let (clients, secs) = (o.clients, o.seconds);
-            let mut l = cloud::from_client(lab, move || -> anyhow::Result<ApLoad> {
-                let rtt_before_ms = db_rtt_ms(ip)?;
-                let mut l = load(ip, clients, Duration::from_secs_f64(secs))?;
-                l.rtt_before_ms = rtt_before_ms;
-                if l.rtt_ms.is_nan() {
-                    l.rtt_ms = rtt_before_ms;
+        obs.step(&format!(
+            "AP-DB round {round}/{}: dc-dc and pub-dc in turn, {SLICES} slices of {:.1} s each, {} clients",
+            o.rounds,
+            o.seconds / f64::from(SLICES),
+            o.clients
+        ));
+        let mut logs: Vec<(ClientLog, f64, f64)> = Vec::new();
+        for slice in 0..SLICES {
+            for (i, (_, ip)) in placements.iter().enumerate() {
+                let (ip, clients) = (*ip, o.clients);
+                let secs = o.seconds / f64::from(SLICES);
+                let (rtt_before_ms, log, seconds) = cloud::from_client(lab, move || {
+                    let before = if slice == 0 { db_rtt_ms(ip)? } else { f64::NAN };
+                    let (log, seconds) = load_log(ip, clients, Duration::from_secs_f64(secs))?;
+                    anyhow::Ok((before, log, seconds))
+                })??;
+                if slice == 0 {
+                    logs.push((log, seconds, rtt_before_ms));
+                } else {
+                    logs[i].0.extend(log);
+                    logs[i].1 += seconds;
                 }
-                Ok(l)
-            })??;
-            l.placement = placement.into();
+            }
+        }
+        for ((placement, ip), (log, seconds, rtt_before_ms)) in placements.iter().zip(logs) {
+            let mut l = summarise_load(*ip, log, seconds);
+            l.rtt_before_ms = rtt_before_ms;
+            if l.rtt_ms.is_nan() {
+                l.rtt_ms = rtt_before_ms;
+            }
+            l.placement = (*placement).into();
             l.round = round;
             loads.push(l);
         }
@@ -446,6 +467,14 @@ struct ClientLog {
 }
 
 impl ClientLog {
+    fn extend(&mut self, other: ClientLog) {
+        self.tat_ms.extend(other.tat_ms);
+        self.client_ms.extend(other.client_ms);
+        self.rtt_ms.extend(other.rtt_ms);
+        self.errors += other.errors;
+        self.first_error = self.first_error.take().or(other.first_error);
+    }
+
     fn error(&mut self, what: String) {
         self.errors += 1;
         self.first_error.get_or_insert(what);
@@ -455,8 +484,8 @@ impl ClientLog {
 /// `clients` closed-loop clients of the AP at `ip` for `length`: each sends a transfer,
 /// waits for its answer, sends the next. Plain TCP, no retries. Each client's connection
 /// opens its database session (a `P`) before the clock starts; a connection that breaks
-/// counts one error and ends that client.
-fn load(ip: Ipv4Addr, clients: usize, length: Duration) -> anyhow::Result<ApLoad> {
+/// counts one error and ends that client. Their logs together, and the seconds they ran.
+fn load_log(ip: Ipv4Addr, clients: usize, length: Duration) -> anyhow::Result<(ClientLog, f64)> {
     let next_id = Arc::new(AtomicU64::new(dczone_ledger::unix_us() / 1000 * 1_000_000));
     let ready = Arc::new(std::sync::Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
@@ -546,17 +575,17 @@ fn load(ip: Ipv4Addr, clients: usize, length: Duration) -> anyhow::Result<ApLoad
     let started = Instant::now();
     let mut all = ClientLog::default();
     for t in threads {
-        let log = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
-        all.tat_ms.extend(log.tat_ms);
-        all.client_ms.extend(log.client_ms);
-        all.rtt_ms.extend(log.rtt_ms);
-        all.errors += log.errors;
-        all.first_error = all.first_error.or(log.first_error);
+        all.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))?,
+        );
     }
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(ApLoad {
+    Ok((all, started.elapsed().as_secs_f64()))
+}
+
+/// One placement's measurement from its clients' `all` over `seconds`.
+fn summarise_load(ip: Ipv4Addr, all: ClientLog, seconds: f64) -> ApLoad {
+    ApLoad {
         placement: String::new(),
         round: 0,
         ap_ip: ip,
@@ -574,5 +603,5 @@ fn load(ip: Ipv4Addr, clients: usize, length: Duration) -> anyhow::Result<ApLoad
         },
         rtt_samples: all.rtt_ms.len() as u64,
         rtt_before_ms: f64::NAN,
-    })
+    }
 }
