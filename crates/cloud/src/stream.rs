@@ -383,15 +383,7 @@ mod tests {
     /// of zeroes written, a grain far in, and a grain that does not compress (stored): as
     /// extents in order.
     fn extents() -> Vec<(u64, Vec<u8>)> {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let noise: Vec<u8> = (0..GRAIN)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = vmdk::noise(GRAIN as usize);
         let pattern = |n: usize, seed: u8| -> Vec<u8> {
             (0..n)
                 .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))

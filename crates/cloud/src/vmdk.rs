@@ -421,6 +421,20 @@ impl<R: Read> StreamReader<R> {
     }
 }
 
+/// `len` bytes that do not compress (xorshift), for tests.
+#[cfg(test)]
+pub(crate) fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,15 +449,7 @@ mod tests {
 
     #[test]
     fn a_grain_that_does_not_shrink_is_stored_and_one_that_does_is_compressed() {
-        let mut x: u64 = 88_172_645_463_325_252;
-        let noise: Vec<u8> = (0..GRAIN_SECTORS * SECTOR)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise((GRAIN_SECTORS * SECTOR) as usize);
         let z = compress(&noise);
         // zlib's header and checksum, two stored blocks' headers (65535 bytes at most each).
         assert_eq!(z.len(), noise.len() + 16);
