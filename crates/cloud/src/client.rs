@@ -57,6 +57,16 @@ pub struct ImageInfo {
     pub size_gib: u64,
 }
 
+/// A security group as `DescribeSecurityGroups` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    /// Its ingress rules, as `tcp/8080 from 10.0.0.0/8`.
+    pub rules: Vec<String>,
+}
+
 /// An instance as `DescribeInstances` reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceInfo {
@@ -291,6 +301,22 @@ impl Compute {
             .map(|_| ())
     }
 
+    /// The account's security groups (`DescribeSecurityGroups`).
+    pub fn describe_security_groups(&self) -> Result<Vec<GroupInfo>, ApiCallError> {
+        let text = self.call("DescribeSecurityGroups", &[])?;
+        let doc = Self::parse("DescribeSecurityGroups", &text)?;
+        Ok(groups_of(&doc))
+    }
+
+    /// Removes a security group (`DeleteSecurityGroup`): no running instance may be in it.
+    pub fn delete_security_group(&self, group: &str) -> Result<(), ApiCallError> {
+        self.call(
+            "DeleteSecurityGroup",
+            &[("GroupId".to_string(), group.to_string())],
+        )
+        .map(|_| ())
+    }
+
     pub fn run_instance(
         &self,
         image: &str,
@@ -410,6 +436,40 @@ fn items_of<'a, 'i>(
     doc.descendants()
         .filter(move |n| n.has_tag_name(set))
         .flat_map(|s| s.children().filter(|n| n.has_tag_name("item")))
+}
+
+/// The groups of a `DescribeSecurityGroups` answer.
+pub(crate) fn groups_of(doc: &roxmltree::Document<'_>) -> Vec<GroupInfo> {
+    items_of(doc, "securityGroupInfo")
+        .map(|item| GroupInfo {
+            id: text_of(item, "groupId"),
+            name: text_of(item, "groupName"),
+            description: text_of(item, "groupDescription"),
+            rules: item
+                .children()
+                .filter(|n| n.has_tag_name("ipPermissions"))
+                .flat_map(|s| s.children().filter(|n| n.has_tag_name("item")))
+                .map(|r| {
+                    let ports = match (text_of(r, "fromPort"), text_of(r, "toPort")) {
+                        (a, _) if a.is_empty() => String::new(),
+                        (a, b) if a == b => format!("/{a}"),
+                        (a, b) => format!("/{a}-{b}"),
+                    };
+                    let from: Vec<String> = r
+                        .children()
+                        .filter(|n| n.has_tag_name("ipRanges"))
+                        .flat_map(|s| s.children().filter(|n| n.has_tag_name("item")))
+                        .map(|c| text_of(c, "cidrIp"))
+                        .collect();
+                    format!(
+                        "{}{ports} from {}",
+                        text_of(r, "ipProtocol"),
+                        from.join(" ")
+                    )
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn instances_of(doc: &roxmltree::Document<'_>) -> Vec<InstanceInfo> {

@@ -95,6 +95,14 @@ pub enum Action {
         group_id: String,
         permissions: Vec<IpPermission>,
     },
+    /// The account's security groups (all, or these), with their ingress rules.
+    DescribeSecurityGroups {
+        ids: Vec<String>,
+    },
+    /// A security group removed (no instance that is not terminated may be in it).
+    DeleteSecurityGroup {
+        group_id: String,
+    },
 }
 
 /// An error as EC2 answers it: its code, what to fix, and the HTTP status (403 for the
@@ -284,13 +292,20 @@ pub fn parse(params: &[(String, String)]) -> Result<Action, ApiError> {
                 permissions,
             }
         }
+        "DescribeSecurityGroups" => Action::DescribeSecurityGroups {
+            ids: p.list("GroupId"),
+        },
+        "DeleteSecurityGroup" => Action::DeleteSecurityGroup {
+            group_id: p.required("GroupId")?.into(),
+        },
         other => {
             return Err(ApiError::new(
                 "InvalidAction",
                 format!(
                     "action {other} is not served here: ImportImage, DescribeImportImageTasks, \
                      DescribeImages, DeregisterImage, RunInstances, DescribeInstances, TerminateInstances, \
-                     CreateSecurityGroup, AuthorizeSecurityGroupIngress"
+                     CreateSecurityGroup, AuthorizeSecurityGroupIngress, DescribeSecurityGroups, \
+                     DeleteSecurityGroup"
                 ),
             ))
         }
@@ -431,6 +446,30 @@ mod tests {
                 ids: vec!["i-1".into(), "i-2".into()]
             })
         );
+    }
+
+    #[test]
+    fn security_groups_are_listed_and_deleted_by_id() {
+        assert_eq!(
+            parse(&params(&[
+                ("Action", "DescribeSecurityGroups"),
+                ("GroupId.1", "sg-1")
+            ])),
+            Ok(Action::DescribeSecurityGroups {
+                ids: vec!["sg-1".into()]
+            })
+        );
+        assert_eq!(
+            parse(&params(&[
+                ("Action", "DeleteSecurityGroup"),
+                ("GroupId", "sg-1")
+            ])),
+            Ok(Action::DeleteSecurityGroup {
+                group_id: "sg-1".into()
+            })
+        );
+        let e = parse(&params(&[("Action", "DeleteSecurityGroup")])).unwrap_err();
+        assert_eq!(e.code, "MissingParameter");
     }
 
     #[test]

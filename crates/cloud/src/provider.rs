@@ -1086,6 +1086,55 @@ impl Provider {
                 self.event(request_id, &image_id, "image.deregistered", json!({}));
                 Ok("<return>true</return>".into())
             }
+            Action::DescribeSecurityGroups { ids } => {
+                let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(id) = ids.iter().find(|id| !s.groups.contains_key(*id)) {
+                    return Err(ApiError::new(
+                        "InvalidGroup.NotFound",
+                        format!("security group {id} does not exist"),
+                    ));
+                }
+                let items: String = s
+                    .groups
+                    .values()
+                    .filter(|g| ids.is_empty() || ids.contains(&g.id))
+                    .map(group_xml)
+                    .collect();
+                Ok(format!("<securityGroupInfo>{items}</securityGroupInfo>"))
+            }
+            Action::DeleteSecurityGroup { group_id } => {
+                let refused = self.with_state(|s| {
+                    if !s.groups.contains_key(&group_id) {
+                        return Some(ApiError::new(
+                            "InvalidGroup.NotFound",
+                            format!("security group {group_id} does not exist"),
+                        ));
+                    }
+                    let users: Vec<&str> = s
+                        .instances
+                        .values()
+                        .filter(|i| i.state != "terminated" && i.groups.contains(&group_id))
+                        .map(|i| i.id.as_str())
+                        .collect();
+                    if !users.is_empty() {
+                        return Some(ApiError::new(
+                            "DependencyViolation",
+                            format!(
+                                "security group {group_id} is used by instance(s) {}: terminate them first",
+                                users.join(", ")
+                            ),
+                        ));
+                    }
+                    s.groups.remove(&group_id);
+                    None
+                });
+                if let Some(e) = refused {
+                    return Err(e);
+                }
+                // Only instances that are not terminated have rules: the ruleset is unchanged.
+                self.event(request_id, &group_id, "security-group.deleted", json!({}));
+                Ok("<return>true</return>".into())
+            }
             Action::TerminateInstances { ids } => {
                 let known: Vec<Instance> = {
                     let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -1158,6 +1207,34 @@ fn instance_xml(i: &Instance) -> String {
         i.ip,
         i.instance_type,
         i.launch_time
+    )
+}
+
+fn group_xml(g: &Group) -> String {
+    let rules: String = g
+        .rules
+        .iter()
+        .map(|r| {
+            let ports = match (r.from_port, r.to_port) {
+                (Some(a), Some(b)) => format!("<fromPort>{a}</fromPort><toPort>{b}</toPort>"),
+                _ => String::new(),
+            };
+            let ranges: String = r
+                .cidrs
+                .iter()
+                .map(|c| format!("<item><cidrIp>{c}</cidrIp></item>"))
+                .collect();
+            format!(
+                "<item><ipProtocol>{}</ipProtocol>{ports}<ipRanges>{ranges}</ipRanges></item>",
+                r.protocol
+            )
+        })
+        .collect();
+    format!(
+        "<item><groupId>{}</groupId><groupName>{}</groupName><groupDescription>{}</groupDescription><ipPermissions>{rules}</ipPermissions></item>",
+        g.id,
+        escape(&g.name),
+        escape(&g.description)
     )
 }
 
@@ -1380,6 +1457,8 @@ fn action_name(a: &Action) -> &'static str {
         Action::TerminateInstances { .. } => "TerminateInstances",
         Action::CreateSecurityGroup { .. } => "CreateSecurityGroup",
         Action::AuthorizeSecurityGroupIngress { .. } => "AuthorizeSecurityGroupIngress",
+        Action::DescribeSecurityGroups { .. } => "DescribeSecurityGroups",
+        Action::DeleteSecurityGroup { .. } => "DeleteSecurityGroup",
     }
 }
 
@@ -1418,4 +1497,55 @@ async fn handle_log(
 /// The provider's directory in a lab (`<lab dir>/cloud/<site>`).
 pub fn lab_dir(lab_dir: &Path, site: &str) -> PathBuf {
     lab_dir.join("cloud").join(site)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_reads_back_as_the_client_parses_it() {
+        let g = Group {
+            id: "sg-1".into(),
+            name: "dczone-vm1-<1>".into(),
+            description: "the application & more".into(),
+            rules: vec![
+                Rule {
+                    protocol: "tcp".into(),
+                    from_port: Some(8080),
+                    to_port: Some(8080),
+                    cidrs: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
+                },
+                Rule {
+                    protocol: "icmp".into(),
+                    from_port: None,
+                    to_port: None,
+                    cidrs: vec!["0.0.0.0/0".into()],
+                },
+            ],
+        };
+        let body = format!(
+            "<DescribeSecurityGroupsResponse xmlns=\"{}\"><securityGroupInfo>{}</securityGroupInfo></DescribeSecurityGroupsResponse>",
+            ec2::XMLNS,
+            group_xml(&g)
+        );
+        let doc = roxmltree::Document::parse(&body).unwrap();
+        let read = crate::client::groups_of(&doc);
+        assert_eq!(read.len(), 1);
+        assert_eq!(
+            (
+                read[0].id.as_str(),
+                read[0].name.as_str(),
+                read[0].description.as_str()
+            ),
+            ("sg-1", "dczone-vm1-<1>", "the application & more")
+        );
+        assert_eq!(
+            read[0].rules,
+            vec![
+                "tcp/8080 from 10.0.0.0/8 192.168.0.0/16".to_string(),
+                "icmp from 0.0.0.0/0".to_string()
+            ]
+        );
+    }
 }

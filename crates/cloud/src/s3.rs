@@ -94,6 +94,46 @@ pub struct Object {
     pub last_modified: String,
 }
 
+/// A multipart upload in progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: String,
+}
+
+/// A `ListMultipartUploadsResult`'s uploads.
+fn parse_uploads(body: &str) -> Result<Vec<PendingUpload>, String> {
+    let doc =
+        roxmltree::Document::parse(body).map_err(|e| format!("an unreadable listing: {e}"))?;
+    let field = |n: roxmltree::Node<'_, '_>, tag: &str| {
+        n.children()
+            .find(|c| c.has_tag_name(tag))
+            .and_then(|c| c.text())
+            .unwrap_or_default()
+            .to_string()
+    };
+    if !doc
+        .root_element()
+        .has_tag_name("ListMultipartUploadsResult")
+    {
+        return Err(format!(
+            "<{}> where ListMultipartUploadsResult was expected",
+            doc.root_element().tag_name().name()
+        ));
+    }
+    Ok(doc
+        .root_element()
+        .children()
+        .filter(|n| n.has_tag_name("Upload"))
+        .map(|u| PendingUpload {
+            key: field(u, "Key"),
+            upload_id: field(u, "UploadId"),
+            initiated: field(u, "Initiated"),
+        })
+        .collect())
+}
+
 fn body_of(r: ureq::Response) -> String {
     r.into_string().unwrap_or_default()
 }
@@ -342,7 +382,7 @@ impl Store {
         let parts = match self.parts(next, key, &upload_id, total, streams, retries, t, progress) {
             Ok(p) => p,
             Err(e) => {
-                self.abort(key, &upload_id);
+                let _ = self.abort(key, &upload_id);
                 return Err(e);
             }
         };
@@ -356,7 +396,7 @@ impl Store {
         let url = complete.sign(SIGNED_FOR);
         if let Err(e) = self.agent.post(url.as_str()).send_string(&complete.body()) {
             let e = self.fail(&format!("complete the upload of {key}"), e);
-            self.abort(key, &upload_id);
+            let _ = self.abort(key, &upload_id);
             return Err(e);
         }
         Ok(Upload {
@@ -367,18 +407,43 @@ impl Store {
         })
     }
 
-    /// Aborts a multipart upload (its parts are freed); errors are only logged by the
-    /// store, the caller already fails.
-    pub fn abort(&self, key: &str, upload_id: &str) {
+    /// Aborts a multipart upload: its parts are freed.
+    pub fn abort(&self, key: &str, upload_id: &str) -> Result<(), S3Error> {
         let url = self
             .bucket
             .abort_multipart_upload(Some(&self.creds), key, upload_id)
             .sign(SIGNED_FOR);
-        let _ = self
-            .agent
+        self.agent
             .delete(url.as_str())
             .timeout(Duration::from_secs(30))
-            .call();
+            .call()
+            .map(|_| ())
+            .map_err(|e| self.fail(&format!("abort upload {upload_id} of {key}"), e))
+    }
+
+    /// The multipart uploads begun and neither completed nor aborted
+    /// (`ListMultipartUploads`, up to 1,000): their parts take the store's space.
+    pub fn uploads(&self) -> Result<Vec<PendingUpload>, S3Error> {
+        // rusty-s3 has no action for it: its signer, on the bucket's URL with `?uploads`.
+        let url = rusty_s3::signing::sign(
+            &jiff::Timestamp::now(),
+            rusty_s3::Method::Get,
+            self.bucket.base_url().clone(),
+            self.creds.key(),
+            self.creds.secret(),
+            self.creds.token(),
+            self.bucket.region(),
+            SIGNED_FOR.as_secs(),
+            std::iter::once(("uploads", "")),
+            std::iter::empty(),
+        );
+        let what = format!("list the uploads of bucket {}", self.bucket.name());
+        let r = self
+            .agent
+            .get(url.as_str())
+            .call()
+            .map_err(|e| self.fail(&what, e))?;
+        parse_uploads(&body_of(r)).map_err(|reason| S3Error::Other { what, reason })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -535,5 +600,29 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uploads_of_a_listing() {
+        // radosgw's answer to `GET /bucket?uploads` with two uploads begun.
+        let body = r#"<?xml version="1.0" encoding="UTF-8"?><ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>dczone</Bucket><NextKeyMarker></NextKeyMarker><NextUploadIdMarker></NextUploadIdMarker><MaxUploads>1000</MaxUploads><IsTruncated>false</IsTruncated><Upload><Key>vm1-1.vmdk</Key><UploadId>2~abc</UploadId><Initiator><ID>dczone</ID></Initiator><Initiated>2026-12-05T12:00:00.000Z</Initiated></Upload><Upload><Key>vm2-2.raw</Key><UploadId>2~def</UploadId><Initiated>2026-12-05T12:01:00.000Z</Initiated></Upload></ListMultipartUploadsResult>"#;
+        let u = parse_uploads(body).unwrap();
+        assert_eq!(u.len(), 2);
+        assert_eq!(
+            (u[0].key.as_str(), u[0].upload_id.as_str()),
+            ("vm1-1.vmdk", "2~abc")
+        );
+        assert_eq!(u[1].initiated, "2026-12-05T12:01:00.000Z");
+        let none =
+            r#"<ListMultipartUploadsResult><Bucket>dczone</Bucket></ListMultipartUploadsResult>"#;
+        assert!(parse_uploads(none).unwrap().is_empty());
+        // An error body is not taken for an empty listing.
+        let err = parse_uploads("<Error><Code>AccessDenied</Code></Error>").unwrap_err();
+        assert!(err.contains("<Error>"), "{err}");
     }
 }
