@@ -9,9 +9,8 @@ use anyhow::Context;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dczone_cloud::client::Compute;
-use dczone_cloud::s3::Store;
 use dczone_control::cloud;
+use dczone_control::cloud::inventory;
 use dczone_lab::Lab;
 
 use crate::print_json;
@@ -65,7 +64,8 @@ pub enum CloudCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// The cloud's instances and images, and the objects of the account's bucket.
+    /// What the account holds in the cloud: instances, images and security groups (each
+    /// with what uses it), the bucket's objects, and multipart uploads never completed.
     List {
         #[arg(long)]
         json: bool,
@@ -84,6 +84,17 @@ pub enum CloudCommand {
     Delete {
         #[arg(required = true)]
         keys: Vec<String>,
+    },
+    /// Delete security groups (`sg-...`; no instance that runs may be in them).
+    DeleteGroup {
+        #[arg(required = true)]
+        groups: Vec<String>,
+    },
+    /// Abort multipart uploads never completed (their ids, from `cloud list`): their
+    /// parts are freed.
+    AbortUpload {
+        #[arg(required = true)]
+        upload_ids: Vec<String>,
     },
     /// Runs the lab's cloud provider in the current namespace (started by `cloud up`).
     #[command(hide = true)]
@@ -283,24 +294,20 @@ pub fn run(
         }
         CloudCommand::List { json } => {
             let account = cloud::lab_account(lab)?;
-            let (instances, images, objects) =
-                cloud::from_client(lab, move || -> anyhow::Result<_> {
-                    let c = Compute::new(&account);
-                    Ok((
-                        c.describe_instances(&[])?,
-                        c.describe_images()?,
-                        Store::new(&account)?.list()?,
-                    ))
-                })??;
+            let inv = cloud::from_client(lab, move || inventory::inventory(&account))??;
             if json {
-                print_json(&serde_json::json!({
-                    "instances": instances,
-                    "images": images,
-                    "objects": objects,
-                }));
+                print_json(&inv);
                 return Ok(ExitCode::SUCCESS);
             }
-            let rows: Vec<Vec<String>> = instances
+            let used = |u: &[String]| {
+                if u.is_empty() {
+                    "-".to_string()
+                } else {
+                    u.join(" ")
+                }
+            };
+            let rows: Vec<Vec<String>> = inv
+                .instances
                 .iter()
                 .map(|i| {
                     vec![
@@ -309,6 +316,7 @@ pub fn run(
                         i.ip.clone(),
                         i.instance_type.clone(),
                         i.image_id.clone(),
+                        i.groups.join(" "),
                         i.launch_time.clone(),
                     ]
                 })
@@ -316,16 +324,41 @@ pub fn run(
             print!(
                 "{}",
                 render(
-                    &["instance", "state", "address", "type", "image", "launched"],
+                    &["instance", "state", "address", "type", "image", "groups", "launched"],
                     &rows
                 )
             );
-            let rows: Vec<Vec<String>> = images
+            let rows: Vec<Vec<String>> = inv
+                .images
                 .iter()
-                .map(|i| vec![i.id.clone(), i.state.clone(), format!("{} GiB", i.size_gib)])
+                .map(|i| {
+                    vec![
+                        i.image.id.clone(),
+                        i.image.state.clone(),
+                        format!("{} GiB", i.image.size_gib),
+                        used(&i.used_by),
+                    ]
+                })
                 .collect();
-            print!("{}", render(&["image", "state", "disk"], &rows));
-            let rows: Vec<Vec<String>> = objects
+            print!("{}", render(&["image", "state", "disk", "used by"], &rows));
+            let rows: Vec<Vec<String>> = inv
+                .groups
+                .iter()
+                .map(|g| {
+                    vec![
+                        g.group.id.clone(),
+                        g.group.name.clone(),
+                        g.group.rules.join(", "),
+                        used(&g.used_by),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render(&["security group", "name", "ingress", "used by"], &rows)
+            );
+            let rows: Vec<Vec<String>> = inv
+                .objects
                 .iter()
                 .map(|o| {
                     vec![
@@ -336,38 +369,52 @@ pub fn run(
                 })
                 .collect();
             print!("{}", render(&["object", "size", "modified"], &rows));
+            if !inv.uploads.is_empty() {
+                let rows: Vec<Vec<String>> = inv
+                    .uploads
+                    .iter()
+                    .map(|u| vec![u.upload_id.clone(), u.key.clone(), u.initiated.clone()])
+                    .collect();
+                print!(
+                    "{}",
+                    render(&["upload never completed", "object", "begun"], &rows)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         CloudCommand::Terminate { instances } => {
             let account = cloud::lab_account(lab)?;
             let ids = instances.clone();
-            cloud::from_client(lab, move || Compute::new(&account).terminate(&ids))??;
+            cloud::from_client(lab, move || inventory::terminate(&account, &ids))??;
             println!("terminated: {}", instances.join(", "));
             Ok(ExitCode::SUCCESS)
         }
         CloudCommand::Deregister { images } => {
             let account = cloud::lab_account(lab)?;
             let ids = images.clone();
-            cloud::from_client(lab, move || -> anyhow::Result<()> {
-                let c = Compute::new(&account);
-                for id in &ids {
-                    c.deregister_image(id)?;
-                }
-                Ok(())
-            })??;
+            cloud::from_client(lab, move || inventory::deregister(&account, &ids))??;
             println!("deregistered: {}", images.join(", "));
             Ok(ExitCode::SUCCESS)
         }
         CloudCommand::Delete { keys } => {
-            let store = Store::new(&cloud::lab_account(lab)?)?;
+            let account = cloud::lab_account(lab)?;
             let ks = keys.clone();
-            cloud::from_client(lab, move || -> anyhow::Result<()> {
-                for k in &ks {
-                    store.delete(k)?;
-                }
-                Ok(())
-            })??;
+            cloud::from_client(lab, move || inventory::delete_objects(&account, &ks))??;
             println!("deleted: {}", keys.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::DeleteGroup { groups } => {
+            let account = cloud::lab_account(lab)?;
+            let ids = groups.clone();
+            cloud::from_client(lab, move || inventory::delete_groups(&account, &ids))??;
+            println!("deleted: {}", groups.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::AbortUpload { upload_ids } => {
+            let account = cloud::lab_account(lab)?;
+            let ids = upload_ids.clone();
+            cloud::from_client(lab, move || inventory::abort_uploads(&account, &ids))??;
+            println!("aborted: {}", upload_ids.join(", "));
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -387,9 +387,56 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
         "{failed}"
     );
 
-    // Clean-up through dczone: the instances, images and objects go; an image in use is
-    // kept until its instances are gone.
+    // An upload begun and never completed (what a path lost mid-upload leaves, as the
+    // abort cannot reach the store either) is listed, and aborted by its id.
+    let (code, body) = curl(
+        &lab,
+        "dc1.1-client",
+        Some((&ak, &sk)),
+        "s3",
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            &format!("{s3}/images/left.vmdk?uploads="),
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    let upload_id = xml_field(&body, "UploadId");
+
+    // Clean-up through dczone: the instances, images, groups, objects and uploads go; an
+    // image or a group in use is kept until its instances are gone.
     let listed = lab.json(&["cloud", "list", "--json"]);
+    let uploads = listed["uploads"].as_array().unwrap();
+    assert!(
+        uploads
+            .iter()
+            .any(|u| u["upload_id"] == upload_id.as_str() && u["key"] == "left.vmdk"),
+        "{listed}"
+    );
+    let groups: Vec<String> = listed["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap().to_string())
+        .collect();
+    // The migration's own group, `closed` and `shut`.
+    assert_eq!(groups.len(), 3, "{listed}");
+    assert!(groups.contains(&sg) && groups.contains(&shut), "{listed}");
+    assert!(
+        listed["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["used_by"].as_array().unwrap().len() == 1),
+        "each group holds one instance: {listed}"
+    );
+    let err = stderr_of(&lab, &["cloud", "delete-group", &shut]);
+    assert!(
+        err.contains("DependencyViolation") && err.contains("terminate them first"),
+        "{err}"
+    );
     assert_eq!(listed["instances"].as_array().unwrap().len(), 3, "{listed}");
     assert_eq!(listed["objects"].as_array().unwrap().len(), 3, "{listed}");
     let images: Vec<String> = listed["images"]
@@ -420,8 +467,14 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
     let mut deregister = vec!["cloud", "deregister"];
     deregister.extend(images.iter().map(String::as_str));
     lab.ok(&deregister);
+    let mut delete_groups = vec!["cloud", "delete-group"];
+    delete_groups.extend(groups.iter().map(String::as_str));
+    lab.ok(&delete_groups);
+    lab.ok(&["cloud", "abort-upload", &upload_id]);
     let listed = lab.json(&["cloud", "list", "--json"]);
     assert!(listed["images"].as_array().unwrap().is_empty(), "{listed}");
+    assert!(listed["groups"].as_array().unwrap().is_empty(), "{listed}");
+    assert!(listed["uploads"].as_array().unwrap().is_empty(), "{listed}");
     assert!(
         listed["instances"]
             .as_array()

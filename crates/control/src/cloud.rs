@@ -23,6 +23,8 @@ use serde_json::json;
 
 use crate::ZoneAgents;
 
+pub mod inventory;
+
 /// The guest ledger's port: the application a cloud instance must answer on.
 pub const APP_PORT: u16 = 7000;
 
@@ -313,6 +315,9 @@ pub fn migrate(
         } else {
             None
         };
+        // A group made for this VM is removed again if no instance came to use it.
+        let mut made_group: Option<String> = None;
+        let mut launched = false;
         let moved = (|| -> anyhow::Result<VmReport> {
             let key = format!("{vm}-{}.{}", now_ms(), format.name().to_ascii_lowercase());
             progress(&format!(
@@ -374,6 +379,7 @@ pub fn migrate(
                     &format!("dczone-{vm}-{}", now_ms()),
                     &format!("dczone: the application of VM {vm}"),
                 )?;
+                made_group = Some(group.clone());
                 compute.authorize_ingress(
                     &group,
                     &[IpPermission {
@@ -393,6 +399,7 @@ pub fn migrate(
             let itype = dczone_cloud::provider::instance_type_for(done.spec.memory_mib)
                 .ok_or_else(|| anyhow!("no instance type has {} MiB", done.spec.memory_mib))?;
             let inst = compute.run_instance(&image, itype, &groups)?;
+            launched = true;
             let ip: Ipv4Addr = inst
                 .ip
                 .parse()
@@ -535,6 +542,20 @@ pub fn migrate(
                 clock,
             })
         })();
+        let moved = moved.map_err(|e| match made_group.filter(|_| !launched) {
+            Some(g) => match compute.delete_security_group(&g) {
+                Ok(()) => e,
+                Err(d) => e.context(format!(
+                    "security group {g} made for {vm} stays ({d}): `dczone cloud delete-group {g}`"
+                )),
+            },
+            None => e,
+        });
+        let moved = moved.map_err(|e| {
+            e.context(format!(
+                "the migration of {vm} to the cloud failed; `dczone cloud list` shows what it left there"
+            ))
+        });
         match moved {
             Ok(r) => reports.push(r),
             // Nothing is lost: a stopped source starts again from its disk.
