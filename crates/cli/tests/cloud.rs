@@ -478,6 +478,74 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
     lab.ok(&["cloud", "delete", c["object"].as_str().unwrap()]);
     lab.ok(&["cloud", "delete-group", &cut_group]);
 
+    // The store full mid-upload: the cloud's operator gives the bucket a quota of what it
+    // holds plus 12 MiB (its usage read afresh at each write). The part past it is refused
+    // with QuotaExceeded, not retried; the upload is aborted; the source runs on.
+    let cloud_admin = |program: &str, args: &[&str]| -> String {
+        let dir = lab.state_dir.join("cloud/cloud/cloud/ceph/cloud");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("cloud-h1"), program, "-c"])
+            .arg(dir.join("ceph.conf"))
+            .args(["-n", "client.admin", "-k"])
+            .arg(dir.join("keyring.client.admin"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cloud_admin(
+        "ceph",
+        &["config", "set", "client", "rgw_bucket_quota_ttl", "0"],
+    );
+    let stats: serde_json::Value = serde_json::from_str(&cloud_admin(
+        "radosgw-admin",
+        &["bucket", "stats", "--bucket", "images"],
+    ))
+    .unwrap();
+    let used = stats["usage"]["rgw.main"]["size"].as_u64().unwrap();
+    let objects_before = lab.json(&["cloud", "list", "--json"])["objects"]
+        .as_array()
+        .unwrap()
+        .len();
+    let quota = [
+        "--quota-scope=bucket".to_string(),
+        "--bucket=images".to_string(),
+        format!("--max-size={}", used + (12 << 20)),
+    ];
+    let quota: Vec<&str> = quota.iter().map(String::as_str).collect();
+    cloud_admin("radosgw-admin", &[&["quota", "set"], &quota[..]].concat());
+    cloud_admin(
+        "radosgw-admin",
+        &[&["quota", "enable"], &quota[..2]].concat(),
+    );
+    let err = stderr_of(&lab, &["cloud", "migrate", "app1"]);
+    cloud_admin(
+        "radosgw-admin",
+        &[&["quota", "disable"], &quota[..2]].concat(),
+    );
+    assert!(
+        err.contains("QuotaExceeded")
+            && err.contains("quota is used up")
+            && err.contains("aborted: the store keeps none of its parts"),
+        "{err}"
+    );
+    assert_eq!(
+        ask(&lab, "dc1.1-client", ip, &["B 1", "Z"]).expect("the source runs"),
+        [before[3].clone(), before[4].clone()]
+    );
+    let listed = lab.json(&["cloud", "list", "--json"]);
+    assert!(listed["uploads"].as_array().unwrap().is_empty(), "{listed}");
+    assert_eq!(
+        listed["objects"].as_array().unwrap().len(),
+        objects_before,
+        "{listed}"
+    );
+
     // An upload begun and never completed (what a path lost mid-upload leaves, as the
     // abort cannot reach the store either) is listed, and aborted by its id.
     let (code, body) = curl(

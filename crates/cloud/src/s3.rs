@@ -40,6 +40,19 @@ pub enum S3Error {
     },
     #[error("{what}: {reason}")]
     Other { what: String, reason: String },
+    /// A multipart upload that failed, and whether its abort freed its parts.
+    #[error("{cause}; {}", match abort_failed {
+        None => format!("upload {upload_id} aborted: the store keeps none of its parts"),
+        Some(why) => format!(
+            "upload {upload_id} could not be aborted ({why}): its parts stay, listed among \
+             the uploads never completed until aborted"
+        ),
+    })]
+    Failed {
+        cause: Box<S3Error>,
+        upload_id: String,
+        abort_failed: Option<String>,
+    },
 }
 
 impl S3Error {
@@ -47,7 +60,17 @@ impl S3Error {
     pub fn code(&self) -> Option<&str> {
         match self {
             S3Error::Refused { code, .. } => Some(code),
+            S3Error::Failed { cause, .. } => cause.code(),
             _ => None,
+        }
+    }
+
+    /// The error of a failed multipart upload after its abort was tried.
+    fn aborted(self, upload_id: &str, abort: Result<(), S3Error>) -> S3Error {
+        S3Error::Failed {
+            cause: Box::new(self),
+            upload_id: upload_id.to_string(),
+            abort_failed: abort.err().map(|e| e.to_string()),
         }
     }
 }
@@ -180,7 +203,12 @@ impl Store {
     fn fail(&self, what: &str, e: ureq::Error) -> S3Error {
         match e {
             ureq::Error::Status(status, r) => {
-                let (code, message) = error_fields(&body_of(r));
+                let (code, mut message) = error_fields(&body_of(r));
+                if message.is_empty() && code == "QuotaExceeded" {
+                    message = "the account's storage quota is used up: delete objects it no \
+                               longer needs, or have the quota raised"
+                        .into();
+                }
                 S3Error::Refused {
                     what: what.into(),
                     status,
@@ -381,10 +409,7 @@ impl Store {
         let upload_id = created.upload_id().to_string();
         let parts = match self.parts(next, key, &upload_id, total, streams, retries, t, progress) {
             Ok(p) => p,
-            Err(e) => {
-                let _ = self.abort(key, &upload_id);
-                return Err(e);
-            }
+            Err(e) => return Err(e.aborted(&upload_id, self.abort(key, &upload_id))),
         };
         let etags: Vec<String> = parts.iter().map(|(_, e)| e.clone()).collect();
         let complete = self.bucket.complete_multipart_upload(
@@ -396,8 +421,7 @@ impl Store {
         let url = complete.sign(SIGNED_FOR);
         if let Err(e) = self.agent.post(url.as_str()).send_string(&complete.body()) {
             let e = self.fail(&format!("complete the upload of {key}"), e);
-            let _ = self.abort(key, &upload_id);
-            return Err(e);
+            return Err(e.aborted(&upload_id, self.abort(key, &upload_id)));
         }
         Ok(Upload {
             key: key.into(),
