@@ -251,9 +251,11 @@ fn down_cleans_up_after_kill_9_of_the_emulator_and_of_up() {
     let _ = child.wait();
     lab.ok(&["lab", "down"]);
     assert_eq!(lab_leftovers("e2edown"), Vec::<String>::new());
-    // And a lab comes up cleanly afterwards.
+    // And a lab comes up cleanly afterwards, and goes down as cleanly.
     lab.up();
     assert!(lab.reachable("dc1.1-h1", DC12_H1));
+    lab.ok(&["lab", "down"]);
+    assert_eq!(lab_leftovers("e2edown"), Vec::<String>::new());
 }
 
 #[test]

@@ -216,7 +216,17 @@ impl Drop for TestLab {
         if std::thread::panicking() {
             self.keep_logs();
         }
-        let _ = self.run(&["lab", "down"]);
-        let _ = std::fs::remove_dir_all(&self.state_dir);
+        let down = self.run(&["lab", "down"]);
+        if down.status.success() {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        } else {
+            // Its state stays, so that `dczone --state-dir DIR lab down` can finish.
+            eprintln!(
+                "`lab down` of test lab {} failed; its state stays in {}: {}",
+                self.name,
+                self.state_dir.display(),
+                String::from_utf8_lossy(&down.stderr)
+            );
+        }
     }
 }
