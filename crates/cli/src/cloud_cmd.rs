@@ -29,6 +29,15 @@ pub enum CloudCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A key pair of the account that expires (as a cloud's console issues one): prints
+    /// the account with that key, for `cloud migrate --account FILE`.
+    Key {
+        /// Seconds until the key expires (1 to 43200).
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Migrate running VMs to the cloud, one after another: export, convert, transfer,
     /// import, settings, start. The VMs keep running where they are.
     Migrate {
@@ -128,7 +137,7 @@ fn print_account(a: &dczone_cloud::Account, json: bool) {
         print_json(a);
         return;
     }
-    let rows = vec![
+    let mut rows = vec![
         vec!["region".into(), a.region.clone()],
         vec!["object storage (S3) endpoint".into(), a.s3_endpoint.clone()],
         vec!["bucket".into(), a.bucket.clone()],
@@ -139,6 +148,9 @@ fn print_account(a: &dczone_cloud::Account, json: bool) {
             a.compute_endpoint.clone(),
         ],
     ];
+    if let Some(at) = &a.expires {
+        rows.push(vec!["key expires".into(), at.clone()]);
+    }
     print!("{}", render(&["", "value"], &rows));
 }
 
@@ -164,6 +176,12 @@ pub fn run(
         }
         CloudCommand::Account { json } => {
             print_account(&cloud::lab_account(lab)?, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        CloudCommand::Key { expires_in, json } => {
+            let account = cloud::lab_account(lab)?;
+            let issued = cloud::from_client(lab, move || cloud::issue_key(&account, expires_in))??;
+            print_account(&issued, json);
             Ok(ExitCode::SUCCESS)
         }
         CloudCommand::Migrate {

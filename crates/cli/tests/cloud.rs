@@ -303,6 +303,76 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
         "{err}"
     );
 
+    // A key the cloud issued for 3 s: both services take it, then neither; a migration
+    // with it is refused before anything is exported, the source runs on.
+    let temp = lab.json(&["cloud", "key", "--expires-in", "3", "--json"]);
+    let issued = Instant::now();
+    let (tak, tsk) = (
+        temp["access_key"].as_str().unwrap().to_string(),
+        temp["secret_key"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(tak, ak);
+    let list_s3 = |k: &str, s: &str| {
+        curl(
+            &lab,
+            "dc1.1-client",
+            Some((k, s)),
+            "s3",
+            &[
+                "-H",
+                "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                &format!("{s3}/images"),
+            ],
+        )
+    };
+    let describe_with = |k: &str, s: &str| {
+        curl(
+            &lab,
+            "dc1.1-client",
+            Some((k, s)),
+            "ec2",
+            &["-d", "Action=DescribeInstances&Version=2016-11-15", &ec2],
+        )
+    };
+    assert_eq!(list_s3(&tak, &tsk).0, 200);
+    assert_eq!(describe_with(&tak, &tsk).0, 200);
+    assert!(
+        issued.elapsed() < Duration::from_secs(3),
+        "too slow to see it work"
+    );
+    std::thread::sleep(
+        Duration::from_secs(3).saturating_sub(issued.elapsed()) + Duration::from_secs(3),
+    );
+    let (code, body) = describe_with(&tak, &tsk);
+    assert_eq!(
+        (code, xml_field(&body, "Code").as_str()),
+        (403, "AuthFailure"),
+        "{body}"
+    );
+    assert!(xml_field(&body, "Message").contains("expired"), "{body}");
+    let (code, body) = list_s3(&tak, &tsk);
+    assert_eq!(
+        code, 403,
+        "the object store still takes an expired key: {body}"
+    );
+    let temp_file = lab.state_dir.join("temp-account.json");
+    std::fs::write(&temp_file, temp.to_string()).unwrap();
+    let err = stderr_of(
+        &lab,
+        &[
+            "cloud",
+            "migrate",
+            "app1",
+            "--account",
+            temp_file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("expired") && err.contains("dczone cloud key"),
+        "{err}"
+    );
+    assert!(ask(&lab, "dc1.1-client", ip, &["Z"]).is_some());
+
     // The security group given blocks the application port: reported once the cloud's
     // console says the application listens, not retried for minutes. A cold move
     // (`--stop-source`): the failed move starts the source again, its ledger intact.

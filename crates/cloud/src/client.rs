@@ -170,22 +170,51 @@ impl Compute {
         for (k, v) in params {
             form.append_pair(k, v);
         }
-        let body = form.finish();
+        self.post("/", action, &form.finish())
+    }
+
+    /// A key pair of the account that expires in `expires_in_s` (the cloud's console,
+    /// `POST /keys`): the account with that key.
+    pub fn issue_key(&self, expires_in_s: u64) -> Result<Account, ApiCallError> {
+        let action = "issue a key";
+        let text = self.post("/keys", action, &format!("ExpiresIn={expires_in_s}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ApiCallError::Unreadable {
+                action: action.into(),
+                reason: e.to_string(),
+            })?;
+        let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        let expires_ms = v["expires_unix_ms"].as_u64().unwrap_or(0);
+        Ok(Account {
+            access_key: field("access_key"),
+            secret_key: field("secret_key"),
+            expires: Some(crate::provider::rfc3339(expires_ms)),
+            ..self.account.clone()
+        })
+    }
+
+    /// A signed form POST to `path`; the answer's body.
+    fn post(&self, path: &str, action: &str, body: &str) -> Result<String, ApiCallError> {
         let unreachable = |reason: String| ApiCallError::Unreachable {
             endpoint: self.account.compute_endpoint.clone(),
             action: action.into(),
             reason,
         };
         let headers = self
-            .signed_headers("POST", "/", &[], body.as_bytes())
+            .signed_headers("POST", path, &[], body.as_bytes())
             .map_err(unreachable)?;
-        let mut req = self.agent.post(&self.account.compute_endpoint);
+        let url = format!(
+            "{}{}",
+            self.account.compute_endpoint.trim_end_matches('/'),
+            if path == "/" { "" } else { path }
+        );
+        let mut req = self.agent.post(&url);
         for (n, v) in &headers {
             if n != "host" {
                 req = req.set(n, v);
             }
         }
-        match req.send_string(&body) {
+        match req.send_string(body) {
             Ok(r) => r.into_string().map_err(|e| unreachable(e.to_string())),
             Err(ureq::Error::Status(status, r)) => {
                 let text = r.into_string().unwrap_or_default();

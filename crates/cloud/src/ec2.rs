@@ -124,7 +124,10 @@ impl ApiError {
 
     pub fn status(&self) -> u16 {
         match self.code {
-            "AuthFailure" | "SignatureDoesNotMatch" | "RequestExpired" => 403,
+            "AuthFailure"
+            | "SignatureDoesNotMatch"
+            | "RequestExpired"
+            | "UnauthorizedOperation" => 403,
             _ => 400,
         }
     }

@@ -24,9 +24,22 @@ pub struct Account {
     pub access_key: String,
     pub secret_key: String,
     pub bucket: String,
+    /// When the key pair expires (RFC 3339), for a key the cloud issued for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
 }
 
 impl Account {
+    /// Whether its key has expired (by this host's clock); a key without an expiry never
+    /// does.
+    pub fn expired(&self) -> bool {
+        use time::format_description::well_known::Rfc3339;
+        self.expires.as_ref().is_some_and(|at| {
+            time::OffsetDateTime::parse(at, &Rfc3339)
+                .is_ok_and(|t| t <= time::OffsetDateTime::now_utc())
+        })
+    }
+
     pub fn credentials(&self) -> sigv4::Credentials {
         sigv4::Credentials {
             access_key: self.access_key.clone(),

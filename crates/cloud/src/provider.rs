@@ -147,7 +147,23 @@ pub struct State {
     pub images: BTreeMap<String, Image>,
     pub instances: BTreeMap<String, Instance>,
     pub groups: BTreeMap<String, Group>,
+    /// Keys of the account issued for a while (`POST /keys`), by access key.
+    #[serde(default)]
+    pub keys: BTreeMap<String, IssuedKey>,
 }
+
+/// A key pair of the account that expires: both services take it until then.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedKey {
+    pub secret_key: String,
+    pub expires_unix_ms: u64,
+    /// Taken from the S3 gateway (after its expiry).
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// The longest an issued key lives, s (STS's longest session).
+pub const MAX_KEY_S: u64 = 43_200;
 
 /// One line of the execution log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -695,6 +711,77 @@ impl Provider {
         });
     }
 
+    /// A new key pair that both services take for `secs`.
+    fn issue_key(&self, secs: u64, request_id: &str) -> Result<Value, ApiError> {
+        let internal = |e: String| ApiError::new("InternalError", e);
+        let k = crate::new_key_pair().map_err(|e| internal(e.to_string()))?;
+        self.storage
+            .s3_key_add(
+                &self.cfg.cluster.name,
+                S3_USER,
+                &k.access_key,
+                &k.secret_key,
+            )
+            .map_err(|e| internal(e.to_string()))?;
+        let expires_unix_ms = unix_ms() + secs * 1000;
+        self.with_state(|s| {
+            s.keys.insert(
+                k.access_key.clone(),
+                IssuedKey {
+                    secret_key: k.secret_key.clone(),
+                    expires_unix_ms,
+                    revoked: false,
+                },
+            )
+        });
+        self.event(
+            request_id,
+            &k.access_key,
+            "key.issued",
+            json!({"expires": rfc3339(expires_unix_ms)}),
+        );
+        Ok(json!({
+            "access_key": k.access_key,
+            "secret_key": k.secret_key,
+            "expires_unix_ms": expires_unix_ms,
+        }))
+    }
+
+    /// Takes expired keys from the S3 gateway, every second (the compute API refuses them
+    /// from their expiry on).
+    fn revoke_expired_keys(self: &Arc<Self>) {
+        let me = self.clone();
+        std::thread::spawn(move || loop {
+            let due: Vec<String> = {
+                let s = me.state.lock().unwrap_or_else(|e| e.into_inner());
+                s.keys
+                    .iter()
+                    .filter(|(_, k)| !k.revoked && k.expires_unix_ms <= unix_ms())
+                    .map(|(a, _)| a.clone())
+                    .collect()
+            };
+            for ak in due {
+                match me.storage.s3_key_remove(&me.cfg.cluster.name, S3_USER, &ak) {
+                    Ok(()) => {
+                        me.with_state(|s| {
+                            if let Some(k) = s.keys.get_mut(&ak) {
+                                k.revoked = true;
+                            }
+                        });
+                        me.event("reaper", &ak, "key.expired", json!({}));
+                    }
+                    Err(e) => me.event(
+                        "reaper",
+                        &ak,
+                        "key.revoke.failed",
+                        json!({"reason": e.to_string()}),
+                    ),
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        });
+    }
+
     fn terminate(&self, id: &str, request_id: &str) {
         let dir = self.cfg.dir.join("instances").join(id);
         if let Some(r) = std::fs::read(dir.join("running.json"))
@@ -1182,7 +1269,7 @@ fn state_code(state: &str) -> u16 {
     }
 }
 
-fn rfc3339(ms: u64) -> String {
+pub fn rfc3339(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -1328,6 +1415,7 @@ pub fn serve(cfg: ProviderConfig) -> anyhow::Result<()> {
         log: Mutex::new(log),
     });
     p.reconcile();
+    p.revoke_expired_keys();
     p.apply_groups("start").map_err(anyhow::Error::msg)?;
     p.event(
         "start",
@@ -1345,6 +1433,7 @@ pub fn serve(cfg: ProviderConfig) -> anyhow::Result<()> {
         let app = axum::Router::new()
             .route("/", axum::routing::any(handle))
             .route("/log", axum::routing::get(handle_log))
+            .route("/keys", axum::routing::post(handle_keys))
             .with_state(p);
         let listener = tokio::net::TcpListener::bind(listen).await?;
         axum::serve(listener, app).await?;
@@ -1367,7 +1456,7 @@ fn authenticate(
     uri: &axum::http::Uri,
     headers: &axum::http::HeaderMap,
     body: &[u8],
-) -> Result<Vec<(String, String)>, ApiError> {
+) -> Result<(Vec<(String, String)>, String), ApiError> {
     let query = decode_pairs(uri.query().unwrap_or_default());
     let hs: Vec<(String, String)> = headers
         .iter()
@@ -1386,14 +1475,35 @@ fn authenticate(
         payload_sha256: sigv4::sha256_hex(body),
     };
     let account = &p.cfg.account;
-    sigv4::verify(
+    let issued = p
+        .state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys
+        .clone();
+    let key = sigv4::verify(
         &req,
-        |k| (k == account.access_key).then(|| account.secret_key.clone()),
+        |k| {
+            if k == account.access_key {
+                Some(account.secret_key.clone())
+            } else {
+                issued.get(k).map(|i| i.secret_key.clone())
+            }
+        },
         &account.region,
         "ec2",
         (unix_ms() / 1000) as i64,
     )?;
-    Ok(query)
+    if let Some(i) = issued.get(&key).filter(|i| i.expires_unix_ms <= unix_ms()) {
+        return Err(ApiError::new(
+            "AuthFailure",
+            format!(
+                "access key {key} expired at {}: get a new key from the cloud's console",
+                rfc3339(i.expires_unix_ms)
+            ),
+        ));
+    }
+    Ok((query, key))
 }
 
 fn xml_response(status: u16, body: String) -> axum::response::Response {
@@ -1413,7 +1523,7 @@ async fn handle(
 ) -> axum::response::Response {
     let request_id = new_id("req");
     let result = (|| {
-        let mut params = authenticate(&p, &method, &uri, &headers, &body)?;
+        let (mut params, _) = authenticate(&p, &method, &uri, &headers, &body)?;
         params.extend(decode_pairs(&String::from_utf8_lossy(&body)));
         ec2::parse(&params)
     })();
@@ -1471,7 +1581,7 @@ async fn handle_log(
 ) -> axum::response::Response {
     let request_id = new_id("req");
     let query = match authenticate(&p, &method, &uri, &headers, b"") {
-        Ok(q) => q,
+        Ok((q, _)) => q,
         Err(e) => return xml_response(e.status(), e.xml(&request_id)),
     };
     let since: u64 = query
@@ -1492,6 +1602,70 @@ async fn handle_log(
             serde_json::to_vec(&lines).expect("serializes"),
         ))
         .expect("a valid response")
+}
+
+/// `POST /keys` with `ExpiresIn=SECONDS` (the cloud's console): a new key pair of the
+/// account that both services take until it expires (JSON: `access_key`, `secret_key`,
+/// `expires_unix_ms`). Only the account's own key may ask; an issued key may not.
+async fn handle_keys(
+    axum::extract::State(p): axum::extract::State<Shared>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let request_id = new_id("req");
+    let pp = p.clone();
+    let result = (|| {
+        let (_, key) = authenticate(&p, &method, &uri, &headers, &body)?;
+        if key != p.cfg.account.access_key {
+            return Err(ApiError::new(
+                "UnauthorizedOperation",
+                format!(
+                    "access key {key} is an issued key: only the account's own key issues keys"
+                ),
+            ));
+        }
+        let params = decode_pairs(&String::from_utf8_lossy(&body));
+        let secs: u64 = params
+            .iter()
+            .find(|(k, _)| k == "ExpiresIn")
+            .and_then(|(_, v)| v.parse().ok())
+            .filter(|s| (1..=MAX_KEY_S).contains(s))
+            .ok_or_else(|| {
+                ApiError::new(
+                    "InvalidParameterValue",
+                    format!("ExpiresIn must be whole seconds from 1 to {MAX_KEY_S}"),
+                )
+            })?;
+        Ok(secs)
+    })();
+    let secs = match result {
+        Ok(s) => s,
+        Err(e) => {
+            p.event(
+                &request_id,
+                "console",
+                "request.refused",
+                json!({"code": e.code, "message": e.message}),
+            );
+            return xml_response(e.status(), e.xml(&request_id));
+        }
+    };
+    let rid = request_id.clone();
+    let out = tokio::task::spawn_blocking(move || pp.issue_key(secs, &rid)).await;
+    match out {
+        Ok(Ok(v)) => axum::response::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(v.to_string()))
+            .expect("a valid response"),
+        Ok(Err(e)) => xml_response(e.status(), e.xml(&request_id)),
+        Err(e) => xml_response(
+            500,
+            ApiError::new("InternalError", e.to_string()).xml(&request_id),
+        ),
+    }
 }
 
 /// The provider's directory in a lab (`<lab dir>/cloud/<site>`).

@@ -100,6 +100,7 @@ pub fn lab_up(lab: &Lab, exe: &Path, progress: &dyn Fn(&str)) -> anyhow::Result<
                 access_key: keys.access_key,
                 secret_key: keys.secret_key,
                 bucket: "images".into(),
+                expires: None,
             };
             std::fs::write(account_file(lab), serde_json::to_vec_pretty(&a)?)?;
             a
@@ -604,8 +605,14 @@ const BLOCKED_AFTER: Duration = Duration::from_secs(5);
 /// Both services take the account's key: checked before anything leaves the DC, so that a
 /// wrong or expired key costs no export.
 pub fn check_account(account: &Account) -> anyhow::Result<()> {
-    let fix = "check the account's access_key and secret_key (`dczone cloud account`), \
-               and this host's clock";
+    if let Some(at) = account.expires.as_ref().filter(|_| account.expired()) {
+        bail!(
+            "the account's key {} expired at {at}: get a new key (`dczone cloud key`)",
+            account.access_key
+        );
+    }
+    let fix = "check the account's access_key and secret_key (`dczone cloud account`, or a \
+               key that has not expired: `dczone cloud key`), and this host's clock";
     Compute::new(account)
         .describe_instances(&[])
         .with_context(|| {
@@ -623,6 +630,18 @@ pub fn check_account(account: &Account) -> anyhow::Result<()> {
             )
         })?;
     Ok(())
+}
+
+/// A key pair of the account that both services take for `expires_in_s` (what the cloud's
+/// console issues): the account with that key, its expiry in `expires`.
+pub fn issue_key(account: &Account, expires_in_s: u64) -> anyhow::Result<Account> {
+    if !(1..=provider::MAX_KEY_S).contains(&expires_in_s) {
+        bail!(
+            "--expires-in {expires_in_s}: a key lives from 1 s to {} s",
+            provider::MAX_KEY_S
+        );
+    }
+    Ok(Compute::new(account).issue_key(expires_in_s)?)
 }
 
 /// How long at least one of `parts` was in flight, ms.

@@ -546,17 +546,7 @@ impl HostStorage {
         access_key: &str,
         secret_key: &str,
     ) -> Result<(), StorageError> {
-        let keyring = self.admin_keyring(cluster)?;
-        let conf = self.conf(cluster);
-        let admin = |args: &[&str]| {
-            let mut all = vec!["-c", &conf, "-n", keys::ADMIN, "-k", &keyring];
-            all.extend_from_slice(args);
-            run(
-                &format!("radosgw-admin {}", args.join(" ")),
-                "radosgw-admin",
-                &all,
-            )
-        };
+        let admin = |args: &[&str]| self.radosgw_admin(cluster, args);
         if let Ok(info) = admin(&["user", "info", "--uid", uid]) {
             let v: Value = serde_json::from_str(&info).unwrap_or_default();
             let same = v["keys"].as_array().is_some_and(|k| {
@@ -586,6 +576,67 @@ impl HostStorage {
             secret_key,
         ])
         .map(|_| ())
+    }
+
+    /// Gives S3 user `uid` another key pair (a key the cloud issues for a while).
+    pub fn s3_key_add(
+        &self,
+        cluster: &str,
+        uid: &str,
+        access_key: &str,
+        secret_key: &str,
+    ) -> Result<(), StorageError> {
+        self.radosgw_admin(
+            cluster,
+            &[
+                "key",
+                "create",
+                "--uid",
+                uid,
+                "--key-type",
+                "s3",
+                "--access-key",
+                access_key,
+                "--secret-key",
+                secret_key,
+            ],
+        )
+        .map(|_| ())
+    }
+
+    /// Takes a key pair from S3 user `uid`: the gateway refuses it from then on.
+    pub fn s3_key_remove(
+        &self,
+        cluster: &str,
+        uid: &str,
+        access_key: &str,
+    ) -> Result<(), StorageError> {
+        self.radosgw_admin(
+            cluster,
+            &[
+                "key",
+                "rm",
+                "--uid",
+                uid,
+                "--key-type",
+                "s3",
+                "--access-key",
+                access_key,
+            ],
+        )
+        .map(|_| ())
+    }
+
+    fn radosgw_admin(&self, cluster: &str, args: &[&str]) -> Result<String, StorageError> {
+        let keyring = self.admin_keyring(cluster)?;
+        let conf = self.conf(cluster);
+        let mut all = vec!["-c", &conf, "-n", keys::ADMIN, "-k", &keyring];
+        all.extend_from_slice(args);
+        run(
+            &format!("radosgw-admin {}", args.join(" ")),
+            "radosgw-admin",
+            &all,
+        )
     }
 
     fn ceph_json(&self, cluster: &str, args: &[&str]) -> Result<Value, StorageError> {
