@@ -183,11 +183,22 @@ impl Compute {
                 action: action.into(),
                 reason: e.to_string(),
             })?;
-        let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-        let expires_ms = v["expires_unix_ms"].as_u64().unwrap_or(0);
+        let missing = |k: &str| ApiCallError::Unreadable {
+            action: action.into(),
+            reason: format!("the answer has no {k}: {text}"),
+        };
+        let field = |k: &str| {
+            v[k].as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| missing(k))
+        };
+        let expires_ms = v["expires_unix_ms"]
+            .as_u64()
+            .ok_or_else(|| missing("expires_unix_ms"))?;
         Ok(Account {
-            access_key: field("access_key"),
-            secret_key: field("secret_key"),
+            access_key: field("access_key")?,
+            secret_key: field("secret_key")?,
             expires: Some(crate::provider::rfc3339(expires_ms)),
             ..self.account.clone()
         })

@@ -31,12 +31,13 @@ pub struct Account {
 
 impl Account {
     /// Whether its key has expired (by this host's clock); a key without an expiry never
-    /// does.
+    /// does, one whose expiry is unreadable is taken as expired.
     pub fn expired(&self) -> bool {
         use time::format_description::well_known::Rfc3339;
         self.expires.as_ref().is_some_and(|at| {
             time::OffsetDateTime::parse(at, &Rfc3339)
-                .is_ok_and(|t| t <= time::OffsetDateTime::now_utc())
+                .ok()
+                .is_none_or(|t| t <= time::OffsetDateTime::now_utc())
         })
     }
 
@@ -72,4 +73,29 @@ pub fn new_key_pair() -> std::io::Result<sigv4::Credentials> {
             40,
         )?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_expires_at_its_time_and_an_unreadable_expiry_counts_as_past() {
+        let mut a = Account {
+            region: "r".into(),
+            s3_endpoint: "http://s3".into(),
+            compute_endpoint: "http://ec2".into(),
+            access_key: "AKIA".into(),
+            secret_key: "s".into(),
+            bucket: "b".into(),
+            expires: None,
+        };
+        assert!(!a.expired());
+        a.expires = Some("2000-01-01T00:00:00Z".into());
+        assert!(a.expired());
+        a.expires = Some("2999-01-01T00:00:00Z".into());
+        assert!(!a.expired());
+        a.expires = Some("tomorrow".into());
+        assert!(a.expired());
+    }
 }

@@ -165,6 +165,13 @@ pub struct IssuedKey {
 /// The longest an issued key lives, s (STS's longest session).
 pub const MAX_KEY_S: u64 = 43_200;
 
+/// How long after a failed removal from the gateway an expired key is tried again.
+const REVOKE_RETRY: Duration = Duration::from_secs(30);
+
+/// How long a revoked key is remembered after its expiry (its requests told "expired",
+/// not "unknown"), ms.
+const FORGET_AFTER_MS: u64 = 24 * 3600 * 1000;
+
 /// One line of the execution log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogEntry {
@@ -272,8 +279,17 @@ impl Provider {
     }
 
     fn save(&self, s: &State) {
+        use std::os::unix::fs::OpenOptionsExt;
+        // It holds the secrets of issued keys: readable by the provider only.
         let tmp = self.cfg.dir.join("state.json.tmp");
-        if std::fs::write(&tmp, serde_json::to_vec_pretty(s).expect("serializes")).is_ok() {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(s).expect("serializes")));
+        if written.is_ok() {
             let _ = std::fs::rename(&tmp, self.state_file());
         }
     }
@@ -715,15 +731,9 @@ impl Provider {
     fn issue_key(&self, secs: u64, request_id: &str) -> Result<Value, ApiError> {
         let internal = |e: String| ApiError::new("InternalError", e);
         let k = crate::new_key_pair().map_err(|e| internal(e.to_string()))?;
-        self.storage
-            .s3_key_add(
-                &self.cfg.cluster.name,
-                S3_USER,
-                &k.access_key,
-                &k.secret_key,
-            )
-            .map_err(|e| internal(e.to_string()))?;
         let expires_unix_ms = unix_ms() + secs * 1000;
+        // Recorded before the gateway knows it: a key the gateway takes is always one the
+        // reaper will take away.
         self.with_state(|s| {
             s.keys.insert(
                 k.access_key.clone(),
@@ -734,6 +744,15 @@ impl Provider {
                 },
             )
         });
+        if let Err(e) = self.storage.s3_key_add(
+            &self.cfg.cluster.name,
+            S3_USER,
+            &k.access_key,
+            &k.secret_key,
+        ) {
+            self.with_state(|s| s.keys.remove(&k.access_key));
+            return Err(internal(e.to_string()));
+        }
         self.event(
             request_id,
             &k.access_key,
@@ -748,21 +767,43 @@ impl Provider {
     }
 
     /// Takes expired keys from the S3 gateway, every second (the compute API refuses them
-    /// from their expiry on).
+    /// from their expiry on); a removal that failed is tried again after `REVOKE_RETRY`.
+    /// A key revoked `FORGET_AFTER_MS` after its expiry is forgotten.
     fn revoke_expired_keys(self: &Arc<Self>) {
         let me = self.clone();
+        let mut failed: BTreeMap<String, Instant> = BTreeMap::new();
         std::thread::spawn(move || loop {
-            let due: Vec<String> = {
+            let now = unix_ms();
+            let (due, stale): (Vec<String>, Vec<String>) = {
                 let s = me.state.lock().unwrap_or_else(|e| e.into_inner());
-                s.keys
+                let due = s
+                    .keys
                     .iter()
-                    .filter(|(_, k)| !k.revoked && k.expires_unix_ms <= unix_ms())
+                    .filter(|(_, k)| !k.revoked && k.expires_unix_ms <= now)
                     .map(|(a, _)| a.clone())
-                    .collect()
+                    .filter(|a| failed.get(a).is_none_or(|t| t.elapsed() >= REVOKE_RETRY))
+                    .collect();
+                let stale = s
+                    .keys
+                    .iter()
+                    .filter(|(_, k)| k.revoked && k.expires_unix_ms + FORGET_AFTER_MS <= now)
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                (due, stale)
             };
+            if !stale.is_empty() {
+                me.with_state(|s| s.keys.retain(|a, _| !stale.contains(a)));
+            }
             for ak in due {
-                match me.storage.s3_key_remove(&me.cfg.cluster.name, S3_USER, &ak) {
+                let removed = match me.storage.s3_key_remove(&me.cfg.cluster.name, S3_USER, &ak) {
+                    // Not the gateway's (any more; radosgw-admin: "unable to find access
+                    // key"): nothing to take away.
+                    Err(e) if e.to_string().contains("unable to find access key") => Ok(()),
+                    r => r,
+                };
+                match removed {
                     Ok(()) => {
+                        failed.remove(&ak);
                         me.with_state(|s| {
                             if let Some(k) = s.keys.get_mut(&ak) {
                                 k.revoked = true;
@@ -770,12 +811,15 @@ impl Provider {
                         });
                         me.event("reaper", &ak, "key.expired", json!({}));
                     }
-                    Err(e) => me.event(
-                        "reaper",
-                        &ak,
-                        "key.revoke.failed",
-                        json!({"reason": e.to_string()}),
-                    ),
+                    Err(e) => {
+                        failed.insert(ak.clone(), Instant::now());
+                        me.event(
+                            "reaper",
+                            &ak,
+                            "key.revoke.failed",
+                            json!({"reason": e.to_string(), "retry_s": REVOKE_RETRY.as_secs()}),
+                        );
+                    }
                 }
             }
             std::thread::sleep(Duration::from_secs(1));

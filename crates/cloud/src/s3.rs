@@ -44,8 +44,8 @@ pub enum S3Error {
     #[error("{cause}; {}", match abort_failed {
         None => format!("upload {upload_id} aborted: the store keeps none of its parts"),
         Some(why) => format!(
-            "upload {upload_id} could not be aborted ({why}): its parts stay, listed among \
-             the uploads never completed until aborted"
+            "upload {upload_id} could not be aborted ({why}): its parts stay until it is \
+             (`dczone cloud list` shows it, `dczone cloud abort-upload {upload_id}` frees them)"
         ),
     })]
     Failed {
@@ -205,8 +205,8 @@ impl Store {
             ureq::Error::Status(status, r) => {
                 let (code, mut message) = error_fields(&body_of(r));
                 if message.is_empty() && code == "QuotaExceeded" {
-                    message = "the account's storage quota is used up: delete objects it no \
-                               longer needs, or have the quota raised"
+                    message = "a storage quota (the account's or the bucket's) is used up: \
+                               delete objects it no longer needs, or have the quota raised"
                         .into();
                 }
                 S3Error::Refused {

@@ -553,8 +553,18 @@ pub fn migrate(
             None => e,
         });
         let moved = moved.map_err(|e| {
+            // A key that expired on the way: the services' refusals do not say so.
+            let e = match &account.expires {
+                Some(at) if account.expired() => e.context(format!(
+                    "the account's key {} expired at {at}, during the migration: get a new key \
+                     (`dczone cloud key`)",
+                    account.access_key
+                )),
+                _ => e,
+            };
             e.context(format!(
-                "the migration of {vm} to the cloud failed; `dczone cloud list` shows what it left there"
+                "the migration of {vm} to the cloud failed; what it left there is listed by \
+                 `dczone cloud list` (for the lab's cloud)"
             ))
         });
         match moved {

@@ -631,6 +631,14 @@ impl HostStorage {
         let keyring = self.admin_keyring(cluster)?;
         let conf = self.conf(cluster);
         let mut all = vec!["-c", &conf, "-n", keys::ADMIN, "-k", &keyring];
+        // Bounded as `ceph` is by its --connect-timeout: a cluster that does not answer
+        // fails the command instead of holding its caller.
+        let timeouts = [
+            format!("--client-mount-timeout={CONNECT_TIMEOUT_S}"),
+            format!("--rados-mon-op-timeout={CONNECT_TIMEOUT_S}"),
+            format!("--rados-osd-op-timeout={CONNECT_TIMEOUT_S}"),
+        ];
+        all.extend(timeouts.iter().map(String::as_str));
         all.extend_from_slice(args);
         run(
             &format!("radosgw-admin {}", args.join(" ")),
