@@ -55,7 +55,8 @@ enum Kind<W: Write + Send + 'static> {
     Vmdk {
         grains: Batcher,
         workers: Vec<std::thread::JoinHandle<()>>,
-        writer: std::thread::JoinHandle<io::Result<(W, u64, u64)>>,
+        /// Taken when it has stopped early, for its error.
+        writer: Option<std::thread::JoinHandle<io::Result<(W, u64, u64)>>>,
     },
 }
 
@@ -184,7 +185,7 @@ impl<W: Write + Send + 'static> Encoder<W> {
                         sent: 0,
                     },
                     workers,
-                    writer: std::thread::spawn(move || write_in_order(stream, results)),
+                    writer: Some(std::thread::spawn(move || write_in_order(stream, results))),
                 }
             }
             f => {
@@ -216,11 +217,18 @@ impl<W: Write + Send + 'static> Encoder<W> {
                 zeroes(out, gap)?;
                 out.write_all(bytes)
             }
-            Kind::Vmdk { grains, .. } => {
+            Kind::Vmdk { grains, writer, .. } => {
                 while !bytes.is_empty() {
                     let within = (offset % GRAIN) as usize;
                     let k = bytes.len().min(GRAIN as usize - within);
-                    grains.fill(offset / GRAIN, within, &bytes[..k])?;
+                    if let Err(e) = grains.fill(offset / GRAIN, within, &bytes[..k]) {
+                        // The writer stopped first (its output failed: the upload stopped):
+                        // its error is the cause.
+                        return Err(match writer.take().map(|w| w.join()) {
+                            Some(Ok(Err(cause))) => cause,
+                            _ => e,
+                        });
+                    }
                     offset += k as u64;
                     bytes = &bytes[k..];
                 }
@@ -252,6 +260,7 @@ impl<W: Write + Send + 'static> Encoder<W> {
                     lost |= w.join().is_err();
                 }
                 let (out, bytes, written) = writer
+                    .ok_or_else(|| io::Error::other("the image's writer stopped"))?
                     .join()
                     .map_err(|_| io::Error::other("the image's writer panicked"))??;
                 // Every batch sent must be in the image (a worker that died with the last
@@ -571,6 +580,28 @@ mod tests {
         drop(src);
         let mut e = Encoder::new(DiskFormat::Raw, SIZE, w, 1).unwrap();
         let err = e.data(0, &vec![1u8; 8 << 20]).unwrap_err();
+        assert!(err.to_string().contains(UPLOAD_STOPPED), "{err}");
+        // A VMDK's grains go through threads: the data's error is still the upload's,
+        // not "the writer stopped".
+        let (w, src) = parts(crate::s3::MIN_PART, 1);
+        drop(src);
+        let mut e = Encoder::new(DiskFormat::Vmdk, SIZE, w, 2).unwrap();
+        // Noise: stored grains, so that parts fill.
+        let noise = crate::vmdk::noise(1 << 20);
+        let mut err = None;
+        for k in 0..(SIZE >> 20) {
+            if let Err(x) = e.data(k << 20, &noise) {
+                err = Some(x);
+                break;
+            }
+        }
+        let err = match err {
+            Some(e) => e,
+            None => match e.finish() {
+                Ok(_) => panic!("an encoder into a stopped upload finished"),
+                Err(e) => e,
+            },
+        };
         assert!(err.to_string().contains(UPLOAD_STOPPED), "{err}");
     }
 
