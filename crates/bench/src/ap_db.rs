@@ -186,16 +186,9 @@ pub fn run(
     };
     let measured = measure(&at, o, &configure, &mut left, obs);
     // The AP's instance and object go, whatever the measurement did; the DC's AP too.
-    if let Some((instance, image, object)) = left.cloud.take() {
+    if let Some(m) = left.cloud.take() {
         let acc = account.clone();
-        let _ = cloud::from_client(lab, move || {
-            let c = dczone_cloud::client::Compute::new(&acc);
-            let _ = c.terminate(&[instance]);
-            let _ = c.deregister_image(&image);
-            if let Ok(s) = dczone_cloud::s3::Store::new(&acc) {
-                let _ = s.delete(&object);
-            }
-        });
+        let _ = cloud::from_client(lab, move || cloud::inventory::remove_migrated(&acc, &m));
     }
     let _ = destroy_if_present(agents, AP_VM);
     let (round_trips, loads, migration) = measured?;
@@ -206,7 +199,7 @@ pub fn run(
 #[derive(Default)]
 struct Leftovers {
     /// Instance, image, object.
-    cloud: Option<(String, String, String)>,
+    cloud: Option<cloud::VmReport>,
 }
 
 /// Where the comparison runs: the lab, its agents and the cloud's account.
@@ -273,11 +266,7 @@ fn measure(
         .into_iter()
         .next()
         .ok_or_else(|| anyhow::anyhow!("the migration reported no VM"))?;
-    left.cloud = Some((
-        migration.instance.clone(),
-        migration.image.clone(),
-        migration.object.clone(),
-    ));
+    left.cloud = Some(migration.clone());
     let cloud_ip: Ipv4Addr = migration
         .ip
         .parse()

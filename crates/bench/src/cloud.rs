@@ -218,18 +218,11 @@ pub fn cloud(
                 &|ip| cloud::app_answers(ip, cloud::PROBE_TIMEOUT),
                 &|_| {},
             );
-            // The instances, images and objects go after each run, kept or not.
+            // The instances, images, groups and objects go after each run: imported
+            // images filled the cloud's storage run after run.
             if let Ok(r) = &r {
-                let c = dczone_cloud::client::Compute::new(&acc);
-                let _ = c.terminate(&r.vms.iter().map(|v| v.instance.clone()).collect::<Vec<_>>());
-                // Imported images fill the cloud's storage run after run.
                 for v in &r.vms {
-                    let _ = c.deregister_image(&v.image);
-                }
-                if let Ok(s) = dczone_cloud::s3::Store::new(&acc) {
-                    for v in &r.vms {
-                        let _ = s.delete(&v.object);
-                    }
+                    let _ = cloud::inventory::remove_migrated(&acc, v);
                 }
             }
             r

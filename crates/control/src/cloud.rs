@@ -175,6 +175,10 @@ pub struct VmReport {
     pub instance: String,
     pub image: String,
     pub object: String,
+    /// The security group the migration made for the instance (none when groups were
+    /// given).
+    #[serde(default)]
+    pub security_group_made: Option<String>,
     pub ip: String,
     pub format: String,
     pub disk_bytes: u64,
@@ -508,6 +512,7 @@ pub fn migrate(
             Ok(VmReport {
                 downtime_ms: stopped.map(|s| answered.duration_since(s).as_secs_f64() * 1e3),
                 vm: vm.clone(),
+                security_group_made: made_group.clone(),
                 instance: inst.id,
                 image,
                 object: key,

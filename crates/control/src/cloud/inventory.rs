@@ -73,6 +73,40 @@ pub fn inventory(account: &Account) -> anyhow::Result<Inventory> {
     })
 }
 
+/// Removes what a migration made in the cloud: its instance, image, security group and
+/// object, each tried whatever the others did; what could not be removed, with why.
+pub fn remove_migrated(account: &Account, m: &super::VmReport) -> Vec<String> {
+    let c = Compute::new(account);
+    let mut failed = Vec::new();
+    let mut note = |what: String, r: anyhow::Result<()>| {
+        if let Err(e) = r {
+            failed.push(format!("{what}: {e:#}"));
+        }
+    };
+    note(
+        format!("terminate {}", m.instance),
+        c.terminate(std::slice::from_ref(&m.instance))
+            .map_err(Into::into),
+    );
+    note(
+        format!("deregister {}", m.image),
+        c.deregister_image(&m.image).map_err(Into::into),
+    );
+    if let Some(g) = &m.security_group_made {
+        note(
+            format!("delete security group {g}"),
+            c.delete_security_group(g).map_err(Into::into),
+        );
+    }
+    note(
+        format!("delete object {}", m.object),
+        Store::new(account)
+            .and_then(|s| s.delete(&m.object))
+            .map_err(Into::into),
+    );
+    failed
+}
+
 pub fn terminate(account: &Account, ids: &[String]) -> anyhow::Result<()> {
     Ok(Compute::new(account).terminate(ids)?)
 }
