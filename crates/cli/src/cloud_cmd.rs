@@ -78,32 +78,56 @@ pub enum CloudCommand {
     List {
         #[arg(long)]
         json: bool,
+        /// Another cloud's account (JSON, as `cloud account --json` prints) instead of the
+        /// lab's cloud.
+        #[arg(long)]
+        account: Option<PathBuf>,
     },
     /// Terminate instances (their disks go with them).
     Terminate {
         #[arg(required = true)]
         instances: Vec<String>,
+        /// Another cloud's account (JSON, as `cloud account --json` prints) instead of the
+        /// lab's cloud.
+        #[arg(long)]
+        account: Option<PathBuf>,
     },
     /// Remove imported images (`DeregisterImage`; their instances terminated first).
     Deregister {
         #[arg(required = true)]
         images: Vec<String>,
+        /// Another cloud's account (JSON, as `cloud account --json` prints) instead of the
+        /// lab's cloud.
+        #[arg(long)]
+        account: Option<PathBuf>,
     },
     /// Delete objects of the account's bucket.
     Delete {
         #[arg(required = true)]
         keys: Vec<String>,
+        /// Another cloud's account (JSON, as `cloud account --json` prints) instead of the
+        /// lab's cloud.
+        #[arg(long)]
+        account: Option<PathBuf>,
     },
     /// Delete security groups (`sg-...`; no instance that runs may be in them).
     DeleteGroup {
         #[arg(required = true)]
         groups: Vec<String>,
+        /// Another cloud's account (JSON, as `cloud account --json` prints) instead of the
+        /// lab's cloud.
+        #[arg(long)]
+        account: Option<PathBuf>,
     },
     /// Abort multipart uploads never completed (their ids, from `cloud list`): their
     /// parts are freed.
     AbortUpload {
         #[arg(required = true)]
         upload_ids: Vec<String>,
+        /// Another cloud's account (JSON, as `cloud account --json` prints) instead of the
+        /// lab's cloud.
+        #[arg(long)]
+        account: Option<PathBuf>,
     },
     /// Runs the lab's cloud provider in the current namespace (started by `cloud up`).
     #[command(hide = true)]
@@ -118,6 +142,14 @@ fn spinner() -> ProgressBar {
     pb.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("a template"));
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
+}
+
+/// The account in `file`, or the lab cloud's.
+fn account_or_lab(lab: &Lab, file: Option<PathBuf>) -> anyhow::Result<dczone_cloud::Account> {
+    match file {
+        Some(f) => read_account(&f),
+        None => cloud::lab_account(lab),
+    }
 }
 
 fn read_account(f: &Path) -> anyhow::Result<dczone_cloud::Account> {
@@ -310,8 +342,8 @@ pub fn run(
             );
             Ok(ExitCode::SUCCESS)
         }
-        CloudCommand::List { json } => {
-            let account = cloud::lab_account(lab)?;
+        CloudCommand::List { json, account } => {
+            let account = account_or_lab(lab, account)?;
             let inv = cloud::from_client(lab, move || inventory::inventory(&account))??;
             if json {
                 print_json(&inv);
@@ -400,36 +432,39 @@ pub fn run(
             }
             Ok(ExitCode::SUCCESS)
         }
-        CloudCommand::Terminate { instances } => {
-            let account = cloud::lab_account(lab)?;
+        CloudCommand::Terminate { instances, account } => {
+            let account = account_or_lab(lab, account)?;
             let ids = instances.clone();
             cloud::from_client(lab, move || inventory::terminate(&account, &ids))??;
             println!("terminated: {}", instances.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        CloudCommand::Deregister { images } => {
-            let account = cloud::lab_account(lab)?;
+        CloudCommand::Deregister { images, account } => {
+            let account = account_or_lab(lab, account)?;
             let ids = images.clone();
             cloud::from_client(lab, move || inventory::deregister(&account, &ids))??;
             println!("deregistered: {}", images.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        CloudCommand::Delete { keys } => {
-            let account = cloud::lab_account(lab)?;
+        CloudCommand::Delete { keys, account } => {
+            let account = account_or_lab(lab, account)?;
             let ks = keys.clone();
             cloud::from_client(lab, move || inventory::delete_objects(&account, &ks))??;
             println!("deleted: {}", keys.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        CloudCommand::DeleteGroup { groups } => {
-            let account = cloud::lab_account(lab)?;
+        CloudCommand::DeleteGroup { groups, account } => {
+            let account = account_or_lab(lab, account)?;
             let ids = groups.clone();
             cloud::from_client(lab, move || inventory::delete_groups(&account, &ids))??;
             println!("deleted: {}", groups.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        CloudCommand::AbortUpload { upload_ids } => {
-            let account = cloud::lab_account(lab)?;
+        CloudCommand::AbortUpload {
+            upload_ids,
+            account,
+        } => {
+            let account = account_or_lab(lab, account)?;
             let ids = upload_ids.clone();
             cloud::from_client(lab, move || inventory::abort_uploads(&account, &ids))??;
             println!("aborted: {}", upload_ids.join(", "));

@@ -712,7 +712,27 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
     let mut delete_groups = vec!["cloud", "delete-group"];
     delete_groups.extend(groups.iter().map(String::as_str));
     lab.ok(&delete_groups);
-    lab.ok(&["cloud", "abort-upload", &upload_id]);
+    // Another account's file (here a key the cloud issued) lists and removes as well.
+    let issued = lab.json(&["cloud", "key", "--expires-in", "600", "--json"]);
+    let issued_file = lab.state_dir.join("issued-account.json");
+    std::fs::write(&issued_file, issued.to_string()).unwrap();
+    let issued_file = issued_file.to_str().unwrap();
+    let seen = lab.json(&["cloud", "list", "--json", "--account", issued_file]);
+    assert!(
+        seen["uploads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["upload_id"] == upload_id.as_str()),
+        "{seen}"
+    );
+    lab.ok(&[
+        "cloud",
+        "abort-upload",
+        &upload_id,
+        "--account",
+        issued_file,
+    ]);
     let listed = lab.json(&["cloud", "list", "--json"]);
     assert!(listed["images"].as_array().unwrap().is_empty(), "{listed}");
     assert!(listed["groups"].as_array().unwrap().is_empty(), "{listed}");

@@ -569,7 +569,7 @@ pub fn migrate(
             };
             e.context(format!(
                 "the migration of {vm} to the cloud failed; what it left there is listed by \
-                 `dczone cloud list` (for the lab's cloud)"
+                 `dczone cloud list` (`--account FILE` for another cloud)"
             ))
         });
         match moved {
