@@ -74,6 +74,13 @@ fn xml_field(body: &str, tag: &str) -> String {
         .to_string()
 }
 
+/// An account file (`cloud ... --account FILE`) in the lab's state directory: its path.
+fn account_file(lab: &TestLab, name: &str, account: &serde_json::Value) -> String {
+    let f = lab.state_dir.join(format!("{name}-account.json"));
+    std::fs::write(&f, account.to_string()).unwrap();
+    f.to_str().unwrap().to_string()
+}
+
 fn stderr_of(lab: &TestLab, args: &[&str]) -> String {
     let out = lab.run(args);
     assert!(
@@ -286,17 +293,10 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
     // A key the cloud does not know: refused before anything leaves the DC.
     let mut wrong = account.clone();
     wrong["secret_key"] = "not-the-secret".into();
-    let wrong_file = lab.state_dir.join("wrong-account.json");
-    std::fs::write(&wrong_file, wrong.to_string()).unwrap();
+    let wrong_file = account_file(&lab, "wrong", &wrong);
     let err = stderr_of(
         &lab,
-        &[
-            "cloud",
-            "migrate",
-            "app1",
-            "--account",
-            wrong_file.to_str().unwrap(),
-        ],
+        &["cloud", "migrate", "app1", "--account", &wrong_file],
     );
     assert!(
         err.contains("refused the account") && err.contains("SignatureDoesNotMatch"),
@@ -361,18 +361,8 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
         "{body}"
     );
     assert!(xml_field(&body, "Message").contains("expired"), "{body}");
-    let temp_file = lab.state_dir.join("temp-account.json");
-    std::fs::write(&temp_file, temp.to_string()).unwrap();
-    let err = stderr_of(
-        &lab,
-        &[
-            "cloud",
-            "migrate",
-            "app1",
-            "--account",
-            temp_file.to_str().unwrap(),
-        ],
-    );
+    let temp_file = account_file(&lab, "temp", &temp);
+    let err = stderr_of(&lab, &["cloud", "migrate", "app1", "--account", &temp_file]);
     assert!(
         err.contains("expired") && err.contains("dczone cloud key"),
         "{err}"
@@ -714,10 +704,8 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
     lab.ok(&delete_groups);
     // Another account's file (here a key the cloud issued) lists and removes as well.
     let issued = lab.json(&["cloud", "key", "--expires-in", "600", "--json"]);
-    let issued_file = lab.state_dir.join("issued-account.json");
-    std::fs::write(&issued_file, issued.to_string()).unwrap();
-    let issued_file = issued_file.to_str().unwrap();
-    let seen = lab.json(&["cloud", "list", "--json", "--account", issued_file]);
+    let issued_file = account_file(&lab, "issued", &issued);
+    let seen = lab.json(&["cloud", "list", "--json", "--account", &issued_file]);
     assert!(
         seen["uploads"]
             .as_array()
@@ -731,7 +719,7 @@ fn a_vm_of_dc1_2_migrates_to_the_cloud_which_only_its_key_opens() {
         "abort-upload",
         &upload_id,
         "--account",
-        issued_file,
+        &issued_file,
     ]);
     let listed = lab.json(&["cloud", "list", "--json"]);
     assert!(listed["images"].as_array().unwrap().is_empty(), "{listed}");
