@@ -2387,6 +2387,9 @@ pub async fn serve_tls(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, remote) = listener.accept().await?;
+        // An answer leaves at once: without this, its last TLS record may wait for the
+        // ACK of the one before, which the caller delays (Nagle against delayed ACK, ~40 ms).
+        let _ = tcp.set_nodelay(true);
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
             let stream =

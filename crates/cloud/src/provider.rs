@@ -1479,7 +1479,11 @@ pub fn serve(cfg: ProviderConfig) -> anyhow::Result<()> {
             .route("/log", axum::routing::get(handle_log))
             .route("/keys", axum::routing::post(handle_keys))
             .with_state(p);
-        let listener = tokio::net::TcpListener::bind(listen).await?;
+        // Answers leave at once (no Nagle wait on the caller's delayed ACK).
+        let listener =
+            axum::serve::ListenerExt::tap_io(tokio::net::TcpListener::bind(listen).await?, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
         axum::serve(listener, app).await?;
         Ok(())
     })
