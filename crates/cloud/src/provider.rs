@@ -111,6 +111,9 @@ pub struct Instance {
     pub launch_time: String,
     #[serde(default)]
     pub pid: Option<i32>,
+    /// When it was terminated (unix ms): it is shown for [`TERMINATED_SHOWN_MS`] after.
+    #[serde(default)]
+    pub terminated_unix_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +154,28 @@ pub struct State {
     #[serde(default)]
     pub keys: BTreeMap<String, IssuedKey>,
 }
+
+impl State {
+    /// Forgets the instances terminated [`TERMINATED_SHOWN_MS`] or more before `now_ms`
+    /// (as EC2 stops showing a terminated instance after about an hour); their ids.
+    pub fn forget_terminated(&mut self, now_ms: u64) -> Vec<String> {
+        let gone: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.state == "terminated")
+            .filter(|i| {
+                i.terminated_unix_ms
+                    .is_some_and(|t| t.saturating_add(TERMINATED_SHOWN_MS) <= now_ms)
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        self.instances.retain(|id, _| !gone.contains(id));
+        gone
+    }
+}
+
+/// How long a terminated instance is still described, ms.
+pub const TERMINATED_SHOWN_MS: u64 = 3600 * 1000;
 
 /// A key pair of the account that expires: both services take it until then.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -768,8 +793,9 @@ impl Provider {
 
     /// Takes expired keys from the S3 gateway, every second (the compute API refuses them
     /// from their expiry on); a removal that failed is tried again after `REVOKE_RETRY`.
-    /// A key revoked `FORGET_AFTER_MS` after its expiry is forgotten.
-    fn revoke_expired_keys(self: &Arc<Self>) {
+    /// A key revoked `FORGET_AFTER_MS` after its expiry is forgotten, and so is an
+    /// instance terminated `TERMINATED_SHOWN_MS` ago.
+    fn reap(self: &Arc<Self>) {
         let me = self.clone();
         let mut failed: BTreeMap<String, Instant> = BTreeMap::new();
         std::thread::spawn(move || loop {
@@ -794,6 +820,7 @@ impl Provider {
             if !stale.is_empty() {
                 me.with_state(|s| s.keys.retain(|a, _| !stale.contains(a)));
             }
+            me.forget_terminated(now);
             for ak in due {
                 let removed = match me.storage.s3_key_remove(&me.cfg.cluster.name, S3_USER, &ak) {
                     // Not the gateway's (any more; radosgw-admin: "unable to find access
@@ -826,6 +853,23 @@ impl Provider {
         });
     }
 
+    /// Terminated instances described for their hour are forgotten, with their directory
+    /// (console log, QEMU's files).
+    fn forget_terminated(&self, now: u64) {
+        let gone = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let gone = s.forget_terminated(now);
+            if !gone.is_empty() {
+                self.save(&s);
+            }
+            gone
+        };
+        for id in gone {
+            let _ = std::fs::remove_dir_all(self.cfg.dir.join("instances").join(&id));
+            self.event("reaper", &id, "instance.forgotten", json!({}));
+        }
+    }
+
     fn terminate(&self, id: &str, request_id: &str) {
         let dir = self.cfg.dir.join("instances").join(id);
         if let Some(r) = std::fs::read(dir.join("running.json"))
@@ -836,12 +880,26 @@ impl Provider {
             dczone_hypervisor::quit(&r);
         }
         let _ = self.rbd(&["rm", &format!("{POOL}/{id}")]);
+        self.with_state(|s| {
+            if let Some(x) = s.instances.get_mut(id) {
+                x.state = "terminated".into();
+                x.terminated_unix_ms = Some(unix_ms());
+            }
+        });
         self.event(request_id, id, "instance.terminated", json!({}));
     }
 
     /// After a restart: an instance whose QEMU is gone (its host went down) is `stopped`,
     /// as EC2 shows an instance whose host failed; its disk stays.
     fn reconcile(&self) {
+        // Terminated before their time was kept: shown for an hour from now.
+        self.with_state(|s| {
+            for i in s.instances.values_mut() {
+                if i.state == "terminated" && i.terminated_unix_ms.is_none() {
+                    i.terminated_unix_ms = Some(unix_ms());
+                }
+            }
+        });
         let gone: Vec<String> = {
             let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
             s.instances
@@ -1072,6 +1130,7 @@ impl Provider {
                             groups: security_groups.clone(),
                             launch_time: rfc3339(unix_ms()),
                             pid: None,
+                            terminated_unix_ms: None,
                         };
                         s.instances.insert(i.id.clone(), i.clone());
                         made.push(i);
@@ -1102,11 +1161,6 @@ impl Provider {
                         }
                         Err(e) => {
                             self.terminate(&i.id, request_id);
-                            self.with_state(|s| {
-                                if let Some(x) = s.instances.get_mut(&i.id) {
-                                    x.state = "terminated".into();
-                                }
-                            });
                             self.event(request_id, &i.id, "instance.failed", json!({"reason": e}));
                             return Err(ApiError::new(
                                 "InternalError",
@@ -1283,11 +1337,6 @@ impl Provider {
                 for i in known {
                     if i.state != "terminated" {
                         self.terminate(&i.id, request_id);
-                        self.with_state(|s| {
-                            if let Some(x) = s.instances.get_mut(&i.id) {
-                                x.state = "terminated".into();
-                            }
-                        });
                     }
                     items.push_str(&format!(
                         "<item><instanceId>{}</instanceId><currentState><code>48</code><name>terminated</name></currentState><previousState><code>{}</code><name>{}</name></previousState></item>",
@@ -1459,7 +1508,7 @@ pub fn serve(cfg: ProviderConfig) -> anyhow::Result<()> {
         log: Mutex::new(log),
     });
     p.reconcile();
-    p.revoke_expired_keys();
+    p.reap();
     p.apply_groups("start").map_err(anyhow::Error::msg)?;
     p.event(
         "start",
@@ -1724,6 +1773,39 @@ pub fn lab_dir(lab_dir: &Path, site: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_terminated_instance_is_described_for_an_hour_then_forgotten() {
+        let instance = |id: &str, state: &str, terminated: Option<u64>| Instance {
+            id: id.into(),
+            image_id: "ami-1".into(),
+            instance_type: "d1.small".into(),
+            state: state.into(),
+            ip: Ipv4Addr::new(10, 0, 0, 1),
+            groups: Vec::new(),
+            launch_time: String::new(),
+            pid: None,
+            terminated_unix_ms: terminated,
+        };
+        let mut s = State::default();
+        for i in [
+            instance("i-old", "terminated", Some(1_000)),
+            instance("i-new", "terminated", Some(1_000 + 60_000)),
+            instance("i-run", "running", None),
+            instance("i-undated", "terminated", None),
+        ] {
+            s.instances.insert(i.id.clone(), i);
+        }
+        assert!(s
+            .forget_terminated(1_000 + TERMINATED_SHOWN_MS - 1)
+            .is_empty());
+        assert_eq!(s.forget_terminated(1_000 + TERMINATED_SHOWN_MS), ["i-old"]);
+        assert_eq!(
+            s.instances.keys().collect::<Vec<_>>(),
+            ["i-new", "i-run", "i-undated"]
+        );
+        assert_eq!(s.forget_terminated(u64::MAX), ["i-new"]);
+    }
 
     #[test]
     fn a_group_reads_back_as_the_client_parses_it() {
