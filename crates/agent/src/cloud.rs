@@ -155,7 +155,7 @@ impl Agent {
             } else {
                 None
             };
-            s.snapshot(&disk.cluster, &disk.pool, &disk.image, &snap)?;
+            crate::storage::snapshot_disk(s, &vm, &snap)?;
             Ok(checkpoint)
         });
         let checkpoint = exported?;

@@ -263,6 +263,35 @@ pub struct RestoreBody {
     pub pool: Option<String>,
 }
 
+/// Snapshot `snap` of VM `vm`'s disk: inside its QEMU when it runs (quicker than a
+/// client of its own, see [`dczone_hypervisor::snapshot_disk`]); by `rbd` when it does not,
+/// or when its QEMU cannot (its reason then kept if `rbd` cannot either).
+pub(crate) fn snapshot_disk(
+    s: &dczone_storage::host::HostStorage,
+    vm: &dczone_virt::VmRecord,
+    snap: &str,
+) -> Result<(), AgentError> {
+    let Some(disk) = &vm.spec.disk else {
+        return Err(StorageError::Conflict(format!("VM '{}' has no disk", vm.spec.name)).into());
+    };
+    let in_qemu = match &vm.running {
+        Some(r) => dczone_hypervisor::snapshot_disk(r, snap).map_err(|e| e.to_string()),
+        None => Err("the VM does not run".to_string()),
+    };
+    match in_qemu {
+        Ok(()) => Ok(()),
+        Err(why) => s
+            .snapshot(&disk.cluster, &disk.pool, &disk.image, snap)
+            .map_err(|e| {
+                StorageError::Conflict(format!(
+                    "snapshot {snap} of VM {}'s disk: {e} (in its QEMU: {why})",
+                    vm.spec.name
+                ))
+                .into()
+            }),
+    }
+}
+
 impl Agent {
     /// `POST /v1/vms/{name}/backup`: checkpoint, snapshot, then the diff to the store in
     /// chunks, several at once, and the manifest last. A failure removes the new
@@ -289,7 +318,7 @@ impl Agent {
         let checkpoint = backup::checkpoint(ip, std::time::Duration::from_secs(30))?;
         let checkpoint_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = std::time::Instant::now();
-        s.snapshot(&disk.cluster, &disk.pool, &disk.image, &b.id)?;
+        snapshot_disk(s, &vm, &b.id)?;
         let snapshot_ms = t.elapsed().as_secs_f64() * 1e3;
         let parent = b.parent.clone().filter(|p| {
             s.rbd(

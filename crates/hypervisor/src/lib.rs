@@ -427,6 +427,21 @@ pub fn quit(r: &Running) {
     kill(r);
 }
 
+/// Takes snapshot `name` of a running VM's disk inside its QEMU
+/// (`blockdev-snapshot-internal-sync`, which the raw node passes to its RBD node:
+/// `rbd_snap_create` by the image's exclusive-lock owner, once in-flight requests have
+/// drained). Quicker than the `rbd` CLI, which starts a client, authenticates, and asks
+/// the lock owner to take it (measured on a stretch cluster: 50-70 ms against 100-240 ms).
+/// QEMU's main loop waits for it, as the guest's writes wait for any RBD snapshot.
+pub fn snapshot_disk(r: &Running, name: &str) -> Result<(), QmpError> {
+    let mut q = Qmp::connect(&r.qmp, Duration::from_secs(2))?;
+    q.execute(
+        "blockdev-snapshot-internal-sync",
+        serde_json::json!({ "device": DISK_NODE, "name": name }),
+    )?;
+    Ok(())
+}
+
 /// Kills a QEMU (its TAP disappears with it).
 pub fn kill(r: &Running) {
     if alive(r.pid) {
