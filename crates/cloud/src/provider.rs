@@ -232,7 +232,7 @@ fn qemu_alive(pid: i32) -> bool {
 
 struct RemoveOnDrop(PathBuf);
 
-/// How long a streamed import waited on the object's arrival and on `rbd import-diff`
+/// How long a streamed import waited on the object's arrival and on `rbd import`
 /// taking its input: what is left of its time is its own (inflating, copying).
 #[derive(Default)]
 struct Waits {
@@ -352,7 +352,7 @@ impl Provider {
     }
 
     /// A stream-optimized VMDK or a raw image imported as it is read: each grain inflated
-    /// and written (`rbd import-diff`, which makes the base snapshot at its end) while the
+    /// and written (`rbd import --export-format 2`, which makes the image, and the base snapshot at its end) while the
     /// object still arrives. `None`: the image is not one that streams (a VMDK whose
     /// tables come first, VHD, QCOW2): read it whole.
     fn import_streamed(&self, task: &ImportTask, request_id: &str) -> Result<Option<u64>, String> {
@@ -404,16 +404,15 @@ impl Provider {
             json!({"key": task.key, "from": task.format, "bytes": size}),
         );
         let image = format!("{POOL}/{}", task.image_id);
-        self.rbd(&["create", "--size", "1", &image])?;
         let mut read = 0u64;
         let written = self
             .storage
-            .import_diff_from(&self.cfg.cluster.name, &image, &mut |stdin| {
+            .import_from(&self.cfg.cluster.name, &image, &mut |stdin| {
                 let stdin = Timed {
                     inner: stdin,
                     waited: &waits.write,
                 };
-                let mut w = dczone_storage::diff::Writer::new(stdin, size, Some("base"))?;
+                let mut w = dczone_storage::diff::Writer::image(stdin, size, Some("base"))?;
                 if let Some(g) = grains.as_mut() {
                     while let Some((offset, data)) = g.next_grain()? {
                         read += data.len() as u64;

@@ -688,31 +688,51 @@ impl HostStorage {
     }
 
     /// Runs `rbd import-diff - spec` (the image exists), `write` giving its stream as it
-    /// makes it (an `rbd diff v1` stream: [`crate::diff::Writer`]). Fails if either fails.
+    /// makes it (an `rbd diff v1` stream: [`crate::diff::Writer::new`]). Fails if either
+    /// fails.
     pub fn import_diff_from(
         &self,
         cluster: &str,
         spec: &str,
         write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<(), StorageError> {
+        self.rbd_from(cluster, &["import-diff"], spec, write)
+    }
+
+    /// Runs `rbd import --export-format 2 - spec`, which creates image `spec` (it must not
+    /// exist), `write` giving its stream as it makes it ([`crate::diff::Writer::image`]):
+    /// one `rbd` for what `create` and `import-diff` did in two. Fails if either fails; a
+    /// failed `rbd` removes the image it made, a stream cut short does not.
+    pub fn import_from(
+        &self,
+        cluster: &str,
+        spec: &str,
+        write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), StorageError> {
+        self.rbd_from(cluster, &["import", "--export-format", "2"], spec, write)
+    }
+
+    fn rbd_from(
+        &self,
+        cluster: &str,
+        command: &[&str],
+        spec: &str,
+        write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), StorageError> {
+        let what = command[0];
         let conf = self.dir(cluster).join("ceph.conf");
         let mut child = Command::new("rbd")
             .arg("-c")
             .arg(&conf)
-            .args([
-                "--id",
-                crate::host::VM_USER,
-                "import-diff",
-                "--no-progress",
-                "-",
-                spec,
-            ])
+            .args(["--id", crate::host::VM_USER])
+            .args(command)
+            .args(["--no-progress", "-", spec])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|source| StorageError::Io {
-                what: "run rbd import-diff".into(),
+                what: format!("run rbd {what}"),
                 source,
             })?;
         let mut stdin = child.stdin.take().expect("piped");
@@ -726,23 +746,23 @@ impl HostStorage {
         let out = child
             .wait_with_output()
             .map_err(|source| StorageError::Io {
-                what: "rbd import-diff".into(),
+                what: format!("rbd {what}"),
                 source,
             })?;
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
         match written {
             // rbd's own words, when it stopped first.
             _ if !out.status.success() && !stderr.is_empty() => Err(StorageError::Command {
-                what: format!("rbd import-diff into {spec}"),
+                what: format!("rbd {what} into {spec}"),
                 status: out.status.code().unwrap_or(-1),
                 stderr,
             }),
             Err(source) => Err(StorageError::Io {
-                what: format!("the stream into rbd import-diff of {spec}"),
+                what: format!("the stream into rbd {what} of {spec}"),
                 source,
             }),
             Ok(()) if !out.status.success() => Err(StorageError::Command {
-                what: format!("rbd import-diff into {spec}"),
+                what: format!("rbd {what} into {spec}"),
                 status: out.status.code().unwrap_or(-1),
                 stderr,
             }),
