@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! source agent                                  store agent (DC2.1)
-//!   checkpoint (guest `C`), rbd snap create
+//!   checkpoint (guest `C`), snapshot (in QEMU)
 //!   rbd export-diff ──chunks, N at once──PUT──▶  arrival time, SHA-256 check, answer;
 //!                                                rados put behind (WRITE_BEHIND at most)
 //!                   ──manifest──────────PUT──▶  every write done and listed, then
@@ -696,27 +696,38 @@ impl HostStorage {
         spec: &str,
         write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<(), StorageError> {
-        self.rbd_from(cluster, &["import-diff"], spec, write)
+        self.rbd_from(cluster, &["import-diff"], spec, true, write)
     }
 
     /// Runs `rbd import --export-format 2 - spec`, which creates image `spec` (it must not
     /// exist), `write` giving its stream as it makes it ([`crate::diff::Writer::image`]):
-    /// one `rbd` for what `create` and `import-diff` did in two. Fails if either fails; a
-    /// failed `rbd` removes the image it made, a stream cut short does not.
+    /// one `rbd` for what `create` and `import-diff` did in two. Fails if either fails.
+    /// A stream cut short ends rbd's input without its end record: rbd fails on the short
+    /// read, closes the image and removes it (`do_import`); the snapshot is only made after
+    /// the end record.
     pub fn import_from(
         &self,
         cluster: &str,
         spec: &str,
         write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<(), StorageError> {
-        self.rbd_from(cluster, &["import", "--export-format", "2"], spec, write)
+        self.rbd_from(
+            cluster,
+            &["import", "--export-format", "2"],
+            spec,
+            false,
+            write,
+        )
     }
 
+    /// `rbd COMMAND --no-progress - spec` fed by `write`; `kill_if_cut`: a stream cut
+    /// short kills rbd rather than ending its input.
     fn rbd_from(
         &self,
         cluster: &str,
         command: &[&str],
         spec: &str,
+        kill_if_cut: bool,
         write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<(), StorageError> {
         let what = command[0];
@@ -737,9 +748,9 @@ impl HostStorage {
             })?;
         let mut stdin = child.stdin.take().expect("piped");
         let written = write(&mut stdin);
-        if written.is_err() {
-            // A stream cut short must not be taken for a whole one: rbd goes before its
-            // input closes (it would apply what it has and say the stream ended early).
+        if written.is_err() && kill_if_cut {
+            // A diff cut short must not be applied in part: rbd goes before its input
+            // closes (it would apply what it has and say the stream ended early).
             let _ = child.kill();
         }
         drop(stdin);
