@@ -156,11 +156,10 @@ pub struct State {
 }
 
 impl State {
-    /// Forgets the instances terminated [`TERMINATED_SHOWN_MS`] or more before `now_ms`
-    /// (as EC2 stops showing a terminated instance after about an hour); their ids.
-    pub fn forget_terminated(&mut self, now_ms: u64) -> Vec<String> {
-        let gone: Vec<String> = self
-            .instances
+    /// The instances terminated [`TERMINATED_SHOWN_MS`] or more before `now_ms`, to be
+    /// forgotten (as EC2 stops showing a terminated instance after about an hour).
+    pub fn terminated_before(&self, now_ms: u64) -> Vec<String> {
+        self.instances
             .values()
             .filter(|i| i.state == "terminated")
             .filter(|i| {
@@ -168,9 +167,7 @@ impl State {
                     .is_some_and(|t| t.saturating_add(TERMINATED_SHOWN_MS) <= now_ms)
             })
             .map(|i| i.id.clone())
-            .collect();
-        self.instances.retain(|id, _| !gone.contains(id));
-        gone
+            .collect()
     }
 }
 
@@ -593,7 +590,15 @@ impl Provider {
                 let image = format!("{POOL}/{}", task.image_id);
                 let _ = self.rbd(&["snap", "unprotect", &format!("{image}@base")]);
                 let _ = self.rbd(&["snap", "purge", &image]);
-                let _ = self.rbd(&["rm", &image]);
+                match self.rbd(&["rm", "--no-progress", &image]) {
+                    Err(why) if !why.contains("No such file") => self.event(
+                        &request_id,
+                        &id,
+                        "import.cleanup.failed",
+                        json!({"image": image, "reason": why}),
+                    ),
+                    _ => {}
+                }
                 self.with_state(|s| {
                     if let Some(t) = s.tasks.get_mut(&id) {
                         t.status = "deleted".into();
@@ -853,17 +858,29 @@ impl Provider {
     }
 
     /// Terminated instances described for their hour are forgotten, with their directory
-    /// (console log, QEMU's files).
+    /// (console log, QEMU's files), once their disk is gone: one whose removal failed at
+    /// termination (a watch left by a killed QEMU) is removed here first, and stays
+    /// described while it cannot be.
     fn forget_terminated(&self, now: u64) {
-        let gone = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let gone = s.forget_terminated(now);
-            if !gone.is_empty() {
-                self.save(&s);
+        let due = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .terminated_before(now);
+        for id in due {
+            match self.rbd(&["rm", "--no-progress", &format!("{POOL}/{id}")]) {
+                Err(why) if !why.contains("No such file") => {
+                    self.event(
+                        "reaper",
+                        &id,
+                        "instance.disk.remove.failed",
+                        json!({"reason": why}),
+                    );
+                    continue;
+                }
+                _ => {}
             }
-            gone
-        };
-        for id in gone {
+            self.with_state(|s| s.instances.remove(&id));
             let _ = std::fs::remove_dir_all(self.cfg.dir.join("instances").join(&id));
             self.event("reaper", &id, "instance.forgotten", json!({}));
         }
@@ -1774,7 +1791,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_terminated_instance_is_described_for_an_hour_then_forgotten() {
+    fn a_terminated_instance_is_forgotten_an_hour_after() {
         let instance = |id: &str, state: &str, terminated: Option<u64>| Instance {
             id: id.into(),
             image_id: "ami-1".into(),
@@ -1796,14 +1813,11 @@ mod tests {
             s.instances.insert(i.id.clone(), i);
         }
         assert!(s
-            .forget_terminated(1_000 + TERMINATED_SHOWN_MS - 1)
+            .terminated_before(1_000 + TERMINATED_SHOWN_MS - 1)
             .is_empty());
-        assert_eq!(s.forget_terminated(1_000 + TERMINATED_SHOWN_MS), ["i-old"]);
-        assert_eq!(
-            s.instances.keys().collect::<Vec<_>>(),
-            ["i-new", "i-run", "i-undated"]
-        );
-        assert_eq!(s.forget_terminated(u64::MAX), ["i-new"]);
+        assert_eq!(s.terminated_before(1_000 + TERMINATED_SHOWN_MS), ["i-old"]);
+        // One terminated before the time was kept has none: the start dates it.
+        assert_eq!(s.terminated_before(u64::MAX), ["i-new", "i-old"]);
     }
 
     #[test]
