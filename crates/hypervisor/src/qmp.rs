@@ -70,6 +70,17 @@ pub struct Qmp {
 impl Qmp {
     /// Connects (retrying until `timeout`, QEMU may still be starting) and negotiates.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        Self::connect_with_reads(path, timeout, Duration::from_secs(30))
+    }
+
+    /// As [`Qmp::connect`], with reads (the greeting, each answer) that fail after `reads`:
+    /// QEMU serves one QMP client at a time, and a second one's greeting waits until the
+    /// first leaves.
+    pub fn connect_with_reads(
+        path: &Path,
+        timeout: Duration,
+        reads: Duration,
+    ) -> Result<Qmp, QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path) {
@@ -83,9 +94,7 @@ impl Qmp {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(QmpError::Io)?;
+        stream.set_read_timeout(Some(reads)).map_err(QmpError::Io)?;
         let writer = stream.try_clone().map_err(QmpError::Io)?;
         let mut qmp = Qmp {
             reader: BufReader::new(stream),
@@ -140,6 +149,13 @@ impl Qmp {
     }
 
     /// Runs a command and returns its `return` value.
+    /// How long a read (an answer) may take from now on.
+    pub fn set_read_timeout(&mut self, reads: Duration) -> Result<(), QmpError> {
+        self.writer
+            .set_read_timeout(Some(reads))
+            .map_err(QmpError::Io)
+    }
+
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         self.run(json!({ "execute": command }), command, arguments, None)
     }
