@@ -8,7 +8,7 @@
 //! application-to-DB turnaround) and its clients time the whole request. Moving the AP
 //! away from its database adds, per request, `round_trips` times the difference of the
 //! two round-trip times, which the AP measures itself (`SELECT 1`) in place of every
-//! [`RTT_EVERY`]th request, under the same load as the transactions (an idle measurement before,
+//! one request in [`RTT_EVERY`], under the same load as the transactions (an idle measurement before,
 //! 31 of them, is kept beside it: idle round trips came out 0.1-0.2 ms shorter than the
 //! loaded ones, a fifth of the difference to explain). The target holds on every round:
 //! each round's extra is compared with its own round trips. A round's two measurements
@@ -64,6 +64,7 @@ pub struct ApLoad {
     pub errors: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// The time the clients spent on transfers (their lone round trips' taken out), s.
     pub seconds: f64,
     /// Requests per second (P).
     pub p: f64,
@@ -72,9 +73,11 @@ pub struct ApLoad {
     /// What its clients saw: the request through the AP, ms.
     pub client_ms: Spread,
     /// The AP's round trip to the database during the load (median of a `SELECT 1` in
-    /// place of every [`RTT_EVERY`]th request, `rtt_samples` of them), ms: the RTT the transactions
+    /// place of one request in [`RTT_EVERY`], `rtt_samples` of them), ms: the RTT the transactions
     /// met.
     pub rtt_ms: f64,
+    /// Their 10th percentile, ms: the round trip without the load's waits.
+    pub rtt_p10_ms: f64,
     pub rtt_samples: u64,
     /// The same just before the load, idle (median of 31), ms.
     pub rtt_before_ms: f64,
@@ -451,6 +454,8 @@ struct ClientLog {
     tat_ms: Vec<f64>,
     client_ms: Vec<f64>,
     rtt_ms: Vec<f64>,
+    /// Time spent on the lone round trips, s.
+    probe_s: f64,
     errors: u64,
     first_error: Option<String>,
 }
@@ -460,6 +465,7 @@ impl ClientLog {
         self.tat_ms.extend(other.tat_ms);
         self.client_ms.extend(other.client_ms);
         self.rtt_ms.extend(other.rtt_ms);
+        self.probe_s += other.probe_s;
         self.errors += other.errors;
         self.first_error = self.first_error.take().or(other.first_error);
     }
@@ -471,7 +477,7 @@ impl ClientLog {
 }
 
 /// One request in this many is a lone round trip (`SELECT 1`), the RTT the transactions
-/// meet. Every tenth gave 60-85 per placement and round, whose medians moved by up to
+/// meet (its time is not counted in P's). Every tenth gave 60-85 per placement and round, whose medians moved by up to
 /// 0.12 ms between rounds where the transactions' did not: a fifth of the 0.5 ms
 /// difference they explain.
 const RTT_EVERY: u64 = 3;
@@ -522,10 +528,13 @@ fn load_log(ip: Ipv4Addr, clients: usize, length: Duration) -> anyhow::Result<(C
                 let mut n = 0u64;
                 while Instant::now() < stop {
                     n += 1;
-                    // Every RTT_EVERY-th request a round trip alone, not counted in P or
+                    // One request in RTT_EVERY a round trip alone, not counted in P or
                     // TAT: the RTT under the same load as the transactions.
                     if n.is_multiple_of(RTT_EVERY) {
-                        match ask(&mut w, &mut r, "P") {
+                        let sent = Instant::now();
+                        let answer = ask(&mut w, &mut r, "P");
+                        log.probe_s += sent.elapsed().as_secs_f64();
+                        match answer {
                             Ok(a) => match a.strip_prefix("RTT ").map(str::parse::<f64>) {
                                 Some(Ok(us)) => log.rtt_ms.push(us / 1e3),
                                 _ => log.error(a),
@@ -575,7 +584,10 @@ fn load_log(ip: Ipv4Addr, clients: usize, length: Duration) -> anyhow::Result<(C
                 .map_err(|_| anyhow::anyhow!("a client thread panicked"))?,
         );
     }
-    Ok((all, started.elapsed().as_secs_f64()))
+    // P counts transfers over the time spent on them: the lone round trips' time out
+    // (a round trip is a shorter share of a slower AP's time).
+    let seconds = started.elapsed().as_secs_f64() - all.probe_s / clients.max(1) as f64;
+    Ok((all, seconds))
 }
 
 /// One placement's measurement from its clients' `all` over `seconds`.
@@ -596,6 +608,7 @@ fn summarise_load(ip: Ipv4Addr, all: ClientLog, seconds: f64) -> ApLoad {
         } else {
             quantile(&all.rtt_ms, 0.5)
         },
+        rtt_p10_ms: quantile(&all.rtt_ms, 0.1),
         rtt_samples: all.rtt_ms.len() as u64,
         rtt_before_ms: f64::NAN,
     }
