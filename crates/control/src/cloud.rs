@@ -81,10 +81,19 @@ pub fn lab_up(lab: &Lab, exe: &Path, progress: &dyn Fn(&str)) -> anyhow::Result<
     std::fs::create_dir_all(&dir)?;
     let ready = dir.join("ready");
     let pid_file = dir.join("provider.pid");
+    let cfg_file = dir.join("provider.json");
+    // The pid of a provider that went with its lab may be another process's now: it is
+    // ours if it serves this configuration.
     let running = std::fs::read_to_string(&pid_file)
         .ok()
         .and_then(|p| p.trim().parse::<i32>().ok())
-        .is_some_and(dczone_lab::sys::alive);
+        .filter(|pid| dczone_lab::sys::alive(*pid))
+        .and_then(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .is_some_and(|cmdline| {
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.contains(&b"serve".as_slice())
+                && args.contains(&cfg_file.display().to_string().as_bytes())
+        });
     if running && ready.is_file() {
         return lab_account(lab);
     }
@@ -108,7 +117,6 @@ pub fn lab_up(lab: &Lab, exe: &Path, progress: &dyn Fn(&str)) -> anyhow::Result<
     };
     let mut cluster = dczone_storage::plan::cloud_cluster(&zone, &site.id)
         .ok_or_else(|| anyhow!("site {} is not a public cloud", site.id))?;
-    let cfg_file = dir.join("provider.json");
     cluster.fsid = match std::fs::read(&cfg_file)
         .ok()
         .and_then(|b| serde_json::from_slice::<ProviderConfig>(&b).ok())
