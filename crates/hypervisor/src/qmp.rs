@@ -148,7 +148,6 @@ impl Qmp {
         true
     }
 
-    /// Runs a command and returns its `return` value.
     /// How long a read (an answer) may take from now on.
     pub fn set_read_timeout(&mut self, reads: Duration) -> Result<(), QmpError> {
         self.writer
@@ -156,6 +155,7 @@ impl Qmp {
             .map_err(QmpError::Io)
     }
 
+    /// Runs a command and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         self.run(json!({ "execute": command }), command, arguments, None)
     }
