@@ -263,46 +263,6 @@ pub struct RestoreBody {
     pub pool: Option<String>,
 }
 
-/// Snapshot `snap` of VM `vm`'s disk: inside its QEMU when it runs (quicker than a
-/// client of its own, see [`dczone_hypervisor::snapshot_disk`]); by `rbd` when it does not,
-/// or when its QEMU refused or could not be asked (its reason logged). For the cloud
-/// export, whose source is the standby site's VM: the guest's devices wait while QEMU
-/// takes it (measured: a client of the guest saw one answer take 47-60 ms, against at most
-/// 12 ms while `rbd` took it; backups of production VMs keep `rbd`). A QEMU that was
-/// asked and did not answer may still take it: that fails, naming the snapshot, rather
-/// than race it with `rbd`.
-pub(crate) fn snapshot_disk(
-    s: &dczone_storage::host::HostStorage,
-    vm: &dczone_virt::VmRecord,
-    snap: &str,
-) -> Result<(), AgentError> {
-    let Some(disk) = &vm.spec.disk else {
-        return Err(StorageError::Conflict(format!("VM '{}' has no disk", vm.spec.name)).into());
-    };
-    if let Some(r) = &vm.running {
-        match dczone_hypervisor::snapshot_disk(r, snap) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.attempted => {
-                return Err(StorageError::Conflict(format!(
-                    "snapshot {snap} of VM {}'s disk: its QEMU did not answer ({}); it may \
-                     still make it: see `rbd snap ls {}/{}`",
-                    vm.spec.name,
-                    dczone_zone::error_chain(&e),
-                    disk.pool,
-                    disk.image
-                ))
-                .into())
-            }
-            Err(e) => eprintln!(
-                "dczoned: snapshot {snap} of VM {}'s disk by rbd: its QEMU: {}",
-                vm.spec.name,
-                dczone_zone::error_chain(&e)
-            ),
-        }
-    }
-    Ok(s.snapshot(&disk.cluster, &disk.pool, &disk.image, snap)?)
-}
-
 impl Agent {
     /// `POST /v1/vms/{name}/backup`: checkpoint, snapshot, then the diff to the store in
     /// chunks, several at once, and the manifest last. A failure removes the new
@@ -330,7 +290,7 @@ impl Agent {
         let checkpoint_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = std::time::Instant::now();
         // By `rbd`, not in QEMU: a backup runs against production VMs, and a snapshot in
-        // QEMU holds the guest's devices while Ceph answers (see `snapshot_disk`).
+        // QEMU holds the guest's devices while Ceph answers (see the cloud export's).
         s.snapshot(&disk.cluster, &disk.pool, &disk.image, &b.id)?;
         let snapshot_ms = t.elapsed().as_secs_f64() * 1e3;
         let parent = b.parent.clone().filter(|p| {
